@@ -1,0 +1,134 @@
+"""The block-backend interface that NVMe and virtio-blk devices are written against.
+
+A backend is a fixed-size array of bytes with asynchronous, scatter-gather access.  The I/O
+methods take lists of memoryviews so that data moves straight between the storage and mmapped
+guest RAM without intermediate copies.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, Self
+
+from .errors import BlockRangeError, BlockReadOnlyError
+
+__all__ = ["BlockBackend", "byte_views", "iov_length", "iov_slice"]
+
+Buffer = memoryview | bytearray | bytes
+
+
+class BlockBackend(abc.ABC):
+    """Abstract block backend.
+
+    Attributes are fixed once the backend is open:
+
+    ``size``        capacity in bytes.
+    ``block_size``  logical block size the backend prefers (512 or 4096); a device may still
+                    expose its own LBA size, requests only need to be in range.
+    ``read_only``   writes, discards and zeroing raise :class:`BlockReadOnlyError`.
+
+    Completion semantics: a write coroutine returns only once the data reached the backend
+    (page cache for files, the server's reply for NBD).  It is *durable* only after
+    :meth:`flush`, or immediately when written with ``fua=True``.
+
+    Errors: :class:`BlockRangeError` for requests outside ``[0, size)``,
+    :class:`BlockReadOnlyError` for modifications of a read-only backend, :class:`BlockIOError`
+    for everything else.  All carry ``errno``.
+    """
+
+    size: int
+    block_size: int
+    read_only: bool
+
+    @abc.abstractmethod
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` in order with the bytes starting at ``offset``."""
+
+    @abc.abstractmethod
+    async def writev(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        """Write the concatenation of ``bufs`` at ``offset``; ``fua`` makes it durable first."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every write that has completed so far durable."""
+
+    @abc.abstractmethod
+    async def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; later reads of it return zeroes."""
+
+    @abc.abstractmethod
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Zero a range; ``may_unmap`` allows deallocating it instead of writing zeroes."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Flush (unless read-only) and release every resource; idempotent."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Identity for logs and the migration profile: kind, location, size.  Never data."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # Helpers shared by the implementations.
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise BlockRangeError(
+                f"request [{offset}, +{length}) outside device of {self.size} bytes"
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise BlockReadOnlyError(f"{self.describe().get('kind', 'backend')} is read-only")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"<{type(self).__name__} {fields}>"
+
+
+def byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
+    """Normalise buffers to flat unsigned-byte memoryviews (no copy).
+
+    Guest memory may arrive as views with another format or shape; the I/O code slices by
+    byte counts, so it needs 1-D ``'B'`` views.
+    """
+    out = []
+    for b in bufs:
+        mv = b if isinstance(b, memoryview) else memoryview(b)
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        out.append(mv)
+    return out
+
+
+def iov_length(bufs: Sequence[memoryview]) -> int:
+    """Total number of bytes in an iovec list."""
+    return sum(mv.nbytes for mv in bufs)
+
+
+def iov_slice(
+    bufs: Sequence[memoryview], start: int, length: int | None = None
+) -> list[memoryview]:
+    """Views covering bytes ``[start, start+length)`` of the concatenated iovec (no copy)."""
+    out: list[memoryview] = []
+    remaining = -1 if length is None else length
+    for mv in bufs:
+        n = mv.nbytes
+        if start >= n:
+            start -= n
+            continue
+        if remaining == 0:
+            break
+        end = n if remaining < 0 else min(n, start + remaining)
+        piece = mv[start:end] if (start or end != n) else mv
+        out.append(piece)
+        if remaining > 0:
+            remaining -= end - start
+        start = 0
+    return out

@@ -1,0 +1,108 @@
+"""Turning the CLI's ``--backing`` / ``--size`` into an open backend."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import BlockBackend
+from .errors import BackendSpecError
+from .file import FileBackend
+from .memory import MemoryBackend
+from .nbd import NbdBackend, NbdTarget, parse_nbd_uri
+
+__all__ = ["BackendSpec", "open_backend", "parse_backend_spec", "parse_size"]
+
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgtp]?)(i?b)?\s*", re.IGNORECASE)
+_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``4096``, ``64K``, ``512M``, ``2G``, ``1T`` (binary units; ``KiB``/``KB`` too).
+
+    Raises :class:`BackendSpecError` for anything else, including zero.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE_RE.fullmatch(text)
+        if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+            raise BackendSpecError(f"bad size {text!r}: expected a number with optional K/M/G/T")
+        value = int(m.group(1)) << _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise BackendSpecError(f"bad size {text!r}: must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A validated backend description; :func:`open_backend` turns it into a backend."""
+
+    kind: Literal["memory", "file", "nbd"]
+    size: int | None = None
+    read_only: bool = False
+    path: str | None = None
+    nbd: NbdTarget | None = None
+
+
+def parse_backend_spec(
+    backing: str | None, size: str | int | None = None, read_only: bool = False
+) -> BackendSpec:
+    """Validate CLI input: ``backing`` is a path, an NBD URI, or None for RAM of ``size``.
+
+    Only syntax is checked here (nothing is opened), so errors come before any side effect.
+    """
+    nbytes = None if size is None else parse_size(size)
+    if backing is None or backing == "":
+        if nbytes is None:
+            raise BackendSpecError("--size is required when there is no --backing (RAM disk)")
+        return BackendSpec("memory", size=nbytes, read_only=read_only)
+    scheme = _SCHEME_RE.match(backing)
+    if scheme and scheme.group(1).lower().split("+")[0] in ("nbd", "nbds"):
+        return BackendSpec("nbd", nbytes, read_only, nbd=parse_nbd_uri(backing))
+    if _URI_RE.match(backing):
+        scheme = backing.split(":", 1)[0]
+        raise BackendSpecError(
+            f"unsupported backing {backing!r}: scheme {scheme!r} (use a file path or nbd://)"
+        )
+    if backing.startswith("file:"):
+        backing = backing[len("file:") :]
+    if os.path.isdir(backing):
+        raise BackendSpecError(f"backing {backing!r} is a directory")
+    return BackendSpec("file", nbytes, read_only, path=backing)
+
+
+@contextlib.asynccontextmanager
+async def open_backend(
+    spec: BackendSpec | str | None, *, size: str | int | None = None, read_only: bool = False
+) -> AsyncIterator[BlockBackend]:
+    """``async with open_backend(spec) as backend:`` -- open, yield, flush and close.
+
+    ``spec`` may be a :class:`BackendSpec` or the raw ``--backing`` string (then ``size`` and
+    ``read_only`` complete it).  NBD backends run their reply reader in a nursery owned by
+    this context manager, so every kind of backend has the same lifecycle.
+    """
+    if not isinstance(spec, BackendSpec):
+        spec = parse_backend_spec(spec, size, read_only)
+    if spec.kind == "nbd":
+        assert spec.nbd is not None
+        async with NbdBackend.open(spec.nbd, size=spec.size, read_only=spec.read_only) as nbd:
+            yield nbd
+        return
+    backend: BlockBackend
+    if spec.kind == "memory":
+        assert spec.size is not None
+        backend = MemoryBackend(spec.size, read_only=spec.read_only)
+    else:
+        assert spec.path is not None
+        backend = FileBackend(spec.path, size=spec.size, read_only=spec.read_only)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
