@@ -1,0 +1,92 @@
+"""``vfu-server DEVICE --socket-path PATH``: run one device as a vfio-user server.
+
+Foreground only, as the vfio-user spec asks of device programs. Prints ``listening on PATH``
+on stdout once clients can connect. Bad arguments: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+import trio
+
+from . import registry
+from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
+
+PROG = "vfu-server"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket-path", metavar="PATH", help="Unix socket to listen on (created 0600)")
+    where.add_argument("--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--trace", action="store_true", help="log one decoded line per message, both directions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--list-devices" in argv:
+        for name, spec in sorted(registry.available().items()):
+            print(f"{name}\t{spec}")
+        return 0
+    first = OneLineParser(prog=PROG, add_help=False)
+    first.add_argument("device", nargs="?")
+    pre, _ = first.parse_known_args(argv)
+    if pre.device is None or pre.device.startswith("-"):
+        if "-h" in argv or "--help" in argv:
+            print(f"usage: {PROG} DEVICE (--socket-path PATH | --fd N) [options]\n"
+                  f"devices: {', '.join(sorted(registry.available()))} or module.path:ClassName\n"
+                  f"{PROG} DEVICE --help shows a device's options; {PROG} --list-devices lists devices")
+            return 0
+        first.error("missing DEVICE (try --list-devices)")
+    try:
+        device_cls = registry.load(pre.device)
+    except registry.UnknownDevice as exc:
+        first.error(str(exc))
+    parser = OneLineParser(prog=f"{PROG} {pre.device}", description=(device_cls.__doc__ or "").strip().split("\n")[0])
+    parser.add_argument("device")
+    _common(parser)
+    device_cls.add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # A child logger's own level wins over the root's: trace lines appear exactly with --trace.
+    logging.getLogger("vfu_server.trace").setLevel(logging.INFO if args.trace else logging.WARNING)
+
+    try:
+        device = device_cls.from_args(args)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    try:
+        if args.socket_path is not None:
+            listener = open_unix_listener(args.socket_path)
+            where, connected = args.socket_path, None
+        else:
+            sock, listening = inherited_socket(args.fd)
+            listener, connected = (sock, None) if listening else (None, sock)
+            where = f"fd {args.fd}"
+    except SocketPathError as exc:
+        parser.error(str(exc))
+
+    def ready() -> None:
+        print(f"listening on {where}", flush=True)
+
+    from .server import serve
+
+    trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
+                           socket_path_to_remove=args.socket_path))
+    return 0

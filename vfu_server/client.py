@@ -1,0 +1,437 @@
+"""A vfio-user client: drive a device server without a VM.
+
+It does what QEMU's ``vfio-user-pci`` does, and the migration commands QEMU 11.1 does not::
+
+    async with await Client.connect("/run/dev.sock") as client:
+        ram = GuestRam(64 << 20)                     # memfd-backed "guest memory"
+        await client.dma_map(ram)                    # announced with DMA_MAP + the memfd
+        print(await client.config_read(0, 4))        # vendor/device ID
+        vectors = await client.enable_msix(4)        # eventfds for MSI-X vectors 0..3
+        await client.write32(0, 0x04, 0xCAFE)        # BAR0 register write (posted or waited)
+        await vectors[0].wait()                      # an interrupt arrived
+
+Server-to-client DMA_READ/DMA_WRITE requests are served from the mapped :class:`GuestRam`.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import trio
+
+from .protocol import messages as m
+from .protocol.codec import Message, encode
+from .protocol.constants import (
+    Command,
+    DmaMapFlags,
+    DmaUnmapFlags,
+    FeatureFlags,
+    IrqIndex,
+    IrqSetFlags,
+    PciRegion,
+)
+from .protocol.errors import DmaError, ProtocolError, RemoteError, VfioUserError
+from .protocol.negotiation import Session, accept_server_reply, client_offer
+from .transport.channel import MessageChannel
+
+
+class GuestRam:
+    """Shared memory standing in for guest RAM: a memfd the server maps from DMA_MAP.
+
+    ``alloc`` is a bump allocator for test drivers (queues, buffers); addresses are offsets
+    from ``base`` (the IOVA the memory is mapped at).
+    """
+
+    def __init__(self, size: int, base: int = 0, name: str = "vfu-guest-ram") -> None:
+        self.size = size
+        self.base = base
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        self._next = 0
+
+    def alloc(self, size: int, align: int = 4096) -> int:
+        start = (self._next + align - 1) // align * align
+        if start + size > self.size:
+            raise MemoryError(f"guest RAM exhausted ({self.size} bytes)")
+        self._next = start + size
+        return self.base + start
+
+    def _off(self, addr: int, length: int) -> int:
+        off = addr - self.base
+        if off < 0 or off + length > self.size:
+            raise DmaError(f"address {addr:#x}+{length} outside guest RAM")
+        return off
+
+    def read(self, addr: int, length: int) -> bytes:
+        off = self._off(addr, length)
+        return self.mem[off : off + length]
+
+    def write(self, addr: int, data: bytes) -> None:
+        off = self._off(addr, len(data))
+        self.mem[off : off + len(data)] = data
+
+    def read32(self, addr: int) -> int:
+        return struct.unpack("<I", self.read(addr, 4))[0]
+
+    def write32(self, addr: int, value: int) -> None:
+        self.write(addr, struct.pack("<I", value))
+
+    def read64(self, addr: int) -> int:
+        return struct.unpack("<Q", self.read(addr, 8))[0]
+
+    def write64(self, addr: int, value: int) -> None:
+        self.write(addr, struct.pack("<Q", value))
+
+    def close(self) -> None:
+        try:
+            self.mem.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+
+
+class EventFd:
+    """An eventfd handed to the server for one interrupt vector."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def count(self) -> int:
+        """Interrupts signalled since the last call (non-blocking)."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+    async def wait(self) -> int:
+        while True:
+            n = self.count()
+            if n:
+                return n
+            await trio.lowlevel.wait_readable(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _Mapping:
+    iova: int
+    size: int
+    ram: GuestRam
+    offset: int
+
+
+class Client:
+    """One connection to a vfio-user server. Use :meth:`connect`."""
+
+    def __init__(self, sock: trio.socket.SocketType, max_data_xfer_size: int = 1 << 20) -> None:
+        self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16)
+        self.session: Session | None = None
+        self._next_id = 0
+        self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._maps: list[_Mapping] = []
+        self._nursery_cm: trio.Nursery | None = None
+        self._cancel = trio.CancelScope()
+        self._reader_done = trio.Event()
+        self.closed_reason: str | None = None
+        self.server_requests = 0
+
+    # -- connection -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, path: str, *, write_multiple: bool = True, max_data_xfer_size: int = 1 << 20) -> Client:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        self = cls(sock, max_data_xfer_size)
+        self._offer = client_offer(write_multiple=write_multiple, max_data_xfer_size=max_data_xfer_size)
+        return self
+
+    async def __aenter__(self) -> Client:
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._reader)
+        try:
+            await self.negotiate(self._offer)
+        except BaseException as exc:
+            await self._shutdown(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool | None:
+        return await self._shutdown(et, ev, tb)
+
+    async def _shutdown(self, et, ev, tb):  # type: ignore[no-untyped-def]
+        self._cancel.cancel()
+        self.channel.close()
+        return await self._nursery_manager.__aexit__(et, ev, tb)
+
+    async def negotiate(self, offer: m.Version | None = None) -> Session:
+        reply = await self.request(Command.VERSION, (offer or client_offer()).pack())
+        self.session = accept_server_reply(m.Version.unpack(reply.payload))
+        return self.session
+
+    async def _reader(self) -> None:
+        with self._cancel:
+            try:
+                while True:
+                    batch = await self.channel.receive()
+                    if batch is None:
+                        self.closed_reason = "server closed the connection"
+                        break
+                    for msg in batch:
+                        if msg.is_reply:
+                            chan = self._pending.pop(msg.id, None)
+                            if chan is None:
+                                msg.close_fds()
+                                raise ProtocolError(f"unexpected reply id={msg.id}")
+                            chan.send_nowait(msg)
+                        else:
+                            await self._serve_request(msg)
+            except (ProtocolError, OSError, trio.ClosedResourceError) as exc:
+                self.closed_reason = str(exc)
+        for chan in self._pending.values():
+            chan.close()
+        self._pending.clear()
+        self._reader_done.set()
+
+    async def _serve_request(self, msg: Message) -> None:
+        """Answer the server's DMA_READ/DMA_WRITE from our mapped memory (QEMU's layout)."""
+        self.server_requests += 1
+        try:
+            if msg.command == Command.DMA_READ:
+                req = m.DmaAccess.unpack(msg.payload, with_data=False)
+                data = self._dma_access(req.address, req.count)
+                payload = m.DmaAccess(req.address, req.count, data + b"\0" * 4).pack()
+            elif msg.command == Command.DMA_WRITE:
+                req = m.DmaAccess.unpack(msg.payload, with_data=True)
+                self._dma_access(req.address, req.count, req.data)
+                payload = b""
+            else:
+                raise VfioUserError(f"client does not serve command {msg.command}", errno.ENOSYS)
+        except VfioUserError as exc:
+            msg.close_fds()
+            if not msg.no_reply:
+                await self.channel.send(encode(msg.id, msg.command, reply=True, error=exc.errno))
+            return
+        msg.close_fds()
+        if not msg.no_reply:
+            await self.channel.send(encode(msg.id, msg.command, payload, reply=True))
+
+    def _dma_access(self, address: int, count: int, data: bytes | None = None) -> bytes:
+        for mp in self._maps:
+            if mp.iova <= address and address + count <= mp.iova + mp.size:
+                addr = mp.ram.base + mp.offset + (address - mp.iova)
+                if data is None:
+                    return mp.ram.read(addr, count)
+                mp.ram.write(addr, data)
+                return b""
+        raise VfioUserError(f"DMA to unmapped address {address:#x}", errno.EFAULT)
+
+    # -- raw requests -------------------------------------------------------------------------
+
+    def _alloc_id(self) -> int:
+        for _ in range(0x10000):
+            msg_id = self._next_id
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            if msg_id not in self._pending:
+                return msg_id
+        raise RuntimeError("no free message id")
+
+    async def request(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *, check: bool = True) -> Message:
+        """Send a request and wait for its reply. Raises :class:`RemoteError` on an error reply."""
+        if self._reader_done.is_set():
+            raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN)
+        msg_id = self._alloc_id()
+        send, receive = trio.open_memory_channel[Message](1)
+        self._pending[msg_id] = send
+        await self.channel.send(encode(msg_id, command, payload), fds)
+        try:
+            reply = await receive.receive()
+        except trio.EndOfChannel:
+            raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN) from None
+        if check and reply.is_error:
+            reply.close_fds()
+            raise RemoteError(f"{Command(command).name if command in Command._value2member_map_ else command} failed: "
+                              f"{os.strerror(reply.error)}", reply.error)
+        return reply
+
+    async def post(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+        """Send a request with NO_REPLY (posted)."""
+        await self.channel.send(encode(self._alloc_id(), command, payload, no_reply=True), fds)
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send arbitrary bytes (for tests of malformed input)."""
+        await self.channel.send(data, fds)
+
+    # -- DMA ----------------------------------------------------------------------------------
+
+    async def dma_map(self, ram: GuestRam, iova: int | None = None, offset: int = 0, size: int | None = None,
+                      flags: int = DmaMapFlags.READ | DmaMapFlags.WRITE, with_fd: bool = True) -> None:
+        iova = ram.base + offset if iova is None else iova
+        size = ram.size - offset if size is None else size
+        fds = [ram.fd] if with_fd else []
+        await self.request(Command.DMA_MAP, m.DmaMap(flags, offset if with_fd else 0, iova, size).pack(), fds)
+        self._maps.append(_Mapping(iova, size, ram, offset))
+
+    async def dma_unmap(self, iova: int, size: int) -> None:
+        await self.request(Command.DMA_UNMAP, m.DmaUnmap(0, iova, size).pack())
+        self._maps = [mp for mp in self._maps if not (mp.iova == iova and mp.size == size)]
+
+    async def dma_unmap_all(self) -> None:
+        await self.request(Command.DMA_UNMAP, m.DmaUnmap(DmaUnmapFlags.ALL, 0, 0).pack())
+        self._maps.clear()
+
+    # -- device info --------------------------------------------------------------------------
+
+    async def device_info(self) -> m.DeviceInfo:
+        reply = await self.request(Command.DEVICE_GET_INFO, m.DeviceInfo().pack())
+        return m.DeviceInfo.unpack(reply.payload)
+
+    async def region_info(self, index: int) -> tuple[m.RegionInfo, int | None]:
+        """Region info with capabilities (re-asking with a larger argsz like QEMU does) and the
+        fd that came with it (the caller owns it)."""
+        argsz = 32
+        for _ in range(4):
+            reply = await self.request(Command.DEVICE_GET_REGION_INFO, m.RegionInfo.request(index, argsz))
+            info = m.RegionInfo.unpack(reply.payload)
+            if info.argsz <= argsz:
+                fd = reply.fds.pop() if reply.fds else None
+                reply.close_fds()
+                return info, fd
+            reply.close_fds()
+            argsz = info.argsz
+        raise ProtocolError("region info argsz keeps growing")
+
+    async def irq_info(self, index: int) -> m.IrqInfo:
+        reply = await self.request(Command.DEVICE_GET_IRQ_INFO, m.IrqInfo(index).pack())
+        return m.IrqInfo.unpack(reply.payload)
+
+    async def region_io_fds(self, index: int) -> m.RegionIoFds:
+        reply = await self.request(Command.DEVICE_GET_REGION_IO_FDS, struct.pack("<IIII", 4096, 0, index, 0))
+        reply.close_fds()
+        return m.RegionIoFds.unpack(reply.payload)
+
+    async def mmap_region(self, index: int) -> tuple[mmap.mmap, m.RegionInfo]:
+        """mmap a region's fd (the sparse areas are where access is allowed)."""
+        info, fd = await self.region_info(index)
+        if fd is None:
+            raise VfioUserError(f"region {index} came without an fd", errno.EINVAL)
+        try:
+            return mmap.mmap(fd, info.size, flags=mmap.MAP_SHARED, offset=info.offset), info
+        finally:
+            os.close(fd)
+
+    # -- region access -----------------------------------------------------------------------
+
+    async def region_read(self, index: int, offset: int, count: int) -> bytes:
+        reply = await self.request(Command.REGION_READ, m.REGION_ACCESS.pack(offset, index, count))
+        acc = m.RegionAccess.unpack(reply.payload, with_data=True)
+        if acc.count != count:
+            raise ProtocolError(f"short region read: {acc.count} of {count}")
+        return acc.data
+
+    async def region_write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> None:
+        payload = m.REGION_ACCESS.pack(offset, index, len(data)) + bytes(data)
+        if posted:
+            await self.post(Command.REGION_WRITE, payload)
+        else:
+            await self.request(Command.REGION_WRITE, payload)
+
+    async def write_multi(self, writes: Sequence[tuple[int, int, bytes]]) -> None:
+        """REGION_WRITE_MULTI of ``(region, offset, data)`` entries (always posted)."""
+        await self.post(Command.REGION_WRITE_MULTI, m.pack_write_multi(writes))
+
+    async def read(self, region: int, offset: int, size: int = 4) -> int:
+        return int.from_bytes(await self.region_read(region, offset, size), "little")
+
+    async def write(self, region: int, offset: int, value: int, size: int = 4, *, posted: bool = False) -> None:
+        await self.region_write(region, offset, value.to_bytes(size, "little"), posted=posted)
+
+    async def read32(self, bar: int, offset: int) -> int:
+        return await self.read(bar, offset, 4)
+
+    async def write32(self, bar: int, offset: int, value: int, *, posted: bool = False) -> None:
+        await self.write(bar, offset, value, 4, posted=posted)
+
+    async def config_read(self, offset: int, size: int = 4) -> int:
+        return await self.read(PciRegion.CONFIG, offset, size)
+
+    async def config_write(self, offset: int, value: int, size: int = 4) -> None:
+        await self.write(PciRegion.CONFIG, offset, value, size)
+
+    # -- interrupts --------------------------------------------------------------------------
+
+    async def set_irqs(self, index: int, flags: int, start: int = 0, count: int = 0,
+                       fds: Sequence[int] = (), data: bytes = b"") -> None:
+        await self.request(Command.DEVICE_SET_IRQS, m.IrqSet(flags, index, start, count, data).pack(), fds)
+
+    async def enable_irqs(self, index: int, count: int) -> list[EventFd]:
+        efds = [EventFd() for _ in range(count)]
+        await self.set_irqs(index, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER, 0, count,
+                            [e.fd for e in efds])
+        return efds
+
+    async def enable_msix(self, count: int) -> list[EventFd]:
+        """Set MSI-X enable in config space (as a guest driver would) and hand out eventfds."""
+        cap = await self.find_capability(0x11)
+        if cap is None:
+            raise VfioUserError("device has no MSI-X capability", errno.ENODEV)
+        control = await self.config_read(cap + 2, 2)
+        await self.config_write(cap + 2, control | 0x8000, 2)
+        return await self.enable_irqs(IrqIndex.MSIX, count)
+
+    async def disable_irqs(self, index: int) -> None:
+        await self.set_irqs(index, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER, 0, 0)
+
+    async def find_capability(self, cap_id: int) -> int | None:
+        pos = await self.config_read(0x34, 1)
+        seen = set()
+        while pos and pos not in seen:
+            seen.add(pos)
+            if await self.config_read(pos, 1) == cap_id:
+                return pos
+            pos = await self.config_read(pos + 1, 1)
+        return None
+
+    async def enable_bus_master(self) -> None:
+        cmd = await self.config_read(0x04, 2)
+        await self.config_write(0x04, cmd | 0x6, 2)
+
+    # -- reset, features, migration ----------------------------------------------------------
+
+    async def reset(self) -> None:
+        await self.request(Command.DEVICE_RESET)
+
+    async def feature(self, index: int, *, get: bool = False, set: bool = False, probe: bool = False,
+                      data: bytes = b"", argsz: int | None = None) -> bytes:
+        flags = index | (FeatureFlags.GET if get else 0) | (FeatureFlags.SET if set else 0) | (
+            FeatureFlags.PROBE if probe else 0)
+        payload = m.DeviceFeature(flags, data, argsz=argsz or 8 + max(len(data), 64)).pack()
+        reply = await self.request(Command.DEVICE_FEATURE, payload)
+        return m.DeviceFeature.unpack(reply.payload).data
+
+    async def mig_data_read(self, size: int) -> bytes:
+        reply = await self.request(Command.MIG_DATA_READ, m.MigData(size).pack())
+        return m.MigData.unpack(reply.payload, with_data=True).data
+
+    async def mig_data_write(self, data: bytes) -> None:
+        await self.request(Command.MIG_DATA_WRITE, m.MigData(len(data), data).pack())
+
+    async def aclose(self) -> None:
+        self._cancel.cancel()
+        self.channel.close()

@@ -1,0 +1,508 @@
+"""The vfio-user server: one device, one client connection at a time, requests strictly in order.
+
+Structure (trio)::
+
+    serve()                          nursery: device tasks + the accept loop
+      └─ accept loop                 one client at a time; the next one waits in the backlog
+           └─ Connection.run()       receive a batch -> handle each message in order -> send replies
+
+Ordering: QEMU posts BAR writes (NO_REPLY) and only waits for the last of a batch of DMA maps,
+so it relies on the server applying messages in the order they were sent. A connection handles
+its messages one after the other, never concurrently. Replies to waited requests in one batch
+are sent together in one ``sendmsg`` (a reply carrying an fd goes alone, since QEMU receives
+fds only with the header of the message they belong to).
+
+Server-to-client requests (DMA_READ/DMA_WRITE) are sent from device tasks, never from a
+request handler, and their replies are routed by id: a reply is never held hostage to a
+server-to-client round trip.
+
+Robustness: a handler that raises :class:`VfioUserError` produces an error reply with its errno;
+any other exception is a device bug, logged with its traceback and answered with EIO. A broken
+stream (:class:`ProtocolError`) drops only that client. When a client goes away, its DMA maps
+and eventfds are released and the device keeps its state for the next client.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .pci.device import PciDevice
+from .protocol import messages as m
+from .protocol.codec import HEADER, Message, command_name, encode
+from .protocol.constants import (
+    HEADER_SIZE,
+    Command,
+    DmaUnmapFlags,
+)
+from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
+from .protocol.negotiation import ServerOffer, Session
+from .transport.channel import MessageChannel
+
+log = logging.getLogger("vfu_server.server")
+trace_log = logging.getLogger("vfu_server.trace")
+
+Reply = tuple[bytes, list[int]] | bytes | None
+
+# Commands whose handlers may await (they are not on the MMIO hot path).
+_ASYNC_COMMANDS = {Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.MIG_DATA_WRITE}
+
+
+_HANDLERS: dict[int, str] = {}
+
+
+def handles(command: Command) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a :class:`Connection` method as the handler of ``command``."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _HANDLERS[command] = fn.__name__
+        return fn
+
+    return deco
+
+
+class Connection:
+    """One client session."""
+
+    def __init__(self, server: Server, sock: trio.socket.SocketType, number: int) -> None:
+        self.server = server
+        self.device = server.device
+        self.number = number
+        # Large enough for a WRITE_MULTI of 200 entries and for max_data_xfer_size payloads.
+        max_message = max(server.offer.max_data_xfer_size + 64, 64 * 1024)
+        self.channel = MessageChannel(sock, max_message, server.offer.max_msg_fds)
+        self.session: Session | None = None
+        self._next_id = 0x8000  # our own request ids; only need to be unique among our pending
+        self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
+        self.tracing = trace_log.isEnabledFor(logging.INFO)
+        self.handlers: dict[int, Callable[[Message], Reply | Awaitable[Reply]]] = {
+            cmd: getattr(self, name) for cmd, name in _HANDLERS.items()
+        }
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("client %d connected", self.number)
+        try:
+            while True:
+                batch = await self.channel.receive()
+                if batch is None:
+                    log.info("client %d disconnected", self.number)
+                    return
+                # A batch is applied completely even if shutdown starts meanwhile.
+                with trio.CancelScope(shield=True):
+                    await self._handle_batch(batch)
+        except ProtocolError as exc:
+            log.warning("client %d: dropping connection: %s", self.number, exc)
+        except OSError as exc:
+            log.warning("client %d: connection lost: %s", self.number, exc)
+        finally:
+            for chan in self._pending.values():
+                chan.close()
+            self._pending.clear()
+            self.channel.close()
+            await self.server.client_gone()
+
+    async def _handle_batch(self, batch: list[Message]) -> None:
+        out = bytearray()
+        try:
+            for msg in batch:
+                if self.tracing:
+                    trace_log.info("-> %s", self.server.describe(msg))
+                if msg.is_reply:
+                    self._route_reply(msg)
+                    continue
+                if msg.command in _ASYNC_COMMANDS and out:
+                    await self._send(out)
+                    out = bytearray()
+                reply = await self._dispatch(msg)
+                if reply is None:
+                    continue
+                data, fds = reply
+                if fds:
+                    if out:
+                        await self._send(out)
+                        out = bytearray()
+                    await self._send(data, fds)
+                else:
+                    out += data
+        finally:
+            for msg in batch:
+                msg.close_fds()
+        if out:
+            await self._send(out)
+
+    async def _send(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
+        if self.tracing:
+            pos = 0
+            while pos + HEADER_SIZE <= len(data):
+                msg_id, cmd, size, flags, err = HEADER.unpack_from(data, pos)
+                trace_log.info("<- %s", self.server.describe(Message(msg_id, cmd, flags, err, data[pos + 16 : pos + size], list(fds or []))))
+                pos += size
+        with trio.move_on_after(self.server.send_timeout) as scope:
+            await self.channel.send(data, fds or ())
+        if scope.cancelled_caught:
+            raise ProtocolError("client stopped reading replies")
+
+    async def _dispatch(self, msg: Message) -> tuple[bytes, list[int]] | None:
+        handler = self.handlers.get(msg.command)
+        try:
+            if handler is None:
+                raise VfioUserError(f"unsupported command {msg.command}", errno.ENOSYS)
+            if self.session is None and msg.command != Command.VERSION:
+                raise VfioUserError(f"{command_name(msg.command)} before VERSION", errno.EINVAL)
+            result = handler(msg)
+            if isinstance(result, Awaitable):
+                result = await result
+            reason = self.device.take_pending_reset()
+            if reason is not None:
+                log.info("device reset: %s", reason)
+                await self.device.do_reset()
+        except VfioUserError as exc:
+            level = logging.DEBUG if exc.errno == errno.ENOTTY else logging.INFO
+            log.log(level, "%s id=%d failed: %s (errno %d)", command_name(msg.command), msg.id, exc.message, exc.errno)
+            if msg.no_reply:
+                return None
+            return encode(msg.id, msg.command, reply=True, error=exc.errno or errno.EINVAL), []
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("device error while handling %s id=%d", command_name(msg.command), msg.id)
+            if msg.no_reply:
+                return None
+            return encode(msg.id, msg.command, reply=True, error=errno.EIO), []
+        if msg.no_reply:
+            return None
+        if result is None:
+            return encode(msg.id, msg.command, reply=True), []
+        if isinstance(result, tuple):
+            payload, fds = result
+            return encode(msg.id, msg.command, payload, reply=True), fds
+        return encode(msg.id, msg.command, result, reply=True), []
+
+    # -- server-initiated requests ----------------------------------------------------------
+
+    def _route_reply(self, msg: Message) -> None:
+        chan = self._pending.pop(msg.id, None)
+        if chan is None:
+            log.warning("client %d: reply id=%d matches no request of ours; ignored", self.number, msg.id)
+            msg.close_fds()
+            return
+        chan.send_nowait(msg)
+
+    async def request(self, command: Command, payload: bytes) -> Message:
+        """Send a request to the client and wait for its reply (from a device task only)."""
+        msg_id = self._next_id
+        self._next_id = 0x8000 | ((self._next_id + 1) & 0x7FFF)
+        send, receive = trio.open_memory_channel[Message](1)
+        self._pending[msg_id] = send
+        await self._send(encode(msg_id, command, payload))
+        try:
+            reply = await receive.receive()
+        except trio.EndOfChannel:
+            raise VfioUserError("client went away during a server request", errno.ENOTCONN) from None
+        if reply.is_error:
+            raise RemoteError(f"client refused {command.name}", reply.error)
+        return reply
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        """Read guest memory through DMA_READ messages (for maps that came without an fd)."""
+        assert self.session is not None
+        out = bytearray()
+        step = self.session.max_data_xfer_size
+        while count > 0:
+            n = min(step, count)
+            reply = await self.request(Command.DMA_READ, m.DmaAccess(address, n).pack())
+            out += m.DmaAccess.unpack(reply.payload, with_data=True).data
+            address += n
+            count -= n
+        return bytes(out)
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        assert self.session is not None
+        step = self.session.max_data_xfer_size
+        for pos in range(0, len(data), step):
+            chunk = data[pos : pos + step]
+            # QEMU reads data at message byte 28 and wants size >= 32 + count: pad 4 bytes.
+            await self.request(Command.DMA_WRITE, m.DmaAccess(address + pos, len(chunk), chunk + b"\0" * 4).pack())
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    @handles(Command.VERSION)
+    def _version(self, msg: Message) -> bytes:
+        if self.session is not None:
+            raise VfioUserError("VERSION sent twice", errno.EINVAL)
+        request = m.Version.unpack(msg.payload)
+        reply, session = self.server.offer.negotiate(request)
+        self.session = session
+        log.info(
+            "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
+            self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
+            session.write_multiple,
+        )
+        self.device.client_connected()
+        return reply.pack()
+
+    @handles(Command.DMA_MAP)
+    def _dma_map(self, msg: Message) -> None:
+        req = m.DmaMap.unpack(msg.payload)
+        if len(msg.fds) > 1:
+            raise VfioUserError(f"DMA_MAP with {len(msg.fds)} fds", errno.EINVAL)
+        fd = msg.fds.pop() if msg.fds else None
+        self.device.dma.add(req.address, req.size, req.flags, fd, req.offset)
+
+    @handles(Command.DMA_UNMAP)
+    def _dma_unmap(self, msg: Message) -> bytes:
+        req = m.DmaUnmap.unpack(msg.payload)
+        if req.flags & DmaUnmapFlags.GET_DIRTY_BITMAP:
+            raise VfioUserError("DMA_UNMAP dirty bitmaps are not supported; use DMA logging", errno.ENOTSUP)
+        if req.flags & DmaUnmapFlags.ALL:
+            if req.address or req.size:
+                raise VfioUserError("DMA_UNMAP ALL with an address or size", errno.EINVAL)
+            self.device.dma.clear()
+        elif req.flags:
+            raise VfioUserError(f"DMA_UNMAP flags {req.flags:#x}", errno.EINVAL)
+        else:
+            self.device.dma.remove(req.address, req.size)
+        return m.DmaUnmap(req.flags, req.address, req.size).pack()
+
+    @handles(Command.DEVICE_GET_INFO)
+    def _get_info(self, msg: Message) -> bytes:
+        req = m.DeviceInfo.unpack(msg.payload)
+        if req.argsz < 16:
+            raise VfioUserError(f"DEVICE_GET_INFO argsz {req.argsz} < 16", errno.EINVAL)
+        d = self.device
+        return m.DeviceInfo(d.device_flags, d.num_regions, 5).pack()
+
+    @handles(Command.DEVICE_GET_REGION_INFO)
+    def _get_region_info(self, msg: Message) -> tuple[bytes, list[int]]:
+        if len(msg.payload) < 32:
+            raise VfioUserError("DEVICE_GET_REGION_INFO payload shorter than 32 bytes", errno.EINVAL)
+        req = m.RegionInfo.unpack(msg.payload)
+        if req.argsz < 32:
+            raise VfioUserError(f"DEVICE_GET_REGION_INFO argsz {req.argsz} < 32", errno.EINVAL)
+        if req.index >= self.device.num_regions:
+            raise VfioUserError(f"no region {req.index}", errno.EINVAL)
+        info, fd = self.device.region_info(req.index)
+        payload = info.pack(room=req.argsz)
+        # Send the fd only with the complete reply; QEMU drops fds of replies it re-asks.
+        complete = len(payload) == len(info.pack())
+        return payload, [fd] if fd is not None and complete else []
+
+    @handles(Command.DEVICE_GET_REGION_IO_FDS)
+    def _get_region_io_fds(self, msg: Message) -> bytes:
+        if len(msg.payload) < 16:
+            raise VfioUserError("DEVICE_GET_REGION_IO_FDS payload too short", errno.EINVAL)
+        req = m.RegionIoFds.unpack(msg.payload)
+        if req.index >= self.device.num_regions:
+            raise VfioUserError(f"no region {req.index}", errno.EINVAL)
+        # No ioeventfds: every access arrives as a message, which keeps ordering simple.
+        return m.RegionIoFds(req.index).pack(room=req.argsz)
+
+    @handles(Command.DEVICE_GET_IRQ_INFO)
+    def _get_irq_info(self, msg: Message) -> bytes:
+        req = m.IrqInfo.unpack(msg.payload)
+        return self.device.irqs.info(req.index).pack()
+
+    @handles(Command.DEVICE_SET_IRQS)
+    def _set_irqs(self, msg: Message) -> None:
+        req = m.IrqSet.unpack(msg.payload)
+        fds, msg.fds = msg.fds, []
+        self.device.irqs.set_irqs(req, fds)
+
+    @handles(Command.REGION_READ)
+    def _region_read(self, msg: Message) -> bytes:
+        payload = msg.payload
+        if len(payload) != 16:
+            raise MalformedMessage(f"REGION_READ payload of {len(payload)} bytes, expected 16")
+        offset, region, count = m.REGION_ACCESS.unpack_from(payload)
+        assert self.session is not None
+        if count > self.session.max_data_xfer_size:
+            raise VfioUserError(f"REGION_READ of {count} bytes > max_data_xfer_size", errno.E2BIG)
+        data = self.device.region_read(region, offset, count)
+        return m.REGION_ACCESS.pack(offset, region, count) + data
+
+    @handles(Command.REGION_WRITE)
+    def _region_write(self, msg: Message) -> bytes:
+        payload = msg.payload
+        if len(payload) < 16:
+            raise MalformedMessage("REGION_WRITE payload shorter than 16 bytes")
+        offset, region, count = m.REGION_ACCESS.unpack_from(payload)
+        if len(payload) - 16 != count:
+            raise MalformedMessage(f"REGION_WRITE count {count} but {len(payload) - 16} data bytes")
+        self.device.region_write(region, offset, bytes(payload[16:]))
+        return m.REGION_ACCESS.pack(offset, region, count)
+
+    @handles(Command.REGION_WRITE_MULTI)
+    def _region_write_multi(self, msg: Message) -> None:
+        for region, offset, data in m.unpack_write_multi(msg.payload):
+            self.device.region_write(region, offset, data)
+
+    @handles(Command.DEVICE_RESET)
+    async def _reset(self, msg: Message) -> None:
+        log.info("client %d: DEVICE_RESET", self.number)
+        await self.device.do_reset()
+
+    @handles(Command.DEVICE_FEATURE)
+    async def _feature(self, msg: Message) -> bytes:
+        req = m.DeviceFeature.unpack(msg.payload)
+        handler = getattr(self.device, "device_feature", None)
+        if handler is None:
+            raise VfioUserError(f"feature {req.index} not supported", errno.ENOTTY)
+        result = handler(req)
+        if isinstance(result, Awaitable):
+            result = await result
+        return m.DeviceFeature(req.flags, result or b"", argsz=req.argsz).pack()
+
+    @handles(Command.MIG_DATA_READ)
+    async def _mig_data_read(self, msg: Message) -> bytes:
+        req = m.MigData.unpack(msg.payload, with_data=False)
+        reader = getattr(self.device, "migration_data_read", None)
+        if reader is None:
+            raise VfioUserError("device does not support migration", errno.ENOTTY)
+        assert self.session is not None
+        limit = min(req.size, self.session.max_data_xfer_size)
+        data = reader(limit)
+        if isinstance(data, Awaitable):
+            data = await data
+        return m.MigData(len(data), data, argsz=req.argsz).pack()
+
+    @handles(Command.MIG_DATA_WRITE)
+    async def _mig_data_write(self, msg: Message) -> bytes:
+        req = m.MigData.unpack(msg.payload, with_data=True)
+        writer = getattr(self.device, "migration_data_write", None)
+        if writer is None:
+            raise VfioUserError("device does not support migration", errno.ENOTTY)
+        result = writer(req.data)
+        if isinstance(result, Awaitable):
+            await result
+        return m.MigData(req.size, argsz=req.argsz).pack()[:8]
+
+
+class Server:
+    """Serves one :class:`PciDevice` over vfio-user."""
+
+    def __init__(self, device: PciDevice, offer: ServerOffer | None = None, send_timeout: float = 10.0) -> None:
+        self.device = device
+        self.offer = offer or ServerOffer()
+        self.send_timeout = send_timeout
+        self.connection: Connection | None = None
+        self._connections = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def serve_listener(self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients one at a time, forever."""
+        task_status.started()
+        while True:
+            sock, _ = await listener.accept()
+            await self.serve_socket(sock)
+
+    async def serve_socket(self, sock: trio.socket.SocketType) -> None:
+        self._connections += 1
+        conn = Connection(self, sock, self._connections)
+        self.connection = conn
+        try:
+            await conn.run()
+        finally:
+            self.connection = None
+
+    async def client_gone(self) -> None:
+        device = self.device
+        device.dma.clear()
+        device.irqs.close()
+        with trio.CancelScope(shield=True):
+            result = device.client_disconnected()
+            if result is not None:
+                await result
+
+    # -- tracing -------------------------------------------------------------------------------
+
+    def describe(self, msg: Message) -> str:
+        text = msg.describe()
+        try:
+            if msg.command in (Command.REGION_READ, Command.REGION_WRITE) and len(msg.payload) >= 16:
+                a = m.RegionAccess.unpack(msg.payload, with_data=False)
+                text += f" region={a.region} offset={a.offset:#x} count={a.count}"
+                data = msg.payload[16:]
+                if 0 < len(data) <= 8:
+                    text += f" value={int.from_bytes(data, 'little'):#x}"
+            elif msg.command == Command.DMA_MAP and len(msg.payload) >= 32 and not msg.is_reply:
+                d = m.DmaMap.unpack(msg.payload)
+                text += f" iova={d.address:#x} size={d.size:#x} offset={d.offset:#x} flags={d.flags:#x}"
+            elif msg.command == Command.DMA_UNMAP and len(msg.payload) >= 24 and not msg.is_reply:
+                u = m.DmaUnmap.unpack(msg.payload)
+                text += f" iova={u.address:#x} size={u.size:#x} flags={u.flags:#x}"
+            elif msg.command == Command.DEVICE_SET_IRQS and not msg.is_reply:
+                s = m.IrqSet.unpack(msg.payload)
+                text += f" index={s.index} flags={s.flags:#x} start={s.start} count={s.count}"
+            elif msg.command in (Command.DEVICE_GET_REGION_INFO, Command.DEVICE_GET_IRQ_INFO) and len(msg.payload) >= 12:
+                text += f" index={int.from_bytes(msg.payload[8:12], 'little')}"
+            elif msg.command == Command.VERSION and len(msg.payload) > 4:
+                text += f" {bytes(msg.payload[4:]).rstrip(bytes(1)).decode(errors='replace')}"
+        except Exception:
+            text += " (undecodable)"
+        return text
+
+
+async def serve(
+    device: PciDevice,
+    *,
+    socket_path: str | None = None,
+    listener: trio.socket.SocketType | None = None,
+    socket_path_to_remove: str | None = None,
+    connected: trio.socket.SocketType | None = None,
+    on_listening: Callable[[], None] | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
+
+    On a signal: the batch being handled completes, the device flushes its backends
+    (:meth:`PciDevice.shutdown`), the socket file is removed, and this returns normally.
+    """
+    import signal
+
+    from .transport.unix import open_unix_listener, remove_socket
+
+    if socket_path is not None:
+        listener = open_unix_listener(socket_path)
+        socket_path_to_remove = socket_path
+    server = Server(device)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as device_tasks:
+                device.attach(device_tasks)
+                async with trio.open_nursery() as clients:
+                    if listener is not None:
+                        await clients.start(server.serve_listener, listener)
+                    else:
+                        assert connected is not None
+
+                        async def one_client() -> None:
+                            await server.serve_socket(connected)
+                            clients.cancel_scope.cancel()
+
+                        clients.start_soon(one_client)
+                    if on_listening is not None:
+                        on_listening()
+                    task_status.started(server)
+
+                    async def wait_signal() -> None:
+                        async for signum in signals:
+                            log.info("received %s: shutting down", signal.Signals(signum).name)
+                            clients.cancel_scope.cancel()
+                            return
+
+                    clients.start_soon(wait_signal)
+                with trio.CancelScope(shield=True), trio.move_on_after(30):
+                    await device.shutdown()
+                device_tasks.cancel_scope.cancel()
+    finally:
+        if listener is not None:
+            listener.close()
+        remove_socket(socket_path_to_remove)
+        device.close()
