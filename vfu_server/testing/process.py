@@ -1,0 +1,87 @@
+"""Run ``vfu-server`` as a separate process, exactly as a user would, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+
+@dataclass
+class ServerProcess:
+    device: str
+    socket_path: str
+    process: trio.Process
+    stderr_path: Path
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(timeout):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+        return self.process.returncode
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@asynccontextmanager
+async def running_server(
+    device: str,
+    *args: str,
+    socket_path: str | None = None,
+    ready_timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[ServerProcess]:
+    """Start ``python -m vfu_server DEVICE --socket-path PATH *args`` and wait for
+    ``listening on``. Always stops the process on exit; the error message of a failed start
+    includes the server's stderr."""
+    workdir = tempfile.mkdtemp(prefix="vfu-test-")
+    path = socket_path or os.path.join(workdir, f"{device.replace(':', '_').replace('/', '_')}.sock")
+    stderr_path = Path(workdir) / "server.stderr"
+    cmd = [sys.executable, "-m", "vfu_server", device, "--socket-path", path, *args]
+    full_env = {**os.environ, **(env or {})}
+    repo_root = str(Path(__file__).resolve().parents[2])
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, full_env.get("PYTHONPATH")) if p)
+    with open(stderr_path, "wb") as err:
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=full_env)
+    server = ServerProcess(device, path, proc, stderr_path)
+    try:
+        assert proc.stdout is not None
+        line = b""
+        with trio.move_on_after(ready_timeout):
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                if not chunk:
+                    break
+                line += chunk
+        if not line.startswith(b"listening on"):
+            await server.kill()
+            raise RuntimeError(
+                f"{' '.join(cmd)} did not start (stdout {line!r}, rc {proc.returncode}):\n{server.stderr()}"
+            )
+        yield server
+    finally:
+        await server.terminate()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
