@@ -375,8 +375,11 @@ class EnvelopeScanner:
         self.header: EnvelopeHeader | None = None
         self._pos = 0
         self._records = 0
+        self.end: int | None = None
 
     def feed(self, buf: bytes | bytearray | memoryview) -> int | None:
+        if self.end is not None:
+            return self.end
         if self.header is None:
             if len(buf) >= 8 and bytes(buf[:8]) != MAGIC:
                 raise _bad("bad magic, not a DEVSTATE stream")
@@ -396,6 +399,7 @@ class EnvelopeScanner:
                 return None
             self._pos = end
             if rtype == REC_END:
+                self.end = end
                 return end
             self._records += 1
             if self._records > MAX_RECORDS:

@@ -130,9 +130,34 @@ EXAMPLE_OPAQUE = OpaqueFormat(
     "opaque/vfu-example",
     state_type=ExampleState,
     schema_version=1,
+    profile=lambda s: s.profile,
     description="vfu-server's example device, implementation-private TLV",
 )
 
 #: Opaque first: same-build migration is the common case (design doc 6.5).
 EXAMPLE_FORMATS = FormatSet([EXAMPLE_OPAQUE, EXAMPLE_STANDARD])
 register_formats("example", EXAMPLE_FORMATS)
+
+
+def sample_state() -> ExampleState:
+    """A fully populated, deterministic state (golden vectors, tests, demos)."""
+    from .generic import MsixVector
+
+    profile = PciProfile(
+        vendor_id=0x1B36, device_id=0x0011, subsys_vendor_id=0x1AF4, subsys_id=0x1100,
+        class_code=0xFF0000, revision=1,
+        bar_sizes=(0x1000, 0, 0x1000, 0, 0, 0), bar_flags=(0, 0, 0, 0, 0, 0),
+        msix_vectors=2, msix_table_bir=2, msix_table_offset=0, msix_pba_bir=2,
+        msix_pba_offset=0x800, capabilities=bytes([0x11, 0x40]),
+        backend_hash=bytes(range(32)), device_abi=example_device_abi(2),
+    )
+    return ExampleState(
+        profile=profile,
+        pci=PciConfigState(command=0x0006, cache_line_size=0x10, interrupt_line=11,
+                           bars=(0xFEB00000, 0, 0xFEB01000, 0, 0, 0), msix_control=0x8001),
+        msix=MsixState((MsixVector(0xFEE00000, 0x4021, 0), MsixVector(0xFEE01000, 0x4022, 1)),
+                       b"\x02"),
+        intx=IntxState(0),
+        regs=ExampleRegs(scratch=0xDEADBEEF, src=0x1_0000_0000, dst=0x2000, len=4096,
+                         ctrl=0, status=0x1, irq_count=3),
+    )

@@ -89,6 +89,7 @@ class StateFormat:
         self.aliases = tuple(aliases)
         self.description = description
         self.state_type = state_type
+        self._profile: Callable[[Any], Any] | None = None
 
     # ---- to implement
     @property
@@ -107,6 +108,10 @@ class StateFormat:
 
     def check_precopy(self, records: Sequence[Record], local: Any | None) -> None:
         """Destination-side early check of a PRE_COPY envelope.  Raise to refuse."""
+
+    def profile_of(self, state: Any) -> Any | None:
+        """The guest-visible profile inside a decoded state, if the format knows it."""
+        return self._profile(state) if self._profile else None
 
     # ---- provided
     def _minor(self, minor: int | None) -> int:
@@ -290,9 +295,6 @@ class StandardFormat(StateFormat):
             raise MigrationFormatError(errno.EINVAL, f"{self.name}: source profile differs "
                                        f"from this device's ({_first_diff(remote, local)})")
 
-    def profile_of(self, state: Any) -> Any | None:
-        return self._profile(state) if self._profile else None
-
     def descriptor(self) -> dict[str, Any]:
         d = super().descriptor()
         d["precopy"] = REC_PROFILE in self.layouts
@@ -323,9 +325,11 @@ class OpaqueFormat(StateFormat):
     kind = "opaque"
 
     def __init__(self, name: str, *, state_type: type, schema_version: int = 1,
-                 aliases: Sequence[str] = ("opaque",), description: str = "") -> None:
+                 aliases: Sequence[str] = ("opaque",), description: str = "",
+                 profile: Callable[[Any], Any] | None = None) -> None:
         super().__init__(name, major=1, aliases=aliases, description=description,
                          state_type=state_type)
+        self._profile = profile
         self.schema_version = schema_version
         self.schema_crc = opaque.schema_fingerprint(state_type)
 
