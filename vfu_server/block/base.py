@@ -93,7 +93,7 @@ class BlockBackend(abc.ABC):
 
 
 def byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
-    """Normalise buffers to flat unsigned-byte memoryviews (no copy).
+    """Normalise buffers to flat, non-empty unsigned-byte memoryviews (no copy).
 
     Guest memory may arrive as views with another format or shape; the I/O code slices by
     byte counts, so it needs 1-D ``'B'`` views.
@@ -103,7 +103,10 @@ def byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:
         mv = b if isinstance(b, memoryview) else memoryview(b)
         if mv.ndim != 1 or mv.format != "B":
             mv = mv.cast("B")
-        out.append(mv)
+        # Empty views are dropped: a zero-byte iovec would look like "no progress" to the
+        # short-read/short-write loops.
+        if mv.nbytes:
+            out.append(mv)
     return out
 
 

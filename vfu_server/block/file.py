@@ -332,6 +332,8 @@ class FileBackend(BlockBackend):
         self._check_writable()
         await trio.lowlevel.checkpoint()
         fd = self._live_fd()
+        if total == 0:
+            return
         if fua:
             await self._in_thread(self._write_fua, fd, views, offset)
         elif total <= self._inline_max:

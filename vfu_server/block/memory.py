@@ -33,7 +33,9 @@ class MemoryBackend(BlockBackend):
         self.size = size
         self.block_size = block_size
         self.read_only = read_only
-        self._map: mmap.mmap | None = mmap.mmap(-1, size)
+        # MAP_PRIVATE: for the default shared anonymous mapping MADV_DONTNEED would keep the
+        # data (it lives in shmem), for a private one it guarantees zero-filled pages.
+        self._map: mmap.mmap | None = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         self._view = memoryview(self._map)
 
     def _mem(self) -> memoryview:

@@ -1,0 +1,214 @@
+"""FileBackend specifics: creation and size rules, holes, persistence, the thread paths."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfu_server.block import BackendSpecError, BlockIOError, FileBackend
+from vfu_server.block import file as file_mod
+
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int = 3) -> bytes:
+    # Period 251 (prime) so that neither block nor page shifts map the data onto itself.
+    cycle = bytes((i * 13 + seed) % 251 for i in range(251))
+    return (cycle * (n // 251 + 1))[:n]
+
+
+async def read(b: FileBackend, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    await b.readv(offset, [memoryview(buf)])
+    return bytes(buf)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+async def test_missing_file_is_created_sparse(tmp_path: Path) -> None:
+    path = tmp_path / "new.raw"
+    async with FileBackend(path, size=64 * MiB) as b:
+        assert b.size == 64 * MiB
+        assert b.describe() == {
+            "kind": "file",
+            "path": str(path),
+            "size": 64 * MiB,
+            "read_only": False,
+        }
+    assert path.stat().st_size == 64 * MiB
+    assert allocated(path) == 0
+
+
+async def test_missing_file_without_size_or_create_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "absent.raw"
+    with pytest.raises(BlockIOError, match="give --size") as info:
+        FileBackend(path)
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(BlockIOError):
+        FileBackend(path, size=MiB, create=False)
+    with pytest.raises(BlockIOError):
+        FileBackend(path, size=MiB, read_only=True)
+    assert not path.exists()
+
+
+async def test_existing_file_size_rules(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(pattern(8192))
+    async with FileBackend(path) as b:  # no size: the file's length
+        assert b.size == 8192
+    async with FileBackend(path, size=4096) as b:  # smaller: a prefix, file untouched
+        assert b.size == 4096
+        assert await read(b, 0, 4096) == pattern(8192)[:4096]
+    assert path.stat().st_size == 8192
+    with pytest.raises(BackendSpecError, match="smaller than --size"):
+        FileBackend(path, size=16384)  # larger: refused, not silently grown
+    assert path.stat().st_size == 8192
+
+
+async def test_empty_file_and_directory_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.raw").touch()
+    with pytest.raises(BackendSpecError, match="empty"):
+        FileBackend(tmp_path / "empty.raw")
+    with pytest.raises((BackendSpecError, BlockIOError)):
+        FileBackend(tmp_path, read_only=True)
+    with pytest.raises((BackendSpecError, BlockIOError)):
+        FileBackend(tmp_path)
+
+
+async def test_unreadable_file_raises_block_error_not_oserror(tmp_path: Path) -> None:
+    path = tmp_path / "nope.raw"
+    path.write_bytes(bytes(4096))
+    with pytest.raises(BlockIOError) as info:
+        FileBackend(path / "child")  # ENOTDIR, an OSError other than ENOENT
+    assert info.value.errno in (errno.ENOTDIR, errno.ENOENT)
+
+
+async def test_data_persists_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    async with FileBackend(path, size=4 * MiB) as b:
+        await b.writev(MiB + 123, [memoryview(pattern(10000))])
+        await b.writev(0, [memoryview(b"boot" * 128)], fua=True)
+    async with FileBackend(path, read_only=True) as b:
+        assert b.size == 4 * MiB
+        assert await read(b, MiB + 123, 10000) == pattern(10000)
+        assert await read(b, 0, 512) == b"boot" * 128
+
+
+async def test_discard_punches_holes(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    async with FileBackend(path, size=8 * MiB) as b:
+        await b.writev(0, [memoryview(pattern(4 * MiB))])
+        await b.flush()
+        before = allocated(path)
+        assert before >= 4 * MiB
+        await b.discard(MiB, 2 * MiB)
+        assert allocated(path) <= before - 2 * MiB
+        assert await read(b, MiB, 2 * MiB) == bytes(2 * MiB)
+        assert await read(b, 0, MiB) == pattern(4 * MiB)[:MiB]
+        assert path.stat().st_size == 8 * MiB  # KEEP_SIZE
+
+
+async def test_write_zeroes_keeps_or_releases_allocation(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    async with FileBackend(path, size=8 * MiB) as b:
+        await b.writev(0, [memoryview(pattern(4 * MiB))])
+        await b.flush()
+        before = allocated(path)
+        await b.write_zeroes(0, MiB)  # no unmap: stays allocated (ZERO_RANGE on ext4/xfs)
+        assert allocated(path) >= before - 64 * 1024
+        await b.write_zeroes(2 * MiB, MiB, may_unmap=True)
+        assert allocated(path) <= before - MiB
+        data = await read(b, 0, 4 * MiB)
+        expect = bytearray(pattern(4 * MiB))
+        expect[0:MiB] = bytes(MiB)
+        expect[2 * MiB : 3 * MiB] = bytes(MiB)
+        assert data == expect
+
+
+async def test_zeroing_falls_back_to_writes(tmp_path: Path) -> None:
+    # A filesystem or device without fallocate modes must still return zeroes.
+    async with FileBackend(tmp_path / "disk.raw", size=MiB) as b:
+        b._can_punch = False
+        b._can_zero_range = False
+        await b.writev(0, [memoryview(pattern(MiB))])
+        await b.discard(1000, 300000)
+        await b.write_zeroes(500000, 1000)
+        data = await read(b, 0, MiB)
+        expect = bytearray(pattern(MiB))
+        expect[1000:301000] = bytes(300000)
+        expect[500000:501000] = bytes(1000)
+        assert data == expect
+
+
+@pytest.mark.parametrize("inline_max", [0, file_mod.INLINE_MAX])
+async def test_inline_and_thread_paths_agree(tmp_path: Path, inline_max: int) -> None:
+    async with FileBackend(tmp_path / "disk.raw", size=8 * MiB, inline_max=inline_max) as b:
+        for size in (512, 4096, 300 * 1024, 3 * MiB):
+            data = pattern(size, seed=size & 0xFF)
+            await b.writev(4096, [memoryview(data)])
+            assert await read(b, 4096, size) == data
+        b._nowait_reads = False  # as on kernels without RWF_NOWAIT
+        assert await read(b, 4096, 4096) == pattern(3 * MiB, seed=(3 * MiB) & 0xFF)[:4096]
+
+
+async def test_more_iovecs_than_iov_max(tmp_path: Path) -> None:
+    n = file_mod._IOV_MAX + 500
+    async with FileBackend(tmp_path / "disk.raw", size=4 * MiB) as b:
+        data = pattern(n * 512)
+        await b.writev(0, [memoryview(data)[i * 512 : (i + 1) * 512] for i in range(n)])
+        bufs = [bytearray(512) for _ in range(n)]
+        await b.readv(0, [memoryview(x) for x in bufs])
+        assert b"".join(bufs) == data
+
+
+async def test_fua_without_rwf_dsync(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    async with FileBackend(path, size=MiB) as b:
+        b._dsync_writes = False  # the write + fdatasync fallback
+        await b.writev(512, [memoryview(b"f" * 512)], fua=True)
+    assert path.read_bytes()[512:1024] == b"f" * 512
+
+
+async def test_reads_past_eof_of_shrunk_file_are_zero(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    async with FileBackend(path, size=MiB) as b:
+        await b.writev(0, [memoryview(pattern(MiB))])
+        os.truncate(path, 4096)  # someone else shrinks the image under us
+        assert await read(b, 0, 8192) == pattern(4096) + bytes(4096)
+        b._nowait_reads = False
+        assert await read(b, 2048, 8192) == pattern(4096)[2048:] + bytes(6144)
+
+
+async def test_aclose_waits_for_worker_threads(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    data = pattern(16 * MiB)
+    b = FileBackend(path, size=16 * MiB, inline_max=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.writev, 0, [memoryview(data)])
+        while not b._threads:  # let the write reach its worker thread
+            await trio.sleep(0)
+        await b.aclose()
+    assert path.read_bytes() == data
+
+
+async def test_io_errors_become_block_io_errors(tmp_path: Path) -> None:
+    async with FileBackend(tmp_path / "disk.raw", size=MiB) as b:
+        real_fd = b._fd
+        assert real_fd is not None
+        ro_fd = os.open(tmp_path / "disk.raw", os.O_RDONLY)
+        b._fd = ro_fd  # writes now fail with EBADF inside pwritev
+        try:
+            with pytest.raises(BlockIOError) as info:
+                await b.writev(0, [memoryview(b"z" * 512)])
+            assert info.value.errno == errno.EBADF
+            with pytest.raises(BlockIOError):
+                await b.writev(0, [memoryview(b"z" * 512)], fua=True)
+        finally:
+            b._fd = real_fd
+            os.close(ro_fd)
