@@ -50,7 +50,7 @@ def test_roundtrip_and_layout():
     recs = [Record(0x0001, b"profile"), Record(0x0100, b"x" * 9, instance=3, version=2)]
     data = enc(recs)
     assert data[:8] == b"DEVSTATE" and len(data) % 8 == 0
-    env, spec = decode_envelope(data, [Spec()])
+    env, _spec = decode_envelope(data, [Spec()])
     assert env.records == tuple(recs)
     assert env.header.format_uuid == U and env.header.final
     assert env.header.profile_crc == crc32c(b"profile")

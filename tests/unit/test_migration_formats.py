@@ -120,7 +120,7 @@ def test_standard_format_order_and_consistency_checks():
         EXAMPLE_STANDARD.decode(encode_envelope(EXAMPLE_STANDARD.uuid, 1, 0, recs[1:] + recs[:1]))
     with pytest.raises(MigrationFormatError, match="EXAMPLE_REGS missing"):
         EXAMPLE_STANDARD.decode(encode_envelope(EXAMPLE_STANDARD.uuid, 1, 0, recs[:-1]))
-    with pytest.raises(MigrationFormatError, match="more than once|ascending"):
+    with pytest.raises(MigrationFormatError, match=r"more than once|ascending"):
         EXAMPLE_STANDARD.decode(encode_envelope(EXAMPLE_STANDARD.uuid, 1, 0, recs + recs[-1:]))
     bad = dataclasses.replace(s, msix=MsixState((MsixVector(),), b"\0"))
     with pytest.raises(MigrationFormatError, match="vectors"):
