@@ -1,0 +1,102 @@
+"""Host-only checks of the guest harness pieces (no QEMU, no network)."""
+
+from __future__ import annotations
+
+import gzip
+import stat
+from pathlib import Path
+
+import pytest
+
+from vfu_server.guest import initramfs
+from vfu_server.guest.aptenv import _sources_from_deb822, _sources_from_list
+from vfu_server.guest.qemuconfig import configs_dir, load_args, parse_args_text, placeholders
+from vfu_server.guest.runner import GuestResult
+
+
+def _entries(archive: bytes) -> dict[str, tuple[int, bytes]]:
+    """Parse a newc archive: name -> (mode, data)."""
+    out: dict[str, tuple[int, bytes]] = {}
+    i = 0
+    while True:
+        assert archive[i : i + 6] == b"070701"
+        mode = int(archive[i + 14 : i + 22], 16)
+        size = int(archive[i + 54 : i + 62], 16)
+        namesize = int(archive[i + 94 : i + 102], 16)
+        name = archive[i + 110 : i + 110 + namesize - 1].decode()
+        j = i + 110 + namesize
+        j += -j % 4
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, archive[j : j + size])
+        j += size
+        i = j + (-j % 4)
+
+
+def test_extra_archive_places_files_with_parents(tmp_path: Path) -> None:
+    tool = tmp_path / "loadgen"
+    tool.write_bytes(b"\x7fELF fake")
+    tool.chmod(0o755)
+    data = tmp_path / "data.txt"
+    data.write_text("hello")
+    entries = _entries(
+        gzip.decompress(initramfs.extra_archive({"/usr/local/bin/loadgen": tool, "/sbin/x": data}))
+    )
+    assert entries["usr/local/bin/loadgen"] == (stat.S_IFREG | 0o755, b"\x7fELF fake")
+    assert stat.S_ISDIR(entries["usr/local/bin"][0])
+    # /sbin is a symlink in the base archive; writing through it must not replace it.
+    assert entries["bin/x"] == (stat.S_IFREG | 0o644, b"hello")
+    assert "sbin" not in entries
+
+
+def test_parse_args_format() -> None:
+    text = '# comment\n\n-device {"a": "${X}", "b": 1}\n-nodefaults\n-append a=1 b=${Y}\n'
+    assert parse_args_text(text, {"X": "x", "Y": "y"}) == [
+        "-device",
+        '{"a": "x", "b": 1}',
+        "-nodefaults",
+        "-append",
+        "a=1 b=y",
+    ]
+    with pytest.raises(KeyError, match=r"<text>:3: no value for \$\{X\}"):
+        parse_args_text(text, {"Y": "y"})
+
+
+def test_vfio_user_config_is_json_socket() -> None:
+    args = load_args("vfio-user", {"ID": "vu0", "CHASSIS": "1", "SOCKET": "/tmp/s.sock"})
+    assert args == [
+        "-device",
+        "pcie-root-port,id=vu0-port,chassis=1",
+        "-device",
+        '{"driver":"vfio-user-pci","id":"vu0","bus":"vu0-port",'
+        '"socket":{"type":"unix","path":"/tmp/s.sock"}}',
+    ]
+
+
+def test_every_config_file_is_documented() -> None:
+    readme = (configs_dir() / "README.md").read_text()
+    for f in configs_dir().glob("*.args"):
+        assert f"`{f.name}`" in readme
+        for name in placeholders(f.stem):
+            assert f"`{name}`" in readme, (f.name, name)
+
+
+def test_mirror_from_sources() -> None:
+    deb822 = (
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n"
+    )
+    assert _sources_from_deb822(deb822) == ["http://mirror.example/debian"]
+    classic = "deb http://sec.example/ bookworm-security main\ndeb [arch=amd64] http://m.example/d bookworm main\n"
+    assert _sources_from_list(classic) == ["http://m.example/d"]
+
+
+def test_result_output_drops_kernel_lines() -> None:
+    serial = (
+        "[    1.0] early\nVFU-BEGIN uptime=1\n| a=1\n[    2.0] nvme nvme0: irq=5\n|\n| b=2 c\n"
+        "VFU-RESULT rc=0 uptime=3\n"
+    )
+    r = GuestResult(0, serial, "", 0, {}, [], 1.0)
+    assert r.output == "a=1\n\nb=2 c\n"
+    assert r.values() == {"a": "1", "b": "2"}
