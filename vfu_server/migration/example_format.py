@@ -51,6 +51,8 @@ __all__ = [
     "EXAMPLE_STANDARD",
     "ExampleRegs",
     "ExampleState",
+    "example_device_abi",
+    "sample_state",
 ]
 
 

@@ -1,0 +1,264 @@
+"""An independent reader of DEVSTATE streams, written from docs/migration-format.md.
+
+Deliberately shares no code with ``vfu_server.migration``: it imports only the
+standard library, so when both readers agree on a stream the specification --
+not one implementation -- is what they agree on.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import Any
+
+__all__ = ["FORMATS", "RECORDS", "Bad", "crc32c", "inspect_stream"]
+
+
+class Bad(Exception):
+    """The stream violates the specification; the message is one line."""
+
+
+# CRC-32C, bit-reflected, poly 0x82F63B78 (spec section 2.4).
+_T = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ (0x82F63B78 * (_c & 1))
+    _T.append(_c)
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _T[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+_NS = uuid.UUID("2fb9b70f-431a-5772-82bf-db124779cf01")
+#: Format catalogue (spec section 6): name by UUID.
+FORMATS = {uuid.uuid5(_NS, n): n for n in (
+    "example/std/1", "opaque/vfu-example", "nvme-ctrl/std/1", "virtio-blk/std/1",
+    "virtio-net/std/1", "virtio-pci/std/1", "opaque/pyvfu-nvme", "opaque/pyvfu-virtio-blk",
+    "opaque/pyvfu-virtio-net",
+)}
+
+# Record catalogue (spec section 5): type -> (name, [(field, struct code)], has_tail)
+_PROFILE_FIELDS = (
+    [("vendor_id", "H"), ("device_id", "H"), ("subsys_vendor_id", "H"), ("subsys_id", "H"),
+     ("class_code", "I"), ("revision", "B"), ("reserved0", "B"), ("msix_vectors", "H"),
+     ("msix_table_bir", "B"), ("msix_pba_bir", "B"), ("reserved1", "H"),
+     ("msix_table_offset", "I"), ("msix_pba_offset", "I")]
+    + [(f"bar{i}_size", "Q") for i in range(6)]
+    + [(f"bar{i}_flags", "B") for i in range(6)]
+    + [("reserved2", "H"), ("backend_hash", "32s"), ("capabilities_len", "H"),
+       ("device_abi_len", "H"), ("reserved3", "I")]
+)
+_PCI_FIELDS = (
+    [("command", "H"), ("cache_line_size", "B"), ("latency_timer", "B"),
+     ("interrupt_line", "B"), ("reserved0", "B"), ("pm_control", "H")]
+    + [(f"bar{i}", "I") for i in range(6)]
+    + [("rom_bar", "I"), ("pcie_devctl", "H"), ("pcie_devctl2", "H"), ("pcie_lnkctl", "H"),
+       ("msix_control", "H")]
+)
+RECORDS: dict[int, tuple[str, list[tuple[str, str]], bool]] = {
+    0x0001: ("PROFILE", _PROFILE_FIELDS, True),
+    0x0002: ("PCI_CONFIG", _PCI_FIELDS, False),
+    0x0003: ("MSIX", [("num_vectors", "H"), ("entry_size", "H"), ("pba_len", "H"),
+                      ("reserved0", "H")], True),
+    0x0004: ("INTX", [("level", "B"), ("reserved0", "B"), ("reserved1", "H")], False),
+    0x0300: ("EXAMPLE_REGS", [("scratch", "I"), ("len", "I"), ("src", "Q"), ("dst", "Q"),
+                              ("ctrl", "I"), ("status", "I"), ("irq_count", "I"),
+                              ("reserved0", "I")], False),
+    0x8001: ("OPAQUE_BLOB", [], False),
+}
+HEADER_FLAGS = {0: "PRECOPY_PART", 1: "FINAL", 2: "HAS_CRC"}
+RECORD_FLAGS = {0: "OPTIONAL", 1: "PER_INSTANCE"}
+
+
+def flag_names(v: int, names: dict[int, str]) -> list[str]:
+    return [names.get(b, f"bit{b}") for b in range(32) if v >> b & 1]
+
+
+def _fields(spec: list[tuple[str, str]], data: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    off = 0
+    for name, code in spec:
+        size = struct.calcsize("<" + code)
+        if off + size > len(data):
+            if off < len(data):
+                raise Bad(f"field {name} cut short")
+            break  # older writer: field absent, reader default applies
+        v = struct.unpack_from("<" + code, data, off)[0]
+        out[name] = v.hex() if isinstance(v, bytes) else v
+        off += size
+    return out
+
+
+def _tlv(data: bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
+    """Schema-less walk of the opaque TLV (spec section 6.2)."""
+    if depth > 32:
+        raise Bad("opaque TLV nested too deep")
+
+    def varint(p: int) -> tuple[int, int]:
+        n = shift = 0
+        for _ in range(10):
+            if p >= len(data):
+                raise Bad("opaque TLV truncated")
+            b = data[p]
+            p += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n, p
+        raise Bad("opaque TLV varint too long")
+
+    if pos >= len(data):
+        raise Bad("opaque TLV truncated")
+    tag = data[pos]
+    pos += 1
+    if tag in (0, 1, 2):
+        return (None, False, True)[tag], pos
+    if tag == 3:
+        return varint(pos)
+    if tag == 4:
+        n, pos = varint(pos)
+        return -1 - n, pos
+    if tag in (5, 6):
+        n, pos = varint(pos)
+        if pos + n > len(data):
+            raise Bad("opaque TLV string overruns")
+        raw = data[pos:pos + n]
+        return (raw.hex() if tag == 5 else raw.decode("utf-8", "replace")), pos + n
+    if tag in (7, 8):
+        n, pos = varint(pos)
+        if n > len(data) - pos:
+            raise Bad("opaque TLV count overruns")
+        items = []
+        for _ in range(n):
+            v, pos = _tlv(data, pos, depth + 1)
+            items.append(v)
+        return (items if tag == 7 else {"struct": items}), pos
+    raise Bad(f"opaque TLV unknown tag {tag:#x}")
+
+
+def _decode_record(rtype: int, payload: bytes) -> dict[str, Any] | None:
+    if rtype not in RECORDS:
+        return None
+    name, spec, tail = RECORDS[rtype]
+    if rtype == 0x8001:
+        if len(payload) < 24:
+            raise Bad("OPAQUE_BLOB shorter than its 24-byte header")
+        fam, ver, crc = struct.unpack_from("<16sII", payload)
+        tree, end = _tlv(payload, 24)
+        if end != len(payload):
+            raise Bad("OPAQUE_BLOB has bytes after its TLV tree")
+        return {"family_uuid": str(uuid.UUID(bytes=fam)), "schema_version": ver,
+                "schema_crc": f"{crc:#010x}", "tree": tree}
+    rest = b""
+    if tail:
+        if len(payload) < 4:
+            raise Bad(f"{name}: payload too short")
+        flen, rsvd = struct.unpack_from("<HH", payload)
+        if rsvd or 4 + flen > len(payload):
+            raise Bad(f"{name}: bad fixed_len/reserved")
+        fixed, rest = payload[4:4 + flen], payload[4 + flen:]
+    else:
+        fixed = payload
+    out = _fields(spec, fixed)
+    if rtype == 0x0001:
+        cl, al = out.get("capabilities_len", 0), out.get("device_abi_len", 0)
+        if cl + al > len(rest):
+            raise Bad("PROFILE: capability/ABI lengths overrun")
+        out["capabilities"] = rest[:cl].hex()
+        out["device_abi"] = rest[cl:cl + al].hex()
+    elif rtype == 0x0003:
+        n, es, pl = out["num_vectors"], out["entry_size"], out["pba_len"]
+        if n * es + pl > len(rest) or (n and es == 0):
+            raise Bad("MSIX: table and PBA overrun the record")
+        out["vectors"] = [
+            _fields([("addr", "Q"), ("data", "I"), ("ctrl", "I")], rest[i * es:(i + 1) * es])
+            for i in range(n)
+        ]
+        out["pba"] = rest[n * es:n * es + pl].hex()
+    return out
+
+
+def _one(data: bytes, start: int) -> tuple[dict[str, Any], int]:
+    d = data[start:]
+    if len(d) < 64:
+        raise Bad(f"truncated header at offset {start}")
+    (magic, emaj, emin, hlen, fu, fmaj, fmin, flags, pu, pcrc, hcrc) = struct.unpack_from(
+        "<8sHHI16sHHI16sII", d)
+    if magic != b"DEVSTATE":
+        raise Bad(f"bad magic at offset {start}")
+    if emaj != 1:
+        raise Bad(f"unsupported envelope version {emaj}.{emin}")
+    if hlen < 64 or hlen % 8 or hlen > 4096 or hlen > len(d):
+        raise Bad(f"bad header_len {hlen}")
+    if flags & ~7 or bool(flags & 1) == bool(flags & 2):
+        raise Bad(f"bad header flags {flags:#x}")
+    has_crc = bool(flags & 4)
+    if has_crc and crc32c(d[:60] + b"\0\0\0\0" + d[64:hlen]) != hcrc:
+        raise Bad("header checksum mismatch")
+    fu_ = uuid.UUID(bytes=fu)
+    env: dict[str, Any] = {
+        "offset": start, "format": FORMATS.get(fu_, "unknown"), "format_uuid": str(fu_),
+        "envelope_version": f"{emaj}.{emin}", "format_version": f"{fmaj}.{fmin}",
+        "flags": flag_names(flags, HEADER_FLAGS), "producer_uuid": str(uuid.UUID(bytes=pu)),
+        "profile_crc32c": f"{pcrc:#010x}", "records": [],
+    }
+    pos = hlen
+    while True:
+        if pos + 16 > len(d):
+            raise Bad(f"truncated record header at offset {start + pos}")
+        rtype, rflags, inst, rver, rsvd, length = struct.unpack_from("<HHIHHI", d, pos)
+        body = pos + 16
+        end = body + ((length + 7) & ~7)
+        if end > len(d):
+            raise Bad(f"record {rtype:#06x} at offset {start + pos} overruns the stream")
+        if rsvd or rflags & ~3 or any(d[body + length:end]):
+            raise Bad(f"record {rtype:#06x} at offset {start + pos}: non-zero reserved/padding")
+        payload = d[body:body + length]
+        if rtype == 0:
+            if length != 8:
+                raise Bad("malformed END record")
+            count, crc = struct.unpack_from("<II", payload)
+            if count != len(env["records"]):
+                raise Bad(f"END counts {count} records, found {len(env['records'])}")
+            if has_crc and crc32c(d[:pos]) != crc:
+                raise Bad("stream checksum mismatch")
+            env["record_count"] = count
+            env["checksums"] = "verified" if has_crc else "absent"
+            prof = [r for r in env["records"] if r["_rtype"] == 1]
+            if len(prof) > 1:
+                raise Bad("more than one PROFILE record")
+            if has_crc and pcrc != (prof[0]["_crc"] if prof else 0):
+                raise Bad("profile_crc32c does not match the PROFILE record")
+            for r in env["records"]:
+                del r["_rtype"], r["_crc"]
+            return env, start + end
+        name = RECORDS.get(rtype, ("unknown", [], False))[0]
+        env["records"].append({
+            "type": f"{rtype:#06x}", "name": name, "flags": flag_names(rflags, RECORD_FLAGS),
+            "instance": inst, "version": rver, "length": length,
+            "fields": _decode_record(rtype, payload), "_rtype": rtype, "_crc": crc32c(payload),
+        })
+        pos = end
+
+
+def inspect_stream(data: bytes) -> list[dict[str, Any]]:
+    """Parse a whole stream (one or more envelopes, the last FINAL). Raises Bad."""
+    envs = []
+    pos = 0
+    while pos < len(data):
+        env, pos = _one(data, pos)
+        envs.append(env)
+        if "FINAL" in env["flags"]:
+            if pos != len(data):
+                raise Bad(f"{len(data) - pos} trailing bytes after the FINAL envelope")
+            break
+    if not envs:
+        raise Bad("empty stream")
+    if "FINAL" not in envs[-1]["flags"]:
+        raise Bad("stream ends without a FINAL envelope")
+    return envs
