@@ -263,7 +263,8 @@ class RegionInfo:
             last = i == len(self.caps) - 1
             chain += _CAP_HEADER.pack(cap.id, cap.version, 0 if last else nxt) + body + b"\0" * pad
         needed = base + len(chain)
-        flags = self.flags & ~RegionFlags.CAPS
+        # int(): ~ on an IntFlag complements only the defined bits and would drop unknown ones.
+        flags = self.flags & ~int(RegionFlags.CAPS)
         if chain and (room is None or room >= needed):
             flags |= RegionFlags.CAPS
             return self._S.pack(needed, flags, self.index, base, self.size, self.offset) + bytes(chain)
@@ -568,7 +569,8 @@ class DeviceFeature:
     def unpack(cls, buf: bytes | memoryview) -> DeviceFeature:
         _need(buf, cls._S.size, "DEVICE_FEATURE")
         argsz, flags = cls._S.unpack_from(buf)
-        if flags & ~(0xFFFF | FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE):
+        # int(): ~ on an IntFlag is 0 here (it complements only the defined bits).
+        if flags & ~int(0xFFFF | FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE):
             raise MalformedMessage(f"DEVICE_FEATURE: unknown flag bits {flags:#x}")
         if flags & FeatureFlags.GET and flags & FeatureFlags.SET and not flags & FeatureFlags.PROBE:
             raise MalformedMessage("DEVICE_FEATURE: GET and SET together without PROBE")
