@@ -1,0 +1,21 @@
+"""Deliberately wrong devices: the guest checks must catch them, or they prove nothing.
+
+Loaded by the server process as ``python -m vfu_server tests.guest.broken_devices:CLASS``
+(with the repository root as working directory).
+"""
+
+from __future__ import annotations
+
+from devices.example import DmaCopyEngine
+
+
+class WrongMagic(DmaCopyEngine):
+    """The example device, except that MAGIC reads one off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state.magic = 0x56465531
+
+    def reset(self) -> None:
+        super().reset()
+        self.state.magic = 0x56465531
