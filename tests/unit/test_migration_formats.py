@@ -184,3 +184,21 @@ def test_opaque_mutation_only_format_errors(pos, val):
         opaque.decode_tree(bytes(b), ExampleState)
     except MigrationFormatError:
         pass
+
+
+def test_vfu_migrate_convert_opaque_to_standard(tmp_path):
+    from vfu_server.migration import cli
+
+    src = tmp_path / "o.bin"
+    src.write_bytes(EXAMPLE_OPAQUE.encode(sample_state()))
+    out = tmp_path / "s.bin"
+    assert cli.main(["convert", "example", str(src), str(out), "--to", "standard"]) == 0
+    data = out.read_bytes()
+    assert data.startswith(b"DEVSTATE")
+    from vfu_server.migration.session import LoadSession
+
+    ls = LoadSession(EXAMPLE_FORMATS)
+    ls.write(data)
+    assert ls.finish() == sample_state() and ls.format is EXAMPLE_STANDARD
+    assert cli.main(["convert", "example", str(src), str(out), "--to", "nope"]) == 1
+    assert cli.main(["formats", "example"]) == 0
