@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="print the paths of the provisioned kit")
     d = sub.add_parser("demo", help="boot the guest with the project's devices attached")
     d.add_argument("--timeout", type=float, default=180.0)
+    d.add_argument(
+        "--devices", help="comma-separated subset, e.g. example,nvme (default: all available)"
+    )
     args = parser.parse_args(argv)
 
     if args.cmd == "provision":
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo":
         from .demo import run_demo
 
-        return run_demo(timeout=args.timeout)
+        only = [n.strip() for n in args.devices.split(",")] if args.devices else None
+        return run_demo(timeout=args.timeout, only=only)
     return 2
 
 
