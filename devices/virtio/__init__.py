@@ -1,0 +1,1 @@
+"""virtio devices on the virtio-pci modern transport: blk, net, rng."""

@@ -1,0 +1,544 @@
+"""The virtio-pci modern transport (VIRTIO 1.2 section 4.1), written once for every device.
+
+A virtio device subclasses :class:`VirtioPciDevice` and declares its device type, queues,
+feature bits and configuration layout; this class provides the PCI side::
+
+    BAR1  MSI-X table (0x000) and PBA (0x800)
+    BAR4  0x0000 common cfg | 0x1000 ISR | 0x2000 device cfg | 0x3000 notify (4 bytes per queue)
+
+plus the vendor capabilities that point there, and the PCI configuration access capability
+(``VIRTIO_PCI_CAP_PCI_CFG``: a window into BAR4 through config space). Feature negotiation,
+device status, reset, MSI-X vectors with INTx/ISR fallback and the queue tasks are all here.
+
+Queue processing: one task per queue, woken by notify writes. A device implements
+:meth:`VirtioPciDevice.process` (one request -> bytes written); with ``max_inflight > 1`` the
+requests of a queue run concurrently. Devices with other needs (virtio-net's receive queues)
+override :meth:`VirtioPciDevice.serve_queue` and use the :class:`SplitQueue` primitives.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import trio
+
+from vfu_server.pci import (
+    Capability,
+    MemoryBar,
+    Msix,
+    PciDevice,
+    PciExpress,
+    PciIdentity,
+    PowerManagement,
+    VendorSpecific,
+)
+from vfu_server.protocol.constants import IrqIndex
+from vfu_server.protocol.errors import VfioUserError
+
+from .queue import DescriptorChain, QueueState, SplitQueue, VirtqueueError
+from .spec import (
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+    F_VERSION_1,
+    ISR_CONFIG,
+    ISR_QUEUE,
+    NO_VECTOR,
+    PCI_DEVICE_ID_BASE,
+    VIRTIO_VENDOR_ID,
+    CfgType,
+    Common,
+    Status,
+    bit,
+)
+
+log = logging.getLogger("vfu_server.virtio")
+
+VIRTIO_BAR = 4
+COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
+NOTIFY_MULTIPLIER = 4
+MSIX_BAR = 1
+TRANSPORT_FEATURES = bit(F_VERSION_1) | bit(F_EVENT_IDX) | bit(F_INDIRECT_DESC)
+
+
+@dataclass
+class TransportState:
+    """Migratable state of the transport (queues are in ``queues``)."""
+
+    status: int = 0
+    device_feature_select: int = 0
+    driver_feature_select: int = 0
+    driver_features: int = 0
+    config_msix_vector: int = NO_VECTOR
+    queue_select: int = 0
+    config_generation: int = 0
+    isr: int = 0
+    queues: list[QueueState] = field(default_factory=list)
+
+
+def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> bytes:
+    """Payload of ``struct virtio_pci_cap`` after the 3 header bytes (vndr, next, len)."""
+    return struct.pack("<BBBxxII", cfg_type, VIRTIO_BAR, 0, offset, length) + extra
+
+
+class PciCfgAccess(VendorSpecific):
+    """``VIRTIO_PCI_CAP_PCI_CFG``: the driver sets bar/offset/length, then reads or writes
+    ``pci_cfg_data`` (cap bytes 16..19) to access that BAR location through config space."""
+
+    DATA = 16
+
+    def __init__(self) -> None:
+        payload = struct.pack("<BBBxxII", CfgType.PCI, 0, 0, 0, 0) + bytes(4)
+        # writable after the header: bar (1), offset (5..8), length (9..12), data (13..16)
+        writable = bytes([0, 0xFF, 0, 0, 0]) + b"\xff" * 12
+        super().__init__(payload, writable)
+
+    def _window(self) -> tuple[int, int, int] | None:
+        regs = self.regs()
+        bar, offset, length = regs[4], *struct.unpack_from("<II", regs, 8)
+        device = self.device
+        if device is None or length not in (1, 2, 4) or offset % length or bar > 5:
+            return None
+        target = device.bars[bar]
+        if target is None or offset + length > target.size:
+            return None
+        return bar, offset, length
+
+    def read(self, offset: int, size: int) -> int | None:
+        if offset + size <= self.DATA:
+            return None
+        window = self._window()
+        image = bytearray(self.regs())
+        if window is not None:
+            assert self.device is not None
+            bar, off, length = window
+            try:
+                image[self.DATA : self.DATA + length] = self.device._bar_read(bar, off, length)
+            except VfioUserError:
+                pass
+        return int.from_bytes(image[offset : offset + size], "little")
+
+    def written(self, offset: int, size: int, value: int, old: int) -> None:
+        if offset + size <= self.DATA:
+            return
+        window = self._window()
+        if window is None:
+            return
+        assert self.device is not None
+        bar, off, length = window
+        data = bytes(self.regs()[self.DATA : self.DATA + length])
+        try:
+            self.device._bar_write(bar, off, data)
+        except VfioUserError:
+            pass
+
+
+def virtio_capabilities(config_size: int, msix_vectors: int) -> tuple[Capability, ...]:
+    caps: list[Capability] = [
+        PowerManagement(),
+        Msix(vectors=msix_vectors, table_bar=MSIX_BAR, pba_offset=0x800),
+        PciExpress(),
+        VendorSpecific(_virtio_cap(CfgType.COMMON, COMMON_OFF, Common.SIZE)),
+        VendorSpecific(_virtio_cap(CfgType.NOTIFY, NOTIFY_OFF, 0x1000, struct.pack("<I", NOTIFY_MULTIPLIER))),
+        VendorSpecific(_virtio_cap(CfgType.ISR, ISR_OFF, 1)),
+    ]
+    if config_size:
+        caps.append(VendorSpecific(_virtio_cap(CfgType.DEVICE, DEVICE_OFF, config_size)))
+    caps.append(PciCfgAccess())
+    return tuple(caps)
+
+
+class VirtioPciDevice(PciDevice):
+    """Base class of virtio devices. Subclasses set ``virtio_id``, ``config_size``,
+    ``msix_vectors`` and implement :meth:`process` (or :meth:`serve_queue`)."""
+
+    virtio_id: ClassVar[int]
+    #: PCI class code (base, sub, prog-if)
+    class_code: ClassVar[int] = 0xFF0000
+    #: bytes of device-specific configuration (read through :meth:`read_config`)
+    config_size: ClassVar[int] = 0
+    #: MSI-X vectors: one for config changes plus one per queue is what Linux asks for
+    msix_vectors: ClassVar[int] = 2
+    queue_max_size: ClassVar[int] = 256
+    #: requests of one queue processed at the same time (1: one after the other)
+    max_inflight: ClassVar[int] = 1
+    intx = True
+
+    bar1 = MemoryBar(0x1000)
+    bar4 = MemoryBar(0x4000, is64=True, prefetchable=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        vid = cls.__dict__.get("virtio_id")
+        if vid is not None:
+            cls.identity = PciIdentity(
+                vendor_id=VIRTIO_VENDOR_ID, device_id=PCI_DEVICE_ID_BASE + vid, class_code=cls.class_code,
+                revision=1, subsystem_vendor_id=VIRTIO_VENDOR_ID, subsystem_id=vid)
+            if "capabilities" not in cls.__dict__:
+                cls.capabilities = virtio_capabilities(cls.config_size, cls.msix_vectors)
+
+    def __init__(self, num_queues: int = 1, device_features: int = 0) -> None:
+        super().__init__()
+        if num_queues > 0x3FF:
+            raise ValueError("at most 1023 virtqueues fit the notify area")
+        self.num_queues = num_queues
+        self.device_features = device_features | TRANSPORT_FEATURES
+        self.vstate = TransportState()
+        self.queues: list[SplitQueue] = []
+        self._queue_nursery: trio.Nursery | None = None
+        self._queue_scope: trio.CancelScope | None = None
+        self._queues_done = trio.Event()
+        self._queues_done.set()
+        self._status_while_draining = 0
+        self._draining_done: trio.Event | None = None
+        self._new_queues()
+
+    # -- for subclasses --------------------------------------------------------------------
+
+    async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
+        """Handle one request; return the number of bytes written into ``chain.writable``."""
+        raise NotImplementedError
+
+    def read_config(self) -> bytes:
+        """The device-specific configuration structure, ``config_size`` bytes."""
+        return bytes(self.config_size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote the device configuration (most fields are read-only)."""
+
+    def features_ok(self, features: int) -> bool:
+        """Called at FEATURES_OK with the driver's features; return False to refuse them."""
+        return True
+
+    def driver_ok(self) -> None:
+        """The driver finished setting up (DRIVER_OK): queues are live."""
+
+    def virtio_reset(self) -> None:
+        """Device-specific part of a reset (status 0 or a PCI-level reset)."""
+
+    @property
+    def features(self) -> int:
+        """The negotiated features (valid once FEATURES_OK is set)."""
+        return self.vstate.driver_features
+
+    def has(self, feature_bit: int) -> bool:
+        return bool(self.vstate.driver_features >> feature_bit & 1)
+
+    def config_changed(self) -> None:
+        """The device configuration changed: new generation and a config interrupt."""
+        self.vstate.config_generation = (self.vstate.config_generation + 1) & 0xFF
+        self._config_interrupt()
+
+    def needs_reset(self, reason: str) -> None:
+        """The driver did something illegal: stop and ask it to reset the device."""
+        if self.vstate.status & Status.DEVICE_NEEDS_RESET:
+            return
+        self.log.warning("device needs reset: %s", reason)
+        self.vstate.status |= Status.DEVICE_NEEDS_RESET
+        if self.vstate.status & Status.DRIVER_OK:
+            self._config_interrupt()
+
+    # -- interrupts ------------------------------------------------------------------------
+
+    def _msix_on(self) -> bool:
+        return self.msix is not None and (self.msix.enabled or self.irqs.lines[IrqIndex.MSIX].active)
+
+    def _signal(self, vector: int, isr_bit: int) -> None:
+        if self._msix_on():
+            if vector != NO_VECTOR:
+                self.irqs.signal(IrqIndex.MSIX, vector)
+            return
+        self.vstate.isr |= isr_bit
+        if not self.config.intx_disabled:
+            self.set_intx(True)
+
+    def _config_interrupt(self) -> None:
+        # The config bit of the ISR is set even with MSI-X (4.1.4.5.1).
+        self.vstate.isr |= ISR_CONFIG
+        self._signal(self.vstate.config_msix_vector, ISR_CONFIG)
+
+    def notify_queue(self, queue: SplitQueue) -> None:
+        """Publish the queue's used entries and interrupt the driver if it asked for it."""
+        try:
+            wanted = queue.flush()
+        except VirtqueueError as exc:
+            self.needs_reset(str(exc))
+            return
+        if wanted:
+            self._signal(queue.state.msix_vector, ISR_QUEUE)
+
+    # -- BAR4 -------------------------------------------------------------------------------
+
+    @bar4.reader
+    def _bar4_read(self, offset: int, size: int) -> int:
+        if offset < ISR_OFF:
+            return self._common_read(offset, size)
+        if offset < DEVICE_OFF:
+            if offset != ISR_OFF:
+                return 0
+            # Reading the ISR acknowledges it and deasserts INTx.
+            value, self.vstate.isr = self.vstate.isr, 0
+            self.set_intx(False)
+            return value
+        if offset < NOTIFY_OFF:
+            off = offset - DEVICE_OFF
+            return int.from_bytes(self.read_config()[off : off + size].ljust(size, b"\0"), "little")
+        return 0
+
+    @bar4.writer
+    def _bar4_write(self, offset: int, size: int, value: int) -> None:
+        if offset < ISR_OFF:
+            self._common_write(offset, size, value)
+        elif DEVICE_OFF <= offset < NOTIFY_OFF:
+            off = offset - DEVICE_OFF
+            if off + size <= self.config_size:
+                self.write_config(off, value.to_bytes(size, "little"))
+        elif offset >= NOTIFY_OFF:
+            index = (offset - NOTIFY_OFF) // NOTIFY_MULTIPLIER
+            if index < len(self.queues) and self.vstate.status & Status.DRIVER_OK:
+                self.queues[index].doorbell.ring()
+
+    # -- common configuration ---------------------------------------------------------------
+
+    def _selected(self) -> SplitQueue | None:
+        sel = self.vstate.queue_select
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def _common_image(self) -> bytes:
+        s = self.vstate
+        q = self._selected()
+        qs = q.state if q is not None else QueueState(max_size=0)
+        sel = s.device_feature_select
+        dev_features = (self.device_features >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+        drv_sel = s.driver_feature_select
+        drv_features = (s.driver_features >> (32 * drv_sel)) & 0xFFFFFFFF if drv_sel < 2 else 0
+        status = self._status_while_draining if self._draining() else s.status
+        return struct.pack(
+            "<IIIIHHBBHHHHHQQQ", sel, dev_features, drv_sel, drv_features, s.config_msix_vector,
+            len(self.queues), status, s.config_generation, s.queue_select,
+            qs.size if q is not None else 0, qs.msix_vector if q is not None else NO_VECTOR,
+            int(qs.ready), s.queue_select if q is not None else 0,
+            qs.desc_table, qs.avail_ring, qs.used_ring)
+
+    def _common_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self._common_image()[offset : offset + size].ljust(size, b"\0"), "little")
+
+    _FIELDS: ClassVar[list[tuple[int, int]]] = [
+        (Common.DEVICE_FEATURE_SELECT, 4), (Common.DEVICE_FEATURE, 4), (Common.DRIVER_FEATURE_SELECT, 4),
+        (Common.DRIVER_FEATURE, 4), (Common.CONFIG_MSIX_VECTOR, 2), (Common.NUM_QUEUES, 2),
+        (Common.DEVICE_STATUS, 1), (Common.CONFIG_GENERATION, 1), (Common.QUEUE_SELECT, 2),
+        (Common.QUEUE_SIZE, 2), (Common.QUEUE_MSIX_VECTOR, 2), (Common.QUEUE_ENABLE, 2),
+        (Common.QUEUE_NOTIFY_OFF, 2), (Common.QUEUE_DESC, 8), (Common.QUEUE_DRIVER, 8), (Common.QUEUE_DEVICE, 8),
+    ]
+
+    def _common_write(self, offset: int, size: int, value: int) -> None:
+        for start, width in self._FIELDS:
+            if start <= offset and offset + size <= start + width:
+                break
+        else:
+            return
+        if width > size:
+            # A partial write of a wider field (64-bit addresses as two 32-bit halves).
+            image = bytearray(self._common_image()[start : start + width])
+            image[offset - start : offset - start + size] = value.to_bytes(size, "little")
+            value = int.from_bytes(image, "little")
+        self._set_field(Common(start), value)
+
+    def _vector(self, value: int) -> int:
+        # An unusable vector reads back as NO_VECTOR, which is how the driver learns of it.
+        return value if value < self.irqs.lines[IrqIndex.MSIX].count else NO_VECTOR
+
+    def _set_field(self, reg: Common, value: int) -> None:
+        s = self.vstate
+        q = self._selected()
+        if reg == Common.DEVICE_FEATURE_SELECT:
+            s.device_feature_select = value
+        elif reg == Common.DRIVER_FEATURE_SELECT:
+            s.driver_feature_select = value
+        elif reg == Common.DRIVER_FEATURE:
+            if s.driver_feature_select < 2 and not s.status & Status.FEATURES_OK:
+                shift = 32 * s.driver_feature_select
+                s.driver_features = (s.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+        elif reg == Common.CONFIG_MSIX_VECTOR:
+            s.config_msix_vector = self._vector(value)
+        elif reg == Common.DEVICE_STATUS:
+            self._write_status(value & 0xFF)
+        elif reg == Common.QUEUE_SELECT:
+            s.queue_select = value
+        elif q is None or (q.state.ready and reg != Common.QUEUE_MSIX_VECTOR):
+            return  # the driver must not reconfigure an enabled queue
+        elif reg == Common.QUEUE_SIZE:
+            if 0 < value <= q.state.max_size and value & (value - 1) == 0:
+                q.state.size = value
+        elif reg == Common.QUEUE_MSIX_VECTOR:
+            q.state.msix_vector = self._vector(value)
+        elif reg == Common.QUEUE_ENABLE:
+            if value == 1:
+                self._enable_queue(q)
+        elif reg == Common.QUEUE_DESC:
+            q.state.desc_table = value
+        elif reg == Common.QUEUE_DRIVER:
+            q.state.avail_ring = value
+        elif reg == Common.QUEUE_DEVICE:
+            q.state.used_ring = value
+
+    def _enable_queue(self, q: SplitQueue) -> None:
+        q.state.ready = True
+        if self.vstate.status & Status.DRIVER_OK and self._queue_nursery is not None:
+            self._start_queue(q)
+
+    # -- status, features, reset -----------------------------------------------------------
+
+    def _write_status(self, value: int) -> None:
+        s = self.vstate
+        if value == 0:
+            self._begin_reset()
+            return
+        old = s.status
+        new = value | (old & Status.DEVICE_NEEDS_RESET)
+        if new & Status.FEATURES_OK and not old & Status.FEATURES_OK and not self._accept_features():
+            new &= ~Status.FEATURES_OK
+        s.status = new
+        if new & Status.DRIVER_OK and not old & Status.DRIVER_OK:
+            if not new & Status.FEATURES_OK:
+                self.needs_reset("DRIVER_OK without FEATURES_OK")
+                return
+            self._start_queues()
+            self.driver_ok()
+
+    def _accept_features(self) -> bool:
+        f = self.vstate.driver_features
+        if f & ~self.device_features or not f >> F_VERSION_1 & 1:
+            self.log.info("refusing driver features %#x (offered %#x)", f, self.device_features)
+            return False
+        return self.features_ok(f)
+
+    def _new_queues(self) -> None:
+        states = [QueueState(max_size=self.queue_max_size) for _ in range(self.num_queues)]
+        self.vstate.queues = states
+        self.queues = [SplitQueue(i, st, self.dma) for i, st in enumerate(states)]
+
+    def _begin_reset(self) -> None:
+        """Forget the driver's setup at once; in-flight requests drain in the background and
+        the status reads non-zero until they did (the driver polls for 0, 4.1.4.3.2)."""
+        if self._queue_scope is not None:
+            self._status_while_draining = self.vstate.status or Status.ACKNOWLEDGE
+            self._draining_done = self._queues_done
+            self._queue_scope.cancel()
+            self._queue_scope = None
+            self._queue_nursery = None
+        for q in self.queues:
+            q.active = False
+        self.vstate = TransportState()
+        self._new_queues()
+        self.set_intx(False)
+        self.virtio_reset()
+
+    def _draining(self) -> bool:
+        done = self._draining_done
+        if done is not None and done.is_set():
+            self._draining_done = done = None
+        return done is not None
+
+    async def reset(self) -> None:
+        self._begin_reset()
+        await self._queues_done.wait()
+
+    # -- queue tasks -------------------------------------------------------------------------
+
+    def _start_queues(self) -> None:
+        event_idx = self.has(F_EVENT_IDX)
+        for q in self.queues:
+            q.state.event_idx_enabled = event_idx
+            q.indirect_ok = self.has(F_INDIRECT_DESC)
+        self._queues_done = trio.Event()
+        self._queue_scope = trio.CancelScope()
+        self.spawn(self._run_queues, self._queue_scope, self._queues_done, name=f"{self.name}.queues")
+
+    async def _run_queues(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    if scope.cancel_called:
+                        return
+                    self._queue_nursery = nursery
+                    for q in self.queues:
+                        if q.state.ready:
+                            self._start_queue(q)
+                    await trio.sleep_forever()
+        finally:
+            done.set()
+
+    def _start_queue(self, q: SplitQueue) -> None:
+        assert self._queue_nursery is not None
+        q.state.event_idx_enabled = self.has(F_EVENT_IDX)
+        q.indirect_ok = self.has(F_INDIRECT_DESC)
+        self._queue_nursery.start_soon(self._queue_main, q, name=f"{self.name}.q{q.index}")
+
+    async def _queue_main(self, q: SplitQueue) -> None:
+        try:
+            q.check_layout()
+            await self.serve_queue(q)
+        except VirtqueueError as exc:
+            self.notify_queue(q)  # what completed before the bad chain still completes
+            self.needs_reset(str(exc))
+        except Exception:
+            # A device bug must not take the server (and the guest's other queues) down.
+            self.log.exception("queue %d failed", q.index)
+            self.needs_reset(f"internal error on queue {q.index}")
+
+    async def serve_queue(self, q: SplitQueue) -> None:
+        """Pop requests when the driver kicks, run :meth:`process` on them, complete them."""
+        if self.max_inflight <= 1:
+            while True:
+                while (chain := q.pop()) is not None:
+                    q.push(chain, await self.process(q, chain))
+                self.notify_queue(q)
+                if not q.enable_notification():
+                    await q.doorbell.wait()
+        async with trio.open_nursery() as nursery:
+            slots = trio.Semaphore(self.max_inflight)
+            completed = trio.Event()
+
+            async def one(chain: DescriptorChain) -> None:
+                nonlocal completed
+                try:
+                    written = await self.process(q, chain)
+                finally:
+                    slots.release()
+                q.push(chain, written)
+                completed.set()
+
+            async def flusher() -> None:
+                # Completions that finish in the same scheduler pass share one used-index
+                # update and one interrupt.
+                nonlocal completed
+                while True:
+                    await completed.wait()
+                    completed = trio.Event()
+                    await trio.lowlevel.checkpoint()
+                    self.notify_queue(q)
+
+            nursery.start_soon(flusher)
+            while True:
+                while (chain := q.pop()) is not None:
+                    if slots.value == 0:
+                        self.notify_queue(q)
+                    await slots.acquire()
+                    nursery.start_soon(one, chain)
+                if not q.enable_notification():
+                    await q.doorbell.wait()
+
+    async def drain(self, timeout: float = 20.0) -> None:
+        """Stop taking requests and wait for the ones in flight (server shutdown)."""
+        for q in self.queues:
+            q.accepting = False
+        with trio.move_on_after(timeout):
+            for q in self.queues:
+                await q.idle.wait()
+                self.notify_queue(q)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "virtio_id": type(self).virtio_id, "queues": self.num_queues}

@@ -1,0 +1,289 @@
+"""Split virtqueues, device side (VIRTIO 1.2 section 2.7).
+
+Everything a guest writes into a ring is untrusted: indexes, descriptor addresses, lengths,
+``next`` links and indirect tables are checked before use, and a violation raises
+:class:`VirtqueueError` (the transport then sets DEVICE_NEEDS_RESET) instead of crashing or
+looping. Buffers are handed to devices as memoryviews of guest RAM (zero copy).
+
+The queue's state is the plain :class:`QueueState` dataclass, the same fields as rust-vmm's
+``virtio-queue`` ``QueueState``, so that migration can serialise it as it is.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import trio
+
+from vfu_server.pci.dma import GuestMemory
+from vfu_server.protocol.errors import DmaError
+
+from .spec import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    NO_VECTOR,
+)
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+# A full memory barrier: taking an uncontended lock is an atomic read-modify-write, which
+# orders our used-index store before the used_event load (and likewise for avail_event).
+_fence_lock = threading.Lock()
+
+
+def _mb() -> None:
+    with _fence_lock:
+        pass
+
+
+class VirtqueueError(Exception):
+    """The driver broke the ring protocol; the device must be reset."""
+
+
+@dataclass
+class QueueState:
+    """Migratable state of one split virtqueue."""
+
+    max_size: int
+    size: int = 0
+    ready: bool = False
+    desc_table: int = 0
+    avail_ring: int = 0
+    used_ring: int = 0
+    next_avail: int = 0
+    next_used: int = 0
+    event_idx_enabled: bool = False
+    msix_vector: int = NO_VECTOR
+
+    def __post_init__(self) -> None:
+        if self.size == 0:
+            self.size = self.max_size
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One request: the head index and its buffers, device-readable then device-writable."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def read_len(self) -> int:
+        return sum(v.nbytes for v in self.readable)
+
+    @property
+    def write_len(self) -> int:
+        return sum(v.nbytes for v in self.writable)
+
+    def read_bytes(self, limit: int | None = None) -> bytes:
+        """Copy (up to ``limit`` bytes of) the readable part."""
+        out = bytearray()
+        for v in self.readable:
+            if limit is not None and len(out) + v.nbytes >= limit:
+                out += v[: limit - len(out)]
+                break
+            out += v
+        return bytes(out)
+
+    def write_bytes(self, data: bytes | bytearray | memoryview, start: int = 0) -> int:
+        """Copy ``data`` into the writable part from byte ``start``; returns bytes stored."""
+        src = memoryview(data).cast("B")
+        done = 0
+        for v in self.writable:
+            if start >= v.nbytes:
+                start -= v.nbytes
+                continue
+            n = min(v.nbytes - start, src.nbytes - done)
+            v[start : start + n] = src[done : done + n]
+            done += n
+            start = 0
+            if done == src.nbytes:
+                break
+        return done
+
+
+class Doorbell:
+    """A wake-up flag for one task: ``ring()`` from anywhere on the loop, ``await wait()``."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+class SplitQueue:
+    """Device-side access to one split virtqueue in guest memory."""
+
+    def __init__(self, index: int, state: QueueState, dma: GuestMemory) -> None:
+        self.index = index
+        self.state = state
+        self.dma = dma
+        #: rung by the transport on a notify write (and by completions, to flush)
+        self.doorbell = Doorbell()
+        #: False once the device was reset: late completions are dropped, pops return nothing
+        self.active = True
+        #: False while the server shuts down: in-flight requests finish, no new ones start
+        self.accepting = True
+        self.inflight = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self._used: list[tuple[int, int]] = []
+        # None until the first notification decision: the first one always interrupts, as
+        # QEMU and vhost do, since the driver's used_event may predate us.
+        self._signalled_used: int | None = None
+        self.indirect_ok = True
+
+    # -- validation -----------------------------------------------------------------------
+
+    def check_layout(self) -> None:
+        """Called when the driver enables the queue: sizes and alignment (2.7 Table)."""
+        s = self.state
+        if not (0 < s.size <= s.max_size and s.size & (s.size - 1) == 0):
+            raise VirtqueueError(f"queue {self.index}: bad size {s.size}")
+        if s.desc_table % 16 or s.avail_ring % 2 or s.used_ring % 4:
+            raise VirtqueueError(f"queue {self.index}: misaligned rings")
+        for name, addr, length in self._ring_areas():
+            if not self.dma.contains(addr, length):
+                raise VirtqueueError(f"queue {self.index}: {name} ring {addr:#x}+{length:#x} is not mapped")
+
+    def _ring_areas(self) -> list[tuple[str, int, int]]:
+        n = self.state.size
+        return [("descriptor", self.state.desc_table, 16 * n), ("available", self.state.avail_ring, 6 + 2 * n),
+                ("used", self.state.used_ring, 6 + 8 * n)]
+
+    def _view(self, addr: int, length: int, write: bool = False) -> memoryview:
+        try:
+            return self.dma.view(addr, length, write=write)
+        except DmaError as exc:
+            raise VirtqueueError(f"queue {self.index}: ring not accessible: {exc}") from None
+
+    # -- driver -> device ----------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self._view(self.state.avail_ring + 2, 2))[0]
+
+    def pending(self) -> int:
+        """Number of chains the driver made available that we did not pop yet."""
+        n = (self.avail_idx() - self.state.next_avail) & 0xFFFF
+        if n > self.state.size:
+            raise VirtqueueError(f"queue {self.index}: avail index jumped by {n} (size {self.state.size})")
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None. Raises :class:`VirtqueueError` on a bad ring."""
+        if not (self.active and self.accepting) or self.pending() == 0:
+            return None
+        s = self.state
+        slot = s.avail_ring + 4 + 2 * (s.next_avail % s.size)
+        head = _U16.unpack_from(self._view(slot, 2))[0]
+        s.next_avail = (s.next_avail + 1) & 0xFFFF
+        chain = self._walk(head)
+        self.inflight += 1
+        self.idle = trio.Event() if self.inflight == 1 else self.idle
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain:
+        s = self.state
+        size = s.size
+        if head >= size:
+            raise VirtqueueError(f"queue {self.index}: head {head} >= size {size}")
+        table = self._view(s.desc_table, 16 * size)
+        chain = DescriptorChain(head)
+        index, limit, count = head, size, 0
+        indirect = False
+        seen_write = False
+        while True:
+            count += 1
+            # Every chain, indirect tables included, is at most queue-size long (2.7.5.3.1),
+            # which also ends any loop in the next links.
+            if count > size:
+                raise VirtqueueError(f"queue {self.index}: chain from head {head} is longer than {size}")
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                if indirect or not self.indirect_ok:
+                    raise VirtqueueError(f"queue {self.index}: nested or unnegotiated indirect descriptor")
+                if flags & DESC_F_NEXT or length == 0 or length % 16:
+                    raise VirtqueueError(f"queue {self.index}: bad indirect descriptor (len {length}, flags {flags:#x})")
+                limit = length // 16
+                if limit > size:
+                    raise VirtqueueError(f"queue {self.index}: indirect table of {limit} entries > size {size}")
+                table = self._view(addr, length)
+                indirect, index, count = True, 0, 0
+                continue
+            write = bool(flags & DESC_F_WRITE)
+            if write:
+                seen_write = True
+            elif seen_write:
+                raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
+            if length:
+                try:
+                    views = self.dma.views(addr, length, write=write)
+                except DmaError as exc:
+                    raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x}: {exc}") from None
+                (chain.writable if write else chain.readable).extend(views)
+            if not flags & DESC_F_NEXT:
+                return chain
+            if nxt >= limit:
+                raise VirtqueueError(f"queue {self.index}: next {nxt} outside a table of {limit}")
+            index = nxt
+
+    # -- device -> driver ----------------------------------------------------------------
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Queue a used element; it becomes visible to the driver at the next :meth:`flush`."""
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+        if self.active:
+            self._used.append((chain.head, written))
+
+    def flush(self) -> bool:
+        """Publish the queued used elements; True if the driver wants an interrupt for them."""
+        if not self._used or not self.active:
+            return False
+        s = self.state
+        size = s.size
+        used = self._view(s.used_ring, 6 + 8 * size, write=True)
+        old = idx = s.next_used
+        for head, length in self._used:
+            _USED_ELEM.pack_into(used, 4 + 8 * (idx % size), head, length)
+            idx = (idx + 1) & 0xFFFF
+        self._used.clear()
+        # x86 keeps stores in order, so the elements are visible before the index.
+        _U16.pack_into(used, 2, idx)
+        s.next_used = idx
+        return self._needs_interrupt(old, idx)
+
+    def _needs_interrupt(self, old: int, new: int) -> bool:
+        s = self.state
+        avail = self._view(s.avail_ring, 6 + 2 * s.size)
+        if not s.event_idx_enabled:
+            return not _U16.unpack_from(avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        _mb()
+        used_event = _U16.unpack_from(avail, 4 + 2 * s.size)[0]
+        first = self._signalled_used is None
+        self._signalled_used = new
+        # vring_need_event: did the used index pass used_event in this step (old, new]?
+        return first or (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    def enable_notification(self) -> bool:
+        """Before sleeping: ask the driver to kick for anything after ``next_avail``.
+
+        Returns True if more chains arrived meanwhile (then do not sleep)."""
+        s = self.state
+        if s.event_idx_enabled:
+            used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
+            _U16.pack_into(used, 4 + 8 * s.size, s.next_avail)
+            _mb()
+        return self.pending() > 0
