@@ -1,0 +1,729 @@
+"""The NVMe controller as a PCI device: registers, controller lifecycle, queue processing.
+
+Task layout (all under the device's nursery)::
+
+    run()                         opens NBD backends, then
+      control loop                CC changes: enable, disable/reset, shutdown notification
+      interrupt loop              one MSI-X signal per CQ vector per batch of completions
+      session (while enabled)     nursery of the queue tasks below; cancelled on reset
+        SQ loop per queue         woken by its doorbell; admin commands run inline,
+          I/O command tasks       I/O commands each in their own task (QD32 overlaps)
+
+Register callbacks only record values and set events: they run on the server's event loop
+between messages and must not block. Every command's outcome, including a bug, becomes a
+completion status; nothing a guest writes can raise out of these tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from vfu_server import MemoryBar, Msix, PciDevice, PciExpress, PciIdentity, PowerManagement
+from vfu_server.block import (
+    BlockBackend,
+    BlockError,
+    BlockRangeError,
+    BlockReadOnlyError,
+    FileBackend,
+    MemoryBackend,
+    open_backend,
+    parse_backend_spec,
+    parse_size,
+)
+from vfu_server.block.spec import BackendSpec
+from vfu_server.protocol.constants import IrqIndex
+from vfu_server.protocol.errors import DmaError
+
+from . import identify
+from .admin import AdminCommands
+from .command import Command
+from .constants import (
+    AEI_ERROR_INVALID_DOORBELL,
+    AEI_ERROR_INVALID_DOORBELL_VALUE,
+    CC_EN,
+    CSTS_CFS,
+    CSTS_RDY,
+    DNR,
+    REG_ACQ,
+    REG_AQA,
+    REG_ASQ,
+    REG_CC,
+    REG_DOORBELLS,
+    REG_INTMC,
+    REG_INTMS,
+    SHST_COMPLETE,
+    SHST_NORMAL,
+    SHST_OCCURRING,
+    AsyncEventType,
+    Status,
+)
+from .errors import NvmeError
+from .io import IoCommands
+from .namespace import Namespace, lba_format_for
+from .queues import (
+    CqRuntime,
+    InflightCounter,
+    PendingCompletion,
+    SqRuntime,
+    cq_full,
+    cq_pending,
+    post_cqe,
+    read_shadow,
+    read_sqe,
+    valid_cq_head,
+    write_event_idx,
+    write_shadow,
+)
+from .state import (
+    AsyncEvent,
+    CompletionQueueState,
+    ErrorLogEntry,
+    Features,
+    NamespaceState,
+    NvmeState,
+    Registers,
+    SubmissionQueueState,
+)
+
+log = logging.getLogger("vfu_server.device.nvme")
+
+MSIX_VECTORS = 65  # admin + 64 I/O queues, as QEMU's NVMe
+MSIX_TABLE_OFFSET = 0x2000
+MSIX_PBA_OFFSET = 0x3000
+BAR0_SIZE = 0x4000
+MAX_QUEUES_LIMIT = (MSIX_TABLE_OFFSET - REG_DOORBELLS) // 8 - 1  # doorbells must fit below the table
+MPSMAX = 4  # 64 KiB pages
+TIMEOUT_UNITS = 20  # CAP.TO, 500 ms units: 10 s
+MDTS = 5  # 2^5 minimum pages = 128 KiB
+IO_INFLIGHT_PER_SQ = 256
+QUIESCE_TIMEOUT = 10.0
+
+
+class NvmeController(PciDevice):
+    """NVMe 1.4 controller (NVM command set) on block backends: files, NBD or RAM."""
+
+    cli_name = "nvme"
+    identity = PciIdentity(vendor_id=0x1234, device_id=0xFE10, class_code=0x010802, revision=1,
+                           subsystem_vendor_id=0x1234, subsystem_id=0x0010)
+    bar0 = MemoryBar(BAR0_SIZE, is64=True)
+    capabilities = (
+        PowerManagement(),
+        Msix(vectors=MSIX_VECTORS, table_bar=0, table_offset=MSIX_TABLE_OFFSET, pba_offset=MSIX_PBA_OFFSET),
+        PciExpress(),
+    )
+    intx = True
+
+    def __init__(
+        self,
+        backends: list[BlockBackend | BackendSpec] | None = None,
+        *,
+        lba_size: int = 512,
+        serial: str = "VFU0001",
+        model: str = "vfu-server NVMe",
+        firmware: str = "0.1",
+        max_queues: int = 64,
+        max_queue_entries: int = 1024,
+    ) -> None:
+        super().__init__()
+        if not 1 <= max_queues <= MAX_QUEUES_LIMIT:
+            raise ValueError(f"--max-queues must be 1..{MAX_QUEUES_LIMIT}")
+        if not 2 <= max_queue_entries <= 65536:
+            raise ValueError("--max-queue-entries must be 2..65536")
+        self.lba_format = lba_format_for(lba_size)
+        self.sources: list[BlockBackend | BackendSpec] = list(backends or [MemoryBackend(64 << 20)])
+        self.info = identify.ControllerInfo(
+            vendor_id=self.identity.vendor_id,
+            subsystem_vendor_id=self.identity.subsystem_vendor_id,
+            serial=serial,
+            model=model,
+            firmware=firmware,
+            mdts=MDTS,
+            max_queues=max_queues,
+            max_queue_entries=max_queue_entries,
+            namespace_count=len(self.sources),
+        )
+        self.mdts_bytes = (1 << MDTS) * 4096
+        self.state = NvmeState(
+            namespaces=[NamespaceState(i + 1, self.lba_format) for i in range(len(self.sources))]
+        )
+        self.namespaces: dict[int, Namespace] = {}
+        self.admin = AdminCommands(self)
+        self.io = IoCommands(self)
+        # runtime (not state): rebuilt on enable
+        self.sq_rt: dict[int, SqRuntime] = {}
+        self.cq_rt: dict[int, CqRuntime] = {}
+        self.inflight = InflightCounter()
+        self.page_size = 4096
+        self._cc_changed = trio.Event()
+        self._irq_wake = trio.Event()
+        self._irq_pending: set[int] = set()
+        self._intx_level = False
+        self._ready = trio.Event()
+        self._tasks: trio.Nursery | None = None
+        self._session: trio.Nursery | None = None
+        self._session_scope: trio.CancelScope | None = None
+        self._session_done: trio.Event | None = None
+        self._power_on_anchor = time.monotonic()
+        self._control_lock = trio.Lock()
+
+    # -- command line -----------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--backing", action="append", default=[], metavar="FILE|nbd://...",
+                            help="a namespace's storage (repeat for more namespaces)")
+        parser.add_argument("--size", default=None, metavar="BYTES",
+                            help="namespace size (RAM namespaces, or to create a backing file); default 64M")
+        parser.add_argument("--namespaces", type=int, default=1, metavar="N",
+                            help="number of RAM namespaces when there is no --backing")
+        parser.add_argument("--lba-size", type=int, default=512, choices=[512, 4096])
+        parser.add_argument("--serial", default="VFU0001")
+        parser.add_argument("--model", default="vfu-server NVMe")
+        parser.add_argument("--firmware", default="0.1")
+        parser.add_argument("--max-queues", type=int, default=64, metavar="N",
+                            help=f"I/O queue pairs (1..{MAX_QUEUES_LIMIT})")
+        parser.add_argument("--max-queue-entries", type=int, default=1024, metavar="N",
+                            help="entries per queue (CAP.MQES + 1)")
+        parser.add_argument("--read-only", action="store_true")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NvmeController:
+        sources: list[BlockBackend | BackendSpec] = []
+        try:
+            if args.backing:
+                for backing in args.backing:
+                    spec = parse_backend_spec(backing, args.size, args.read_only)
+                    if spec.kind == "file":
+                        # Opened now so that a bad path is a command-line error, not a crash later.
+                        assert spec.path is not None
+                        sources.append(FileBackend(spec.path, size=spec.size, read_only=spec.read_only))
+                    else:
+                        sources.append(spec)
+            else:
+                size = parse_size(args.size or "64M")
+                if not 1 <= args.namespaces <= 1024:
+                    raise ValueError("--namespaces must be 1..1024")
+                sources = [MemoryBackend(size, read_only=args.read_only) for _ in range(args.namespaces)]
+        except BlockError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(sources, lba_size=args.lba_size, serial=args.serial, model=args.model,
+                   firmware=args.firmware, max_queues=args.max_queues,
+                   max_queue_entries=args.max_queue_entries)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["namespaces"] = [ns.backend.describe() for ns in self.namespaces.values()]
+        return d
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            for i, source in enumerate(self.sources):
+                if isinstance(source, BackendSpec):
+                    backend = await stack.enter_async_context(open_backend(source))
+                else:
+                    backend = source
+                    stack.push_async_callback(backend.aclose)
+                ns_state = self.state.namespaces[i]
+                ns = Namespace(ns_state, backend)
+                if ns.nsze == 0:
+                    raise ValueError(f"namespace {i + 1}: backend of {backend.size} bytes is smaller than one block")
+                self.namespaces[ns_state.nsid] = ns
+            async with trio.open_nursery() as nursery:
+                self._tasks = nursery
+                nursery.start_soon(self._control_loop)
+                nursery.start_soon(self._interrupt_loop)
+                self._ready.set()
+                await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        """SIGTERM: complete what the guest submitted, then make every write durable."""
+        if not self._ready.is_set():
+            return
+        async with self._control_lock:
+            await self._quiesce()
+            await self.flush_all()
+
+    async def reset(self) -> None:  # type: ignore[override]
+        """DEVICE_RESET / FLR: the whole controller returns to power-on state."""
+        async with self._control_lock:
+            await self._quiesce()
+            self._clear_controller(keep_admin_regs=False)
+
+    async def client_disconnected(self) -> None:  # type: ignore[override]
+        # Guest memory is gone with the client: stop touching it; a new client starts afresh.
+        if self._ready.is_set():
+            async with self._control_lock:
+                await self._quiesce()
+                self._clear_controller(keep_admin_regs=False)
+
+    # -- registers -----------------------------------------------------------------------------
+
+    @property
+    def cap(self) -> int:
+        return ((self.info.max_queue_entries - 1)
+                | 1 << 16  # CQR: queues must be physically contiguous
+                | TIMEOUT_UNITS << 24
+                | 1 << 37  # CSS: NVM command set
+                | MPSMAX << 52)
+
+    def _register_image(self) -> bytes:
+        r = self.state.regs
+        return struct.pack("<QIIIIIIIIQQII", self.cap, r.vs, r.intms, r.intms, r.cc, 0, r.csts, 0,
+                           r.aqa, r.asq, r.acq, 0, 0)
+
+    @bar0.reader
+    def read_register(self, offset: int, size: int) -> int:
+        if offset < 0x40:
+            return int.from_bytes(self._register_image()[offset : offset + size].ljust(size, b"\0"), "little")
+        return 0  # doorbells and reserved space read as zero
+
+    @bar0.writer
+    def write_register(self, offset: int, size: int, value: int) -> None:
+        if offset >= REG_DOORBELLS:
+            if size == 4 and offset % 4 == 0:
+                self._doorbell((offset - REG_DOORBELLS) // 4, value & 0xFFFF)
+            return
+        r = self.state.regs
+        for reg, width in ((REG_INTMS, 4), (REG_INTMC, 4), (REG_CC, 4), (REG_AQA, 4), (REG_ASQ, 8), (REG_ACQ, 8)):
+            part = _merge(0, reg, width, offset, size, value)
+            if part is None:
+                continue
+            if reg == REG_INTMS:
+                r.intms |= part
+                self._update_intx()
+            elif reg == REG_INTMC:
+                r.intms &= ~part
+                self._update_intx()
+            elif reg == REG_CC:
+                new = _merge(r.cc, reg, width, offset, size, value)
+                assert new is not None
+                r.cc = new
+                self._cc_changed.set()
+            elif reg == REG_AQA:
+                r.aqa = _merge(r.aqa, reg, width, offset, size, value) or 0
+                r.aqa &= 0x0FFF0FFF
+            elif reg == REG_ASQ:
+                r.asq = (_merge(r.asq, reg, width, offset, size, value) or 0) & ~0xFFF
+            elif reg == REG_ACQ:
+                r.acq = (_merge(r.acq, reg, width, offset, size, value) or 0) & ~0xFFF
+
+    def _doorbell(self, index: int, value: int) -> None:
+        if not self.state.regs.csts & CSTS_RDY:
+            return
+        qid, completion = index >> 1, bool(index & 1)
+        if completion:
+            cq = self.state.cqs.get(qid)
+            if cq is None:
+                self.async_event(AsyncEventType.ERROR, AEI_ERROR_INVALID_DOORBELL, 0x01)
+                return
+            if not valid_cq_head(cq, value):
+                self.async_event(AsyncEventType.ERROR, AEI_ERROR_INVALID_DOORBELL_VALUE, 0x01)
+                return
+            cq.head = value
+            self._drain_waiting(cq)
+            self._update_intx()
+            return
+        sq = self.state.sqs.get(qid)
+        if sq is None:
+            self.async_event(AsyncEventType.ERROR, AEI_ERROR_INVALID_DOORBELL, 0x01)
+            return
+        if value >= sq.size:
+            self.async_event(AsyncEventType.ERROR, AEI_ERROR_INVALID_DOORBELL_VALUE, 0x01)
+            return
+        sq.tail = value
+        shadow = self.state.shadow
+        if shadow.enabled and qid == 0:
+            # Linux never updates the admin queue's shadow doorbell; mirroring the MMIO value keeps
+            # the shadow authoritative for every queue without racing I/O queue submitters.
+            write_shadow(self.dma, shadow, 0, False, value)
+        rt = self.sq_rt.get(qid)
+        if rt is not None:
+            rt.wake.set()
+
+    # -- controller enable / disable / shutdown ------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            await self._cc_changed.wait()
+            self._cc_changed = trio.Event()
+            async with self._control_lock:
+                try:
+                    await self._apply_cc()
+                except Exception:
+                    log.exception("controller state change failed")
+                    self.state.regs.csts |= CSTS_CFS
+
+    async def _apply_cc(self) -> None:
+        r = self.state.regs
+        enabled = bool(r.cc & CC_EN)
+        if not enabled:
+            if self._session is not None or r.csts:
+                await self._quiesce()
+                self._clear_controller(keep_admin_regs=True)
+            return
+        if self._session is None and not r.csts & (CSTS_RDY | CSTS_CFS):
+            await self._enable()
+        shn = (r.cc >> 14) & 3
+        if shn and self._session is not None and (r.csts >> 2) & 3 == SHST_NORMAL:
+            r.csts = (r.csts & ~0xC) | SHST_OCCURRING << 2
+            with trio.move_on_after(QUIESCE_TIMEOUT):
+                await self.inflight.wait_zero()
+            await self.flush_all()
+            r.csts = (r.csts & ~0xC) | SHST_COMPLETE << 2
+
+    async def _enable(self) -> None:
+        r = self.state.regs
+        cc = r.cc
+        mps = (cc >> 7) & 0xF
+        css, ams = (cc >> 4) & 7, (cc >> 11) & 7
+        asqs, acqs = (r.aqa & 0xFFF) + 1, ((r.aqa >> 16) & 0xFFF) + 1
+        page = 4096 << mps
+        problems = []
+        if mps > MPSMAX:
+            problems.append(f"MPS {mps}")
+        if css != 0:
+            problems.append(f"CSS {css}")
+        if ams != 0:
+            problems.append(f"AMS {ams}")
+        if asqs < 2 or acqs < 2 or asqs > self.info.max_queue_entries or acqs > self.info.max_queue_entries:
+            problems.append(f"admin queue sizes {asqs}/{acqs}")
+        if r.asq % page or r.acq % page:
+            problems.append(f"admin queue addresses {r.asq:#x}/{r.acq:#x}")
+        if problems:
+            log.warning("controller enable refused: %s", ", ".join(problems))
+            r.csts |= CSTS_CFS
+            return
+        self.page_size = page
+        self.state.cqs[0] = CompletionQueueState(0, r.acq, acqs, vector=0)
+        self.state.sqs[0] = SubmissionQueueState(0, r.asq, asqs, cqid=0)
+        self._session_done = trio.Event()
+        assert self._tasks is not None
+        await self._tasks.start(self._run_session)
+        self.cq_rt[0] = CqRuntime(0)
+        self.start_sq(0)
+        r.csts = CSTS_RDY
+
+    async def _run_session(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        done = self._session_done
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    self._session, self._session_scope = nursery, scope
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._session = self._session_scope = None
+            if done is not None:
+                done.set()
+
+    async def _quiesce(self) -> None:
+        """Stop fetching, let in-flight commands complete, then end the session's tasks."""
+        for rt in self.sq_rt.values():
+            rt.stop = True
+            rt.wake.set()
+        with trio.move_on_after(QUIESCE_TIMEOUT) as timeout:
+            for rt in list(self.sq_rt.values()):
+                await rt.done.wait()
+            await self.inflight.wait_zero()
+        if timeout.cancelled_caught:
+            log.warning("commands still in flight after %.0f s; abandoning them", QUIESCE_TIMEOUT)
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+            if self._session_done is not None:
+                await self._session_done.wait()
+        self.sq_rt.clear()
+        self.cq_rt.clear()
+        self.inflight = InflightCounter()
+
+    def _clear_controller(self, *, keep_admin_regs: bool) -> None:
+        s = self.state
+        old = s.regs
+        s.regs = Registers()
+        if keep_admin_regs:
+            s.regs.cc, s.regs.aqa, s.regs.asq, s.regs.acq = old.cc, old.aqa, old.asq, old.acq
+        s.sqs.clear()
+        s.cqs.clear()
+        s.shadow = type(s.shadow)()
+        s.features = Features()
+        s.aer = type(s.aer)()
+        self._irq_pending.clear()
+        if self._intx_level:
+            self._intx_level = False
+            self.set_intx(False)
+
+    async def flush_all(self) -> None:
+        for ns in self.namespaces.values():
+            if ns.backend.read_only:
+                continue
+            try:
+                await ns.backend.flush()
+            except BlockError as exc:
+                log.error("namespace %d: flush failed: %s", ns.nsid, exc)
+
+    # -- queues --------------------------------------------------------------------------------
+
+    def start_sq(self, qid: int) -> None:
+        rt = SqRuntime(qid)
+        self.sq_rt[qid] = rt
+        assert self._session is not None
+        self._session.start_soon(self._sq_loop, rt, name=f"nvme-sq{qid}")
+
+    async def stop_sq(self, qid: int) -> None:
+        """Stop fetching from SQ ``qid`` and wait until its commands have completed."""
+        rt = self.sq_rt.get(qid)
+        if rt is None:
+            return
+        rt.stop = True
+        rt.wake.set()
+        if qid != 0:
+            await rt.done.wait()
+        await rt.inflight.wait_zero()
+        del self.sq_rt[qid]
+
+    def start_cq(self, qid: int) -> None:
+        self.cq_rt[qid] = CqRuntime(qid)
+
+    def _sq_tail(self, sq: SubmissionQueueState) -> int:
+        shadow = self.state.shadow
+        if shadow.enabled:
+            value = read_shadow(self.dma, shadow, sq.qid, False)
+            if value is not None and value < sq.size:
+                sq.tail = value
+        return sq.tail
+
+    async def _sq_loop(self, rt: SqRuntime) -> None:
+        qid = rt.qid
+        try:
+            fetched = 0
+            while not rt.stop:
+                sq = self.state.sqs.get(qid)
+                if sq is None:
+                    return
+                if sq.head == self._sq_tail(sq):
+                    shadow = self.state.shadow
+                    if shadow.enabled:
+                        # Ask the host to ring the MMIO doorbell once it moves past what we
+                        # consumed, then look again: it may have moved before the index landed.
+                        write_event_idx(self.dma, shadow, qid, False, sq.tail)
+                        if self._sq_tail(sq) != sq.head:
+                            continue
+                    await rt.wake.wait()
+                    rt.wake = trio.Event()
+                    continue
+                if qid != 0 and rt.inflight.count >= min(IO_INFLIGHT_PER_SQ, sq.size):
+                    await rt.inflight.wait_below(min(IO_INFLIGHT_PER_SQ, sq.size))
+                    continue
+                try:
+                    raw = read_sqe(self.dma, sq)
+                except DmaError as exc:
+                    log.warning("SQ %d: cannot fetch entry %d: %s; controller fatal", qid, sq.head, exc)
+                    self.state.regs.csts |= CSTS_CFS
+                    return
+                sq.head = (sq.head + 1) % sq.size
+                cmd = Command.decode(raw, qid)
+                if qid == 0:
+                    await self._execute(sq, rt, cmd, self.admin.execute)
+                else:
+                    rt.inflight.inc()
+                    self.inflight.inc()
+                    assert self._session is not None
+                    self._session.start_soon(self._execute_io_task, sq, rt, cmd)
+                fetched += 1
+                if fetched % 64 == 0:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            rt.done.set()
+
+    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
+        try:
+            await self._execute(sq, rt, cmd, self.io.execute)
+        finally:
+            rt.inflight.dec()
+            self.inflight.dec()
+
+    async def _execute(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command,
+                       handler: Callable[[Command], Awaitable[int | None]]) -> None:
+        status, dw0 = 0, 0
+        try:
+            result = await handler(cmd)
+            if result is None:  # completes later (Asynchronous Event Request)
+                return
+            dw0 = result
+        except NvmeError as exc:
+            status = exc.field
+            log.debug("SQ %d cid %d opcode %#x: %s", sq.qid, cmd.cid, cmd.opcode, exc)
+        except DmaError as exc:
+            status = Status.DATA_TRANSFER_ERROR | DNR
+            log.debug("SQ %d cid %d: %s", sq.qid, cmd.cid, exc)
+        except BlockRangeError:
+            status = Status.LBA_OUT_OF_RANGE | DNR
+        except BlockReadOnlyError:
+            status = Status.NAMESPACE_WRITE_PROTECTED | DNR
+        except BlockError as exc:
+            log.warning("namespace %d: backend error: %s", cmd.nsid, exc)
+            self.state.smart.media_errors += 1
+            status = Status.UNRECOVERED_READ_ERROR if cmd.opcode == 0x02 and sq.qid else Status.WRITE_FAULT
+        except Exception:
+            log.exception("SQ %d cid %d opcode %#x: internal error", sq.qid, cmd.cid, cmd.opcode)
+            status = Status.INTERNAL_ERROR
+        if status:
+            self._log_error(sq.qid, cmd, status)
+        self.complete(sq.qid, cmd.cid, status, dw0)
+
+    def _log_error(self, sqid: int, cmd: Command, status: int) -> None:
+        smart = self.state.smart
+        smart.error_count += 1
+        entries = self.state.error_log
+        entries.append(ErrorLogEntry(smart.error_count, sqid, cmd.cid, status, nsid=cmd.nsid))
+        del entries[: -identify.ERROR_LOG_ENTRIES]
+
+    # -- completions and interrupts ------------------------------------------------------------
+
+    def complete(self, sqid: int, cid: int, status: int, dw0: int = 0) -> None:
+        """Post a completion for a command of SQ ``sqid`` (dropped if its queues are gone)."""
+        sq = self.state.sqs.get(sqid)
+        if sq is None:
+            return
+        cq = self.state.cqs.get(sq.cqid)
+        rt = self.cq_rt.get(sq.cqid)
+        if cq is None or rt is None:
+            return
+        entry = PendingCompletion(sqid, cid, status, dw0)
+        if rt.waiting or self._cq_is_full(cq):
+            rt.waiting.append(entry)
+            return
+        self._post(cq, entry)
+
+    def _cq_is_full(self, cq: CompletionQueueState) -> bool:
+        if not cq_full(cq):
+            return False
+        shadow = self.state.shadow
+        if shadow.enabled and cq.qid != 0:
+            head = read_shadow(self.dma, shadow, cq.qid, True)
+            if head is not None and valid_cq_head(cq, head):
+                cq.head = head
+            if cq_full(cq):
+                # Still full: have the host ring the MMIO doorbell when it frees an entry.
+                write_event_idx(self.dma, shadow, cq.qid, True, cq.head)
+                head = read_shadow(self.dma, shadow, cq.qid, True)
+                if head is not None and valid_cq_head(cq, head):
+                    cq.head = head
+        return cq_full(cq)
+
+    def _post(self, cq: CompletionQueueState, entry: PendingCompletion) -> None:
+        sq = self.state.sqs.get(entry.sqid)
+        try:
+            post_cqe(self.dma, cq, entry, sq.head if sq else 0)
+        except DmaError as exc:
+            log.warning("CQ %d: cannot post completion: %s", cq.qid, exc)
+            return
+        self._irq_pending.add(cq.qid)
+        self._irq_wake.set()
+
+    def _drain_waiting(self, cq: CompletionQueueState) -> None:
+        rt = self.cq_rt.get(cq.qid)
+        if rt is None:
+            return
+        while rt.waiting and not cq_full(cq):
+            self._post(cq, rt.waiting.popleft())
+
+    async def _interrupt_loop(self) -> None:
+        while True:
+            await self._irq_wake.wait()
+            self._irq_wake = trio.Event()
+            # One scheduling round for other commands finishing now to post too: one signal
+            # per vector covers the whole batch.
+            await trio.lowlevel.checkpoint()
+            pending, self._irq_pending = self._irq_pending, set()
+            if self._msix_mode():
+                vectors = set()
+                for qid in pending:
+                    cq = self.state.cqs.get(qid)
+                    if cq is not None and cq.irq_enabled:
+                        vectors.add(cq.vector)
+                for v in vectors:
+                    self.interrupt(v)
+            else:
+                self._update_intx()
+
+    def _msix_mode(self) -> bool:
+        assert self.msix is not None
+        return self.msix.enabled or self.irqs.lines[IrqIndex.MSIX].active
+
+    def _update_intx(self) -> None:
+        """INTx is a level: asserted while any interrupt-enabled CQ holds unconsumed entries."""
+        if self._msix_mode():
+            return
+        level = False
+        if not self.state.regs.intms & 1:
+            shadow = self.state.shadow
+            for cq in self.state.cqs.values():
+                if shadow.enabled and cq.qid:
+                    head = read_shadow(self.dma, shadow, cq.qid, True)
+                    if head is not None and valid_cq_head(cq, head):
+                        cq.head = head
+                if cq.irq_enabled and cq_pending(cq):
+                    level = True
+                    break
+        if level != self._intx_level:
+            self._intx_level = level
+            self.set_intx(level)
+
+    def msix_vectors(self) -> int:
+        return MSIX_VECTORS
+
+    # -- asynchronous events ---------------------------------------------------------------------
+
+    def async_event(self, event_type: AsyncEventType, info: int, log_page: int) -> None:
+        aer = self.state.aer
+        event = AsyncEvent(int(event_type), info, log_page)
+        if any(e.event_type == event.event_type and e.info == info for e in aer.pending):
+            return
+        aer.pending.append(event)
+        self.deliver_async_events()
+
+    def deliver_async_events(self) -> None:
+        aer = self.state.aer
+        while aer.outstanding:
+            event = next((e for e in aer.pending if e.event_type not in aer.masked_types), None)
+            if event is None:
+                return
+            aer.pending.remove(event)
+            aer.masked_types.add(event.event_type)
+            self.complete(0, aer.outstanding.pop(0), 0, event.dw0)
+
+    # -- helpers for command handlers ------------------------------------------------------------
+
+    def namespace(self, nsid: int) -> Namespace:
+        ns = self.namespaces.get(nsid)
+        if ns is None:
+            raise NvmeError(Status.INVALID_NAMESPACE, f"namespace {nsid:#x}")
+        return ns
+
+    def power_on_seconds(self) -> int:
+        return self.state.smart.power_on_seconds + int(time.monotonic() - self._power_on_anchor)
+
+    def now_ms(self) -> int:
+        return int(time.monotonic() * 1000)
+
+
+def _merge(old: int, reg: int, width: int, offset: int, size: int, value: int) -> int | None:
+    """Apply the bytes of an access ``[offset, offset+size)`` that fall into register ``reg``."""
+    lo, hi = max(offset, reg), min(offset + size, reg + width)
+    if lo >= hi:
+        return None
+    n = (hi - lo) * 8
+    bits = (value >> ((lo - offset) * 8)) & ((1 << n) - 1)
+    shift = (lo - reg) * 8
+    mask = ((1 << n) - 1) << shift
+    return (old & ~mask) | (bits << shift)

@@ -1,0 +1,139 @@
+"""NVM command set I/O commands: Read, Write, Flush, Write Zeroes, DSM, Compare, Verify.
+
+Data moves between the backend and guest memory through zero-copy views; a write's
+completion is posted only after the backend has it (and, with FUA or the write cache
+disabled, after it is durable).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .command import Command
+from .constants import NSID_ALL, IoOpcode, Status
+from .dptr import segment_views
+from .errors import NvmeError
+from .namespace import Namespace
+
+if TYPE_CHECKING:
+    from .controller import NvmeController
+
+DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length in blocks, starting LBA
+VERIFY_CHUNK = 1 << 20
+FUA = 1 << 30
+DEAC = 1 << 25
+
+Handler = Callable[[Command], Awaitable[int]]
+
+
+class IoCommands:
+    def __init__(self, ctrl: NvmeController) -> None:
+        self.ctrl = ctrl
+        self.handlers: dict[int, Handler] = {
+            IoOpcode.FLUSH: self.flush,
+            IoOpcode.WRITE: self.write,
+            IoOpcode.READ: self.read,
+            IoOpcode.COMPARE: self.compare,
+            IoOpcode.WRITE_ZEROES: self.write_zeroes,
+            IoOpcode.DATASET_MANAGEMENT: self.dataset_management,
+            IoOpcode.VERIFY: self.verify,
+        }
+
+    async def execute(self, cmd: Command) -> int:
+        handler = self.handlers.get(cmd.opcode)
+        if handler is None:
+            raise NvmeError(Status.INVALID_OPCODE, f"I/O opcode {cmd.opcode:#x}")
+        if cmd.fuse:
+            raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
+        return await handler(cmd)
+
+    def _rw_range(self, cmd: Command, *, limited: bool = True) -> tuple[Namespace, int, int]:
+        ns = self.ctrl.namespace(cmd.nsid)
+        slba = cmd.cdw10 | cmd.cdw11 << 32
+        nlb = (cmd.cdw12 & 0xFFFF) + 1
+        if (cmd.cdw12 >> 26) & 0xF:
+            raise NvmeError(Status.INVALID_FIELD, "protection information is not supported")
+        offset, length = ns.check_range(slba, nlb)
+        if limited and length > self.ctrl.mdts_bytes:
+            raise NvmeError(Status.INVALID_FIELD, f"transfer of {length} bytes exceeds MDTS")
+        return ns, offset, length
+
+    def _views(self, cmd: Command, length: int, *, to_host: bool) -> list[memoryview]:
+        ctrl = self.ctrl
+        segs = cmd.segments(ctrl.dma, length, ctrl.page_size, to_host=to_host)
+        return segment_views(ctrl.dma, segs, write=to_host)
+
+    async def read(self, cmd: Command) -> int:
+        ns, offset, length = self._rw_range(cmd)
+        views = self._views(cmd, length, to_host=True)
+        await ns.backend.readv(offset, views)
+        smart = self.ctrl.state.smart
+        smart.bytes_read += length
+        smart.host_read_commands += 1
+        return 0
+
+    async def write(self, cmd: Command) -> int:
+        ns, offset, length = self._rw_range(cmd)
+        views = self._views(cmd, length, to_host=False)
+        fua = bool(cmd.cdw12 & FUA) or not self.ctrl.state.features.volatile_write_cache
+        await ns.backend.writev(offset, views, fua=fua)
+        smart = self.ctrl.state.smart
+        smart.bytes_written += length
+        smart.host_write_commands += 1
+        return 0
+
+    async def flush(self, cmd: Command) -> int:
+        if cmd.nsid == NSID_ALL:
+            for ns in self.ctrl.namespaces.values():
+                if not ns.backend.read_only:
+                    await ns.backend.flush()
+            return 0
+        ns = self.ctrl.namespace(cmd.nsid)
+        if not ns.backend.read_only:
+            await ns.backend.flush()
+        return 0
+
+    async def compare(self, cmd: Command) -> int:
+        ns, offset, length = self._rw_range(cmd)
+        host = b"".join(bytes(v) for v in self._views(cmd, length, to_host=False))
+        media = bytearray(length)
+        await ns.backend.readv(offset, [memoryview(media)])
+        if host != media:
+            raise NvmeError(Status.COMPARE_FAILURE, "compare mismatch")
+        return 0
+
+    async def verify(self, cmd: Command) -> int:
+        # Verify is not limited by MDTS; reading the range proves it is readable.
+        ns, offset, length = self._rw_range(cmd, limited=False)
+        buf = bytearray(min(length, VERIFY_CHUNK))
+        while length:
+            n = min(length, len(buf))
+            await ns.backend.readv(offset, [memoryview(buf)[:n]])
+            offset += n
+            length -= n
+        return 0
+
+    async def write_zeroes(self, cmd: Command) -> int:
+        ns, offset, length = self._rw_range(cmd, limited=False)
+        await ns.backend.write_zeroes(offset, length, may_unmap=bool(cmd.cdw12 & DEAC))
+        if cmd.cdw12 & FUA or not self.ctrl.state.features.volatile_write_cache:
+            await ns.backend.flush()
+        return 0
+
+    async def dataset_management(self, cmd: Command) -> int:
+        ns = self.ctrl.namespace(cmd.nsid)
+        count = (cmd.cdw10 & 0xFF) + 1
+        deallocate = bool(cmd.cdw11 & 1 << 2)
+        length = count * DSM_RANGE.size
+        raw = b"".join(bytes(v) for v in self._views(cmd, length, to_host=False))
+        ranges = []
+        for i in range(count):
+            _attrs, nlb, slba = DSM_RANGE.unpack_from(raw, i * DSM_RANGE.size)
+            if nlb:
+                ranges.append(ns.check_range(slba, nlb))
+        if deallocate:
+            for offset, n in ranges:
+                await ns.backend.discard(offset, n)
+        return 0
