@@ -19,3 +19,10 @@ class WrongMagic(DmaCopyEngine):
     def reset(self) -> None:
         super().reset()
         self.state.magic = 0x56465531
+
+
+class CrashesOnStart(DmaCopyEngine):
+    """Dies before it listens, like a server with a bad configuration."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("CrashesOnStart: refusing to start")

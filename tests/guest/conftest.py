@@ -25,7 +25,8 @@ def guest_kit() -> GuestKit:
     try:
         return provision()
     except ProvisionError as exc:
-        pytest.fail(f"guest provisioning failed: {exc}", pytrace=False)
+        error = str(exc)
+    pytest.fail(f"guest provisioning failed: {error}", pytrace=False)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import GuestKit, VfuDevice, run_guest
+from vfu_server.guest import GuestError, GuestKit, VfuDevice, run_guest
 from vfu_server.guest.checks import EXAMPLE_APPEND, EXAMPLE_SCRIPT, check_example
 
 
@@ -23,6 +23,23 @@ def test_wrong_magic_is_caught(guest_kit: GuestKit, repo_root: Path) -> None:
     result = run_guest(EXAMPLE_SCRIPT, [device], kit=guest_kit, append=EXAMPLE_APPEND)
     with pytest.raises(AssertionError, match=r"magic: guest saw 0x56465531, expected 0x56465530"):
         check_example(result.values())
+
+
+@pytest.mark.guest
+def test_server_start_failure_is_reported_and_cleaned_up(
+    guest_kit: GuestKit, repo_root: Path
+) -> None:
+    devices = [
+        VfuDevice("example"),
+        VfuDevice("tests.guest.broken_devices:CrashesOnStart", cwd=repo_root),
+    ]
+    with pytest.raises(GuestError, match=r"vu1 .* before listening") as info:
+        run_guest("true", devices, kit=guest_kit)
+    assert "CrashesOnStart: refusing to start" in str(info.value)
+    result = info.value.result
+    assert result is not None and result.qemu_returncode is None
+    # The server that did start was stopped again.
+    assert result.servers["vu0"].returncode is not None
 
 
 def test_check_example_reports_every_difference() -> None:

@@ -151,7 +151,11 @@ class GuestResult:
                 f"--- server {name} (rc={log.returncode}) stderr ---",
                 _tail(log.stderr, 40) or "(empty)",
             ]
-        parts += ["--- QEMU command ---", " ".join(self.qemu_argv)]
+        started = self.qemu_returncode is not None
+        parts += [
+            f"--- QEMU command{'' if started else ' (QEMU was not started)'} ---",
+            " ".join(self.qemu_argv),
+        ]
         return "\n".join(parts)
 
 
