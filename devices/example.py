@@ -7,7 +7,7 @@ BAR0 registers (32-bit)::
     0x20 STATUS (bit0 done, bit1 DMA error)        0x24 IRQ_COUNT (ro)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vfu_server import (
     DmaError,
@@ -18,6 +18,13 @@ from vfu_server import (
     PciIdentity,
     PowerManagement,
 )
+from vfu_server.migration.example_format import (
+    EXAMPLE_FORMATS,
+    ExampleRegs,
+    ExampleState,
+    example_device_abi,
+)
+from vfu_server.migration.generic import PciProfile
 
 MAGIC = 0x56465530
 REGS = ["magic", "scratch", "src_lo", "src_hi", "dst_lo", "dst_hi", "length", "ctrl", "status", "irq_count"]
@@ -46,6 +53,7 @@ class DmaCopyEngine(PciDevice):
     bar0 = MemoryBar(0x1000)
     bar2 = MemoryBar(0x1000)  # MSI-X table and PBA
     capabilities = (PowerManagement(), Msix(vectors=4, table_bar=2, pba_offset=0x800), PciExpress())
+    migration_formats = EXAMPLE_FORMATS  # "opaque" and "standard" (example/std/1)
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,3 +88,20 @@ class DmaCopyEngine(PciDevice):
 
     def reset(self) -> None:
         self.state = EngineState()
+
+    # Migration: the generic PCI part comes from the base class, the registers from here.
+    def migration_profile(self) -> PciProfile:
+        return replace(super().migration_profile(), device_abi=example_device_abi(4))
+
+    def save_state(self) -> ExampleState:
+        s = self.state
+        regs = ExampleRegs(s.scratch, s.src_hi << 32 | s.src_lo, s.dst_hi << 32 | s.dst_lo,
+                           s.length, s.ctrl, s.status, s.irq_count)
+        return ExampleState(profile=self.migration_profile(), regs=regs, **self.pci_state())
+
+    def load_state(self, state: ExampleState) -> None:
+        self.load_pci_state(state)
+        r = state.regs
+        self.state = EngineState(scratch=r.scratch, src_lo=r.src & 0xFFFFFFFF, src_hi=r.src >> 32,
+                                 dst_lo=r.dst & 0xFFFFFFFF, dst_hi=r.dst >> 32, length=r.len,
+                                 ctrl=r.ctrl, status=r.status, irq_count=r.irq_count)

@@ -57,6 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("device")
     _common(parser)
     device_cls.add_arguments(parser)
+    formats = device_cls.migration_formats
+    if formats is not None:
+        mig = parser.add_argument_group("migration")
+        mig.add_argument("--migration-format", metavar="NAME|UUID",
+                         help=f"state format for outgoing migrations (default: {formats.default.name})")
+        mig.add_argument("--list-migration-formats", action="store_true",
+                         help="print the device's migration formats as JSON and exit")
+        mig.add_argument("--control-socket", metavar="PATH",
+                         help="JSON-lines control socket: list-formats, select-outgoing, status, ...")
+    if formats is not None and "--list-migration-formats" in argv:
+        import json
+
+        print(json.dumps(formats.descriptors(), indent=2))
+        return 0
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -71,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         device = device_cls.from_args(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if getattr(args, "migration_format", None) and device.migration is not None:
+        from .migration import MigrationError
+
+        try:
+            device.migration.controller.select_outgoing(args.migration_format)
+        except MigrationError as exc:
+            parser.error(f"--migration-format: {exc.reason}")
+    control_path = getattr(args, "control_socket", None)
     try:
         if args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
@@ -87,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .server import serve
 
+    control = None
+    if control_path:
+        try:
+            control = open_unix_listener(control_path)
+        except SocketPathError as exc:
+            parser.error(f"--control-socket: {exc}")
     trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
-                           socket_path_to_remove=args.socket_path))
+                           socket_path_to_remove=args.socket_path, control=control,
+                           control_path=control_path))
     return 0

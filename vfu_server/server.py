@@ -413,6 +413,8 @@ class Server:
 
     async def client_gone(self) -> None:
         device = self.device
+        if device.migration is not None:
+            device.migration.client_gone()
         device.dma.clear()
         device.irqs.close()
         with trio.CancelScope(shield=True):
@@ -455,6 +457,8 @@ async def serve(
     socket_path: str | None = None,
     listener: trio.socket.SocketType | None = None,
     socket_path_to_remove: str | None = None,
+    control: trio.socket.SocketType | None = None,
+    control_path: str | None = None,
     connected: trio.socket.SocketType | None = None,
     on_listening: Callable[[], None] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
@@ -476,6 +480,8 @@ async def serve(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as device_tasks:
                 device.attach(device_tasks)
+                if control is not None:
+                    device_tasks.start_soon(serve_control, device, control)
                 async with trio.open_nursery() as clients:
                     if listener is not None:
                         await clients.start(server.serve_listener, listener)
@@ -504,5 +510,54 @@ async def serve(
     finally:
         if listener is not None:
             listener.close()
+        if control is not None:
+            control.close()
+            remove_socket(control_path)
         remove_socket(socket_path_to_remove)
         device.close()
+
+
+async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> None:
+    """The out-of-band control socket: one JSON object per line in, one per line out
+    (docs/migration-format.md). Any number of control clients, each served in its own task."""
+
+    async def one(sock: trio.socket.SocketType) -> None:
+        import json
+
+        stream = trio.SocketStream(sock)
+        buf = b""
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    return
+                buf += data
+                if len(buf) > 1 << 20:
+                    await stream.send_all(b'{"ok": false, "errno": 7, "error": "E2BIG", "reason": "line too long"}\n')
+                    return
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    try:
+                        msg = json.loads(line)
+                    except ValueError as exc:
+                        reply = {"ok": False, "errno": errno.EINVAL, "error": "EINVAL", "reason": f"not JSON: {exc}"}
+                    else:
+                        if device.migration is None:
+                            reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
+                                     "reason": "device is not migratable"}
+                        else:
+                            reply = device.migration.controller.handle_control(msg)
+                    try:
+                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    except trio.BrokenResourceError:
+                        return
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            sock, _ = await listener.accept()
+            nursery.start_soon(one, sock)

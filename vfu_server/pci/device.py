@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Protocol
 
 import trio
 
+from ..migration import MigrationError
 from ..protocol.constants import (
     DeviceFlags,
     IrqIndex,
@@ -39,12 +40,13 @@ from ..protocol.constants import (
     RegionFlags,
 )
 from ..protocol.errors import VfioUserError
-from ..protocol.messages import MsixMappableCap, RegionInfo, SparseMmapCap
+from ..protocol.messages import DeviceFeature, MsixMappableCap, RegionInfo, SparseMmapCap
 from .bar import Bar, BarBacking
 from .capabilities import Capability, Msi, Msix
 from .config import CMD_MASTER, ConfigSpace, PciIdentity
 from .dma import GuestMemory
 from .irq import Interrupts
+from .migration import DeviceMigration
 
 log = logging.getLogger("vfu_server.device")
 
@@ -68,6 +70,9 @@ class PciDevice:
     intx: ClassVar[bool] = False
     #: size of an expansion ROM (0: none); the content comes from :meth:`rom_bytes`
     rom_size: ClassVar[int] = 0
+    #: the device's migration formats (a :class:`vfu_server.migration.FormatSet`); a device
+    #: with formats must implement :meth:`save_state` and :meth:`load_state`
+    migration_formats: ClassVar[Any] = None
 
     def __init__(self) -> None:
         cls = type(self)
@@ -99,6 +104,10 @@ class PciDevice:
         self.extra_regions: dict[int, ExtraRegion] = {}
         self._nursery: trio.Nursery | None = None
         self._pending_reset: str | None = None
+        self.migration: DeviceMigration | None = None
+        if cls.migration_formats is not None:
+            self.migration = DeviceMigration(self, cls.migration_formats)
+            self.extra_regions[PciRegion.MIGRATION] = self.migration.region
 
     # -- naming and command line ------------------------------------------------------------
 
@@ -131,6 +140,72 @@ class PciDevice:
 
     def client_disconnected(self) -> Awaitable[None] | None:
         """The client went away: DMA maps and eventfds are gone, device state stays."""
+
+    # -- migration hooks (only for devices that declare migration_formats) ------------------
+
+    async def quiesce(self) -> None:
+        """Stop starting new work and wait for in-flight DMA and interrupts to finish. Called
+        before the device leaves a running migration state."""
+
+    def resume(self) -> None:
+        """Undo :meth:`quiesce`: the device is running again (after a migration or a failed one)."""
+
+    def save_state(self) -> Any:
+        """The device state as plain data, in the shape its formats encode."""
+        raise NotImplementedError(f"{type(self).__name__} declares migration_formats but no save_state")
+
+    def load_state(self, state: Any) -> None:
+        """Apply a fully validated state (called on the RESUMING -> STOP arc only)."""
+        raise NotImplementedError(f"{type(self).__name__} declares migration_formats but no load_state")
+
+    def reset_state(self) -> None:
+        """Power-on state before loading (entering RESUMING). Override if :meth:`reset` is async."""
+        self.config.reset()
+        self._reset_msix_table()
+        result = self.reset()
+        if result is not None:
+            raise TypeError(f"{type(self).__name__}.reset is async: override reset_state")
+
+    def migration_arc(self, src: Any, dst: Any) -> None:
+        """One migration state-machine arc; the device was already quiesced if it stops."""
+
+    def migration_profile(self) -> Any:
+        """The guest-visible profile a destination compares before loading."""
+        from .migration import pci_profile
+
+        return pci_profile(self)
+
+    def pci_state(self) -> dict[str, Any]:
+        """The generic PCI part of the state: ``{"pci": ..., "msix": ..., "intx": ...}``."""
+        from .migration import pci_state
+
+        return pci_state(self)
+
+    def load_pci_state(self, state: Any) -> None:
+        from .migration import load_pci_state
+
+        load_pci_state(self, state.pci, state.msix, state.intx)
+
+    async def device_feature(self, req: DeviceFeature) -> bytes:
+        if self.migration is None:
+            raise VfioUserError(f"device feature {req.index:#x} not supported", errno.ENOTTY)
+        return await self.migration.feature(req)
+
+    def migration_data_read(self, size: int) -> bytes:
+        if self.migration is None:
+            raise VfioUserError("device is not migratable", errno.ENOTTY)
+        try:
+            return self.migration.controller.read_data(size)
+        except MigrationError as exc:
+            raise VfioUserError(exc.reason, exc.errno) from None
+
+    def migration_data_write(self, data: bytes) -> None:
+        if self.migration is None:
+            raise VfioUserError("device is not migratable", errno.ENOTTY)
+        try:
+            self.migration.controller.write_data(data)
+        except MigrationError as exc:
+            raise VfioUserError(exc.reason, exc.errno) from None
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs and ``--list-devices``."""
@@ -203,6 +278,9 @@ class PciDevice:
         result = self.reset()
         if result is not None:
             await result
+        if self.migration is not None:
+            self.migration.controller.reset()
+            self.migration.sync_running()
 
     def take_pending_reset(self) -> str | None:
         reason, self._pending_reset = self._pending_reset, None
