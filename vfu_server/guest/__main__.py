@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sub.add_parser("info", help="print the paths of the provisioned kit")
     d = sub.add_parser("demo", help="boot the guest with the project's devices attached")
-    d.add_argument("--timeout", type=float, default=180.0)
+    d.add_argument("--timeout", type=float, default=300.0)
     d.add_argument(
         "--devices", help="comma-separated subset, e.g. example,nvme (default: all available)"
     )

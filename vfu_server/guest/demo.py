@@ -65,6 +65,13 @@ def _check_block(key: str) -> Callable[[GuestResult, Path | None], None]:
     return check
 
 
+def _check_rng(result: GuestResult, _backing: Path | None) -> None:
+    facts = result.values()
+    assert facts.get("rng_current") == "virtio_rng.0", f"hw_random uses {facts.get('rng_current')}"
+    sample = facts.get("hwrng_bytes", "")
+    assert len(sample) == 64 and sample != "0" * 64, f"/dev/hwrng gave {sample!r}"
+
+
 DEMO_DEVICES: list[DemoDevice] = [
     DemoDevice(
         name="example",
@@ -90,6 +97,14 @@ DEMO_DEVICES: list[DemoDevice] = [
         + _BLOCK_SNIPPET.format(dev="/dev/vda", mib=PATTERN_MIB, key="vda_sha256"),
         backing_mib=64,
         check=_check_block("vda_sha256"),
+    ),
+    DemoDevice(
+        name="virtio-rng",
+        title="virtio-rng (vfio-user): the guest's /dev/hwrng",
+        script="vfu_find_pci 0x1af4 0x1044 > /dev/null || exit 20\n"
+        'echo "rng_current=$(cat /sys/class/misc/hw_random/rng_current)"\n'
+        "echo \"hwrng_bytes=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n')\"\n",
+        check=_check_rng,
     ),
 ]
 
@@ -130,7 +145,7 @@ def _guest_script(devices: Sequence[DemoDevice]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def run_demo(timeout: float = 180.0, only: Sequence[str] | None = None) -> int:
+def run_demo(timeout: float = 300.0, only: Sequence[str] | None = None) -> int:
     try:
         kit = provision(log=True)
     except ProvisionError as exc:
