@@ -53,7 +53,8 @@ class Capability:
     def regs(self) -> memoryview:
         """The capability's live bytes in config space."""
         assert self.device is not None and self.offset is not None
-        return self.device.config.data[self.offset : self.offset + self.size]
+        # A memoryview, not a bytearray slice (which would be a copy that writes do not reach).
+        return memoryview(self.device.config.data)[self.offset : self.offset + self.size]
 
 
 class ExtendedCapability(Capability):
