@@ -6,6 +6,7 @@ Handlers return dword 0 of the completion, or None for a command that completes 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from .dptr import segment_views
 from .errors import NvmeError
 from .queues import write_event_idx, write_shadow
 from .state import CompletionQueueState, SubmissionQueueState
+
+log = logging.getLogger("vfu_server.device.nvme")
 
 if TYPE_CHECKING:
     from .controller import NvmeController
@@ -328,6 +331,7 @@ class AdminCommands:
             raise NvmeError(Status.INVALID_FIELD, "doorbell buffers are not mapped")
         shadow = ctrl.state.shadow
         shadow.doorbells, shadow.event_idx = dbs, eis
+        log.info("shadow doorbells at %#x, event indexes at %#x", dbs, eis)
         # Seed the shadows with what the controller knows, so nothing already submitted or
         # consumed looks new (or undone) when the shadows take over.
         for sq in ctrl.state.sqs.values():
