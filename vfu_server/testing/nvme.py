@@ -19,11 +19,15 @@ any :class:`SubmissionEntry`, :meth:`ring_sq` any value.
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
 from ..client import Client, EventFd, GuestRam
+from ..protocol.constants import IrqIndex, IrqSetFlags
+from .process import ServerProcess, running_server
 
 PAGE = 4096
 REG_CAP, REG_VS, REG_INTMS, REG_INTMC, REG_CC, REG_CSTS = 0x00, 0x08, 0x0C, 0x10, 0x14, 0x1C
@@ -177,7 +181,14 @@ class NvmeTestDriver:
             await self.client.dma_map(self.ram)
         await self.client.enable_bus_master()
         if msix_vectors:
-            self.vectors = await self.client.enable_msix(msix_vectors)
+            # vfio-user passes at most 16 fds per message: hand out the eventfds in chunks.
+            self.vectors = await self.client.enable_msix(min(msix_vectors, 16))
+            while len(self.vectors) < msix_vectors:
+                start, count = len(self.vectors), min(16, msix_vectors - len(self.vectors))
+                efds = [EventFd() for _ in range(count)]
+                await self.client.set_irqs(IrqIndex.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
+                                           start, count, [e.fd for e in efds])
+                self.vectors += efds
         if enable:
             await self.enable(admin_entries=admin_entries)
 
@@ -431,3 +442,17 @@ def sgl_descriptor(addr: int, length: int, kind: int, subtype: int = 0) -> bytes
 
 
 PSDT_SGL = 1 << 6  # flags byte value selecting SGLs for the data pointer
+
+
+@asynccontextmanager
+async def nvme_session(*args: str, ram_size: int = 32 << 20, msix_vectors: int = 8,
+                       enable: bool = True) -> AsyncIterator[tuple[NvmeTestDriver, ServerProcess]]:
+    """``vfu-server nvme *args`` in a process, connected, RAM mapped, controller enabled."""
+    async with running_server("nvme", *args) as server, await Client.connect(server.socket_path) as client:
+        drv = NvmeTestDriver(client, GuestRam(ram_size))
+        try:
+            await drv.start(msix_vectors=msix_vectors, enable=enable)
+            yield drv, server
+        except BaseException as exc:
+            exc.add_note(f"--- server stderr ---\n{server.stderr()[-4000:]}")
+            raise

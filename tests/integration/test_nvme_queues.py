@@ -1,0 +1,237 @@
+"""NVMe queues: wrap-around and phase tags, many queues, queue-management status codes,
+shadow doorbells, INTx fallback, controller reset/shutdown with I/O in flight, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from devices.nvme.constants import Status
+from vfu_server.client import Client, GuestRam
+from vfu_server.protocol.constants import IrqIndex, IrqSetFlags
+from vfu_server.testing.nvme import (
+    ADMIN_CREATE_CQ,
+    ADMIN_CREATE_SQ,
+    ADMIN_DELETE_CQ,
+    ADMIN_DELETE_SQ,
+    ADMIN_IDENTIFY,
+    IO_READ,
+    IO_WRITE,
+    NvmeTestDriver,
+    SubmissionEntry,
+    nvme_session,
+)
+from vfu_server.testing.process import running_server
+
+
+async def test_wrap_around_phase_and_sq_head() -> None:
+    async with nvme_session("--size", "1M") as (drv, _):
+        q = await drv.create_io_queue_pair(1, entries=4)
+        buf = drv.buffer(512)
+        for i in range(50):
+            c = await drv.io(q, IO_READ, slba=i, nlb=0, buf=buf, length=512)
+            assert c.ok and c.sqid == 1
+            assert c.sqhd == (i + 1) % 4  # SQ head reported in every completion
+        assert q.phase == (1 if (50 // 4) % 2 == 0 else 0)
+        # the admin queue (32 entries) wraps too
+        for _ in range(70):
+            await drv.identify(1)
+
+
+async def test_queue_depth_32_overlaps_and_completes() -> None:
+    async with nvme_session("--size", "8M") as (drv, _):
+        q = await drv.create_io_queue_pair(1, entries=64)
+        bufs = []
+        cids = []
+        for i in range(32):
+            buf = drv.buffer(4096)
+            drv.ram.write(buf, bytes([i]) * 4096)
+            bufs.append(buf)
+            p1, p2 = drv.prps(buf, 4096)
+            cids.append(await drv.submit(q, SubmissionEntry(IO_WRITE, nsid=1, prp1=p1, prp2=p2, cdw10=i * 8,
+                                                            cdw12=7), ring=False))
+        await drv.ring_sq(1, q.sq_tail)
+        for cid in cids:
+            assert (await drv.wait(q, cid)).ok
+        for i in range(32):
+            assert await drv.read(q, i * 8, 4096) == bytes([i]) * 4096
+
+
+async def test_many_queues() -> None:
+    async with nvme_session("--size", "4M", "--max-queues", "16", msix_vectors=17) as (drv, _):
+        nsq, ncq = await drv.set_num_queues(64)
+        assert (nsq, ncq) == (16, 16)
+        queues = [await drv.create_io_queue_pair(qid, entries=8, vector=qid) for qid in range(1, 17)]
+        for q in queues:
+            await drv.write(q, q.qid * 8, bytes([q.qid]) * 4096)
+        for q in reversed(queues):
+            assert await drv.read(q, q.qid * 8, 4096) == bytes([q.qid]) * 4096
+        c = await drv.admin(ADMIN_CREATE_CQ, prp1=drv.buffer(4096), cdw10=7 << 16 | 17, cdw11=3)
+        assert c.code == Status.INVALID_QUEUE_IDENTIFIER
+        for q in queues[8:]:
+            await drv.delete_io_queue_pair(q.qid)
+        await drv.write(queues[0], 0, b"x" * 512)
+
+
+async def test_queue_management_status_codes() -> None:
+    async with nvme_session("--size", "1M", "--max-queue-entries", "256") as (drv, _):
+        mem = drv.buffer(256 * 64)
+
+        async def create_cq(qid: int, size: int, cdw11: int = 3, prp1: int = mem) -> int:
+            return (await drv.admin(ADMIN_CREATE_CQ, prp1=prp1, cdw10=(size - 1) << 16 | qid, cdw11=cdw11)).code
+
+        async def create_sq(qid: int, size: int, cqid: int, pc: int = 1, prp1: int = mem) -> int:
+            return (await drv.admin(ADMIN_CREATE_SQ, prp1=prp1, cdw10=(size - 1) << 16 | qid,
+                                    cdw11=cqid << 16 | pc)).code
+
+        assert await create_cq(0, 8) == Status.INVALID_QUEUE_IDENTIFIER
+        assert await create_cq(1, 1) == Status.INVALID_QUEUE_SIZE
+        assert await create_cq(1, 257) == Status.INVALID_QUEUE_SIZE
+        assert await create_cq(1, 8, cdw11=100 << 16 | 3) == Status.INVALID_INTERRUPT_VECTOR
+        assert await create_cq(1, 8, cdw11=2) == Status.INVALID_FIELD  # not physically contiguous
+        assert await create_cq(1, 8, prp1=mem + 64) == Status.INVALID_PRP_OFFSET
+        assert await create_cq(1, 8, prp1=1 << 40) == Status.INVALID_FIELD  # not mapped
+        assert await create_cq(1, 256) == Status.SUCCESS
+        assert await create_cq(1, 8) == Status.INVALID_QUEUE_IDENTIFIER  # exists
+        sq_mem = drv.buffer(256 * 64)
+        assert await create_sq(1, 8, cqid=2, prp1=sq_mem) == Status.COMPLETION_QUEUE_INVALID
+        assert await create_sq(1, 8, cqid=0, prp1=sq_mem) == Status.COMPLETION_QUEUE_INVALID
+        assert await create_sq(1, 8, cqid=1, pc=0, prp1=sq_mem) == Status.INVALID_FIELD
+        assert await create_sq(1, 8, cqid=1, prp1=sq_mem) == Status.SUCCESS
+        assert await create_sq(2, 8, cqid=1, prp1=drv.buffer(4096)) == Status.SUCCESS  # two SQs, one CQ
+        assert (await drv.admin(ADMIN_DELETE_CQ, cdw10=1)).code == Status.INVALID_QUEUE_DELETION
+        assert (await drv.admin(ADMIN_DELETE_SQ, cdw10=0)).code == Status.INVALID_QUEUE_IDENTIFIER
+        assert (await drv.admin(ADMIN_DELETE_SQ, cdw10=5)).code == Status.INVALID_QUEUE_IDENTIFIER
+        assert (await drv.admin(ADMIN_DELETE_SQ, cdw10=1)).ok
+        assert (await drv.admin(ADMIN_DELETE_SQ, cdw10=2)).ok
+        assert (await drv.admin(ADMIN_DELETE_CQ, cdw10=1)).ok
+        assert (await drv.admin(ADMIN_DELETE_CQ, cdw10=1)).code == Status.INVALID_QUEUE_IDENTIFIER
+        assert (await drv.admin(ADMIN_DELETE_CQ, cdw10=0)).code == Status.INVALID_QUEUE_IDENTIFIER
+
+
+async def test_shadow_doorbells_and_event_index() -> None:
+    async with nvme_session("--size", "4M") as (drv, _):
+        await drv.enable_shadow_doorbells()
+        q = await drv.create_io_queue_pair(1, entries=16)
+        before = drv.mmio_doorbells
+        for i in range(40):
+            await drv.write(q, i, bytes([i]) * 512)
+        for i in range(40):
+            assert await drv.read(q, i, 512) == bytes([i]) * 512
+        # 80 commands: every SQ tail crosses the event index (the controller was idle), but CQ
+        # head updates go to the shadow only: far fewer MMIO writes than 2 per command.
+        assert drv.mmio_doorbells - before < 120
+        # The event index follows the SQ tail the controller consumed.
+        assert drv.ram.read32(drv.shadow_ei + 8) == q.sq_tail
+        # A batch submitted with only the shadow updated is picked up once one MMIO write
+        # wakes the controller.
+        cids = []
+        for i in range(8):
+            buf = drv.buffer(512)
+            cids.append(await drv.submit(q, SubmissionEntry(IO_READ, nsid=1, prp1=buf, cdw10=i), ring=False))
+            drv._shadow_update(2, q.sq_tail)
+        await drv.client.write32(0, 0x1008, q.sq_tail, posted=True)
+        for cid in cids:
+            assert (await drv.wait(q, cid)).ok
+        # The admin queue keeps working with MMIO doorbells (Linux never shadows it).
+        await drv.identify(1)
+
+
+async def test_intx_fallback() -> None:
+    async with running_server("nvme", "--size", "1M") as srv, await Client.connect(srv.socket_path) as client:
+        drv = NvmeTestDriver(client, GuestRam(8 << 20))
+        await drv.start(msix_vectors=0, enable=False)
+        (intx,) = await client.enable_irqs(IrqIndex.INTX, 1)
+        await drv.enable()
+        buf = drv.buffer(4096)
+        for _ in range(3):
+            cid = await drv.submit(0, SubmissionEntry(ADMIN_IDENTIFY, prp1=buf, cdw10=1))
+            with trio.fail_after(5):
+                await intx.wait()
+            assert await client.config_read(0x06, 2) & 0x08  # interrupt status
+            assert (await drv.wait(0, cid)).ok  # consumes the CQE and rings the CQ head
+            with trio.fail_after(5):
+                while await client.config_read(0x06, 2) & 0x08:
+                    await trio.sleep(0.01)
+            await client.set_irqs(IrqIndex.INTX, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_UNMASK, 0, 1)
+        # INTMS masks the interrupt
+        await drv.write32(0x0C, 1)
+        cid = await drv.submit(0, SubmissionEntry(ADMIN_IDENTIFY, prp1=buf, cdw10=1))
+        await trio.sleep(0.2)
+        assert intx.count() == 0
+        await drv.write32(0x10, 1)
+        with trio.fail_after(5):
+            await intx.wait()
+        assert (await drv.wait(0, cid)).ok
+
+
+async def _write_burst(drv: NvmeTestDriver, qid: int, n: int, fill: int) -> list[int]:
+    q = drv.queues[qid]
+    cids = []
+    for i in range(n):
+        buf = drv.buffer(4096)
+        drv.ram.write(buf, bytes([fill]) * 4096)
+        p1, p2 = drv.prps(buf, 4096)
+        cids.append(await drv.submit(q, SubmissionEntry(IO_WRITE, nsid=1, prp1=p1, prp2=p2, cdw10=8 * i, cdw12=7),
+                                     ring=False))
+    await drv.ring_sq(qid, q.sq_tail)
+    return cids
+
+
+async def test_reset_with_io_in_flight_then_reenable(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4 << 20))
+    async with nvme_session("--backing", str(image)) as (drv, _):
+        for round_ in range(3):
+            await drv.create_io_queue_pair(1, entries=64)
+            await _write_burst(drv, 1, 32, round_ + 1)
+            await drv.disable()  # controller reset while commands are in flight
+            await drv.enable()
+        q = await drv.create_io_queue_pair(1, entries=64)
+        assert len(await drv.read(q, 0, 4096)) == 4096
+
+
+async def test_shutdown_notification_flushes(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4 << 20))
+    async with nvme_session("--backing", str(image)) as (drv, _):
+        await drv.create_io_queue_pair(1, entries=64)
+        cids = await _write_burst(drv, 1, 32, 0xA5)
+        csts = await drv.shutdown()
+        assert csts & 1 and (csts >> 2) & 3 == 2
+        for cid in cids:
+            assert (await drv.wait(1, cid)).ok
+        assert image.read_bytes()[: 32 * 4096] == b"\xa5" * (32 * 4096)
+        await drv.disable()
+        assert (await drv.csts()) == 0
+        await drv.enable()
+
+
+async def test_sigterm_completes_in_flight_and_flushes(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4 << 20))
+    async with running_server("nvme", "--backing", str(image)) as srv:
+        async with await Client.connect(srv.socket_path) as client:
+            drv = NvmeTestDriver(client, GuestRam(16 << 20))
+            await drv.start()
+            await drv.create_io_queue_pair(1, entries=64)
+            cids = await _write_burst(drv, 1, 32, 0x5A)
+            for cid in cids:
+                assert (await drv.wait(1, cid)).ok
+            assert await srv.terminate() == 0
+        assert "Traceback" not in srv.stderr()
+    assert image.read_bytes()[: 32 * 4096] == b"\x5a" * (32 * 4096)
+
+
+async def test_client_reconnect_starts_fresh() -> None:
+    async with running_server("nvme", "--size", "1M") as srv:
+        for _ in range(2):
+            async with await Client.connect(srv.socket_path) as client:
+                drv = NvmeTestDriver(client, GuestRam(8 << 20))
+                await drv.start(enable=False)
+                assert await drv.csts() == 0
+                await drv.enable()
+                q = await drv.create_io_queue_pair(1, entries=8)
+                await drv.write(q, 0, os.urandom(512))
