@@ -61,11 +61,19 @@ class DmaCopyEngine(PciDevice):
 
     @bar0.reader
     def read_register(self, offset: int, size: int) -> int:
-        index = offset // 4
-        return getattr(self.state, REGS[index]) if index < len(REGS) and offset % 4 == 0 else 0
+        # Any access of 1, 2, 4 or 8 bytes: assemble the 32-bit registers it covers.
+        first = offset // 4
+        value = 0
+        for i, index in enumerate(range(first, (offset + size + 3) // 4)):
+            value |= (getattr(self.state, REGS[index]) if index < len(REGS) else 0) << (32 * i)
+        return (value >> (8 * (offset % 4))) & ((1 << (8 * size)) - 1)
 
     @bar0.writer
     def write_register(self, offset: int, size: int, value: int) -> None:
+        if size == 8:  # a 64-bit write is two register writes, low then high
+            self.write_register(offset, 4, value & 0xFFFFFFFF)
+            self.write_register(offset + 4, 4, value >> 32)
+            return
         name = REGS[offset // 4] if offset % 4 == 0 and offset // 4 < len(REGS) else None
         if name in ("magic", "irq_count", None):
             return
