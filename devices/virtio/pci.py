@@ -496,8 +496,7 @@ class VirtioPciDevice(PciDevice):
                 while (chain := q.pop()) is not None:
                     q.push(chain, await self.process(q, chain))
                 self.notify_queue(q)
-                if not q.enable_notification():
-                    await q.doorbell.wait()
+                await self._sleep_until_kicked(q)
         async with trio.open_nursery() as nursery:
             slots = trio.Semaphore(self.max_inflight)
             completed = trio.Event()
@@ -528,8 +527,15 @@ class VirtioPciDevice(PciDevice):
                         self.notify_queue(q)
                     await slots.acquire()
                     nursery.start_soon(one, chain)
-                if not q.enable_notification():
-                    await q.doorbell.wait()
+                await self._sleep_until_kicked(q)
+
+    async def _sleep_until_kicked(self, q: SplitQueue) -> None:
+        if q.enable_notification():
+            # More work arrived meanwhile; still a checkpoint, so a guest that keeps the
+            # queue full cannot starve other tasks or block a reset's cancellation.
+            await trio.lowlevel.checkpoint()
+        else:
+            await q.doorbell.wait()
 
     async def drain(self, timeout: float = 20.0) -> None:
         """Stop taking requests and wait for the ones in flight (server shutdown)."""

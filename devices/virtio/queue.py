@@ -281,6 +281,8 @@ class SplitQueue:
         """Before sleeping: ask the driver to kick for anything after ``next_avail``.
 
         Returns True if more chains arrived meanwhile (then do not sleep)."""
+        if not (self.active and self.accepting):
+            return False
         s = self.state
         if s.event_idx_enabled:
             used = self._view(s.used_ring, 6 + 8 * s.size, write=True)

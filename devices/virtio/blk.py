@@ -1,0 +1,217 @@
+"""virtio-blk (VIRTIO 1.2 section 5.2) on the project's block backends.
+
+Requests of a queue run concurrently (up to ``max_inflight``), data moves between the backend
+and guest RAM through memoryviews without copies, and a request completes only after the
+backend finished it: a write is in the backend (page cache / NBD server) when the guest sees
+it complete, and durable after a FLUSH. There is no per-request FUA in virtio-blk; the driver
+flushes. On SIGTERM in-flight requests finish and the backend is flushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+from typing import Any
+
+import trio
+
+from vfu_server.block import (
+    BlockBackend,
+    BlockError,
+    FileBackend,
+    MemoryBackend,
+    open_backend,
+    parse_backend_spec,
+)
+from vfu_server.block.base import iov_slice
+from vfu_server.block.spec import BackendSpec
+
+from .pci import VirtioPciDevice
+from .queue import DescriptorChain, SplitQueue, VirtqueueError
+from .spec import DeviceId, bit
+
+SECTOR = 512
+MAX_QUEUES = 16
+
+F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_TOPOLOGY, F_MQ = 1, 2, 5, 6, 9, 10, 12
+F_DISCARD, F_WRITE_ZEROES = 13, 14
+
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+ID_BYTES = 20
+
+SIZE_MAX = 1 << 20
+MAX_SEGMENTS = 32  # discard / write-zeroes ranges per request
+MAX_RANGE_SECTORS = 0x3FFFFF  # per range, about 2 GiB
+_HDR = struct.Struct("<IIQ")
+_RANGE = struct.Struct("<QII")
+_CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
+
+
+class VirtioBlk(VirtioPciDevice):
+    """virtio-blk: a disk on a raw file, an NBD export or RAM (--backing/--size)."""
+
+    cli_name = "virtio-blk"
+    virtio_id = DeviceId.BLOCK  # PCI device 0x1042
+    class_code = 0x010000  # mass storage, SCSI (what QEMU uses for virtio-blk)
+    config_size = _CONFIG.size
+    msix_vectors = 1 + MAX_QUEUES
+    queue_max_size = 256
+    max_inflight = 64
+
+    def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "") -> None:
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise ValueError(f"--num-queues must be 1..{MAX_QUEUES}")
+        self.spec = backend if isinstance(backend, BackendSpec) else None
+        self.backend: BlockBackend | None = None if isinstance(backend, BackendSpec) else backend
+        self.ready = trio.Event()
+        if self.backend is not None:
+            self.ready.set()
+        read_only = self.backend.read_only if self.backend else bool(self.spec and self.spec.read_only)
+        features = (bit(F_SIZE_MAX) | bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH) | bit(F_TOPOLOGY)
+                    | bit(F_MQ) | bit(F_DISCARD) | bit(F_WRITE_ZEROES) | (bit(F_RO) if read_only else 0))
+        super().__init__(num_queues=num_queues, device_features=features)
+        self.serial = serial.encode()[:ID_BYTES]
+
+    # -- command line --------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--backing", metavar="FILE", help="raw image, block device or nbd:// URI (none: RAM)")
+        parser.add_argument("--size", metavar="BYTES", help="disk size (K/M/G suffixes); needed for RAM or to create")
+        parser.add_argument("--read-only", action="store_true")
+        parser.add_argument("--num-queues", type=int, default=1, metavar="N", help=f"request queues (1..{MAX_QUEUES})")
+        parser.add_argument("--serial", default="", metavar="ID", help="disk serial (up to 20 bytes)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> VirtioBlk:
+        spec = parse_backend_spec(args.backing, args.size, args.read_only)
+        backend: BlockBackend | BackendSpec = spec
+        # Files and RAM open here, so a bad path is a command-line error; NBD connects in run().
+        try:
+            if spec.kind == "memory":
+                assert spec.size is not None
+                backend = MemoryBackend(spec.size, read_only=spec.read_only)
+            elif spec.kind == "file":
+                assert spec.path is not None
+                backend = FileBackend(spec.path, size=spec.size, read_only=spec.read_only)
+        except BlockError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(backend, num_queues=args.num_queues, serial=args.serial)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.backend is None:
+            assert self.spec is not None
+            async with open_backend(self.spec) as backend:
+                self.backend = backend
+                self.ready.set()
+                self.config_changed()
+                await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        await self.drain()
+        if self.backend is not None:
+            try:
+                await self.backend.flush()
+            except BlockError as exc:
+                self.log.error("final flush failed: %s", exc)
+            if self.spec is None:
+                await self.backend.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": self.backend.describe() if self.backend else None}
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def read_config(self) -> bytes:
+        b = self.backend
+        capacity = b.size // SECTOR if b else 0
+        block = b.block_size if b else SECTOR
+        return _CONFIG.pack(
+            capacity, SIZE_MAX, self.queue_max_size - 2,
+            0, 0, 0,  # geometry (not offered)
+            SECTOR,  # blk_size: logical block
+            (block // SECTOR).bit_length() - 1, 0, 1, 0,  # topology: physical block exponent, ...
+            1, self.num_queues,  # writeback; num_queues
+            MAX_RANGE_SECTORS, MAX_SEGMENTS, block // SECTOR,  # discard
+            MAX_RANGE_SECTORS, MAX_SEGMENTS, 1,  # write zeroes, may unmap
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
+        if chain.read_len < _HDR.size or chain.write_len < 1:
+            raise VirtqueueError(f"queue {queue.index}: virtio-blk request without header or status byte")
+        rtype, _, sector = _HDR.unpack(chain.read_bytes(_HDR.size))
+        data_in = iov_slice(chain.writable, 0, chain.write_len - 1)
+        status_view = iov_slice(chain.writable, chain.write_len - 1, 1)[0]
+        written = 0
+        await self.ready.wait()
+        backend = self.backend
+        assert backend is not None
+        try:
+            if rtype == T_IN:
+                status = self._check(sector, chain.write_len - 1)
+                if status == S_OK:
+                    await backend.readv(sector * SECTOR, data_in)
+                    written = chain.write_len - 1
+            elif rtype == T_OUT:
+                length = chain.read_len - _HDR.size
+                status = self._check(sector, length, write=True)
+                if status == S_OK:
+                    await backend.writev(sector * SECTOR, iov_slice(chain.readable, _HDR.size))
+            elif rtype == T_FLUSH:
+                await backend.flush()
+                status = S_OK
+            elif rtype == T_GET_ID:
+                ident = self.serial.ljust(ID_BYTES, b"\0")[: chain.write_len - 1]
+                written = _store(data_in, ident)
+                status = S_OK
+            elif rtype in (T_DISCARD, T_WRITE_ZEROES):
+                status = await self._ranges(rtype, chain.read_bytes(_HDR.size + _RANGE.size * MAX_SEGMENTS + 1)[_HDR.size :])
+            else:
+                status = S_UNSUPP
+        except BlockError as exc:
+            self.log.warning("request type %d at sector %d failed: %s", rtype, sector, exc)
+            status = S_IOERR
+        status_view[0] = status
+        return written + 1
+
+    def _check(self, sector: int, length: int, write: bool = False) -> int:
+        b = self.backend
+        assert b is not None
+        if write and b.read_only:
+            return S_IOERR
+        if length % SECTOR or sector * SECTOR + length > b.size:
+            return S_IOERR
+        return S_OK
+
+    async def _ranges(self, rtype: int, data: bytes) -> int:
+        if len(data) % _RANGE.size or not data or len(data) > _RANGE.size * MAX_SEGMENTS:
+            return S_IOERR
+        ranges = [_RANGE.unpack_from(data, off) for off in range(0, len(data), _RANGE.size)]
+        for sector, count, flags in ranges:
+            # Discard must not carry the unmap flag; other flag bits are reserved (5.2.6.2).
+            if flags & ~1 or (rtype == T_DISCARD and flags):
+                return S_UNSUPP
+            if count > MAX_RANGE_SECTORS or self._check(sector, count * SECTOR, write=True) != S_OK:
+                return S_IOERR
+        backend = self.backend
+        assert backend is not None
+        for sector, count, flags in ranges:
+            if rtype == T_DISCARD:
+                await backend.discard(sector * SECTOR, count * SECTOR)
+            else:
+                await backend.write_zeroes(sector * SECTOR, count * SECTOR, may_unmap=bool(flags & 1))
+        return S_OK
+
+
+def _store(views: list[memoryview], data: bytes) -> int:
+    pos = 0
+    for v in views:
+        n = min(v.nbytes, len(data) - pos)
+        v[:n] = data[pos : pos + n]
+        pos += n
+    return pos
