@@ -176,9 +176,12 @@ class Client:
         return await self._shutdown(et, ev, tb)
 
     async def _shutdown(self, et, ev, tb):  # type: ignore[no-untyped-def]
+        # The body's exception is not the reader task's business: close the reader and let the
+        # original exception propagate unwrapped (no ExceptionGroup around a RemoteError).
         self._cancel.cancel()
         self.channel.close()
-        return await self._nursery_manager.__aexit__(et, ev, tb)
+        await self._nursery_manager.__aexit__(None, None, None)
+        return False
 
     async def negotiate(self, offer: m.Version | None = None) -> Session:
         reply = await self.request(Command.VERSION, (offer or client_offer()).pack())

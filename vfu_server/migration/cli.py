@@ -2,6 +2,12 @@
 
     vfu-migrate formats [FAMILY]                      list formats (JSON descriptors)
     vfu-migrate convert FAMILY IN OUT --to FORMAT     re-encode a saved stream in another format
+    vfu-migrate run --from SRC.sock --to DST.sock [--format F]   migrate a device between servers
+    vfu-migrate save --from SOCK FILE [--format F]    save a device's state to a file
+    vfu-migrate load --to SOCK FILE                   load a saved state into a device
+
+``run``/``save``/``load`` talk vfio-user to servers that no VMM is attached to (a server
+serves one client at a time); they show progress on stderr.
 
 ``convert`` is the project's point in miniature: an opaque stream from one
 build becomes a standard stream any implementation can load (or back).
@@ -30,7 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--to", required=True, help="NAME|ALIAS|UUID[:MINOR]")
+    p = sub.add_parser("run", help="migrate a device from one server to another")
+    p.add_argument("--from", dest="src", required=True, metavar="SOCKET")
+    p.add_argument("--to", dest="dst", required=True, metavar="SOCKET")
+    p.add_argument("--format", help="format name, kind (opaque/standard) or UUID")
+    p.add_argument("--no-precopy", action="store_true")
+    p = sub.add_parser("save", help="save a device's state")
+    p.add_argument("--from", dest="src", required=True, metavar="SOCKET")
+    p.add_argument("file")
+    p.add_argument("--format")
+    p = sub.add_parser("load", help="load a saved state into a device")
+    p.add_argument("--to", dest="dst", required=True, metavar="SOCKET")
+    p.add_argument("file")
     args = ap.parse_args(argv)
+    if args.cmd in ("run", "save", "load"):
+        return _online(args)
     try:
         if args.cmd == "formats":
             fams = [args.family] if args.family else registered_families()
@@ -49,6 +69,58 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (MigrationError, OSError) as exc:
         print(f"vfu-migrate: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bar(phase: str, done: int, total: int | None = None, width: int = 30) -> None:
+    if total:
+        filled = min(width, done * width // total)
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} bytes"
+    else:
+        text = f"{done} bytes"
+    print(f"\r{phase:<10} {text}", end="", file=sys.stderr, flush=True)
+
+
+def _online(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..client import Client
+    from ..migrate import Progress, load, migrate, save
+    from ..protocol.errors import VfioUserError
+
+    async def run() -> int:
+        if args.cmd == "run":
+            async with await Client.connect(args.src) as src, await Client.connect(args.dst) as dst:
+                def show(p: Progress) -> None:
+                    _bar(p.phase, p.bytes)
+                stats = await migrate(src, dst, fmt=args.format, precopy=not args.no_precopy, progress=show)
+            print(file=sys.stderr)
+            print(json.dumps({
+                "format": stats.format, "uuid": stats.format_uuid, "bytes": stats.total_bytes,
+                "precopy_bytes": stats.precopy_bytes, "rounds": stats.rounds,
+                "downtime_ms": round(stats.downtime * 1000, 3), "total_ms": round(stats.total_time * 1000, 3),
+                "dirty_pages": stats.dirty_pages}))
+            return 0
+        if args.cmd == "save":
+            async with await Client.connect(args.src) as src:
+                data = await save(src, fmt=args.format)
+            with open(args.file, "wb") as f:
+                f.write(data)
+            _bar("saved", len(data), len(data))
+            print(file=sys.stderr)
+            return 0
+        with open(args.file, "rb") as f:
+            data = f.read()
+        async with await Client.connect(args.dst) as dst:
+            await load(dst, data)
+        _bar("loaded", len(data), len(data))
+        print(file=sys.stderr)
+        return 0
+
+    try:
+        return trio.run(run)
+    except (VfioUserError, OSError, ValueError) as exc:
+        print(f"\nvfu-migrate: {exc}", file=sys.stderr)
         return 1
 
 
