@@ -250,8 +250,46 @@ class NbdBackend(BlockBackend):
         """Connect, negotiate the export and start the reply reader in ``nursery``.
 
         ``size`` exposes only a prefix of the export (an export smaller than ``size`` is
-        refused).  The reader task stays in ``nursery`` until :meth:`aclose`.
+        refused).  The reader task stays in ``nursery`` until :meth:`aclose`; it never
+        raises, so a lost server cannot cancel the caller's other tasks.
         """
+        self = await cls._negotiate(target, size, read_only, timeout)
+        nursery.start_soon(self._reader, name=f"nbd-reader {self.target.uri}")
+        return self
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        target: NbdTarget | str,
+        *,
+        size: int | None = None,
+        read_only: bool = False,
+        timeout: float = 30.0,
+    ) -> AsyncIterator[NbdBackend]:
+        """``async with NbdBackend.open(uri) as backend:`` -- connect with a private nursery.
+
+        Errors keep their type: connection failures are raised before the nursery exists,
+        and since the reader never raises, the nursery's one-element ExceptionGroup around
+        an exception from the ``async with`` body is unwrapped.
+        """
+        self = await cls._negotiate(target, size, read_only, timeout)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, name=f"nbd-reader {self.target.uri}")
+                try:
+                    yield self
+                finally:
+                    await self.aclose()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    @classmethod
+    async def _negotiate(
+        cls, target: NbdTarget | str, size: int | None, read_only: bool, timeout: float
+    ) -> NbdBackend:
         if isinstance(target, str):
             target = parse_nbd_uri(target)
         try:
@@ -275,20 +313,7 @@ class NbdBackend(BlockBackend):
             raise BackendSpecError(
                 f"NBD {target.uri}: export is {export_size} bytes, smaller than --size {size}"
             )
-        self = cls(sock, target, export_size, flags, min_block, max_payload, size, read_only)
-        nursery.start_soon(self._reader, name=f"nbd-reader {target.uri}")
-        return self
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, target: NbdTarget | str, **kwargs: Any) -> AsyncIterator[NbdBackend]:
-        """``async with NbdBackend.open(uri) as backend:`` -- connect with a private nursery."""
-        async with trio.open_nursery() as nursery:
-            backend = await cls.connect(nursery, target, **kwargs)
-            try:
-                yield backend
-            finally:
-                await backend.aclose()
+        return cls(sock, target, export_size, flags, min_block, max_payload, size, read_only)
 
     @staticmethod
     async def _open_socket(target: NbdTarget) -> trio.socket.SocketType:
