@@ -69,15 +69,20 @@ class Server:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            # Not our child (it daemonised): wait for it to vanish so its socket is gone.
+            # Not our child (it daemonised), so we cannot wait(); poll until it is gone or a
+            # zombie (dead, awaiting a slow reaper) so that its sockets are closed.
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(self.pid, 0)
-                except ProcessLookupError:
-                    break
+            while time.monotonic() < deadline and not _dead(self.pid):
                 time.sleep(0.01)
             self.pid = 0
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
 
 
 def read_pidfile(pidfile: Path) -> int:
