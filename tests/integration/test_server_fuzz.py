@@ -8,6 +8,7 @@ crash, a hang or a poisoned device state fails the test. One server process serv
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import struct
@@ -62,11 +63,15 @@ def shared_server():
     assert "Traceback" not in stderr, stderr
 
 
-async def _send_and_drain(path: str, data: bytes) -> list:
+async def _send_and_drain(path: str, data: bytes, fds: list[int] | None = None) -> list:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(path)
         try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = await sock.sendmsg([data], anc)
+                data = data[sent:]
             await _sendall(sock, data)
             sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
@@ -99,9 +104,9 @@ async def _sendall(sock, data: bytes) -> None:
         view = view[n:]
 
 
-async def _fuzz_case(path: str, data: bytes) -> None:
+async def _fuzz_case(path: str, data: bytes, fds: list[int] | None = None) -> None:
     with trio.fail_after(CASE_TIMEOUT):
-        replies = await _send_and_drain(path, data)
+        replies = await _send_and_drain(path, data, fds)
         for msg in replies:
             assert msg.is_reply, msg.describe()
             if msg.is_error:
@@ -113,9 +118,9 @@ async def _fuzz_case(path: str, data: bytes) -> None:
             assert await c.read32(0, SCRATCH) == 0x5A5A5A5A
 
 
-def run_case(shared_server, data: bytes) -> None:
+def run_case(shared_server, data: bytes, fds: list[int] | None = None) -> None:
     proc, path, err_path = shared_server
-    trio.run(_fuzz_case, path, data)
+    trio.run(_fuzz_case, path, data, fds)
     assert proc.poll() is None, Path(err_path).read_text(errors="replace")
 
 
@@ -185,6 +190,46 @@ def test_mutated_valid_messages(shared_server, stream: bytes) -> None:
 def test_every_command_with_random_payload(shared_server, command: int, flags: int, payload: bytes) -> None:
     msg = HEADER.pack(0x42, command, 16 + len(payload), flags, 0) + payload
     run_case(shared_server, VERSION + msg)
+
+
+def server_fd_count(shared_server) -> int:
+    """The server's open fds, counted while a fresh client is being served: the server serves
+    one connection at a time, so every earlier connection has been torn down by then."""
+    proc, path, _ = shared_server
+
+    async def count() -> int:
+        with trio.fail_after(CASE_TIMEOUT):
+            async with await Client.connect(path) as c:
+                assert await c.read32(0, MAGIC) == MAGIC_VALUE
+                return len(os.listdir(f"/proc/{proc.pid}/fd"))
+
+    return trio.run(count)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(stream=mutated_stream(), kinds=st.lists(st.sampled_from(["eventfd", "memfd", "pipe"]), min_size=1, max_size=4))
+def test_mutated_messages_with_fds_do_not_leak(shared_server, stream: bytes, kinds: list[str]) -> None:
+    """fds ride on the first message of the stream; whatever happens to the messages, the
+    server must not keep them once the connection is gone."""
+    before = server_fd_count(shared_server)
+    fds = []
+    for kind in kinds:
+        if kind == "eventfd":
+            fds.append(os.eventfd(0))
+        elif kind == "memfd":
+            fd = os.memfd_create("fuzz")
+            os.ftruncate(fd, 1 << 16)
+            fds.append(fd)
+        else:
+            r, w = os.pipe()
+            os.close(w)
+            fds.append(r)
+    try:
+        run_case(shared_server, VERSION + stream, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert server_fd_count(shared_server) <= before
 
 
 def test_valid_sequence_replies_exactly(shared_server) -> None:
