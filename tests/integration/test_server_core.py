@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import select
 import struct
@@ -434,3 +435,43 @@ async def test_fds_with_a_request_that_takes_none_are_not_leaked(server) -> None
             # The server process has not accumulated our fds.
             fds = os.listdir(f"/proc/{server.process.pid}/fd")
             assert len(fds) < 40, fds
+
+
+# --------------------------------------------------------------------------------------------
+# region info with capabilities: truncation, retry, fd only with the complete reply
+
+
+async def test_sparse_mmap_region_info_over_the_wire() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    with trio.fail_after(TIMEOUT):
+        async with running_server("mmap_test_device:MmapDevice", env={"PYTHONPATH": here}) as srv:
+            conn = await RawConn.connect(srv.socket_path)
+            try:
+                await conn.negotiate()
+                # First try with argsz 32: fixed part only, CAPS clear, argsz = needed, no fd.
+                reply = await conn.request(1, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.request(0, 32))
+                assert len(reply.payload) == 32 and reply.fds == []
+                short = m.RegionInfo.unpack(reply.payload)
+                assert not short.flags & RegionFlags.CAPS and short.cap_offset == 0
+                assert short.flags & RegionFlags.MMAP and short.size == 0x4000
+                needed = short.argsz
+                assert needed == 32 + 8 + 8 + 16 + 8
+                # Retry with the full size: the whole chain and exactly one fd.
+                reply = await conn.request(2, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.request(0, needed))
+                assert len(reply.payload) == needed and len(reply.fds) == 1
+                full = m.RegionInfo.unpack(reply.payload)
+                assert full.flags & RegionFlags.CAPS and full.cap_offset == 32
+                assert full.cap(m.SparseMmapCap) == m.SparseMmapCap(((0x1000, 0x2000),))
+                assert full.cap(m.MsixMappableCap) is not None
+                # The fd maps the BAR: writes through it are what region reads see.
+                mem = mmap.mmap(reply.fds[0], 0x4000, offset=full.offset)
+                reply.close_fds()
+                mem[0x2000:0x2004] = b"\x11\x22\x33\x44"
+                reply = await conn.request(3, Command.REGION_READ, m.REGION_ACCESS.pack(0x2000, 0, 4))
+                assert reply.payload[16:] == b"\x11\x22\x33\x44"
+                mem.close()
+                # No fd with any other reply.
+                reply = await conn.request(4, Command.DEVICE_GET_REGION_INFO, m.RegionInfo.request(7, 64))
+                assert reply.fds == []
+            finally:
+                conn.close()
