@@ -481,13 +481,25 @@ class VirtioPciDevice(PciDevice):
         try:
             q.check_layout()
             await self.serve_queue(q)
-        except VirtqueueError as exc:
+        except BaseExceptionGroup as group:
+            # Errors of concurrent requests arrive grouped; a reset's Cancelled goes on up.
+            cancelled, rest = group.split(trio.Cancelled)
+            if rest is not None:
+                self._queue_failed(q, rest)
+            if cancelled is not None:
+                raise cancelled from None
+        except Exception as exc:
+            self._queue_failed(q, exc)
+
+    def _queue_failed(self, q: SplitQueue, exc: BaseException) -> None:
+        bad = _first(exc, VirtqueueError)
+        if bad is not None:
             self.notify_queue(q)  # what completed before the bad chain still completes
-            self.needs_reset(str(exc))
-        except Exception:
-            # A device bug must not take the server (and the guest's other queues) down.
-            self.log.exception("queue %d failed", q.index)
-            self.needs_reset(f"internal error on queue {q.index}")
+            self.needs_reset(str(bad))
+            return
+        # A device bug must not take the server (and the guest's other queues) down.
+        self.log.error("queue %d failed", q.index, exc_info=exc)
+        self.needs_reset(f"internal error on queue {q.index}")
 
     async def serve_queue(self, q: SplitQueue) -> None:
         """Pop requests when the driver kicks, run :meth:`process` on them, complete them."""
@@ -548,3 +560,15 @@ class VirtioPciDevice(PciDevice):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "virtio_id": type(self).virtio_id, "queues": self.num_queues}
+
+
+def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc`` or its (nested) exception groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first(inner, kind)
+            if found is not None:
+                return found
+    return None
