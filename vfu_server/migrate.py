@@ -208,3 +208,53 @@ async def migrate(
     stats.total_time = time.perf_counter() - t0
     report(Progress("done", stats.total_bytes, stats.rounds))
     return stats
+
+
+# -- the legacy (v1) migration region, region 9 -------------------------------------------------
+
+REGION = 9
+V1_RUNNING, V1_SAVING, V1_RESUMING = 1, 2, 4
+_R_STATE, _R_PENDING, _R_DATA_OFFSET, _R_DATA_SIZE = 0x00, 0x08, 0x10, 0x18
+
+
+async def region_set_state(client: Client, v1_state: int) -> None:
+    await client.write(REGION, _R_STATE, v1_state, 4)
+
+
+async def region_get_state(client: Client) -> int:
+    return await client.read(REGION, _R_STATE, 4)
+
+
+async def region_save(client: Client, *, resume: bool = True) -> bytes:
+    """Save through the v1 region: SAVING, then (pending_bytes, data_offset, data_size, read the
+    window) until pending_bytes is 0, the v1 way."""
+    await region_set_state(client, V1_SAVING)
+    out = bytearray()
+    for _ in range(1 << 16):
+        pending = await client.read(REGION, _R_PENDING, 8)
+        offset = await client.read(REGION, _R_DATA_OFFSET, 8)  # stages the next chunk
+        size = await client.read(REGION, _R_DATA_SIZE, 8)
+        if size:
+            out += await client.region_read(REGION, offset, size)
+        if not size and not pending:
+            break
+    await region_set_state(client, V1_RUNNING if resume else 0)
+    return bytes(out)
+
+
+async def region_load(client: Client, stream: bytes, *, run: bool = True) -> None:
+    """Load through the v1 region: RESUMING, write each chunk into the window and commit it by
+    writing data_size, then RUNNING (or stopped)."""
+    await region_set_state(client, V1_RESUMING)
+    offset = await client.read(REGION, _R_DATA_OFFSET, 8)
+    info, _ = await client.region_info(REGION)
+    window = info.size - offset
+    try:
+        for pos in range(0, len(stream), window):
+            chunk = stream[pos : pos + window]
+            await client.region_write(REGION, offset, chunk)
+            await client.write(REGION, _R_DATA_SIZE, len(chunk), 8)
+        await region_set_state(client, V1_RUNNING if run else 0)
+    except BaseException:
+        await client.reset()
+        raise

@@ -55,6 +55,11 @@ _ASYNC_COMMANDS = {Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DAT
 _HANDLERS: dict[int, str] = {}
 
 
+async def _then(pending: Awaitable[None], value: bytes) -> bytes:
+    await pending
+    return value
+
+
 def handles(command: Command) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a :class:`Connection` method as the handler of ``command``."""
 
@@ -327,20 +332,32 @@ class Connection:
         return m.REGION_ACCESS.pack(offset, region, count) + data
 
     @handles(Command.REGION_WRITE)
-    def _region_write(self, msg: Message) -> bytes:
+    def _region_write(self, msg: Message) -> bytes | Awaitable[bytes]:
         payload = msg.payload
         if len(payload) < 16:
             raise MalformedMessage("REGION_WRITE payload shorter than 16 bytes")
         offset, region, count = m.REGION_ACCESS.unpack_from(payload)
         if len(payload) - 16 != count:
             raise MalformedMessage(f"REGION_WRITE count {count} but {len(payload) - 16} data bytes")
-        self.device.region_write(region, offset, bytes(payload[16:]))
-        return m.REGION_ACCESS.pack(offset, region, count)
+        pending = self.device.region_write(region, offset, bytes(payload[16:]))
+        reply = m.REGION_ACCESS.pack(offset, region, count)
+        return reply if pending is None else _then(pending, reply)
 
     @handles(Command.REGION_WRITE_MULTI)
-    def _region_write_multi(self, msg: Message) -> None:
-        for region, offset, data in m.unpack_write_multi(msg.payload):
-            self.device.region_write(region, offset, data)
+    def _region_write_multi(self, msg: Message) -> Awaitable[None] | None:
+        writes = m.unpack_write_multi(msg.payload)
+        for i, (region, offset, data) in enumerate(writes):
+            pending = self.device.region_write(region, offset, data)
+            if pending is not None:
+                return self._write_multi_rest(pending, writes[i + 1 :])
+        return None
+
+    async def _write_multi_rest(self, pending: Awaitable[None], rest: list[tuple[int, int, bytes]]) -> None:
+        await pending
+        for region, offset, data in rest:
+            more = self.device.region_write(region, offset, data)
+            if more is not None:
+                await more
 
     @handles(Command.DEVICE_RESET)
     async def _reset(self, msg: Message) -> None:

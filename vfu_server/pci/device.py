@@ -56,7 +56,7 @@ class ExtraRegion(Protocol):
 
     def info(self, index: int) -> RegionInfo: ...
     def read(self, offset: int, count: int) -> bytes: ...
-    def write(self, offset: int, data: bytes) -> None: ...
+    def write(self, offset: int, data: bytes) -> Awaitable[None] | None: ...
 
 
 class PciDevice:
@@ -329,7 +329,9 @@ class PciDevice:
             return extra.read(offset, count)
         raise VfioUserError(f"region {index} is not readable", errno.EINVAL)
 
-    def region_write(self, index: int, offset: int, data: bytes) -> None:
+    def region_write(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
+        """Apply a write. Returns an awaitable when the write needs async work (a migration
+        state change that must first quiesce the device); the server awaits it in order."""
         if index == PciRegion.CONFIG:
             try:
                 self.config.write(offset, data)
@@ -343,8 +345,7 @@ class PciDevice:
             return  # ROM writes are dropped, as on hardware
         extra = self.extra_regions.get(index)
         if extra is not None:
-            extra.write(offset, data)
-            return
+            return extra.write(offset, data)
         raise VfioUserError(f"region {index} is not writable", errno.EINVAL)
 
     # -- BAR access routing -------------------------------------------------------------------
