@@ -312,8 +312,9 @@ def run_guest(
         counters: dict[str, int] = {}
         for chassis, dev in enumerate(devices, 1):
             prefix = "vu" if isinstance(dev, VfuDevice) else dev.config.replace("-", "")
-            dev_id = dev.id or f"{prefix}{counters.setdefault(prefix, 0)}"
-            counters[prefix] += 1
+            number = counters.get(prefix, 0)
+            counters[prefix] = number + 1
+            dev_id = dev.id or f"{prefix}{number}"
             params: dict[str, str] = {"ID": dev_id, "CHASSIS": str(chassis)}
             if isinstance(dev, VfuDevice):
                 sock = run.start_server(dev, dev_id)
