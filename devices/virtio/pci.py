@@ -175,7 +175,7 @@ class VirtioPciDevice(PciDevice):
         if vid is not None:
             cls.identity = PciIdentity(
                 vendor_id=VIRTIO_VENDOR_ID, device_id=PCI_DEVICE_ID_BASE + vid, class_code=cls.class_code,
-                revision=1, subsystem_vendor_id=VIRTIO_VENDOR_ID, subsystem_id=vid)
+                revision=1, subsystem_vendor_id=VIRTIO_VENDOR_ID, subsystem_id=int(vid))
             if "capabilities" not in cls.__dict__:
                 cls.capabilities = virtio_capabilities(cls.config_size, cls.msix_vectors)
 

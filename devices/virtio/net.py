@@ -1,0 +1,248 @@
+"""virtio-net (VIRTIO 1.2 section 5.1) on a TAP interface or a Unix datagram peer.
+
+Queues: receiveq0, transmitq0, ..., receiveqN-1, transmitqN-1, controlq. No offloads are
+offered (no CSUM, no GSO): the guest sends and receives complete, checksummed frames, and the
+12-byte ``virtio_net_hdr_v1`` is all zeroes but ``num_buffers`` = 1.
+
+Received frames flow backend -> channel -> one receive pump that fills the guest's receive
+buffers; when the guest has none, the pump waits for a kick and the backend stops reading
+(a socket peer is slowed down, nothing is lost). The control queue handles RX mode
+(promiscuous, all-multicast), the MAC filter table, the MAC address and the number of active
+queue pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import struct
+import zlib
+from typing import Any
+
+import trio
+
+from .netbackend import NetBackend, SocketBackend, TapBackend
+from .pci import VirtioPciDevice
+from .queue import DescriptorChain, SplitQueue, VirtqueueError
+from .spec import DeviceId, Status, bit
+
+MAX_PAIRS = 8
+F_MAC, F_STATUS, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 5, 16, 17, 18, 22, 23
+S_LINK_UP = 1
+HDR_LEN = 12  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+RX_HDR = bytes(10) + struct.pack("<H", 1)
+MAX_RX_FRAME = 1514 + 4  # no GSO was offered: a frame is at most an MTU-sized one (+ VLAN tag)
+MAX_TX_FRAME = 65535
+CTRL_RX, CTRL_MAC, CTRL_MQ = 0, 1, 4
+RX_PROMISC, RX_ALLMULTI = 0, 1
+MAC_TABLE_SET, MAC_ADDR_SET = 0, 1
+MQ_VQ_PAIRS_SET = 0
+OK, ERR = 0, 1
+MAC_TABLE_ENTRIES = 64
+BROADCAST = b"\xff" * 6
+
+
+def parse_mac(text: str) -> bytes:
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", text):
+        raise ValueError(f"bad MAC address {text!r} (expected xx:xx:xx:xx:xx:xx)")
+    mac = bytes.fromhex(text.replace(":", ""))
+    if mac[0] & 1:
+        raise ValueError(f"{text} is a multicast address")
+    return mac
+
+
+class VirtioNet(VirtioPciDevice):
+    """virtio-net: an Ethernet NIC on a TAP interface (--tap) or a socket peer (--peer)."""
+
+    cli_name = "virtio-net"
+    virtio_id = DeviceId.NET  # PCI device 0x1041
+    class_code = 0x020000  # network, Ethernet
+    config_size = 10  # mac[6], status, max_virtqueue_pairs
+    msix_vectors = 2 + 2 * MAX_PAIRS
+    queue_max_size = 256
+
+    def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int = 1) -> None:
+        if not 1 <= queue_pairs <= MAX_PAIRS:
+            raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
+        features = (bit(F_MAC) | bit(F_STATUS) | bit(F_CTRL_VQ) | bit(F_CTRL_RX) | bit(F_MQ)
+                    | bit(F_CTRL_MAC_ADDR))
+        super().__init__(num_queues=2 * queue_pairs + 1, device_features=features)
+        self.backend = backend
+        self.queue_pairs = queue_pairs
+        self.default_mac = mac or bytes([0x52, 0x54, 0x00, *os.urandom(3)])
+        self.link_up = False
+        self.rx_dropped = 0
+        self._rx_send: trio.MemorySendChannel[bytes] | None = None
+        self._reset_filters()
+
+    def _reset_filters(self) -> None:
+        self.mac = self.default_mac
+        self.active_pairs = 1
+        self.promisc = True  # until the driver sets an RX mode, as QEMU does
+        self.allmulti = False
+        self.uni_table: set[bytes] = set()
+        self.multi_table: set[bytes] = set()
+
+    # -- command line --------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument("--tap", metavar="NAME", help="TAP interface (created if missing; needs CAP_NET_ADMIN)")
+        where.add_argument("--peer", metavar="PATH", help="Unix SOCK_SEQPACKET socket, one frame per datagram")
+        parser.add_argument("--listen", action="store_true", help="with --peer: listen on PATH instead of connecting")
+        parser.add_argument("--mac", metavar="MAC", help="MAC address (default: random 52:54:00:xx:xx:xx)")
+        parser.add_argument("--queue-pairs", type=int, default=1, metavar="N", help=f"RX/TX queue pairs (1..{MAX_PAIRS})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> VirtioNet:
+        if args.listen and not args.peer:
+            raise ValueError("--listen goes with --peer")
+        mac = parse_mac(args.mac) if args.mac else None
+        if not 1 <= args.queue_pairs <= MAX_PAIRS:
+            raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
+        backend: NetBackend = TapBackend(args.tap) if args.tap else SocketBackend(args.peer, args.listen)
+        return cls(backend, mac, args.queue_pairs)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": self.backend.describe(), "mac": self.mac.hex(":")}
+
+    # -- configuration -----------------------------------------------------------------
+
+    def read_config(self) -> bytes:
+        return self.mac + struct.pack("<HH", S_LINK_UP if self.link_up else 0, self.queue_pairs)
+
+    def _set_link(self, up: bool) -> None:
+        if up != self.link_up:
+            self.link_up = up
+            if self.vstate.status & Status.DRIVER_OK:
+                self.config_changed()
+
+    def virtio_reset(self) -> None:
+        self._reset_filters()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self.backend.run(self._deliver, self._set_link)
+        finally:
+            self.backend.close()
+
+    async def _deliver(self, frame: bytes) -> None:
+        send = self._rx_send
+        if send is None or not self._wanted(frame):
+            self.rx_dropped += 1
+            return
+        try:
+            await send.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.rx_dropped += 1  # the device was reset meanwhile
+
+    def _wanted(self, frame: bytes) -> bool:
+        if len(frame) < 14 or len(frame) > MAX_RX_FRAME:
+            return False
+        dst = frame[:6]
+        if self.promisc:
+            return True
+        if dst[0] & 1:
+            return dst == BROADCAST or self.allmulti or dst in self.multi_table
+        return dst == self.mac or dst in self.uni_table
+
+    # -- queues -------------------------------------------------------------------------
+
+    @property
+    def ctrl_index(self) -> int:
+        return 2 * self.queue_pairs
+
+    async def serve_queue(self, q: SplitQueue) -> None:
+        if q.index == self.ctrl_index or q.index % 2 == 1:
+            await super().serve_queue(q)  # transmit and control queues: one chain after another
+        elif q.index == 0:
+            await self._rx_pump()
+        else:
+            await trio.sleep_forever()  # the pump of receiveq0 fills every receive queue
+
+    async def _rx_pump(self) -> None:
+        send, receive = trio.open_memory_channel[bytes](64)
+        self._rx_send = send
+        try:
+            async for frame in receive:
+                q = self.queues[2 * self._steer(frame)]
+                while (chain := q.pop()) is None:
+                    self.notify_queue(q)
+                    await self._sleep_until_kicked(q)
+                if chain.write_len >= HDR_LEN + len(frame):
+                    q.push(chain, chain.write_bytes(RX_HDR + frame))
+                else:
+                    self.rx_dropped += 1
+                    q.push(chain, 0)
+                if receive.statistics().current_buffer_used == 0:
+                    self.notify_queue(q)  # one interrupt per burst
+        finally:
+            if self._rx_send is send:
+                self._rx_send = None
+            receive.close()
+
+    def _steer(self, frame: bytes) -> int:
+        """Receive queue pair of a frame: a hash of addresses, so a flow keeps its order."""
+        if self.active_pairs == 1:
+            return 0
+        key = frame[:12] + (frame[26:34] if frame[12:14] == b"\x08\x00" else b"")
+        return zlib.crc32(key) % self.active_pairs
+
+    async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
+        if queue.index == self.ctrl_index:
+            return self._control(chain)
+        length = chain.read_len
+        if HDR_LEN + 14 <= length <= HDR_LEN + MAX_TX_FRAME:
+            await self.backend.send(chain.read_bytes()[HDR_LEN:])
+        return 0
+
+    # -- control queue -------------------------------------------------------------------
+
+    def _control(self, chain: DescriptorChain) -> int:
+        if chain.write_len < 1:
+            raise VirtqueueError("control command without an ack byte")
+        data = chain.read_bytes(4096)
+        ack = self._command(data[0], data[1], data[2:]) if len(data) >= 2 else ERR
+        chain.write_bytes(bytes([ack]))
+        return 1
+
+    def _command(self, cls: int, cmd: int, payload: bytes) -> int:
+        if cls == CTRL_RX and cmd in (RX_PROMISC, RX_ALLMULTI) and len(payload) == 1:
+            if cmd == RX_PROMISC:
+                self.promisc = bool(payload[0])
+            else:
+                self.allmulti = bool(payload[0])
+            return OK
+        if cls == CTRL_MAC and cmd == MAC_ADDR_SET and len(payload) == 6:
+            self.mac = payload
+            return OK
+        if cls == CTRL_MAC and cmd == MAC_TABLE_SET:
+            tables = []
+            pos = 0
+            for _ in range(2):
+                if pos + 4 > len(payload):
+                    return ERR
+                (n,) = struct.unpack_from("<I", payload, pos)
+                pos += 4
+                if pos + 6 * n > len(payload):
+                    return ERR
+                tables.append({payload[pos + 6 * i : pos + 6 * i + 6] for i in range(n)})
+                pos += 6 * n
+            if pos != len(payload):
+                return ERR
+            uni, multi = tables
+            if len(uni) > MAC_TABLE_ENTRIES or len(multi) > MAC_TABLE_ENTRIES:
+                return ERR  # the driver then falls back to promiscuous / all-multicast
+            self.uni_table, self.multi_table = uni, multi
+            return OK
+        if cls == CTRL_MQ and cmd == MQ_VQ_PAIRS_SET and len(payload) == 2:
+            (pairs,) = struct.unpack("<H", payload)
+            if not 1 <= pairs <= self.queue_pairs:
+                return ERR
+            self.active_pairs = pairs
+            return OK
+        return ERR

@@ -1,0 +1,167 @@
+"""Packet backends of virtio-net: a TAP interface, or a Unix SOCK_SEQPACKET peer.
+
+A backend moves whole Ethernet frames (no virtio header, no offloads). ``run`` receives
+frames forever and hands each to ``deliver``, which may block: that is how a guest without
+receive buffers slows a socket peer down instead of losing frames. ``link`` reports the
+carrier (a socket peer connected or not).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import trio
+
+Deliver = Callable[[bytes], Awaitable[None]]
+Link = Callable[[bool], None]
+
+MAX_FRAME = 65536
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+class NetBackend:
+    async def run(self, deliver: Deliver, link: Link) -> None:
+        raise NotImplementedError
+
+    async def send(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class TapBackend(NetBackend):
+    """A TAP interface (created if missing) in the network namespace of this process."""
+
+    def __init__(self, name: str) -> None:
+        if not 0 < len(name.encode()) < 16:
+            raise ValueError(f"bad TAP name {name!r}")
+        self.name = name
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    async def run(self, deliver: Deliver, link: Link) -> None:
+        link(True)
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            while True:
+                try:
+                    frame = os.read(self.fd, MAX_FRAME)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EIO:  # interface down: no carrier, wait
+                        await trio.sleep(0.1)
+                        break
+                    raise
+                await deliver(frame)
+
+    async def send(self, frame: bytes) -> None:
+        while True:
+            try:
+                os.write(self.fd, frame)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+            except OSError:
+                return  # interface down: the frame is lost, as on a wire
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def describe(self) -> str:
+        return f"tap:{self.name}"
+
+
+class SocketBackend(NetBackend):
+    """One SOCK_SEQPACKET connection at a time, one datagram per frame.
+
+    ``listen``: bind ``path`` and accept a peer (again after it leaves); otherwise connect to
+    ``path``, retrying until the listener exists and after it goes away.
+    """
+
+    def __init__(self, path: str, listen: bool) -> None:
+        self.path = path
+        self.listen = listen
+        self.sock: trio.socket.SocketType | None = None
+        self._listener: trio.socket.SocketType | None = None
+        if listen:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                raw.bind(path)  # here, so a bad path is a command-line error
+                raw.listen(1)
+            except OSError:
+                raw.close()
+                raise
+            self._listener = trio.socket.from_stdlib_socket(raw)
+
+    async def _connect(self) -> trio.socket.SocketType:
+        if self._listener is not None:
+            sock, _ = await self._listener.accept()
+            return sock
+        while True:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                await sock.connect(self.path)
+                return sock
+            except OSError:
+                sock.close()
+                await trio.sleep(0.1)
+
+    async def run(self, deliver: Deliver, link: Link) -> None:
+        while True:
+            sock = await self._connect()
+            self.sock = sock
+            link(True)
+            try:
+                while True:
+                    frame = await sock.recv(MAX_FRAME)
+                    if not frame:
+                        break
+                    await deliver(frame)
+            except OSError:
+                pass
+            finally:
+                self.sock = None
+                sock.close()
+                link(False)
+
+    async def send(self, frame: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            return  # no peer: no carrier, the frame is dropped
+        try:
+            await sock.send(frame)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def describe(self) -> str:
+        return f"{'listen' if self.listen else 'peer'}:{self.path}"

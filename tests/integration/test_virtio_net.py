@@ -1,0 +1,230 @@
+"""virtio-net through the vfio-user client: socket peers (no privileges) and TAP in a netns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfu_server.client import Client, GuestRam
+from vfu_server.testing.process import running_server
+from vfu_server.testing.virtio import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    DriverQueue,
+    VirtioDriver,
+    init_device,
+)
+
+HDR = bytes(12)
+F_MAC, F_STATUS, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 1 << 5, 1 << 16, 1 << 17, 1 << 18, 1 << 22, 1 << 23
+ALL = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | F_MAC | F_STATUS | F_CTRL_VQ | F_CTRL_RX | F_MQ | F_CTRL_MAC_ADDR
+GUEST_MAC = bytes.fromhex("525400123456")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def frame(dst: bytes, src: bytes, n: int, size: int = 200) -> bytes:
+    body = struct.pack("<I", n) + os.urandom(size - 4)
+    return dst + src + b"\x88\xb5" + body  # local experimental ethertype
+
+
+def fill_rx(q: DriverQueue, count: int) -> None:
+    for _ in range(count):
+        q.add(in_sizes=[12 + 1518])
+
+
+async def ctrl(q: DriverQueue, cls: int, cmd: int, data: bytes) -> int:
+    req = q.add([bytes([cls, cmd]) + data], [1])
+    await q.kick()
+    await q.wait_used()
+    return req.data(0)[0]
+
+
+async def setup_net(client: Client, pairs: int = 1) -> tuple[VirtioDriver, list[DriverQueue]]:
+    ram = GuestRam(64 << 20)
+    await client.dma_map(ram)
+    return await init_device(client, ram, ALL, queues=range(2 * pairs + 1), slot_size=2048)
+
+
+async def test_socket_peer_frames_both_ways(tmp_path: Path) -> None:
+    path = str(tmp_path / "peer.sock")
+    lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    await lsock.bind(path)
+    lsock.listen(1)
+    async with running_server("virtio-net", "--peer", path, "--mac", "52:54:00:12:34:56") as srv, \
+            await Client.connect(srv.socket_path) as client:
+        with trio.fail_after(10):
+            peer, _ = await lsock.accept()
+        dev, (rx, tx, cq) = await setup_net(client)
+        assert await dev.config_read(0, 4) | await dev.config_read(4, 2) << 32 == int.from_bytes(GUEST_MAC, "little")
+        with trio.fail_after(5):
+            while not await dev.config_read(6, 2) & 1:  # link up
+                await trio.sleep(0.01)
+        assert await dev.config_read(8, 2) == 1  # max_virtqueue_pairs
+        assert await ctrl(cq, 0, 0, b"\x00") == 0  # promiscuous off
+        assert await ctrl(cq, 4, 0, struct.pack("<H", 2)) == 1  # more pairs than exist
+        # guest -> peer, many frames through a 256-entry ring
+        sent = [frame(b"\x02" * 6, GUEST_MAC, i) for i in range(300)]
+        got: list[bytes] = []
+
+        async def collect() -> None:
+            while len(got) < len(sent):
+                got.append(await peer.recv(65536))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(collect)
+            for i in range(0, len(sent), 50):
+                for f in sent[i : i + 50]:
+                    tx.add([HDR + f])
+                await tx.kick()
+                await tx.wait_used(50)
+        assert got == sent
+        # peer -> guest: filtered by MAC; more frames than receive buffers (no loss)
+        incoming = [frame(GUEST_MAC, b"\x02" * 6, i) for i in range(200)]
+        noise = frame(b"\x02\x00\x00\x00\x00\x09", b"\x02" * 6, 999)
+        fill_rx(rx, 64)
+        await rx.kick()
+        received: list[bytes] = []
+        async with trio.open_nursery() as n:
+
+            async def send_all() -> None:
+                for i, f in enumerate(incoming):
+                    await peer.send(f)
+                    if i == 10:
+                        await peer.send(noise)
+
+            n.start_soon(send_all)
+            with trio.fail_after(20):
+                while len(received) < len(incoming):
+                    for req in await rx.wait_used(1):
+                        data = req.data(0)[: req.written]
+                        assert data[:12] == bytes(10) + b"\x01\x00"  # num_buffers = 1
+                        received.append(data[12:])
+                    fill_rx(rx, len(rx.free))
+                    await rx.kick()
+        assert received == incoming  # no loss, no duplicates, in order, noise filtered
+        lsock.close()  # else the device reconnects at once
+        peer.close()
+        with trio.fail_after(5):
+            while await dev.config_read(6, 2) & 1:  # peer left: link down
+                await trio.sleep(0.01)
+
+
+async def test_two_devices_linked(tmp_path: Path) -> None:
+    path = str(tmp_path / "link.sock")
+    async with running_server("virtio-net", "--peer", path, "--listen", "--queue-pairs", "2") as a, \
+            running_server("virtio-net", "--peer", path, "--mac", "52:54:00:12:34:56") as b, \
+            await Client.connect(a.socket_path) as ca, await Client.connect(b.socket_path) as cb:
+        deva, qa = await setup_net(ca, pairs=2)
+        _, qb = await setup_net(cb)
+        assert await deva.config_read(8, 2) == 2
+        assert await ctrl(qa[4], 4, 0, struct.pack("<H", 2)) == 0
+        fill_rx(qb[0], 32)
+        await qb[0].kick()
+        frames = [frame(GUEST_MAC, b"\x02" * 6, i, 1000) for i in range(20)]
+        for f in frames:
+            qa[3].add([HDR, f])  # transmitq1, header in its own descriptor
+        await qa[3].kick()
+        got = [r.data(0)[12 : r.written] for r in await qb[0].wait_used(20)]
+        assert got == frames
+        # and back: B's frames reach one of A's two receive queues
+        for q in (qa[0], qa[2]):
+            fill_rx(q, 16)
+            await q.kick()
+        back = [frame(b"\xff" * 6, GUEST_MAC, i) for i in range(10)]
+        for f in back:
+            qb[1].add([HDR + f])
+        await qb[1].kick()
+        seen: list[bytes] = []
+        with trio.fail_after(10):
+            while len(seen) < 10:
+                for q in (qa[0], qa[2]):
+                    seen += [r.data(0)[12 : r.written] for r in q.reap()]
+                await trio.sleep(0.01)
+        assert sorted(seen) == sorted(back)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def icmp_echo(src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seq: int, payload: bytes) -> bytes:
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 0x1234, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", _csum(icmp)) + icmp[4:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0, src_ip, dst_ip)
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + icmp
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="TAP in a netns needs root and iproute2")
+async def test_tap_in_netns_ping() -> None:
+    ns = f"vfu-{uuid.uuid4().hex[:8]}"
+    _ip("netns", "add", ns)
+    workdir = tempfile.mkdtemp(prefix="vfu-tap-")
+    sock = os.path.join(workdir, "net.sock")
+    proc = None
+    try:
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "vfu_server", "virtio-net",
+               "--socket-path", sock, "--tap", "vfutap0", "--mac", "52:54:00:12:34:56"]
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, cwd=REPO,
+                                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.stdout is not None
+        with trio.fail_after(30):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(1)
+        assert line.startswith(b"listening on"), line
+        _ip("-n", ns, "addr", "add", "10.77.0.1/24", "dev", "vfutap0")
+        _ip("-n", ns, "link", "set", "vfutap0", "up")
+        _ip("-n", ns, "neigh", "add", "10.77.0.2", "lladdr", "52:54:00:12:34:56", "dev", "vfutap0")
+        out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "vfutap0"], check=True, capture_output=True,
+                             text=True).stdout
+        host_mac = bytes.fromhex(out.split("link/ether ")[1].split()[0].replace(":", ""))
+        async with await Client.connect(sock) as client:
+            _, (rx, tx, cq) = await setup_net(client)
+            assert await ctrl(cq, 0, 0, b"\x00") == 0  # promiscuous off: only our MAC + broadcast
+            fill_rx(rx, 128)
+            await rx.kick()
+            replies: dict[int, bytes] = {}
+            for seq in range(1, 21):
+                payload = os.urandom(1000)
+                tx.add([HDR + icmp_echo(GUEST_MAC, host_mac, bytes([10, 77, 0, 2]), bytes([10, 77, 0, 1]), seq,
+                                        payload)])
+                await tx.kick()
+                with trio.fail_after(10):
+                    while seq not in replies:
+                        for r in await rx.wait_used(1):
+                            f = r.data(0)[12 : r.written]
+                            if f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0:  # ICMP echo reply
+                                assert f[:6] == GUEST_MAC
+                                assert f[42:] == payload
+                                replies[struct.unpack("!H", f[40:42])[0]] = f
+                        fill_rx(rx, len(rx.free))
+                        await rx.kick()
+            assert sorted(replies) == list(range(1, 21))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
