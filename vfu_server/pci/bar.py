@@ -12,7 +12,9 @@ A BAR is declared as a class attribute named ``bar0`` .. ``bar5``; the name give
         def write_regs(self, offset: int, size: int, value: int) -> None: ...
 
 Accesses arrive with ``size`` 1, 2, 4 or 8 and a little-endian integer value; larger accesses
-from a client are split into aligned pieces. A BAR without a reader/writer behaves as plain RAM.
+from a client are split into aligned pieces. With ``register_size=4`` the callbacks only ever see
+aligned 4-byte registers: a wider or unaligned read is assembled from the registers it covers,
+and a partial write becomes read-modify-write of the register (as byte enables do on a bus). A BAR without a reader/writer behaves as plain RAM.
 Parts of a BAR can be *mmappable*: backed by a memfd that the client maps directly, so guest
 accesses there never become messages (and QEMU then stops posting writes for the device).
 """
@@ -52,6 +54,7 @@ class Bar:
         is64: bool = False,
         prefetchable: bool = False,
         mmap_areas: Sequence[tuple[int, int]] = (),
+        register_size: int | None = None,
         read: Reader | None = None,
         write: Writer | None = None,
     ) -> None:
@@ -68,6 +71,10 @@ class Bar:
         self.mmap_areas = tuple(mmap_areas)
         self.read_fn = read
         self.write_fn = write
+        if register_size not in (None, 1, 2, 4, 8):
+            raise ValueError("register_size must be 1, 2, 4 or 8")
+        #: with a register size, every access reaches the callbacks as whole aligned registers
+        self.register_size = register_size
         self.index: int | None = None
 
     def __set_name__(self, owner: type, name: str) -> None:

@@ -374,6 +374,8 @@ class PciDevice:
             return bytes(backing.memory[offset : offset + count])
         if bar.read_fn is None:
             return bytes(count)
+        if bar.register_size:
+            return self._register_read(bar, offset, count)
         if count in (1, 2, 4, 8) and offset % count == 0:
             return (bar.read_fn(self, offset, count) & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
         out = bytearray()
@@ -399,6 +401,9 @@ class PciDevice:
             return
         if bar.write_fn is None:
             return
+        if bar.register_size:
+            self._register_write(bar, offset, data)
+            return
         if count in (1, 2, 4, 8) and offset % count == 0:
             bar.write_fn(self, offset, count, int.from_bytes(data, "little"))
             return
@@ -406,6 +411,31 @@ class PciDevice:
         for off, size in _split(offset, count):
             bar.write_fn(self, off, size, int.from_bytes(data[pos : pos + size], "little"))
             pos += size
+
+    def _register_read(self, bar: Bar, offset: int, count: int) -> bytes:
+        size = bar.register_size
+        assert size and bar.read_fn is not None
+        first = offset - offset % size
+        mask = (1 << (8 * size)) - 1
+        buf = bytearray()
+        for reg in range(first, offset + count, size):
+            buf += (bar.read_fn(self, reg, size) & mask).to_bytes(size, "little")
+        return bytes(buf[offset - first : offset - first + count])
+
+    def _register_write(self, bar: Bar, offset: int, data: bytes) -> None:
+        size = bar.register_size
+        assert size and bar.write_fn is not None
+        end = offset + len(data)
+        for reg in range(offset - offset % size, end, size):
+            lo, hi = max(reg, offset), min(reg + size, end)
+            part = data[lo - offset : hi - offset]
+            if hi - lo == size:
+                bar.write_fn(self, reg, size, int.from_bytes(part, "little"))
+                continue
+            current = bytearray(
+                (bar.read_fn(self, reg, size) if bar.read_fn else 0).to_bytes(size, "little"))
+            current[lo - reg : hi - reg] = part
+            bar.write_fn(self, reg, size, int.from_bytes(current, "little"))
 
     # -- MSI-X table (for clients that, unlike QEMU, do not emulate it) ---------------------
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -189,6 +191,20 @@ class GuestMemory:
 
 
 def _map(fd: int, offset: int, size: int, writable: bool) -> tuple[mmap.mmap, memoryview]:
+    # A client that shrinks its memfd after the map would make a later DMA hit SIGBUS and kill
+    # the server. QEMU seals its RAM memfds already; seal others against shrinking when they
+    # allow it (a plain file cannot be sealed: then the size check below is all we have).
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        pass
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise VfioUserError(f"DMA_MAP fd: {exc.strerror}", errno.EBADF) from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+        raise VfioUserError(
+            f"DMA_MAP of {offset:#x}+{size:#x} goes past the end of its fd ({st.st_size:#x} bytes)", errno.EINVAL)
     # mmap offsets must be page-aligned; QEMU's are, but a client may not be that careful.
     slack = offset % mmap.ALLOCATIONGRANULARITY
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
