@@ -1,0 +1,95 @@
+"""virtio-net served by vfu-server, driven by the guest's virtio_net driver, through a TAP
+interface that lives in a network namespace of the test's own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfu_server.guest import GuestKit, VfuDevice, run_guest_async
+
+SIZE = 4 << 20
+SINK = r"""
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.78.0.1", 5000))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+h, n = hashlib.sha256(), 0
+while n < int(sys.argv[2]):
+    d = c.recv(65536)
+    if not d:
+        break
+    h.update(d)
+    n += len(d)
+open(sys.argv[1], "w").write(f"{n} {h.hexdigest()}")
+c.close()
+"""
+
+SCRIPT = r"""
+ip link set eth0 up && ip addr add 10.78.0.2/24 dev eth0 || exit 10
+n=0
+until ping -c 1 -W 1 10.78.0.1 > /dev/null 2>&1; do
+    n=$((n + 1)); [ "$n" -gt 90 ] && exit 11
+done
+echo ping=ok
+echo "ping_big=$(ping -c 10 -s 1400 -i 0.2 10.78.0.1 | grep -o '[0-9]* packets received' | cut -d' ' -f1)"
+dd if=/dev/urandom of=/tmp/data bs=1M count=4 2>/dev/null
+echo "data=$(sha256sum < /tmp/data | cut -d' ' -f1)"
+nc 10.78.0.1 5000 < /tmp/data
+echo "nc_rc=$?"
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.mark.guest
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="TAP in a netns needs root and iproute2")
+async def test_guest_virtio_net_tap_netns(guest_kit: GuestKit, tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    ns, tap = f"vfu-g{tag}", f"vfg{tag}"
+    _ip("netns", "add", ns)
+    sink: subprocess.Popen[bytes] | None = None
+    digest_file = tmp_path / "sink.txt"
+
+    async def plumb() -> None:
+        # The device creates the TAP in our namespace when it starts; move it (its fd stays
+        # attached) into the test namespace and give the host side an address.
+        nonlocal sink
+        with trio.fail_after(60):
+            while not Path(f"/sys/class/net/{tap}").exists():
+                await trio.sleep(0.05)
+        _ip("link", "set", tap, "netns", ns)
+        _ip("-n", ns, "addr", "add", "10.78.0.1/24", "dev", tap)
+        _ip("-n", ns, "link", "set", tap, "up")
+        sink = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SINK, str(digest_file), str(SIZE)],
+                                stdout=subprocess.PIPE)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plumb)
+            result = await run_guest_async(
+                SCRIPT, [VfuDevice("virtio-net", ["--tap", tap, "--mac", "52:54:00:ab:cd:01"])],
+                kit=guest_kit, timeout=300)
+        facts = result.values()
+        assert facts.get("ping") == "ok", result.output
+        assert facts["ping_big"] == "10"
+        assert facts["nc_rc"] == "0"
+        assert sink is not None and sink.wait(30) == 0
+        assert digest_file.read_text() == f"{SIZE} {facts['data']}"
+        result.assert_no_qemu_warnings()
+    finally:
+        if sink is not None and sink.poll() is None:
+            sink.kill()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
