@@ -93,3 +93,72 @@ async def test_guest_virtio_net_tap_netns(guest_kit: GuestKit, tmp_path: Path) -
         if sink is not None and sink.poll() is None:
             sink.kill()
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+PEER_IP = bytes([10, 79, 0, 1])
+PEER_MAC = bytes.fromhex("020000000001")
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _answer(f: bytes) -> bytes | None:
+    """A two-protocol host: ARP replies for PEER_IP and ICMP echo replies."""
+    if f[12:14] == b"\x08\x06" and f[38:42] == PEER_IP and f[20:22] == b"\x00\x01":
+        return f[6:12] + PEER_MAC + b"\x08\x06" + f[14:20] + b"\x00\x02" + PEER_MAC + PEER_IP + f[22:32]
+    if f[12:14] == b"\x08\x00" and f[23] == 1 and f[30:34] == PEER_IP and f[34] == 8:
+        ihl = (f[14] & 0xF) * 4
+        ip = bytearray(f[14 : 14 + ihl])
+        ip[12:16], ip[16:20] = f[30:34], f[26:30]
+        ip[10:12] = b"\0\0"
+        ip[10:12] = _csum(bytes(ip)).to_bytes(2, "big")
+        icmp = bytearray(f[14 + ihl :])
+        icmp[0] = 0
+        icmp[2:4] = b"\0\0"
+        icmp[2:4] = _csum(bytes(icmp)).to_bytes(2, "big")
+        return f[6:12] + PEER_MAC + b"\x08\x00" + bytes(ip) + bytes(icmp)
+    return None
+
+
+PEER_SCRIPT = r"""
+ip link set eth0 up && ip addr add 10.79.0.2/24 dev eth0 || exit 10
+echo "pings=$(ping -c 20 -s 1000 -i 0.1 -W 2 10.79.0.1 | grep -o '[0-9]* packets received' | cut -d' ' -f1)"
+"""
+
+
+@pytest.mark.guest
+async def test_guest_virtio_net_socket_peer(guest_kit: GuestKit, tmp_path: Path) -> None:
+    import socket
+
+    path = str(tmp_path / "peer.sock")
+    lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    await lsock.bind(path)
+    lsock.listen(1)
+    answered = 0
+
+    async def peer() -> None:
+        nonlocal answered
+        conn, _ = await lsock.accept()
+        while True:
+            f = await conn.recv(65536)
+            if not f:
+                return
+            reply = _answer(f)
+            if reply is not None:
+                answered += 1
+                await conn.send(reply)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        result = await run_guest_async(PEER_SCRIPT, [VfuDevice("virtio-net", ["--peer", path])],
+                                       kit=guest_kit, timeout=300)
+        nursery.cancel_scope.cancel()
+    lsock.close()
+    assert result.values()["pings"] == "20", result.output
+    assert answered >= 21  # at least one ARP plus every echo
