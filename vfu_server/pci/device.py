@@ -215,10 +215,27 @@ class PciDevice:
     # -- services for subclasses ------------------------------------------------------------
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
-        """Start a task that lives as long as the device (until the server shuts down)."""
+        """Start a task that lives as long as the device (until the server shuts down).
+
+        An exception escaping the task is a device bug: it is logged with its traceback and
+        ends that task only. It never takes the server down, since QEMU cannot survive a
+        server that dies (the next guest reset aborts the VM)."""
         if self._nursery is None:
             raise RuntimeError("device is not attached to a running server")
-        self._nursery.start_soon(fn, *args, name=name)
+        self._nursery.start_soon(self._guarded, fn, args, name=name or getattr(fn, "__name__", None))
+
+    async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            self.log.exception("device task %s failed", getattr(fn, "__qualname__", fn))
+        except BaseExceptionGroup as group:
+            # Cancellation (server shutdown) goes on; everything else is logged here.
+            cancelled, rest = group.split(trio.Cancelled)
+            if rest is not None:
+                self.log.error("device task %s failed", getattr(fn, "__qualname__", fn), exc_info=rest)
+            if cancelled is not None:
+                raise cancelled from None
 
     @property
     def bus_master(self) -> bool:
@@ -257,7 +274,7 @@ class PciDevice:
 
     def attach(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        nursery.start_soon(self.run, name=f"{self.name}.run")
+        self.spawn(self.run, name=f"{self.name}.run")
 
     @property
     def device_flags(self) -> int:
