@@ -148,10 +148,11 @@ class Connection:
                 msg_id, cmd, size, flags, err = HEADER.unpack_from(data, pos)
                 trace_log.info("<- %s", self.server.describe(Message(msg_id, cmd, flags, err, data[pos + 16 : pos + size], list(fds or []))))
                 pos += size
-        with trio.move_on_after(self.server.send_timeout) as scope:
-            await self.channel.send(data, fds or ())
-        if scope.cancelled_caught:
-            raise ProtocolError("client stopped reading replies")
+        # The timeout only arms a timer when the socket is full (channel slow path).
+        try:
+            await self.channel.send(data, fds or (), timeout=self.server.send_timeout)
+        except trio.TooSlowError:
+            raise ProtocolError("client stopped reading replies") from None
 
     async def _dispatch(self, msg: Message) -> tuple[bytes, list[int]] | None:
         handler = self.handlers.get(msg.command)

@@ -5,13 +5,14 @@ Hot path: the channel calls the non-blocking stdlib socket under the trio socket
 only parks in :func:`trio.lowlevel.wait_readable`/``wait_writable`` when the kernel says
 EAGAIN. Going through trio's socket methods cost two extra scheduler passes per round trip (the
 send's yield and the send lock's yield, each an ``epoll_wait``), about a third of a REGION_READ
-round trip (see docs/performance.md). Scheduling is unchanged otherwise: a receive yields once
+round trip (see docs/performance.md). Receiving goes into one preallocated buffer. Scheduling is unchanged otherwise: a receive yields once
 per ``recvmsg`` exactly as trio's does, and both directions still honour cancellation first.
 """
 
 from __future__ import annotations
 
 import array
+import math
 import socket
 from collections.abc import Sequence
 
@@ -34,6 +35,8 @@ class MessageChannel:
         self.decoder = MessageDecoder(max_message)
         self.ancbufsize = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         self._send_lock = trio.StrictFIFOLock()
+        # Receive buffer; the decoder copies out of it before the next receive.
+        self._rview = memoryview(bytearray(RECV_BUFFER))
         self.closed = False
 
     async def receive(self) -> list[Message] | None:
@@ -50,9 +53,10 @@ class MessageChannel:
             if out:
                 return out
             try:
-                data, ancdata, flags = await self._recvmsg()
+                nbytes, ancdata, flags = await self._recvmsg()
             except (ConnectionResetError, BrokenPipeError):
                 return None
+            data = self._rview[:nbytes]
             fds = _collect_fds(ancdata)
             if flags & socket.MSG_CTRUNC:
                 _close(fds)
@@ -64,35 +68,37 @@ class MessageChannel:
                 return None
             self.decoder.feed(data, fds)
 
-    async def _recvmsg(self) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+    async def _recvmsg(self) -> tuple[int, list[tuple[int, int, bytes]], int]:
+        # Into a buffer allocated once: recvmsg(256 KiB) allocates (and maps, and unmaps) a
+        # fresh 256 KiB bytes object per call, which cost ~35 us -- more than the syscall.
         raw = self._raw
+        bufs = [self._rview]
         if raw is None:
-            data, ancdata, flags, _ = await self.sock.recvmsg(RECV_BUFFER, self.ancbufsize)
-            return data, ancdata, flags
-        # What trio's recvmsg does, minus its wrapper layers: honour cancellation, try the
-        # syscall, and yield once either way (in wait_readable, or explicitly on success).
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data, ancdata, flags, _ = raw.recvmsg(RECV_BUFFER, self.ancbufsize)
-        except BlockingIOError:
-            pass
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data, ancdata, flags
+            nbytes, ancdata, flags, _ = await self.sock.recvmsg_into(bufs, self.ancbufsize)
+            return nbytes, ancdata, flags
+        # Wait first, then read: after a reply the next request is rarely there yet, so trio's
+        # read-first order mostly buys an EAGAIN syscall. Waiting is a full checkpoint (it
+        # honours cancellation and yields once, like trio's recvmsg); when data is already
+        # queued, epoll reports it in the same scheduler pass that trio's success path spends.
         while True:
             await trio.lowlevel.wait_readable(raw)
             try:
-                data, ancdata, flags, _ = raw.recvmsg(RECV_BUFFER, self.ancbufsize)
+                nbytes, ancdata, flags, _ = raw.recvmsg_into(bufs, self.ancbufsize)
             except BlockingIOError:
                 continue
-            return data, ancdata, flags
+            return nbytes, ancdata, flags
 
-    async def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Send one message (or several concatenated ones) with fds attached to the first byte."""
+    async def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = (),
+                   timeout: float | None = None) -> None:
+        """Send one message (or several concatenated ones) with fds attached to the first byte.
+
+        ``timeout`` bounds the time spent waiting for room in the socket (or for the send
+        lock); when it expires, :class:`trio.TooSlowError` is raised and the stream is unusable.
+        """
         raw = self._raw
         if raw is not None and not self._send_lock.locked():
             # Fast path: nobody else is sending, and a Unix socket with room in its buffer
-            # takes the whole message at once, so no lock, no wait, no scheduler pass.
+            # takes the whole message at once, so no lock, no wait, no timer, no scheduler pass.
             await trio.lowlevel.checkpoint_if_cancelled()
             view = memoryview(data)
             try:
@@ -110,18 +116,24 @@ class MessageChannel:
                 # nothing awaited since locked() was checked).
                 self._send_lock.acquire_nowait()
                 try:
-                    await self._send_rest(view[sent:])
+                    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                        await self._send_rest(view[sent:])
                 finally:
                     self._send_lock.release()
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
                 return
-        async with self._send_lock:
-            view = memoryview(data)
-            if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                sent = await self.sock.sendmsg([view], anc)
-            else:
-                sent = await self.sock.send(view)
-            await self._send_rest(view[sent:])
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            async with self._send_lock:
+                view = memoryview(data)
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = await self.sock.sendmsg([view], anc)
+                else:
+                    sent = await self.sock.send(view)
+                await self._send_rest(view[sent:])
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
     async def _send_rest(self, view: memoryview) -> None:
         while len(view):
