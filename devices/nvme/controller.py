@@ -39,10 +39,12 @@ from vfu_server.block import (
     parse_size,
 )
 from vfu_server.block.spec import BackendSpec
+from vfu_server.migration.generic import PciProfile
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
 
 from . import identify
+from . import migration as nvme_migration
 from .admin import AdminCommands
 from .command import Command
 from .constants import (
@@ -67,6 +69,7 @@ from .constants import (
 )
 from .errors import NvmeError
 from .io import IoCommands
+from .migration_format import NVME_FORMATS, NvmeMigState
 from .namespace import Namespace, lba_format_for
 from .queues import (
     CqRuntime,
@@ -120,6 +123,8 @@ class NvmeController(PciDevice):
         PciExpress(),
     )
     intx = True
+    #: "opaque" (opaque/vfu-nvme) and "standard" (nvme-ctrl/std/1), see .migration_format
+    migration_formats = NVME_FORMATS
 
     def __init__(
         self,
@@ -173,6 +178,12 @@ class NvmeController(PciDevice):
         self._session_done: trio.Event | None = None
         self._power_on_anchor = time.monotonic()
         self._control_lock = trio.Lock()
+        # migration: _paused stops fetching (and CC processing), _frozen also stops posting
+        # completions; both end on resume(). _resumed is set while not paused.
+        self._paused = False
+        self._frozen = False
+        self._resumed = trio.Event()
+        self._resumed.set()
 
     # -- command line -----------------------------------------------------------------------
 
@@ -266,6 +277,90 @@ class NvmeController(PciDevice):
                 await self._quiesce()
                 self._clear_controller(keep_admin_regs=False)
 
+    # -- migration (formats in .migration_format, state mapping in .migration) -----------------
+
+    async def quiesce(self) -> None:
+        """Leaving a running migration state: stop fetching SQ entries, let every fetched
+        command complete (its CQE posted, or held as a pending completion when its CQ is full),
+        deliver the interrupts owed, then stop touching guest memory until :meth:`resume`.
+        Outstanding AERs stay outstanding: they are state (AER record)."""
+        self._paused = True
+        if self._resumed.is_set():
+            self._resumed = trio.Event()
+        async with self._control_lock:
+            with trio.move_on_after(QUIESCE_TIMEOUT) as timeout:
+                while True:
+                    # An admin command (Create I/O SQ) may start a queue while we wait.
+                    running = [rt for rt in self.sq_rt.values() if not rt.done.is_set()]
+                    if not running:
+                        break
+                    for rt in running:
+                        rt.stop = True
+                        rt.wake.set()
+                    for rt in running:
+                        await rt.done.wait()
+                await self.inflight.wait_zero()
+            if timeout.cancelled_caught:
+                log.warning("migration: commands still in flight after %.0f s", QUIESCE_TIMEOUT)
+            self.sq_rt.clear()
+            self._frozen = True
+            self._flush_interrupts()
+
+    def resume(self) -> None:
+        """Running again (after a load, a cancelled migration or a reset): fetch from every SQ
+        the state holds, post held completions, and re-signal CQs with unconsumed entries (the
+        host may have missed an interrupt across the switch-over; a spurious one is harmless)."""
+        self._paused = self._frozen = False
+        self._resumed.set()
+        if self._tasks is not None:
+            self._tasks.start_soon(self._resume_queues)
+
+    async def _resume_queues(self) -> None:
+        async with self._control_lock:
+            if self._paused:
+                return
+            s = self.state
+            if s.regs.csts & CSTS_RDY and s.sqs and self._session is None and self._tasks is not None:
+                self._session_done = trio.Event()
+                await self._tasks.start(self._run_session)
+            if self._session is not None:
+                for qid in sorted(s.sqs):
+                    if qid not in self.sq_rt:
+                        self.start_sq(qid)
+            for cq in list(s.cqs.values()):
+                self.cq_rt.setdefault(cq.qid, CqRuntime(cq.qid))
+                self._drain_waiting(cq)
+                if cq_pending(cq):
+                    self._irq_pending.add(cq.qid)
+            if self._irq_pending:
+                self._irq_wake.set()
+            self._update_intx()
+            # A CC write that arrived just before the stop is applied now.
+            self._cc_changed.set()
+
+    def migration_profile(self) -> PciProfile:
+        return nvme_migration.profile(self, super().migration_profile())
+
+    def save_state(self) -> NvmeMigState:
+        return nvme_migration.snapshot(self)
+
+    def load_state(self, state: NvmeMigState) -> None:
+        nvme_migration.apply(self, state)
+
+    def reset_state(self) -> None:
+        """Entering RESUMING (the device is quiesced): power-on state, synchronously."""
+        self.config.reset()
+        self._reset_msix_table()
+        self.irqs.set_intx(False)
+        if self._session_scope is not None:
+            self._session_scope.cancel()  # its queue tasks already ended in quiesce()
+        self._session = self._session_scope = None
+        self.sq_rt.clear()
+        self.cq_rt.clear()
+        self.inflight = InflightCounter()
+        self._clear_controller(keep_admin_regs=False)
+        self._cc_changed = trio.Event()
+
     # -- registers -----------------------------------------------------------------------------
 
     @property
@@ -355,13 +450,18 @@ class NvmeController(PciDevice):
     async def _control_loop(self) -> None:
         while True:
             await self._cc_changed.wait()
-            self._cc_changed = trio.Event()
             async with self._control_lock:
-                try:
-                    await self._apply_cc()
-                except Exception:
-                    log.exception("controller state change failed")
-                    self.state.regs.csts |= CSTS_CFS
+                if not self._paused:
+                    self._cc_changed = trio.Event()
+                    try:
+                        await self._apply_cc()
+                    except Exception:
+                        log.exception("controller state change failed")
+                        self.state.regs.csts |= CSTS_CFS
+            if self._paused:
+                # Stopped for migration: the change is applied (here or on the destination)
+                # when the device runs again.
+                await self._resumed.wait()
 
     async def _apply_cc(self) -> None:
         r = self.state.regs
@@ -415,6 +515,7 @@ class NvmeController(PciDevice):
 
     async def _run_session(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         done = self._session_done
+        scope = None
         try:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
@@ -422,7 +523,8 @@ class NvmeController(PciDevice):
                     task_status.started()
                     await trio.sleep_forever()
         finally:
-            self._session = self._session_scope = None
+            if self._session_scope is scope:  # reset_state() may have moved on already
+                self._session = self._session_scope = None
             if done is not None:
                 done.set()
 
@@ -473,6 +575,8 @@ class NvmeController(PciDevice):
     # -- queues --------------------------------------------------------------------------------
 
     def start_sq(self, qid: int) -> None:
+        if self._paused:
+            return  # resume() starts every SQ of the state
         rt = SqRuntime(qid)
         self.sq_rt[qid] = rt
         assert self._session is not None
@@ -599,7 +703,7 @@ class NvmeController(PciDevice):
         if cq is None or rt is None:
             return
         entry = PendingCompletion(sqid, cid, status, dw0)
-        if rt.waiting or self._cq_is_full(cq):
+        if rt.waiting or self._frozen or self._cq_is_full(cq):
             rt.waiting.append(entry)
             return
         self._post(cq, entry)
@@ -632,7 +736,7 @@ class NvmeController(PciDevice):
 
     def _drain_waiting(self, cq: CompletionQueueState) -> None:
         rt = self.cq_rt.get(cq.qid)
-        if rt is None:
+        if rt is None or self._frozen:
             return
         while rt.waiting and not cq_full(cq):
             self._post(cq, rt.waiting.popleft())
@@ -644,17 +748,20 @@ class NvmeController(PciDevice):
             # One scheduling round for other commands finishing now to post too: one signal
             # per vector covers the whole batch.
             await trio.lowlevel.checkpoint()
-            pending, self._irq_pending = self._irq_pending, set()
-            if self._msix_mode():
-                vectors = set()
-                for qid in pending:
-                    cq = self.state.cqs.get(qid)
-                    if cq is not None and cq.irq_enabled:
-                        vectors.add(cq.vector)
-                for v in vectors:
-                    self.interrupt(v)
-            else:
-                self._update_intx()
+            self._flush_interrupts()
+
+    def _flush_interrupts(self) -> None:
+        pending, self._irq_pending = self._irq_pending, set()
+        if self._msix_mode():
+            vectors = set()
+            for qid in pending:
+                cq = self.state.cqs.get(qid)
+                if cq is not None and cq.irq_enabled:
+                    vectors.add(cq.vector)
+            for v in vectors:
+                self.interrupt(v)
+        else:
+            self._update_intx()
 
     def _msix_mode(self) -> bool:
         assert self.msix is not None
