@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["FORMATS", "RECORDS", "Bad", "crc32c", "inspect_stream"]
@@ -71,6 +72,10 @@ RECORDS: dict[int, tuple[str, list[tuple[str, str]], bool]] = {
                               ("reserved0", "I")], False),
     0x8001: ("OPAQUE_BLOB", [], False),
 }
+#: Format modules (e.g. nvme.py) register here: whole-payload decoders by record type, and
+#: per-format passes over a decoded envelope (e.g. to decode PROFILE.device_abi).
+DECODERS: dict[int, Callable[[bytes], dict[str, Any]]] = {}
+ENVELOPE_HOOKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 HEADER_FLAGS = {0: "PRECOPY_PART", 1: "FINAL", 2: "HAS_CRC"}
 RECORD_FLAGS = {0: "OPTIONAL", 1: "PER_INSTANCE"}
 
@@ -142,6 +147,8 @@ def _tlv(data: bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
 
 
 def _decode_record(rtype: int, payload: bytes) -> dict[str, Any] | None:
+    if rtype in DECODERS:
+        return DECODERS[rtype](payload)
     if rtype not in RECORDS:
         return None
     name, spec, tail = RECORDS[rtype]
@@ -236,6 +243,8 @@ def _one(data: bytes, start: int) -> tuple[dict[str, Any], int]:
                 raise Bad("profile_crc32c does not match the PROFILE record")
             for r in env["records"]:
                 del r["_rtype"], r["_crc"]
+            if env["format"] in ENVELOPE_HOOKS:
+                ENVELOPE_HOOKS[env["format"]](env)
             return env, start + end
         name = RECORDS.get(rtype, ("unknown", [], False))[0]
         env["records"].append({
@@ -262,3 +271,6 @@ def inspect_stream(data: bytes) -> list[dict[str, Any]]:
     if "FINAL" not in envs[-1]["flags"]:
         raise Bad("stream ends without a FINAL envelope")
     return envs
+
+
+from . import nvme  # noqa: E402,F401  (registers the nvme-ctrl/std/1 records)
