@@ -10,6 +10,7 @@ flushes. On SIGTERM in-flight requests finish and the backend is flushed.
 from __future__ import annotations
 
 import argparse
+import errno
 import struct
 from typing import Any
 
@@ -25,7 +26,9 @@ from vfu_server.block import (
 )
 from vfu_server.block.base import iov_slice
 from vfu_server.block.spec import BackendSpec
+from vfu_server.migration import MigrationFormatError
 
+from .migration_format import BLK_FORMATS, BlkMig, VirtioDevState
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
 from .spec import DeviceId, bit
@@ -58,6 +61,8 @@ class VirtioBlk(VirtioPciDevice):
     msix_vectors = 1 + MAX_QUEUES
     queue_max_size = 256
     max_inflight = 64
+    #: opaque/vfu-virtio-blk (default) and virtio-blk/std/1
+    migration_formats = BLK_FORMATS
 
     def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "") -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
@@ -138,6 +143,22 @@ class VirtioBlk(VirtioPciDevice):
             MAX_RANGE_SECTORS, MAX_SEGMENTS, block // SECTOR,  # discard
             MAX_RANGE_SECTORS, MAX_SEGMENTS, 1,  # write zeroes, may unmap
         )
+
+    # -- migration: the backend is not migrated (storage is shared) ------------------------
+
+    def save_device_state(self) -> dict[str, Any]:
+        return {"blk": BlkMig(writeback=1, serial=self.serial)}
+
+    def check_device_state(self, state: VirtioDevState) -> None:
+        blk = state.blk
+        if blk is None or blk.writeback != 1 or len(blk.serial) > ID_BYTES:
+            raise MigrationFormatError(errno.EINVAL, f"{self.name}: virtio-blk state missing or "
+                                       "not loadable (writeback must be 1, serial <= 20 bytes)")
+
+    def load_device_state(self, state: VirtioDevState) -> None:
+        assert state.blk is not None
+        # The GET_ID string is what the guest saw: the destination takes the source's.
+        self.serial = state.blk.serial
 
     # -- requests --------------------------------------------------------------------------
 

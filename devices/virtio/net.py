@@ -14,6 +14,7 @@ queue pairs.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import struct
@@ -22,6 +23,9 @@ from typing import Any
 
 import trio
 
+from vfu_server.migration import MigrationFormatError
+
+from .migration_format import NET_FORMATS, NetMig, VirtioDevState
 from .netbackend import NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
@@ -61,6 +65,8 @@ class VirtioNet(VirtioPciDevice):
     config_size = 10  # mac[6], status, max_virtqueue_pairs
     msix_vectors = 2 + 2 * MAX_PAIRS
     queue_max_size = 256
+    #: opaque/vfu-virtio-net (default) and virtio-net/std/1; the backend is not migrated
+    migration_formats = NET_FORMATS
 
     def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int = 1) -> None:
         if not 1 <= queue_pairs <= MAX_PAIRS:
@@ -74,6 +80,10 @@ class VirtioNet(VirtioPciDevice):
         self.link_up = False
         self.rx_dropped = 0
         self._rx_send: trio.MemorySendChannel[bytes] | None = None
+        #: set while running; cleared while quiesced for migration (frames stay in the backend)
+        self._rx_open = trio.Event()
+        self._rx_open.set()
+        self._link_seen: bool | None = None
         self._reset_filters()
 
     def _reset_filters(self) -> None:
@@ -131,6 +141,7 @@ class VirtioNet(VirtioPciDevice):
             self.backend.close()
 
     async def _deliver(self, frame: bytes) -> None:
+        await self._rx_open.wait()
         send = self._rx_send
         if send is None or not self._wanted(frame):
             self.rx_dropped += 1
@@ -149,6 +160,44 @@ class VirtioNet(VirtioPciDevice):
         if dst[0] & 1:
             return dst == BROADCAST or self.allmulti or dst in self.multi_table
         return dst == self.mac or dst in self.uni_table
+
+    # -- migration ---------------------------------------------------------------------
+
+    def ro_config(self) -> bytes:
+        # The configured MAC is ABI (a destination with another --mac is refused); the link
+        # status is dynamic and the MAC the driver set is state (a MAC_ADDR_SET part).
+        return self.default_mac + struct.pack("<HH", 0, self.queue_pairs)
+
+    def save_device_state(self) -> dict[str, Any]:
+        return {"net": NetMig(mac=self.mac, promisc=self.promisc, allmulti=self.allmulti,
+                              uni_macs=tuple(sorted(self.uni_table)),
+                              multi_macs=tuple(sorted(self.multi_table)),
+                              active_pairs=self.active_pairs, link_up=self.link_up)}
+
+    def check_device_state(self, state: VirtioDevState) -> None:
+        n = state.net
+        if n is None or len(n.mac) != 6 or not 1 <= n.active_pairs <= self.queue_pairs or any(
+                len(m) != 6 for m in (*n.uni_macs, *n.multi_macs)) or max(
+                len(n.uni_macs), len(n.multi_macs)) > MAC_TABLE_ENTRIES:
+            raise MigrationFormatError(errno.EINVAL, f"{self.name}: virtio-net state not loadable")
+
+    def load_device_state(self, state: VirtioDevState) -> None:
+        n = state.net
+        assert n is not None
+        self.mac, self.promisc, self.allmulti = n.mac, n.promisc, n.allmulti
+        self.uni_table, self.multi_table = set(n.uni_macs), set(n.multi_macs)
+        self.active_pairs = n.active_pairs
+        # The link is this process's backend's; the guest learns a change on resume.
+        self._link_seen = n.link_up
+
+    async def quiesce_device(self) -> None:
+        self._rx_open = trio.Event()  # frames not yet taken stay in the backend (socket, TAP)
+
+    def resume_device(self) -> None:
+        self._rx_open.set()
+        seen, self._link_seen = self._link_seen, None
+        if seen is not None and seen != self.link_up and self.vstate.status & Status.DRIVER_OK:
+            self.config_changed()
 
     # -- queues -------------------------------------------------------------------------
 

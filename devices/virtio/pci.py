@@ -18,13 +18,15 @@ override :meth:`VirtioPciDevice.serve_queue` and use the :class:`SplitQueue` pri
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import trio
 
+from vfu_server.migration import MigrationFormatError
 from vfu_server.pci import (
     Capability,
     MemoryBar,
@@ -38,6 +40,13 @@ from vfu_server.pci import (
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import VfioUserError
 
+from .migration_format import (
+    TransportMig,
+    VirtioDevState,
+    VirtioProfile,
+    VqMig,
+    encode_virtio_profile,
+)
 from .queue import DescriptorChain, QueueState, SplitQueue, VirtqueueError
 from .spec import (
     F_EVENT_IDX,
@@ -193,6 +202,8 @@ class VirtioPciDevice(PciDevice):
         self._queues_done.set()
         self._status_while_draining = 0
         self._draining_done: trio.Event | None = None
+        #: quiesced for migration: queues take no new requests until :meth:`resume`
+        self._mig_stopped = False
         self._new_queues()
 
     # -- for subclasses --------------------------------------------------------------------
@@ -419,6 +430,8 @@ class VirtioPciDevice(PciDevice):
         states = [QueueState(max_size=self.queue_max_size) for _ in range(self.num_queues)]
         self.vstate.queues = states
         self.queues = [SplitQueue(i, st, self.dma) for i, st in enumerate(states)]
+        for q in self.queues:
+            q.accepting = not self._mig_stopped
 
     def _begin_reset(self) -> None:
         """Forget the driver's setup at once; in-flight requests drain in the background and
@@ -560,6 +573,130 @@ class VirtioPciDevice(PciDevice):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "virtio_id": type(self).virtio_id, "queues": self.num_queues}
+
+    # -- migration (formats: migration_format.py; spec: docs/migration-format.md 5.4) ---------
+
+    def ro_config(self) -> bytes:
+        """The device configuration as part of the guest-visible ABI: driver-writable and
+        dynamic fields zeroed. Subclasses with such fields override this."""
+        return self.read_config()
+
+    def virtio_profile(self) -> VirtioProfile:
+        cfg = (VIRTIO_BAR, DEVICE_OFF, self.config_size) if self.config_size else (0, 0, 0)
+        return VirtioProfile(
+            device_id=int(type(self).virtio_id), device_features=self.device_features,
+            num_queues=self.num_queues, queue_size_max=self.queue_max_size,
+            notify_multiplier=NOTIFY_MULTIPLIER,
+            caps=((VIRTIO_BAR, COMMON_OFF, Common.SIZE), (VIRTIO_BAR, NOTIFY_OFF, 0x1000),
+                  (VIRTIO_BAR, ISR_OFF, 1), cfg),
+            ro_config=self.ro_config())
+
+    def migration_profile(self) -> Any:
+        # No backend identity: storage is shared and may be reached by another path.
+        return replace(super().migration_profile(), device_abi=encode_virtio_profile(self.virtio_profile()))
+
+    def save_device_state(self) -> dict[str, Any]:
+        """Device-specific part of :class:`VirtioDevState` (``blk=`` / ``net=``)."""
+        return {}
+
+    def check_device_state(self, state: VirtioDevState) -> None:
+        """Refuse (raise MigrationFormatError) a device-specific state this device cannot take."""
+
+    def load_device_state(self, state: VirtioDevState) -> None:
+        """Apply the device-specific part of a validated state."""
+
+    def save_state(self) -> VirtioDevState:
+        s = self.vstate
+        queues = tuple(VqMig(
+            size=q.state.size, ready=q.state.ready, msix_vector=q.state.msix_vector,
+            desc=q.state.desc_table, driver=q.state.avail_ring, device=q.state.used_ring,
+            notify_off=q.index, last_avail_idx=q.state.next_avail, used_idx=q.state.next_used,
+            signalled_used=q._signalled_used or 0, signalled_valid=q._signalled_used is not None)
+            for q in self.queues)
+        transport = TransportMig(
+            driver_features=s.driver_features, device_feature_select=s.device_feature_select,
+            driver_feature_select=s.driver_feature_select, config_msix_vector=s.config_msix_vector,
+            queue_select=s.queue_select, status=s.status, config_generation=s.config_generation,
+            isr=s.isr, queues=queues)
+        return VirtioDevState(profile=self.migration_profile(), transport=transport,
+                              **self.pci_state(), **self.save_device_state())
+
+    def _check_state(self, state: VirtioDevState) -> None:
+        t = state.transport
+
+        def bad(reason: str) -> MigrationFormatError:
+            return MigrationFormatError(errno.EINVAL, f"{self.name}: {reason}")
+
+        if len(t.queues) != self.num_queues:
+            raise bad(f"{len(t.queues)} queues, this device has {self.num_queues}")
+        if t.driver_features & ~self.device_features:
+            raise bad(f"driver features {t.driver_features:#x} were not offered")
+        if t.status & Status.FEATURES_OK and not t.driver_features >> F_VERSION_1 & 1:
+            raise bad("FEATURES_OK without VERSION_1")
+        if t.status & Status.DRIVER_OK and not t.status & Status.FEATURES_OK:
+            raise bad("DRIVER_OK without FEATURES_OK")
+        for i, q in enumerate(t.queues):
+            if not 0 < q.size <= self.queue_max_size or q.size & (q.size - 1):
+                raise bad(f"queue {i}: size {q.size}")
+            if q.notify_off != i:
+                raise bad(f"queue {i}: notify offset {q.notify_off} (this device uses {i})")
+            if (q.used_idx - q.last_avail_idx) & 0xFFFF:
+                raise bad(f"queue {i}: requests in flight (avail {q.last_avail_idx}, used {q.used_idx})")
+        self.check_device_state(state)
+
+    def load_state(self, state: VirtioDevState) -> None:
+        self._check_state(state)  # before anything changes: a refused load leaves the reset state
+        self.load_pci_state(state)
+        t = state.transport
+        self.vstate = TransportState(
+            status=t.status, device_feature_select=t.device_feature_select,
+            driver_feature_select=t.driver_feature_select, driver_features=t.driver_features,
+            config_msix_vector=self._vector(t.config_msix_vector), queue_select=t.queue_select,
+            config_generation=t.config_generation, isr=t.isr & (ISR_QUEUE | ISR_CONFIG))
+        self._new_queues()
+        for q, m in zip(self.queues, t.queues, strict=True):
+            st = q.state
+            st.size, st.ready, st.msix_vector = m.size, m.ready, self._vector(m.msix_vector)
+            st.desc_table, st.avail_ring, st.used_ring = m.desc, m.driver, m.device
+            st.next_avail, st.next_used = m.last_avail_idx, m.used_idx
+            q._signalled_used = m.signalled_used if m.signalled_valid else None
+        self.load_device_state(state)
+        if t.status & Status.DRIVER_OK:
+            self._start_queues()
+
+    def reset_state(self) -> None:
+        self.config.reset()
+        self._reset_msix_table()
+        self._begin_reset()
+
+    async def quiesce(self) -> None:
+        """Migration: take no new requests, let the ones in flight complete and be marked used."""
+        self._mig_stopped = True
+        for q in self.queues:
+            q.accepting = False
+        await self.quiesce_device()
+        with trio.move_on_after(30) as timeout:
+            if self._draining_done is not None:
+                await self._draining_done.wait()
+            for q in self.queues:
+                await q.idle.wait()
+        if timeout.cancelled_caught:
+            self.log.error("requests still in flight after 30 s of quiescing")
+        for q in self.queues:
+            self.notify_queue(q)
+
+    def resume(self) -> None:
+        self._mig_stopped = False
+        for q in self.queues:
+            q.accepting = True
+            q.doorbell.ring()  # kicks that came while stopped were swallowed
+        self.resume_device()
+
+    async def quiesce_device(self) -> None:
+        """Device-specific part of :meth:`quiesce` (e.g. stop taking frames from a backend)."""
+
+    def resume_device(self) -> None:
+        """Device-specific part of :meth:`resume`."""
 
 
 def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

@@ -1,0 +1,255 @@
+"""Migration of virtio-blk, virtio-net and virtio-rng between two real server processes.
+
+The test is the VMM: both servers see one GuestRam, the driver side (vfu_server.testing.virtio)
+keeps the guest's rings in it, and after the switch-over the test points the driver at the
+destination and hands it the interrupt eventfds again, as a VMM would.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfu_server import migrate as mg
+from vfu_server.client import Client, GuestRam
+from vfu_server.migration.fsm import MigState
+from vfu_server.protocol.constants import IrqIndex, IrqSetFlags
+from vfu_server.protocol.errors import RemoteError
+from vfu_server.testing import running_server
+from vfu_server.testing.virtio import (
+    DRIVER_OK,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    DriverQueue,
+    Request,
+    VirtioDriver,
+    init_device,
+)
+
+SECTOR = 512
+DISK = 4 << 20
+T_IN, T_OUT, T_GET_ID = 0, 1, 8
+F_FLUSH = 1 << 9
+BLK_FEATURES = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | F_FLUSH
+BLK_STD = "ab98460e-85fd-568f-a280-3d7778c1fe09"
+NET_STD = "84e4334b-be2e-5a28-90a9-647d5cd08be2"
+FORMATS = ["opaque", "standard"]
+
+
+async def switch_over(dev: VirtioDriver, dst: Client) -> None:
+    """After the destination runs: the driver talks to it, and it gets the eventfds."""
+    dev.client = dst
+    for start in range(0, len(dev.vectors), 16):
+        chunk = dev.vectors[start : start + 16]
+        await dst.set_irqs(IrqIndex.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
+                           start, len(chunk), [e.fd for e in chunk])
+
+
+# -- virtio-blk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(DISK))
+    return path
+
+
+def _hdr(rtype: int, sector: int = 0) -> bytes:
+    return struct.pack("<IIQ", rtype, 0, sector)
+
+
+class BlkGuest:
+    """Writes of unique data to distinct sectors; every request must complete exactly once."""
+
+    def __init__(self, q: DriverQueue) -> None:
+        self.q = q
+        self.expected: dict[int, bytes] = {}
+        self.submitted: list[Request] = []
+        self.done: list[Request] = []
+        self.next_sector = 0
+
+    def write(self, nsectors: int = 16) -> Request:
+        data = os.urandom(nsectors * SECTOR)
+        sector = self.next_sector
+        self.next_sector += nsectors
+        self.expected[sector] = data
+        req = self.q.add([_hdr(T_OUT, sector), data], [1])
+        self.submitted.append(req)
+        return req
+
+    async def burst(self, n: int) -> None:
+        for _ in range(n):
+            if len(self.q.free) < 3:
+                self.done += self.q.reap()
+                if len(self.q.free) < 3:
+                    break
+            self.write()
+        await self.q.kick(force=True)
+
+    async def finish(self) -> None:
+        outstanding = len(self.submitted) - len(self.done)
+        if outstanding:
+            self.done += await self.q.wait_used(outstanding, timeout=20)
+
+    def check(self, image: Path) -> None:
+        assert len(self.done) == len(self.submitted)
+        assert {id(r) for r in self.done} == {id(r) for r in self.submitted}, "lost or repeated"
+        assert all(r.data(0)[0] == 0 and r.written == 1 for r in self.done)
+        assert self.q.used_idx() == len(self.submitted) & 0xFFFF
+        disk = image.read_bytes()
+        for sector, data in self.expected.items():
+            assert disk[sector * SECTOR : sector * SECTOR + len(data)] == data, sector
+
+
+@pytest.fixture
+async def blk_pair(image):
+    async with (
+        running_server("virtio-blk", "--backing", str(image), "--serial", "disk-7") as a,
+        running_server("virtio-blk", "--backing", str(image)) as b,
+        await Client.connect(a.socket_path) as src,
+        await Client.connect(b.socket_path) as dst,
+    ):
+        ram = GuestRam(32 << 20)
+        await src.dma_map(ram)
+        await dst.dma_map(ram)
+        yield src, dst, ram
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_blk_migrates_with_io_in_flight(blk_pair, image, fmt):
+    src, dst, ram = blk_pair
+    dev, (q,) = await init_device(src, ram, BLK_FEATURES, size=128, slot_size=16384)
+    guest = BlkGuest(q)
+    await guest.burst(20)
+    in_flight_at_switch = 0
+
+    async def guest_keeps_writing() -> None:
+        nonlocal in_flight_at_switch
+        for _ in range(5):
+            await guest.burst(8)
+            await trio.sleep(0.005)
+        await guest.burst(30)  # left in flight: the source must drain them at STOP_COPY
+        guest.done += q.reap()
+        in_flight_at_switch = len(guest.submitted) - len(guest.done)
+
+    stats = await mg.migrate(src, dst, fmt=fmt, while_precopy=guest_keeps_writing)
+    assert stats.format_uuid == BLK_STD if fmt == "standard" else stats.format.startswith("opaque/")
+    assert in_flight_at_switch > 0
+    assert await mg.get_state(src) == MigState.STOP
+    assert await mg.get_state(dst) == MigState.RUNNING
+    await switch_over(dev, dst)
+    # The guest goes on with the destination: more writes, then a read of what it wrote.
+    await guest.burst(40)
+    await guest.finish()
+    guest.check(image)
+    r = q.add([_hdr(T_IN, 0)], [16 * SECTOR, 1])
+    ident = q.add([_hdr(T_GET_ID)], [20, 1])
+    await q.kick(force=True)
+    await q.wait_used(2)
+    assert r.data(0) == guest.expected[0] and r.data(1) == b"\0"
+    assert ident.data(0).rstrip(b"\0") == b"disk-7", "the serial the guest saw moves with the device"
+    assert await dev.status() & DRIVER_OK
+
+
+async def test_blk_standard_into_differently_configured_destination(image, tmp_path):
+    """Another path to the same storage, and no --serial on the destination: both are fine."""
+    link = tmp_path / "same-disk.raw"
+    link.symlink_to(image)
+    async with (
+        running_server("virtio-blk", "--backing", str(image)) as a,
+        running_server("virtio-blk", "--backing", str(link), "--serial", "other") as b,
+        running_server("virtio-blk", "--size", str(2 * DISK)) as c,
+        await Client.connect(a.socket_path) as src,
+        await Client.connect(b.socket_path) as dst,
+        await Client.connect(c.socket_path) as bigger,
+    ):
+        ram = GuestRam(32 << 20)
+        for cl in (src, dst, bigger):
+            await cl.dma_map(ram)
+        dev, (q,) = await init_device(src, ram, BLK_FEATURES, slot_size=16384)
+        guest = BlkGuest(q)
+        await guest.burst(10)
+        await guest.finish()
+        stream = await mg.save(src, fmt="standard", resume=False)
+        # A disk of another capacity is another device: refused, destination untouched.
+        with pytest.raises(RemoteError) as info:
+            await mg.load(bigger, stream)
+        assert info.value.errno == errno.EINVAL
+        assert await mg.get_state(bigger) == MigState.RUNNING
+        await mg.load(dst, stream)
+        await switch_over(dev, dst)
+        await guest.burst(10)
+        await guest.finish()
+        guest.check(image)
+
+
+async def test_blk_opaque_into_destination_expecting_standard_is_refused(blk_pair):
+    src, dst, ram = blk_pair
+    await init_device(src, ram, BLK_FEATURES)
+    stream = await mg.save(src, fmt="opaque")
+    await mg.select_format(dst, "standard", incoming=True)
+    with pytest.raises(RemoteError) as info:
+        await mg.load(dst, stream)
+    assert info.value.errno == errno.EINVAL
+    await _assert_clean(dst)
+
+
+async def _assert_clean(dst: Client) -> None:
+    """Refused: the destination runs, is reset (status 0) and still answers."""
+    assert await mg.get_state(dst) == MigState.RUNNING
+    assert await dst.config_read(0, 2) == 0x1AF4
+    ram = GuestRam(1 << 20)
+    drv = await VirtioDriver.attach(dst, ram, msix=False)
+    assert await drv.status() == 0
+
+
+@pytest.mark.parametrize("damage", ["uuid", "checksum", "truncated", "empty-tail", "garbage", "profile"])
+async def test_blk_bad_streams_are_refused_cleanly(blk_pair, damage):
+    src, dst, ram = blk_pair
+    await init_device(src, ram, BLK_FEATURES)
+    stream = bytearray(await mg.save(src, fmt="standard"))
+    if damage == "uuid":
+        stream[16] ^= 0xFF
+    elif damage == "checksum":
+        stream[-9] ^= 0x01
+    elif damage == "truncated":
+        del stream[len(stream) // 2 :]
+    elif damage == "empty-tail":
+        del stream[-4:]
+    elif damage == "profile":
+        stream[64 + 16 + 2] ^= 0x01  # PROFILE.device_id of the first envelope
+    else:
+        stream[:] = b"\x00" * 64 + b"junk"
+    with pytest.raises(RemoteError) as info:
+        await mg.load(dst, bytes(stream))
+    assert info.value.errno in (errno.EINVAL, errno.EBADMSG, errno.EPROTO)
+    await _assert_clean(dst)
+
+
+async def test_blk_v1_region_save_and_load(blk_pair, image):
+    src, dst, ram = blk_pair
+    dev, (q,) = await init_device(src, ram, BLK_FEATURES, slot_size=16384)
+    guest = BlkGuest(q)
+    await guest.burst(12)
+    stream = await mg.region_save(src, resume=False)  # quiesces: the burst drains first
+    assert stream[:8] == b"DEVSTATE"
+    await mg.region_load(dst, stream)
+    assert await mg.region_get_state(dst) == mg.V1_RUNNING
+    await switch_over(dev, dst)
+    await guest.burst(12)
+    await guest.finish()
+    guest.check(image)
+
+
+async def test_blk_formats_listed(blk_pair):
+    src, _, _ = blk_pair
+    formats = {f["name"]: f for f in await mg.list_formats(src)}
+    assert set(formats) == {"opaque/vfu-virtio-blk", "virtio-blk/std/1"}
+    assert formats["virtio-blk/std/1"]["uuid"] == BLK_STD
+    assert formats["opaque/vfu-virtio-blk"]["default"]
