@@ -1,0 +1,145 @@
+"""In the guest: the project's NVMe and virtio-blk against QEMU's built-in ones, same boot.
+
+    .venv/bin/python -m bench.guest [--seconds 3] [--size 64] [--jobs ...]
+
+Builds ``bench/loadgen.c`` on the host (``gcc -static -O2 -pthread``), adds it to the guest's
+initramfs through the harness's ``extra_files``, boots QEMU 11.1 once with four disks -- vfu
+NVMe, QEMU ``nvme``, vfu virtio-blk, QEMU ``virtio-blk-pci``, each on its own image file of a
+distinct size so that the guest script can tell them apart -- and runs every job on every disk
+in that one boot (O_DIRECT, so the guest page cache is out of the picture; the host files are
+in the host page cache for all four alike). Prints a table with ours / QEMU ratios.
+
+The accelerator is the harness's (``VFU_QEMU_ACCEL``, TCG by default): under TCG the absolute
+numbers mostly measure the emulated CPU, the ratios are what to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .common import REPO, machine_line, table
+
+JOBS = [  # name, op, bs, qd
+    ("4K randread QD1", "randread", 4096, 1),
+    ("4K randread QD32", "randread", 4096, 32),
+    ("4K randwrite QD1", "randwrite", 4096, 1),
+    ("4K randwrite QD32", "randwrite", 4096, 32),
+    ("128K seqread QD1", "seqread", 131072, 1),
+]
+DISKS = [  # key, kind, size offset in MiB (distinct sizes identify the disks in the guest)
+    ("vfu-nvme", "vfu:nvme", 0),
+    ("qemu-nvme", "qemu:nvme", 1),
+    ("vfu-virtio-blk", "vfu:virtio-blk", 2),
+    ("qemu-virtio-blk", "qemu:virtio-blk", 3),
+]
+
+
+def build_loadgen(out_dir: Path) -> Path:
+    exe = out_dir / "loadgen"
+    subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(exe), str(REPO / "bench" / "loadgen.c")],
+                   check=True)
+    return exe
+
+
+def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], seconds: float) -> str:
+    lines = [
+        "for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vda ] && [ -e /sys/block/vdb ] && "
+        "[ -e /sys/block/nvme0n1 ] && [ -e /sys/block/nvme1n1 ] && break; sleep 1; done",
+        "find_disk() { for d in /sys/block/nvme*n1 /sys/block/vd*; do "
+        "[ \"$(cat $d/size 2>/dev/null)\" = \"$1\" ] && echo /dev/${d##*/} && return; done; }",
+    ]
+    for key, sectors in sizes.items():
+        var = key.replace("-", "_")
+        lines.append(f'{var}=$(find_disk {sectors}); echo "disk {key} $' + "{" + var + "}\"")
+        lines.append(f'[ -n "${var}" ] || {{ echo "missing disk {key}"; exit 3; }}')
+    for key in sizes:
+        var = key.replace("-", "_")
+        for name, op, bs, qd in jobs:
+            tag = f"{key}/{name.replace(' ', '_')}"
+            lines.append(f'/usr/local/bin/loadgen {tag} ${var} {op} {bs} {qd} {seconds:g} || echo "loadgen failed {tag}"')
+    return "\n".join(lines) + "\n"
+
+
+def parse(output: str) -> dict[tuple[str, str], dict[str, str]]:
+    found = {}
+    for line in output.splitlines():
+        if not line.startswith("loadgen name="):
+            continue
+        kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+        key, _, job = kv["name"].partition("/")
+        found[key, job.replace("_", " ")] = kv
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="bench.guest", description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--size", type=int, default=64, help="MiB per disk (plus 0..3 to tell them apart)")
+    ap.add_argument("--memory", type=int, default=512)
+    ap.add_argument("--jobs", default="", help="comma-separated job names (default: all)")
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args(argv)
+    from vfu_server.guest.runner import (
+        VfuDevice,
+        builtin_nvme,
+        builtin_virtio_blk,
+        qemu_accel,
+        run_guest,
+    )
+
+    jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
+    print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
+    tmp = Path(tempfile.mkdtemp(prefix="vfu-bench-guest-"))
+    try:
+        loadgen = build_loadgen(tmp)
+        devices = []
+        sizes = {}
+        for key, kind, extra in DISKS:
+            img = tmp / f"{key}.img"
+            mib = args.size + extra
+            with open(img, "wb") as f:
+                chunk = os.urandom(1 << 20)
+                for _ in range(mib):
+                    f.write(chunk)
+            sizes[key] = mib * 2048
+            where, dev = kind.split(":")
+            if where == "vfu":
+                devices.append(VfuDevice(dev, args=["--backing", str(img)], cwd=str(REPO)))
+            elif dev == "nvme":
+                devices.append(builtin_nvme(img))
+            else:
+                devices.append(builtin_virtio_blk(img))
+        script = guest_script(sizes, jobs, args.seconds)
+        result = run_guest(script, devices, memory_mib=args.memory, timeout=args.timeout,
+                           extra_files={"/usr/local/bin/loadgen": loadgen})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if os.environ.get("VFU_BENCH_DEBUG"):
+        print(result.output)
+    found = parse(result.output)
+    rows = []
+    for ours, theirs, label in (("vfu-nvme", "qemu-nvme", "NVMe"), ("vfu-virtio-blk", "qemu-virtio-blk", "virtio-blk")):
+        for name, _op, _bs, _qd in jobs:
+            a, b = found.get((ours, name)), found.get((theirs, name))
+            ia = float(a["iops"]) if a else float("nan")
+            ib = float(b["iops"]) if b else float("nan")
+            rows.append([label, name, ia, float(a["mbps"]) if a else float("nan"), ib,
+                         float(b["mbps"]) if b else float("nan"), ia / ib if ib else float("nan"),
+                         float(a["lat_us"]) if a else float("nan"), float(b["lat_us"]) if b else float("nan")])
+    print()
+    print(table(f"In the guest (QEMU 11.1, one boot, {args.seconds:g} s per job, O_DIRECT, loadgen threads)",
+                ["device", "job", "ours IOPS", "ours MB/s", "QEMU IOPS", "QEMU MB/s", "ours / QEMU",
+                 "ours lat us", "QEMU lat us"], rows))
+    missing = [line for line in result.output.splitlines() if line.startswith(("loadgen failed", "missing"))]
+    if missing:
+        print("problems:", *missing, sep="\n  ")
+    print(f"guest run took {result.duration:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Run one benchmark (or all): ``python bench/run.py NAME [ARGS...]``.
+
+Names: roundtrip, footprint, devices, guest, all (the first three, then guest).
+The same scripts run as ``.venv/bin/python -m bench.NAME``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+NAMES = ["roundtrip", "footprint", "devices", "guest"]
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in [*NAMES, "all"]:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    repo = str(Path(__file__).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    for name in NAMES if argv[0] == "all" else [argv[0]]:
+        print(f"== bench.{name}", flush=True)
+        importlib.import_module(f"bench.{name}").main(argv[1:] if argv[0] != "all" else [])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
