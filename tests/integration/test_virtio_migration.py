@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
@@ -253,3 +258,253 @@ async def test_blk_formats_listed(blk_pair):
     assert set(formats) == {"opaque/vfu-virtio-blk", "virtio-blk/std/1"}
     assert formats["virtio-blk/std/1"]["uuid"] == BLK_STD
     assert formats["opaque/vfu-virtio-blk"]["default"]
+
+
+# -- virtio-net (socket backend; each server has its own connection to the test peer) ----------
+
+HDR = bytes(12)
+F_MAC, F_STATUS = 1 << 5, 1 << 16
+NET_FEATURES = VIRTIO_F_EVENT_IDX | F_MAC | F_STATUS
+MAC = "52:54:00:12:34:56"
+GUEST_MAC = bytes.fromhex("525400123456")
+PEER_MAC = b"\x02" * 6
+
+
+def _frame(dst: bytes, src: bytes, seq: int) -> bytes:
+    return dst + src + b"\x88\xb5" + struct.pack("<I", seq) + os.urandom(60)
+
+
+async def _peer_listener(path: str) -> trio.socket.SocketType:
+    lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    await lsock.bind(path)
+    lsock.listen(1)
+    return lsock
+
+
+@pytest.fixture
+async def net_pair(tmp_path):
+    paths = [str(tmp_path / "peer-src.sock"), str(tmp_path / "peer-dst.sock")]
+    listeners = [await _peer_listener(p) for p in paths]
+    async with (
+        running_server("virtio-net", "--peer", paths[0], "--mac", MAC) as a,
+        running_server("virtio-net", "--peer", paths[1], "--mac", MAC) as b,
+        await Client.connect(a.socket_path) as src,
+        await Client.connect(b.socket_path) as dst,
+    ):
+        with trio.fail_after(10):
+            peers = [(await lst.accept())[0] for lst in listeners]
+        ram = GuestRam(32 << 20)
+        await src.dma_map(ram)
+        await dst.dma_map(ram)
+        yield src, dst, ram, peers
+        for sock in (*peers, *listeners):
+            sock.close()
+
+
+async def _received(rx: DriverQueue, count: int, timeout: float = 10) -> list[int]:
+    seqs = []
+    with trio.fail_after(timeout):
+        while len(seqs) < count:
+            for req in await rx.wait_used(1):
+                data = req.data(0)[: req.written]
+                assert data[12:18] == GUEST_MAC
+                seqs.append(struct.unpack_from("<I", data, 12 + 14)[0])
+    return seqs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_net_no_frame_lost_or_duplicated(net_pair, fmt):
+    src, dst, ram, (peer_src, peer_dst) = net_pair
+    dev, (rx, tx) = await init_device(src, ram, NET_FEATURES, queues=(0, 1), slot_size=2048)
+    with trio.fail_after(5):
+        while not await dev.config_read(6, 2) & 1:  # link up
+            await trio.sleep(0.01)
+    for _ in range(48):
+        rx.add(in_sizes=[12 + 1518])
+    await rx.kick(force=True)
+    seen: list[int] = []
+    tx_seq = 0
+
+    async def send(n: int) -> None:
+        nonlocal tx_seq
+        for _ in range(n):
+            tx.add([HDR + _frame(PEER_MAC, GUEST_MAC, tx_seq)])
+            tx_seq += 1
+        await tx.kick(force=True)
+
+    async def peer_counts(sock: trio.socket.SocketType) -> None:
+        while True:
+            f = await sock.recv(65536)
+            if not f:
+                return
+            seen.append(struct.unpack_from("<I", f, 14)[0])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer_counts, peer_src)
+        nursery.start_soon(peer_counts, peer_dst)
+        await send(40)
+        for i in range(20):  # peer -> guest before the migration
+            await peer_src.send(_frame(GUEST_MAC, PEER_MAC, 1000 + i))
+        rx_seqs = await _received(rx, 20)
+
+        async def guest_keeps_sending() -> None:
+            for _ in range(4):
+                await send(10)
+                await trio.sleep(0.002)
+            await send(40)  # in flight at the switch-over
+
+        await mg.migrate(src, dst, fmt=fmt, while_precopy=guest_keeps_sending)
+        await switch_over(dev, dst)
+        assert await dev.config_read(6, 2) & 1, "the destination's own backend has a link"
+        await send(40)
+        with trio.fail_after(10):
+            while len(seen) < tx_seq:
+                await trio.sleep(0.01)
+        # peer -> guest after the migration: the destination uses the receive buffers the
+        # guest posted before it (the source used 20 of them)
+        for i in range(20, 40):
+            await peer_dst.send(_frame(GUEST_MAC, PEER_MAC, 1000 + i))
+        rx_seqs += await _received(rx, 20)
+        await trio.sleep(0.1)  # a duplicate would show up now
+        nursery.cancel_scope.cancel()
+    assert sorted(seen) == list(range(tx_seq)), "each transmitted frame reaches the peer once"
+    assert rx_seqs == list(range(1000, 1040))
+    done = tx.reap()
+    assert tx.used_idx() == tx_seq and not tx.outstanding, done
+
+
+async def test_net_destination_with_another_mac_is_refused(net_pair, tmp_path):
+    """The configured MAC is part of the profile (config space the guest read): refused."""
+    src, _, ram, _ = net_pair
+    await init_device(src, ram, NET_FEATURES, queues=(0, 1))
+    lsock = await _peer_listener(str(tmp_path / "peer-other.sock"))
+    async with (
+        running_server("virtio-net", "--peer", str(tmp_path / "peer-other.sock"),
+                       "--mac", "52:54:00:12:34:57") as c,
+        await Client.connect(c.socket_path) as other,
+    ):
+        await other.dma_map(ram)
+        for fmt in FORMATS:
+            stream = await mg.save(src, fmt=fmt)
+            with pytest.raises(RemoteError) as info:
+                await mg.load(other, stream)
+            assert info.value.errno == errno.EINVAL
+            await _assert_clean(other)
+    lsock.close()
+
+
+async def test_net_driver_filters_move(net_pair):
+    """The control-queue state (RX mode, MAC, MAC table, pairs) moves in the standard format."""
+    src, dst, ram, _ = net_pair
+    f_ctrl = (1 << 17) | (1 << 18) | (1 << 23)
+    dev, (_rx, _tx, cq) = await init_device(src, ram, NET_FEATURES | f_ctrl, queues=(0, 1, 2))
+
+    async def ctrl(cls: int, cmd: int, data: bytes) -> int:
+        req = cq.add([bytes([cls, cmd]) + data], [1])
+        await cq.kick(force=True)
+        await cq.wait_used()
+        return req.data(0)[0]
+
+    assert await ctrl(0, 0, b"\x00") == 0  # promiscuous off
+    assert await ctrl(1, 1, bytes.fromhex("52540000abcd")) == 0  # MAC_ADDR_SET
+    table = struct.pack("<I", 1) + bytes.fromhex("020000000001") + struct.pack("<I", 0)
+    assert await ctrl(1, 0, table) == 0
+    await mg.migrate(src, dst, fmt="standard")
+    await switch_over(dev, dst)
+    mac = await dev.config_read(0, 4) | await dev.config_read(4, 2) << 32
+    assert mac.to_bytes(6, "little") == bytes.fromhex("52540000abcd")
+    assert await ctrl(4, 0, struct.pack("<H", 1)) == 0, "the control queue works on the destination"
+
+
+# -- virtio-rng ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_rng_still_returns_data_after_migration(fmt):
+    async with (
+        running_server("virtio-rng") as a,
+        running_server("virtio-rng") as b,
+        await Client.connect(a.socket_path) as src,
+        await Client.connect(b.socket_path) as dst,
+    ):
+        ram = GuestRam(8 << 20)
+        await src.dma_map(ram)
+        await dst.dma_map(ram)
+        dev, (q,) = await init_device(src, ram, VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC)
+        before = [q.add(in_sizes=[64]) for _ in range(4)]
+        await q.kick(force=True)
+        await q.wait_used(4)
+        pending = [q.add(in_sizes=[32]) for _ in range(3)]  # available, not kicked: taken later
+        stats = await mg.migrate(src, dst, fmt=fmt)
+        assert stats.format == ("virtio-rng/std/1" if fmt == "standard" else "opaque/vfu-virtio-rng")
+        await switch_over(dev, dst)
+        after = [q.add(in_sizes=[48], indirect=True) for _ in range(2)]
+        await q.kick(force=True)
+        done = await q.wait_used(5)
+        assert {id(r) for r in done} == {id(r) for r in pending + after}
+        for r in before + pending + after:
+            assert r.written == r.inbufs[0].length and r.data(0) != b"\xa5" * r.written
+        assert q.used_idx() == 9
+
+
+# -- mutated streams never hurt the destination --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blk_server_paths(tmp_path_factory):
+    """Two virtio-blk servers for the whole module, started without trio so that each
+    hypothesis example (its own trio loop) can connect to them again."""
+    base = tmp_path_factory.mktemp("virtio-mig")
+    procs, paths = [], []
+    for name in ("src", "dst"):
+        path = str(base / f"{name}.sock")
+        proc = subprocess.Popen([sys.executable, "-m", "vfu_server", "virtio-blk", "--size", "1M",
+                                 "--socket-path", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(b"listening on"), proc.stderr.read() if proc.stderr else line
+        procs.append(proc)
+        paths.append(path)
+    yield paths
+    for proc in procs:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0, "the destination must still shut down cleanly"
+
+
+def _mutate(data: st.DataObject, stream: bytes) -> bytes:
+    base = bytearray(stream)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = data.draw(st.integers(0, max(0, len(base) - 1)))
+        if kind == "flip" and base:
+            base[pos] ^= data.draw(st.integers(1, 255))
+        elif kind == "cut":
+            del base[pos:]
+        else:
+            base[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    return bytes(base)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutated_streams_never_hurt_the_destination(blk_server_paths, data):
+    src_path, dst_path = blk_server_paths
+    fmt = data.draw(st.sampled_from(FORMATS))
+
+    async def one_example() -> None:
+        async with await Client.connect(src_path) as src, await Client.connect(dst_path) as dst:
+            ram = GuestRam(4 << 20)
+            await src.dma_map(ram)
+            await dst.dma_map(ram)
+            await init_device(src, ram, BLK_FEATURES, size=16)
+            stream = _mutate(data, await mg.save(src, fmt=fmt))
+            with trio.fail_after(10):
+                try:
+                    await mg.load(dst, stream)
+                except RemoteError as exc:
+                    assert exc.errno in (errno.EINVAL, errno.EBADMSG, errno.EPROTO, errno.EFBIG, errno.E2BIG)
+                    await _assert_clean(dst)
+                assert await mg.get_state(dst) == MigState.RUNNING
+                assert await dst.config_read(0, 2) == 0x1AF4
+
+    trio.run(one_example)
