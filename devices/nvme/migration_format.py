@@ -775,8 +775,7 @@ def _load(rs: RecordSet, minor: int) -> NvmeMigState:
         pending.append(CqPending(v["cqid"], tuple(PendingCqe(e["sqid"], e["cid"], e["status"] >> 1, e["dw0"])
                                                   for e in entries)))
     state = NvmeMigState(profile=profile, pci=pci, msix=msix, intx=intx, regs=regs,
-                         sqs=tuple(sorted(sqs, key=lambda q: q.qid)),
-                         cqs=tuple(sorted(cqs, key=lambda q: q.qid)), dbbuf=dbbuf,
+                         sqs=tuple(sqs), cqs=tuple(cqs), dbbuf=dbbuf,
                          features=features, aer=aer, error_log=error_log, smart=smart,
                          namespaces=tuple(namespaces), pending=tuple(pending))
     validate(state)
