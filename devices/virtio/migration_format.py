@@ -73,6 +73,7 @@ __all__ = [
     "VqMig",
     "decode_virtio_profile",
     "encode_virtio_profile",
+    "sample_state",
 ]
 
 NO_VECTOR = 0xFFFF
@@ -546,3 +547,57 @@ RNG_FORMATS = FormatSet([RNG_OPAQUE, RNG_STANDARD])
 register_formats("virtio-blk", BLK_FORMATS)
 register_formats("virtio-net", NET_FORMATS)
 register_formats("virtio-rng", RNG_FORMATS)
+
+
+def sample_state(kind: str) -> VirtioDevState:
+    """A fully populated, deterministic state of a virtio-``kind`` device (golden vectors)."""
+    from vfu_server.migration.generic import MsixVector
+
+    nq = {"blk": 2, "net": 3, "rng": 1}[kind]
+    dev_id = _DEVICE_IDS[kind]
+    features = (1 << 32) | (1 << 29) | (1 << 28)
+    if kind == "blk":
+        features |= 0x7646  # SIZE_MAX SEG_MAX BLK_SIZE FLUSH TOPOLOGY MQ DISCARD WRITE_ZEROES
+        ro = struct.pack("<QIIHBBIBBHIBxHIIIIIB3x", 8192, 1 << 20, 254, 0, 0, 0, 512, 0, 0, 1, 0,
+                         1, nq, 0x3FFFFF, 32, 1, 0x3FFFFF, 32, 1)
+    elif kind == "net":
+        features |= 0xC70020  # MAC STATUS CTRL_VQ CTRL_RX MQ CTRL_MAC_ADDR
+        ro = bytes.fromhex("525400123456") + struct.pack("<HH", 0, 1)
+    else:
+        ro = b""
+    vprof = VirtioProfile(
+        device_id=dev_id, device_features=features, num_queues=nq, queue_size_max=256,
+        notify_multiplier=4,
+        caps=((4, 0, 0x38), (4, 0x3000, 0x1000), (4, 0x1000, 1), (4, 0x2000, len(ro)) if ro else (0, 0, 0)),
+        ro_config=ro)
+    vectors = nq + 1
+    profile = PciProfile(
+        vendor_id=0x1AF4, device_id=0x1040 + dev_id, subsys_vendor_id=0x1AF4, subsys_id=dev_id,
+        class_code={"blk": 0x010000, "net": 0x020000, "rng": 0xFF0000}[kind], revision=1,
+        bar_sizes=(0, 0x1000, 0, 0, 0x4000, 0), bar_flags=(0, 0, 0, 0, 0x0C, 0),
+        msix_vectors=vectors, msix_table_bir=1, msix_table_offset=0, msix_pba_bir=1,
+        msix_pba_offset=0x800,
+        capabilities=bytes([0x01, 0x40, 0x11, 0x48, 0x10, 0x54, 0x09, 0x90, 0x09, 0xA4, 0x09, 0xB8,
+                            0x09, 0xC8, 0x09, 0xDC]),
+        device_abi=encode_virtio_profile(vprof))
+    queues = tuple(
+        VqMig(size=128 if i < nq - 1 or kind == "rng" else 64, ready=True, msix_vector=i + 1,
+              desc=0x10000 * (i + 1), driver=0x10000 * (i + 1) + 0x800,
+              device=0x10000 * (i + 1) + 0x1000, notify_off=i, last_avail_idx=1000 + 7 * i,
+              used_idx=1000 + 7 * i, signalled_used=999 + 7 * i, signalled_valid=i % 2 == 0)
+        for i in range(nq))
+    transport = TransportMig(driver_features=features & ~(1 << 28), device_feature_select=1,
+                             driver_feature_select=1, config_msix_vector=0, queue_select=nq - 1,
+                             status=0x0F, config_generation=3, isr=0, queues=queues)
+    return VirtioDevState(
+        profile=profile,
+        pci=PciConfigState(command=0x0406, cache_line_size=0x10, interrupt_line=11,
+                           bars=(0, 0xFEB01000, 0, 0, 0x0000000C, 0xFE), msix_control=0x8000 | (vectors - 1)),
+        msix=MsixState(tuple(MsixVector(0xFEE00000 + 0x1000 * i, 0x4020 + i, 0) for i in range(vectors)),
+                       bytes((vectors + 7) // 8)),
+        intx=IntxState(0), transport=transport,
+        blk=BlkMig(writeback=1, serial=b"vector-disk") if kind == "blk" else None,
+        net=NetMig(mac=bytes.fromhex("52540000abcd"), promisc=False, allmulti=True,
+                   uni_macs=(bytes.fromhex("020000000001"),),
+                   multi_macs=(bytes.fromhex("01005e000001"), bytes.fromhex("333300000001")),
+                   active_pairs=1, link_up=True) if kind == "net" else None)

@@ -274,3 +274,4 @@ def inspect_stream(data: bytes) -> list[dict[str, Any]]:
 
 
 from . import nvme  # noqa: E402,F401  (registers the nvme-ctrl/std/1 records)
+from .virtio import decode_part  # noqa: E402,F401  (registers the virtio-*/std/1 records)
