@@ -223,6 +223,7 @@ _COMMON_WIDTH = {CFG_DEVICE_FEATURE_SELECT: 4, CFG_DRIVER_FEATURE_SELECT: 4, CFG
 # virtio-net control-queue commands carried as NET_CVQ parts: (class, command)
 CVQ_RX_PROMISC, CVQ_RX_ALLMULTI, CVQ_MAC_TABLE_SET, CVQ_MAC_ADDR_SET, CVQ_MQ_PAIRS_SET = (
     (0, 0), (0, 1), (1, 0), (1, 1), (4, 0))
+_CVQ_KNOWN = {CVQ_RX_PROMISC, CVQ_RX_ALLMULTI, CVQ_MAC_TABLE_SET, CVQ_MAC_ADDR_SET, CVQ_MQ_PAIRS_SET}
 _PART_ORDER = {P_DEV_FEATURES: 0, P_DRV_FEATURES: 1, P_PCI_COMMON_CFG: 2, P_DEVICE_STATUS: 3,
                P_VQ_CFG: 4, P_VQ_NOTIFY_CFG: 5, P_NET_CVQ: 6}
 
@@ -354,6 +355,10 @@ def _parse_parts(payloads: list[bytes], net: bool) -> _Parts:
                 out.vq_notify[vq] = _VQ_NOTIFY.unpack_from(value)[0]
         else:
             key = (sel[0], sel[1])
+            if key not in _CVQ_KNOWN:
+                if flags & PART_OPTIONAL:
+                    continue
+                raise _bad(f"VIRTIO_PARTS: control part class {key[0]} command {key[1]} not supported")
             if key in out.cvq:
                 raise _bad(f"VIRTIO_PARTS: control part {key} twice")
             out.cvq[key] = bytes(value)

@@ -189,7 +189,7 @@ def _runtime(records: list[Record], **changes: int) -> list[Record]:
 
 def _extra_part(records: list[Record], payload: bytes) -> list[Record]:
     last = _parts(records)[-1]
-    return _renumber([*records[:last + 1], Record(28928, payload, 2, 0), *records[last + 1:]])
+    return _renumber([*records[:last + 1], Record(0x7100, payload, 2, 0), *records[last + 1:]])
 
 
 CASES = {
@@ -246,6 +246,14 @@ def test_ro_config_hash_is_checked_by_both_readers():
     assert info.value.errno == errno.EINVAL
     with pytest.raises(Bad, match="sha256"):
         inspect_stream(stream)
+
+
+def test_unknown_control_part_refused_unless_optional():
+    vlan = vm.part(0x200, bytes([2, 0]), b"\x01\x00")  # VLAN_ADD: never offered
+    with pytest.raises(MigrationFormatError, match="control part"):
+        vm.NET_STANDARD.decode(_rewrite("net", lambda rs: _extra_part(rs, vlan)))
+    optional = vm.part(0x200, bytes([2, 0]), b"\x01\x00", flags=1)
+    assert vm.NET_STANDARD.decode(_rewrite("net", lambda rs: _extra_part(rs, optional))) == vm.sample_state("net")
 
 
 def test_both_readers_refuse_a_lying_part():
