@@ -645,7 +645,7 @@ def _features_from(rs: RecordSet) -> FeatureState:
             _need(all(e["cd"] <= 1 for e in VECTOR_ENTRY.unpack_array(
                 data, n // VECTOR_ENTRY.size, VECTOR_ENTRY.size)), "FEATURE 09h CD")
         elif fid == FID_TIMESTAMP:
-            _need(n == 8 and data[6] == 0x02, "FEATURE 0Eh data")
+            _need(n == 8 and bool(data[6] & 0x02), "FEATURE 0Eh data (origin must be the host)")
             kw["timestamp_ms"] = int.from_bytes(data[:6], "little")
             kw["timestamp_set"] = True
         elif fid == FID_HOST_BEHAVIOR:
