@@ -135,15 +135,21 @@ def server_env(extra: dict[str, str] | None = None, bytecode_cache: bool = True)
 
 @contextmanager
 def running_server(device: str, *args: str, env: dict[str, str] | None = None,
-                   timeout: float = 30.0) -> Iterator[Server]:
-    """Start ``python -m vfu_server DEVICE`` exactly as a user would; stop it on exit."""
+                   timeout: float = 30.0, tree: Path | None = None) -> Iterator[Server]:
+    """Start ``python -m vfu_server DEVICE`` exactly as a user would; stop it on exit.
+
+    ``tree`` runs the server from another checkout (e.g. a ``git worktree`` of an older
+    commit) to measure a change against its baseline in the same run."""
     tmp = tempfile.mkdtemp(prefix="vfu-bench-")
     path = os.path.join(tmp, "dev.sock")
     err_path = os.path.join(tmp, "stderr")
     with open(err_path, "wb") as err:
         t0 = time.perf_counter()
+        senv = server_env(env)
+        if tree is not None:
+            senv["PYTHONPATH"] = str(tree)
         proc = subprocess.Popen(server_argv(device, path, *args), stdout=subprocess.PIPE,
-                                stderr=err, stdin=subprocess.DEVNULL, env=server_env(env), cwd=REPO)
+                                stderr=err, stdin=subprocess.DEVNULL, env=senv, cwd=tree or REPO)
     try:
         assert proc.stdout is not None
         line = _readline_timeout(proc, timeout)

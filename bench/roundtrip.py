@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iterations", type=int, default=20_000)
     ap.add_argument("--posted", type=int, default=100_000, help="posted writes per measurement")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (best median kept)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
+                    help="also measure a server run from another checkout (git worktree)")
     args = ap.parse_args(argv)
+    if args.baseline:
+        compare(args)
+        return
     n, warm = args.iterations, min(2000, args.iterations)
     print(machine_line())
 
@@ -252,6 +257,39 @@ def main(argv: list[str] | None = None) -> None:
                 ["path", "messages/s", "x floor", "peer CPU us/msg"], prow))
     ratio = median(o) / median(f)
     print(f"round trip target (<= 2x floor): {'MET' if ratio <= 2 else 'MISSED'} ({ratio:.2f}x)")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Round trip and posted writes of servers from several checkouts, interleaved."""
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    n, warm = args.iterations, min(2000, args.iterations)
+    print(machine_line())
+    trees = [("this checkout", None)] + [(b.split("=", 1)[0], Path(b.split("=", 1)[1])) for b in args.baseline]
+    lat: dict[str, list[list[int]]] = {label: [] for label, _ in trees}
+    cpu: dict[str, float] = dict.fromkeys(lat, 0.0)
+    posted: dict[str, list[float]] = {label: [] for label, _ in trees}
+    floor = []
+    with ExitStack() as stack:
+        servers = {label: stack.enter_context(running_server("example", tree=tree)) for label, tree in trees}
+        for _ in range(args.repeat):
+            floor.append(floor_pingpong(n, warm)[0])
+            for label, srv in servers.items():
+                lt, c = server_pingpong(srv.socket_path, srv.pid, n, warm)
+                lat[label].append(lt)
+                cpu[label] += c
+                posted[label].append(server_posted(srv.socket_path, srv.pid, args.posted)[0])
+    fm = min(median(f) for f in floor) / 1000
+    rows = [["floor: socket ping-pong", fm, float("nan"), 1.0, float("nan"), float("nan")]]
+    for label in lat:
+        best = min(lat[label], key=median)
+        med = median(best) / 1000
+        rows.append([label, med, percentile(best, 99) / 1000, med / fm, cpu[label] / args.repeat / n * 1e6,
+                     args.posted / min(posted[label])])
+    print()
+    print(table(f"Round trip by checkout ({n:,} iterations, best of {args.repeat} interleaved runs)",
+                ["server", "median us", "p99 us", "x floor", "server CPU us/op", "posted writes/s"], rows))
 
 
 if __name__ == "__main__":
