@@ -170,12 +170,14 @@ async def test_blk_standard_into_differently_configured_destination(image, tmp_p
         running_server("virtio-blk", "--backing", str(image)) as a,
         running_server("virtio-blk", "--backing", str(link), "--serial", "other") as b,
         running_server("virtio-blk", "--size", str(2 * DISK)) as c,
+        running_server("virtio-blk", "--size", str(DISK)) as d,
         await Client.connect(a.socket_path) as src,
         await Client.connect(b.socket_path) as dst,
         await Client.connect(c.socket_path) as bigger,
+        await Client.connect(d.socket_path) as ram_disk,
     ):
         ram = GuestRam(32 << 20)
-        for cl in (src, dst, bigger):
+        for cl in (src, dst, bigger, ram_disk):
             await cl.dma_map(ram)
         dev, (q,) = await init_device(src, ram, BLK_FEATURES, slot_size=16384)
         guest = BlkGuest(q)
@@ -187,6 +189,9 @@ async def test_blk_standard_into_differently_configured_destination(image, tmp_p
             await mg.load(bigger, stream)
         assert info.value.errno == errno.EINVAL
         assert await mg.get_state(bigger) == MigState.RUNNING
+        # A RAM disk of the same capacity is the same device as far as the guest can tell.
+        await mg.load(ram_disk, stream, run=False)
+        assert await mg.get_state(ram_disk) == MigState.STOP
         await mg.load(dst, stream)
         await switch_over(dev, dst)
         await guest.burst(10)
