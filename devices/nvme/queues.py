@@ -28,18 +28,23 @@ class InflightCounter:
 
     def __init__(self) -> None:
         self.count = 0
-        self._changed = trio.Event()
+        #: created only while someone waits: dec() is on every command's path
+        self._changed: trio.Event | None = None
 
     def inc(self) -> None:
         self.count += 1
 
     def dec(self) -> None:
         self.count -= 1
-        self._changed.set()
-        self._changed = trio.Event()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     async def wait_below(self, limit: int) -> None:
         while self.count >= limit:
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
 
     async def wait_zero(self) -> None:
@@ -114,8 +119,17 @@ def post_cqe(mem: Memory, cq: CompletionQueueState, entry: PendingCompletion, sq
         cq.phase ^= 1
 
 
-def read_sqe(mem: Memory, sq: SubmissionQueueState) -> bytes:
-    return mem.read(sq_entry_address(sq), SQE_SIZE)
+def read_sqe(mem: Memory, sq: SubmissionQueueState) -> bytes | memoryview:
+    """The entry at the SQ head: a view of guest memory when it lies in one region (decode
+    copies the fields out at once), else the bytes joined from its pieces."""
+    addr = sq.base + sq.head * SQE_SIZE
+    view = getattr(mem, "view", None)
+    if view is not None:
+        try:
+            return view(addr, SQE_SIZE)
+        except DmaError:
+            pass  # crosses a region boundary or unmapped: read() splits, or raises the error
+    return mem.read(addr, SQE_SIZE)
 
 
 # -- shadow doorbells (Doorbell Buffer Config) ----------------------------------------------

@@ -28,6 +28,8 @@ from ..protocol.constants import DmaMapFlags
 from ..protocol.errors import DmaError, VfioUserError
 
 PAGE_SIZE = mmap.PAGESIZE
+# Plain int: ``int & IntFlag`` runs enum.Flag.__and__ in Python, on every writable access.
+_WRITE = int(DmaMapFlags.WRITE)
 
 DirtyHook = Callable[[int, int], None]
 
@@ -49,7 +51,7 @@ class DmaRegion:
 
     @property
     def writable(self) -> bool:
-        return bool(self.flags & DmaMapFlags.WRITE)
+        return bool(self.flags & _WRITE)
 
     def release(self) -> None:
         if self.view is not None:
@@ -163,6 +165,11 @@ class GuestMemory:
 
     def views(self, iova: int, length: int, *, write: bool = False) -> list[memoryview]:
         """Like :meth:`view`, split at region boundaries."""
+        if 0 <= iova and 0 < length:
+            # Fast path: the range lies inside the last region used (nearly every access).
+            last = self._last
+            if last is not None and last.iova <= iova and iova + length <= last.iova + last.size:
+                return [self.view(iova, length, write=write)]
         out = []
         while length > 0:
             region = self._find(iova)
