@@ -84,6 +84,7 @@ class Connection:
         self._next_id = 0x8000  # our own request ids; only need to be unique among our pending
         self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
         self.tracing = trace_log.isEnabledFor(logging.INFO)
+        self.receive_scope = trio.CancelScope()
         self.handlers: dict[int, Callable[[Message], Reply | Awaitable[Reply]]] = {
             cmd: getattr(self, name) for cmd, name in _HANDLERS.items()
         }
@@ -91,26 +92,48 @@ class Connection:
     # -- main loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve until the client goes away, or until shutdown stops the reading.
+
+        On shutdown the connection is left open (DMA maps and eventfds intact) so the device
+        can finish its in-flight work; :meth:`Server.finish` then closes it.
+        """
         log.info("client %d connected", self.number)
         try:
-            while True:
-                batch = await self.channel.receive()
+            while not self.server.stopping:
+                with trio.CancelScope() as self.receive_scope:
+                    batch = await self.channel.receive()
+                if self.receive_scope.cancelled_caught:
+                    # Shutdown: what the client sent before the signal still takes effect (a
+                    # posted doorbell write is acknowledged work for the guest), then reading
+                    # stops; the session stays up for the device's drain.
+                    with trio.CancelScope(shield=True):
+                        await self._handle_batch(self.channel.receive_nowait())
+                    return
                 if batch is None:
                     log.info("client %d disconnected", self.number)
+                    await self.close()
                     return
                 # A batch is applied completely even if shutdown starts meanwhile.
                 with trio.CancelScope(shield=True):
                     await self._handle_batch(batch)
         except ProtocolError as exc:
             log.warning("client %d: dropping connection: %s", self.number, exc)
+            await self.close()
         except OSError as exc:
             log.warning("client %d: connection lost: %s", self.number, exc)
-        finally:
-            for chan in self._pending.values():
-                chan.close()
-            self._pending.clear()
-            self.channel.close()
-            await self.server.client_gone()
+            await self.close()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.channel.closed:
+            return
+        for chan in self._pending.values():
+            chan.close()
+        self._pending.clear()
+        self.channel.close()
+        await self.server.client_gone()
 
     async def _handle_batch(self, batch: list[Message]) -> None:
         out = bytearray()
@@ -410,14 +433,19 @@ class Server:
         self.send_timeout = send_timeout
         self.connection: Connection | None = None
         self._connections = 0
+        self.stopping = False
+        self._accept_scope = trio.CancelScope()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def serve_listener(self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept clients one at a time, forever."""
+        """Accept clients one at a time, until :meth:`stop`."""
         task_status.started()
-        while True:
-            sock, _ = await listener.accept()
+        while not self.stopping:
+            with trio.CancelScope() as self._accept_scope:
+                sock, _ = await listener.accept()
+            if self._accept_scope.cancelled_caught:
+                return
             await self.serve_socket(sock)
 
     async def serve_socket(self, sock: trio.socket.SocketType) -> None:
@@ -427,7 +455,23 @@ class Server:
         try:
             await conn.run()
         finally:
-            self.connection = None
+            if conn.channel.closed:
+                self.connection = None
+
+    def stop(self) -> None:
+        """Shutdown, step 1: stop accepting and stop reading requests (the message being
+        handled completes). The session stays up so the device can drain."""
+        self.stopping = True
+        self._accept_scope.cancel()
+        if self.connection is not None:
+            self.connection.receive_scope.cancel()
+
+    async def finish(self) -> None:
+        """Shutdown, step 3 (after the device drained): close the session."""
+        conn, self.connection = self.connection, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.close()
 
     async def client_gone(self) -> None:
         device = self.device
@@ -496,6 +540,8 @@ async def serve(
     server = Server(device)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            # Cancelled when the signal watcher is no longer needed (an inherited connection ended).
+            signal_task = trio.CancelScope()
             async with trio.open_nursery() as device_tasks:
                 device.attach(device_tasks)
                 if control is not None:
@@ -508,7 +554,7 @@ async def serve(
 
                         async def one_client() -> None:
                             await server.serve_socket(connected)
-                            clients.cancel_scope.cancel()
+                            signal_task.cancel()
 
                         clients.start_soon(one_client)
                     if on_listening is not None:
@@ -518,12 +564,20 @@ async def serve(
                     async def wait_signal() -> None:
                         async for signum in signals:
                             log.info("received %s: shutting down", signal.Signals(signum).name)
-                            clients.cancel_scope.cancel()
+                            server.stop()
                             return
 
-                    clients.start_soon(wait_signal)
+                    async def watch_signals() -> None:
+                        with signal_task:
+                            await wait_signal()
+
+                    clients.start_soon(watch_signals)
+                # Every client task has returned: on a signal the session is still open, so
+                # in-flight work can complete into guest memory and raise its interrupts.
+                signal_task.cancel()
                 with trio.CancelScope(shield=True), trio.move_on_after(30):
                     await device.shutdown()
+                await server.finish()
                 device_tasks.cancel_scope.cancel()
     finally:
         if listener is not None:

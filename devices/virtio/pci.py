@@ -563,7 +563,20 @@ class VirtioPciDevice(PciDevice):
             await q.doorbell.wait()
 
     async def drain(self, timeout: float = 20.0) -> None:
-        """Stop taking requests and wait for the ones in flight (server shutdown)."""
+        """Server shutdown: finish what the driver made available before it (a kicked request
+        is in flight as far as the guest knows), then stop taking requests and wait for the
+        ones in flight."""
+        with trio.move_on_after(timeout):
+            for q in self.queues:
+                if not (q.active and q.accepting and q.state.ready):
+                    continue
+                try:
+                    target = q.avail_idx()
+                except VirtqueueError:
+                    continue
+                q.doorbell.ring()
+                while q.active and q.accepting and (target - q.state.next_avail) & 0xFFFF:
+                    await trio.sleep(0.001)
         for q in self.queues:
             q.accepting = False
         with trio.move_on_after(timeout):
