@@ -170,6 +170,9 @@ class NvmeController(PciDevice):
         self._cc_changed = trio.Event()
         self._irq_wake = trio.Event()
         self._irq_pending: set[int] = set()
+        # Completions of inline commands: posted at once, signalled once per SQ batch.
+        self._defer_irq = False
+        self._irq_deferred = False
         self._intx_level = False
         self._ready = trio.Event()
         self._tasks: trio.Nursery | None = None
@@ -614,6 +617,7 @@ class NvmeController(PciDevice):
                 if sq is None:
                     return
                 if sq.head == self._sq_tail(sq):
+                    self._flush_deferred()
                     shadow = self.state.shadow
                     if shadow.enabled:
                         # Ask the host to ring the MMIO doorbell once it moves past what we
@@ -625,6 +629,7 @@ class NvmeController(PciDevice):
                     rt.wake = trio.Event()
                     continue
                 if qid != 0 and rt.inflight.count >= min(IO_INFLIGHT_PER_SQ, sq.size):
+                    self._flush_deferred()
                     await rt.inflight.wait_below(min(IO_INFLIGHT_PER_SQ, sq.size))
                     continue
                 try:
@@ -636,17 +641,44 @@ class NvmeController(PciDevice):
                 sq.head = (sq.head + 1) % sq.size
                 cmd = Command.decode(raw, qid)
                 if qid == 0:
+                    self._flush_deferred()
                     await self._execute(sq, rt, cmd, self.admin.execute)
-                else:
+                elif not self._execute_inline(sq, cmd):
                     rt.inflight.inc()
                     self.inflight.inc()
                     assert self._session is not None
                     self._session.start_soon(self._execute_io_task, sq, rt, cmd)
                 fetched += 1
                 if fetched % 64 == 0:
+                    self._flush_deferred()
                     await trio.lowlevel.checkpoint()
         finally:
+            self._flush_deferred()
             rt.done.set()
+
+    def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
+        """Complete an I/O command right here when the backend can do it without blocking.
+
+        The interrupt for it is deferred: the SQ loop signals once for the whole batch before
+        it next waits (:meth:`_flush_deferred`)."""
+        try:
+            if not self.io.try_inline(cmd):
+                return False
+            status = 0
+        except Exception as exc:  # noqa: BLE001 - mapped exactly as in _execute
+            status = self._status_of(exc, sq, cmd)
+        self._defer_irq = True
+        try:
+            self.complete(sq.qid, cmd.cid, status, 0)
+        finally:
+            self._defer_irq = False
+        return True
+
+    def _flush_deferred(self) -> None:
+        """Signal the completions that inline commands posted (one interrupt per vector)."""
+        if self._irq_deferred:
+            self._irq_deferred = False
+            self._flush_interrupts()
 
     async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
         try:
@@ -663,26 +695,33 @@ class NvmeController(PciDevice):
             if result is None:  # completes later (Asynchronous Event Request)
                 return
             dw0 = result
-        except NvmeError as exc:
+        except Exception as exc:  # noqa: BLE001 - every outcome becomes a status
+            status = self._status_of(exc, sq, cmd)
+        self.complete(sq.qid, cmd.cid, status, dw0)
+
+    def _status_of(self, exc: Exception, sq: SubmissionQueueState, cmd: Command) -> int:
+        """The completion status for a command that raised ``exc`` (logged as an error)."""
+        if isinstance(exc, NvmeError):
             status = exc.field
             log.debug("SQ %d cid %d opcode %#x: %s", sq.qid, cmd.cid, cmd.opcode, exc)
-        except DmaError as exc:
+        elif isinstance(exc, DmaError):
             status = Status.DATA_TRANSFER_ERROR | DNR
             log.debug("SQ %d cid %d: %s", sq.qid, cmd.cid, exc)
-        except BlockRangeError:
+        elif isinstance(exc, BlockRangeError):
             status = Status.LBA_OUT_OF_RANGE | DNR
-        except BlockReadOnlyError:
+        elif isinstance(exc, BlockReadOnlyError):
             status = Status.NAMESPACE_WRITE_PROTECTED | DNR
-        except BlockError as exc:
+        elif isinstance(exc, BlockError):
             log.warning("namespace %d: backend error: %s", cmd.nsid, exc)
             self.state.smart.media_errors += 1
             status = Status.UNRECOVERED_READ_ERROR if cmd.opcode == 0x02 and sq.qid else Status.WRITE_FAULT
-        except Exception:
-            log.exception("SQ %d cid %d opcode %#x: internal error", sq.qid, cmd.cid, cmd.opcode)
+        else:
+            log.error("SQ %d cid %d opcode %#x: internal error", sq.qid, cmd.cid, cmd.opcode,
+                      exc_info=exc)
             status = Status.INTERNAL_ERROR
         if status:
             self._log_error(sq.qid, cmd, status)
-        self.complete(sq.qid, cmd.cid, status, dw0)
+        return status
 
     def _log_error(self, sqid: int, cmd: Command, status: int) -> None:
         smart = self.state.smart
@@ -732,7 +771,10 @@ class NvmeController(PciDevice):
             log.warning("CQ %d: cannot post completion: %s", cq.qid, exc)
             return
         self._irq_pending.add(cq.qid)
-        self._irq_wake.set()
+        if self._defer_irq:
+            self._irq_deferred = True  # the SQ loop signals at the end of its batch
+        else:
+            self._irq_wake.set()
 
     def _drain_waiting(self, cq: CompletionQueueState) -> None:
         rt = self.cq_rt.get(cq.qid)

@@ -24,6 +24,7 @@ DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length in blocks, start
 VERIFY_CHUNK = 1 << 20
 FUA = 1 << 30
 DEAC = 1 << 25
+_READ, _WRITE = int(IoOpcode.READ), int(IoOpcode.WRITE)
 
 Handler = Callable[[Command], Awaitable[int]]
 
@@ -48,6 +49,41 @@ class IoCommands:
         if cmd.fuse:
             raise NvmeError(Status.INVALID_FIELD, "fused operations are not supported")
         return await handler(cmd)
+
+    def try_inline(self, cmd: Command) -> bool:
+        """Run a Read or Write now, without a task, when the backend can finish it without
+        blocking (a page-cache read, a small buffered write). True: done, the command
+        succeeded. False: nothing observable happened, run :meth:`execute` in a task. Raises
+        exactly what :meth:`execute` would raise for the same command."""
+        opcode = cmd.opcode
+        if opcode == _READ:
+            if cmd.fuse:
+                return False
+            ns, offset, length = self._rw_range(cmd)
+            fn = getattr(ns.backend, "readv_nowait", None)
+            if fn is None:
+                return False
+            if not fn(offset, self._views(cmd, length, to_host=True)):
+                return False
+            smart = self.ctrl.state.smart
+            smart.bytes_read += length
+            smart.host_read_commands += 1
+            return True
+        if opcode == _WRITE:
+            if cmd.fuse:
+                return False
+            ns, offset, length = self._rw_range(cmd)
+            fn = getattr(ns.backend, "writev_nowait", None)
+            if fn is None:
+                return False
+            fua = bool(cmd.cdw12 & FUA) or not self.ctrl.state.features.volatile_write_cache
+            if not fn(offset, self._views(cmd, length, to_host=False), fua=fua):
+                return False
+            smart = self.ctrl.state.smart
+            smart.bytes_written += length
+            smart.host_write_commands += 1
+            return True
+        return False
 
     def _rw_range(self, cmd: Command, *, limited: bool = True) -> tuple[Namespace, int, int]:
         ns = self.ctrl.namespace(cmd.nsid)

@@ -325,6 +325,37 @@ class FileBackend(BlockBackend):
         if done < total:
             await self._in_thread(self._preadv_all, fd, iov_slice(views, done), offset + done)
 
+    # -- synchronous fast paths (a device's queue loop calls these before spawning a task) --------
+
+    def readv_nowait(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """Do :meth:`readv` now if it cannot block: an inline-sized read that the page cache
+        holds entirely.  False: nothing is promised about ``bufs``, call :meth:`readv`.
+        Raises what :meth:`readv` raises for a bad range or a closed backend."""
+        views = byte_views(bufs)
+        total = iov_length(views)
+        self._check_range(offset, total)
+        fd = self._live_fd()
+        if total == 0:
+            return True
+        if not self._nowait_reads or total > self._inline_max:
+            return False
+        return self._read_nowait(fd, views, offset, total) == total
+
+    def writev_nowait(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> bool:
+        """Do :meth:`writev` now when it would be done inline anyway (a buffered write of at
+        most ``inline_max`` bytes).  False: call :meth:`writev`."""
+        views = byte_views(bufs)
+        total = iov_length(views)
+        self._check_range(offset, total)
+        self._check_writable()
+        fd = self._live_fd()
+        if total == 0:
+            return True
+        if fua or total > self._inline_max:
+            return False
+        self._pwritev_all(fd, views, offset)
+        return True
+
     async def writev(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         views = byte_views(bufs)
         total = iov_length(views)
