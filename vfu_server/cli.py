@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         print(f"listening on {where}", flush=True)
 
-    from .server import serve
+    from .server import DeviceStartError, serve
 
     control = None
     if control_path:
@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             control = open_unix_listener(control_path)
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
-    trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
-                           socket_path_to_remove=args.socket_path, control=control,
-                           control_path=control_path))
+    try:
+        trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
+                               socket_path_to_remove=args.socket_path, control=control,
+                               control_path=control_path))
+    except DeviceStartError as exc:
+        sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
+        return 1
     return 0

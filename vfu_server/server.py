@@ -55,6 +55,10 @@ _ASYNC_COMMANDS = {Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DAT
 _HANDLERS: dict[int, str] = {}
 
 
+class DeviceStartError(Exception):
+    """The device could not get ready (e.g. its NBD server is unreachable); one line for users."""
+
+
 async def _then(pending: Awaitable[None], value: bytes) -> bytes:
     await pending
     return value
@@ -542,43 +546,49 @@ async def serve(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             # Cancelled when the signal watcher is no longer needed (an inherited connection ended).
             signal_task = trio.CancelScope()
+            start_error: Exception | None = None
             async with trio.open_nursery() as device_tasks:
-                device.attach(device_tasks)
-                if control is not None:
-                    device_tasks.start_soon(serve_control, device, control)
-                async with trio.open_nursery() as clients:
-                    if listener is not None:
-                        await clients.start(server.serve_listener, listener)
-                    else:
-                        assert connected is not None
+                try:
+                    await device.start(device_tasks)
+                except Exception as exc:
+                    start_error = exc
+                    device_tasks.cancel_scope.cancel()
+                if start_error is None:
+                    if control is not None:
+                        device_tasks.start_soon(serve_control, device, control)
+                    async with trio.open_nursery() as clients:
+                        if listener is not None:
+                            await clients.start(server.serve_listener, listener)
+                        else:
+                            assert connected is not None
 
-                        async def one_client() -> None:
-                            await server.serve_socket(connected)
-                            signal_task.cancel()
+                            async def one_client() -> None:
+                                await server.serve_socket(connected)
+                                signal_task.cancel()
 
-                        clients.start_soon(one_client)
-                    if on_listening is not None:
-                        on_listening()
-                    task_status.started(server)
+                            clients.start_soon(one_client)
+                        if on_listening is not None:
+                            on_listening()
+                        task_status.started(server)
 
-                    async def wait_signal() -> None:
-                        async for signum in signals:
-                            log.info("received %s: shutting down", signal.Signals(signum).name)
-                            server.stop()
-                            return
+                        async def wait_signal() -> None:
+                            async for signum in signals:
+                                log.info("received %s: shutting down", signal.Signals(signum).name)
+                                server.stop()
+                                return
 
-                    async def watch_signals() -> None:
-                        with signal_task:
-                            await wait_signal()
+                        async def watch_signals() -> None:
+                            with signal_task:
+                                await wait_signal()
 
-                    clients.start_soon(watch_signals)
-                # Every client task has returned: on a signal the session is still open, so
-                # in-flight work can complete into guest memory and raise its interrupts.
-                signal_task.cancel()
-                with trio.CancelScope(shield=True), trio.move_on_after(30):
-                    await device.shutdown()
-                await server.finish()
-                device_tasks.cancel_scope.cancel()
+                        clients.start_soon(watch_signals)
+                    # Every client task has returned: on a signal the session is still open, so
+                    # in-flight work can complete into guest memory and raise its interrupts.
+                    signal_task.cancel()
+                    with trio.CancelScope(shield=True), trio.move_on_after(30):
+                        await device.shutdown()
+                    await server.finish()
+                    device_tasks.cancel_scope.cancel()
     finally:
         if listener is not None:
             listener.close()
@@ -587,6 +597,8 @@ async def serve(
             remove_socket(control_path)
         remove_socket(socket_path_to_remove)
         device.close()
+    if start_error is not None:
+        raise DeviceStartError(f"{device.name}: {start_error}") from start_error
 
 
 async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> None:

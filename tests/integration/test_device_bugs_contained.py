@@ -3,6 +3,9 @@ guest reset aborts the VM), so a raising callback becomes an EIO reply and a rai
 logged, and the server keeps serving."""
 
 import errno
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -32,3 +35,22 @@ async def test_raising_callbacks_and_tasks_are_contained():
     log = server.stderr()
     for text in ("bug in run()", "bug in a device task", "bug in a read callback", "bug in a write callback"):
         assert text in log, f"{text!r} should be logged with its traceback"
+
+
+def test_a_device_that_cannot_get_ready_is_a_one_line_start_error(tmp_path):
+    sock = tmp_path / "dev.sock"
+    out = subprocess.run([sys.executable, "-m", "vfu_server", "tests.integration.buggy_device:NeverReady",
+                          "--socket-path", str(sock)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stdout == "", "never 'listening' for a device that is not ready"
+    assert out.stderr.strip().splitlines()[-1].endswith("connection refused")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not sock.exists()
+
+
+async def test_listening_only_once_the_device_is_ready():
+    t0 = time.monotonic()
+    async with running_server("tests.integration.buggy_device:SlowToStart") as server:
+        assert time.monotonic() - t0 >= 0.5
+        async with await Client.connect(server.socket_path) as dev:
+            assert await dev.config_read(0, 4) == 0xBAD21234

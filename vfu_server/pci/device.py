@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import inspect
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -130,7 +131,14 @@ class PciDevice:
         """Device-specific reset (DEVICE_RESET, FLR). Config space is already back to power-on."""
 
     async def run(self) -> None:
-        """Long-running device work, started once when the server starts. Optional."""
+        """Long-running device work, started once when the server starts. Optional.
+
+        A device that needs the event loop to get ready (connect an NBD backend, open a TAP
+        device) declares ``async def run(self, task_status=trio.TASK_STATUS_IGNORED)`` and calls
+        ``task_status.started()`` once ready: the server says ``listening`` only after that, and
+        an exception before it becomes a one-line start-up error instead of a running server
+        with a broken device.
+        """
 
     async def shutdown(self) -> None:
         """The server is exiting: finish in-flight work and flush backends."""
@@ -272,7 +280,32 @@ class PciDevice:
 
     # -- used by the server ------------------------------------------------------------------
 
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start :meth:`run` in ``nursery`` and wait until the device is ready."""
+        self._nursery = nursery
+        if "task_status" in inspect.signature(self.run).parameters:
+            await nursery.start(self._run_until_ready, name=f"{self.name}.run")
+        else:
+            self.spawn(self.run, name=f"{self.name}.run")
+
+    async def _run_until_ready(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        ready = False
+
+        class Status:
+            def started(self, value: Any = None) -> None:
+                nonlocal ready
+                ready = True
+                task_status.started(value)
+
+        try:
+            await self.run(task_status=Status())  # type: ignore[call-arg]
+        except Exception:
+            if not ready:
+                raise  # a start-up error: nursery.start() re-raises it to the server
+            self.log.exception("device task run failed")
+
     def attach(self, nursery: trio.Nursery) -> None:
+        """Start :meth:`run` without waiting for readiness (tests, embedding)."""
         self._nursery = nursery
         self.spawn(self.run, name=f"{self.name}.run")
 
