@@ -162,6 +162,56 @@ class VirtioBlk(VirtioPciDevice):
 
     # -- requests --------------------------------------------------------------------------
 
+    def process_nowait(self, queue: SplitQueue, chain: DescriptorChain) -> int | None:
+        """Reads the page cache holds and writes small enough to be done inline anyway
+        complete here, in the queue loop, without a task (``readv_nowait``/``writev_nowait``
+        of the backend, where it has them). Everything else: None, :meth:`process` does it."""
+        backend = self.backend
+        readable, writable = chain.readable, chain.writable
+        if backend is None or chain.read_len < _HDR.size or not writable:
+            return None  # not ready yet, or malformed: process() waits or raises
+        first = readable[0]
+        if first.nbytes < _HDR.size:
+            return None
+        rtype, _, sector = _HDR.unpack_from(first)
+        length = chain.write_len - 1
+        status_view = writable[-1]
+        if status_view.nbytes == 1:
+            data_in = writable[:-1]
+        else:
+            data_in = iov_slice(writable, 0, length)
+            status_view = iov_slice(writable, length, 1)[0]
+        written = 0
+        try:
+            if rtype == T_IN:
+                read_nowait = getattr(backend, "readv_nowait", None)
+                if read_nowait is None:
+                    return None
+                status = self._check(sector, length)
+                if status == S_OK:
+                    if not read_nowait(sector * SECTOR, data_in):
+                        return None
+                    written = length
+            elif rtype == T_OUT:
+                write_nowait = getattr(backend, "writev_nowait", None)
+                if write_nowait is None:
+                    return None
+                status = self._check(sector, chain.read_len - _HDR.size, write=True)
+                if status == S_OK:
+                    data_out = readable[1:] if first.nbytes == _HDR.size else iov_slice(readable, _HDR.size)
+                    if not write_nowait(sector * SECTOR, data_out):
+                        return None
+            elif rtype == T_GET_ID:
+                written = _store(data_in, self.serial.ljust(ID_BYTES, b"\0")[:length])
+                status = S_OK
+            else:
+                return None
+        except BlockError as exc:
+            self.log.warning("request type %d at sector %d failed: %s", rtype, sector, exc)
+            status = S_IOERR
+        status_view[0] = status
+        return written + 1
+
     async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
         if chain.read_len < _HDR.size or chain.write_len < 1:
             raise VirtqueueError(f"queue {queue.index}: virtio-blk request without header or status byte")

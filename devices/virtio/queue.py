@@ -72,14 +72,9 @@ class DescriptorChain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
-
-    @property
-    def read_len(self) -> int:
-        return sum(v.nbytes for v in self.readable)
-
-    @property
-    def write_len(self) -> int:
-        return sum(v.nbytes for v in self.writable)
+    #: total bytes of ``readable`` / ``writable``, counted while the chain is walked
+    read_len: int = 0
+    write_len: int = 0
 
     def read_bytes(self, limit: int | None = None) -> bytes:
         """Copy (up to ``limit`` bytes of) the readable part."""
@@ -143,6 +138,9 @@ class SplitQueue:
         # QEMU and vhost do, since the driver's used_event may predate us.
         self._signalled_used: int | None = None
         self.indirect_ok = True
+        # The avail index as last read (None: read it). Chains up to it are known to be
+        # available, so pop() reads the index from guest memory only once it caught up.
+        self._avail_seen: int | None = None
 
     # -- validation -----------------------------------------------------------------------
 
@@ -175,18 +173,25 @@ class SplitQueue:
 
     def pending(self) -> int:
         """Number of chains the driver made available that we did not pop yet."""
-        n = (self.avail_idx() - self.state.next_avail) & 0xFFFF
+        idx = self.avail_idx()
+        n = (idx - self.state.next_avail) & 0xFFFF
         if n > self.state.size:
             raise VirtqueueError(f"queue {self.index}: avail index jumped by {n} (size {self.state.size})")
+        self._avail_seen = idx
         return n
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None. Raises :class:`VirtqueueError` on a bad ring."""
-        if not (self.active and self.accepting) or self.pending() == 0:
+        if not (self.active and self.accepting):
             return None
         s = self.state
-        slot = s.avail_ring + 4 + 2 * (s.next_avail % s.size)
-        head = _U16.unpack_from(self._view(slot, 2))[0]
+        seen = self._avail_seen
+        # Re-read the index only when the chains seen last time are used up (or if
+        # next_avail moved behind our back): one read per batch instead of one per chain.
+        if (seen is None or not 0 < (seen - s.next_avail) & 0xFFFF <= s.size) and self.pending() == 0:
+            return None
+        size = s.size
+        head = _U16.unpack_from(self._view(s.avail_ring + 4 + 2 * (s.next_avail % size), 2))[0]
         s.next_avail = (s.next_avail + 1) & 0xFFFF
         chain = self._walk(head)
         self.inflight += 1
@@ -231,7 +236,12 @@ class SplitQueue:
                     views = self.dma.views(addr, length, write=write)
                 except DmaError as exc:
                     raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x}: {exc}") from None
-                (chain.writable if write else chain.readable).extend(views)
+                if write:
+                    chain.writable += views
+                    chain.write_len += length
+                else:
+                    chain.readable += views
+                    chain.read_len += length
             if not flags & DESC_F_NEXT:
                 return chain
             if nxt >= limit:
