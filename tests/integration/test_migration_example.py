@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -19,6 +17,7 @@ from vfu_server.client import Client, GuestRam
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.errors import RemoteError
 from vfu_server.testing import running_server
+from vfu_server.testing.fuzz import mutate_stream, server_processes
 
 SCRATCH, SRC, DST, LEN, CTRL, STATUS, IRQS = 0x04, 0x08, 0x10, 0x18, 0x1C, 0x20, 0x24
 
@@ -213,38 +212,10 @@ async def test_v1_region_format_registers(pair):
 
 
 @pytest.fixture(scope="module")
-def server_pair_paths(tmp_path_factory):
-    """Two example servers for the whole module, started without trio so that hypothesis
-    examples (each run in its own trio loop) can connect to them again and again."""
-    base = tmp_path_factory.mktemp("mig")
-    procs, paths = [], []
-    for name in ("src", "dst"):
-        path = str(base / f"{name}.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "vfu_server", "example", "--socket-path", path],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(b"listening on"), proc.stderr.read() if proc.stderr else line
-        procs.append(proc)
-        paths.append(path)
-    yield paths
-    for proc in procs:
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0, "the destination must still shut down cleanly"
-
-
-def _mutate(data: st.DataObject, stream: bytes) -> bytes:
-    base = bytearray(stream)
-    for _ in range(data.draw(st.integers(1, 4))):
-        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        pos = data.draw(st.integers(0, max(0, len(base) - 1)))
-        if kind == "flip" and base:
-            base[pos] ^= data.draw(st.integers(1, 255))
-        elif kind == "cut":
-            del base[pos:]
-        else:
-            base[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
-    return bytes(base)
+def server_pair_paths():
+    """Two example servers for the whole module (hypothesis examples reconnect to them)."""
+    with server_processes("example") as paths:
+        yield paths
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -255,7 +226,7 @@ def test_mutated_streams_never_hurt_the_destination(server_pair_paths, data):
 
     async def one_example() -> None:
         async with await Client.connect(src_path) as src, await Client.connect(dst_path) as dst:
-            stream = _mutate(data, await mg.save(src, fmt=fmt))
+            stream = mutate_stream(data, await mg.save(src, fmt=fmt))
             with trio.fail_after(10):
                 try:
                     await mg.load(dst, stream)

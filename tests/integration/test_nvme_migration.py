@@ -10,8 +10,6 @@ import collections
 import errno
 import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -25,6 +23,7 @@ from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import RemoteError
 from vfu_server.testing import running_server
+from vfu_server.testing.fuzz import mutate_stream, server_processes
 from vfu_server.testing.nvme import (
     ADMIN_CREATE_CQ,
     ADMIN_CREATE_SQ,
@@ -374,25 +373,18 @@ async def test_standard_stream_decodes_to_the_live_state(nvme_pair):
 
 
 @pytest.fixture(scope="module")
-def nvme_streams_and_dst(tmp_path_factory):
+def nvme_streams_and_dst():
     """A rich standard and opaque stream from a real source, and a destination server with the
     same profile, started without trio so every hypothesis example can reconnect."""
-    base = tmp_path_factory.mktemp("nvme-mig")
-    procs, paths = [], []
-    for name in ("src", "dst"):
-        path = str(base / f"{name}.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "vfu_server", "nvme", "--size", "4M",
-                                 "--socket-path", path],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(b"listening on"), proc.stderr.read() if proc.stderr else line
-        procs.append(proc)
-        paths.append(path)
+    with server_processes("nvme", "--size", "4M") as paths:
+        yield _capture_streams(paths[0]), paths[1]
+
+
+def _capture_streams(src_path: str) -> dict[str, bytes]:
     streams = {}
 
     async def capture() -> None:
-        async with await Client.connect(paths[0]) as src:
+        async with await Client.connect(src_path) as src:
             drv = NvmeTestDriver(src, GuestRam(8 << 20))
             await drv.start(msix_vectors=4)
             q = await drv.create_io_queue_pair(1, 16)
@@ -403,24 +395,7 @@ def nvme_streams_and_dst(tmp_path_factory):
                 streams[fmt] = await mg.save(src, fmt=fmt)
 
     trio.run(capture)
-    yield streams, paths[1]
-    for proc in procs:
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0, "the servers must still shut down cleanly"
-
-
-def _mutate(data: st.DataObject, stream: bytes) -> bytes:
-    base = bytearray(stream)
-    for _ in range(data.draw(st.integers(1, 4))):
-        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        pos = data.draw(st.integers(0, max(0, len(base) - 1)))
-        if kind == "flip" and base:
-            base[pos] ^= data.draw(st.integers(1, 255))
-        elif kind == "cut":
-            del base[pos:]
-        else:
-            base[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
-    return bytes(base)
+    return streams
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
@@ -428,7 +403,7 @@ def _mutate(data: st.DataObject, stream: bytes) -> bytes:
 def test_mutated_streams_never_hurt_the_destination(nvme_streams_and_dst, data):
     streams, dst_path = nvme_streams_and_dst
     fmt = data.draw(st.sampled_from(["standard", "opaque"]))
-    stream = _mutate(data, streams[fmt])
+    stream = mutate_stream(data, streams[fmt])
 
     async def one_example() -> None:
         async with await Client.connect(dst_path) as dst:

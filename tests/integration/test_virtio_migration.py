@@ -11,8 +11,6 @@ import errno
 import os
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.constants import IrqIndex, IrqSetFlags
 from vfu_server.protocol.errors import RemoteError
 from vfu_server.testing import running_server
+from vfu_server.testing.fuzz import mutate_stream, server_processes
 from vfu_server.testing.virtio import (
     DRIVER_OK,
     VIRTIO_F_EVENT_IDX,
@@ -456,38 +455,10 @@ async def test_rng_still_returns_data_after_migration(fmt):
 
 
 @pytest.fixture(scope="module")
-def blk_server_paths(tmp_path_factory):
-    """Two virtio-blk servers for the whole module, started without trio so that each
-    hypothesis example (its own trio loop) can connect to them again."""
-    base = tmp_path_factory.mktemp("virtio-mig")
-    procs, paths = [], []
-    for name in ("src", "dst"):
-        path = str(base / f"{name}.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "vfu_server", "virtio-blk", "--size", "1M",
-                                 "--socket-path", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(b"listening on"), proc.stderr.read() if proc.stderr else line
-        procs.append(proc)
-        paths.append(path)
-    yield paths
-    for proc in procs:
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0, "the destination must still shut down cleanly"
-
-
-def _mutate(data: st.DataObject, stream: bytes) -> bytes:
-    base = bytearray(stream)
-    for _ in range(data.draw(st.integers(1, 4))):
-        kind = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        pos = data.draw(st.integers(0, max(0, len(base) - 1)))
-        if kind == "flip" and base:
-            base[pos] ^= data.draw(st.integers(1, 255))
-        elif kind == "cut":
-            del base[pos:]
-        else:
-            base[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
-    return bytes(base)
+def blk_server_paths():
+    """Two virtio-blk servers for the whole module (hypothesis examples reconnect to them)."""
+    with server_processes("virtio-blk", "--size", "1M") as paths:
+        yield paths
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
@@ -502,7 +473,7 @@ def test_mutated_streams_never_hurt_the_destination(blk_server_paths, data):
             await src.dma_map(ram)
             await dst.dma_map(ram)
             await init_device(src, ram, BLK_FEATURES, size=16)
-            stream = _mutate(data, await mg.save(src, fmt=fmt))
+            stream = mutate_stream(data, await mg.save(src, fmt=fmt))
             with trio.fail_after(10):
                 try:
                     await mg.load(dst, stream)
