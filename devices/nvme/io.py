@@ -11,6 +11,8 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from vfu_server.protocol.errors import DmaError
+
 from .command import Command
 from .constants import NSID_ALL, IoOpcode, Status
 from .dptr import segment_views
@@ -98,6 +100,14 @@ class IoCommands:
 
     def _views(self, cmd: Command, length: int, *, to_host: bool) -> list[memoryview]:
         ctrl = self.ctrl
+        prp1, page = cmd.prp1, ctrl.page_size
+        if not cmd.flags & 0xC0 and 0 < length <= page - prp1 % page and not prp1 & 3:
+            # PRPs, and PRP1 alone holds the transfer (4 KiB I/O): the one segment that
+            # prp_segments() would return, without building the list.
+            try:
+                return ctrl.dma.views(prp1, length, write=to_host)
+            except DmaError as exc:
+                raise NvmeError(Status.DATA_TRANSFER_ERROR, str(exc)) from None
         segs = cmd.segments(ctrl.dma, length, ctrl.page_size, to_host=to_host)
         return segment_views(ctrl.dma, segs, write=to_host)
 

@@ -36,9 +36,10 @@ class Namespace:
 
     def check_range(self, slba: int, nlb: int) -> tuple[int, int]:
         """Byte offset and length of ``nlb`` blocks at ``slba``, or LBA Out of Range."""
-        if slba + nlb > self.nsze:
+        shift = LBA_FORMATS[self.state.lba_format]  # on every I/O: no property chain
+        if slba + nlb > self.backend.size >> shift:
             raise NvmeError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} beyond {self.nsze} blocks")
-        return slba << self.lba_shift, nlb << self.lba_shift
+        return slba << shift, nlb << shift
 
 
 def lba_format_for(block_size: int) -> int:
