@@ -239,7 +239,8 @@ class NvmeController(PciDevice):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # Backends (NBD connections) open here; "listening" waits for task_status.started().
         async with contextlib.AsyncExitStack() as stack:
             for i, source in enumerate(self.sources):
                 if isinstance(source, BackendSpec):
@@ -257,6 +258,7 @@ class NvmeController(PciDevice):
                 nursery.start_soon(self._control_loop)
                 nursery.start_soon(self._interrupt_loop)
                 self._ready.set()
+                task_status.started()
                 await trio.sleep_forever()
 
     async def shutdown(self) -> None:

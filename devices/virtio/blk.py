@@ -106,14 +106,19 @@ class VirtioBlk(VirtioPciDevice):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        if self.backend is None:
-            assert self.spec is not None
-            async with open_backend(self.spec) as backend:
-                self.backend = backend
-                self.ready.set()
-                self.config_changed()
-                await trio.sleep_forever()
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # Opening the backend (an NBD connection) needs the event loop; the server says
+        # "listening" only after task_status.started(), and a failure before is a start-up error.
+        if self.backend is not None:
+            task_status.started()
+            return
+        assert self.spec is not None
+        async with open_backend(self.spec) as backend:
+            self.backend = backend
+            self.ready.set()
+            self.config_changed()
+            task_status.started()
+            await trio.sleep_forever()
 
     async def shutdown(self) -> None:
         await self.drain()

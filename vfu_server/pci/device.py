@@ -303,6 +303,14 @@ class PciDevice:
             if not ready:
                 raise  # a start-up error: nursery.start() re-raises it to the server
             self.log.exception("device task run failed")
+        except BaseExceptionGroup as group:
+            cancelled, rest = group.split(trio.Cancelled)
+            if rest is not None:
+                if not ready:
+                    raise rest from None
+                self.log.error("device task run failed", exc_info=rest)
+            if cancelled is not None:
+                raise cancelled from None
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Start :meth:`run` without waiting for readiness (tests, embedding)."""
