@@ -179,7 +179,8 @@ def _decode_record(rtype: int, payload: bytes) -> dict[str, Any] | None:
         out["capabilities"] = rest[:cl].hex()
         out["device_abi"] = rest[cl:cl + al].hex()
     elif rtype == 0x0003:
-        n, es, pl = out["num_vectors"], out["entry_size"], out["pba_len"]
+        # Fields are append-only: a short fixed part leaves later fields at their default 0.
+        n, es, pl = out.get("num_vectors", 0), out.get("entry_size", 16), out.get("pba_len", 0)
         if n * es + pl > len(rest) or (n and es == 0):
             raise Bad("MSIX: table and PBA overrun the record")
         out["vectors"] = [
@@ -188,6 +189,17 @@ def _decode_record(rtype: int, payload: bytes) -> dict[str, Any] | None:
         ]
         out["pba"] = rest[n * es:n * es + pl].hex()
     return out
+
+
+def _decode_checked(rtype: int, name: str, payload: bytes) -> dict[str, Any] | None:
+    """A record decoder that meets bytes it cannot make sense of reports the stream as bad;
+    a reader of untrusted input never fails with anything else."""
+    try:
+        return _decode_record(rtype, payload)
+    except Bad:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, struct.error) as exc:
+        raise Bad(f"record {rtype:#06x} {name}: malformed ({type(exc).__name__}: {exc})") from None
 
 
 def _one(data: bytes, start: int) -> tuple[dict[str, Any], int]:
@@ -250,7 +262,7 @@ def _one(data: bytes, start: int) -> tuple[dict[str, Any], int]:
         env["records"].append({
             "type": f"{rtype:#06x}", "name": name, "flags": flag_names(rflags, RECORD_FLAGS),
             "instance": inst, "version": rver, "length": length,
-            "fields": _decode_record(rtype, payload), "_rtype": rtype, "_crc": crc32c(payload),
+            "fields": _decode_checked(rtype, name, payload), "_rtype": rtype, "_crc": crc32c(payload),
         })
         pos = end
 
