@@ -667,7 +667,7 @@ class NvmeController(PciDevice):
             if not self.io.try_inline(cmd):
                 return False
             status = 0
-        except Exception as exc:  # noqa: BLE001 - mapped exactly as in _execute
+        except Exception as exc:
             status = self._status_of(exc, sq, cmd)
         self._defer_irq = True
         try:
@@ -697,7 +697,7 @@ class NvmeController(PciDevice):
             if result is None:  # completes later (Asynchronous Event Request)
                 return
             dw0 = result
-        except Exception as exc:  # noqa: BLE001 - every outcome becomes a status
+        except Exception as exc:
             status = self._status_of(exc, sq, cmd)
         self.complete(sq.qid, cmd.cid, status, dw0)
 

@@ -165,7 +165,7 @@ class GuestMemory:
 
     def views(self, iova: int, length: int, *, write: bool = False) -> list[memoryview]:
         """Like :meth:`view`, split at region boundaries."""
-        if 0 <= iova and 0 < length:
+        if iova >= 0 and length > 0:
             # Fast path: the range lies inside the last region used (nearly every access).
             last = self._last
             if last is not None and last.iova <= iova and iova + length <= last.iova + last.size:
