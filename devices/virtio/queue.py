@@ -12,6 +12,7 @@ The queue's state is the plain :class:`QueueState` dataclass, the same fields as
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from .spec import (
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
+_NATIVE_LE = sys.byteorder == "little"
 _USED_ELEM = struct.Struct("<II")
 # A full memory barrier: taking an uncontended lock is an atomic read-modify-write, which
 # orders our used-index store before the used_event load (and likewise for avail_event).
@@ -39,6 +41,30 @@ _fence_lock = threading.Lock()
 def _mb() -> None:
     with _fence_lock:
         pass
+
+
+def _load16(view: memoryview, offset: int) -> int:
+    """The little-endian u16 at ``offset`` of ``view``, read with one 16-bit load.
+
+    For the ring indexes and event fields, which the driver writes while we read: struct's
+    ``"<H"`` assembles them a byte at a time, so it could combine two values. A memoryview's
+    native ``"H"`` item is one 2-byte copy, a single load (the fields are 2-byte aligned,
+    see :meth:`SplitQueue.check_layout`), as the driver's own access is.
+    """
+    value: int = view[offset : offset + 2].cast("H")[0]
+    return value if _NATIVE_LE else (value >> 8) | (value & 0xFF) << 8
+
+
+def _store16(view: memoryview, offset: int, value: int) -> None:
+    """Store a little-endian u16 with one 16-bit store (see :func:`_load16`).
+
+    Not ``struct.pack_into``: CPython's zeroes the field first and then writes it byte by
+    byte, so a driver reading ``used->idx`` at that moment saw 0 (or half a new index), took
+    the ring slots after its last seen index for completions and reaped stale ones.
+    """
+    if not _NATIVE_LE:
+        value = (value >> 8) | (value & 0xFF) << 8
+    view[offset : offset + 2].cast("H")[0] = value
 
 
 class VirtqueueError(Exception):
@@ -169,7 +195,7 @@ class SplitQueue:
     # -- driver -> device ----------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return _U16.unpack_from(self._view(self.state.avail_ring + 2, 2))[0]
+        return _load16(self._view(self.state.avail_ring + 2, 2), 0)
 
     def pending(self) -> int:
         """Number of chains the driver made available that we did not pop yet."""
@@ -270,8 +296,9 @@ class SplitQueue:
             _USED_ELEM.pack_into(used, 4 + 8 * (idx % size), head, length)
             idx = (idx + 1) & 0xFFFF
         self._used.clear()
-        # x86 keeps stores in order, so the elements are visible before the index.
-        _U16.pack_into(used, 2, idx)
+        # x86 keeps stores in order, so the elements are visible before the index; the
+        # index itself changes in one store (a driver may be reading it right now).
+        _store16(used, 2, idx)
         s.next_used = idx
         return self._needs_interrupt(old, idx)
 
@@ -279,9 +306,9 @@ class SplitQueue:
         s = self.state
         avail = self._view(s.avail_ring, 6 + 2 * s.size)
         if not s.event_idx_enabled:
-            return not _U16.unpack_from(avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+            return not _load16(avail, 0) & AVAIL_F_NO_INTERRUPT
         _mb()
-        used_event = _U16.unpack_from(avail, 4 + 2 * s.size)[0]
+        used_event = _load16(avail, 4 + 2 * s.size)
         first = self._signalled_used is None
         self._signalled_used = new
         # vring_need_event: did the used index pass used_event in this step (old, new]?
@@ -296,6 +323,6 @@ class SplitQueue:
         s = self.state
         if s.event_idx_enabled:
             used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
-            _U16.pack_into(used, 4 + 8 * s.size, s.next_avail)
+            _store16(used, 4 + 8 * s.size, s.next_avail)
             _mb()
         return self.pending() > 0

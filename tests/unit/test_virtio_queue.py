@@ -160,3 +160,89 @@ def test_malformed_rings_raise_or_work(descs, indirect, heads, avail_idx, event_
         q.enable_notification()
     except VirtqueueError:
         pass
+
+
+
+_WATCHER = r"""
+import mmap, os, sys
+fd, used_idx, shared, cpu = (int(a) for a in sys.argv[1:5])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
+ram = memoryview(mmap.mmap(fd, 0, flags=mmap.MAP_SHARED))
+idx = ram[used_idx : used_idx + 2].cast("H")
+ready, stop = ram[shared : shared + 2].cast("H"), ram[shared + 2 : shared + 4].cast("H")
+observed = ram[shared + 4 : shared + 8].cast("I")  # index changes seen: proof we ran alongside
+ready[0] = 1
+last = changes = backwards = 0
+while True:
+    done = stop[0]
+    now = idx[0]
+    if now != last:
+        if (now - last) & 0xFFFF > 0x8000:  # the device never takes an index back
+            backwards += 1
+            if backwards <= 3:
+                print(f"used idx {last:#06x} -> {now:#06x}", flush=True)
+        else:
+            last = now
+            changes += 1
+            observed[0] = changes
+    if done:
+        break
+print(f"changes {changes} backwards {backwards} final {last:#06x}", flush=True)
+"""
+
+
+def test_used_index_store_is_never_seen_half_done() -> None:
+    """A driver in another process polls used->idx while the device publishes completions.
+
+    struct.pack_into("<H") zeroes the field and then stores it a byte at a time; a driver
+    that read the index right then saw 0, reaped the slots after its last index as completions
+    and found stale heads ("device returned head N that is not outstanding" in bench.devices).
+    The index must change with one store: the watcher may never see it go backwards.
+
+    Bounded by counts, not time: the device completes until the watcher has seen 20000 index
+    changes (so the two really ran side by side) or 200000 completions were published."""
+    import subprocess
+    import sys
+    import time
+
+    fd = os.memfd_create("test-ram")
+    os.ftruncate(fd, RAM)
+    mem = GuestMemory()
+    region = mem.add(BASE, RAM, DmaMapFlags.READ | DmaMapFlags.WRITE, os.dup(fd))
+    assert region.view is not None
+    ram = region.view
+    q = queue(mem)
+    put_desc(ram, 0, DATA, 4, 2)
+    shared = DATA + 0x100 - BASE
+    cpus = sorted(os.sched_getaffinity(0))
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(fd), str(USED - BASE + 2), str(shared),
+         str(cpus[1] if len(cpus) > 1 else -1)], pass_fds=[fd], stdout=subprocess.PIPE, text=True)
+    mask = os.sched_getaffinity(0)
+    try:
+        os.close(fd)
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[0]})
+        deadline = time.monotonic() + 30
+        while not ram[shared] and watcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert ram[shared], "watcher did not start"
+        observed = ram[shared + 4 : shared + 8].cast("I")
+        n = 0
+        while n < 200_000 and observed[0] < 20_000:
+            make_avail(ram, [0], start=n)
+            n += 1
+            c = q.pop()
+            assert c is not None
+            q.push(c, 4)
+            q.flush()
+        struct.pack_into("<H", ram, shared + 2, 1)
+        out, _ = watcher.communicate(timeout=30)
+    finally:
+        os.sched_setaffinity(0, mask)
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0
+    assert f" backwards 0 final {n & 0xFFFF:#06x}" in out.splitlines()[-1], out

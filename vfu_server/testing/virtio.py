@@ -22,6 +22,7 @@ lets tests build malformed chains on purpose.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +51,27 @@ CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI = 1, 2, 3, 4, 5
 
 class VirtioTimeout(TimeoutError):
     pass
+
+
+def _ring16(ram: GuestRam, addr: int, value: int | None = None) -> int:
+    """Read (or write ``value`` to) a ring index or event field with one 16-bit access.
+
+    The device changes these while the driver looks. A 2-byte ``mmap`` slice is a ``memcpy``
+    that may load the two bytes separately, so it could return half of an old index and half
+    of a new one; a memoryview's native ``"H"`` item is a single load or store, like a
+    driver's ``READ_ONCE``/``WRITE_ONCE``.
+    """
+    off = addr - ram.base
+    if off < 0 or off + 2 > ram.size or off % 2:
+        raise ValueError(f"ring field {addr:#x} outside guest RAM or misaligned")
+    item = memoryview(ram.mem)[off : off + 2].cast("H")
+    swap = sys.byteorder != "little"
+    if value is not None:
+        value &= 0xFFFF
+        item[0] = (value >> 8) | (value & 0xFF) << 8 if swap else value
+        return value
+    got: int = item[0]
+    return (got >> 8) | (got & 0xFF) << 8 if swap else got
 
 
 @dataclass(frozen=True)
@@ -127,22 +149,22 @@ class DriverQueue:
             self.set_avail_idx(self.avail_idx)
 
     def set_avail_idx(self, value: int) -> None:
-        self.ram.write(self.avail + 2, struct.pack("<H", value & 0xFFFF))
+        _ring16(self.ram, self.avail + 2, value)
 
     def set_avail_flags(self, flags: int) -> None:
-        self.ram.write(self.avail, struct.pack("<H", flags))
+        _ring16(self.ram, self.avail, flags)
 
     def set_used_event(self, value: int) -> None:
-        self.ram.write(self.avail + 4 + 2 * self.size, struct.pack("<H", value & 0xFFFF))
+        _ring16(self.ram, self.avail + 4 + 2 * self.size, value)
 
     def used_idx(self) -> int:
-        return struct.unpack("<H", self.ram.read(self.used + 2, 2))[0]
+        return _ring16(self.ram, self.used + 2)
 
     def avail_event(self) -> int:
-        return struct.unpack("<H", self.ram.read(self.used + 4 + 8 * self.size, 2))[0]
+        return _ring16(self.ram, self.used + 4 + 8 * self.size)
 
     def used_flags(self) -> int:
-        return struct.unpack("<H", self.ram.read(self.used, 2))[0]
+        return _ring16(self.ram, self.used)
 
     # -- chains --------------------------------------------------------------------------
 
