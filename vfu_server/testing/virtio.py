@@ -356,7 +356,7 @@ class VirtioDriver:
 
     # -- initialisation (3.1.1) ---------------------------------------------------------
 
-    async def reset(self, timeout: float = 10.0) -> None:
+    async def reset(self, timeout: float = 30.0) -> None:
         await self.set_status(0)
         with trio.move_on_after(timeout):
             while await self.status() != 0:
