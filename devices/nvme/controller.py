@@ -10,8 +10,10 @@ Task layout (all under the device's nursery)::
           I/O command tasks       I/O commands each in their own task (QD32 overlaps)
 
 Register callbacks only record values and set events: they run on the server's event loop
-between messages and must not block. Every command's outcome, including a bug, becomes a
-completion status; nothing a guest writes can raise out of these tasks.
+between messages and must not block. One exception: an I/O SQ doorbell that finds its SQ task
+parked runs the new commands itself when they complete without blocking (``_submit_inline``).
+Every command's outcome, including a bug, becomes a completion status; nothing a guest writes
+can raise out of these tasks or callbacks.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ TIMEOUT_UNITS = 20  # CAP.TO, 500 ms units: 10 s
 MDTS = 5  # 2^5 minimum pages = 128 KiB
 IO_INFLIGHT_PER_SQ = 256
 QUIESCE_TIMEOUT = 10.0
+INLINE_BATCH = 32  # commands an SQ doorbell write may run before it hands over to the SQ task
 
 
 class NvmeController(PciDevice):
@@ -448,7 +451,45 @@ class NvmeController(PciDevice):
             write_shadow(self.dma, shadow, 0, False, value)
         rt = self.sq_rt.get(qid)
         if rt is not None:
+            if qid and rt.idle and not rt.wake.is_set() and self._submit_inline(sq, rt):
+                return
             rt.wake.set()
+
+    def _submit_inline(self, sq: SubmissionQueueState, rt: SqRuntime) -> bool:
+        """SQ tail doorbell while the SQ task is parked: fetch and run the new commands right
+        here, in order, as the SQ loop would, and signal their completions at once. This saves
+        the task's wake-up (a scheduler pass) per doorbell, which is most of QD1's cost.
+
+        The task stays parked meanwhile (nothing else in the thread runs before this returns),
+        so the SQ still has one executor. True: the SQ is empty again and its event index is
+        written. False: wake the task for the rest (more than a batch, in-flight limit, an SQ
+        entry that cannot be fetched, anything unexpected). Never raises."""
+        if self._paused or rt.stop or self._session is None:
+            return False
+        limit = min(IO_INFLIGHT_PER_SQ, sq.size)
+        try:
+            for _ in range(INLINE_BATCH):
+                if sq.head == self._sq_tail(sq):
+                    shadow = self.state.shadow
+                    if shadow.enabled:
+                        write_event_idx(self.dma, shadow, sq.qid, False, sq.tail)
+                        if self._sq_tail(sq) != sq.head:
+                            continue
+                    return True
+                if rt.inflight.count >= limit:
+                    return False
+                try:
+                    raw = read_sqe(self.dma, sq)
+                except DmaError:
+                    return False  # the task meets it again and makes the controller fatal
+                sq.head = (sq.head + 1) % sq.size
+                self._start_io(sq, rt, Command.decode(raw, sq.qid))
+            return False
+        except Exception:
+            log.exception("SQ %d: inline submission failed", sq.qid)
+            return False
+        finally:
+            self._flush_deferred()
 
     # -- controller enable / disable / shutdown ------------------------------------------------
 
@@ -627,7 +668,11 @@ class NvmeController(PciDevice):
                         write_event_idx(self.dma, shadow, qid, False, sq.tail)
                         if self._sq_tail(sq) != sq.head:
                             continue
-                    await rt.wake.wait()
+                    rt.idle = True
+                    try:
+                        await rt.wake.wait()
+                    finally:
+                        rt.idle = False
                     rt.wake = trio.Event()
                     continue
                 if qid != 0 and rt.inflight.count >= min(IO_INFLIGHT_PER_SQ, sq.size):
@@ -645,11 +690,8 @@ class NvmeController(PciDevice):
                 if qid == 0:
                     self._flush_deferred()
                     await self._execute(sq, rt, cmd, self.admin.execute)
-                elif not self._execute_inline(sq, cmd):
-                    rt.inflight.inc()
-                    self.inflight.inc()
-                    assert self._session is not None
-                    self._session.start_soon(self._execute_io_task, sq, rt, cmd)
+                else:
+                    self._start_io(sq, rt, cmd)
                 fetched += 1
                 if fetched % 64 == 0:
                     self._flush_deferred()
@@ -657,6 +699,14 @@ class NvmeController(PciDevice):
         finally:
             self._flush_deferred()
             rt.done.set()
+
+    def _start_io(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
+        """An I/O command just fetched: completed inline, or else given its own task."""
+        if not self._execute_inline(sq, cmd):
+            rt.inflight.inc()
+            self.inflight.inc()
+            assert self._session is not None
+            self._session.start_soon(self._execute_io_task, sq, rt, cmd)
 
     def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
         """Complete an I/O command right here when the backend can do it without blocking.

@@ -55,6 +55,8 @@ class InflightCounter:
 class SqRuntime:
     qid: int
     wake: trio.Event = field(default_factory=trio.Event)
+    #: the SQ task is parked on ``wake`` with nothing fetched: the doorbell may run the SQ
+    idle: bool = False
     stop: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     inflight: InflightCounter = field(default_factory=InflightCounter)
