@@ -103,14 +103,18 @@ class Connection:
         """
         log.info("client %d connected", self.number)
         try:
-            while not self.server.stopping:
-                with trio.CancelScope() as self.receive_scope:
-                    batch = await self.channel.receive()
-                if self.receive_scope.cancelled_caught:
+            while True:
+                batch = None
+                if not self.server.stopping:
+                    with trio.CancelScope() as self.receive_scope:
+                        batch = await self.channel.receive()
+                if self.server.stopping:
                     # Shutdown: what the client sent before the signal still takes effect (a
                     # posted doorbell write is acknowledged work for the guest), then reading
                     # stops; the session stays up for the device's drain.
                     with trio.CancelScope(shield=True):
+                        if batch:
+                            await self._handle_batch(batch)
                         await self._handle_batch(self.channel.receive_nowait())
                     return
                 if batch is None:
