@@ -3,11 +3,11 @@ reader (vfu_server.stateinspect, stdlib only) decodes the same values as devices
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 
 import pytest
+from vectors.jsonable import plain, positional
 
 from devices.nvme.migration_format import NVME_FORMATS, NVME_OPAQUE, NVME_STANDARD, sample_state
 from vfu_server.migration.errors import MigrationError
@@ -18,24 +18,6 @@ from vfu_server.stateinspect.reader import Bad, inspect_stream
 VECTORS = pathlib.Path(__file__).parents[1] / "vectors"
 EXPECTED = json.loads((VECTORS / "nvme-expected.json").read_text())
 STATE = EXPECTED["state"]
-
-
-def plain(v):
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, list | tuple):
-        return [plain(x) for x in v]
-    return v
-
-
-def positional(v):
-    if isinstance(v, dict):
-        return {"struct": [positional(x) for x in v.values()]}
-    if isinstance(v, list):
-        return [positional(x) for x in v]
-    return v
 
 
 def test_encoder_reproduces_the_vectors():

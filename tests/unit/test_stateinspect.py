@@ -4,13 +4,13 @@ cross-checked with vfu_server.migration, plus the vfu-state CLI."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import pathlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vectors.jsonable import plain, positional
 
 from vfu_server.migration.example_format import EXAMPLE_FORMATS, EXAMPLE_OPAQUE, EXAMPLE_STANDARD
 from vfu_server.migration.session import LoadSession
@@ -21,25 +21,6 @@ VECTORS = pathlib.Path(__file__).parents[1] / "vectors"
 EXPECTED = json.loads((VECTORS / "example-expected.json").read_text())
 STATE = EXPECTED["state"]
 NAMES = sorted(EXPECTED["vectors"])
-
-
-def plain(v):
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, list | tuple):
-        return [plain(x) for x in v]
-    return v
-
-
-def positional(v):
-    """JSON state -> the shape of the schema-less TLV walk (structs as value lists)."""
-    if isinstance(v, dict):
-        return {"struct": [positional(x) for x in v.values()]}
-    if isinstance(v, list):
-        return [positional(x) for x in v]
-    return v
 
 
 def test_stateinspect_imports_only_the_stdlib():

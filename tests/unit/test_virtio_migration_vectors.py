@@ -11,6 +11,7 @@ import pathlib
 import struct
 
 import pytest
+from vectors.jsonable import plain, positional
 
 from devices.virtio import migration_format as vm
 from vfu_server.migration import MigrationFormatError, Record, decode_envelope, encode_envelope
@@ -24,25 +25,6 @@ KINDS = ["blk", "net", "rng"]
 STD = {"blk": vm.BLK_STANDARD, "net": vm.NET_STANDARD, "rng": vm.RNG_STANDARD}
 OPQ = {"blk": vm.BLK_OPAQUE, "net": vm.NET_OPAQUE, "rng": vm.RNG_OPAQUE}
 SETS = {"blk": vm.BLK_FORMATS, "net": vm.NET_FORMATS, "rng": vm.RNG_FORMATS}
-
-
-def plain(v):
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, list | tuple):
-        return [plain(x) for x in v]
-    return v
-
-
-def positional(v):
-    """JSON state -> the shape of the schema-less TLV walk (structs as value lists)."""
-    if isinstance(v, dict):
-        return {"struct": [positional(x) for x in v.values()]}
-    if isinstance(v, list):
-        return [positional(x) for x in v]
-    return v
 
 
 def test_uuids():

@@ -7,24 +7,14 @@ encoder still produces these exact bytes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
+
+from jsonable import plain
 
 from vfu_server.migration.example_format import EXAMPLE_OPAQUE, EXAMPLE_STANDARD, sample_state
 
 HERE = pathlib.Path(__file__).parent
-
-
-def plain(v):
-    """Dataclass tree -> JSON-able values (bytes as hex strings, tuples as lists)."""
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, list | tuple):
-        return [plain(x) for x in v]
-    return v
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ check that the encoder still produces these exact bytes and that both readers ag
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import sys
@@ -16,19 +15,10 @@ import sys
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from jsonable import plain  # noqa: E402 - after the sys.path set-up above
+
 from devices.nvme.migration_format import NVME_OPAQUE, NVME_STANDARD, sample_state  # noqa: E402
 from vfu_server.migration.envelope import decode_envelope  # noqa: E402
-
-
-def plain(v):
-    """Dataclass tree -> JSON-able values (bytes as hex strings, tuples as lists)."""
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, list | tuple):
-        return [plain(x) for x in v]
-    return v
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ exact bytes and that both readers agree on them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import sys
@@ -18,22 +17,13 @@ import sys
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from jsonable import plain  # noqa: E402 - after the sys.path set-up above
+
 from devices.virtio import migration_format as vm  # noqa: E402
 from vfu_server.migration.envelope import decode_envelope  # noqa: E402
 
 FORMATS = {"blk": (vm.BLK_STANDARD, vm.BLK_OPAQUE), "net": (vm.NET_STANDARD, vm.NET_OPAQUE),
            "rng": (vm.RNG_STANDARD, vm.RNG_OPAQUE)}
-
-
-def plain(v):
-    """Dataclass tree -> JSON-able values (bytes as hex strings, tuples as lists)."""
-    if dataclasses.is_dataclass(v):
-        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, list | tuple):
-        return [plain(x) for x in v]
-    return v
 
 
 def main() -> None:
