@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vfu_server import migrate as mg
-from vfu_server.client import Client, GuestRam
+from vfu_server.client import Client
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.errors import RemoteError
-from vfu_server.testing import running_server
+from vfu_server.testing import migration_pair
 from vfu_server.testing.fuzz import mutate_stream, server_processes
 
 SCRATCH, SRC, DST, LEN, CTRL, STATUS, IRQS = 0x04, 0x08, 0x10, 0x18, 0x1C, 0x20, 0x24
@@ -29,15 +29,7 @@ async def _program_copy(dev: Client, src: int, dst: int, length: int) -> None:
 
 @pytest.fixture
 async def pair():
-    async with (
-        running_server("example") as a,
-        running_server("example") as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
-        ram = GuestRam(1 << 20)
-        await src.dma_map(ram)
-        await dst.dma_map(ram)
+    async with migration_pair("example", ram_size=1 << 20) as (src, dst, ram):
         yield src, dst, ram
 
 

@@ -22,7 +22,7 @@ from vfu_server.client import Client, GuestRam
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import RemoteError
-from vfu_server.testing import running_server
+from vfu_server.testing import migration_pair
 from vfu_server.testing.fuzz import mutate_stream, server_processes
 from vfu_server.testing.nvme import (
     ADMIN_CREATE_CQ,
@@ -74,22 +74,10 @@ class CountingDict(dict):
 @pytest.fixture
 async def nvme_pair(backing):
     args = ("--backing", str(backing), "--size", str(SIZE))
-    async with (
-        running_server("nvme", *args) as a,
-        running_server("nvme", *args) as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
-        ram = GuestRam(32 << 20)
-        await dst.dma_map(ram)
+    async with migration_pair("nvme", args, map_src=False) as (src, dst, ram):
         drv = NvmeTestDriver(src, ram)
-        try:
-            await drv.start(msix_vectors=VECTORS)
-            yield drv, src, dst
-        except BaseException as exc:
-            exc.add_note(f"--- source stderr ---\n{a.stderr()[-3000:]}\n"
-                         f"--- destination stderr ---\n{b.stderr()[-3000:]}")
-            raise
+        await drv.start(msix_vectors=VECTORS)
+        yield drv, src, dst
 
 
 async def switch_over(drv: NvmeTestDriver, dst: Client) -> None:
@@ -236,14 +224,8 @@ async def test_standard_stream_into_a_differently_configured_backend(backing, tm
     link.symlink_to(backing)
     dst_args = (("--backing", str(link), "--size", str(SIZE)) if other == "symlink"
                 else ("--size", str(SIZE)))
-    async with (
-        running_server("nvme", "--backing", str(backing), "--size", str(SIZE)) as a,
-        running_server("nvme", *dst_args) as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
-        ram = GuestRam(16 << 20)
-        await dst.dma_map(ram)
+    async with migration_pair("nvme", ("--backing", str(backing), "--size", str(SIZE)), dst_args,
+                              ram_size=16 << 20, map_src=False) as (src, dst, ram):
         drv = NvmeTestDriver(src, ram)
         await drv.start(msix_vectors=VECTORS)
         q = await drv.create_io_queue_pair(1, 32)
@@ -283,14 +265,9 @@ async def test_opaque_into_destination_expecting_standard_is_refused(nvme_pair):
 @pytest.mark.parametrize("fmt", ["standard", "opaque"])
 async def test_profile_mismatch_is_refused_cleanly(backing, tmp_path, dst_args, fmt):
     other = tmp_path / "other.img"
-    async with (
-        running_server("nvme", "--backing", str(backing), "--size", str(SIZE)) as a,
-        running_server("nvme", "--backing", str(other), "--size", str(SIZE), *dst_args) as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
-        ram = GuestRam(8 << 20)
-        await dst.dma_map(ram)
+    async with migration_pair("nvme", ("--backing", str(backing), "--size", str(SIZE)),
+                              ("--backing", str(other), "--size", str(SIZE), *dst_args),
+                              ram_size=8 << 20, map_src=False) as (src, dst, ram):
         drv = NvmeTestDriver(src, ram)
         await drv.start(msix_vectors=VECTORS)
         await drv.create_io_queue_pair(1, 16)

@@ -23,7 +23,7 @@ from vfu_server.client import Client, GuestRam
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.constants import IrqIndex, IrqSetFlags
 from vfu_server.protocol.errors import RemoteError
-from vfu_server.testing import running_server
+from vfu_server.testing import migration_pair, running_server
 from vfu_server.testing.fuzz import mutate_stream, server_processes
 from vfu_server.testing.virtio import (
     DRIVER_OK,
@@ -114,16 +114,9 @@ class BlkGuest:
 
 @pytest.fixture
 async def blk_pair(image):
-    async with (
-        running_server("virtio-blk", "--backing", str(image), "--serial", "disk-7") as a,
-        running_server("virtio-blk", "--backing", str(image)) as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
-        ram = GuestRam(32 << 20)
-        await src.dma_map(ram)
-        await dst.dma_map(ram)
-        yield src, dst, ram
+    async with migration_pair("virtio-blk", ("--backing", str(image), "--serial", "disk-7"),
+                              ("--backing", str(image))) as pair:
+        yield pair
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -293,17 +286,10 @@ async def _peer_listener(path: str) -> trio.socket.SocketType:
 async def net_pair(tmp_path):
     paths = [str(tmp_path / "peer-src.sock"), str(tmp_path / "peer-dst.sock")]
     listeners = [await _peer_listener(p) for p in paths]
-    async with (
-        running_server("virtio-net", "--peer", paths[0], "--mac", MAC) as a,
-        running_server("virtio-net", "--peer", paths[1], "--mac", MAC) as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
+    async with migration_pair("virtio-net", ("--peer", paths[0], "--mac", MAC),
+                              ("--peer", paths[1], "--mac", MAC)) as (src, dst, ram):
         with trio.fail_after(10):
             peers = [(await lst.accept())[0] for lst in listeners]
-        ram = GuestRam(32 << 20)
-        await src.dma_map(ram)
-        await dst.dma_map(ram)
         yield src, dst, ram, peers
         for sock in (*peers, *listeners):
             sock.close()
@@ -429,15 +415,7 @@ async def test_net_driver_filters_move(net_pair):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_rng_still_returns_data_after_migration(fmt):
-    async with (
-        running_server("virtio-rng") as a,
-        running_server("virtio-rng") as b,
-        await Client.connect(a.socket_path) as src,
-        await Client.connect(b.socket_path) as dst,
-    ):
-        ram = GuestRam(8 << 20)
-        await src.dma_map(ram)
-        await dst.dma_map(ram)
+    async with migration_pair("virtio-rng", ram_size=8 << 20) as (src, dst, ram):
         dev, (q,) = await init_device(src, ram, VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC)
         before = [q.add(in_sizes=[64]) for _ in range(4)]
         await q.kick(force=True)

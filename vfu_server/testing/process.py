@@ -14,6 +14,8 @@ from pathlib import Path
 
 import trio
 
+from ..client import Client, GuestRam
+
 
 @dataclass
 class ServerProcess:
@@ -85,3 +87,33 @@ async def running_server(
         await server.terminate()
         if proc.stdout is not None:
             await proc.stdout.aclose()
+
+
+@asynccontextmanager
+async def migration_pair(
+    device: str,
+    src_args: tuple[str, ...] = (),
+    dst_args: tuple[str, ...] | None = None,
+    *,
+    ram_size: int = 32 << 20,
+    map_src: bool = True,
+) -> AsyncIterator[tuple[Client, Client, GuestRam]]:
+    """Two servers of ``device`` (source and destination, ``dst_args`` defaulting to
+    ``src_args``), a connected client for each and one guest RAM mapped into both, as a VMM that
+    migrates between them would have it. ``map_src=False`` leaves mapping the source to a driver
+    that does it itself (the NVMe test driver does). A failure carries both servers' stderr."""
+    async with (
+        running_server(device, *src_args) as a,
+        running_server(device, *(src_args if dst_args is None else dst_args)) as b,
+    ):
+        try:
+            async with await Client.connect(a.socket_path) as src, await Client.connect(b.socket_path) as dst:
+                ram = GuestRam(ram_size)
+                if map_src:
+                    await src.dma_map(ram)
+                await dst.dma_map(ram)
+                yield src, dst, ram
+        except BaseException as exc:
+            exc.add_note(f"--- source stderr ---\n{a.stderr()[-3000:]}\n"
+                         f"--- destination stderr ---\n{b.stderr()[-3000:]}")
+            raise
