@@ -1,6 +1,6 @@
 """In the guest: the project's NVMe and virtio-blk against QEMU's built-in ones, same boot.
 
-    .venv/bin/python -m bench.guest [--seconds 3] [--size 64] [--jobs ...]
+    .venv/bin/python -m bench.guest [--seconds 3] [--size 64] [--jobs ...] [--poll-us 0,500]
 
 Builds ``bench/loadgen.c`` on the host (``gcc -static -O2 -pthread``), adds it to the guest's
 initramfs through the harness's ``extra_files``, boots QEMU 11.1 once with four disks -- vfu
@@ -8,6 +8,10 @@ NVMe, QEMU ``nvme``, vfu virtio-blk, QEMU ``virtio-blk-pci``, each on its own im
 distinct size so that the guest script can tell them apart -- and runs every job on every disk
 in that one boot (O_DIRECT, so the guest page cache is out of the picture; the host files are
 in the host page cache for all four alike). Prints a table with ours / QEMU ratios.
+
+``--poll-us A,B,...`` attaches one NVMe and one virtio-blk of the project's per value (each with
+that ``--poll-us``), all in the same boot, so the settings are compared against each other and
+against QEMU's devices under the same guest and host conditions.
 
 The accelerator is the harness's (``VFU_QEMU_ACCEL``, TCG by default): under TCG the absolute
 numbers mostly measure the emulated CPU, the ratios are what to look at.
@@ -31,12 +35,23 @@ JOBS = [  # name, op, bs, qd
     ("4K randwrite QD32", "randwrite", 4096, 32),
     ("128K seqread QD1", "seqread", 131072, 1),
 ]
-DISKS = [  # key, kind, size offset in MiB (distinct sizes identify the disks in the guest)
-    ("vfu-nvme", "vfu:nvme", 0),
-    ("qemu-nvme", "qemu:nvme", 1),
-    ("vfu-virtio-blk", "vfu:virtio-blk", 2),
-    ("qemu-virtio-blk", "qemu:virtio-blk", 3),
-]
+QEMU_DISKS = [("qemu-nvme", "nvme"), ("qemu-virtio-blk", "virtio-blk")]
+KINDS = [("nvme", "NVMe"), ("virtio-blk", "virtio-blk")]
+
+
+def disk_plan(polls: list[int | None]) -> list[tuple[str, str, str, int | None]]:
+    """(key, where, device, poll) per disk; a disk's index gives its distinct size."""
+    plan: list[tuple[str, str, str, int | None]] = []
+    for dev, _ in KINDS:
+        for poll in polls:
+            plan.append((_key(dev, poll), "vfu", dev, poll))
+    for key, dev in QEMU_DISKS:
+        plan.append((key, "qemu", dev, None))
+    return plan
+
+
+def _key(dev: str, poll: int | None) -> str:
+    return f"vfu-{dev}" if poll is None else f"vfu-{dev}-poll{poll}"
 
 
 def build_loadgen(out_dir: Path) -> Path:
@@ -48,8 +63,8 @@ def build_loadgen(out_dir: Path) -> Path:
 
 def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], seconds: float) -> str:
     lines = [
-        "for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vda ] && [ -e /sys/block/vdb ] && "
-        "[ -e /sys/block/nvme0n1 ] && [ -e /sys/block/nvme1n1 ] && break; sleep 1; done",
+        f"for i in $(seq 30); do [ $(ls -d /sys/block/nvme*n1 /sys/block/vd* 2>/dev/null | wc -l) -ge {len(sizes)} ] "
+        "&& break; sleep 1; done",
         "find_disk() { for d in /sys/block/nvme*n1 /sys/block/vd*; do "
         "[ \"$(cat $d/size 2>/dev/null)\" = \"$1\" ] && echo /dev/${d##*/} && return; done; }",
     ]
@@ -57,9 +72,10 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], s
         var = key.replace("-", "_")
         lines.append(f'{var}=$(find_disk {sectors}); echo "disk {key} $' + "{" + var + "}\"")
         lines.append(f'[ -n "${var}" ] || {{ echo "missing disk {key}"; exit 3; }}')
-    for key in sizes:
-        var = key.replace("-", "_")
-        for name, op, bs, qd in jobs:
+    # Job by job, every disk in turn: a slow or fast stretch of the host hits all disks alike.
+    for name, op, bs, qd in jobs:
+        for key in sizes:
+            var = key.replace("-", "_")
             tag = f"{key}/{name.replace(' ', '_')}"
             lines.append(f'/usr/local/bin/loadgen {tag} ${var} {op} {bs} {qd} {seconds:g} || echo "loadgen failed {tag}"')
     return "\n".join(lines) + "\n"
@@ -83,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--jobs", default="", help="comma-separated job names (default: all)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--poll-us", default="",
+                    help="comma-separated --poll-us values: one NVMe and one virtio-blk of ours per "
+                         "value, in the same boot (default: one each with the devices' default)")
     args = ap.parse_args(argv)
     from vfu_server.guest.runner import (
         VfuDevice,
@@ -93,23 +112,29 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
+    try:
+        polls: list[int | None] = [int(v) for v in args.poll_us.split(",")] if args.poll_us else [None]
+    except ValueError:
+        ap.error(f"--poll-us: not a list of integers: {args.poll_us!r}")
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
     tmp = Path(tempfile.mkdtemp(prefix="vfu-bench-guest-"))
     try:
         loadgen = build_loadgen(tmp)
         devices = []
         sizes = {}
-        for key, kind, extra in DISKS:
+        for i, (key, where, dev, poll) in enumerate(disk_plan(polls)):
             img = tmp / f"{key}.img"
-            mib = args.size + extra
+            mib = args.size + i
             with open(img, "wb") as f:
                 chunk = os.urandom(1 << 20)
                 for _ in range(mib):
                     f.write(chunk)
             sizes[key] = mib * 2048
-            where, dev = kind.split(":")
             if where == "vfu":
-                devices.append(VfuDevice(dev, args=["--backing", str(img)], cwd=str(REPO)))
+                extra = [] if poll is None else ["--poll-us", str(poll)]
+                # Linux refuses a second controller with the same serial (same subsystem).
+                devices.append(VfuDevice(dev, args=["--backing", str(img), "--serial", f"VFU{i:04d}", *extra],
+                                         cwd=str(REPO)))
             elif dev == "nvme":
                 devices.append(builtin_nvme(img))
             else:
@@ -123,14 +148,17 @@ def main(argv: list[str] | None = None) -> None:
         print(result.output)
     found = parse(result.output)
     rows = []
-    for ours, theirs, label in (("vfu-nvme", "qemu-nvme", "NVMe"), ("vfu-virtio-blk", "qemu-virtio-blk", "virtio-blk")):
-        for name, _op, _bs, _qd in jobs:
-            a, b = found.get((ours, name)), found.get((theirs, name))
-            ia = float(a["iops"]) if a else float("nan")
-            ib = float(b["iops"]) if b else float("nan")
-            rows.append([label, name, ia, float(a["mbps"]) if a else float("nan"), ib,
-                         float(b["mbps"]) if b else float("nan"), ia / ib if ib else float("nan"),
-                         float(a["lat_us"]) if a else float("nan"), float(b["lat_us"]) if b else float("nan")])
+    for (dev, label), (theirs, _) in zip(KINDS, QEMU_DISKS, strict=True):
+        for poll in polls:
+            ours = _key(dev, poll)
+            name_label = label if poll is None else f"{label}, poll {poll} us"
+            for name, _op, _bs, _qd in jobs:
+                a, b = found.get((ours, name)), found.get((theirs, name))
+                ia = float(a["iops"]) if a else float("nan")
+                ib = float(b["iops"]) if b else float("nan")
+                rows.append([name_label, name, ia, float(a["mbps"]) if a else float("nan"), ib,
+                             float(b["mbps"]) if b else float("nan"), ia / ib if ib else float("nan"),
+                             float(a["lat_us"]) if a else float("nan"), float(b["lat_us"]) if b else float("nan")])
     print()
     print(table(f"In the guest (QEMU 11.1, one boot, {args.seconds:g} s per job, O_DIRECT, loadgen threads)",
                 ["device", "job", "ours IOPS", "ours MB/s", "QEMU IOPS", "QEMU MB/s", "ours / QEMU",

@@ -42,6 +42,7 @@ from vfu_server.block import (
 )
 from vfu_server.block.spec import BackendSpec
 from vfu_server.migration.generic import PciProfile
+from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
 
@@ -139,8 +140,14 @@ class NvmeController(PciDevice):
         firmware: str = "0.1",
         max_queues: int = 64,
         max_queue_entries: int = 1024,
+        poll_us: int = DEFAULT_POLL_US,
     ) -> None:
         super().__init__()
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
+        #: the longest an I/O SQ that ran dry polls its shadow doorbell (0: never), see
+        #: vfu_server.pci.polling
+        self.poll_ns = poll_us * 1000
         if not 1 <= max_queues <= MAX_QUEUES_LIMIT:
             raise ValueError(f"--max-queues must be 1..{MAX_QUEUES_LIMIT}")
         if not 2 <= max_queue_entries <= 65536:
@@ -210,6 +217,10 @@ class NvmeController(PciDevice):
         parser.add_argument("--max-queue-entries", type=int, default=1024, metavar="N",
                             help="entries per queue (CAP.MQES + 1)")
         parser.add_argument("--read-only", action="store_true")
+        parser.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US, metavar="US",
+                            help="with shadow doorbells, keep polling an I/O queue that ran dry "
+                                 "for US microseconds before asking the guest for a doorbell "
+                                 "write (adaptive, up to US; trades CPU for latency; 0: off; default %(default)s)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> NvmeController:
@@ -233,7 +244,7 @@ class NvmeController(PciDevice):
             raise ValueError(str(exc)) from None
         return cls(sources, lba_size=args.lba_size, serial=args.serial, model=args.model,
                    firmware=args.firmware, max_queues=args.max_queues,
-                   max_queue_entries=args.max_queue_entries)
+                   max_queue_entries=args.max_queue_entries, poll_us=args.poll_us)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -451,6 +462,7 @@ class NvmeController(PciDevice):
             write_shadow(self.dma, shadow, 0, False, value)
         rt = self.sq_rt.get(qid)
         if rt is not None:
+            rt.poll.woken()
             if qid and rt.idle and not rt.wake.is_set() and self._submit_inline(sq, rt):
                 return
             rt.wake.set()
@@ -471,10 +483,13 @@ class NvmeController(PciDevice):
             for _ in range(INLINE_BATCH):
                 if sq.head == self._sq_tail(sq):
                     shadow = self.state.shadow
+                    if shadow.enabled and rt.poll.window_ns:
+                        return False  # the woken task polls the shadow tail for a while
                     if shadow.enabled:
                         write_event_idx(self.dma, shadow, sq.qid, False, sq.tail)
                         if self._sq_tail(sq) != sq.head:
                             continue
+                    rt.poll.ran_dry()
                     return True
                 if rt.inflight.count >= limit:
                     return False
@@ -623,7 +638,7 @@ class NvmeController(PciDevice):
     def start_sq(self, qid: int) -> None:
         if self._paused:
             return  # resume() starts every SQ of the state
-        rt = SqRuntime(qid)
+        rt = SqRuntime(qid, poll=AdaptivePoll(self.poll_ns if qid else 0))
         self.sq_rt[qid] = rt
         assert self._session is not None
         self._session.start_soon(self._sq_loop, rt, name=f"nvme-sq{qid}")
@@ -662,11 +677,19 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
+                    if shadow.enabled and rt.poll.max_ns:
+                        # While we look, the host need not ring: an event index one behind
+                        # the tail is crossed only after a whole lap of the queue.
+                        write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)
+                        if await rt.poll.poll(lambda sq=sq: self._sq_tail(sq) != sq.head,
+                                              lambda: rt.stop or self._paused):
+                            continue
                     if shadow.enabled:
                         # Ask the host to ring the MMIO doorbell once it moves past what we
                         # consumed, then look again: it may have moved before the index landed.
                         write_event_idx(self.dma, shadow, qid, False, sq.tail)
                         if self._sq_tail(sq) != sq.head:
+                            rt.poll.woken()
                             continue
                     rt.idle = True
                     try:
@@ -674,6 +697,7 @@ class NvmeController(PciDevice):
                     finally:
                         rt.idle = False
                     rt.wake = trio.Event()
+                    rt.poll.woken()
                     continue
                 if qid != 0 and rt.inflight.count >= min(IO_INFLIGHT_PER_SQ, sq.size):
                     self._flush_deferred()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vfu_server.pci.polling import AdaptivePoll
 from vfu_server.protocol.errors import DmaError
 
 from .constants import CQE_SIZE, SQE_SIZE
@@ -60,6 +61,8 @@ class SqRuntime:
     stop: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     inflight: InflightCounter = field(default_factory=InflightCounter)
+    #: polling of the shadow tail once the SQ ran dry (I/O queues with shadow doorbells)
+    poll: AdaptivePoll = field(default_factory=lambda: AdaptivePoll(0))
 
 
 @dataclass(slots=True)

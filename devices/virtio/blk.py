@@ -27,6 +27,7 @@ from vfu_server.block import (
 from vfu_server.block.base import iov_slice
 from vfu_server.block.spec import BackendSpec
 from vfu_server.migration import MigrationFormatError
+from vfu_server.pci.polling import DEFAULT_POLL_US
 
 from .migration_format import BLK_FORMATS, BlkMig, VirtioDevState
 from .pci import VirtioPciDevice
@@ -64,7 +65,8 @@ class VirtioBlk(VirtioPciDevice):
     #: opaque/vfu-virtio-blk (default) and virtio-blk/std/1
     migration_formats = BLK_FORMATS
 
-    def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "") -> None:
+    def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "",
+                 poll_us: int = DEFAULT_POLL_US) -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"--num-queues must be 1..{MAX_QUEUES}")
         self.spec = backend if isinstance(backend, BackendSpec) else None
@@ -75,7 +77,7 @@ class VirtioBlk(VirtioPciDevice):
         read_only = self.backend.read_only if self.backend else bool(self.spec and self.spec.read_only)
         features = (bit(F_SIZE_MAX) | bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH) | bit(F_TOPOLOGY)
                     | bit(F_MQ) | bit(F_DISCARD) | bit(F_WRITE_ZEROES) | (bit(F_RO) if read_only else 0))
-        super().__init__(num_queues=num_queues, device_features=features)
+        super().__init__(num_queues=num_queues, device_features=features, poll_us=poll_us)
         self.serial = serial.encode()[:ID_BYTES]
 
     # -- command line --------------------------------------------------------------------
@@ -87,6 +89,9 @@ class VirtioBlk(VirtioPciDevice):
         parser.add_argument("--read-only", action="store_true")
         parser.add_argument("--num-queues", type=int, default=1, metavar="N", help=f"request queues (1..{MAX_QUEUES})")
         parser.add_argument("--serial", default="", metavar="ID", help="disk serial (up to 20 bytes)")
+        parser.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US, metavar="US",
+                            help="keep polling a request queue that ran dry for US microseconds "
+                                 "before asking the guest for a kick (adaptive, up to US; trades CPU for latency; 0: off; default %(default)s)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VirtioBlk:
@@ -102,7 +107,7 @@ class VirtioBlk(VirtioPciDevice):
                 backend = FileBackend(spec.path, size=spec.size, read_only=spec.read_only)
         except BlockError as exc:
             raise ValueError(str(exc)) from None
-        return cls(backend, num_queues=args.num_queues, serial=args.serial)
+        return cls(backend, num_queues=args.num_queues, serial=args.serial, poll_us=args.poll_us)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from vfu_server.pci import (
     PowerManagement,
     VendorSpecific,
 )
+from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import VfioUserError
 
@@ -188,8 +189,13 @@ class VirtioPciDevice(PciDevice):
             if "capabilities" not in cls.__dict__:
                 cls.capabilities = virtio_capabilities(cls.config_size, cls.msix_vectors)
 
-    def __init__(self, num_queues: int = 1, device_features: int = 0) -> None:
+    def __init__(self, num_queues: int = 1, device_features: int = 0, poll_us: int = DEFAULT_POLL_US) -> None:
         super().__init__()
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
+        #: the longest a queue that ran dry polls the avail ring before it asks the driver
+        #: for a kick (0: never), see vfu_server.pci.polling
+        self.poll_ns = poll_us * 1000
         if num_queues > 0x3FF:
             raise ValueError("at most 1023 virtqueues fit the notify area")
         self.num_queues = num_queues
@@ -438,6 +444,7 @@ class VirtioPciDevice(PciDevice):
         self.queues = [SplitQueue(i, st, self.dma) for i, st in enumerate(states)]
         for q in self.queues:
             q.accepting = not self._mig_stopped
+            q.poll = AdaptivePoll(self.poll_ns)
 
     def _begin_reset(self) -> None:
         """Forget the driver's setup at once; in-flight requests drain in the background and
@@ -577,12 +584,20 @@ class VirtioPciDevice(PciDevice):
                     await trio.lowlevel.checkpoint()
 
     async def _sleep_until_kicked(self, q: SplitQueue) -> None:
+        poll = q.poll
+        if poll.max_ns:
+            # Look at the avail ring for a while first, with kicks suppressed meanwhile.
+            q.suppress_notification()
+            if await poll.poll(lambda: q.pending() > 0, lambda: not (q.active and q.accepting)):
+                return
         if q.enable_notification():
             # More work arrived meanwhile; still a checkpoint, so a guest that keeps the
             # queue full cannot starve other tasks or block a reset's cancellation.
+            poll.woken()
             await trio.lowlevel.checkpoint()
         else:
             await q.doorbell.wait()
+            poll.woken()
 
     async def drain(self, timeout: float = 20.0) -> None:
         """Server shutdown: finish what the driver made available before it (a kicked request

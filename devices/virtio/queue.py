@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vfu_server.pci.dma import GuestMemory
+from vfu_server.pci.polling import AdaptivePoll
 from vfu_server.protocol.errors import DmaError
 
 from .spec import (
@@ -27,6 +28,7 @@ from .spec import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     NO_VECTOR,
+    USED_F_NO_NOTIFY,
 )
 
 _DESC = struct.Struct("<QIHH")
@@ -167,6 +169,9 @@ class SplitQueue:
         # The avail index as last read (None: read it). Chains up to it are known to be
         # available, so pop() reads the index from guest memory only once it caught up.
         self._avail_seen: int | None = None
+        self._notify_suppressed = False
+        #: how long to poll the avail ring after running dry (the transport sets the maximum)
+        self.poll = AdaptivePoll(0)
 
     # -- validation -----------------------------------------------------------------------
 
@@ -321,8 +326,27 @@ class SplitQueue:
         if not (self.active and self.accepting):
             return False
         s = self.state
+        used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
         if s.event_idx_enabled:
-            used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
             _store16(used, 4 + 8 * s.size, s.next_avail)
-            _mb()
+        elif self._notify_suppressed:
+            _store16(used, 0, 0)
+        self._notify_suppressed = False
+        _mb()
         return self.pending() > 0
+
+    def suppress_notification(self) -> None:
+        """While polling: tell the driver it need not kick for new chains.
+
+        With EVENT_IDX, avail_event goes one behind ``next_avail``, which the driver's
+        avail index only crosses after a whole lap; without it, VIRTQ_USED_F_NO_NOTIFY.
+        :meth:`enable_notification` undoes it before the queue sleeps."""
+        if not (self.active and self.accepting):
+            return
+        s = self.state
+        used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
+        if s.event_idx_enabled:
+            _store16(used, 4 + 8 * s.size, (s.next_avail - 1) & 0xFFFF)
+        else:
+            _store16(used, 0, USED_F_NO_NOTIFY)
+        self._notify_suppressed = True

@@ -4,6 +4,7 @@ shadow doorbells, INTx fallback, controller reset/shutdown with I/O in flight, S
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import trio
@@ -112,7 +113,8 @@ async def test_queue_management_status_codes() -> None:
 
 
 async def test_shadow_doorbells_and_event_index() -> None:
-    async with nvme_session("--size", "4M") as (drv, _):
+    # Without polling: the controller asks for a doorbell every time its SQ runs dry.
+    async with nvme_session("--size", "4M", "--poll-us", "0") as (drv, _):
         await drv.enable_shadow_doorbells()
         q = await drv.create_io_queue_pair(1, entries=16)
         before = drv.mmio_doorbells
@@ -137,6 +139,36 @@ async def test_shadow_doorbells_and_event_index() -> None:
             assert (await drv.wait(q, cid)).ok
         # The admin queue keeps working with MMIO doorbells (Linux never shadows it).
         await drv.identify(1)
+
+
+async def test_shadow_doorbell_polling() -> None:
+    """A queue depth 1 stream: once the adaptive window has grown past the driver's
+    turn-around, the controller polls the shadow tail and the driver stops ringing."""
+    async with nvme_session("--size", "4M", "--poll-us", "1000000") as (drv, _):
+        await drv.enable_shadow_doorbells()
+        q = await drv.create_io_queue_pair(1, entries=16)
+        for i in range(40):  # 16 us doubling to past this client's turn-around
+            await drv.write(q, i % 8, bytes([i]) * 512)
+        before = drv.mmio_doorbells
+        for i in range(40):
+            assert await drv.read(q, i % 8, 512) == bytes([32 + i % 8]) * 512
+        # Each read rings the CQ head only into the shadow, and its SQ tail finds the event
+        # index one behind it (polling): an MMIO write only when the tail laps the index.
+        assert drv.mmio_doorbells - before <= 40 // q.entries + 1
+        assert drv.ram.read32(drv.shadow_ei + 8) == (q.sq_tail - 1) % q.entries
+        # A submission that only updates the shadow is picked up by the polling controller.
+        buf = drv.buffer(512)
+        cid = await drv.submit(q, SubmissionEntry(IO_READ, nsid=1, prp1=buf, cdw10=3), ring=False)
+        drv._shadow_update(2, q.sq_tail)
+        assert (await drv.wait(q, cid)).ok
+        assert drv.ram.read(buf, 512) == bytes([35]) * 512
+
+
+async def test_poll_us_out_of_range_is_a_usage_error() -> None:
+    proc = await trio.run_process([sys.executable, "-m", "vfu_server", "nvme", "--socket-path", "/tmp/x.sock",
+                                   "--poll-us", "-1"], capture_stderr=True, check=False)
+    assert proc.returncode == 2
+    assert b"--poll-us must be 0..1000000" in proc.stderr
 
 
 async def test_intx_fallback() -> None:

@@ -38,6 +38,7 @@ VIRTIO_F_VERSION_1 = 1 << 32
 ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
 DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
 NO_VECTOR = 0xFFFF
 
 # common cfg offsets
@@ -222,13 +223,17 @@ class DriverQueue:
         return req
 
     async def kick(self, *, force: bool = False) -> bool:
-        """Notify the device, unless EVENT_IDX says it does not want it. Returns if it did."""
+        """Notify the device, unless it said it does not want it (EVENT_IDX's avail_event, or
+        else VIRTQ_USED_F_NO_NOTIFY), as Linux's virtqueue_kick_prepare does. Returns if it did."""
         if self.event_idx and not force:
             event = self.avail_event()
             new, old = self.avail_idx, self._kicked_at
             self._kicked_at = new
             if not (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF:
                 return False
+        elif not force and self.used_flags() & USED_F_NO_NOTIFY:
+            self._kicked_at = self.avail_idx
+            return False
         self._kicked_at = self.avail_idx
         self.kicks += 1
         await self.dev.notify(self)

@@ -1,0 +1,99 @@
+"""Adaptive polling of doorbells that live in guest memory.
+
+NVMe shadow doorbells and virtio's avail ring let a driver skip the MMIO doorbell write when the
+device says it is looking anyway (an event index behind the tail, or VIRTQ_USED_F_NO_NOTIFY).
+For an out-of-process device that MMIO write is expensive for both sides: the guest traps, QEMU
+sends a vfio-user message, and the server wakes up from ``epoll``. Polling guest memory for a
+while after a queue runs dry saves all three whenever the next request comes soon, at the price
+of CPU time spent looking.
+
+How long to look is decided per queue, the way QEMU's ``AioContext`` adapts its own polling
+(``poll-max-ns``, ``poll-grow``, ``poll-shrink``): the window starts at zero, doubles while
+requests keep arriving sooner than the maximum after the queue went idle, and halves when they
+arrive later than that. A queue whose driver pauses for longer than the maximum therefore stops
+polling by itself, and an idle device costs nothing.
+
+::
+
+    queue ran dry ──► poll(window) ──found──► run it (window kept)
+                          │ nothing
+                          ▼
+                  ask for a doorbell, sleep ──woken──► adapt(idle time) ──► run it
+
+Each look is a trio checkpoint, so the rest of the server (the vfio-user connection, other
+queues) runs between looks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+#: First window after a grow from zero: about two trio scheduler passes.
+START_NS = 16_000
+#: The largest ``--poll-us`` a device accepts.
+MAX_POLL_US = 1_000_000
+#: The default maximum window: long enough for a TCG guest's turn-around at queue depth 1
+#: (300-450 us here, see docs/performance.md), and a queue whose driver waits longer than
+#: this stops polling after a few idle periods.
+DEFAULT_POLL_US = 500
+
+
+class AdaptivePoll:
+    """The polling window of one queue.
+
+    ``max_ns`` is the longest a queue polls after it ran dry (0 disables polling).
+    """
+
+    __slots__ = ("idle_since", "max_ns", "window_ns")
+
+    def __init__(self, max_ns: int) -> None:
+        if max_ns < 0:
+            raise ValueError("polling maximum must be >= 0")
+        self.max_ns = max_ns
+        self.window_ns = 0
+        #: perf_counter_ns() when the queue last ran dry (0: it has work, or polling is off)
+        self.idle_since = 0
+
+    async def poll(self, has_work: Callable[[], bool], cancelled: Callable[[], bool]) -> bool:
+        """The queue ran dry: look for work for up to the current window.
+
+        True as soon as ``has_work()`` is (the window stays as it is). False when the window
+        passed, is zero, or ``cancelled()`` (the queue is stopping or pausing): then the
+        caller asks for a doorbell, sleeps, and calls :meth:`woken` when it wakes.
+        """
+        if not self.max_ns:
+            return False
+        now = self.idle_since = time.perf_counter_ns()
+        if not self.window_ns:
+            return False
+        deadline = now + self.window_ns
+        while not cancelled():
+            await trio.lowlevel.checkpoint()
+            if has_work():
+                self.idle_since = 0
+                return True
+            if time.perf_counter_ns() >= deadline:
+                break
+        return False
+
+    def ran_dry(self) -> None:
+        """The queue ran dry and sleeps without polling (the window is zero)."""
+        if self.max_ns:
+            self.idle_since = time.perf_counter_ns()
+
+    def woken(self) -> None:
+        """The doorbell rang after a poll that found nothing: adapt the window to how long
+        the queue was idle in all."""
+        since, self.idle_since = self.idle_since, 0
+        if not since:
+            return
+        idle_ns = time.perf_counter_ns() - since
+        if idle_ns > self.max_ns:
+            self.window_ns //= 2
+            if self.window_ns < START_NS:
+                self.window_ns = 0
+        elif self.window_ns < self.max_ns:
+            self.window_ns = min(self.max_ns, max(START_NS, self.window_ns * 2))
