@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .common import REPO, machine_line, table
+from .common import REPO, machine_line, median, table
 
 JOBS = [  # name, op, bs, qd
     ("4K randread QD1", "randread", 4096, 1),
@@ -61,7 +61,8 @@ def build_loadgen(out_dir: Path) -> Path:
     return exe
 
 
-def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], seconds: float) -> str:
+def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], seconds: float,
+                 rounds: int = 1) -> str:
     lines = [
         f"for i in $(seq 30); do [ $(ls -d /sys/block/nvme*n1 /sys/block/vd* 2>/dev/null | wc -l) -ge {len(sizes)} ] "
         "&& break; sleep 1; done",
@@ -73,7 +74,7 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], s
         lines.append(f'{var}=$(find_disk {sectors}); echo "disk {key} $' + "{" + var + "}\"")
         lines.append(f'[ -n "${var}" ] || {{ echo "missing disk {key}"; exit 3; }}')
     # Job by job, every disk in turn: a slow or fast stretch of the host hits all disks alike.
-    for name, op, bs, qd in jobs:
+    for name, op, bs, qd in [j for j in jobs for _ in range(rounds)]:
         for key in sizes:
             var = key.replace("-", "_")
             tag = f"{key}/{name.replace(' ', '_')}"
@@ -81,15 +82,17 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], s
     return "\n".join(lines) + "\n"
 
 
-def parse(output: str) -> dict[tuple[str, str], dict[str, str]]:
-    found = {}
+def parse(output: str) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (disk, job): the median over rounds of iops, mbps and lat_us."""
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for line in output.splitlines():
         if not line.startswith("loadgen name="):
             continue
         kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
         key, _, job = kv["name"].partition("/")
-        found[key, job.replace("_", " ")] = kv
-    return found
+        runs.setdefault((key, job.replace("_", " ")), []).append(
+            {k: float(kv[k]) for k in ("iops", "mbps", "lat_us")})
+    return {k: {f: median([r[f] for r in v]) for f in ("iops", "mbps", "lat_us")} for k, v in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=64, help="MiB per disk (plus 0..3 to tell them apart)")
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--jobs", default="", help="comma-separated job names (default: all)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every job this many times (disk after disk); the table shows medians")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--poll-us", default="",
                     help="comma-separated --poll-us values: one NVMe and one virtio-blk of ours per "
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                 devices.append(builtin_nvme(img))
             else:
                 devices.append(builtin_virtio_blk(img))
-        script = guest_script(sizes, jobs, args.seconds)
+        script = guest_script(sizes, jobs, args.seconds, args.rounds)
         result = run_guest(script, devices, memory_mib=args.memory, timeout=args.timeout,
                            extra_files={"/usr/local/bin/loadgen": loadgen})
     finally:
@@ -153,14 +158,13 @@ def main(argv: list[str] | None = None) -> None:
             ours = _key(dev, poll)
             name_label = label if poll is None else f"{label}, poll {poll} us"
             for name, _op, _bs, _qd in jobs:
-                a, b = found.get((ours, name)), found.get((theirs, name))
-                ia = float(a["iops"]) if a else float("nan")
-                ib = float(b["iops"]) if b else float("nan")
-                rows.append([name_label, name, ia, float(a["mbps"]) if a else float("nan"), ib,
-                             float(b["mbps"]) if b else float("nan"), ia / ib if ib else float("nan"),
-                             float(a["lat_us"]) if a else float("nan"), float(b["lat_us"]) if b else float("nan")])
+                nan = {"iops": float("nan"), "mbps": float("nan"), "lat_us": float("nan")}
+                a, b = found.get((ours, name), nan), found.get((theirs, name), nan)
+                rows.append([name_label, name, a["iops"], a["mbps"], b["iops"], b["mbps"],
+                             a["iops"] / b["iops"] if b["iops"] else float("nan"), a["lat_us"], b["lat_us"]])
     print()
-    print(table(f"In the guest (QEMU 11.1, one boot, {args.seconds:g} s per job, O_DIRECT, loadgen threads)",
+    rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(table(f"In the guest (QEMU 11.1, one boot, {args.seconds:g} s per job{rounds}, O_DIRECT, loadgen threads)",
                 ["device", "job", "ours IOPS", "ours MB/s", "QEMU IOPS", "QEMU MB/s", "ours / QEMU",
                  "ours lat us", "QEMU lat us"], rows))
     missing = [line for line in result.output.splitlines() if line.startswith(("loadgen failed", "missing"))]

@@ -35,10 +35,10 @@ import trio
 START_NS = 16_000
 #: The largest ``--poll-us`` a device accepts.
 MAX_POLL_US = 1_000_000
-#: The default maximum window: long enough for a TCG guest's turn-around at queue depth 1
-#: (300-450 us here, see docs/performance.md), and a queue whose driver waits longer than
+#: The default maximum window: longer than a TCG guest's turn-around at queue depth 1 (300-600
+#: us on the development VM, see docs/performance.md); a queue whose driver waits longer than
 #: this stops polling after a few idle periods.
-DEFAULT_POLL_US = 500
+DEFAULT_POLL_US = 1000
 
 
 class AdaptivePoll:
