@@ -201,8 +201,10 @@ async def test_falls_back_to_file_backend_when_unavailable(tmp_path: Path, monke
 
 
 async def test_falls_back_when_the_helper_cannot_be_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(uring_mod, "_module", None)
-    monkeypatch.setattr(uring_mod, "_module_error", "cannot build the io_uring helper: no gcc")
+    def no_gcc() -> None:
+        raise OSError(errno.ENOSYS, "cannot build _vfu_uring: no gcc")
+
+    monkeypatch.setattr(uring_mod, "load_ring_module", no_gcc)
     ok, why = uring_available()
     assert not ok and "no gcc" in why
     async with UringFileBackend(tmp_path / "x.raw", size=MiB) as b:

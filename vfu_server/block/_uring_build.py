@@ -12,10 +12,9 @@ batching, waiting, errors, fallbacks -- is Python.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 
-from cffi import FFI
+from .. import cbuild
 
 MODULE_NAME = "_vfu_uring"
 
@@ -242,15 +241,10 @@ unsigned vfu_ring_reap(struct vfu_ring *r, uint64_t *user_data, int32_t *res, un
 
 def source_hash() -> str:
     """Identifies a build: the C text, the cdef and the Python ABI it was built for."""
-    h = hashlib.sha256()
-    for part in (CDEF, SOURCE, sys.implementation.cache_tag or "", sys.platform):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
+    return cbuild.source_hash(CDEF, SOURCE)
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(MODULE_NAME, SOURCE, extra_compile_args=["-O2"])
+ffibuilder = cbuild.builder(MODULE_NAME, CDEF, SOURCE)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,16 @@ class FileBackend(BlockBackend):
 
     # -- synchronous fast paths (a device's queue loop calls these before spawning a task) --------
 
+    def fast_io(self) -> tuple[int, int, int] | None:
+        """For a device's C fast path that does this backend's inline I/O itself: (fd for
+        reads, fd for writes, largest inline transfer), with -1 for a direction it must leave
+        to :meth:`readv_nowait`/:meth:`writev_nowait` (no RWF_NOWAIT here, read-only). None
+        when closed. The reads must use ``RWF_NOWAIT``; neither may be FUA."""
+        fd = self._fd
+        if fd is None:
+            return None
+        return (fd if self._nowait_reads else -1, -1 if self.read_only else fd, self._inline_max)
+
     def readv_nowait(self, offset: int, bufs: Sequence[memoryview]) -> bool:
         """Do :meth:`readv` now if it cannot block: an inline-sized read that the page cache
         holds entirely.  False: nothing is promised about ``bufs``, call :meth:`readv`.

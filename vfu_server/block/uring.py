@@ -28,17 +28,15 @@ FileBackend. ``uring_active`` and ``uring_unavailable`` tell which one it is.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import logging
 import os
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import outcome
 import trio
 
+from .. import cbuild
 from .base import byte_views, iov_length, iov_slice
 from .errors import BlockIOError
 from .file import _RWF_DSYNC, _UNSUPPORTED, FileBackend, _zero_views
@@ -50,61 +48,11 @@ log = logging.getLogger("vfu_server.block.uring")
 RING_ENTRIES = 256
 _REAP_BATCH = 64
 
-_module: Any = None
-_module_error: str | None = None
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vfu-server" / "uring"
-
-
 def load_ring_module() -> Any:
-    """The compiled cffi module (``ffi``, ``lib``); built on first use. Raises on failure."""
-    global _module, _module_error
-    if _module is not None:
-        return _module
-    if _module_error is not None:
-        raise OSError(errno.ENOSYS, _module_error)
-    try:
-        _module = _build_or_load()
-    except Exception as exc:  # compiler missing, headers missing, cache not writable...
-        _module_error = f"cannot build the io_uring helper: {type(exc).__name__}: {exc}"
-        raise OSError(errno.ENOSYS, _module_error) from None
-    return _module
-
-
-def _build_or_load() -> Any:
+    """The compiled cffi module (``ffi``, ``lib``); built on first use. Raises OSError."""
     from . import _uring_build as build
 
-    target = _cache_dir() / build.source_hash()
-    found = sorted(target.glob(f"{build.MODULE_NAME}*.so")) if target.is_dir() else []
-    if not found:
-        # Build in a private directory and rename it into place: servers starting at the same
-        # time never see a half-written library.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(os.fspath(target) + f".tmp{os.getpid()}")
-        build.ffibuilder.compile(tmpdir=os.fspath(tmp), verbose=False)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-        found = sorted(target.glob(f"{build.MODULE_NAME}*.so"))
-        if not found:
-            raise OSError(errno.ENOENT, f"no {build.MODULE_NAME} library in {target}")
-    name = build.MODULE_NAME
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, found[0])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[name] = module
-    return module
+    return cbuild.load("uring", build.MODULE_NAME, build.source_hash(), build.ffibuilder)
 
 
 class _Ring:
@@ -198,6 +146,9 @@ class UringFileBackend(FileBackend):
     @property
     def uring_active(self) -> bool:
         return self._ring is not None
+
+    def fast_io(self) -> tuple[int, int, int] | None:
+        return None if self._ring is not None else super().fast_io()  # I/O goes through the ring
 
     # -- the ring task -------------------------------------------------------------------------
 

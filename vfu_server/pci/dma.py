@@ -75,6 +75,9 @@ class GuestMemory:
         self._starts: list[int] = []
         self._regions: list[DmaRegion] = []
         self._last: DmaRegion | None = None
+        #: Changes whenever the set of regions does: whoever keeps host addresses of the
+        #: mappings (a C fast path) must drop them when it moved.
+        self.generation = 0
         #: Called with ``(iova, length)`` for every range handed out writable: the hook for
         #: dirty-page logging during migration.
         self.dirty_hook: DirtyHook | None = None
@@ -103,6 +106,7 @@ class GuestMemory:
             region = DmaRegion(iova, size, flags, offset, mapping, view)
             self._starts.insert(i, iova)
             self._regions.insert(i, region)
+            self.generation += 1
             return region
         finally:
             if fd is not None:
@@ -115,10 +119,12 @@ class GuestMemory:
         region = self._regions.pop(i)
         self._starts.pop(i)
         self._last = None
+        self.generation += 1
         region.release()
         return region
 
     def clear(self) -> None:
+        self.generation += 1
         for region in self._regions:
             region.release()
         self._regions.clear()
