@@ -212,7 +212,8 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
     uintptr_t sq, cq;
     unsigned count = 0;
 
-    if (!q->sq_size || !q->cq_size || q->sq_head >= q->sq_size || q->sq_tail >= q->sq_size
+    if (c->page_size < 4096 || (c->page_size & (c->page_size - 1))
+            || !q->sq_size || !q->cq_size || q->sq_head >= q->sq_size || q->sq_tail >= q->sq_size
             || q->cq_tail >= q->cq_size || q->cq_head >= q->cq_size) {
         c->stop = VFU_STOP_RINGS;
         return 0;

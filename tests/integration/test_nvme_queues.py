@@ -153,13 +153,17 @@ async def test_shadow_doorbell_polling() -> None:
         for i in range(40):
             assert await drv.read(q, i % 8, 512) == bytes([32 + i % 8]) * 512
         # Each read rings the CQ head only into the shadow, and its SQ tail finds the event
-        # index one behind it (polling): an MMIO write only when the tail laps the index.
-        assert drv.mmio_doorbells - before <= 40 // q.entries + 1
-        assert drv.ram.read32(drv.shadow_ei + 8) == (q.sq_tail - 1) % q.entries
-        # A submission that only updates the shadow is picked up by the polling controller.
+        # index one behind it (polling): an MMIO write only when the tail laps the index, or
+        # when a poll timed out (the window adapts to this client's usual turn-around; a
+        # hiccup of this machine can exceed it). Without polling every read rings.
+        assert drv.mmio_doorbells - before < 10
+        # A submission that only updates the shadow is picked up by the polling controller
+        # (right after a completion it is well inside the window; should the poll have timed
+        # out, the event index says so and the doorbell is rung, as a driver must).
         buf = drv.buffer(512)
         cid = await drv.submit(q, SubmissionEntry(IO_READ, nsid=1, prp1=buf, cdw10=3), ring=False)
-        drv._shadow_update(2, q.sq_tail)
+        if drv._shadow_update(2, q.sq_tail):
+            await drv.client.write32(0, 0x1008, q.sq_tail, posted=True)
         assert (await drv.wait(q, cid)).ok
         assert drv.ram.read(buf, 512) == bytes([35]) * 512
 
