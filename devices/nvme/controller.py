@@ -46,6 +46,7 @@ from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
 
+from ..fastio import load_module as load_fastio
 from . import identify
 from . import migration as nvme_migration
 from .admin import AdminCommands
@@ -72,7 +73,6 @@ from .constants import (
 )
 from .errors import NvmeError
 from .fastio import FastIo
-from .fastio import load_module as load_fastio
 from .io import IoCommands
 from .migration_format import NVME_FORMATS, NvmeMigState
 from .namespace import Namespace, lba_format_for

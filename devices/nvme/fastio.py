@@ -1,4 +1,4 @@
-"""Runs of plain Read/Write commands in C (:mod:`._fastio_build`), the rest in Python.
+"""Runs of plain Read/Write commands in C (:mod:`devices._fastio_build`), the rest in Python.
 
 The controller's SQ loop and its doorbell path hand an I/O SQ to :meth:`FastIo.run` before
 they fetch an entry themselves. C consumes entries from the head for as long as each is a
@@ -13,46 +13,26 @@ the views and the completion, about 20 us of server CPU per 4 KiB I/O on the dev
 
 C is used only while Python would not need to see the data movement: not while dirty pages
 are logged for migration, not while completions wait for CQ room (order), not for backends
-other than :class:`~vfu_server.block.FileBackend`. Set ``VFU_NVME_FASTIO=0`` to turn it off.
+other than :class:`~vfu_server.block.FileBackend`. Set ``VFU_NVME_FASTIO=0`` to turn it (and
+virtio-blk's) off.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import TYPE_CHECKING, Any
 
+from ..fastio import RegionTable, backend_fast_io, load_module
 from .state import CompletionQueueState, SubmissionQueueState
 
 if TYPE_CHECKING:
     from .controller import NvmeController
 
-log = logging.getLogger("vfu_server.device.nvme")
+__all__ = ["FastIo", "load_module"]
 
 #: Entries one call may complete before the caller gets control back.
 RUN_LIMIT = 64
 #: Beyond this many namespaces the per-call namespace check costs more than it saves.
 MAX_NAMESPACES = 32
-
-_logged = False
-
-
-def load_module() -> Any:
-    """The compiled helper, or None (the reason is logged once) when it cannot be had."""
-    global _logged
-    if os.environ.get("VFU_NVME_FASTIO", "1") == "0":
-        return None
-    from vfu_server import cbuild
-
-    from . import _fastio_build as build
-
-    try:
-        return cbuild.load("nvme-fastio", build.MODULE_NAME, build.source_hash(), build.ffibuilder)
-    except OSError as exc:
-        if not _logged:
-            _logged = True
-            log.info("NVMe I/O fast path unavailable, using Python only: %s", exc.strerror)
-        return None
 
 
 class FastIo:
@@ -63,39 +43,18 @@ class FastIo:
         self.ffi, self.lib = module.ffi, module.lib
         self.ctx = self.ffi.new("struct vfu_fastio *")
         self.q = self.ffi.new("struct vfu_sq *")
-        self._regions = self.ffi.new("struct vfu_region[]", 1)
-        self._dma_generation = -1
+        self.regions = RegionTable(self.ffi, ctrl.dma)
         self._ns = self.ffi.new("struct vfu_ns[]", 1)
         self._ns_key: tuple[Any, ...] | None = None
 
     # -- what C is allowed to see ----------------------------------------------------------
-
-    def _sync_regions(self) -> None:
-        dma = self.ctrl.dma
-        if dma.generation == self._dma_generation:
-            return
-        ffi = self.ffi
-        mapped = [r for r in dma.regions if r.view is not None]
-        table = ffi.new("struct vfu_region[]", max(1, len(mapped)))
-        for entry, region in zip(table, mapped, strict=False):
-            # The address only: a held buffer export would keep DMA_UNMAP from closing the
-            # mmap. The generation check above drops the address before it could go stale.
-            buf = ffi.from_buffer(region.view)
-            try:
-                entry.host = int(ffi.cast("uintptr_t", buf))
-            finally:
-                ffi.release(buf)
-            entry.iova, entry.len, entry.writable = region.iova, region.size, region.writable
-        self._regions = table
-        self.ctx.regions, self.ctx.nregions = table, len(mapped)
-        self._dma_generation = dma.generation
 
     def _sync_namespaces(self) -> bool:
         namespaces = self.ctrl.namespaces
         if len(namespaces) > MAX_NAMESPACES:
             return False
         # Formats (lba_format) and backends (closed at shutdown) change rarely; check cheaply.
-        key = tuple((nsid, ns.state.lba_format, ns.backend.size, _fast_io(ns.backend))
+        key = tuple((nsid, ns.state.lba_format, ns.backend.size, backend_fast_io(ns.backend))
                     for nsid, ns in namespaces.items())
         if key == self._ns_key:
             return True
@@ -105,7 +64,7 @@ class FastIo:
             entry.read_fd = entry.write_fd = -1
         inline = None
         for nsid, ns in namespaces.items():
-            io = _fast_io(ns.backend)
+            io = backend_fast_io(ns.backend)
             if io is None:
                 continue
             entry = table[nsid - 1]
@@ -127,8 +86,9 @@ class FastIo:
         ctrl = self.ctrl
         if not self._sync_namespaces():
             return 0
-        self._sync_regions()
         c, q = self.ctx, self.q
+        if self.regions.sync():
+            c.regions, c.nregions = self.regions.table, self.regions.count
         c.page_size = ctrl.page_size
         c.write_cache = ctrl.state.features.volatile_write_cache
         c.bytes_read = c.bytes_written = c.read_cmds = c.write_cmds = 0
@@ -150,7 +110,3 @@ class FastIo:
         """Why the last :meth:`run` stopped (``lib.VFU_STOP_*``)."""
         return int(self.ctx.stop)
 
-
-def _fast_io(backend: Any) -> tuple[int, int, int] | None:
-    fn = getattr(backend, "fast_io", None)
-    return fn() if fn is not None else None

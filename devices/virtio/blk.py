@@ -27,8 +27,11 @@ from vfu_server.block import (
 from vfu_server.block.base import iov_slice
 from vfu_server.block.spec import BackendSpec
 from vfu_server.migration import MigrationFormatError
+from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
 
+from ..fastio import RegionTable, backend_fast_io
+from ..fastio import load_module as load_fastio
 from .migration_format import BLK_FORMATS, BlkMig, VirtioDevState
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
@@ -79,6 +82,7 @@ class VirtioBlk(VirtioPciDevice):
                     | bit(F_MQ) | bit(F_DISCARD) | bit(F_WRITE_ZEROES) | (bit(F_RO) if read_only else 0))
         super().__init__(num_queues=num_queues, device_features=features, poll_us=poll_us)
         self.serial = serial.encode()[:ID_BYTES]
+        self._fast: _BlkFastPath | None = None
 
     # -- command line --------------------------------------------------------------------
 
@@ -112,6 +116,9 @@ class VirtioBlk(VirtioPciDevice):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # Compiled on the first start only (then cached); a thread, since it takes seconds.
+        module = await trio.to_thread.run_sync(load_fastio)
+        self._fast = _BlkFastPath(module, self.dma) if module is not None else None
         # Opening the backend (an NBD connection) needs the event loop; the server says
         # "listening" only after task_status.started(), and a failure before is a start-up error.
         if self.backend is not None:
@@ -171,6 +178,23 @@ class VirtioBlk(VirtioPciDevice):
         self.serial = state.blk.serial
 
     # -- requests --------------------------------------------------------------------------
+
+    def complete_fast(self, queue: SplitQueue) -> int:
+        """IN and OUT requests on a file, in C (devices/_fastio_build.py), while Python need
+        not see the data move (no dirty-page logging) and has nothing waiting to publish."""
+        fast = self._fast
+        if fast is None or self.dma.dirty_hook is not None or not queue.can_complete_elsewhere():
+            return 0
+        io = backend_fast_io(self.backend)
+        if io is None:
+            return 0
+        assert self.backend is not None
+        try:
+            return fast.run(queue, io, self.backend.size)
+        except Exception:
+            self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
+            self._fast = None
+            return 0
 
     def process_nowait(self, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         """Reads the page cache holds and writes small enough to be done inline anyway
@@ -296,3 +320,32 @@ def _store(views: list[memoryview], data: bytes) -> int:
         v[:n] = data[pos : pos + n]
         pos += n
     return pos
+
+
+class _BlkFastPath:
+    """The C side of :meth:`VirtioBlk.complete_fast`: its context and the region table."""
+
+    def __init__(self, module: Any, dma: GuestMemory) -> None:
+        self.ffi, self.lib = module.ffi, module.lib
+        self.ctx = self.ffi.new("struct vfu_blk *")
+        self.vq = self.ffi.new("struct vfu_vq *")
+        self.regions = RegionTable(self.ffi, dma)
+
+    def run(self, queue: SplitQueue, io: tuple[int, int, int], capacity: int, limit: int = 64) -> int:
+        c, v, s = self.ctx, self.vq, queue.state
+        if self.regions.sync():
+            c.regions, c.nregions = self.regions.table, self.regions.count
+        c.read_fd, c.write_fd, c.max_bytes = io
+        c.capacity = capacity
+        v.desc, v.avail, v.used, v.size = s.desc_table, s.avail_ring, s.used_ring, s.size
+        v.next_avail = s.next_avail
+        v.next_used = (s.next_used + queue.pending_elsewhere) & 0xFFFF
+        v.indirect_ok = queue.indirect_ok
+        n: int = self.lib.vfu_blk_run(c, v, limit)
+        if n:
+            queue.completed_elsewhere(n, v.next_avail)
+        return n
+
+    @property
+    def stop_reason(self) -> int:
+        return int(self.ctx.stop)

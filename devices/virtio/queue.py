@@ -162,6 +162,8 @@ class SplitQueue:
         self.idle = trio.Event()
         self.idle.set()
         self._used: list[tuple[int, int]] = []
+        #: used elements a C fast path already wrote into the ring after next_used
+        self._used_elsewhere = 0
         # None until the first notification decision: the first one always interrupts, as
         # QEMU and vhost do, since the driver's used_event may predate us.
         self._signalled_used: int | None = None
@@ -289,14 +291,31 @@ class SplitQueue:
         if self.active:
             self._used.append((chain.head, written))
 
+    def completed_elsewhere(self, count: int, next_avail: int) -> None:
+        """A C fast path consumed chains up to ``next_avail`` and wrote ``count`` used
+        elements into the ring from ``next_used`` on; :meth:`flush` publishes them. Only
+        while nothing else waits to be published (:meth:`can_complete_elsewhere`)."""
+        self.state.next_avail = next_avail
+        self._used_elsewhere += count
+
+    def can_complete_elsewhere(self) -> bool:
+        return self.active and self.accepting and not self._used
+
+    @property
+    def pending_elsewhere(self) -> int:
+        """Used elements written by :meth:`completed_elsewhere` callers, not yet published."""
+        return self._used_elsewhere
+
     def flush(self) -> bool:
         """Publish the queued used elements; True if the driver wants an interrupt for them."""
-        if not self._used or not self.active:
+        if not (self._used or self._used_elsewhere) or not self.active:
             return False
         s = self.state
         size = s.size
         used = self._view(s.used_ring, 6 + 8 * size, write=True)
-        old = idx = s.next_used
+        old = s.next_used
+        idx = (old + self._used_elsewhere) & 0xFFFF
+        self._used_elsewhere = 0
         for head, length in self._used:
             _USED_ELEM.pack_into(used, 4 + 8 * (idx % size), head, length)
             idx = (idx + 1) & 0xFFFF

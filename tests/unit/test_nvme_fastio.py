@@ -24,8 +24,8 @@ from devices.nvme.fastio import FastIo, load_module
 from devices.nvme.namespace import Namespace
 from devices.nvme.state import CompletionQueueState, SubmissionQueueState
 from vfu_server.block import FileBackend
-from vfu_server.protocol.constants import DmaMapFlags
 from vfu_server.protocol.errors import DmaError
+from vfu_server.testing.memory import map_guest_ram
 
 PAGE = 4096
 RAM = 1 << 20  # guest RAM at IOVA 0, writable
@@ -39,14 +39,6 @@ module = load_module()
 pytestmark = pytest.mark.skipif(module is None, reason="the C helper could not be built here")
 
 
-def memfd(size: int, data: bytes = b"") -> int:
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, size)
-    if data:
-        os.pwrite(fd, data, 0)
-    return fd
-
-
 @pytest.fixture
 def ctrl(tmp_path: Path) -> NvmeController:
     path = tmp_path / "disk.raw"
@@ -54,8 +46,8 @@ def ctrl(tmp_path: Path) -> NvmeController:
     backend = FileBackend(path)
     c = NvmeController([backend], poll_us=0)
     c.namespaces = {1: Namespace(c.state.namespaces[0], backend)}
-    c.dma.add(0, RAM, DmaMapFlags.READ | DmaMapFlags.WRITE, memfd(RAM, os.urandom(RAM)))
-    c.dma.add(RO_BASE, RO_SIZE, DmaMapFlags.READ, memfd(RO_SIZE, os.urandom(RO_SIZE)))
+    map_guest_ram(c.dma, 0, RAM)
+    map_guest_ram(c.dma, RO_BASE, RO_SIZE, writable=False)
     return c
 
 
@@ -274,7 +266,7 @@ def test_unmapped_region_is_forgotten(ctrl: NvmeController) -> None:
     submit(ctrl, sq, rw(0x02, 1, 0, 8, RO_BASE - PAGE + PAGE))  # into the read-only map: refused
     assert fast.run(sq, cq) == 0
     ctrl.dma.remove(RO_BASE, RO_SIZE)
-    ctrl.dma.add(RO_BASE, RO_SIZE, DmaMapFlags.READ | DmaMapFlags.WRITE, memfd(RO_SIZE))
+    map_guest_ram(ctrl.dma, RO_BASE, RO_SIZE)
     assert fast.run(sq, cq) == 1  # the new, writable map is seen
     ctrl.dma.remove(RO_BASE, RO_SIZE)  # and a removed one is not touched again
     submit(ctrl, sq, rw(0x02, 2, 0, 8, RO_BASE))

@@ -1,10 +1,14 @@
-"""cffi build module of the NVMe I/O fast path used by :mod:`devices.nvme.fastio`.
+"""cffi build module of the devices' I/O fast paths: NVMe Read/Write and virtio-blk IN/OUT.
 
-One C function, ``vfu_fastio_run``, does for a run of SQ entries what the controller's inline
-Python path does for one: fetch the entry, check it, turn its PRPs into iovecs of guest memory,
-``preadv2(RWF_NOWAIT)`` or ``pwritev2`` on the namespace's file, post the completion. It
-handles only the common case and stops, without consuming it, at the first entry it does not
-fully accept, so Python then handles that entry with every check, status and log entry it has:
+Two C functions do for a run of requests what the devices' inline Python paths do for one, on
+a file namespace or disk in the page cache: ``vfu_fastio_run`` (NVMe, used by
+:mod:`devices.nvme.fastio`) and ``vfu_blk_run`` (virtio-blk, used by :mod:`devices.virtio.blk`).
+Each handles only the common case and stops, without consuming it, at the first request it
+does not fully accept, so Python then handles that one with every check, status and error it
+has. C is at least as strict as Python everywhere: anything it completes, Python would have
+completed with a success status, and C never decides an error.
+
+NVMe (``vfu_fastio_run``) accepts:
 
 * Read or Write, no fused operation, PRPs (PSDT 0), no protection information; a write
   neither FUA nor with the volatile write cache disabled;
@@ -12,12 +16,15 @@ fully accept, so Python then handles that entry with every check, status and log
   buffered writes to a writable file), the LBA range inside it, at most ``max_bytes``;
 * PRP1 dword aligned, PRP2 or a single-page PRP list with page-aligned entries, every piece
   inside one DMA region (writable for a read), at most 64 iovecs after merging;
-* the whole transfer done by one call (a page-cache miss, EAGAIN, an error or a short
-  transfer stops it; a re-done read or write is harmless);
 * room in the CQ.
 
-The C side is at least as strict as Python everywhere, so anything it accepts Python would have
-accepted with status Success; C never decides an error status.
+virtio-blk (``vfu_blk_run``) accepts a chain (direct, or one indirect table when negotiated)
+of a 16-byte header descriptor, data descriptors, and a 1-byte status descriptor, for IN or
+OUT, sector-aligned and inside the disk, at most ``max_bytes``; every descriptor non-empty and
+inside one DMA region, device-writable ones writable.
+
+Both need the whole transfer done by one ``preadv2(RWF_NOWAIT)`` or ``pwritev2`` (a page-cache
+miss, EAGAIN, an error or a short transfer stops the run; a re-done read or write is harmless).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import sys
 
 from vfu_server import cbuild
 
-MODULE_NAME = "_vfu_nvme_fastio"
+MODULE_NAME = "_vfu_fastio"
 
 STRUCTS = """
 struct vfu_region { uint64_t iova; uint64_t len; uintptr_t host; int writable; };
@@ -46,12 +53,28 @@ struct vfu_sq {
     uint64_t sq_base; uint32_t sq_size, sq_head, sq_tail; uint32_t sqid;
     uint64_t cq_base; uint32_t cq_size, cq_head, cq_tail, cq_phase;
 };
+struct vfu_blk {
+    const struct vfu_region *regions;
+    unsigned nregions;
+    int read_fd, write_fd;
+    uint64_t capacity;
+    uint64_t max_bytes;
+    uint64_t bytes_read, bytes_written;
+    int stop;
+};
+struct vfu_vq {
+    uint64_t desc, avail, used;
+    uint32_t size;
+    uint32_t next_avail, next_used;
+    int indirect_ok;
+};
 """
 
 CDEF = STRUCTS + """
 static const int VFU_STOP_EMPTY, VFU_STOP_LIMIT, VFU_STOP_CQ_FULL, VFU_STOP_RINGS;
 static const int VFU_STOP_COMMAND, VFU_STOP_DATA, VFU_STOP_IO;
 unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max);
+unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max);
 """
 
 SOURCE = r"""
@@ -84,10 +107,11 @@ static const int VFU_STOP_IO = 6;       /* EAGAIN, an error or a short transfer 
 
 /* Host address of guest [iova, iova + len), or 0 when it is not inside one region (or that
    region is read-only and we are to write it). */
-static uintptr_t xlate(const struct vfu_fastio *c, uint64_t iova, uint64_t len, int write)
+static uintptr_t xlate_in(const struct vfu_region *regions, unsigned nregions, uint64_t iova,
+                          uint64_t len, int write)
 {
-    for (unsigned i = 0; i < c->nregions; i++) {
-        const struct vfu_region *r = &c->regions[i];
+    for (unsigned i = 0; i < nregions; i++) {
+        const struct vfu_region *r = &regions[i];
         if (iova >= r->iova && iova - r->iova < r->len && len <= r->len - (iova - r->iova)) {
             if (write && !r->writable)
                 return 0;
@@ -97,10 +121,12 @@ static uintptr_t xlate(const struct vfu_fastio *c, uint64_t iova, uint64_t len, 
     return 0;
 }
 
-static int add_piece(const struct vfu_fastio *c, struct iovec *iov, int *n, uint64_t iova,
-                     uint64_t len, int write)
+#define xlate(c, iova, len, write) xlate_in((c)->regions, (c)->nregions, iova, len, write)
+
+static int add_piece_in(const struct vfu_region *regions, unsigned nregions, struct iovec *iov,
+                        int *n, uint64_t iova, uint64_t len, int write)
 {
-    uintptr_t host = xlate(c, iova, len, write);
+    uintptr_t host = xlate_in(regions, nregions, iova, len, write);
     if (!host)
         return -1;
     if (*n && (uintptr_t)iov[*n - 1].iov_base + iov[*n - 1].iov_len == host) {
@@ -114,6 +140,8 @@ static int add_piece(const struct vfu_fastio *c, struct iovec *iov, int *n, uint
     (*n)++;
     return 0;
 }
+
+#define add_piece(c, iov, n, iova, len, write) add_piece_in((c)->regions, (c)->nregions, iov, n, iova, len, write)
 
 /* PRP1/PRP2 of a transfer of len bytes into iovecs; -1: leave the command to Python. */
 static int prp_iov(const struct vfu_fastio *c, uint64_t prp1, uint64_t prp2, uint64_t len,
@@ -263,6 +291,174 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
     }
     return count;
 }
+
+/* -- virtio-blk ------------------------------------------------------------------------- */
+
+#define VQ_DESC_F_NEXT 1
+#define VQ_DESC_F_WRITE 2
+#define VQ_DESC_F_INDIRECT 4
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+
+static uint16_t load16(uintptr_t p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+
+/* The chain at head: 0 and the request done, else a stop reason (nothing consumed). */
+static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_t head,
+                   uint32_t *written)
+{
+    struct iovec iov[MAX_IOV];
+    uint8_t desc[16], hdr[16];
+    uint64_t addr, total = 0;
+    uint32_t len, limit = q->size, index = head, count = 0;
+    uint16_t dflags, next;
+    uintptr_t status = 0, tab = table;
+    int n = 0, indirect = 0, rtype = -1, seen_write = 0;
+    ssize_t done;
+
+    for (;;) {
+        if (++count > q->size)
+            return VFU_STOP_COMMAND;
+        memcpy(desc, (const void *)(tab + 16 * (uintptr_t)index), 16);
+        memcpy(&addr, desc, 8);
+        memcpy(&len, desc + 8, 4);
+        memcpy(&dflags, desc + 12, 2);
+        memcpy(&next, desc + 14, 2);
+        if (dflags & VQ_DESC_F_INDIRECT) {
+            if (indirect || !q->indirect_ok || count != 1 || (dflags & VQ_DESC_F_NEXT)
+                    || !len || len % 16 || len / 16 > q->size)
+                return VFU_STOP_COMMAND;
+            tab = xlate_in(c->regions, c->nregions, addr, len, 0);
+            if (!tab)
+                return VFU_STOP_DATA;
+            indirect = 1;
+            limit = len / 16;
+            index = 0;
+            count = 0;
+            continue;
+        }
+        if (!len)
+            return VFU_STOP_COMMAND;
+        if (rtype < 0) {  /* the header: one readable 16-byte descriptor */
+            if (len != 16 || (dflags & VQ_DESC_F_WRITE))
+                return VFU_STOP_COMMAND;
+            uintptr_t h = xlate_in(c->regions, c->nregions, addr, 16, 0);
+            if (!h)
+                return VFU_STOP_DATA;
+            memcpy(hdr, (const void *)h, 16);
+            memcpy(&rtype, hdr, 4);
+            if (rtype != BLK_T_IN && rtype != BLK_T_OUT)
+                return VFU_STOP_COMMAND;
+        } else if (status) {
+            return VFU_STOP_COMMAND;  /* something after the status byte */
+        } else if (dflags & VQ_DESC_F_WRITE) {
+            seen_write = 1;
+            if (!(dflags & VQ_DESC_F_NEXT)) {  /* the last one: the status byte */
+                if (len != 1)
+                    return VFU_STOP_COMMAND;
+                status = xlate_in(c->regions, c->nregions, addr, 1, 1);
+                if (!status)
+                    return VFU_STOP_DATA;
+            } else {
+                if (rtype != BLK_T_IN)
+                    return VFU_STOP_COMMAND;
+                if (add_piece_in(c->regions, c->nregions, iov, &n, addr, len, 1))
+                    return VFU_STOP_DATA;
+                total += len;
+            }
+        } else {
+            if (seen_write || rtype != BLK_T_OUT)
+                return VFU_STOP_COMMAND;
+            if (add_piece_in(c->regions, c->nregions, iov, &n, addr, len, 0))
+                return VFU_STOP_DATA;
+            total += len;
+        }
+        if (!(dflags & VQ_DESC_F_NEXT))
+            break;
+        if (next >= limit)
+            return VFU_STOP_COMMAND;
+        index = next;
+    }
+    if (!status || !total || total % 512 || total > c->max_bytes)
+        return VFU_STOP_COMMAND;
+    uint64_t sector;
+    memcpy(&sector, hdr + 8, 8);
+    if (sector > c->capacity / 512 || total > c->capacity - sector * 512)
+        return VFU_STOP_COMMAND;
+    if (rtype == BLK_T_IN) {
+        if (c->read_fd < 0)
+            return VFU_STOP_COMMAND;
+        done = preadv2(c->read_fd, iov, n, (off_t)(sector * 512), RWF_NOWAIT);
+    } else {
+        if (c->write_fd < 0)
+            return VFU_STOP_COMMAND;
+        done = pwritev2(c->write_fd, iov, n, (off_t)(sector * 512), 0);
+    }
+    if (done < 0 || (uint64_t)done != total)
+        return VFU_STOP_IO;
+    *(volatile uint8_t *)status = 0;  /* VIRTIO_BLK_S_OK */
+    if (rtype == BLK_T_IN) {
+        c->bytes_read += total;
+        *written = (uint32_t)total + 1;
+    } else {
+        c->bytes_written += total;
+        *written = 1;
+    }
+    return 0;
+}
+
+/* Requests from next_avail up to the avail index; used elements go into the ring from
+   next_used on, and the caller publishes the used index. Both indexes are updated. */
+unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
+{
+    uintptr_t desc, avail, used;
+    unsigned count = 0;
+    uint32_t size = q->size;
+
+    if (!size || size > 32768 || (size & (size - 1))) {
+        c->stop = VFU_STOP_RINGS;
+        return 0;
+    }
+    desc = xlate_in(c->regions, c->nregions, q->desc, 16 * (uint64_t)size, 0);
+    avail = xlate_in(c->regions, c->nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
+    used = xlate_in(c->regions, c->nregions, q->used, 6 + 8 * (uint64_t)size, 1);
+    if (!desc || !avail || !used || (avail & 1) || (used & 3)) {
+        c->stop = VFU_STOP_RINGS;
+        return 0;
+    }
+    uint16_t avail_idx = load16(avail + 2);
+    if ((uint16_t)(avail_idx - q->next_avail) > size) {
+        c->stop = VFU_STOP_RINGS;  /* a bad index: Python resets the device */
+        return 0;
+    }
+    c->stop = VFU_STOP_EMPTY;
+    while ((uint16_t)q->next_avail != avail_idx) {
+        uint16_t head;
+        uint32_t written = 0, elem[2];
+        int stop;
+
+        if (count == max) {
+            c->stop = VFU_STOP_LIMIT;
+            break;
+        }
+        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % size)), 2);
+        if (head >= size) {
+            c->stop = VFU_STOP_COMMAND;
+            break;
+        }
+        stop = blk_one(c, q, desc, head, &written);
+        if (stop) {
+            c->stop = stop;
+            break;
+        }
+        elem[0] = head;
+        elem[1] = written;
+        memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % size)), elem, 8);
+        q->next_avail = (q->next_avail + 1) & 0xFFFF;
+        q->next_used = (q->next_used + 1) & 0xFFFF;
+        count++;
+    }
+    return count;
+}
 """
 
 
@@ -277,7 +473,7 @@ ffibuilder = cbuild.builder(MODULE_NAME, CDEF, SOURCE)
 def build_into_cache() -> str:
     """Build (or find) the library in the user's cache; ``python -m`` this module does it
     ahead of the first server start."""
-    module = cbuild.load("nvme-fastio", MODULE_NAME, source_hash(), ffibuilder)
+    module = cbuild.load("fastio", MODULE_NAME, source_hash(), ffibuilder)
     return str(module.__file__)
 
 

@@ -1,0 +1,76 @@
+"""What the devices' C fast paths (:mod:`devices._fastio_build`) share: loading the helper
+and the table of guest memory they may touch.
+
+The helper is compiled on first use into the user's cache (``./run`` builds it ahead of
+time). When it cannot be had, or with ``VFU_NVME_FASTIO=0`` in the environment, the devices
+run on Python alone, which is the reference: the C paths only ever do what Python would do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from vfu_server.pci.dma import GuestMemory
+
+log = logging.getLogger("vfu_server.device.fastio")
+
+_logged = False
+
+
+def load_module() -> Any:
+    """The compiled helper, or None (the reason is logged once) when it cannot be had."""
+    global _logged
+    if os.environ.get("VFU_NVME_FASTIO", "1") == "0":
+        return None
+    from vfu_server import cbuild
+
+    from . import _fastio_build as build
+
+    try:
+        return cbuild.load("fastio", build.MODULE_NAME, build.source_hash(), build.ffibuilder)
+    except OSError as exc:
+        if not _logged:
+            _logged = True
+            log.info("C I/O fast path unavailable, using Python only: %s", exc.strerror)
+        return None
+
+
+class RegionTable:
+    """The DMA regions of a :class:`GuestMemory` as C sees them: (iova, length, host address,
+    writable), rebuilt whenever the set of regions changed."""
+
+    def __init__(self, ffi: Any, dma: GuestMemory) -> None:
+        self.ffi = ffi
+        self.dma = dma
+        self.generation = -1
+        self.table = ffi.new("struct vfu_region[]", 1)
+        self.count = 0
+
+    def sync(self) -> bool:
+        """Bring the table up to date; True if it changed (point the C context at it)."""
+        dma = self.dma
+        if dma.generation == self.generation:
+            return False
+        ffi = self.ffi
+        mapped = [r for r in dma.regions if r.view is not None]
+        table = ffi.new("struct vfu_region[]", max(1, len(mapped)))
+        for entry, region in zip(table, mapped, strict=False):
+            # The address only: a held buffer export would keep DMA_UNMAP from closing the
+            # mmap. The generation check drops the address before it could go stale.
+            buf = ffi.from_buffer(region.view)
+            try:
+                entry.host = int(ffi.cast("uintptr_t", buf))
+            finally:
+                ffi.release(buf)
+            entry.iova, entry.len, entry.writable = region.iova, region.size, region.writable
+        self.table, self.count = table, len(mapped)
+        self.generation = dma.generation
+        return True
+
+
+def backend_fast_io(backend: Any) -> tuple[int, int, int] | None:
+    """(read fd, write fd, largest inline transfer) of a backend that allows it, else None."""
+    fn = getattr(backend, "fast_io", None)
+    return fn() if fn is not None else None
