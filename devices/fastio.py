@@ -2,7 +2,7 @@
 and the table of guest memory they may touch.
 
 The helper is compiled on first use into the user's cache (``./run`` builds it ahead of
-time). When it cannot be had, or with ``VFU_NVME_FASTIO=0`` in the environment, the devices
+time). When it cannot be had, or with ``VFU_FASTIO=0`` in the environment, the devices
 run on Python alone, which is the reference: the C paths only ever do what Python would do.
 """
 
@@ -22,7 +22,7 @@ _logged = False
 def load_module() -> Any:
     """The compiled helper, or None (the reason is logged once) when it cannot be had."""
     global _logged
-    if os.environ.get("VFU_NVME_FASTIO", "1") == "0":
+    if os.environ.get("VFU_FASTIO", "1") == "0":
         return None
     from vfu_server import cbuild
 

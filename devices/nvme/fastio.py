@@ -13,7 +13,7 @@ the views and the completion, about 20 us of server CPU per 4 KiB I/O on the dev
 
 C is used only while Python would not need to see the data movement: not while dirty pages
 are logged for migration, not while completions wait for CQ room (order), not for backends
-other than :class:`~vfu_server.block.FileBackend`. Set ``VFU_NVME_FASTIO=0`` to turn it (and
+other than :class:`~vfu_server.block.FileBackend`. Set ``VFU_FASTIO=0`` to turn it (and
 virtio-blk's) off.
 """
 
