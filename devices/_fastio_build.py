@@ -30,6 +30,7 @@ miss, EAGAIN, an error or a short transfer stops the run; a re-done read or writ
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from vfu_server import cbuild
 
@@ -467,15 +468,26 @@ def source_hash() -> str:
 
 
 SOURCE = SOURCE.replace("@STRUCTS@", STRUCTS)
-ffibuilder = cbuild.builder(MODULE_NAME, CDEF, SOURCE)
+
+
+def make_ffibuilder() -> Any:
+    return cbuild.builder(MODULE_NAME, CDEF, SOURCE)
+
+
+def __getattr__(name: str) -> Any:
+    # ``ffibuilder`` for cffi_modules-style packaging; built on access (it parses the cdef).
+    if name == "ffibuilder":
+        return make_ffibuilder()
+    raise AttributeError(name)
 
 
 def build_into_cache() -> str:
     """Build (or find) the library in the user's cache; ``python -m`` this module does it
     ahead of the first server start."""
-    module = cbuild.load("fastio", MODULE_NAME, source_hash(), ffibuilder)
+    module = cbuild.load("fastio", MODULE_NAME, source_hash(), make_ffibuilder)
+    assert module is not None
     return str(module.__file__)
 
 
 if __name__ == "__main__":
-    print(build_into_cache() if len(sys.argv) < 2 else ffibuilder.compile(tmpdir=sys.argv[1], verbose=False))
+    print(build_into_cache() if len(sys.argv) < 2 else make_ffibuilder().compile(tmpdir=sys.argv[1], verbose=False))

@@ -19,17 +19,19 @@ log = logging.getLogger("vfu_server.device.fastio")
 _logged = False
 
 
-def load_module() -> Any:
-    """The compiled helper, or None (the reason is logged once) when it cannot be had."""
+def load_module(build: bool = True) -> Any:
+    """The compiled helper, or None (the reason is logged once) when it cannot be had.
+    ``build=False``: None as well when it is not built yet (building takes seconds)."""
     global _logged
     if os.environ.get("VFU_FASTIO", "1") == "0":
         return None
     from vfu_server import cbuild
 
-    from . import _fastio_build as build
+    from . import _fastio_build as helper
 
     try:
-        return cbuild.load("fastio", build.MODULE_NAME, build.source_hash(), build.ffibuilder)
+        return cbuild.load("fastio", helper.MODULE_NAME, helper.source_hash(), helper.make_ffibuilder,
+                           build=build)
     except OSError as exc:
         if not _logged:
             _logged = True
@@ -74,3 +76,14 @@ def backend_fast_io(backend: Any) -> tuple[int, int, int] | None:
     """(read fd, write fd, largest inline transfer) of a backend that allows it, else None."""
     fn = getattr(backend, "fast_io", None)
     return fn() if fn is not None else None
+
+
+async def load_module_async() -> Any:
+    """:func:`load_module` for a device's start: a cached build loads at once, a first build
+    runs in a worker thread so that the event loop is not held for seconds."""
+    module = load_module(build=False)
+    if module is None and os.environ.get("VFU_FASTIO", "1") != "0":
+        import trio
+
+        module = await trio.to_thread.run_sync(load_module)
+    return module

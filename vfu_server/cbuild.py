@@ -11,20 +11,25 @@ compiler, no headers, read-only home): C here is an accelerator, never a require
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from cffi import FFI
+if TYPE_CHECKING:
+    from cffi import FFI
+
+# Loading a built helper must stay cheap (it happens at every server start): cffi itself,
+# pathlib and shutil are imported only to build.
 
 
-def cache_dir(kind: str) -> Path:
+def cache_dir(kind: str) -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vfu-server" / kind
+    return os.path.join(base, "vfu-server", kind)
 
 
 def source_hash(*parts: str) -> str:
@@ -41,46 +46,58 @@ _failures: dict[str, str] = {}
 
 def builder(module_name: str, cdef: str, source: str) -> FFI:
     """The cffi builder of a helper (API mode, -O2)."""
+    from cffi import FFI
+
     ffi = FFI()
     ffi.cdef(cdef)
     ffi.set_source(module_name, source, extra_compile_args=["-O2"])
     return ffi
 
 
-def load(kind: str, module_name: str, build_hash: str, ffibuilder: FFI) -> ModuleType:
-    """The compiled module (``ffi``, ``lib``), built into the cache first if needed. Raises
-    OSError(ENOSYS) on failure (compiler or headers missing, cache not writable), at once
-    on later calls."""
+def load(kind: str, module_name: str, build_hash: str, make_builder: Callable[[], FFI], *,
+         build: bool = True) -> ModuleType | None:
+    """The compiled module (``ffi``, ``lib``), built into the cache first if needed and
+    ``build`` (else None when it is not built yet). Raises OSError(ENOSYS) when the build
+    fails (compiler or headers missing, cache not writable), at once on later calls."""
     if module_name in sys.modules:
         return sys.modules[module_name]
     if module_name in _failures:
         raise OSError(errno.ENOSYS, _failures[module_name])
+    target = os.path.join(cache_dir(kind), build_hash)
+    found = sorted(glob.glob(os.path.join(glob.escape(target), f"{module_name}*.so")))
+    if not found and not build:
+        return None
     try:
-        return _build_and_import(kind, module_name, build_hash, ffibuilder)
+        if not found:
+            found = [_build(target, module_name, make_builder)]
+        return _import(module_name, found[0])
     except Exception as exc:
         _failures[module_name] = f"cannot build {module_name}: {type(exc).__name__}: {exc}"
         raise OSError(errno.ENOSYS, _failures[module_name]) from None
 
 
-def _build_and_import(kind: str, module_name: str, build_hash: str, ffibuilder: FFI) -> ModuleType:
-    target = cache_dir(kind) / build_hash
-    found = sorted(target.glob(f"{module_name}*.so")) if target.is_dir() else []
+def _build(target: str, module_name: str, make_builder: Callable[[], FFI]) -> str:
+    import shutil
+
+    # Build in a private directory and rename it into place: servers starting at the same
+    # time never see a half-written library.
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp{os.getpid()}"
+    make_builder().compile(tmpdir=tmp, verbose=False)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    found = sorted(glob.glob(os.path.join(glob.escape(target), f"{module_name}*.so")))
     if not found:
-        # Build in a private directory and rename it into place: servers starting at the same
-        # time never see a half-written library.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(os.fspath(target) + f".tmp{os.getpid()}")
-        ffibuilder.compile(tmpdir=os.fspath(tmp), verbose=False)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-        found = sorted(target.glob(f"{module_name}*.so"))
-        if not found:
-            raise OSError(errno.ENOENT, f"no {module_name} library in {target}")
-    spec = importlib.util.spec_from_file_location(module_name, found[0])
+        raise OSError(errno.ENOENT, f"no {module_name} library in {target}")
+    return found[0]
+
+
+def _import(module_name: str, path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

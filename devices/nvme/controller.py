@@ -46,7 +46,7 @@ from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
 
-from ..fastio import load_module as load_fastio
+from ..fastio import load_module_async as load_fastio
 from . import identify
 from . import migration as nvme_migration
 from .admin import AdminCommands
@@ -271,8 +271,8 @@ class NvmeController(PciDevice):
                 if ns.nsze == 0:
                     raise ValueError(f"namespace {i + 1}: backend of {backend.size} bytes is smaller than one block")
                 self.namespaces[ns_state.nsid] = ns
-            # Compiled on the first start only (then cached); a thread, since it takes seconds.
-            module = await trio.to_thread.run_sync(load_fastio)
+            # The C fast path: compiled on the very first start (in a thread), then from the cache.
+            module = await load_fastio()
             self.fastio = FastIo(self, module) if module is not None else None
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery

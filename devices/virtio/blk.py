@@ -31,7 +31,7 @@ from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
 
 from ..fastio import RegionTable, backend_fast_io
-from ..fastio import load_module as load_fastio
+from ..fastio import load_module_async as load_fastio
 from .migration_format import BLK_FORMATS, BlkMig, VirtioDevState
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
@@ -116,8 +116,8 @@ class VirtioBlk(VirtioPciDevice):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        # Compiled on the first start only (then cached); a thread, since it takes seconds.
-        module = await trio.to_thread.run_sync(load_fastio)
+        # The C fast path: compiled on the very first start (in a thread), then from the cache.
+        module = await load_fastio()
         self._fast = _BlkFastPath(module, self.dma) if module is not None else None
         # Opening the backend (an NBD connection) needs the event loop; the server says
         # "listening" only after task_status.started(), and a failure before is a start-up error.

@@ -13,6 +13,7 @@ batching, waiting, errors, fallbacks -- is Python.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from .. import cbuild
 
@@ -244,9 +245,17 @@ def source_hash() -> str:
     return cbuild.source_hash(CDEF, SOURCE)
 
 
-ffibuilder = cbuild.builder(MODULE_NAME, CDEF, SOURCE)
+def make_ffibuilder() -> Any:
+    return cbuild.builder(MODULE_NAME, CDEF, SOURCE)
+
+
+def __getattr__(name: str) -> Any:
+    # ``ffibuilder`` for cffi_modules-style packaging; built on access (it parses the cdef).
+    if name == "ffibuilder":
+        return make_ffibuilder()
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "."
-    print(ffibuilder.compile(tmpdir=out, verbose=False))
+    print(make_ffibuilder().compile(tmpdir=out, verbose=False))

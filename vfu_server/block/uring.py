@@ -52,7 +52,7 @@ def load_ring_module() -> Any:
     """The compiled cffi module (``ffi``, ``lib``); built on first use. Raises OSError."""
     from . import _uring_build as build
 
-    return cbuild.load("uring", build.MODULE_NAME, build.source_hash(), build.ffibuilder)
+    return cbuild.load("uring", build.MODULE_NAME, build.source_hash(), build.make_ffibuilder)
 
 
 class _Ring:
