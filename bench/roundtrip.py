@@ -8,6 +8,8 @@ Rows:
   REGION_READ (32-byte request, 36-byte reply); the peer does nothing but ``recv``/``send``.
 * **vfu-server example**: the same blocking client loop against ``python -m vfu_server example``
   doing 4-byte REGION_READs of BAR0 (what a guest's MMIO read costs, minus QEMU).
+* **trio's floor**: the floor's peer written as the smallest trio loop (``wait_readable``,
+  ``recv_into``, ``send``): what the event loop alone costs, below any protocol code.
 * **trio client**: the same reads through :class:`vfu_server.client.Client`, to show what the
   test client itself costs (it is the driver of the device benchmarks).
 
@@ -83,21 +85,47 @@ def _floor_peer(sock: socket.socket, mode: str, total: int) -> None:
         sock.send(reply)
 
 
+def _trio_peer(sock: socket.socket) -> None:
+    """The smallest trio server: wait until readable, read, answer. What the event loop alone
+    costs per round trip, below any protocol or device code."""
+    import trio
+
+    reply = bytes(REPLY_SIZE)
+    buf = memoryview(bytearray(64 * 1024))
+    sock.setblocking(False)
+
+    async def serve() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                got = sock.recv_into(buf)
+            except BlockingIOError:
+                continue
+            if not got:
+                return
+            sock.send(reply)
+
+    trio.run(serve)
+
+
 def _with_floor_peer(mode: str, total: int = 0):  # type: ignore[no-untyped-def]
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
         a.close()
         try:
-            _floor_peer(b, mode, total)
+            if mode == "trio":
+                _trio_peer(b)
+            else:
+                _floor_peer(b, mode, total)
         finally:
             os._exit(0)
     b.close()
     return a, pid
 
 
-def floor_pingpong(n: int, warmup: int) -> tuple[list[int], float]:
-    sock, pid = _with_floor_peer("pingpong")
+def floor_pingpong(n: int, warmup: int, mode: str = "pingpong") -> tuple[list[int], float]:
+    sock, pid = _with_floor_peer(mode)
     try:
         req = bytes(REQ_SIZE)
         pingpong_loop(sock, req, REPLY_SIZE, warmup)
@@ -214,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     n, warm = args.iterations, min(2000, args.iterations)
     print(machine_line())
 
-    floors, ours, trios = [], [], []
-    floor_cpu = our_cpu = 0.0
+    floors, ours, trios, trio_floors = [], [], [], []
+    floor_cpu = our_cpu = trio_floor_cpu = 0.0
     with running_server("example") as srv:
         # Interleave floor and server runs so that background load hits both alike.
         for _ in range(args.repeat):
@@ -225,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
             lat, cpu = server_pingpong(srv.socket_path, srv.pid, n, warm)
             ours.append(lat)
             our_cpu += cpu
+            lat, cpu = floor_pingpong(n, warm, "trio")
+            trio_floors.append(lat)
+            trio_floor_cpu += cpu
         trios.append(trio_client_pingpong(srv.socket_path, n // 2))
         posted_floor = [floor_posted(args.posted) for _ in range(args.repeat)]
         posted_ours = [server_posted(srv.socket_path, srv.pid, args.posted) for _ in range(args.repeat)]
@@ -233,10 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     def best(runs: list[list[int]]) -> list[int]:
         return min(runs, key=median)
 
-    f, o, t = best(floors), best(ours), best(trios)
+    f, o, t, tf = best(floors), best(ours), best(trios), best(trio_floors)
     fm = median(f) / 1000
     rows = []
     for name, lat, cpu in (("floor: socket ping-pong (2 processes)", f, floor_cpu / args.repeat),
+                           ("trio's floor: wait_readable, recv, send", tf, trio_floor_cpu / args.repeat),
                            ("vfu-server example, REGION_READ 4 B", o, our_cpu / args.repeat),
                            ("same, through the trio Client", t, None)):
         med = median(lat) / 1000
