@@ -37,7 +37,7 @@ from vfu_server.pci import (
     PowerManagement,
     VendorSpecific,
 )
-from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
+from vfu_server.pci.polling import MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import VfioUserError
 
@@ -189,12 +189,13 @@ class VirtioPciDevice(PciDevice):
             if "capabilities" not in cls.__dict__:
                 cls.capabilities = virtio_capabilities(cls.config_size, cls.msix_vectors)
 
-    def __init__(self, num_queues: int = 1, device_features: int = 0, poll_us: int = DEFAULT_POLL_US) -> None:
+    def __init__(self, num_queues: int = 1, device_features: int = 0, poll_us: int = 0) -> None:
         super().__init__()
         if not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
         #: the longest a queue that ran dry polls the avail ring before it asks the driver
-        #: for a kick (0: never), see vfu_server.pci.polling
+        #: for a kick (0: never, the default here; virtio-blk offers --poll-us), see
+        #: vfu_server.pci.polling
         self.poll_ns = poll_us * 1000
         if num_queues > 0x3FF:
             raise ValueError("at most 1023 virtqueues fit the notify area")
