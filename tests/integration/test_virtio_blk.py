@@ -149,17 +149,19 @@ async def test_polling_suppresses_kicks(image: Path, features: int) -> None:
             await q.kick()
             await q.wait_used()
         before = q.kicks
+        suppressed = 0  # completions after which the device said "no kick needed"
         for i in range(40):
             req = write_req(q, i, bytes([i]) * 512)
             await q.kick()
             (done,) = await q.wait_used()
             assert done is req and status(done) == 0
+            suppressed += bool(q.used_flags() & 1)
         # The driver kicks only when its index laps avail_event (one behind), or when a poll
         # timed out (the window adapts to this client's usual turn-around; a hiccup of this
         # machine can exceed it). Without polling every one of the 40 requests kicks.
         assert q.kicks - before < 10
         if not features & VIRTIO_F_EVENT_IDX:
-            assert q.used_flags() & 1, "VIRTQ_USED_F_NO_NOTIFY not set while polling"
+            assert suppressed > 30, f"VIRTQ_USED_F_NO_NOTIFY set after only {suppressed} of 40 completions"
         # A chain made available right after a completion needs no kick (the helper kicks
         # only if the device's avail_event or flags ask for one, i.e. if the poll timed out).
         req = read_req(q, 7, 512)
