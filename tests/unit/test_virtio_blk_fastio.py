@@ -229,3 +229,17 @@ def test_c_refuses(blk: VirtioBlk, broken: str) -> None:
     assert fast.run(q, blk.backend.fast_io(), blk.backend.size) == 0
     assert fast.stop_reason in (module.lib.VFU_STOP_COMMAND, module.lib.VFU_STOP_DATA)
     assert snapshot(blk) == before
+
+
+def test_not_while_dirty_pages_are_logged(blk: VirtioBlk) -> None:
+    """While migration logs dirty pages, Python must see every write to guest memory."""
+    chain = [(0x11000, 16, NEXT, 1), (0x20000, 4096, WRITE | NEXT, 2), (0x12000, 1, WRITE, 0)]
+    q = place(blk, chain, False, T_IN, 0, 0)
+    blk._fast = _BlkFastPath(module, blk.dma)
+    blk.dma.dirty_hook = lambda iova, length: None
+    assert blk.complete_fast(q) == 0 and q.state.next_avail == 0
+    blk.dma.dirty_hook = None
+    q.accepting = False  # quiescing
+    assert blk.complete_fast(q) == 0
+    q.accepting = True
+    assert blk.complete_fast(q) == 1 and q.pending_elsewhere == 1
