@@ -30,7 +30,6 @@ miss, EAGAIN, an error or a short transfer stops the run; a re-done read or writ
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from vfu_server import cbuild
 
@@ -463,31 +462,9 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
 """
 
 
-def source_hash() -> str:
-    return cbuild.source_hash(CDEF, SOURCE)
-
-
 SOURCE = SOURCE.replace("@STRUCTS@", STRUCTS)
-
-
-def make_ffibuilder() -> Any:
-    return cbuild.builder(MODULE_NAME, CDEF, SOURCE)
-
-
-def __getattr__(name: str) -> Any:
-    # ``ffibuilder`` for cffi_modules-style packaging; built on access (it parses the cdef).
-    if name == "ffibuilder":
-        return make_ffibuilder()
-    raise AttributeError(name)
-
-
-def build_into_cache() -> str:
-    """Build (or find) the library in the user's cache; ``python -m`` this module does it
-    ahead of the first server start."""
-    module = cbuild.load("fastio", MODULE_NAME, source_hash(), make_ffibuilder)
-    assert module is not None
-    return str(module.__file__)
+HELPER = cbuild.Helper("fastio", MODULE_NAME, CDEF, SOURCE)
 
 
 if __name__ == "__main__":
-    print(build_into_cache() if len(sys.argv) < 2 else make_ffibuilder().compile(tmpdir=sys.argv[1], verbose=False))
+    HELPER.main(sys.argv[1:])

@@ -25,13 +25,10 @@ def load_module(build: bool = True) -> Any:
     global _logged
     if os.environ.get("VFU_FASTIO", "1") == "0":
         return None
-    from vfu_server import cbuild
-
-    from . import _fastio_build as helper
+    from ._fastio_build import HELPER
 
     try:
-        return cbuild.load("fastio", helper.MODULE_NAME, helper.source_hash(), helper.make_ffibuilder,
-                           build=build)
+        return HELPER.load(build=build)
     except OSError as exc:
         if not _logged:
             _logged = True

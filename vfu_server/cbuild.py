@@ -76,6 +76,33 @@ def load(kind: str, module_name: str, build_hash: str, make_builder: Callable[[]
         raise OSError(errno.ENOSYS, _failures[module_name]) from None
 
 
+class Helper:
+    """One C helper: where it is cached (``kind``), its module name, cdef and C source. A
+    build module defines one (``HELPER = Helper(...)``) and nothing else runs at import."""
+
+    def __init__(self, kind: str, module_name: str, cdef: str, source: str) -> None:
+        self.kind, self.module_name, self.cdef, self.source = kind, module_name, cdef, source
+
+    def source_hash(self) -> str:
+        return source_hash(self.cdef, self.source)
+
+    def make_builder(self) -> FFI:
+        """The cffi builder (for ``cffi_modules``-style packaging, or to compile elsewhere)."""
+        return builder(self.module_name, self.cdef, self.source)
+
+    def load(self, *, build: bool = True) -> ModuleType | None:
+        """:func:`load` of this helper."""
+        return load(self.kind, self.module_name, self.source_hash(), self.make_builder, build=build)
+
+    def main(self, argv: list[str]) -> None:
+        """``python -m BUILD_MODULE [DIR]``: build into the cache (or into DIR) and say where."""
+        if argv:
+            print(self.make_builder().compile(tmpdir=argv[0], verbose=False))
+        else:
+            module = self.load()
+            print(getattr(module, "__file__", module))
+
+
 def _build(target: str, module_name: str, make_builder: Callable[[], FFI]) -> str:
     import shutil
 

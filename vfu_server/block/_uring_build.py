@@ -3,7 +3,7 @@
 API (out-of-line) mode, raw syscalls: no liburing is needed, only ``<linux/io_uring.h>``
 (linux-libc-dev) and a C compiler. :mod:`vfu_server.block.uring` compiles it on first use into
 the user's cache directory; ``python -m vfu_server.block._uring_build DIR`` builds it ahead of
-time (a packager can point ``cffi_modules`` at ``ffibuilder`` here instead).
+time (a packager can build ``HELPER.make_builder()`` instead).
 
 The C part is deliberately small: set the ring up (with the completion eventfd registered), fill
 one SQE, publish pending SQEs and enter the kernel, copy CQEs out. Everything with policy --
@@ -13,7 +13,6 @@ batching, waiting, errors, fallbacks -- is Python.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from .. import cbuild
 
@@ -240,22 +239,8 @@ unsigned vfu_ring_reap(struct vfu_ring *r, uint64_t *user_data, int32_t *res, un
 """
 
 
-def source_hash() -> str:
-    """Identifies a build: the C text, the cdef and the Python ABI it was built for."""
-    return cbuild.source_hash(CDEF, SOURCE)
-
-
-def make_ffibuilder() -> Any:
-    return cbuild.builder(MODULE_NAME, CDEF, SOURCE)
-
-
-def __getattr__(name: str) -> Any:
-    # ``ffibuilder`` for cffi_modules-style packaging; built on access (it parses the cdef).
-    if name == "ffibuilder":
-        return make_ffibuilder()
-    raise AttributeError(name)
+HELPER = cbuild.Helper("uring", MODULE_NAME, CDEF, SOURCE)
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "."
-    print(make_ffibuilder().compile(tmpdir=out, verbose=False))
+    HELPER.main(sys.argv[1:])

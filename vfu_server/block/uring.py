@@ -36,7 +36,6 @@ from typing import Any
 import outcome
 import trio
 
-from .. import cbuild
 from .base import byte_views, iov_length, iov_slice
 from .errors import BlockIOError
 from .file import _RWF_DSYNC, _UNSUPPORTED, FileBackend, _zero_views
@@ -52,7 +51,7 @@ def load_ring_module() -> Any:
     """The compiled cffi module (``ffi``, ``lib``); built on first use. Raises OSError."""
     from . import _uring_build as build
 
-    return cbuild.load("uring", build.MODULE_NAME, build.source_hash(), build.make_ffibuilder)
+    return build.HELPER.load()
 
 
 class _Ring:
