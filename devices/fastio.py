@@ -19,11 +19,15 @@ log = logging.getLogger("vfu_server.device.fastio")
 _logged = False
 
 
+def _disabled() -> bool:
+    return os.environ.get("VFU_FASTIO", "1") == "0"
+
+
 def load_module(build: bool = True) -> Any:
     """The compiled helper, or None (the reason is logged once) when it cannot be had.
     ``build=False``: None as well when it is not built yet (building takes seconds)."""
     global _logged
-    if os.environ.get("VFU_FASTIO", "1") == "0":
+    if _disabled():
         return None
     from ._fastio_build import HELPER
 
@@ -79,7 +83,7 @@ async def load_module_async() -> Any:
     """:func:`load_module` for a device's start: a cached build loads at once, a first build
     runs in a worker thread so that the event loop is not held for seconds."""
     module = load_module(build=False)
-    if module is None and os.environ.get("VFU_FASTIO", "1") != "0":
+    if module is None and not _disabled():
         import trio
 
         module = await trio.to_thread.run_sync(load_module)

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..fastio import RegionTable, backend_fast_io, load_module
+from ..fastio import RegionTable, backend_fast_io
 from .state import CompletionQueueState, SubmissionQueueState
 
 if TYPE_CHECKING:
     from .controller import NvmeController
-
-__all__ = ["FastIo", "load_module"]
 
 #: Entries one call may complete before the caller gets control back.
 RUN_LIMIT = 64

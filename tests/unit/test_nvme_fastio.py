@@ -17,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from devices.fastio import load_module
 from devices.nvme.command import Command
 from devices.nvme.controller import NvmeController
 from devices.nvme.errors import NvmeError
-from devices.nvme.fastio import FastIo, load_module
+from devices.nvme.fastio import FastIo
 from devices.nvme.namespace import Namespace
 from devices.nvme.state import CompletionQueueState, SubmissionQueueState
 from vfu_server.block import FileBackend
@@ -33,7 +34,6 @@ RO_BASE, RO_SIZE = 0x200000, 64 * 1024  # a read-only map above a hole
 DISK = 1 << 20
 SQ_BASE, CQ_BASE = 0x1000, 0x3000
 SQ_SIZE = CQ_SIZE = 16
-_SQE = struct.Struct("<BBHIIIQQQ6I")
 
 module = load_module()
 pytestmark = pytest.mark.skipif(module is None, reason="the C helper could not be built here")
