@@ -863,14 +863,26 @@ class NvmeController(PciDevice):
             return
         self._post(cq, entry)
 
+    def refresh_cq_head(self, cq: CompletionQueueState) -> None:
+        """Take the CQ head from the shadow doorbell (I/O CQs with shadow doorbells), where
+        the host publishes it without an MMIO write."""
+        shadow = self.state.shadow
+        if shadow.enabled and cq.qid != 0:
+            head = read_shadow(self.dma, shadow, cq.qid, True)
+            if head is not None and head != cq.head and valid_cq_head(cq, head):
+                cq.head = head
+                # The controller reads the head when it needs room, so the host need not ring:
+                # one behind the head is crossed only after a whole lap (the event index
+                # stayed at 0 before, an MMIO doorbell per lap). _cq_is_full moves it to the
+                # head when completions must wait for room.
+                write_event_idx(self.dma, shadow, cq.qid, True, (head - 1) % cq.size)
+
     def _cq_is_full(self, cq: CompletionQueueState) -> bool:
         if not cq_full(cq):
             return False
         shadow = self.state.shadow
         if shadow.enabled and cq.qid != 0:
-            head = read_shadow(self.dma, shadow, cq.qid, True)
-            if head is not None and valid_cq_head(cq, head):
-                cq.head = head
+            self.refresh_cq_head(cq)
             if cq_full(cq):
                 # Still full: have the host ring the MMIO doorbell when it frees an entry.
                 write_event_idx(self.dma, shadow, cq.qid, True, cq.head)

@@ -84,6 +84,9 @@ class FastIo:
         ctrl = self.ctrl
         if not self._sync_namespaces():
             return 0
+        if (cq.head - cq.tail - 1) % cq.size < (sq.tail - sq.head) % sq.size:
+            # C stops at a full CQ; the host may have freed entries in the shadow doorbell only.
+            ctrl.refresh_cq_head(cq)
         c, q = self.ctx, self.q
         if self.regions.sync():
             c.regions, c.nregions = self.regions.table, self.regions.count

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from devices.nvme.constants import Status
@@ -139,6 +140,27 @@ async def test_shadow_doorbells_and_event_index() -> None:
             assert (await drv.wait(q, cid)).ok
         # The admin queue keeps working with MMIO doorbells (Linux never shadows it).
         await drv.identify(1)
+
+
+@pytest.mark.parametrize("fastio", ["1", "0"], ids=["C path", "Python path"])
+async def test_cq_head_goes_to_the_shadow_only(fastio: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller reads the shadow CQ head whenever it needs room, so it keeps the CQ
+    event index out of the host's way: no MMIO CQ doorbell per lap of the queue."""
+    monkeypatch.setenv("VFU_FASTIO", fastio)
+    async with nvme_session("--size", "4M", "--poll-us", "0") as (drv, _):
+        await drv.enable_shadow_doorbells()
+        q = await drv.create_io_queue_pair(1, entries=16)
+        await drv.write(q, 0, bytes([7]) * 512)  # the first head update crosses index 0
+        before = drv.cq_doorbells
+        for i in range(80):  # five laps
+            assert await drv.read(q, 0, 512) == bytes([7]) * 512, i
+        assert drv.cq_doorbells - before <= 1
+        # Room is still found: a full queue's worth submitted at once completes.
+        cids = [await drv.submit(q, SubmissionEntry(IO_READ, nsid=1, prp1=drv.buffer(512), cdw10=i), ring=False)
+                for i in range(15)]
+        await drv.ring_sq(q.qid, q.sq_tail)
+        for cid in cids:
+            assert (await drv.wait(q, cid)).ok
 
 
 async def test_shadow_doorbell_polling() -> None:

@@ -141,6 +141,7 @@ class NvmeTestDriver:
         self.shadow_db = 0
         self.shadow_ei = 0
         self.mmio_doorbells = 0  # doorbell writes actually sent (for shadow doorbell tests)
+        self.cq_doorbells = 0  # of which CQ head doorbells
         self.timeout = 10.0
 
     # -- registers ---------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class NvmeTestDriver:
     async def ring_cq(self, qid: int, head: int) -> None:
         if self._shadow_update(2 * qid + 1, head) or qid == 0:
             self.mmio_doorbells += 1
+            self.cq_doorbells += 1
             await self.client.write32(self.bar, DOORBELLS + 8 * qid + 4, head, posted=True)
 
     # -- submission and completion ---------------------------------------------------------------
