@@ -24,6 +24,7 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -37,10 +38,11 @@ from vfu_server.block import (
     FileBackend,
     MemoryBackend,
     open_backend,
+    open_file_backend,
     parse_backend_spec,
     parse_size,
 )
-from vfu_server.block.spec import BackendSpec
+from vfu_server.block.spec import BACKING_IO, BackendSpec
 from vfu_server.migration.generic import PciProfile
 from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
@@ -221,6 +223,8 @@ class NvmeController(PciDevice):
         parser.add_argument("--max-queue-entries", type=int, default=1024, metavar="N",
                             help="entries per queue (CAP.MQES + 1)")
         parser.add_argument("--read-only", action="store_true")
+        parser.add_argument("--backing-io", choices=BACKING_IO, default="sync",
+                            help="how file backings do their I/O: sync (preadv/pwritev inline from the page cache, a worker thread where that would block; default) or uring (io_uring; sync where the kernel or build refuses it)")
         parser.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US, metavar="US",
                             help="with shadow doorbells, keep polling an I/O queue that ran dry "
                                  "for US microseconds before asking the guest for a doorbell "
@@ -235,11 +239,14 @@ class NvmeController(PciDevice):
                     spec = parse_backend_spec(backing, args.size, args.read_only)
                     if spec.kind == "file":
                         # Opened now so that a bad path is a command-line error, not a crash later.
-                        assert spec.path is not None
-                        sources.append(FileBackend(spec.path, size=spec.size, read_only=spec.read_only))
+                        sources.append(open_file_backend(replace(spec, io=args.backing_io)))
                     else:
                         sources.append(spec)
+                if args.backing_io != "sync" and not any(isinstance(s, FileBackend) for s in sources):
+                    raise ValueError(f"--backing-io {args.backing_io} is for file backings (RAM and NBD do their own I/O)")
             else:
+                if args.backing_io != "sync":
+                    raise ValueError(f"--backing-io {args.backing_io} is for file backings, not RAM namespaces")
                 size = parse_size(args.size or "64M")
                 if not 1 <= args.namespaces <= 1024:
                     raise ValueError("--namespaces must be 1..1024")

@@ -19,13 +19,13 @@ import trio
 from vfu_server.block import (
     BlockBackend,
     BlockError,
-    FileBackend,
     MemoryBackend,
     open_backend,
+    open_file_backend,
     parse_backend_spec,
 )
 from vfu_server.block.base import iov_slice
-from vfu_server.block.spec import BackendSpec
+from vfu_server.block.spec import BACKING_IO, BackendSpec
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
@@ -91,6 +91,8 @@ class VirtioBlk(VirtioPciDevice):
         parser.add_argument("--backing", metavar="FILE", help="raw image, block device or nbd:// URI (none: RAM)")
         parser.add_argument("--size", metavar="BYTES", help="disk size (K/M/G suffixes); needed for RAM or to create")
         parser.add_argument("--read-only", action="store_true")
+        parser.add_argument("--backing-io", choices=BACKING_IO, default="sync",
+                            help="how file backings do their I/O: sync (preadv/pwritev inline from the page cache, a worker thread where that would block; default) or uring (io_uring; sync where the kernel or build refuses it)")
         parser.add_argument("--num-queues", type=int, default=1, metavar="N", help=f"request queues (1..{MAX_QUEUES})")
         parser.add_argument("--serial", default="", metavar="ID", help="disk serial (up to 20 bytes)")
         parser.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US, metavar="US",
@@ -99,7 +101,7 @@ class VirtioBlk(VirtioPciDevice):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VirtioBlk:
-        spec = parse_backend_spec(args.backing, args.size, args.read_only)
+        spec = parse_backend_spec(args.backing, args.size, args.read_only, args.backing_io)
         backend: BlockBackend | BackendSpec = spec
         # Files and RAM open here, so a bad path is a command-line error; NBD connects in run().
         try:
@@ -107,8 +109,7 @@ class VirtioBlk(VirtioPciDevice):
                 assert spec.size is not None
                 backend = MemoryBackend(spec.size, read_only=spec.read_only)
             elif spec.kind == "file":
-                assert spec.path is not None
-                backend = FileBackend(spec.path, size=spec.size, read_only=spec.read_only)
+                backend = open_file_backend(spec)
         except BlockError as exc:
             raise ValueError(str(exc)) from None
         return cls(backend, num_queues=args.num_queues, serial=args.serial, poll_us=args.poll_us)

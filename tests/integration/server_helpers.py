@@ -65,3 +65,15 @@ class RawConn:
 
 def fresh_decoder() -> MessageDecoder:
     return MessageDecoder(1 << 21)
+
+
+def assert_uring_in_use(stderr: str) -> None:
+    """A server started with ``--backing-io uring --log-level info`` took the io_uring path,
+    or said why it could not on this machine (where the test process cannot either)."""
+    from vfu_server.block.uring import uring_available
+
+    ok, why = uring_available()
+    if ok:
+        assert "I/O through io_uring" in stderr, stderr
+    else:
+        assert "io_uring unavailable" in stderr, (why, stderr)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
+import trio
+from server_helpers import assert_uring_in_use
 
 from devices.nvme.constants import Status
 from vfu_server.testing.nvme import (
@@ -35,9 +38,13 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-async def test_io_commands_against_backing_file(image: Path) -> None:
+@pytest.mark.parametrize("backing_io", ["sync", "uring"])
+async def test_io_commands_against_backing_file(image: Path, backing_io: str) -> None:
     original = image.read_bytes()
-    async with nvme_session("--backing", str(image)) as (drv, _):
+    async with nvme_session("--backing", str(image), "--backing-io", backing_io,
+                            "--log-level", "info") as (drv, server):
+        if backing_io == "uring":
+            assert_uring_in_use(server.stderr())
         q = await drv.create_io_queue_pair(1, entries=32)
         # write + FUA, flush
         data = os.urandom(8192)
@@ -196,3 +203,15 @@ async def test_read_only_namespace(image: Path) -> None:
         c = await drv.io(q, IO_WRITE, buf=drv.buffer(512), length=512)
         assert c.code == Status.NAMESPACE_WRITE_PROTECTED
         assert (await drv.io(q, IO_FLUSH)).ok
+
+
+@pytest.mark.parametrize(("device", "args", "why"), [
+    ("nvme", ["--size", "1M"], "--backing-io uring is for file backings, not RAM namespaces"),
+    ("virtio-blk", ["--size", "1M"], "--backing-io uring is for file backings, not a RAM disk"),
+    ("virtio-blk", ["--backing", "nbd://localhost/x"], "not an NBD backing"),
+])
+async def test_backing_io_uring_needs_a_file(device: str, args: list[str], why: str) -> None:
+    proc = await trio.run_process([sys.executable, "-m", "vfu_server", device, "--socket-path", "/tmp/unused.sock",
+                                   "--backing-io", "uring", *args], capture_stderr=True, check=False)
+    assert proc.returncode == 2
+    assert why.encode() in proc.stderr

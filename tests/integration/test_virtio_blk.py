@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from server_helpers import assert_uring_in_use
 
 from vfu_server.client import Client, GuestRam
 from vfu_server.testing.process import running_server
@@ -52,9 +53,13 @@ def status(req: Request) -> int:
     return req.data(len(req.inbufs) - 1)[0]
 
 
-async def test_read_write_against_backing_file(image: Path) -> None:
-    async with running_server("virtio-blk", "--backing", str(image)) as srv, \
+@pytest.mark.parametrize("backing_io", ["sync", "uring"])
+async def test_read_write_against_backing_file(image: Path, backing_io: str) -> None:
+    async with running_server("virtio-blk", "--backing", str(image), "--backing-io", backing_io,
+                              "--log-level", "info") as srv, \
             await Client.connect(srv.socket_path) as client:
+        if backing_io == "uring":
+            assert_uring_in_use(srv.stderr())
         ram = GuestRam(16 << 20)
         await client.dma_map(ram)
         dev, (q,) = await init_device(client, ram, ALL, slot_size=16384)

@@ -110,6 +110,27 @@ def test_parse_backend_spec_rejects(backing: str | None, size: str | None, why: 
     assert "\n" not in str(info.value)
 
 
+def test_backing_io_is_for_files_only() -> None:
+    assert parse_backend_spec("/x/d.raw").io == "sync"
+    assert parse_backend_spec("/x/d.raw", io="uring") == BackendSpec("file", path="/x/d.raw", io="uring")
+    with pytest.raises(BackendSpecError, match="bad --backing-io 'aio': expected one of sync, uring"):
+        parse_backend_spec("/x/d.raw", io="aio")
+    with pytest.raises(BackendSpecError, match="not a RAM disk"):
+        parse_backend_spec(None, "1M", io="uring")
+    with pytest.raises(BackendSpecError, match="not an NBD backing"):
+        parse_backend_spec("nbd://h/e", io="uring")
+
+
+async def test_open_backend_with_uring(tmp_path: Path) -> None:
+    from vfu_server.block.uring import UringFileBackend
+
+    path = tmp_path / "d.raw"
+    async with open_backend(parse_backend_spec(str(path), "1M", io="uring")) as b:
+        assert isinstance(b, UringFileBackend)
+        await b.writev(0, [memoryview(b"uring" + bytes(507))])
+    assert path.read_bytes()[:5] == b"uring"
+
+
 def test_parse_backend_spec_rejects_directory(tmp_path: Path) -> None:
     with pytest.raises(BackendSpecError, match="directory"):
         parse_backend_spec(str(tmp_path))

@@ -16,9 +16,17 @@ from .errors import (
 from .file import FileBackend
 from .memory import MemoryBackend
 from .nbd import NbdBackend, NbdTarget, parse_nbd_uri
-from .spec import BackendSpec, open_backend, parse_backend_spec, parse_size
+from .spec import (
+    BACKING_IO,
+    BackendSpec,
+    open_backend,
+    open_file_backend,
+    parse_backend_spec,
+    parse_size,
+)
 
 __all__ = [
+    "BACKING_IO",
     "BackendSpec",
     "BackendSpecError",
     "BlockBackend",
@@ -31,6 +39,7 @@ __all__ = [
     "NbdBackend",
     "NbdTarget",
     "open_backend",
+    "open_file_backend",
     "parse_backend_spec",
     "parse_nbd_uri",
     "parse_size",

@@ -6,7 +6,7 @@ import contextlib
 import os
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .base import BlockBackend
@@ -15,7 +15,13 @@ from .file import FileBackend
 from .memory import MemoryBackend
 from .nbd import NbdBackend, NbdTarget, parse_nbd_uri
 
-__all__ = ["BackendSpec", "open_backend", "parse_backend_spec", "parse_size"]
+__all__ = ["BACKING_IO", "BackendSpec", "open_backend", "open_file_backend", "parse_backend_spec", "parse_size"]
+
+#: How a file backing does its I/O (``--backing-io``): ``sync`` is :class:`FileBackend`
+#: (inline ``preadv``/``pwritev`` where the page cache allows, a worker thread where it would
+#: block), ``uring`` is :class:`~vfu_server.block.uring.UringFileBackend` (io_uring; it acts
+#: like ``sync`` where io_uring cannot be had).
+BACKING_IO = ("sync", "uring")
 
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgtp]?)(i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
@@ -49,16 +55,29 @@ class BackendSpec:
     read_only: bool = False
     path: str | None = None
     nbd: NbdTarget | None = None
+    io: Literal["sync", "uring"] = "sync"
 
 
 def parse_backend_spec(
-    backing: str | None, size: str | int | None = None, read_only: bool = False
+    backing: str | None, size: str | int | None = None, read_only: bool = False, io: str = "sync"
 ) -> BackendSpec:
-    """Validate CLI input: ``backing`` is a path, an NBD URI, or None for RAM of ``size``.
+    """Validate CLI input: ``backing`` is a path, an NBD URI, or None for RAM of ``size``;
+    ``io`` is one of :data:`BACKING_IO` (file backings only).
 
     Only syntax is checked here (nothing is opened), so errors come before any side effect.
     """
-    nbytes = None if size is None else parse_size(size)
+    if io not in BACKING_IO:
+        raise BackendSpecError(f"bad --backing-io {io!r}: expected one of {', '.join(BACKING_IO)}")
+    spec = _parse_backing(backing, None if size is None else parse_size(size), read_only)
+    if io == "sync":
+        return spec
+    if spec.kind != "file":
+        what = "an NBD backing" if spec.kind == "nbd" else "a RAM disk"
+        raise BackendSpecError(f"--backing-io {io} is for file backings, not {what} (RAM and NBD do their own I/O)")
+    return replace(spec, io=io)
+
+
+def _parse_backing(backing: str | None, nbytes: int | None, read_only: bool) -> BackendSpec:
     if backing is None or backing == "":
         if nbytes is None:
             raise BackendSpecError("--size is required when there is no --backing (RAM disk)")
@@ -76,6 +95,16 @@ def parse_backend_spec(
     if os.path.isdir(backing):
         raise BackendSpecError(f"backing {backing!r} is a directory")
     return BackendSpec("file", nbytes, read_only, path=backing)
+
+
+def open_file_backend(spec: BackendSpec) -> FileBackend:
+    """The file backend ``spec`` describes (opened now: a bad path raises BlockError here)."""
+    assert spec.kind == "file" and spec.path is not None
+    if spec.io == "uring":
+        from .uring import UringFileBackend  # cffi and the ring only when asked for
+
+        return UringFileBackend(spec.path, size=spec.size, read_only=spec.read_only)
+    return FileBackend(spec.path, size=spec.size, read_only=spec.read_only)
 
 
 @contextlib.asynccontextmanager
@@ -100,8 +129,7 @@ async def open_backend(
         assert spec.size is not None
         backend = MemoryBackend(spec.size, read_only=spec.read_only)
     else:
-        assert spec.path is not None
-        backend = FileBackend(spec.path, size=spec.size, read_only=spec.read_only)
+        backend = open_file_backend(spec)
     try:
         yield backend
     finally:

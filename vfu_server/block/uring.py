@@ -131,6 +131,7 @@ class UringFileBackend(FileBackend):
         self.uring_unavailable: str | None = None
         try:
             self._ring = _Ring(ring_entries)
+            log.info("%s: I/O through io_uring (%d entries)", self.path, ring_entries)
         except OSError as exc:
             self.uring_unavailable = str(exc)
             log.info("%s: io_uring unavailable, using preadv/pwritev: %s", self.path, exc)
