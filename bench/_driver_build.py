@@ -128,20 +128,32 @@ static uint8_t *at(struct nvb *b, uint64_t iova)
     return (uint8_t *)b->ram + (iova - b->base);
 }
 
-static uint64_t next_offset(struct nvb *b)
+/* The next I/O-sized block of n: xorshift64* when random (any fixed-seed generator will do,
+   it only has to be cheap), else the one after the last. */
+static uint64_t next_block(uint64_t *rng, uint64_t *seq, int random, uint64_t n)
 {
-    uint64_t block;
-    if (b->random) {
-        /* xorshift64*: any fixed-seed generator will do, it only has to be cheap */
-        b->rng ^= b->rng >> 12;
-        b->rng ^= b->rng << 25;
-        b->rng ^= b->rng >> 27;
-        block = (b->rng * 2685821657736338717ULL) % b->ios_in_ns;
-    } else {
-        block = b->next_seq;
-        b->next_seq = (b->next_seq + 1) % b->ios_in_ns;
+    if (random) {
+        *rng ^= *rng >> 12;
+        *rng ^= *rng << 25;
+        *rng ^= *rng >> 27;
+        return (*rng * 2685821657736338717ULL) % n;
     }
-    return block * b->lbas_per_io;
+    uint64_t block = *seq;
+    *seq = (*seq + 1) % n;
+    return block;
+}
+
+/* Sleep on the interrupt eventfd for up to 10 ms; nonzero once nothing came for stall_ms. */
+static int wait_irq(int fd, int *idle_ms, int stall_ms, uint64_t *waits, uint64_t *timeouts)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, 1, 10) > 0) {
+        uint64_t count;
+        ++*waits;
+        return read(fd, &count, 8) < 0 && errno != EAGAIN;
+    }
+    ++*timeouts;
+    return (*idle_ms += 10) >= stall_ms;
 }
 
 /* Publish a new shadow doorbell value; nonzero if the MMIO doorbell must be written too. */
@@ -171,7 +183,7 @@ static int ring(struct nvb *b, unsigned index, uint32_t value)
 static void write_sqe(struct nvb *b, uint16_t slot)
 {
     uint8_t *e = at(b, b->sq + 64ULL * b->sq_tail);
-    uint64_t slba = next_offset(b);
+    uint64_t slba = next_block(&b->rng, &b->next_seq, b->random, b->ios_in_ns) * b->lbas_per_io;
     uint32_t dw0 = b->opcode | (uint32_t)slot << 16, nsid = 1;
     uint32_t cdw10 = (uint32_t)slba, cdw11 = (uint32_t)(slba >> 32), cdw12 = b->lbas_per_io - 1;
     memset(e, 0, 64);
@@ -241,16 +253,8 @@ int nvb_run(struct nvb *b)
         }
         if (b->stopping && !b->inflight)
             return NVB_DONE;
-        struct pollfd p = {.fd = b->irq_fd, .events = POLLIN};
-        int r = poll(&p, 1, 10);
-        if (r > 0) {
-            uint64_t count;
-            b->irq_waits++;
-            if (read(b->irq_fd, &count, 8) < 0 && errno != EAGAIN)
-                return NVB_STALL;
-        } else if (b->poll_timeouts++, (idle_ms += 10) >= b->stall_ms) {
+        if (wait_irq(b->irq_fd, &idle_ms, b->stall_ms, &b->irq_waits, &b->poll_timeouts))
             return NVB_STALL;
-        }
     }
 }
 
@@ -258,19 +262,6 @@ int nvb_run(struct nvb *b)
 static uint8_t *vat(struct vbb *b, uint64_t iova)
 {
     return (uint8_t *)b->ram + (iova - b->base);
-}
-
-static uint64_t next_block(uint64_t *rng, uint64_t *seq, int random, uint64_t n)
-{
-    if (random) {
-        *rng ^= *rng >> 12;
-        *rng ^= *rng << 25;
-        *rng ^= *rng >> 27;
-        return (*rng * 2685821657736338717ULL) % n;
-    }
-    uint64_t block = *seq;
-    *seq = (*seq + 1) % n;
-    return block;
 }
 
 static void put_desc(uint8_t *d, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
@@ -377,16 +368,8 @@ int vbb_run(struct vbb *b)
             if (__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) != b->last_used)
                 continue;
         }
-        struct pollfd p = {.fd = b->irq_fd, .events = POLLIN};
-        int r = poll(&p, 1, 10);
-        if (r > 0) {
-            uint64_t count;
-            b->irq_waits++;
-            if (read(b->irq_fd, &count, 8) < 0 && errno != EAGAIN)
-                return NVB_STALL;
-        } else if (b->poll_timeouts++, (idle_ms += 10) >= b->stall_ms) {
+        if (wait_irq(b->irq_fd, &idle_ms, b->stall_ms, &b->irq_waits, &b->poll_timeouts))
             return NVB_STALL;
-        }
     }
 }
 """
