@@ -11,7 +11,10 @@ in the host page cache for all four alike). Prints a table with ours / QEMU rati
 
 ``--poll-us A,B,...`` attaches one NVMe and one virtio-blk of the project's per value (each with
 that ``--poll-us``), all in the same boot, so the settings are compared against each other and
-against QEMU's devices under the same guest and host conditions.
+against QEMU's devices under the same guest and host conditions. ``--variant 'LABEL=ARGS'``
+(repeatable) does the same for any server options; ``ARGS`` may start with ``NAME=VALUE``
+environment settings, as on a shell command line (``--variant 'no C=VFU_FASTIO=0'``).
+``--devices nvme`` leaves the virtio-blk pair out (and the other way round).
 
 The accelerator is the harness's (``VFU_QEMU_ACCEL``, TCG by default): under TCG the absolute
 numbers mostly measure the emulated CPU, the ratios are what to look at.
@@ -21,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .common import REPO, machine_line, median, table
@@ -39,19 +45,42 @@ QEMU_DISKS = [("qemu-nvme", "nvme"), ("qemu-virtio-blk", "virtio-blk")]
 KINDS = [("nvme", "NVMe"), ("virtio-blk", "virtio-blk")]
 
 
-def disk_plan(polls: list[int | None]) -> list[tuple[str, str, str, int | None]]:
-    """(key, where, device, poll) per disk; a disk's index gives its distinct size."""
-    plan: list[tuple[str, str, str, int | None]] = []
-    for dev, _ in KINDS:
-        for poll in polls:
-            plan.append((_key(dev, poll), "vfu", dev, poll))
-    for key, dev in QEMU_DISKS:
-        plan.append((key, "qemu", dev, None))
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of our servers: a label for the table, server options, environment."""
+
+    label: str = ""
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``LABEL=[NAME=VALUE ...] [server options]``."""
+        label, sep, rest = text.partition("=")
+        if not sep or not label.strip():
+            raise ValueError(f"--variant {text!r}: expected LABEL=ARGS")
+        words = shlex.split(rest)
+        env = []
+        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+            name, _, value = words.pop(0).partition("=")
+            env.append((name, value))
+        return cls(label.strip(), tuple(words), tuple(env))
+
+
+def disk_plan(kinds: list[tuple[str, str]], variants: list[Variant]) -> list[tuple[str, str, str, Variant | None]]:
+    """(key, where, device, variant) per disk; a disk's index gives its distinct size."""
+    plan: list[tuple[str, str, str, Variant | None]] = []
+    for dev, _ in kinds:
+        for i, variant in enumerate(variants):
+            plan.append((_key(dev, i, len(variants)), "vfu", dev, variant))
+    for (dev, _), (key, builtin) in zip(KINDS, QEMU_DISKS, strict=True):
+        if (dev, _) in kinds:
+            plan.append((key, "qemu", builtin, None))
     return plan
 
 
-def _key(dev: str, poll: int | None) -> str:
-    return f"vfu-{dev}" if poll is None else f"vfu-{dev}-poll{poll}"
+def _key(dev: str, index: int, count: int) -> str:
+    return f"vfu-{dev}" if count == 1 else f"vfu-{dev}-{index}"
 
 
 def build_loadgen(out_dir: Path) -> Path:
@@ -107,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--poll-us", default="",
                     help="comma-separated --poll-us values: one NVMe and one virtio-blk of ours per "
                          "value, in the same boot (default: one each with the devices' default)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="one NVMe and one virtio-blk of ours with these server options (and leading "
+                         "NAME=VALUE environment settings), in the same boot; repeatable")
+    ap.add_argument("--devices", default="nvme,virtio-blk", help="which pairs: nvme, virtio-blk or both")
     args = ap.parse_args(argv)
     from vfu_server.guest.runner import (
         VfuDevice,
@@ -117,17 +150,27 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
+    variants: list[Variant] = []
     try:
-        polls: list[int | None] = [int(v) for v in args.poll_us.split(",")] if args.poll_us else [None]
+        for v in args.poll_us.split(",") if args.poll_us else []:
+            variants.append(Variant(f"poll {int(v)} us", ("--poll-us", str(int(v)))))
     except ValueError:
         ap.error(f"--poll-us: not a list of integers: {args.poll_us!r}")
+    try:
+        variants += [Variant.parse(v) for v in args.variant]
+    except ValueError as exc:
+        ap.error(str(exc))
+    variants = variants or [Variant()]
+    kinds = [k for k in KINDS if k[0] in args.devices.split(",")]
+    if not kinds:
+        ap.error(f"--devices {args.devices!r}: expected nvme, virtio-blk or both")
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
     tmp = Path(tempfile.mkdtemp(prefix="vfu-bench-guest-"))
     try:
         loadgen = build_loadgen(tmp)
         devices = []
         sizes = {}
-        for i, (key, where, dev, poll) in enumerate(disk_plan(polls)):
+        for i, (key, where, dev, variant) in enumerate(disk_plan(kinds, variants)):
             img = tmp / f"{key}.img"
             mib = args.size + i
             with open(img, "wb") as f:
@@ -136,10 +179,10 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(chunk)
             sizes[key] = mib * 2048
             if where == "vfu":
-                extra = [] if poll is None else ["--poll-us", str(poll)]
+                assert variant is not None
                 # Linux refuses a second controller with the same serial (same subsystem).
-                devices.append(VfuDevice(dev, args=["--backing", str(img), "--serial", f"VFU{i:04d}", *extra],
-                                         cwd=str(REPO)))
+                devices.append(VfuDevice(dev, args=["--backing", str(img), "--serial", f"VFU{i:04d}", *variant.args],
+                                         env=dict(variant.env) or None, cwd=str(REPO)))
             elif dev == "nvme":
                 devices.append(builtin_nvme(img))
             else:
@@ -154,9 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     found = parse(result.output)
     rows = []
     for (dev, label), (theirs, _) in zip(KINDS, QEMU_DISKS, strict=True):
-        for poll in polls:
-            ours = _key(dev, poll)
-            name_label = label if poll is None else f"{label}, poll {poll} us"
+        if (dev, label) not in kinds:
+            continue
+        for i, variant in enumerate(variants):
+            ours = _key(dev, i, len(variants))
+            name_label = f"{label}, {variant.label}" if variant.label else label
             for name, _op, _bs, _qd in jobs:
                 nan = {"iops": float("nan"), "mbps": float("nan"), "lat_us": float("nan")}
                 a, b = found.get((ours, name), nan), found.get((theirs, name), nan)
