@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> None:
         for dev in args.devices.split(","):
             for io in args.io.split(","):
                 for drv in drivers:
-                    with running_server(dev, "--backing", path, "--backing-io", io,
-                                        *args.server_args.split()) as srv:
+                    io_args = [] if io == "sync" else ["--backing-io", io]  # sync: the default, also of older checkouts
+                    with running_server(dev, "--backing", path, *io_args, *args.server_args.split()) as srv:
                         if dev == "nvme":
                             res = trio.run(nvme_jobs, srv.socket_path, srv.pid, size, args.seconds, jobs,
                                            not args.no_shadow, drv)
