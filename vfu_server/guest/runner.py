@@ -77,8 +77,8 @@ def builtin_virtio_blk(image: str | os.PathLike[str], id: str | None = None) -> 
     return QemuDevice("virtio-blk", {"IMAGE": os.fspath(image)}, id)
 
 
-def builtin_virtio_net(netdev: str = "user", id: str | None = None) -> QemuDevice:
-    return QemuDevice("virtio-net", {"NETDEV": netdev}, id)
+def builtin_virtio_net(netdev: str = "user", id: str | None = None, mac: str = "52:54:00:12:34:56") -> QemuDevice:
+    return QemuDevice("virtio-net", {"NETDEV": netdev, "MAC": mac}, id)
 
 
 @dataclass
