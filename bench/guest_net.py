@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--server-args", default="", metavar="ARGS", help="extra options of our server, e.g. '--poll-us 1000'")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("ip") or not os.path.exists("/dev/net/tun"):
         sys.exit("bench.guest_net needs root, iproute2 and /dev/net/tun (a network namespace and TAP interfaces)")
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         netload = tmp / "netload"
         subprocess.run(["gcc", "-static", "-O2", "-o", str(netload), str(REPO / "bench" / "netload.c")], check=True)
         devices = [
-            VfuDevice("virtio-net", ["--tap", taps["ours"], "--mac", NICS[0][2]], cwd=str(REPO)),
+            VfuDevice("virtio-net", ["--tap", taps["ours"], "--mac", NICS[0][2], *args.server_args.split()],
+                      cwd=str(REPO)),
             builtin_virtio_net(f"tap,ifname={taps['qemu-plain']},script=no,downscript=no,vnet_hdr=off",
                                mac=NICS[1][2]),
             builtin_virtio_net(f"tap,ifname={taps['qemu-offload']},script=no,downscript=no", mac=NICS[2][2]),
