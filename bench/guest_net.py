@@ -156,7 +156,7 @@ class Namespace:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.guest_net", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=2)
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--server-args", default="", metavar="ARGS", help="extra options of our server, e.g. '--poll-us 1000'")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("ip") or not os.path.exists("/dev/net/tun"):
-        sys.exit("bench.guest_net needs root, iproute2 and /dev/net/tun (a network namespace and TAP interfaces)")
+        print("bench.guest_net needs root, iproute2 and /dev/net/tun (a network namespace and TAP interfaces)",
+              file=sys.stderr)
+        return 1
     from vfu_server.guest.runner import VfuDevice, builtin_virtio_net, qemu_accel, run_guest
 
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         print("problems:", *failed, sep="\n  ")
     print(f"guest run took {result.duration:.0f} s")
+    return 0 if result.rc == 0 and not failed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
