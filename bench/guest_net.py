@@ -2,14 +2,15 @@
 
     .venv/bin/python -m bench.guest_net [--seconds 3] [--rounds 2]      # as root
 
-Three NICs in one boot, each on its own TAP interface, all three TAPs moved into a network
-namespace of the benchmark's own (nothing touches the host's network):
+Four NICs in one boot, each on its own TAP interface, all four TAPs moved into a network
+namespace of the benchmark's own (nothing touches the host's network), compared in pairs:
 
-* ours: ``vfu-server virtio-net --tap`` (offers no checksum or segmentation offloads);
-* QEMU's ``virtio-net-pci`` on ``-netdev tap,vnet_hdr=off``: without the virtio-net header on
-  the TAP, QEMU cannot offer offloads either, so this is the like-for-like device comparison;
-* QEMU's ``virtio-net-pci`` on a plain ``-netdev tap``: what a user gets by default, checksum
-  offload, TSO and mergeable receive buffers included.
+* ours, ``vfu-server virtio-net --tap`` (checksum offload and TSO through the TAP's virtio-net
+  headers), against QEMU's ``virtio-net-pci`` on a plain ``-netdev tap``: what users get by
+  default from either (QEMU also offers mergeable receive buffers);
+* ours with ``--no-offloads`` against QEMU's on ``-netdev tap,vnet_hdr=off``: without the
+  virtio-net header on the TAP QEMU offers no offloads either, so this compares the devices'
+  per-frame paths.
 
 Jobs, NIC after NIC and round after round so that a slow stretch of the host hits all alike:
 TCP from the guest to the namespace (``tx``) and from the namespace to the guest (``rx``), 64
@@ -36,10 +37,13 @@ from .common import REPO, machine_line, median, table
 
 # key, label, guest MAC, subnet (10.N.0.1 in the namespace, 10.N.0.2 in the guest)
 NICS = [
-    ("ours", "ours (vfu-server virtio-net)", "52:54:00:ab:cd:01", 81),
-    ("qemu-plain", "QEMU virtio-net-pci, vnet_hdr=off (no offloads)", "52:54:00:ab:cd:02", 82),
+    ("ours", "ours, offloads (default)", "52:54:00:ab:cd:01", 81),
+    ("ours-plain", "ours, --no-offloads", "52:54:00:ab:cd:04", 84),
     ("qemu-offload", "QEMU virtio-net-pci, tap defaults (offloads)", "52:54:00:ab:cd:03", 83),
+    ("qemu-plain", "QEMU virtio-net-pci, vnet_hdr=off (no offloads)", "52:54:00:ab:cd:02", 82),
 ]
+#: which of QEMU's NICs each of ours is compared with
+COUNTERPART = {"ours": "qemu-offload", "ours-plain": "qemu-plain"}
 JOBS = [("tx", "TCP guest -> host"), ("rx", "TCP host -> guest")]
 
 HELPER = r"""
@@ -178,12 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         netload = tmp / "netload"
         subprocess.run(["gcc", "-static", "-O2", "-o", str(netload), str(REPO / "bench" / "netload.c")], check=True)
+        mac = {key: m for key, _l, m, _n in NICS}
+        extra = args.server_args.split()
         devices = [
-            VfuDevice("virtio-net", ["--tap", taps["ours"], "--mac", NICS[0][2], *args.server_args.split()],
+            VfuDevice("virtio-net", ["--tap", taps["ours"], "--mac", mac["ours"], *extra], cwd=str(REPO)),
+            VfuDevice("virtio-net", ["--tap", taps["ours-plain"], "--mac", mac["ours-plain"], "--no-offloads", *extra],
                       cwd=str(REPO)),
+            builtin_virtio_net(f"tap,ifname={taps['qemu-offload']},script=no,downscript=no", mac=mac["qemu-offload"]),
             builtin_virtio_net(f"tap,ifname={taps['qemu-plain']},script=no,downscript=no,vnet_hdr=off",
-                               mac=NICS[1][2]),
-            builtin_virtio_net(f"tap,ifname={taps['qemu-offload']},script=no,downscript=no", mac=NICS[2][2]),
+                               mac=mac["qemu-plain"]),
         ]
         mover = threading.Thread(target=ns.adopt, args=([(taps[key], net) for key, _l, _m, net in NICS],),
                                  daemon=True)
@@ -199,15 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         print("namespace setup:", ns.error)
     found = parse(result.output)
     rows = []
+    nan = float("nan")
     for job, job_label in JOBS:
-        ours = found.get(("ours", job), float("nan"))
         for key, label, _mac, _net in NICS:
-            mbps = found.get((key, job), float("nan"))
-            rows.append([label, job_label, mbps, ours / mbps if mbps else float("nan")])
+            mbps = found.get((key, job), nan)
+            theirs = found.get((COUNTERPART.get(key, ""), job), nan)
+            rows.append([label, job_label, mbps, mbps / theirs if key in COUNTERPART and theirs else nan])
     print()
     rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(table(f"virtio-net in the guest (QEMU 11.1, one boot, TAP in a namespace, {args.seconds:g} s per job{rounds})",
-                ["NIC", "job", "Mbit/s", "ours / this"], rows))
+                ["NIC", "job", "Mbit/s", "ours / QEMU alike"], rows))
     failed = [line for line in result.output.splitlines() if line.startswith(("netload failed", "missing", "no link"))]
     if failed:
         print("problems:", *failed, sep="\n  ")

@@ -1,8 +1,16 @@
 """virtio-net (VIRTIO 1.2 section 5.1) on a TAP interface or a Unix datagram peer.
 
-Queues: receiveq0, transmitq0, ..., receiveqN-1, transmitqN-1, controlq. No offloads are
-offered (no CSUM, no GSO): the guest sends and receives complete, checksummed frames, and the
-12-byte ``virtio_net_hdr_v1`` is all zeroes but ``num_buffers`` = 1.
+Queues: receiveq0, transmitq0, ..., receiveqN-1, transmitqN-1, controlq.
+
+Offloads: on a TAP that carries virtio-net headers (the default, ``--no-offloads`` turns it off)
+the device offers checksum offload and TCP segmentation both ways (CSUM, GUEST_CSUM,
+HOST_TSO4/6, HOST_ECN, GUEST_TSO4/6, GUEST_ECN) and passes the 12-byte ``virtio_net_hdr_v1``
+between the guest and the TAP unchanged: the host kernel checks the guest's headers, fills in
+checksums and cuts segments, and marks what it hands up the same way, as with QEMU's own
+virtio-net on a tap. Mergeable receive buffers are not offered, so a guest that takes large
+segments posts 64 KiB receive buffers (Linux's "big packets"). Without such a TAP (a socket
+peer, ``--no-offloads``) no offload is offered: complete, checksummed frames, and a header that
+is all zeroes but ``num_buffers`` = 1.
 
 Received frames flow backend -> channel -> one receive pump that fills the guest's receive
 buffers; when the guest has none, the pump waits for a kick and the backend stops reading
@@ -34,10 +42,18 @@ from .spec import DeviceId, Status, bit
 
 MAX_PAIRS = 8
 F_MAC, F_STATUS, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 5, 16, 17, 18, 22, 23
+F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN = 0, 1, 7, 8, 9
+F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN = 11, 12, 13
+OFFLOAD_FEATURES = (bit(F_CSUM) | bit(F_GUEST_CSUM) | bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6) | bit(F_GUEST_ECN)
+                    | bit(F_HOST_TSO4) | bit(F_HOST_TSO6) | bit(F_HOST_ECN))
+#: feature -> the features one of which it needs (VIRTIO 1.2 5.1.3.1)
+_NEEDS = {F_GUEST_TSO4: (F_GUEST_CSUM,), F_GUEST_TSO6: (F_GUEST_CSUM,), F_GUEST_ECN: (F_GUEST_TSO4, F_GUEST_TSO6),
+          F_HOST_TSO4: (F_CSUM,), F_HOST_TSO6: (F_CSUM,), F_HOST_ECN: (F_HOST_TSO4, F_HOST_TSO6)}
 S_LINK_UP = 1
 HDR_LEN = 12  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 RX_HDR = bytes(10) + struct.pack("<H", 1)
-MAX_RX_FRAME = 1514 + 4  # no GSO was offered: a frame is at most an MTU-sized one (+ VLAN tag)
+MAX_RX_FRAME = 1514 + 4  # without GUEST_TSO: an MTU-sized frame at most (+ VLAN tag)
+MAX_RX_GSO_FRAME = 65535 + 14 + 4  # a TCP segment the guest takes whole (GUEST_TSO4/6)
 MAX_TX_FRAME = 65535
 CTRL_RX, CTRL_MAC, CTRL_MQ = 0, 1, 4
 RX_PROMISC, RX_ALLMULTI = 0, 1
@@ -74,7 +90,7 @@ class VirtioNet(VirtioPciDevice):
         if not 1 <= queue_pairs <= MAX_PAIRS:
             raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
         features = (bit(F_MAC) | bit(F_STATUS) | bit(F_CTRL_VQ) | bit(F_CTRL_RX) | bit(F_MQ)
-                    | bit(F_CTRL_MAC_ADDR))
+                    | bit(F_CTRL_MAC_ADDR) | (OFFLOAD_FEATURES if backend.vnet_hdr else 0))
         super().__init__(num_queues=2 * queue_pairs + 1, device_features=features, poll_us=poll_us)
         self.backend = backend
         self.queue_pairs = queue_pairs
@@ -86,6 +102,11 @@ class VirtioNet(VirtioPciDevice):
         self._rx_open = trio.Event()
         self._rx_open.set()
         self._link_seen: bool | None = None
+        #: bytes in front of each backend frame (the virtio-net header of a vnet_hdr TAP)
+        self._hdr = HDR_LEN if backend.vnet_hdr else 0
+        self._rx_limit = MAX_RX_FRAME
+        #: what the device writes over a TAP's header before the guest sees it
+        self._rx_hdr_fix, self._rx_hdr_fix_at = RX_HDR, 0
         self._reset_filters()
 
     def _reset_filters(self) -> None:
@@ -106,6 +127,9 @@ class VirtioNet(VirtioPciDevice):
         parser.add_argument("--listen", action="store_true", help="with --peer: listen on PATH instead of connecting")
         parser.add_argument("--mac", metavar="MAC", help="MAC address (default: random 52:54:00:xx:xx:xx)")
         parser.add_argument("--queue-pairs", type=int, default=1, metavar="N", help=f"RX/TX queue pairs (1..{MAX_PAIRS})")
+        parser.add_argument("--offloads", action=argparse.BooleanOptionalAction, default=True,
+                            help="with --tap: offer checksum offload and TCP segmentation through a TAP with "
+                                 "virtio-net headers, as QEMU's tap netdev does (default: on)")
         parser.add_argument("--poll-us", type=int, default=0, metavar="US",
                             help="keep polling a queue that ran dry (transmit) or has no receive buffers for US "
                                  "microseconds before asking the guest for a kick (adaptive, up to US; trades CPU "
@@ -118,7 +142,8 @@ class VirtioNet(VirtioPciDevice):
         mac = parse_mac(args.mac) if args.mac else None
         if not 1 <= args.queue_pairs <= MAX_PAIRS:
             raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
-        backend: NetBackend = TapBackend(args.tap) if args.tap else SocketBackend(args.peer, args.listen)
+        backend: NetBackend = (TapBackend(args.tap, offloads=args.offloads) if args.tap
+                               else SocketBackend(args.peer, args.listen))
         if not 0 <= args.poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
         return cls(backend, mac, args.queue_pairs, args.poll_us)
@@ -139,6 +164,31 @@ class VirtioNet(VirtioPciDevice):
 
     def virtio_reset(self) -> None:
         self._reset_filters()
+        self._apply_offloads(0)
+
+    def features_ok(self, features: int) -> bool:
+        for feature, needs in _NEEDS.items():
+            if features >> feature & 1 and not any(features >> n & 1 for n in needs):
+                self.log.info("refusing driver features %#x: feature %d needs one of %s", features, feature, needs)
+                return False
+        return True
+
+    def driver_ok(self) -> None:
+        self._apply_offloads(self.features)
+
+    def _apply_offloads(self, features: int) -> None:
+        """Tell the TAP what received frames may still need, from the negotiated features."""
+        tso = features & (bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6))
+        self._rx_limit = MAX_RX_GSO_FRAME if tso else MAX_RX_FRAME
+        if features >> F_GUEST_CSUM & 1:
+            self._rx_hdr_fix, self._rx_hdr_fix_at = b"\x01\x00", 10  # num_buffers only
+        else:
+            self._rx_hdr_fix, self._rx_hdr_fix_at = RX_HDR, 0
+        try:
+            self.backend.set_offloads(csum=bool(features >> F_GUEST_CSUM & 1), tso4=bool(features >> F_GUEST_TSO4 & 1),
+                                      tso6=bool(features >> F_GUEST_TSO6 & 1), ecn=bool(features >> F_GUEST_ECN & 1))
+        except OSError as exc:
+            self.log.warning("TAP refused the offloads %#x: %s", features & OFFLOAD_FEATURES, exc)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -156,7 +206,7 @@ class VirtioNet(VirtioPciDevice):
         if not self._rx_open.is_set():
             await self._rx_open.wait()
         send = self._rx_send
-        if send is None or not self._wanted(frame):
+        if send is None or not self._wanted(frame, self._hdr):
             self.rx_dropped += 1
             return
         try:
@@ -167,10 +217,11 @@ class VirtioNet(VirtioPciDevice):
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.rx_dropped += 1  # the device was reset meanwhile
 
-    def _wanted(self, frame: bytes) -> bool:
-        if len(frame) < 14 or len(frame) > MAX_RX_FRAME:
+    def _wanted(self, frame: bytes, start: int = 0) -> bool:
+        """Whether the frame at ``start`` (after a virtio-net header) passes the filters."""
+        if not 14 <= len(frame) - start <= self._rx_limit:
             return False
-        dst = frame[:6]
+        dst = frame[start : start + 6]
         if self.promisc:
             return True
         if dst[0] & 1:
@@ -210,6 +261,8 @@ class VirtioNet(VirtioPciDevice):
         self._rx_open = trio.Event()  # frames not yet taken stay in the backend (socket, TAP)
 
     def resume_device(self) -> None:
+        if self.vstate.status & Status.DRIVER_OK:
+            self._apply_offloads(self.features)  # a destination's TAP starts without them
         self._rx_open.set()
         seen, self._link_seen = self._link_seen, None
         if seen is not None and seen != self.link_up and self.vstate.status & Status.DRIVER_OK:
@@ -233,13 +286,21 @@ class VirtioNet(VirtioPciDevice):
         send, receive = trio.open_memory_channel[bytes](64)
         self._rx_send = send
         try:
+            hdr = self._hdr
             async for frame in receive:
-                q = self.queues[2 * self._steer(frame)]
+                q = self.queues[2 * self._steer(frame, hdr)]
                 while (chain := q.pop()) is None:
                     self.notify_queue(q)
                     await self._sleep_until_kicked(q)
-                if chain.write_len >= HDR_LEN + len(frame):
-                    q.push(chain, chain.write_bytes(RX_HDR + frame))
+                if chain.write_len >= len(frame) + HDR_LEN - hdr:
+                    if hdr:
+                        # The TAP's header (checksum state, segment size), one buffer used;
+                        # without GUEST_CSUM the flags and GSO type must read zero.
+                        written = chain.write_bytes(frame)
+                        chain.write_bytes(self._rx_hdr_fix, self._rx_hdr_fix_at)
+                    else:
+                        written = chain.write_bytes(RX_HDR + frame)
+                    q.push(chain, written)
                 else:
                     self.rx_dropped += 1
                     q.push(chain, 0)
@@ -250,11 +311,13 @@ class VirtioNet(VirtioPciDevice):
                 self._rx_send = None
             receive.close()
 
-    def _steer(self, frame: bytes) -> int:
-        """Receive queue pair of a frame: a hash of addresses, so a flow keeps its order."""
+    def _steer(self, frame: bytes, start: int = 0) -> int:
+        """Receive queue pair of a frame (at ``start``): a hash of addresses, so a flow keeps
+        its order."""
         if self.active_pairs == 1:
             return 0
-        key = frame[:12] + (frame[26:34] if frame[12:14] == b"\x08\x00" else b"")
+        f = frame[start : start + 34]
+        key = f[:12] + (f[26:34] if f[12:14] == b"\x08\x00" else b"")
         return zlib.crc32(key) % self.active_pairs
 
     async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
@@ -262,7 +325,10 @@ class VirtioNet(VirtioPciDevice):
             return self._control(chain)
         length = chain.read_len
         if HDR_LEN + 14 <= length <= HDR_LEN + MAX_TX_FRAME:
-            await self.backend.send(chain.read_bytes()[HDR_LEN:])
+            data = chain.read_bytes()
+            # A vnet_hdr TAP takes the guest's header as it is: the kernel checks it and does
+            # the checksum and segmentation it asks for (a bad one fails the write: dropped).
+            await self.backend.send(data if self._hdr else data[HDR_LEN:])
         return 0
 
     # -- control queue -------------------------------------------------------------------

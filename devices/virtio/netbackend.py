@@ -1,6 +1,9 @@
 """Packet backends of virtio-net: a TAP interface, or a Unix SOCK_SEQPACKET peer.
 
-A backend moves whole Ethernet frames (no virtio header, no offloads). ``run`` receives
+A backend moves whole Ethernet frames. One with ``vnet_hdr`` (a TAP opened with IFF_VNET_HDR)
+puts the 12-byte ``virtio_net_hdr_v1`` in front of every frame both ways, which is what lets
+the guest hand checksums and TCP segmentation to the host kernel (``set_offloads`` says which
+ones the guest takes on receive); the others move bare frames. ``run`` receives
 frames forever and hands each to ``deliver``, which may block: that is how a guest without
 receive buffers slows a socket peer down instead of losing frames. What is queued is read in
 bursts of up to ``BURST`` frames between waits. ``link`` reports the
@@ -14,6 +17,7 @@ import fcntl
 import os
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -26,13 +30,27 @@ MAX_FRAME = 65536
 #: a flood of frames nobody wants must not starve the vfio-user connection).
 BURST = 64
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETVNETLE = 0x400454DC
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+#: virtio_net_hdr_v1 (the layout of virtio_net_hdr_mrg_rxbuf): what the TAP reads and writes
+VNET_HDR_LEN = 12
 
 
 class NetBackend:
+    #: frames carry a virtio_net_hdr_v1 in front, both ways (checksum and segmentation offloads)
+    vnet_hdr = False
+
     async def run(self, deliver: Deliver, link: Link) -> None:
         raise NotImplementedError
+
+    def set_offloads(self, csum: bool = False, tso4: bool = False, tso6: bool = False, ecn: bool = False) -> None:
+        """What received frames may still need (partial checksums, TCP segments up to 64 KiB):
+        what the guest negotiated. Only for ``vnet_hdr`` backends."""
 
     async def send(self, frame: bytes) -> None:
         raise NotImplementedError
@@ -45,18 +63,43 @@ class NetBackend:
 
 
 class TapBackend(NetBackend):
-    """A TAP interface (created if missing) in the network namespace of this process."""
+    """A TAP interface (created if missing) in the network namespace of this process.
 
-    def __init__(self, name: str) -> None:
+    With ``offloads`` (the default) the TAP carries virtio-net headers, as QEMU's ``-netdev
+    tap`` does, when the kernel allows it; otherwise bare frames."""
+
+    def __init__(self, name: str, offloads: bool = True) -> None:
         if not 0 < len(name.encode()) < 16:
             raise ValueError(f"bad TAP name {name!r}")
         self.name = name
+        self.fd = -1
+        if offloads:
+            try:
+                self._open(IFF_VNET_HDR)
+                fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                if sys.byteorder == "big":  # VIRTIO 1.x headers are little-endian
+                    fcntl.ioctl(self.fd, TUNSETVNETLE, struct.pack("i", 1))
+                self.vnet_hdr = True
+                return
+            except OSError:
+                self.close()  # an older or restricted kernel: bare frames, no offloads
+        self._open(0)
+
+    def _open(self, extra_flags: int) -> None:
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", self.name.encode(),
+                                                        IFF_TAP | IFF_NO_PI | extra_flags))
         except OSError:
-            os.close(self.fd)
+            self.close()
             raise
+
+    def set_offloads(self, csum: bool = False, tso4: bool = False, tso6: bool = False, ecn: bool = False) -> None:
+        if not self.vnet_hdr or self.fd < 0:
+            return
+        flags = (TUN_F_CSUM if csum else 0) | (TUN_F_TSO4 if tso4 else 0) | (TUN_F_TSO6 if tso6 else 0) \
+            | (TUN_F_TSO_ECN if ecn else 0)
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
 
     async def run(self, deliver: Deliver, link: Link) -> None:
         link(True)
@@ -90,7 +133,7 @@ class TapBackend(NetBackend):
             self.fd = -1
 
     def describe(self) -> str:
-        return f"tap:{self.name}"
+        return f"tap:{self.name}" + (" (vnet_hdr)" if self.vnet_hdr else "")
 
 
 class SocketBackend(NetBackend):

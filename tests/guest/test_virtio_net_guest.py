@@ -17,7 +17,7 @@ from vfu_server.guest import GuestKit, VfuDevice, run_guest_async
 
 SIZE = 4 << 20
 SINK = r"""
-import hashlib, socket, sys
+import hashlib, os, socket, sys, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("10.78.0.1", 5000))
@@ -31,8 +31,18 @@ while n < int(sys.argv[2]):
         break
     h.update(d)
     n += len(d)
-open(sys.argv[1], "w").write(f"{n} {h.hexdigest()}")
 c.close()
+# and back: the same amount of other data to the guest, which listens once it sent
+blob = os.urandom(int(sys.argv[2]))
+for _ in range(600):
+    try:
+        out = socket.create_connection(("10.78.0.2", 5001), timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+out.sendall(blob)
+out.close()
+open(sys.argv[1], "w").write(f"{n} {h.hexdigest()} {hashlib.sha256(blob).hexdigest()}")
 """
 
 SCRIPT = r"""
@@ -47,6 +57,9 @@ dd if=/dev/urandom of=/tmp/data bs=1M count=4 2>/dev/null
 echo "data=$(sha256sum < /tmp/data | cut -d' ' -f1)"
 nc 10.78.0.1 5000 < /tmp/data
 echo "nc_rc=$?"
+nc -l -p 5001 > /tmp/in
+echo "rx=$(sha256sum < /tmp/in | cut -d' ' -f1)"
+echo "features=$(cat /sys/class/net/eth0/device/features)"
 """
 
 
@@ -87,7 +100,13 @@ async def test_guest_virtio_net_tap_netns(guest_kit: GuestKit, tmp_path: Path) -
         assert facts["ping_big"] == "10"
         assert facts["nc_rc"] == "0"
         assert sink is not None and sink.wait(30) == 0
-        assert digest_file.read_text() == f"{SIZE} {facts['data']}"
+        size, sent, received = digest_file.read_text().split()
+        assert (int(size), sent) == (SIZE, facts["data"])
+        assert facts["rx"] == received, "host -> guest data differs"
+        # The TAP carries virtio-net headers: checksum offload and TSO both ways were
+        # negotiated (feature bits 0, 1, 7, 11 of the sysfs string, bit 0 first).
+        features = facts["features"]
+        assert all(features[b] == "1" for b in (0, 1, 7, 11)), features
         result.assert_no_qemu_warnings()
     finally:
         if sink is not None and sink.poll() is None:
