@@ -10,8 +10,9 @@ checksums and cuts segments, and marks what it hands up the same way, as with QE
 virtio-net on a tap. Mergeable receive buffers are not offered, so a guest that takes large
 segments posts 64 KiB receive buffers (Linux's "big packets"). Without such a TAP (a socket
 peer, ``--no-offloads``) no offload is offered: complete, checksummed frames, and a header that
-is all zeroes but ``num_buffers`` = 1. The offered features are part of the migration profile,
-so a guest that negotiated offloads migrates only to a device that offers them too.
+is all zeroes but ``num_buffers`` = 1. The offered features are part of the migration profile:
+source and destination must both offer offloads (TAPs) or both not (``--no-offloads`` or a
+socket peer), as with QEMU's own virtio-net.
 
 Received frames flow backend -> channel -> one receive pump that fills the guest's receive
 buffers; when the guest has none, the pump waits for a kick and the backend stops reading
