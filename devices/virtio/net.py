@@ -55,8 +55,10 @@ S_LINK_UP = 1
 HDR_LEN = 12  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 RX_HDR = bytes(10) + struct.pack("<H", 1)
 MAX_RX_FRAME = 1514 + 4  # without GUEST_TSO: an MTU-sized frame at most (+ VLAN tag)
-MAX_RX_GSO_FRAME = 65535 + 14 + 4  # a TCP segment the guest takes whole (GUEST_TSO4/6)
-MAX_TX_FRAME = 65535
+#: a TCP segment the guest takes whole (GUEST_TSO4/6): the kernel's GSO limit is 65536 bytes
+#: per packet; a VLAN tag on top
+MAX_RX_GSO_FRAME = 65536 + 4
+MAX_TX_FRAME = 65536 + 4
 CTRL_RX, CTRL_MAC, CTRL_MQ = 0, 1, 4
 RX_PROMISC, RX_ALLMULTI = 0, 1
 MAC_TABLE_SET, MAC_ADDR_SET = 0, 1

@@ -25,7 +25,9 @@ import trio
 Deliver = Callable[[bytes], Awaitable[None]]
 Link = Callable[[bool], None]
 
-MAX_FRAME = 65536
+#: the largest read: a 64 KiB segment, its virtio-net header and a VLAN tag, with room to spare
+#: (a TAP cuts a longer packet short, which would corrupt it)
+MAX_FRAME = 65536 + 64
 #: Frames read in one go before the reader lets other tasks run (``deliver`` need not yield:
 #: a flood of frames nobody wants must not starve the vfio-user connection).
 BURST = 64
