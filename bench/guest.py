@@ -12,8 +12,10 @@ in the host page cache for all four alike). Prints a table with ours / QEMU rati
 ``--poll-us A,B,...`` attaches one NVMe and one virtio-blk of the project's per value (each with
 that ``--poll-us``), all in the same boot, so the settings are compared against each other and
 against QEMU's devices under the same guest and host conditions. ``--variant 'LABEL=ARGS'``
-(repeatable) does the same for any server options; ``ARGS`` may start with ``NAME=VALUE``
-environment settings, as on a shell command line (``--variant 'no C=VFU_FASTIO=0'``).
+(repeatable) does the same for any server options; ``ARGS`` may start with ``@DIR`` (run that
+variant's servers from another checkout, e.g. ``git worktree add DIR COMMIT``: a regression
+check in one boot) and with ``NAME=VALUE`` environment settings, as on a shell command line
+(``--variant 'no C=VFU_FASTIO=0'``).
 ``--devices nvme`` leaves the virtio-blk pair out (and the other way round).
 
 The accelerator is the harness's (``VFU_QEMU_ACCEL``, TCG by default): under TCG the absolute
@@ -52,19 +54,26 @@ class Variant:
     label: str = ""
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    #: run the server from another checkout (``python -m vfu_server`` imports from its cwd)
+    checkout: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """``LABEL=[NAME=VALUE ...] [server options]``."""
+        """``LABEL=[@CHECKOUT] [NAME=VALUE ...] [server options]``."""
         label, sep, rest = text.partition("=")
         if not sep or not label.strip():
             raise ValueError(f"--variant {text!r}: expected LABEL=ARGS")
         words = shlex.split(rest)
+        checkout = None
+        if words and words[0].startswith("@"):
+            checkout = os.path.abspath(words.pop(0)[1:])
+            if not os.path.isfile(os.path.join(checkout, "vfu_server", "__main__.py")):
+                raise ValueError(f"--variant {text!r}: {checkout} is not a vfu-server checkout")
         env = []
         while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
             name, _, value = words.pop(0).partition("=")
             env.append((name, value))
-        return cls(label.strip(), tuple(words), tuple(env))
+        return cls(label.strip(), tuple(words), tuple(env), checkout)
 
 
 def disk_plan(kinds: list[tuple[str, str]], variants: list[Variant]) -> list[tuple[str, str, str, Variant | None]]:
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 assert variant is not None
                 # Linux refuses a second controller with the same serial (same subsystem).
                 devices.append(VfuDevice(dev, args=["--backing", str(img), "--serial", f"VFU{i:04d}", *variant.args],
-                                         env=dict(variant.env) or None, cwd=str(REPO)))
+                                         env=dict(variant.env) or None, cwd=variant.checkout or str(REPO)))
             elif dev == "nvme":
                 devices.append(builtin_nvme(img))
             else:
