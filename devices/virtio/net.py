@@ -7,8 +7,8 @@ the device offers checksum offload and TCP segmentation both ways (CSUM, GUEST_C
 HOST_TSO4/6, HOST_ECN, GUEST_TSO4/6, GUEST_ECN) and passes the 12-byte ``virtio_net_hdr_v1``
 between the guest and the TAP unchanged: the host kernel checks the guest's headers, fills in
 checksums and cuts segments, and marks what it hands up the same way, as with QEMU's own
-virtio-net on a tap. Mergeable receive buffers are not offered, so a guest that takes large
-segments posts 64 KiB receive buffers (Linux's "big packets"). Without such a TAP (a socket
+virtio-net on a tap. Mergeable receive buffers (MRG_RXBUF) come with them: a large segment
+spreads over as many of the guest's receive buffers as it needs. Without such a TAP (a socket
 peer, ``--no-offloads``) no offload is offered: complete, checksummed frames, and a header that
 is all zeroes but ``num_buffers`` = 1. The offered features are part of the migration profile:
 source and destination must both offer offloads (TAPs) or both not (``--no-offloads`` or a
@@ -45,7 +45,7 @@ from .spec import DeviceId, Status, bit
 MAX_PAIRS = 8
 F_MAC, F_STATUS, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 5, 16, 17, 18, 22, 23
 F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN = 0, 1, 7, 8, 9
-F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN = 11, 12, 13
+F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_MRG_RXBUF = 11, 12, 13, 15
 OFFLOAD_FEATURES = (bit(F_CSUM) | bit(F_GUEST_CSUM) | bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6) | bit(F_GUEST_ECN)
                     | bit(F_HOST_TSO4) | bit(F_HOST_TSO6) | bit(F_HOST_ECN))
 #: feature -> the features one of which it needs (VIRTIO 1.2 5.1.3.1)
@@ -94,7 +94,7 @@ class VirtioNet(VirtioPciDevice):
         if not 1 <= queue_pairs <= MAX_PAIRS:
             raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
         features = (bit(F_MAC) | bit(F_STATUS) | bit(F_CTRL_VQ) | bit(F_CTRL_RX) | bit(F_MQ)
-                    | bit(F_CTRL_MAC_ADDR) | (OFFLOAD_FEATURES if backend.vnet_hdr else 0))
+                    | bit(F_CTRL_MAC_ADDR) | (OFFLOAD_FEATURES | bit(F_MRG_RXBUF) if backend.vnet_hdr else 0))
         super().__init__(num_queues=2 * queue_pairs + 1, device_features=features, poll_us=poll_us)
         self.backend = backend
         self.queue_pairs = queue_pairs
@@ -111,6 +111,9 @@ class VirtioNet(VirtioPciDevice):
         self._rx_limit = MAX_RX_FRAME
         #: what the device writes over a TAP's header before the guest sees it
         self._rx_hdr_fix, self._rx_hdr_fix_at = RX_HDR, 0
+        self._guest_csum = False
+        #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
+        self._mergeable = False
         self._reset_filters()
 
     def _reset_filters(self) -> None:
@@ -184,7 +187,9 @@ class VirtioNet(VirtioPciDevice):
         """Tell the TAP what received frames may still need, from the negotiated features."""
         tso = features & (bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6))
         self._rx_limit = MAX_RX_GSO_FRAME if tso else MAX_RX_FRAME
-        if features >> F_GUEST_CSUM & 1:
+        self._guest_csum = bool(features >> F_GUEST_CSUM & 1)
+        self._mergeable = bool(features >> F_MRG_RXBUF & 1) and self._hdr > 0
+        if self._guest_csum:
             self._rx_hdr_fix, self._rx_hdr_fix_at = b"\x01\x00", 10  # num_buffers only
         else:
             self._rx_hdr_fix, self._rx_hdr_fix_at = RX_HDR, 0
@@ -293,27 +298,64 @@ class VirtioNet(VirtioPciDevice):
             hdr = self._hdr
             async for frame in receive:
                 q = self.queues[2 * self._steer(frame, hdr)]
-                while (chain := q.pop()) is None:
-                    self.notify_queue(q)
-                    await self._sleep_until_kicked(q)
-                if chain.write_len >= len(frame) + HDR_LEN - hdr:
-                    if hdr:
-                        # The TAP's header (checksum state, segment size), one buffer used;
-                        # without GUEST_CSUM the flags and GSO type must read zero.
-                        written = chain.write_bytes(frame)
-                        chain.write_bytes(self._rx_hdr_fix, self._rx_hdr_fix_at)
-                    else:
-                        written = chain.write_bytes(RX_HDR + frame)
-                    q.push(chain, written)
+                if self._mergeable:
+                    await self._receive_merged(q, frame)
                 else:
-                    self.rx_dropped += 1
-                    q.push(chain, 0)
+                    await self._receive_whole(q, frame, hdr)
                 if receive.statistics().current_buffer_used == 0:
                     self.notify_queue(q)  # one interrupt per burst
         finally:
             if self._rx_send is send:
                 self._rx_send = None
             receive.close()
+
+    async def _receive_whole(self, q: SplitQueue, frame: bytes, hdr: int) -> None:
+        """One frame into one receive buffer (dropped if it does not fit)."""
+        while (chain := q.pop()) is None:
+            self.notify_queue(q)
+            await self._sleep_until_kicked(q)
+        if chain.write_len >= len(frame) + HDR_LEN - hdr:
+            if hdr:
+                # The TAP's header (checksum state, segment size), one buffer used; without
+                # GUEST_CSUM the flags and GSO type must read zero.
+                written = chain.write_bytes(frame)
+                chain.write_bytes(self._rx_hdr_fix, self._rx_hdr_fix_at)
+            else:
+                written = chain.write_bytes(RX_HDR + frame)
+            q.push(chain, written)
+        else:
+            self.rx_dropped += 1
+            q.push(chain, 0)
+
+    async def _receive_merged(self, q: SplitQueue, packet: bytes) -> None:
+        """MRG_RXBUF: a TAP packet (header included) over as many receive buffers as it needs,
+        ``num_buffers`` in the first. Too few buffers: they go back, and the pump waits for
+        the driver to add more; a packet the whole ring cannot hold is dropped."""
+        need = len(packet)
+        while True:
+            chains: list[DescriptorChain] = []
+            room = 0
+            while room < need and (chain := q.pop()) is not None:
+                chains.append(chain)
+                room += chain.write_len
+            if room >= need:
+                break
+            q.unpop(len(chains))
+            if len(chains) >= q.state.size:
+                self.rx_dropped += 1
+                return
+            self.notify_queue(q)
+            await self._sleep_until_kicked(q, beyond=len(chains))
+        view = memoryview(packet)
+        pos = 0
+        for chain in chains:
+            n = chain.write_bytes(view[pos : pos + chain.write_len])
+            pos += n
+            q.push(chain, n)
+        first = chains[0]
+        if not self._guest_csum:
+            first.write_bytes(bytes(10))  # flags and GSO type must read zero
+        first.write_bytes(struct.pack("<H", len(chains)), 10)
 
     def _steer(self, frame: bytes, start: int = 0) -> int:
         """Receive queue pair of a frame (at ``start``): a hash of addresses, so a flow keeps

@@ -594,14 +594,15 @@ class VirtioPciDevice(PciDevice):
                 else:
                     await trio.lowlevel.checkpoint()
 
-    async def _sleep_until_kicked(self, q: SplitQueue) -> None:
+    async def _sleep_until_kicked(self, q: SplitQueue, beyond: int = 0) -> None:
+        """Until the driver makes chains available (more than ``beyond`` of them)."""
         poll = q.poll
         if poll.max_ns:
             # Look at the avail ring for a while first, with kicks suppressed meanwhile.
             q.suppress_notification()
-            if await poll.poll(lambda: q.pending() > 0, lambda: not (q.active and q.accepting)):
+            if await poll.poll(lambda: q.pending() > beyond, lambda: not (q.active and q.accepting)):
                 return
-        if q.enable_notification():
+        if q.enable_notification(beyond):
             # More work arrived meanwhile; still a checkpoint, so a guest that keeps the
             # queue full cannot starve other tasks or block a reset's cancellation.
             poll.woken()

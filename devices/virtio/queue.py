@@ -283,6 +283,18 @@ class SplitQueue:
 
     # -- device -> driver ----------------------------------------------------------------
 
+    def unpop(self, count: int) -> None:
+        """Give the last ``count`` popped chains back (none of them pushed): they are popped
+        again later. For a device that needs several chains for one request and found too
+        few (virtio-net's mergeable receive buffers)."""
+        if not 0 <= count <= self.inflight:
+            raise ValueError(f"cannot give back {count} chains, {self.inflight} in flight")
+        s = self.state
+        s.next_avail = (s.next_avail - count) & 0xFFFF
+        self.inflight -= count
+        if self.inflight == 0:
+            self.idle.set()
+
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Queue a used element; it becomes visible to the driver at the next :meth:`flush`."""
         self.inflight -= 1
@@ -338,8 +350,9 @@ class SplitQueue:
         # vring_need_event: did the used index pass used_event in this step (old, new]?
         return first or (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
-    def enable_notification(self) -> bool:
-        """Before sleeping: ask the driver to kick for anything after ``next_avail``.
+    def enable_notification(self, beyond: int = 0) -> bool:
+        """Before sleeping: ask the driver to kick for anything after ``next_avail`` (plus
+        ``beyond`` chains that are available already but not enough).
 
         Returns True if more chains arrived meanwhile (then do not sleep)."""
         if not (self.active and self.accepting):
@@ -347,12 +360,12 @@ class SplitQueue:
         s = self.state
         used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
         if s.event_idx_enabled:
-            _store16(used, 4 + 8 * s.size, s.next_avail)
+            _store16(used, 4 + 8 * s.size, (s.next_avail + beyond) & 0xFFFF)
         elif self._notify_suppressed:
             _store16(used, 0, 0)
         self._notify_suppressed = False
         _mb()
-        return self.pending() > 0
+        return self.pending() > beyond
 
     def suppress_notification(self) -> None:
         """While polling: tell the driver it need not kick for new chains.

@@ -104,9 +104,9 @@ async def test_guest_virtio_net_tap_netns(guest_kit: GuestKit, tmp_path: Path) -
         assert (int(size), sent) == (SIZE, facts["data"])
         assert facts["rx"] == received, "host -> guest data differs"
         # The TAP carries virtio-net headers: checksum offload and TSO both ways were
-        # negotiated (feature bits 0, 1, 7, 11 of the sysfs string, bit 0 first).
+        # negotiated, and mergeable receive buffers (bits 0, 1, 7, 11, 15 of the sysfs string).
         features = facts["features"]
-        assert all(features[b] == "1" for b in (0, 1, 7, 11)), features
+        assert all(features[b] == "1" for b in (0, 1, 7, 11, 15)), features  # 15: MRG_RXBUF
         result.assert_no_qemu_warnings()
     finally:
         if sink is not None and sink.poll() is None:

@@ -32,7 +32,7 @@ HDR = bytes(12)
 F_MAC, F_STATUS, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 1 << 5, 1 << 16, 1 << 17, 1 << 18, 1 << 22, 1 << 23
 ALL = VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | F_MAC | F_STATUS | F_CTRL_VQ | F_CTRL_RX | F_MQ | F_CTRL_MAC_ADDR
 GUEST_MAC = bytes.fromhex("525400123456")
-F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4 = 1 << 0, 1 << 1, 1 << 7, 1 << 11
+F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF = 1 << 0, 1 << 1, 1 << 7, 1 << 11, 1 << 15
 OFFLOADS = F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | 1 << 8 | 1 << 9 | 1 << 12 | 1 << 13
 REPO = Path(__file__).resolve().parents[2]
 
@@ -345,3 +345,45 @@ async def test_tap_in_netns_ping() -> None:
                         fill_rx(rx, len(rx.free))
                         await rx.kick()
             assert sorted(replies) == list(range(1, 21))
+
+
+@needs_root
+async def test_tap_mergeable_receive_buffers() -> None:
+    """MRG_RXBUF: a frame larger than one receive buffer spreads over several, the first
+    header saying how many; the driver puts them back together."""
+    async with tap_server("--mac", "52:54:00:12:34:56") as (ns, sock):
+        _ip("-n", ns, "addr", "add", "10.76.0.1/24", "dev", "vfutap0")
+        _ip("-n", ns, "link", "set", "vfutap0", "up")
+        _ip("-n", ns, "neigh", "add", "10.76.0.2", "lladdr", "52:54:00:12:34:56", "dev", "vfutap0")
+        out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "vfutap0"], check=True, capture_output=True,
+                             text=True).stdout
+        host_mac = bytes.fromhex(out.split("link/ether ")[1].split()[0].replace(":", ""))
+        async with await Client.connect(sock) as client:
+            ram = GuestRam(64 << 20)
+            await client.dma_map(ram)
+            dev, (rx, tx, cq) = await init_device(client, ram, ALL | F_MRG_RXBUF, queues=range(3), slot_size=2048)
+            assert dev.features & F_MRG_RXBUF
+            assert await ctrl(cq, 0, 0, b"\x00") == 0
+            for _ in range(128):
+                rx.add(in_sizes=[256])
+            await rx.kick()
+            payload = os.urandom(1000)
+            tx.add([HDR + icmp_echo(GUEST_MAC, host_mac, bytes([10, 76, 0, 2]), bytes([10, 76, 0, 1]), 1, payload)])
+            await tx.kick()
+            reply = None
+            pending: list = []
+            with trio.fail_after(10):
+                while reply is None:
+                    pending += await rx.wait_used(1)
+                    while pending:
+                        count = struct.unpack_from("<H", pending[0].data(0), 10)[0]
+                        if len(pending) < count:
+                            break
+                        bufs, pending = pending[:count], pending[count:]
+                        data = b"".join(r.data(0)[: r.written] for r in bufs)
+                        assert data[:10] == bytes(10)  # no GUEST_CSUM: flags and GSO type zero
+                        f = data[12:]
+                        if f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0:
+                            assert count == 5  # 12 + 1042 bytes in 256-byte buffers
+                            reply = f
+            assert reply[42:] == payload

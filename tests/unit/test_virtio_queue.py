@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -246,3 +247,24 @@ def test_used_index_store_is_never_seen_half_done() -> None:
             watcher.wait()
     assert watcher.returncode == 0
     assert f" backwards 0 final {n & 0xFFFF:#06x}" in out.splitlines()[-1], out
+
+
+def test_unpop_gives_chains_back_and_waits_beyond_them() -> None:
+    """For a request that needs more chains than are there (virtio-net mergeable receive
+    buffers): the chains go back, and the kick is asked for beyond them."""
+    mem, ram = guest()
+    q = queue(mem, event_idx=True)
+    for i in range(3):
+        put_desc(ram, i, DATA + 0x100 * i, 0x100, 2)
+    make_avail(ram, [0, 1, 2])
+    got = [q.pop(), q.pop(), q.pop()]
+    assert [c.head for c in got if c] == [0, 1, 2] and q.pop() is None
+    q.unpop(3)
+    assert q.inflight == 0 and q.idle.is_set() and q.state.next_avail == 0
+    # three are there, not enough: sleep until a fourth comes
+    assert q.enable_notification(beyond=3) is False
+    assert struct.unpack_from("<H", ram, USED - BASE + 4 + 8 * SIZE)[0] == 3  # avail_event
+    assert q.enable_notification(beyond=2) is True
+    assert [c.head for c in (q.pop(), q.pop()) if c] == [0, 1]  # popped again, in order
+    with pytest.raises(ValueError, match="cannot give back 3"):
+        q.unpop(3)
