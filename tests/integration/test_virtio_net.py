@@ -293,6 +293,16 @@ async def tap_server(*args: str) -> AsyncIterator[tuple[str, str]]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def host_side(ns: str, net: int) -> bytes:
+    """Address the TAP's side in ``ns`` (10.NET.0.1, the guest 10.NET.0.2 at GUEST_MAC); its MAC."""
+    _ip("-n", ns, "addr", "add", f"10.{net}.0.1/24", "dev", "vfutap0")
+    _ip("-n", ns, "link", "set", "vfutap0", "up")
+    _ip("-n", ns, "neigh", "add", f"10.{net}.0.2", "lladdr", GUEST_MAC.hex(":"), "dev", "vfutap0")
+    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "vfutap0"], check=True, capture_output=True,
+                         text=True).stdout
+    return bytes.fromhex(out.split("link/ether ")[1].split()[0].replace(":", ""))
+
+
 @needs_root
 async def test_tap_offloads_offered_and_checked() -> None:
     async with tap_server() as (_ns, sock), await Client.connect(sock) as client:
@@ -314,12 +324,7 @@ async def test_tap_offloads_offered_and_checked() -> None:
 @needs_root
 async def test_tap_in_netns_ping() -> None:
     async with tap_server("--mac", "52:54:00:12:34:56") as (ns, sock):
-        _ip("-n", ns, "addr", "add", "10.77.0.1/24", "dev", "vfutap0")
-        _ip("-n", ns, "link", "set", "vfutap0", "up")
-        _ip("-n", ns, "neigh", "add", "10.77.0.2", "lladdr", "52:54:00:12:34:56", "dev", "vfutap0")
-        out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "vfutap0"], check=True, capture_output=True,
-                             text=True).stdout
-        host_mac = bytes.fromhex(out.split("link/ether ")[1].split()[0].replace(":", ""))
+        host_mac = host_side(ns, 77)
         async with await Client.connect(sock) as client:
             _, (rx, tx, cq) = await setup_net(client)
             assert await ctrl(cq, 0, 0, b"\x00") == 0  # promiscuous off: only our MAC + broadcast
@@ -352,12 +357,7 @@ async def test_tap_mergeable_receive_buffers() -> None:
     """MRG_RXBUF: a frame larger than one receive buffer spreads over several, the first
     header saying how many; the driver puts them back together."""
     async with tap_server("--mac", "52:54:00:12:34:56") as (ns, sock):
-        _ip("-n", ns, "addr", "add", "10.76.0.1/24", "dev", "vfutap0")
-        _ip("-n", ns, "link", "set", "vfutap0", "up")
-        _ip("-n", ns, "neigh", "add", "10.76.0.2", "lladdr", "52:54:00:12:34:56", "dev", "vfutap0")
-        out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "vfutap0"], check=True, capture_output=True,
-                             text=True).stdout
-        host_mac = bytes.fromhex(out.split("link/ether ")[1].split()[0].replace(":", ""))
+        host_mac = host_side(ns, 76)
         async with await Client.connect(sock) as client:
             ram = GuestRam(64 << 20)
             await client.dma_map(ram)
