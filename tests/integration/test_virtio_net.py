@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -387,3 +388,40 @@ async def test_tap_mergeable_receive_buffers() -> None:
                             assert count == 5  # 12 + 1042 bytes in 256-byte buffers
                             reply = f
             assert reply[42:] == payload
+
+
+@needs_root
+async def test_tap_bad_transmit_headers_are_dropped() -> None:
+    """A guest's virtio-net header goes to the kernel as it is: one that asks for nonsense
+    (random flags, GSO types and offsets, frames of any size) is refused there, the frame is
+    lost as on a wire, and the device keeps serving."""
+    rng = random.Random(7)
+    async with tap_server("--mac", "52:54:00:12:34:56") as (ns, sock):
+        host_mac = host_side(ns, 75)
+        async with await Client.connect(sock) as client:
+            ram = GuestRam(64 << 20)
+            await client.dma_map(ram)
+            _, (rx, tx, _cq) = await init_device(client, ram, ALL | OFFLOADS | F_MRG_RXBUF, queues=range(3),
+                                                slot_size=16384)
+            fill_rx(rx, 128)
+            await rx.kick()
+            for i in range(300):
+                header = bytes(rng.getrandbits(8) for _ in range(12))
+                body = rng.randbytes(rng.choice([0, 1, 13, 60, 1500, 9000, 16000 - 12]))
+                tx.add([header + body])
+                if i % 50 == 49:
+                    await tx.kick()
+                    await tx.wait_used(50)
+            # still serving: a ping through the same queues
+            payload = os.urandom(500)
+            tx.add([HDR + icmp_echo(GUEST_MAC, host_mac, bytes([10, 75, 0, 2]), bytes([10, 75, 0, 1]), 9, payload)])
+            await tx.kick()
+            with trio.fail_after(10):
+                while True:
+                    done = await rx.wait_used(1)
+                    frames = [r.data(0)[12 : r.written] for r in done]
+                    if any(f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0 and f[42:] == payload
+                           for f in frames):
+                        break
+                    fill_rx(rx, len(rx.free))
+                    await rx.kick()
