@@ -231,6 +231,7 @@ async def _nvme_job_c(drv: Any, q: Any, pid: int, size: int, seconds: float, nam
         b.qd, b.seconds, b.stall_ms = qd, seconds, 5000
         for slot in range(qd):
             b.prp1[slot], b.prp2[slot] = drv.prps(buffers[slot], bs)
+
         async def ring() -> None:
             await drv.client.write32(drv.bar, b.ring_offset, b.ring_value, posted=True)
 
