@@ -458,6 +458,8 @@ class NvmeController(PciDevice):
                 self.async_event(AsyncEventType.ERROR, AEI_ERROR_INVALID_DOORBELL_VALUE, 0x01)
                 return
             cq.head = value
+            if qid and self.state.shadow.enabled and not self._msix_mode():
+                self._cq_event_idx(cq)  # INTx: have the next head update ring again
             self._drain_waiting(cq)
             self._update_intx()
             return
@@ -878,11 +880,17 @@ class NvmeController(PciDevice):
             head = read_shadow(self.dma, shadow, cq.qid, True)
             if head is not None and head != cq.head and valid_cq_head(cq, head):
                 cq.head = head
-                # The controller reads the head when it needs room, so the host need not ring:
-                # one behind the head is crossed only after a whole lap (the event index
-                # stayed at 0 before, an MMIO doorbell per lap). _cq_is_full moves it to the
-                # head when completions must wait for room.
-                write_event_idx(self.dma, shadow, cq.qid, True, (head - 1) % cq.size)
+                self._cq_event_idx(cq)
+
+    def _cq_event_idx(self, cq: CompletionQueueState) -> None:
+        """Where the host should ring the MMIO CQ doorbell next. With MSI-X the controller
+        reads the shadow head whenever it needs room, so the host need not ring: one behind
+        the head is crossed only after a whole lap (_cq_is_full moves it to the head when
+        completions must wait for room). INTx is a level the controller lowers when the host
+        has consumed everything, so there every head update should ring, as in QEMU's nvme."""
+        shadow = self.state.shadow
+        at = cq.head if not self._msix_mode() else (cq.head - 1) % cq.size
+        write_event_idx(self.dma, shadow, cq.qid, True, at)
 
     def _cq_is_full(self, cq: CompletionQueueState) -> bool:
         if not cq_full(cq):

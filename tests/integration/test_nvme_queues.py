@@ -163,6 +163,19 @@ async def test_cq_head_goes_to_the_shadow_only(fastio: str, monkeypatch: pytest.
             assert (await drv.wait(q, cid)).ok
 
 
+async def test_cq_head_rings_with_intx() -> None:
+    """With INTx the level drops only when the controller sees the host consumed everything,
+    so with shadow doorbells it asks for an MMIO CQ doorbell at every head update."""
+    async with nvme_session("--size", "4M", "--poll-us", "0", msix_vectors=0) as (drv, _):
+        await drv.enable_shadow_doorbells()
+        q = await drv.create_io_queue_pair(1, entries=16)
+        await drv.write(q, 0, bytes([5]) * 512)
+        before = drv.cq_doorbells
+        for _ in range(40):
+            assert await drv.read(q, 0, 512) == bytes([5]) * 512
+        assert drv.cq_doorbells - before >= 38  # each read's head update, a wrap or two aside
+
+
 async def test_shadow_doorbell_polling() -> None:
     """A queue depth 1 stream: once the adaptive window has grown past the driver's
     turn-around, the controller polls the shadow tail and the driver stops ringing."""
