@@ -17,10 +17,12 @@ set to what was reaped before sleeping.
 The setup (connect, DMA map, MSI-X eventfds, queue creation, Doorbell Buffer Config, feature
 negotiation) stays in Python with the test drivers; :mod:`bench.devices` hands the rings over.
 
-``nvb_run``/``vbb_run`` return NVB_DONE when the job's time is up and every request came back,
-NVB_RING when a doorbell must be written (NVMe: ``ring_offset``/``ring_value``; virtio: the
-queue's notify) before calling again, NVB_ERROR with ``error_status`` for a completion that
-is not a success, and NVB_STALL when nothing completed for ``stall_ms``.
+What the two share (guest RAM, the interrupt eventfd, the job's length and slots, the
+counters) is ``struct bench_job``, the ``job`` member of both. ``nvb_run``/``vbb_run`` return
+NVB_DONE when the job's time is up and every request came back, NVB_RING when a doorbell must
+be written (NVMe: ``ring_offset``/``ring_value``; virtio: the queue's notify) before calling
+again, NVB_ERROR with ``job.error_status`` for a completion that is not a success, and
+NVB_STALL when nothing completed for ``job.stall_ms``.
 """
 
 from __future__ import annotations
@@ -38,26 +40,14 @@ STRUCTS = """
 #define NVB_STALL -2
 #define NVB_MAX_QD 256
 
-struct nvb {
+struct bench_job {
     uintptr_t ram;            /* host address of guest RAM offset 0 */
     uint64_t base;            /* the IOVA guest RAM is mapped at */
-    uint64_t ram_size;
-    uint64_t sq, cq;          /* queue IOVAs */
-    uint32_t entries;
-    uint16_t qid;
-    uint32_t sq_tail, cq_head, phase;
-    uint64_t shadow_db, shadow_ei;   /* Doorbell Buffer Config IOVAs, 0: MMIO only */
-    int irq_fd;
-    uint32_t doorbell_stride;        /* bytes between doorbells (4 << CAP.DSTRD) */
-    /* the job */
-    uint8_t opcode;
-    uint32_t lbas_per_io;
-    uint64_t ios_in_ns;              /* I/O-sized blocks in the namespace */
-    int random;
+    int irq_fd;               /* the queue's interrupt eventfd */
+    int random;               /* random or sequential blocks */
     uint64_t rng;
     uint64_t next_seq;
-    uint32_t qd;
-    uint64_t prp1[256], prp2[256];   /* per slot; the command id is the slot */
+    uint32_t qd;              /* requests in flight; the command id / head is the slot */
     double seconds;
     int stall_ms;
     /* progress, kept across calls */
@@ -67,40 +57,36 @@ struct nvb {
     uint16_t free_slots[256];
     uint32_t inflight;
     /* results */
-    uint64_t ios, mmio_doorbells, irq_waits, poll_timeouts;
+    uint64_t ios, doorbells, irq_waits, poll_timeouts;
     uint32_t error_status, error_cid;
+};
+
+struct nvb {
+    struct bench_job job;
+    uint64_t sq, cq;          /* queue IOVAs */
+    uint32_t entries;
+    uint16_t qid;
+    uint32_t sq_tail, cq_head, phase;
+    uint64_t shadow_db, shadow_ei;   /* Doorbell Buffer Config IOVAs, 0: MMIO only */
+    uint32_t doorbell_stride;        /* bytes between doorbells (4 << CAP.DSTRD) */
+    uint8_t opcode;
+    uint32_t lbas_per_io;
+    uint64_t ios_in_ns;              /* I/O-sized blocks in the namespace */
+    uint64_t prp1[256], prp2[256];   /* per slot */
     uint32_t ring_offset, ring_value;
 };
 
-
 struct vbb {
-    uintptr_t ram;
-    uint64_t base;
+    struct bench_job job;
     uint64_t desc, avail, used;      /* ring IOVAs */
     uint32_t size;
     int event_idx;
     uint16_t avail_idx, last_used, kicked_at;
-    int irq_fd;
-    /* the job */
     uint32_t type;                   /* VIRTIO_BLK_T_IN 0 / T_OUT 1 */
     uint32_t bytes;
     uint64_t ios_in_disk;
-    int random;
-    uint64_t rng;
-    uint64_t next_seq;
-    uint32_t qd;                     /* head descriptor = slot */
     uint64_t header[256], data[256], status[256], table[256];
-    double seconds;
-    int stall_ms;
-    double end;
-    int started, stopping;
-    uint32_t nfree;
-    uint16_t free_slots[256];
-    uint32_t inflight;
-    uint64_t ios, kicks, irq_waits, poll_timeouts;
-    uint32_t error_status, error_cid;
 };
-
 """
 
 CDEF = STRUCTS + """
@@ -123,44 +109,78 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static uint8_t *at(struct nvb *b, uint64_t iova)
+static uint8_t *at(struct bench_job *j, uint64_t iova)
 {
-    return (uint8_t *)b->ram + (iova - b->base);
+    return (uint8_t *)j->ram + (iova - j->base);
+}
+
+/* First call: the clock starts and every slot is free. */
+static void job_start(struct bench_job *j)
+{
+    if (j->started)
+        return;
+    j->started = 1;
+    j->end = now() + j->seconds;
+    j->nfree = 0;
+    for (uint32_t i = 0; i < j->qd; i++)
+        j->free_slots[j->nfree++] = (uint16_t)(j->qd - 1 - i);
+}
+
+/* Whether to submit now: time is not up and a slot is free. */
+static int job_may_submit(struct bench_job *j)
+{
+    if (!j->stopping && now() >= j->end)
+        j->stopping = 1;
+    return !j->stopping && j->nfree;
 }
 
 /* The next I/O-sized block of n: xorshift64* when random (any fixed-seed generator will do,
    it only has to be cheap), else the one after the last. */
-static uint64_t next_block(uint64_t *rng, uint64_t *seq, int random, uint64_t n)
+static uint64_t next_block(struct bench_job *j, uint64_t n)
 {
-    if (random) {
-        *rng ^= *rng >> 12;
-        *rng ^= *rng << 25;
-        *rng ^= *rng >> 27;
-        return (*rng * 2685821657736338717ULL) % n;
+    if (j->random) {
+        j->rng ^= j->rng >> 12;
+        j->rng ^= j->rng << 25;
+        j->rng ^= j->rng >> 27;
+        return (j->rng * 2685821657736338717ULL) % n;
     }
-    uint64_t block = *seq;
-    *seq = (*seq + 1) % n;
+    uint64_t block = j->next_seq;
+    j->next_seq = (j->next_seq + 1) % n;
     return block;
 }
 
-/* Sleep on the interrupt eventfd for up to 10 ms; nonzero once nothing came for stall_ms. */
-static int wait_irq(int fd, int *idle_ms, int stall_ms, uint64_t *waits, uint64_t *timeouts)
+static int job_failed(struct bench_job *j, uint32_t status, uint32_t cid)
 {
-    struct pollfd p = {.fd = fd, .events = POLLIN};
+    j->error_status = status;
+    j->error_cid = cid;
+    return NVB_ERROR;
+}
+
+static void job_completed(struct bench_job *j, uint16_t slot)
+{
+    j->free_slots[j->nfree++] = slot;
+    j->inflight--;
+    j->ios++;
+}
+
+/* Sleep on the interrupt eventfd for up to 10 ms; nonzero once nothing came for stall_ms. */
+static int wait_irq(struct bench_job *j, int *idle_ms)
+{
+    struct pollfd p = {.fd = j->irq_fd, .events = POLLIN};
     if (poll(&p, 1, 10) > 0) {
         uint64_t count;
-        ++*waits;
-        return read(fd, &count, 8) < 0 && errno != EAGAIN;
+        j->irq_waits++;
+        return read(j->irq_fd, &count, 8) < 0 && errno != EAGAIN;
     }
-    ++*timeouts;
-    return (*idle_ms += 10) >= stall_ms;
+    j->poll_timeouts++;
+    return (*idle_ms += 10) >= j->stall_ms;
 }
 
 /* Publish a new shadow doorbell value; nonzero if the MMIO doorbell must be written too. */
 static int publish(struct nvb *b, unsigned index, uint32_t value)
 {
-    uint32_t *db = (uint32_t *)at(b, b->shadow_db + 4 * index);
-    uint32_t *ei = (uint32_t *)at(b, b->shadow_ei + 4 * index);
+    uint32_t *db = (uint32_t *)at(&b->job, b->shadow_db + 4 * index);
+    uint32_t *ei = (uint32_t *)at(&b->job, b->shadow_ei + 4 * index);
     uint32_t old = __atomic_load_n(db, __ATOMIC_RELAXED);
     __atomic_store_n(db, value, __ATOMIC_RELEASE);
     /* the device reads the shadow value after writing the event index: a full fence, as
@@ -176,14 +196,14 @@ static int ring(struct nvb *b, unsigned index, uint32_t value)
         return 0;
     b->ring_offset = 0x1000 + index * b->doorbell_stride;
     b->ring_value = value;
-    b->mmio_doorbells++;
+    b->job.doorbells++;
     return 1;
 }
 
 static void write_sqe(struct nvb *b, uint16_t slot)
 {
-    uint8_t *e = at(b, b->sq + 64ULL * b->sq_tail);
-    uint64_t slba = next_block(&b->rng, &b->next_seq, b->random, b->ios_in_ns) * b->lbas_per_io;
+    uint8_t *e = at(&b->job, b->sq + 64ULL * b->sq_tail);
+    uint64_t slba = next_block(&b->job, b->ios_in_ns) * b->lbas_per_io;
     uint32_t dw0 = b->opcode | (uint32_t)slot << 16, nsid = 1;
     uint32_t cdw10 = (uint32_t)slba, cdw11 = (uint32_t)(slba >> 32), cdw12 = b->lbas_per_io - 1;
     memset(e, 0, 64);
@@ -199,46 +219,31 @@ static void write_sqe(struct nvb *b, uint16_t slot)
 
 int nvb_run(struct nvb *b)
 {
-    if (!b->started) {
-        b->started = 1;
-        b->end = now() + b->seconds;
-        b->nfree = 0;
-        for (uint32_t i = 0; i < b->qd; i++)
-            b->free_slots[b->nfree++] = (uint16_t)(b->qd - 1 - i);
-    }
+    struct bench_job *j = &b->job;
+    job_start(j);
     int idle_ms = 0;
     for (;;) {
-        if (!b->stopping && now() >= b->end)
-            b->stopping = 1;
-        if (!b->stopping && b->nfree) {
-            while (b->nfree) {
-                write_sqe(b, b->free_slots[--b->nfree]);
-                b->inflight++;
+        if (job_may_submit(j)) {
+            while (j->nfree) {
+                write_sqe(b, j->free_slots[--j->nfree]);
+                j->inflight++;
             }
             if (ring(b, 2 * b->qid, b->sq_tail))
                 return NVB_RING;
         }
         uint32_t reaped = 0;
         for (;;) {
-            uint8_t *c = at(b, b->cq + 16ULL * b->cq_head);
+            uint8_t *c = at(j, b->cq + 16ULL * b->cq_head);
             uint16_t status = __atomic_load_n((uint16_t *)(c + 14), __ATOMIC_ACQUIRE);
             if ((status & 1) != b->phase)
                 break;
             uint16_t cid;
             memcpy(&cid, c + 12, 2);
-            if (status >> 1) {
-                b->error_status = status >> 1;
-                b->error_cid = cid;
-                return NVB_ERROR;
-            }
-            if (cid >= b->qd) {
-                b->error_status = 0xFFFF;
-                b->error_cid = cid;
-                return NVB_ERROR;
-            }
-            b->free_slots[b->nfree++] = cid;
-            b->inflight--;
-            b->ios++;
+            if (status >> 1)
+                return job_failed(j, status >> 1, cid);
+            if (cid >= j->qd)
+                return job_failed(j, 0xFFFF, cid);
+            job_completed(j, cid);
             reaped++;
             if (++b->cq_head == b->entries) {
                 b->cq_head = 0;
@@ -251,17 +256,11 @@ int nvb_run(struct nvb *b)
                 return NVB_RING;
             continue;
         }
-        if (b->stopping && !b->inflight)
+        if (j->stopping && !j->inflight)
             return NVB_DONE;
-        if (wait_irq(b->irq_fd, &idle_ms, b->stall_ms, &b->irq_waits, &b->poll_timeouts))
+        if (wait_irq(j, &idle_ms))
             return NVB_STALL;
     }
-}
-
-
-static uint8_t *vat(struct vbb *b, uint64_t iova)
-{
-    return (uint8_t *)b->ram + (iova - b->base);
 }
 
 static void put_desc(uint8_t *d, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
@@ -274,19 +273,20 @@ static void put_desc(uint8_t *d, uint64_t addr, uint32_t len, uint16_t flags, ui
 
 static void add_request(struct vbb *b, uint16_t slot)
 {
-    uint64_t sector = next_block(&b->rng, &b->next_seq, b->random, b->ios_in_disk) * (b->bytes / 512);
-    uint8_t *h = vat(b, b->header[slot]);
+    struct bench_job *j = &b->job;
+    uint64_t sector = next_block(j, b->ios_in_disk) * (b->bytes / 512);
+    uint8_t *h = at(j, b->header[slot]);
     uint32_t reserved = 0;
     memcpy(h, &b->type, 4);
     memcpy(h + 4, &reserved, 4);
     memcpy(h + 8, &sector, 8);
-    *vat(b, b->status[slot]) = 0xFF;
-    uint8_t *t = vat(b, b->table[slot]);
+    *at(j, b->status[slot]) = 0xFF;
+    uint8_t *t = at(j, b->table[slot]);
     put_desc(t, b->header[slot], 16, 1, 1);                                  /* NEXT */
     put_desc(t + 16, b->data[slot], b->bytes, b->type == 0 ? 3 : 1, 2);      /* NEXT (|WRITE) */
     put_desc(t + 32, b->status[slot], 1, 2, 0);                              /* WRITE */
-    put_desc(vat(b, b->desc + 16ULL * slot), b->table[slot], 48, 4, 0);      /* INDIRECT */
-    uint16_t *ring = (uint16_t *)vat(b, b->avail + 4);
+    put_desc(at(j, b->desc + 16ULL * slot), b->table[slot], 48, 4, 0);       /* INDIRECT */
+    uint16_t *ring = (uint16_t *)at(j, b->avail + 4);
     ring[b->avail_idx % b->size] = slot;
     b->avail_idx++;
 }
@@ -299,59 +299,44 @@ static int kick_needed(struct vbb *b)
     /* avail->idx is published before the device's wish is read (virtio_mb in Linux) */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (b->event_idx) {
-        uint16_t event = __atomic_load_n((uint16_t *)vat(b, b->used + 4 + 8ULL * b->size), __ATOMIC_ACQUIRE);
+        uint16_t event = __atomic_load_n((uint16_t *)at(&b->job, b->used + 4 + 8ULL * b->size), __ATOMIC_ACQUIRE);
         return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
     }
-    return !(__atomic_load_n((uint16_t *)vat(b, b->used), __ATOMIC_ACQUIRE) & 1);
+    return !(__atomic_load_n((uint16_t *)at(&b->job, b->used), __ATOMIC_ACQUIRE) & 1);
 }
 
 int vbb_run(struct vbb *b)
 {
-    if (!b->started) {
-        b->started = 1;
-        b->end = now() + b->seconds;
-        b->nfree = 0;
-        for (uint32_t i = 0; i < b->qd; i++)
-            b->free_slots[b->nfree++] = (uint16_t)(b->qd - 1 - i);
-    }
-    uint16_t *avail_idx = (uint16_t *)vat(b, b->avail + 2);
-    uint16_t *used_idx = (uint16_t *)vat(b, b->used + 2);
-    uint16_t *used_event = (uint16_t *)vat(b, b->avail + 4 + 2ULL * b->size);
+    struct bench_job *j = &b->job;
+    job_start(j);
+    uint16_t *avail_idx = (uint16_t *)at(j, b->avail + 2);
+    uint16_t *used_idx = (uint16_t *)at(j, b->used + 2);
+    uint16_t *used_event = (uint16_t *)at(j, b->avail + 4 + 2ULL * b->size);
     int idle_ms = 0;
     for (;;) {
-        if (!b->stopping && now() >= b->end)
-            b->stopping = 1;
-        if (!b->stopping && b->nfree) {
-            while (b->nfree) {
-                add_request(b, b->free_slots[--b->nfree]);
-                b->inflight++;
+        if (job_may_submit(j)) {
+            while (j->nfree) {
+                add_request(b, j->free_slots[--j->nfree]);
+                j->inflight++;
             }
             __atomic_store_n(avail_idx, b->avail_idx, __ATOMIC_RELEASE);
             if (kick_needed(b)) {
-                b->kicks++;
+                j->doorbells++;
                 return NVB_RING;
             }
         }
         uint32_t reaped = 0;
         uint16_t seen = __atomic_load_n(used_idx, __ATOMIC_ACQUIRE);
         while (b->last_used != seen) {
-            uint8_t *elem = vat(b, b->used + 4 + 8ULL * (b->last_used % b->size));
+            uint8_t *elem = at(j, b->used + 4 + 8ULL * (b->last_used % b->size));
             uint32_t id;
             memcpy(&id, elem, 4);
-            if (id >= b->qd) {
-                b->error_status = 0xFFFF;
-                b->error_cid = id;
-                return NVB_ERROR;
-            }
-            uint8_t st = *vat(b, b->status[id]);
-            if (st) {
-                b->error_status = st;
-                b->error_cid = id;
-                return NVB_ERROR;
-            }
-            b->free_slots[b->nfree++] = (uint16_t)id;
-            b->inflight--;
-            b->ios++;
+            if (id >= j->qd)
+                return job_failed(j, 0xFFFF, id);
+            uint8_t st = *at(j, b->status[id]);
+            if (st)
+                return job_failed(j, st, id);
+            job_completed(j, (uint16_t)id);
             b->last_used++;
             reaped++;
         }
@@ -359,7 +344,7 @@ int vbb_run(struct vbb *b)
             idle_ms = 0;
             continue;
         }
-        if (b->stopping && !b->inflight)
+        if (j->stopping && !j->inflight)
             return NVB_DONE;
         if (b->event_idx) {
             /* interrupt me for the next one; look once more after saying so */
@@ -368,7 +353,7 @@ int vbb_run(struct vbb *b)
             if (__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) != b->last_used)
                 continue;
         }
-        if (wait_irq(b->irq_fd, &idle_ms, b->stall_ms, &b->irq_waits, &b->poll_timeouts))
+        if (wait_irq(j, &idle_ms))
             return NVB_STALL;
     }
 }

@@ -34,7 +34,8 @@ import random
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,9 +186,30 @@ async def nvme_jobs(path: str, pid: int, size: int, seconds: float, jobs: list[t
     return out
 
 
+@contextmanager
+def _c_job(kind: str, ram: Any, irq_fd: int, qd: int, seconds: float, rand: bool) -> Iterator[tuple[Any, Any]]:
+    """``(lib, struct kind)`` of the C load loop (``bench/_driver_build.py``), its shared
+    ``job`` part filled in; guest RAM stays exported to C while the job runs."""
+    from ._driver_build import HELPER
+
+    mod = HELPER.load()
+    ffi = mod.ffi
+    b = ffi.new(f"struct {kind} *")
+    host = ffi.from_buffer(ram.mem)
+    try:
+        j = b.job
+        j.ram, j.base, j.irq_fd = int(ffi.cast("uintptr_t", host)), ram.base, irq_fd
+        j.random, j.rng = int(rand), 0x9E3779B97F4A7C15
+        j.qd, j.seconds, j.stall_ms = qd, seconds, 5000
+        yield mod.lib, b
+    finally:
+        ffi.release(host)
+
+
 async def _drive_c(lib: Any, run: Any, b: Any, ring: Callable[[], Awaitable[None]], pid: int, bs: int,
                    what: str, unit: str) -> Result:
     """Call the C loop ``run(b)`` until the job is done, writing doorbells with ``ring``."""
+    j = b.job
     c0, s0 = time.process_time(), cpu_seconds(pid)
     t0 = time.perf_counter()
     while True:
@@ -196,39 +218,25 @@ async def _drive_c(lib: Any, run: Any, b: Any, ring: Callable[[], Awaitable[None
             await ring()
             continue
         if rc == lib.NVB_ERROR:
-            raise RuntimeError(f"{what}: status {b.error_status:#x} for {unit} {b.error_cid}")
+            raise RuntimeError(f"{what}: status {j.error_status:#x} for {unit} {j.error_cid}")
         if rc == lib.NVB_STALL:
-            raise RuntimeError(f"{what}: nothing completed for {b.stall_ms} ms ({b.inflight} in flight)")
+            raise RuntimeError(f"{what}: nothing completed for {j.stall_ms} ms ({j.inflight} in flight)")
         break
     elapsed = time.perf_counter() - t0
-    doorbells = b.mmio_doorbells if hasattr(b, "mmio_doorbells") else b.kicks
-    return Result(b.ios, elapsed, cpu_seconds(pid) - s0, time.process_time() - c0, bs,
-                  doorbells=doorbells, wakeups=b.irq_waits, timeouts=b.poll_timeouts)
+    return Result(j.ios, elapsed, cpu_seconds(pid) - s0, time.process_time() - c0, bs,
+                  doorbells=j.doorbells, wakeups=j.irq_waits, timeouts=j.poll_timeouts)
 
 
 async def _nvme_job_c(drv: Any, q: Any, pid: int, size: int, seconds: float, name: str, op: str,
                       bs: int, qd: int, rand: bool, buffers: list[int]) -> Result:
-    """One job through the C load loop (``bench/_driver_build.py``) on queue pair ``q``."""
-    from ._driver_build import HELPER
-
-    mod = HELPER.load()
-    ffi, lib = mod.ffi, mod.lib
-    ram = drv.ram
-    b = ffi.new("struct nvb *")
-    host = ffi.from_buffer(ram.mem)
-    try:
-        b.ram = int(ffi.cast("uintptr_t", host))
-        b.base, b.ram_size = ram.base, ram.size
+    """One job through the C load loop on queue pair ``q``."""
+    stride = 4 << ((await drv.cap()) >> 32 & 0xF)
+    with _c_job("nvb", drv.ram, drv.vectors[q.vector].fd, qd, seconds, rand) as (lib, b):
         b.sq, b.cq, b.entries, b.qid = q.sq_base, q.cq_base, q.entries, q.qid
         b.sq_tail, b.cq_head, b.phase = q.sq_tail, q.cq_head, q.phase
-        b.shadow_db, b.shadow_ei = drv.shadow_db, drv.shadow_ei
-        b.irq_fd = drv.vectors[q.vector].fd
-        b.doorbell_stride = 4 << ((await drv.cap()) >> 32 & 0xF)
+        b.shadow_db, b.shadow_ei, b.doorbell_stride = drv.shadow_db, drv.shadow_ei, stride
         b.opcode = 0x02 if op == "read" else 0x01
-        b.lbas_per_io = bs // 512
-        b.ios_in_ns = size // bs
-        b.random, b.rng = int(rand), 0x9E3779B97F4A7C15
-        b.qd, b.seconds, b.stall_ms = qd, seconds, 5000
+        b.lbas_per_io, b.ios_in_ns = bs // 512, size // bs
         for slot in range(qd):
             b.prp1[slot], b.prp2[slot] = drv.prps(buffers[slot], bs)
 
@@ -239,8 +247,6 @@ async def _nvme_job_c(drv: Any, q: Any, pid: int, size: int, seconds: float, nam
         # the queue goes on in Python (or the next C job) from where this job left it
         q.sq_tail, q.cq_head, q.phase = b.sq_tail, b.cq_head, b.phase
         return result
-    finally:
-        ffi.release(host)
 
 
 # -- virtio-blk ----------------------------------------------------------------------------------
@@ -308,23 +314,12 @@ async def virtio_jobs(path: str, pid: int, size: int, seconds: float, jobs: list
 async def _virtio_job_c(q: Any, pid: int, size: int, seconds: float, name: str, op: str, bs: int,
                         qd: int, rand: bool, data: list[int]) -> Result:
     """One job through the C load loop on virtqueue ``q`` (nothing outstanding on it)."""
-    from ._driver_build import HELPER
-
-    mod = HELPER.load()
-    ffi, lib = mod.ffi, mod.lib
     ram = q.ram
-    b = ffi.new("struct vbb *")
-    host = ffi.from_buffer(ram.mem)
-    try:
-        b.ram = int(ffi.cast("uintptr_t", host))
-        b.base = ram.base
+    with _c_job("vbb", ram, q.dev.vectors[q.vector].fd, qd, seconds, rand) as (lib, b):
         b.desc, b.avail, b.used, b.size, b.event_idx = q.desc, q.avail, q.used, q.size, int(q.event_idx)
         b.avail_idx, b.last_used, b.kicked_at = q.avail_idx, q.last_used, q._kicked_at
-        b.irq_fd = q.dev.vectors[q.vector].fd
         b.type = 0 if op == "read" else 1
         b.bytes, b.ios_in_disk = bs, size // bs
-        b.random, b.rng = int(rand), 0x9E3779B97F4A7C15
-        b.qd, b.seconds, b.stall_ms = qd, seconds, 5000
         for slot in range(qd):
             b.header[slot], b.status[slot], b.table[slot] = ram.alloc(16, 16), ram.alloc(1, 16), ram.alloc(48, 16)
             b.data[slot] = data[slot]
@@ -332,8 +327,6 @@ async def _virtio_job_c(q: Any, pid: int, size: int, seconds: float, name: str, 
                                 f"virtio-blk {name}", "head")
         q.avail_idx, q.last_used, q._kicked_at = b.avail_idx, b.last_used, b.kicked_at
         return result
-    finally:
-        ffi.release(host)
 
 
 # -- main --------------------------------------------------------------------------------------------
