@@ -109,8 +109,7 @@ class VirtioNet(VirtioPciDevice):
         #: bytes in front of each backend frame (the virtio-net header of a vnet_hdr TAP)
         self._hdr = HDR_LEN if backend.vnet_hdr else 0
         self._rx_limit = MAX_RX_FRAME
-        #: what the device writes over a TAP's header before the guest sees it
-        self._rx_hdr_fix, self._rx_hdr_fix_at = RX_HDR, 0
+        #: GUEST_CSUM negotiated: a TAP header's flags and GSO type reach the guest as they are
         self._guest_csum = False
         #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
         self._mergeable = False
@@ -188,11 +187,7 @@ class VirtioNet(VirtioPciDevice):
         tso = features & (bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6))
         self._rx_limit = MAX_RX_GSO_FRAME if tso else MAX_RX_FRAME
         self._guest_csum = bool(features >> F_GUEST_CSUM & 1)
-        self._mergeable = bool(features >> F_MRG_RXBUF & 1) and self._hdr > 0
-        if self._guest_csum:
-            self._rx_hdr_fix, self._rx_hdr_fix_at = b"\x01\x00", 10  # num_buffers only
-        else:
-            self._rx_hdr_fix, self._rx_hdr_fix_at = RX_HDR, 0
+        self._mergeable = bool(features >> F_MRG_RXBUF & 1)
         try:
             self.backend.set_offloads(csum=bool(features >> F_GUEST_CSUM & 1), tso4=bool(features >> F_GUEST_TSO4 & 1),
                                       tso6=bool(features >> F_GUEST_TSO6 & 1), ecn=bool(features >> F_GUEST_ECN & 1))
@@ -316,10 +311,8 @@ class VirtioNet(VirtioPciDevice):
             await self._sleep_until_kicked(q)
         if chain.write_len >= len(frame) + HDR_LEN - hdr:
             if hdr:
-                # The TAP's header (checksum state, segment size), one buffer used; without
-                # GUEST_CSUM the flags and GSO type must read zero.
                 written = chain.write_bytes(frame)
-                chain.write_bytes(self._rx_hdr_fix, self._rx_hdr_fix_at)
+                self._fix_header(chain, 1)
             else:
                 written = chain.write_bytes(RX_HDR + frame)
             q.push(chain, written)
@@ -352,10 +345,14 @@ class VirtioNet(VirtioPciDevice):
             n = chain.write_bytes(view[pos : pos + chain.write_len])
             pos += n
             q.push(chain, n)
-        first = chains[0]
+        self._fix_header(chains[0], len(chains))
+
+    def _fix_header(self, first: DescriptorChain, buffers: int) -> None:
+        """Over the TAP's header (checksum state, segment size) in the first buffer:
+        ``num_buffers``, and zero flags and GSO type for a guest without GUEST_CSUM."""
         if not self._guest_csum:
-            first.write_bytes(bytes(10))  # flags and GSO type must read zero
-        first.write_bytes(struct.pack("<H", len(chains)), 10)
+            first.write_bytes(bytes(10))
+        first.write_bytes(struct.pack("<H", buffers), 10)
 
     def _steer(self, frame: bytes, start: int = 0) -> int:
         """Receive queue pair of a frame (at ``start``): a hash of addresses, so a flow keeps
