@@ -55,10 +55,11 @@ async def ctrl(q: DriverQueue, cls: int, cmd: int, data: bytes) -> int:
     return req.data(0)[0]
 
 
-async def setup_net(client: Client, pairs: int = 1) -> tuple[VirtioDriver, list[DriverQueue]]:
+async def setup_net(client: Client, pairs: int = 1, *, features: int = ALL,
+                    slot_size: int = 2048) -> tuple[VirtioDriver, list[DriverQueue]]:
     ram = GuestRam(64 << 20)
     await client.dma_map(ram)
-    return await init_device(client, ram, ALL, queues=range(2 * pairs + 1), slot_size=2048)
+    return await init_device(client, ram, features, queues=range(2 * pairs + 1), slot_size=slot_size)
 
 
 async def test_socket_peer_frames_both_ways(tmp_path: Path) -> None:
@@ -137,10 +138,7 @@ async def test_received_burst_gets_one_interrupt(tmp_path: Path) -> None:
             await Client.connect(srv.socket_path) as client:
         with trio.fail_after(10):
             peer, _ = await lsock.accept()
-        ram = GuestRam(16 << 20)
-        await client.dma_map(ram)
-        dev, (rx, _tx, _cq) = await init_device(client, ram, F_MAC | F_STATUS | F_CTRL_VQ, queues=range(3),
-                                                slot_size=2048)
+        dev, (rx, _tx, _cq) = await setup_net(client, features=F_MAC | F_STATUS | F_CTRL_VQ)
         fill_rx(rx, 32)
         await rx.kick()
         irq = dev.vectors[rx.vector]
@@ -178,12 +176,9 @@ async def test_transmit_polling(tmp_path: Path, poll_us: str) -> None:
             await Client.connect(srv.socket_path) as client:
         with trio.fail_after(10):
             peer, _ = await lsock.accept()
-        ram = GuestRam(16 << 20)
-        await client.dma_map(ram)
         # Without EVENT_IDX only the polling device's VIRTQ_USED_F_NO_NOTIFY spares a kick, so
         # the count does not depend on how fast the device went back to sleep.
-        _dev, (_rx, tx, _cq) = await init_device(client, ram, ALL & ~VIRTIO_F_EVENT_IDX, queues=range(3),
-                                                 slot_size=2048)
+        _dev, (_rx, tx, _cq) = await setup_net(client, features=ALL & ~VIRTIO_F_EVENT_IDX)
         frames = [frame(b"\x02" * 6, GUEST_MAC, i) for i in range(80)]
         for f in frames[:40]:  # the window doubles from 16 us to past this client's turn-around
             tx.add([HDR + f])
@@ -360,9 +355,7 @@ async def test_tap_mergeable_receive_buffers() -> None:
     async with tap_server("--mac", "52:54:00:12:34:56") as (ns, sock):
         host_mac = host_side(ns, 76)
         async with await Client.connect(sock) as client:
-            ram = GuestRam(64 << 20)
-            await client.dma_map(ram)
-            dev, (rx, tx, cq) = await init_device(client, ram, ALL | F_MRG_RXBUF, queues=range(3), slot_size=2048)
+            dev, (rx, tx, cq) = await setup_net(client, features=ALL | F_MRG_RXBUF)
             assert dev.features & F_MRG_RXBUF
             assert await ctrl(cq, 0, 0, b"\x00") == 0
             for _ in range(128):
@@ -399,10 +392,7 @@ async def test_tap_bad_transmit_headers_are_dropped() -> None:
     async with tap_server("--mac", "52:54:00:12:34:56") as (ns, sock):
         host_mac = host_side(ns, 75)
         async with await Client.connect(sock) as client:
-            ram = GuestRam(64 << 20)
-            await client.dma_map(ram)
-            _, (rx, tx, _cq) = await init_device(client, ram, ALL | OFFLOADS | F_MRG_RXBUF, queues=range(3),
-                                                slot_size=16384)
+            _, (rx, tx, _cq) = await setup_net(client, features=ALL | OFFLOADS | F_MRG_RXBUF, slot_size=16384)
             fill_rx(rx, 128)
             await rx.kick()
             for i in range(300):
