@@ -9,6 +9,8 @@ on the other end of the socket. It speaks just enough protocol for the benchmark
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import socket
 import statistics
@@ -131,6 +133,35 @@ def server_env(extra: dict[str, str] | None = None, bytecode_cache: bool = True)
         env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of our servers: a label for the table, server options, environment."""
+
+    label: str = ""
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    #: run the server from another checkout (``python -m vfu_server`` imports from its cwd)
+    checkout: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``LABEL=[@CHECKOUT] [NAME=VALUE ...] [server options]``."""
+        label, sep, rest = text.partition("=")
+        if not sep or not label.strip():
+            raise ValueError(f"--variant {text!r}: expected LABEL=ARGS")
+        words = shlex.split(rest)
+        checkout = None
+        if words and words[0].startswith("@"):
+            checkout = os.path.abspath(words.pop(0)[1:])
+            if not os.path.isfile(os.path.join(checkout, "vfu_server", "__main__.py")):
+                raise ValueError(f"--variant {text!r}: {checkout} is not a vfu-server checkout")
+        env = []
+        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+            name, _, value = words.pop(0).partition("=")
+            env.append((name, value))
+        return cls(label.strip(), tuple(words), tuple(env), checkout)
 
 
 @contextmanager

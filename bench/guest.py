@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from .common import REPO, machine_line, median, table
+from .common import REPO, Variant, machine_line, median, table
 
 JOBS = [  # name, op, bs, qd
     ("4K randread QD1", "randread", 4096, 1),
@@ -45,35 +42,6 @@ JOBS = [  # name, op, bs, qd
 ]
 QEMU_DISKS = [("qemu-nvme", "nvme"), ("qemu-virtio-blk", "virtio-blk")]
 KINDS = [("nvme", "NVMe"), ("virtio-blk", "virtio-blk")]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One configuration of our servers: a label for the table, server options, environment."""
-
-    label: str = ""
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    #: run the server from another checkout (``python -m vfu_server`` imports from its cwd)
-    checkout: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Variant:
-        """``LABEL=[@CHECKOUT] [NAME=VALUE ...] [server options]``."""
-        label, sep, rest = text.partition("=")
-        if not sep or not label.strip():
-            raise ValueError(f"--variant {text!r}: expected LABEL=ARGS")
-        words = shlex.split(rest)
-        checkout = None
-        if words and words[0].startswith("@"):
-            checkout = os.path.abspath(words.pop(0)[1:])
-            if not os.path.isfile(os.path.join(checkout, "vfu_server", "__main__.py")):
-                raise ValueError(f"--variant {text!r}: {checkout} is not a vfu-server checkout")
-        env = []
-        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
-            name, _, value = words.pop(0).partition("=")
-            env.append((name, value))
-        return cls(label.strip(), tuple(words), tuple(env), checkout)
 
 
 def disk_plan(kinds: list[tuple[str, str]], variants: list[Variant]) -> list[tuple[str, str, str, Variant | None]]:

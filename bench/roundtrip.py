@@ -1,6 +1,6 @@
 """Message round trip and posted-write throughput against the example device, next to the floor.
 
-    .venv/bin/python -m bench.roundtrip [--iterations 20000] [--posted 100000]
+    .venv/bin/python -m bench.roundtrip [--iterations 20000] [--posted 100000] [--variant LABEL=ARGS]
 
 Rows:
 
@@ -26,6 +26,7 @@ import time
 
 from .common import (
     RawClient,
+    Variant,
     cpu_seconds,
     machine_line,
     median,
@@ -233,11 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iterations", type=int, default=20_000)
     ap.add_argument("--posted", type=int, default=100_000, help="posted writes per measurement")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (best median kept)")
-    ap.add_argument("--baseline", action="append", default=[], metavar="LABEL=DIR",
-                    help="also measure a server run from another checkout (git worktree)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="compare servers instead: LABEL=[@CHECKOUT] [NAME=VALUE ...] [server options], "
+                         "e.g. 'before=@../old' or 'no poll=--socket-poll-us 0' (repeatable; this "
+                         "checkout with its defaults is always measured)")
     args = ap.parse_args(argv)
-    if args.baseline:
-        compare(args)
+    if args.variant:
+        try:
+            variants = [Variant.parse(v) for v in args.variant]
+        except ValueError as exc:
+            ap.error(str(exc))
+        compare(args, variants)
         return
     n, warm = args.iterations, min(2000, args.iterations)
     print(machine_line())
@@ -291,20 +298,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"round trip target (<= 2x floor): {'MET' if ratio <= 2 else 'MISSED'} ({ratio:.2f}x)")
 
 
-def compare(args: argparse.Namespace) -> None:
-    """Round trip and posted writes of servers from several checkouts, interleaved."""
+def compare(args: argparse.Namespace, variants: list[Variant]) -> None:
+    """Round trip and posted writes of several server configurations, interleaved."""
     from contextlib import ExitStack
     from pathlib import Path
 
     n, warm = args.iterations, min(2000, args.iterations)
     print(machine_line())
-    trees = [("this checkout", None)] + [(b.split("=", 1)[0], Path(b.split("=", 1)[1])) for b in args.baseline]
-    lat: dict[str, list[list[int]]] = {label: [] for label, _ in trees}
+    variants = [Variant("this checkout"), *variants]
+    lat: dict[str, list[list[int]]] = {v.label: [] for v in variants}
     cpu: dict[str, float] = dict.fromkeys(lat, 0.0)
-    posted: dict[str, list[float]] = {label: [] for label, _ in trees}
+    posted: dict[str, list[float]] = {v.label: [] for v in variants}
     floor = []
     with ExitStack() as stack:
-        servers = {label: stack.enter_context(running_server("example", tree=tree)) for label, tree in trees}
+        servers = {v.label: stack.enter_context(running_server(
+            "example", *v.args, env=dict(v.env) or None, tree=Path(v.checkout) if v.checkout else None))
+            for v in variants}
         for _ in range(args.repeat):
             floor.append(floor_pingpong(n, warm)[0])
             for label, srv in servers.items():

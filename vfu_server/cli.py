@@ -14,6 +14,7 @@ from typing import NoReturn
 import trio
 
 from . import registry
+from .pci.polling import DEFAULT_SOCKET_POLL_US, MAX_POLL_US
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
 
 PROG = "vfu-server"
@@ -31,6 +32,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--trace", action="store_true", help="log one decoded line per message, both directions")
+    parser.add_argument("--socket-poll-us", type=int, default=DEFAULT_SOCKET_POLL_US, metavar="US",
+                        help="after a message, look for the next one for up to US microseconds before "
+                             f"sleeping (adaptive; 0: never; default {DEFAULT_SOCKET_POLL_US})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         except MigrationError as exc:
             parser.error(f"--migration-format: {exc.reason}")
     control_path = getattr(args, "control_socket", None)
+    if not 0 <= args.socket_poll_us <= MAX_POLL_US:
+        parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     try:
         if args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
                                socket_path_to_remove=args.socket_path, control=control,
-                               control_path=control_path))
+                               control_path=control_path, socket_poll_us=args.socket_poll_us))
     except DeviceStartError as exc:
         sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
         return 1

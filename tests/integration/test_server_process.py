@@ -271,3 +271,85 @@ async def test_no_trace_without_the_flag() -> None:
                 await c.read32(0, MAGIC)
             assert await srv.terminate() == 0
             assert "vfu_server.trace" not in srv.stderr()
+
+
+# --------------------------------------------------------------------------------------------
+# --socket-poll-us: the busy look for the next message
+
+DISCONNECTED = re.compile(r"client 1 disconnected \((\d+) batches found by looking, (\d+) after sleeping\)")
+
+
+async def _reads_then_counts(*server_args: str, reads: int = 300) -> tuple[int, int]:
+    async with running_server("example", "--log-level", "info", *server_args) as srv:
+        async with await Client.connect(srv.socket_path) as c:
+            for _ in range(reads):
+                assert await c.read32(0, MAGIC) == MAGIC_VALUE
+        with trio.fail_after(TIMEOUT):
+            while not DISCONNECTED.search(srv.stderr()):
+                await trio.sleep(0.02)
+        assert await srv.terminate() == 0
+        found, waited = DISCONNECTED.search(srv.stderr()).groups()
+    return int(found), int(waited)
+
+
+async def test_socket_poll_finds_the_next_message() -> None:
+    # A window far longer than the client's turn-around: once it has grown (16 us, doubling
+    # per wake-up), every request is found by looking.
+    with trio.fail_after(TIMEOUT):
+        found, waited = await _reads_then_counts("--socket-poll-us", "200000")
+    assert found >= 250 and waited <= 50, (found, waited)
+
+
+async def test_socket_poll_off() -> None:
+    with trio.fail_after(TIMEOUT):
+        found, waited = await _reads_then_counts("--socket-poll-us", "0")
+    assert found == 0 and waited >= 300, (found, waited)
+
+
+FLOOD = """
+import socket, sys
+from vfu_server.protocol.codec import encode
+from vfu_server.protocol.constants import Command
+from vfu_server.protocol.messages import REGION_ACCESS
+from vfu_server.protocol.negotiation import client_offer
+
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(encode(0, Command.VERSION, client_offer().pack()))
+sock.recv(4096)
+burst = b"".join(encode(i, Command.REGION_WRITE, REGION_ACCESS.pack(4, 0, 4) + i.to_bytes(4, "little"),  # SCRATCH
+                        no_reply=True) for i in range(1, 65))
+print("flooding", flush=True)
+try:
+    while True:
+        sock.sendall(burst)
+except OSError:
+    pass
+"""
+
+
+async def test_the_rest_of_the_server_runs_while_messages_keep_coming(tmp_path) -> None:
+    # Posted writes from another process as fast as it can send them: with a long window
+    # the busy look always finds more, and only its regular pass through the scheduler lets
+    # the control socket's listener (woken by epoll) and SIGTERM in.
+    from test_control_socket import _ask
+
+    ctl = str(tmp_path / "dev.ctl")
+    with trio.fail_after(TIMEOUT):
+        async with running_server("example", "--socket-poll-us", "1000000", "--control-socket", ctl) as srv:
+            flood = await trio.lowlevel.open_process([sys.executable, "-c", FLOOD, srv.socket_path],
+                                                     stdout=subprocess.PIPE, env=env())
+            try:
+                assert await flood.stdout.receive_some(64) == b"flooding\n"
+                await trio.sleep(0.5)
+                # Answered in ~10 ms; without the scheduler passes, not while the flood lasts.
+                with trio.fail_after(3):
+                    (status,) = await _ask(ctl, {"cmd": "status"})
+                    assert status["ok"], status
+                with trio.fail_after(3):
+                    assert await srv.terminate() == 0, srv.stderr()
+            finally:
+                flood.kill()
+                await flood.wait()
+                await flood.stdout.aclose()
+            assert "Traceback" not in srv.stderr()

@@ -120,3 +120,21 @@ async def test_poll_lets_other_tasks_run() -> None:
 def test_negative_maximum_is_refused() -> None:
     with pytest.raises(ValueError):
         AdaptivePoll(-1)
+
+
+def test_busy_look_deadline_follows_the_same_window(clock: FakeClock) -> None:
+    # The vfio-user connection looks without checkpoints: spin_deadline/found/woken.
+    p = AdaptivePoll(100_000)
+    assert p.spin_deadline() == 0  # window still zero: sleep at once
+    clock.now += 30_000
+    p.woken()  # came back within the maximum: the window opens
+    assert p.window_ns == START_NS
+    assert p.spin_deadline() == clock.now + START_NS
+    p.found()
+    assert p.window_ns == START_NS and p.idle_since == 0
+    for _ in range(10):
+        p.spin_deadline()
+        clock.now += 500_000
+        p.woken()  # slower than the maximum every time
+    assert p.window_ns == 0 and p.spin_deadline() == 0
+    assert AdaptivePoll(0).spin_deadline() == 0

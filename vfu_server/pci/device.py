@@ -340,6 +340,11 @@ class PciDevice:
             self.migration.controller.reset()
             self.migration.sync_running()
 
+    @property
+    def reset_pending(self) -> bool:
+        """A config write asked for a reset (FLR) that the server has yet to do."""
+        return self._pending_reset is not None
+
     def take_pending_reset(self) -> str | None:
         reason, self._pending_reset = self._pending_reset, None
         return reason

@@ -39,6 +39,9 @@ MAX_POLL_US = 1_000_000
 #: us on the development VM, see docs/performance.md); a queue whose driver waits longer than
 #: this stops polling after a few idle periods.
 DEFAULT_POLL_US = 1000
+#: The default maximum of a vfio-user connection's busy look for its next message (``--socket-poll-us``):
+#: about two process wake-ups on the development VM, see docs/performance.md.
+DEFAULT_SOCKET_POLL_US = 100
 
 
 class AdaptivePoll:
@@ -78,6 +81,19 @@ class AdaptivePoll:
             if time.perf_counter_ns() >= deadline:
                 break
         return False
+
+    def spin_deadline(self) -> int:
+        """The queue ran dry and its caller will look for work in a busy loop of its own,
+        without checkpoints: the ``perf_counter_ns()`` at which to stop looking (0: do not
+        look, the window is zero). Call :meth:`found` or :meth:`woken` afterwards."""
+        if not self.max_ns:
+            return 0
+        now = self.idle_since = time.perf_counter_ns()
+        return now + self.window_ns if self.window_ns else 0
+
+    def found(self) -> None:
+        """A busy look found work (the window stays as it is)."""
+        self.idle_since = 0
 
     def ran_dry(self) -> None:
         """The queue ran dry and sleeps without polling (the window is zero)."""

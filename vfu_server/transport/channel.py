@@ -12,8 +12,11 @@ per ``recvmsg`` exactly as trio's does, and both directions still honour cancell
 from __future__ import annotations
 
 import array
+import fcntl
 import math
 import socket
+import sys
+import termios
 from collections.abc import Sequence
 
 import trio
@@ -35,6 +38,7 @@ class MessageChannel:
         self.decoder = MessageDecoder(max_message)
         self.ancbufsize = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         self._send_lock = trio.StrictFIFOLock()
+        self._finishing = False  # the lock is held for the rest of a message begun by send_now
         # Receive buffer; the decoder copies out of it before the next receive.
         self._rview = memoryview(bytearray(RECV_BUFFER))
         self.closed = False
@@ -44,53 +48,79 @@ class MessageChannel:
 
         Raises :class:`ProtocolError` when the stream is broken.
         """
-        out: list[Message] = []
         while True:
-            msg = self.decoder.next_message()
-            while msg is not None:
-                out.append(msg)
-                msg = self.decoder.next_message()
+            out = self._decoded()
             if out:
                 return out
             try:
                 nbytes, ancdata, flags = await self._recvmsg()
             except (ConnectionResetError, BrokenPipeError):
                 return None
-            data = self._rview[:nbytes]
-            fds = _collect_fds(ancdata)
-            if flags & socket.MSG_CTRUNC:
-                _close(fds)
-                raise ProtocolError("file descriptors were truncated (peer sent too many)")
-            if not data:
-                _close(fds)
-                if self.decoder.buffered:
-                    raise ProtocolError(f"EOF inside a message ({self.decoder.buffered} bytes pending)")
+            if not self._feed(nbytes, ancdata, flags):
                 return None
-            self.decoder.feed(data, fds)
 
-    def receive_nowait(self) -> list[Message]:
-        """Every complete message already received or waiting in the socket, without blocking
-        (shutdown uses it: what the client sent before the signal still takes effect)."""
-        out: list[Message] = []
+    def receive_ready(self) -> list[Message] | None:
+        """The complete messages there are now, reading the socket without blocking: ``[]``
+        when there are none yet, ``None`` at EOF. Raises like :meth:`receive`."""
         while True:
-            msg = self.decoder.next_message()
-            while msg is not None:
-                out.append(msg)
-                msg = self.decoder.next_message()
+            out = self._decoded()
             raw = self._raw
-            if raw is None or self.closed:
+            if out or raw is None or self.closed:
                 return out
             try:
                 nbytes, ancdata, flags, _ = raw.recvmsg_into([self._rview], self.ancbufsize)
             except (BlockingIOError, InterruptedError):
                 return out
-            except OSError:
-                return out
-            fds = _collect_fds(ancdata)
-            if flags & socket.MSG_CTRUNC or not nbytes:
-                _close(fds)
-                return out
-            self.decoder.feed(self._rview[:nbytes], fds)
+            except (ConnectionResetError, BrokenPipeError):
+                return None
+            if not self._feed(nbytes, ancdata, flags):
+                return None
+
+    def receive_nowait(self) -> list[Message]:
+        """Every complete message already received or queued in the socket now, without
+        blocking and without raising (shutdown uses it: what the client sent before the signal
+        still takes effect; a broken stream ends the list). What arrives meanwhile is left,
+        so a client that keeps sending cannot hold shutdown up."""
+        out = self._decoded()
+        raw = self._raw
+        if raw is None or self.closed:
+            return out
+        try:
+            queued = int.from_bytes(fcntl.ioctl(raw.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+        except OSError:
+            return out
+        while queued > 0:
+            try:
+                nbytes, ancdata, flags, _ = raw.recvmsg_into([self._rview[:queued]], self.ancbufsize)
+                if not self._feed(nbytes, ancdata, flags):
+                    break
+            except (ProtocolError, OSError):
+                break
+            queued -= nbytes
+            out += self._decoded()
+        return out
+
+    def _decoded(self) -> list[Message]:
+        out: list[Message] = []
+        msg = self.decoder.next_message()
+        while msg is not None:
+            out.append(msg)
+            msg = self.decoder.next_message()
+        return out
+
+    def _feed(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], flags: int) -> bool:
+        """Hand one read to the decoder; False at EOF."""
+        fds = _collect_fds(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            _close(fds)
+            raise ProtocolError("file descriptors were truncated (peer sent too many)")
+        if not nbytes:
+            _close(fds)
+            if self.decoder.buffered:
+                raise ProtocolError(f"EOF inside a message ({self.decoder.buffered} bytes pending)")
+            return False
+        self.decoder.feed(self._rview[:nbytes], fds)
+        return True
 
     async def _recvmsg(self) -> tuple[int, list[tuple[int, int, bytes]], int]:
         # Into a buffer allocated once: recvmsg(256 KiB) allocates (and maps, and unmaps) a
@@ -119,43 +149,57 @@ class MessageChannel:
         ``timeout`` bounds the time spent waiting for room in the socket (or for the send
         lock); when it expires, :class:`trio.TooSlowError` is raised and the stream is unusable.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        rest = self.send_now(data, fds)
+        if rest is not None:
+            await self.send_rest(rest, fds, timeout)
+
+    def send_now(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> memoryview | None:
+        """Send what the socket takes right now, without waiting, yielding or a checkpoint
+        (the server's replies use it so that handling a batch cannot be cancelled halfway).
+
+        Returns ``None`` when everything went out. Otherwise returns the unsent rest, which the
+        caller must hand to :meth:`send_rest` before anything else is sent: when part of the
+        message went out (with its fds), the channel stays locked for the rest.
+        """
+        view = memoryview(data)
         raw = self._raw
-        if raw is not None and not self._send_lock.locked():
-            # Fast path: nobody else is sending, and a Unix socket with room in its buffer
-            # takes the whole message at once, so no lock, no wait, no timer, no scheduler pass.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            view = memoryview(data)
-            try:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = raw.sendmsg([view], anc)
-                else:
-                    sent = raw.send(view)
-            except BlockingIOError:
-                sent = 0  # nothing (and no fd) went out: the slow path below sends it all
-            if sent == len(view):
-                return
-            if sent:
-                # The fds went with the first bytes; finish the rest under the lock (free:
-                # nothing awaited since locked() was checked).
-                self._send_lock.acquire_nowait()
-                try:
-                    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-                        await self._send_rest(view[sent:])
-                finally:
-                    self._send_lock.release()
-                if scope.cancelled_caught:
-                    raise trio.TooSlowError
-                return
+        if raw is None or self._send_lock.locked():
+            return view  # someone is mid-message (or no raw socket): queue up behind them
+        # A Unix socket with room in its buffer takes the whole message at once: no lock, no
+        # wait, no timer, no scheduler pass.
+        try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = raw.sendmsg([view], anc)
+            else:
+                sent = raw.send(view)
+        except BlockingIOError:
+            return view  # nothing (and no fd) went out
+        if sent == len(view):
+            return None
+        if sent:
+            self._send_lock.acquire_nowait()  # free: nothing awaited since locked() was checked
+            self._finishing = True
+        return view[sent:]
+
+    async def send_rest(self, rest: memoryview, fds: Sequence[int] = (), timeout: float | None = None) -> None:
+        """Finish a message :meth:`send_now` could not send whole (``fds`` as given to it)."""
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            async with self._send_lock:
-                view = memoryview(data)
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = await self.sock.sendmsg([view], anc)
-                else:
-                    sent = await self.sock.send(view)
-                await self._send_rest(view[sent:])
+            if self._finishing:
+                try:
+                    await self._send_rest(rest)
+                finally:
+                    self._finishing = False
+                    self._send_lock.release()
+            else:
+                async with self._send_lock:
+                    if fds:
+                        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                        sent = await self.sock.sendmsg([rest], anc)
+                    else:
+                        sent = await self.sock.send(rest)
+                    await self._send_rest(rest[sent:])
         if scope.cancelled_caught:
             raise trio.TooSlowError
 
