@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -365,6 +366,83 @@ async def test_net_no_frame_lost_or_duplicated(net_pair, fmt):
     assert rx_seqs == list(range(1000, 1040))
     done = tx.reap()
     assert tx.used_idx() == tx_seq and not tx.outstanding, done
+
+
+F_GUEST_CSUM, F_GUEST_TSO4 = 1 << 1, 1 << 7
+SOL_PACKET, PACKET_VNET_HDR = 263, 15  # linux/socket.h, if_packet.h: a virtio_net_hdr before each frame
+HOST_MAC = b"\x02\x00\x00\x00\x00\x09"
+
+
+def _ip_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _tcp_gso_frame(payload: bytes, mss: int) -> bytes:
+    """A virtio_net_hdr (NEEDS_CSUM, GSO TCPv4) and one TCP segment larger than the MTU, as a
+    host stack hands it to a device that does TSO: the checksum field holds the pseudo-header
+    sum, the segment is cut into ``mss``-sized pieces by whoever lacks the offload."""
+    src, dst = bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2])
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 1, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _ip_checksum(ip)) + ip[12:]
+    pseudo = _ip_checksum(src + dst + struct.pack("!BBH", 0, 6, 20 + len(payload)))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 1, 5 << 4, 0x18, 65535, pseudo, 0)
+    vnet = struct.pack("<BBHHHH", 1, 1, 54, mss, 34, 16)
+    return vnet + GUEST_MAC + HOST_MAC + b"\x08\x00" + ip + tcp + payload
+
+
+async def _host_sends_gso(ifname: str, rx: DriverQueue, payload: bytes) -> list[tuple[int, int]]:
+    """The host side of the TAP sends one 4 KB TCP segment with GSO; returns (GSO type,
+    frame length) of what the guest received from it: one whole frame when the TAP was given
+    the guest's TSO offload, MTU-sized pieces when it was not."""
+    subprocess.run(["ip", "link", "set", ifname, "up"], check=True, capture_output=True)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        sock.bind((ifname, 0))
+        sock.send(_tcp_gso_frame(payload, 1000))
+    finally:
+        sock.close()
+    got: list[tuple[int, int]] = []
+    received = 0
+    with trio.fail_after(10):
+        while received < len(payload):
+            for req in await rx.wait_used(1):
+                data = req.data(0)[: req.written]
+                if data[12 + 6 : 12 + 12] != HOST_MAC:
+                    continue  # the kernel's own chatter on a link that just came up
+                got.append((data[1], len(data) - 12))
+                received += len(data) - 12 - 54
+    return got
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                                reason="TAP devices need root and /dev/net/tun")
+
+
+@needs_root
+@pytest.mark.parametrize("fmt", FORMATS)
+async def test_net_tap_offloads_follow_the_guest_to_the_destination(fmt):
+    """The destination's TAP starts without offloads; on resume it gets the ones the guest
+    negotiated with the source, so a TSO segment from the host still arrives whole."""
+    names = [f"vfum{os.getpid() % 100000}{end}" for end in "sd"]
+    async with migration_pair("virtio-net", ("--tap", names[0], "--mac", MAC),
+                              ("--tap", names[1], "--mac", MAC)) as (src, dst, ram):
+        dev, (rx, _tx) = await init_device(src, ram, NET_FEATURES | F_GUEST_CSUM | F_GUEST_TSO4,
+                                           queues=(0, 1), size=16, slot_size=72 << 10)
+        assert dev.features & F_GUEST_TSO4
+        for _ in range(16):
+            rx.add(in_sizes=[12 + 65550])
+        await rx.kick(force=True)
+        payload = os.urandom(4000)
+        assert await _host_sends_gso(names[0], rx, payload) == [(1, 4054)], "the test's frame, on the source"
+        await mg.migrate(src, dst, fmt=fmt)
+        await switch_over(dev, dst)
+        assert await _host_sends_gso(names[1], rx, payload) == [(1, 4054)]
 
 
 async def test_net_destination_with_another_mac_is_refused(net_pair, tmp_path):
