@@ -40,6 +40,7 @@ from .protocol.constants import (
 from .protocol.errors import DmaError, ProtocolError, RemoteError, VfioUserError
 from .protocol.negotiation import Session, accept_server_reply, client_offer
 from .transport.channel import MessageChannel
+from .transport.pending import PendingReplies
 
 
 class GuestRam:
@@ -139,7 +140,7 @@ class Client:
         self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16)
         self.session: Session | None = None
         self._next_id = 0
-        self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._pending = PendingReplies()
         self._maps: list[_Mapping] = []
         self._nursery_cm: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
@@ -198,18 +199,14 @@ class Client:
                         break
                     for msg in batch:
                         if msg.is_reply:
-                            chan = self._pending.pop(msg.id, None)
-                            if chan is None:
+                            if not self._pending.deliver(msg):
                                 msg.close_fds()
                                 raise ProtocolError(f"unexpected reply id={msg.id}")
-                            chan.send_nowait(msg)
                         else:
                             await self._serve_request(msg)
             except (ProtocolError, OSError, trio.ClosedResourceError) as exc:
                 self.closed_reason = str(exc)
-        for chan in self._pending.values():
-            chan.close()
-        self._pending.clear()
+        self._pending.close()
         self._reader_done.set()
 
     async def _serve_request(self, msg: Message) -> None:
@@ -260,13 +257,11 @@ class Client:
         if self._reader_done.is_set():
             raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN)
         msg_id = self._alloc_id()
-        send, receive = trio.open_memory_channel[Message](1)
-        self._pending[msg_id] = send
+        waiter = self._pending.expect(msg_id)
         await self.channel.send(encode(msg_id, command, payload), fds)
-        try:
-            reply = await receive.receive()
-        except trio.EndOfChannel:
-            raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN) from None
+        reply = await waiter.wait()
+        if reply is None:
+            raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN)
         if check and reply.is_error:
             reply.close_fds()
             raise RemoteError(f"{Command(command).name if command in Command._value2member_map_ else command} failed: "

@@ -52,6 +52,7 @@ from .protocol.constants import (
 from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
 from .protocol.negotiation import ServerOffer, Session
 from .transport.channel import MessageChannel
+from .transport.pending import PendingReplies
 
 log = logging.getLogger("vfu_server.server")
 trace_log = logging.getLogger("vfu_server.trace")
@@ -102,7 +103,7 @@ class Connection:
         self.channel = MessageChannel(sock, max_message, server.offer.max_msg_fds)
         self.session: Session | None = None
         self._next_id = 0x8000  # our own request ids; only need to be unique among our pending
-        self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._pending = PendingReplies()
         self.tracing = trace_log.isEnabledFor(logging.INFO)
         self.receive_scope = trio.CancelScope()
         self.poll = AdaptivePoll(server.socket_poll_us * 1000)
@@ -183,9 +184,7 @@ class Connection:
     async def close(self) -> None:
         if self.channel.closed:
             return
-        for chan in self._pending.values():
-            chan.close()
-        self._pending.clear()
+        self._pending.close()
         self.channel.close()
         await self.server.client_gone()
 
@@ -304,24 +303,23 @@ class Connection:
     # -- server-initiated requests ----------------------------------------------------------
 
     def _route_reply(self, msg: Message) -> None:
-        chan = self._pending.pop(msg.id, None)
-        if chan is None:
+        if not self._pending.deliver(msg):
             log.warning("client %d: reply id=%d matches no request of ours; ignored", self.number, msg.id)
             msg.close_fds()
-            return
-        chan.send_nowait(msg)
 
     async def request(self, command: Command, payload: bytes) -> Message:
         """Send a request to the client and wait for its reply (from a device task only)."""
+        if len(self._pending) >= 0x8000:
+            raise VfioUserError("every server request id is waiting for a reply", errno.EBUSY)
         msg_id = self._next_id
-        self._next_id = 0x8000 | ((self._next_id + 1) & 0x7FFF)
-        send, receive = trio.open_memory_channel[Message](1)
-        self._pending[msg_id] = send
+        while msg_id in self._pending:  # still taken by a request whose task was cancelled
+            msg_id = 0x8000 | ((msg_id + 1) & 0x7FFF)
+        self._next_id = 0x8000 | ((msg_id + 1) & 0x7FFF)
+        waiter = self._pending.expect(msg_id)
         await self._send(encode(msg_id, command, payload))
-        try:
-            reply = await receive.receive()
-        except trio.EndOfChannel:
-            raise VfioUserError("client went away during a server request", errno.ENOTCONN) from None
+        reply = await waiter.wait()
+        if reply is None:
+            raise VfioUserError("client went away during a server request", errno.ENOTCONN)
         if reply.is_error:
             raise RemoteError(f"client refused {command.name}", reply.error)
         return reply
