@@ -240,7 +240,7 @@ class Connection:
         # The timeout only arms a timer here, when the socket is full.
         try:
             with trio.CancelScope(shield=True):
-                await self.channel.send_rest(rest, fds or (), timeout=self.server.send_timeout)
+                await self.channel.send_rest(rest, timeout=self.server.send_timeout)
         except trio.TooSlowError:
             raise ProtocolError("client stopped reading replies") from None
 

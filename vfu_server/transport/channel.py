@@ -18,6 +18,7 @@ import socket
 import sys
 import termios
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -25,6 +26,17 @@ from ..protocol.codec import Message, MessageDecoder
 from ..protocol.errors import ProtocolError
 
 RECV_BUFFER = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UnsentRest:
+    """What :meth:`MessageChannel.send_now` could not send at once."""
+
+    view: memoryview
+    #: fds still to send (when nothing went out; they go with the first byte)
+    fds: Sequence[int]
+    #: part went out: the channel's send lock is held for the rest by the sending task
+    locked: bool
 
 
 class MessageChannel:
@@ -38,7 +50,6 @@ class MessageChannel:
         self.decoder = MessageDecoder(max_message)
         self.ancbufsize = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         self._send_lock = trio.StrictFIFOLock()
-        self._finishing = False  # the lock is held for the rest of a message begun by send_now
         # Receive buffer; the decoder copies out of it before the next receive.
         self._rview = memoryview(bytearray(RECV_BUFFER))
         self.closed = False
@@ -152,20 +163,20 @@ class MessageChannel:
         await trio.lowlevel.checkpoint_if_cancelled()
         rest = self.send_now(data, fds)
         if rest is not None:
-            await self.send_rest(rest, fds, timeout)
+            await self.send_rest(rest, timeout)
 
-    def send_now(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> memoryview | None:
+    def send_now(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> UnsentRest | None:
         """Send what the socket takes right now, without waiting, yielding or a checkpoint
         (the server's replies use it so that handling a batch cannot be cancelled halfway).
 
-        Returns ``None`` when everything went out. Otherwise returns the unsent rest, which the
-        caller must hand to :meth:`send_rest` before anything else is sent: when part of the
-        message went out (with its fds), the channel stays locked for the rest.
+        Returns ``None`` when everything went out. Otherwise the same task must pass the
+        returned rest to :meth:`send_rest`: when part of the message went out (with its fds),
+        the channel stays locked for it meanwhile, so no other message cuts into it.
         """
         view = memoryview(data)
         raw = self._raw
         if raw is None or self._send_lock.locked():
-            return view  # someone is mid-message (or no raw socket): queue up behind them
+            return UnsentRest(view, fds, locked=False)  # queue up behind the message being sent
         # A Unix socket with room in its buffer takes the whole message at once: no lock, no
         # wait, no timer, no scheduler pass.
         try:
@@ -175,31 +186,30 @@ class MessageChannel:
             else:
                 sent = raw.send(view)
         except BlockingIOError:
-            return view  # nothing (and no fd) went out
+            return UnsentRest(view, fds, locked=False)  # nothing (and no fd) went out
         if sent == len(view):
             return None
-        if sent:
-            self._send_lock.acquire_nowait()  # free: nothing awaited since locked() was checked
-            self._finishing = True
-        return view[sent:]
+        if not sent:
+            return UnsentRest(view, fds, locked=False)
+        self._send_lock.acquire_nowait()  # free: nothing awaited since locked() was checked
+        return UnsentRest(view[sent:], (), locked=True)
 
-    async def send_rest(self, rest: memoryview, fds: Sequence[int] = (), timeout: float | None = None) -> None:
-        """Finish a message :meth:`send_now` could not send whole (``fds`` as given to it)."""
+    async def send_rest(self, rest: UnsentRest, timeout: float | None = None) -> None:
+        """Finish a message :meth:`send_now` could not send whole (``timeout`` as for :meth:`send`)."""
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            if self._finishing:
+            if rest.locked:
                 try:
-                    await self._send_rest(rest)
+                    await self._send_rest(rest.view)
                 finally:
-                    self._finishing = False
                     self._send_lock.release()
             else:
                 async with self._send_lock:
-                    if fds:
-                        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                        sent = await self.sock.sendmsg([rest], anc)
+                    if rest.fds:
+                        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", rest.fds))]
+                        sent = await self.sock.sendmsg([rest.view], anc)
                     else:
-                        sent = await self.sock.send(rest)
-                    await self._send_rest(rest[sent:])
+                        sent = await self.sock.send(rest.view)
+                    await self._send_rest(rest.view[sent:])
         if scope.cancelled_caught:
             raise trio.TooSlowError
 
