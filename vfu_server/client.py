@@ -256,9 +256,14 @@ class Client:
         """Send a request and wait for its reply. Raises :class:`RemoteError` on an error reply."""
         if self._reader_done.is_set():
             raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN)
+        # Cancellation is checked before the id is taken: a request cancelled later may have
+        # gone out, so its id stays taken until its reply (or the connection's end) comes.
+        await trio.lowlevel.checkpoint_if_cancelled()
         msg_id = self._alloc_id()
         waiter = self._pending.expect(msg_id)
-        await self.channel.send(encode(msg_id, command, payload), fds)
+        rest = self.channel.send_now(encode(msg_id, command, payload), fds)
+        if rest is not None:
+            await self.channel.send_rest(rest)
         reply = await waiter.wait()
         if reply is None:
             raise VfioUserError(f"connection closed: {self.closed_reason}", errno.ENOTCONN)

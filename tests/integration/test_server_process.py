@@ -353,3 +353,25 @@ async def test_the_rest_of_the_server_runs_while_messages_keep_coming(tmp_path) 
                 await flood.wait()
                 await flood.stdout.aclose()
             assert "Traceback" not in srv.stderr()
+
+
+async def test_a_long_look_lets_the_rest_of_the_server_in(tmp_path) -> None:
+    # Reads 0.3 s apart grow the window past 0.3 s (it doubles per wake-up until the look
+    # catches the next read), then the client goes quiet: the look that follows passes
+    # through the scheduler every millisecond, so the control socket need not wait for it.
+    from test_control_socket import _ask
+
+    ctl = str(tmp_path / "dev.ctl")
+    with trio.fail_after(TIMEOUT):
+        async with running_server("example", "--socket-poll-us", "1000000", "--control-socket", ctl) as srv:
+            async with await Client.connect(srv.socket_path) as c:
+                for _ in range(20):
+                    await c.read32(0, MAGIC)
+                    await trio.sleep(0.3)
+                await c.read32(0, MAGIC)
+                await trio.sleep(0.05)  # the server looks for the next read now
+                # ~1 ms; held until the window ends (~0.45 s more) without the scheduler passes
+                with trio.fail_after(0.25):
+                    (status,) = await _ask(ctl, {"cmd": "status"})
+                assert status["ok"], status
+            assert await srv.terminate() == 0

@@ -66,3 +66,18 @@ async def test_a_cancelled_request_keeps_its_id_until_the_reply() -> None:
     assert 5 in pending, "a late reply must not meet a new request with the same id"
     assert pending.deliver(reply(5))
     assert 5 not in pending
+
+
+async def test_a_late_reply_to_a_cancelled_request_has_its_fds_closed() -> None:
+    import os
+
+    pending = PendingReplies()
+    with trio.move_on_after(0.01):
+        await pending.expect(6).wait()
+    r, w = os.pipe()
+    os.close(w)
+    late = Message(6, Command.DMA_READ, 1, 0, b"", [r])
+    assert pending.deliver(late)
+    assert late.fds == []
+    with pytest.raises(OSError):
+        os.fstat(r)

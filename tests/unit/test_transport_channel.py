@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 import trio
 
 from vfu_server.protocol.codec import encode
 from vfu_server.protocol.constants import Command
+from vfu_server.protocol.errors import ProtocolError
 from vfu_server.transport.channel import MessageChannel
 
 
@@ -86,4 +88,27 @@ async def test_receive_nowait_takes_what_is_queued_and_leaves_the_socket_usable(
     assert [m.id for m in await chan.receive()] == [0]
     peer.close()
     assert await chan.receive() is None
+    chan.close()
+
+
+GARBAGE = struct.pack("<HHIII", 9, Command.REGION_WRITE, 3, 0, 0)  # size 3: less than a header
+
+
+async def test_messages_before_garbage_still_count() -> None:
+    chan, peer = channel_pair(1 << 20)
+    good = encode(1, Command.REGION_WRITE, bytes(20), no_reply=True)
+    peer.sendall(good + GARBAGE)
+    assert [m.id for m in await chan.receive()] == [1]
+    with pytest.raises(ProtocolError):
+        await chan.receive()
+    peer.close()
+    chan.close()
+
+
+async def test_receive_nowait_keeps_what_came_before_garbage() -> None:
+    chan, peer = channel_pair(1 << 20)
+    peer.sendall(encode(1, Command.REGION_WRITE, bytes(20), no_reply=True) + GARBAGE)
+    assert [m.id for m in chan.receive_nowait()] == [1]
+    assert chan.receive_nowait() == []  # broken: nothing more, and no exception
+    peer.close()
     chan.close()

@@ -53,6 +53,7 @@ class MessageChannel:
         # Receive buffer; the decoder copies out of it before the next receive.
         self._rview = memoryview(bytearray(RECV_BUFFER))
         self.closed = False
+        self._broken: ProtocolError | None = None  # raised after the messages decoded before it
 
     async def receive(self) -> list[Message] | None:
         """Wait for at least one complete message. Returns ``None`` at EOF.
@@ -92,31 +93,38 @@ class MessageChannel:
         blocking and without raising (shutdown uses it: what the client sent before the signal
         still takes effect; a broken stream ends the list). What arrives meanwhile is left,
         so a client that keeps sending cannot hold shutdown up."""
-        out = self._decoded()
-        raw = self._raw
-        if raw is None or self.closed:
-            return out
+        out: list[Message] = []
         try:
+            out += self._decoded()
+            raw = self._raw
+            if raw is None or self.closed:
+                return out
             queued = int.from_bytes(fcntl.ioctl(raw.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
-        except OSError:
-            return out
-        while queued > 0:
-            try:
+            while queued > 0:
                 nbytes, ancdata, flags, _ = raw.recvmsg_into([self._rview[:queued]], self.ancbufsize)
                 if not self._feed(nbytes, ancdata, flags):
                     break
-            except (ProtocolError, OSError):
-                break
-            queued -= nbytes
-            out += self._decoded()
+                queued -= nbytes
+                out += self._decoded()
+        except (ProtocolError, OSError):
+            pass
         return out
 
     def _decoded(self) -> list[Message]:
+        """The complete messages in the decoder. When the stream breaks after some of them,
+        those come first and the error on the next call (the messages before garbage count)."""
+        if self._broken is not None:
+            raise self._broken
         out: list[Message] = []
-        msg = self.decoder.next_message()
-        while msg is not None:
-            out.append(msg)
+        try:
             msg = self.decoder.next_message()
+            while msg is not None:
+                out.append(msg)
+                msg = self.decoder.next_message()
+        except ProtocolError as exc:
+            if not out:
+                raise
+            self._broken = exc
         return out
 
     def _feed(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], flags: int) -> bool:

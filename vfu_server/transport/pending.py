@@ -17,17 +17,27 @@ class ReplyWaiter:
     """One request's wait. :meth:`wait` returns the reply, or ``None`` if the connection
     closed before it came."""
 
-    __slots__ = ("_event", "reply")
+    __slots__ = ("_abandoned", "_event", "reply")
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._abandoned = False
         self.reply: Message | None = None
 
     async def wait(self) -> Message | None:
-        await self._event.wait()
+        try:
+            await self._event.wait()
+        except BaseException:
+            # Cancelled: nobody will take the reply, so nobody would close its fds.
+            self._abandoned = True
+            if self.reply is not None:
+                self.reply.close_fds()
+            raise
         return self.reply
 
     def _resolve(self, reply: Message | None) -> None:
+        if self._abandoned and reply is not None:
+            reply.close_fds()
         self.reply = reply
         self._event.set()
 
