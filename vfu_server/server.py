@@ -67,8 +67,8 @@ _ASYNC_COMMANDS = {Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DAT
 
 _HANDLERS: dict[int, str] = {}
 
-#: The longest a connection handles messages found by its busy look without a scheduler pass
-#: (which lets the device's tasks see their eventfds and lets shutdown in).
+#: The longest a connection looks for messages, or handles the ones its look found, without a
+#: scheduler pass (which lets the device's tasks see their eventfds and lets shutdown in).
 MAX_HOLD_NS = 1_000_000
 
 

@@ -67,32 +67,29 @@ class AdaptivePoll:
         passed, is zero, or ``cancelled()`` (the queue is stopping or pausing): then the
         caller asks for a doorbell, sleeps, and calls :meth:`woken` when it wakes.
         """
-        if not self.max_ns:
+        deadline = self.spin_deadline()
+        if not deadline:
             return False
-        now = self.idle_since = time.perf_counter_ns()
-        if not self.window_ns:
-            return False
-        deadline = now + self.window_ns
         while not cancelled():
             await trio.lowlevel.checkpoint()
             if has_work():
-                self.idle_since = 0
+                self.found()
                 return True
             if time.perf_counter_ns() >= deadline:
                 break
         return False
 
     def spin_deadline(self) -> int:
-        """The queue ran dry and its caller will look for work in a busy loop of its own,
-        without checkpoints: the ``perf_counter_ns()`` at which to stop looking (0: do not
-        look, the window is zero). Call :meth:`found` or :meth:`woken` afterwards."""
+        """The queue ran dry: the ``perf_counter_ns()`` at which to stop looking for work (0:
+        do not look, the window is zero). :meth:`poll` looks with checkpoints; a caller that
+        looks in a busy loop of its own calls this, then :meth:`found` or :meth:`woken`."""
         if not self.max_ns:
             return 0
         now = self.idle_since = time.perf_counter_ns()
         return now + self.window_ns if self.window_ns else 0
 
     def found(self) -> None:
-        """A busy look found work (the window stays as it is)."""
+        """A look found work (the window stays as it is)."""
         self.idle_since = 0
 
     def ran_dry(self) -> None:

@@ -188,11 +188,7 @@ class MessageChannel:
         # A Unix socket with room in its buffer takes the whole message at once: no lock, no
         # wait, no timer, no scheduler pass.
         try:
-            if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                sent = raw.sendmsg([view], anc)
-            else:
-                sent = raw.send(view)
+            sent = raw.sendmsg([view], _rights(fds)) if fds else raw.send(view)
         except BlockingIOError:
             return UnsentRest(view, fds, locked=False)  # nothing (and no fd) went out
         if sent == len(view):
@@ -207,21 +203,20 @@ class MessageChannel:
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             if rest.locked:
                 try:
-                    await self._send_rest(rest.view)
+                    await self._send_all(rest.view)
                 finally:
                     self._send_lock.release()
             else:
                 async with self._send_lock:
                     if rest.fds:
-                        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", rest.fds))]
-                        sent = await self.sock.sendmsg([rest.view], anc)
+                        sent = await self.sock.sendmsg([rest.view], _rights(rest.fds))
                     else:
                         sent = await self.sock.send(rest.view)
-                    await self._send_rest(rest.view[sent:])
+                    await self._send_all(rest.view[sent:])
         if scope.cancelled_caught:
             raise trio.TooSlowError
 
-    async def _send_rest(self, view: memoryview) -> None:
+    async def _send_all(self, view: memoryview) -> None:
         while len(view):
             sent = await self.sock.send(view)
             view = view[sent:]
@@ -231,6 +226,11 @@ class MessageChannel:
             self.closed = True
             self.decoder.close()
             self.sock.close()
+
+
+def _rights(fds: Sequence[int]) -> list[tuple[int, int, array.array[int]]]:
+    """SCM_RIGHTS ancillary data carrying ``fds``."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def _collect_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
