@@ -18,6 +18,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_virtio_net import ones_complement_sum
 
 from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
@@ -373,23 +374,14 @@ SOL_PACKET, PACKET_VNET_HDR = 263, 15  # linux/socket.h, if_packet.h: a virtio_n
 HOST_MAC = b"\x02\x00\x00\x00\x00\x09"
 
 
-def _ip_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 def _tcp_gso_frame(payload: bytes, mss: int) -> bytes:
     """A virtio_net_hdr (NEEDS_CSUM, GSO TCPv4) and one TCP segment larger than the MTU, as a
     host stack hands it to a device that does TSO: the checksum field holds the pseudo-header
     sum, the segment is cut into ``mss``-sized pieces by whoever lacks the offload."""
     src, dst = bytes([10, 9, 0, 1]), bytes([10, 9, 0, 2])
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 1, 0x4000, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", 0xFFFF - _ip_checksum(ip)) + ip[12:]
-    pseudo = _ip_checksum(src + dst + struct.pack("!BBH", 0, 6, 20 + len(payload)))
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - ones_complement_sum(ip)) + ip[12:]
+    pseudo = ones_complement_sum(src + dst + struct.pack("!BBH", 0, 6, 20 + len(payload)))
     tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 1, 5 << 4, 0x18, 65535, pseudo, 0)
     vnet = struct.pack("<BBHHHH", 1, 1, 54, mss, 34, 16)
     return vnet + GUEST_MAC + HOST_MAC + b"\x08\x00" + ip + tcp + payload

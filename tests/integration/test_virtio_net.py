@@ -238,13 +238,18 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-def _csum(data: bytes) -> int:
+def ones_complement_sum(data: bytes) -> int:
+    """The 16-bit one's complement sum of ``data`` (RFC 1071), folded, not yet inverted."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return s
+
+
+def _csum(data: bytes) -> int:
+    return ~ones_complement_sum(data) & 0xFFFF
 
 
 def icmp_echo(src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seq: int, payload: bytes) -> bytes:
