@@ -100,7 +100,9 @@ class GuestRam:
 
 
 class EventFd:
-    """An eventfd handed to the server for one interrupt vector."""
+    """An eventfd handed to the server for one interrupt vector. The :class:`Client` that made it
+    (:meth:`Client.enable_irqs`) owns it and closes it when the connection closes; passing its
+    ``fd`` to another client's :meth:`Client.set_irqs` (a migration's destination) only lends it."""
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -147,6 +149,7 @@ class Client:
         self._reader_done = trio.Event()
         self.closed_reason: str | None = None
         self.server_requests = 0
+        self._eventfds: list[EventFd] = []
 
     # -- connection -------------------------------------------------------------------------
 
@@ -182,7 +185,13 @@ class Client:
         self._cancel.cancel()
         self.channel.close()
         await self._nursery_manager.__aexit__(None, None, None)
+        self._close_eventfds()
         return False
+
+    def _close_eventfds(self) -> None:
+        for efd in self._eventfds:
+            efd.close()
+        self._eventfds.clear()
 
     async def negotiate(self, offer: m.Version | None = None) -> Session:
         reply = await self.request(Command.VERSION, (offer or client_offer()).pack())
@@ -383,10 +392,17 @@ class Client:
                        fds: Sequence[int] = (), data: bytes = b"") -> None:
         await self.request(Command.DEVICE_SET_IRQS, m.IrqSet(flags, index, start, count, data).pack(), fds)
 
-    async def enable_irqs(self, index: int, count: int) -> list[EventFd]:
+    async def enable_irqs(self, index: int, count: int, start: int = 0) -> list[EventFd]:
+        """New eventfds for vectors ``start .. start+count-1`` of ``index``, sent in as many
+        SET_IRQS messages as the server's ``max_msg_fds`` needs (QEMU splits them the same way).
+        The client keeps them until it closes."""
         efds = [EventFd() for _ in range(count)]
-        await self.set_irqs(index, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER, 0, count,
-                            [e.fd for e in efds])
+        self._eventfds += efds
+        per_message = max(1, self.session.peer_max_msg_fds if self.session else 1)
+        for first in range(0, count, per_message):
+            chunk = efds[first : first + per_message]
+            await self.set_irqs(index, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
+                                start + first, len(chunk), [e.fd for e in chunk])
         return efds
 
     async def enable_msix(self, count: int) -> list[EventFd]:
@@ -438,3 +454,4 @@ class Client:
     async def aclose(self) -> None:
         self._cancel.cancel()
         self.channel.close()
+        self._close_eventfds()

@@ -25,7 +25,7 @@ from server_helpers import (
     RawConn,
 )
 
-from vfu_server.client import Client, GuestRam
+from vfu_server.client import Client, EventFd, GuestRam
 from vfu_server.protocol import messages as m
 from vfu_server.protocol.codec import encode
 from vfu_server.protocol.constants import (
@@ -34,6 +34,7 @@ from vfu_server.protocol.constants import (
     DmaMapFlags,
     IrqIndex,
     IrqInfoFlags,
+    IrqSetFlags,
     PciRegion,
     RegionFlags,
 )
@@ -354,7 +355,11 @@ async def test_disconnect_and_reconnect_keeps_device_state(server) -> None:
                 await c.write32(0, SCRATCH, 0xC0FFEE)
                 await c.dma_map(ram)
                 await c.enable_bus_master()
-                old = await c.enable_msix(1)
+                await c.enable_msix(1)
+                # The test's own eventfd, lent (a client closes the ones it made when it closes).
+                old = [EventFd()]
+                await c.set_irqs(IrqIndex.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
+                                 0, 1, [old[0].fd])
                 ram.write(0, b"abcd")
                 await start_copy(c, 0, 0x100, 4)
                 await old[0].wait()
@@ -377,6 +382,16 @@ async def test_disconnect_and_reconnect_keeps_device_state(server) -> None:
             ram.close()
 
 
+async def test_a_client_closes_the_eventfds_it_made(server) -> None:
+    with trio.fail_after(TIMEOUT):
+        before = set(os.listdir("/proc/self/fd"))
+        async with await Client.connect(server.socket_path) as c:
+            vectors = await c.enable_msix(4)
+            assert len({v.fd for v in vectors}) == 4 and min(v.fd for v in vectors) >= 0
+        assert [v.fd for v in vectors] == [-1] * 4
+        assert set(os.listdir("/proc/self/fd")) <= before
+
+
 async def test_abrupt_disconnect_mid_message(server) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await RawConn.connect(server.socket_path)
@@ -388,7 +403,7 @@ async def test_abrupt_disconnect_mid_message(server) -> None:
 
 
 def readable_now(sock) -> bool:
-    # poll, not select: select() refuses fds >= 1024, which a long test session reaches
+    # poll, not select: select() refuses fds >= 1024
     p = select.poll()
     p.register(sock.fileno(), select.POLLIN)
     return bool(p.poll(0))

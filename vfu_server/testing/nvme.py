@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import trio
 
 from ..client import Client, EventFd, GuestRam
-from ..protocol.constants import IrqIndex, IrqSetFlags
 from .process import ServerProcess, running_server
 
 PAGE = 4096
@@ -182,14 +181,7 @@ class NvmeTestDriver:
             await self.client.dma_map(self.ram)
         await self.client.enable_bus_master()
         if msix_vectors:
-            # vfio-user passes at most 16 fds per message: hand out the eventfds in chunks.
-            self.vectors = await self.client.enable_msix(min(msix_vectors, 16))
-            while len(self.vectors) < msix_vectors:
-                start, count = len(self.vectors), min(16, msix_vectors - len(self.vectors))
-                efds = [EventFd() for _ in range(count)]
-                await self.client.set_irqs(IrqIndex.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
-                                           start, count, [e.fd for e in efds])
-                self.vectors += efds
+            self.vectors = await self.client.enable_msix(msix_vectors)
         if enable:
             await self.enable(admin_entries=admin_entries)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..client import Client, EventFd, GuestRam
-from ..protocol.constants import IrqIndex, IrqSetFlags
+from ..protocol.constants import IrqIndex
 
 VIRTIO_F_INDIRECT_DESC = 1 << 28
 VIRTIO_F_EVENT_IDX = 1 << 29
@@ -312,12 +312,7 @@ class VirtioDriver:
             n = (await client.config_read(cap + 2, 2) & 0x7FF) + 1
             control = await client.config_read(cap + 2, 2)
             await client.config_write(cap + 2, control | 0x8000, 2)
-            self.vectors = [EventFd() for _ in range(n)]
-            # At most 16 fds per message (the server's max_msg_fds), as QEMU splits them too.
-            for start in range(0, n, 16):
-                chunk = self.vectors[start : start + 16]
-                await client.set_irqs(IrqIndex.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
-                                      start, len(chunk), [e.fd for e in chunk])
+            self.vectors = await client.enable_irqs(IrqIndex.MSIX, n)
         return self
 
     # -- register access ----------------------------------------------------------------
