@@ -116,8 +116,8 @@ class Server:
         return self.proc.pid
 
 
-def server_argv(device: str, socket_path: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "vfu_server", device, "--socket-path", socket_path, *args]
+def server_argv(device: str, socket_path: str, *args: str, python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "vfu_server", device, "--socket-path", socket_path, *args]
 
 
 # Where the benchmarks' child interpreters cache bytecode. A normal installation has .pyc files;
@@ -144,10 +144,12 @@ class Variant:
     env: tuple[tuple[str, str], ...] = ()
     #: run the server from another checkout (``python -m vfu_server`` imports from its cwd)
     checkout: str | None = None
+    #: run it with another interpreter (one with trio and cffi, e.g. another venv's python)
+    python: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """``LABEL=[@CHECKOUT] [NAME=VALUE ...] [server options]``."""
+        """``LABEL=[@CHECKOUT] [python:INTERPRETER] [NAME=VALUE ...] [server options]``."""
         label, sep, rest = text.partition("=")
         if not sep or not label.strip():
             raise ValueError(f"--variant {text!r}: expected LABEL=ARGS")
@@ -157,16 +159,22 @@ class Variant:
             checkout = os.path.abspath(words.pop(0)[1:])
             if not os.path.isfile(os.path.join(checkout, "vfu_server", "__main__.py")):
                 raise ValueError(f"--variant {text!r}: {checkout} is not a vfu-server checkout")
+        python = None
+        if words and words[0].startswith("python:"):
+            python = words.pop(0)[len("python:"):]
+            if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+                raise ValueError(f"--variant {text!r}: {python!r} is not an executable file")
         env = []
         while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
             name, _, value = words.pop(0).partition("=")
             env.append((name, value))
-        return cls(label.strip(), tuple(words), tuple(env), checkout)
+        return cls(label.strip(), tuple(words), tuple(env), checkout, python)
 
 
 @contextmanager
 def running_server(device: str, *args: str, env: dict[str, str] | None = None,
-                   timeout: float = 30.0, tree: Path | None = None) -> Iterator[Server]:
+                   timeout: float = 30.0, tree: Path | None = None,
+                   python: str | None = None) -> Iterator[Server]:
     """Start ``python -m vfu_server DEVICE`` exactly as a user would; stop it on exit.
 
     ``tree`` runs the server from another checkout (e.g. a ``git worktree`` of an older
@@ -179,7 +187,7 @@ def running_server(device: str, *args: str, env: dict[str, str] | None = None,
         senv = server_env(env)
         if tree is not None:
             senv["PYTHONPATH"] = str(tree)
-        proc = subprocess.Popen(server_argv(device, path, *args), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(server_argv(device, path, *args, python=python), stdout=subprocess.PIPE,
                                 stderr=err, stdin=subprocess.DEVNULL, env=senv, cwd=tree or REPO)
     try:
         assert proc.stdout is not None

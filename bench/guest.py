@@ -14,7 +14,8 @@ that ``--poll-us``), all in the same boot, so the settings are compared against 
 against QEMU's devices under the same guest and host conditions. ``--variant 'LABEL=ARGS'``
 (repeatable) does the same for any server options; ``ARGS`` may start with ``@DIR`` (run that
 variant's servers from another checkout, e.g. ``git worktree add DIR COMMIT``: a regression
-check in one boot) and with ``NAME=VALUE`` environment settings, as on a shell command line
+check in one boot), then ``python:INTERPRETER`` (run them with another venv's python, e.g.
+another CPython build) and ``NAME=VALUE`` environment settings, as on a shell command line
 (``--variant 'no C=VFU_FASTIO=0'``).
 ``--devices nvme`` leaves the virtio-blk pair out (and the other way round).
 
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                 assert variant is not None
                 # Linux refuses a second controller with the same serial (same subsystem).
                 devices.append(VfuDevice(dev, args=["--backing", str(img), "--serial", f"VFU{i:04d}", *variant.args],
-                                         env=dict(variant.env) or None, cwd=variant.checkout or str(REPO)))
+                                         env=dict(variant.env) or None, cwd=variant.checkout or str(REPO),
+                                         python=variant.python))
             elif dev == "nvme":
                 devices.append(builtin_nvme(img))
             else:

@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--posted", type=int, default=100_000, help="posted writes per measurement")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (best median kept)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
-                    help="compare servers instead: LABEL=[@CHECKOUT] [NAME=VALUE ...] [server options], "
-                         "e.g. 'before=@../old' or 'no poll=--socket-poll-us 0' (repeatable; this "
+                    help="compare servers instead: LABEL=[@CHECKOUT] [python:INTERPRETER] [NAME=VALUE ...] "
+                         "[server options], e.g. 'before=@../old' or 'no poll=--socket-poll-us 0' (repeatable; this "
                          "checkout with its defaults is always measured)")
     args = ap.parse_args(argv)
     if args.variant:
@@ -312,7 +312,8 @@ def compare(args: argparse.Namespace, variants: list[Variant]) -> None:
     floor = []
     with ExitStack() as stack:
         servers = {v.label: stack.enter_context(running_server(
-            "example", *v.args, env=dict(v.env) or None, tree=Path(v.checkout) if v.checkout else None))
+            "example", *v.args, env=dict(v.env) or None, tree=Path(v.checkout) if v.checkout else None,
+            python=v.python))
             for v in variants}
         for _ in range(args.repeat):
             floor.append(floor_pingpong(n, warm)[0])

@@ -58,6 +58,8 @@ class VfuDevice:
     cwd: str | os.PathLike[str] | None = None
     config: str = "vfio-user"
     ready_timeout: float = 30.0
+    #: the interpreter that runs the server (default: this one)
+    python: str | None = None
 
 
 @dataclass
@@ -208,7 +210,7 @@ class _Run:
     def start_server(self, dev: VfuDevice, dev_id: str) -> Path:
         sock = self.tmp / f"{dev_id}.sock"
         argv = [
-            sys.executable,
+            dev.python or sys.executable,
             "-m",
             "vfu_server",
             dev.device,
