@@ -61,19 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("device")
     _common(parser)
     device_cls.add_arguments(parser)
-    formats = device_cls.migration_formats
-    if formats is not None:
+    if device_cls.migration_formats is not None:
         mig = parser.add_argument_group("migration")
         mig.add_argument("--migration-format", metavar="NAME|UUID",
-                         help=f"state format for outgoing migrations (default: {formats.default.name})")
+                         help="state format for outgoing migrations (default: the one "
+                              "--list-migration-formats marks as default)")
         mig.add_argument("--list-migration-formats", action="store_true",
                          help="print the device's migration formats as JSON and exit")
         mig.add_argument("--control-socket", metavar="PATH",
                          help="JSON-lines control socket: list-formats, select-outgoing, status, ...")
-    if formats is not None and "--list-migration-formats" in argv:
+    if device_cls.migration_formats is not None and "--list-migration-formats" in argv:
         import json
 
-        print(json.dumps(formats.descriptors(), indent=2))
+        print(json.dumps(device_cls.get_migration_formats().descriptors(), indent=2))
         return 0
     args = parser.parse_args(argv)
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     if getattr(args, "migration_format", None) and device.migration is not None:
-        from .migration import MigrationError
+        from .migration.errors import MigrationError
 
         try:
             device.migration.controller.select_outgoing(args.migration_format)

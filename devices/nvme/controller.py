@@ -25,7 +25,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -43,14 +43,12 @@ from vfu_server.block import (
     parse_size,
 )
 from vfu_server.block.spec import BACKING_IO, BackendSpec
-from vfu_server.migration.generic import PciProfile
 from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
 
 from ..fastio import load_module_async as load_fastio
 from . import identify
-from . import migration as nvme_migration
 from .admin import AdminCommands
 from .command import Command
 from .constants import (
@@ -76,7 +74,6 @@ from .constants import (
 from .errors import NvmeError
 from .fastio import FastIo
 from .io import IoCommands
-from .migration_format import NVME_FORMATS, NvmeMigState
 from .namespace import Namespace, lba_format_for
 from .queues import (
     CqRuntime,
@@ -102,6 +99,11 @@ from .state import (
     Registers,
     SubmissionQueueState,
 )
+
+if TYPE_CHECKING:
+    from vfu_server.migration.generic import PciProfile
+
+    from .migration_format import NvmeMigState
 
 log = logging.getLogger("vfu_server.device.nvme")
 
@@ -132,7 +134,7 @@ class NvmeController(PciDevice):
     )
     intx = True
     #: "opaque" (opaque/vfu-nvme) and "standard" (nvme-ctrl/std/1), see .migration_format
-    migration_formats = NVME_FORMATS
+    migration_formats = "devices.nvme.migration_format:NVME_FORMATS"
 
     def __init__(
         self,
@@ -371,13 +373,22 @@ class NvmeController(PciDevice):
             # A CC write that arrived just before the stop is applied now.
             self._cc_changed.set()
 
+    # .migration and the state tree it builds are imported by the first migration, not with
+    # the controller: a server that never migrates does not pay for ~40 dataclasses.
+
     def migration_profile(self) -> PciProfile:
+        from . import migration as nvme_migration
+
         return nvme_migration.profile(self, super().migration_profile())
 
     def save_state(self) -> NvmeMigState:
+        from . import migration as nvme_migration
+
         return nvme_migration.snapshot(self)
 
     def load_state(self, state: NvmeMigState) -> None:
+        from . import migration as nvme_migration
+
         nvme_migration.apply(self, state)
 
     def reset_state(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,10 +32,12 @@ from vfu_server.pci.polling import DEFAULT_POLL_US
 
 from ..fastio import RegionTable, backend_fast_io
 from ..fastio import load_module_async as load_fastio
-from .migration_format import BLK_FORMATS, BlkMig, VirtioDevState
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
 from .spec import DeviceId, bit
+
+if TYPE_CHECKING:
+    from .migration_format import VirtioDevState
 
 SECTOR = 512
 MAX_QUEUES = 16
@@ -66,7 +68,7 @@ class VirtioBlk(VirtioPciDevice):
     queue_max_size = 256
     max_inflight = 64
     #: opaque/vfu-virtio-blk (default) and virtio-blk/std/1
-    migration_formats = BLK_FORMATS
+    migration_formats = "devices.virtio.migration_format:BLK_FORMATS"
 
     def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "",
                  poll_us: int = DEFAULT_POLL_US) -> None:
@@ -165,6 +167,8 @@ class VirtioBlk(VirtioPciDevice):
     # -- migration: the backend is not migrated (storage is shared) ------------------------
 
     def save_device_state(self) -> dict[str, Any]:
+        from .migration_format import BlkMig
+
         return {"blk": BlkMig(writeback=1, serial=self.serial)}
 
     def check_device_state(self, state: VirtioDevState) -> None:

@@ -29,18 +29,20 @@ import os
 import re
 import struct
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 
-from .migration_format import NET_FORMATS, NetMig, VirtioDevState
 from .netbackend import NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
 from .spec import DeviceId, Status, bit
+
+if TYPE_CHECKING:
+    from .migration_format import VirtioDevState
 
 MAX_PAIRS = 8
 F_MAC, F_STATUS, F_CTRL_VQ, F_CTRL_RX, F_MQ, F_CTRL_MAC_ADDR = 5, 16, 17, 18, 22, 23
@@ -87,7 +89,7 @@ class VirtioNet(VirtioPciDevice):
     msix_vectors = 2 + 2 * MAX_PAIRS
     queue_max_size = 256
     #: opaque/vfu-virtio-net (default) and virtio-net/std/1; the backend is not migrated
-    migration_formats = NET_FORMATS
+    migration_formats = "devices.virtio.migration_format:NET_FORMATS"
 
     def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int = 1,
                  poll_us: int = 0) -> None:
@@ -240,6 +242,8 @@ class VirtioNet(VirtioPciDevice):
         return self.default_mac + struct.pack("<HH", 0, self.queue_pairs)
 
     def save_device_state(self) -> dict[str, Any]:
+        from .migration_format import NetMig
+
         return {"net": NetMig(mac=self.mac, promisc=self.promisc, allmulti=self.allmulti,
                               uni_macs=tuple(sorted(self.uni_table)),
                               multi_macs=tuple(sorted(self.multi_table)),

@@ -22,7 +22,7 @@ import errno
 import logging
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -41,13 +41,6 @@ from vfu_server.pci.polling import MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import VfioUserError
 
-from .migration_format import (
-    TransportMig,
-    VirtioDevState,
-    VirtioProfile,
-    VqMig,
-    encode_virtio_profile,
-)
 from .queue import DescriptorChain, QueueState, SplitQueue, VirtqueueError
 from .spec import (
     F_EVENT_IDX,
@@ -63,6 +56,9 @@ from .spec import (
     Status,
     bit,
 )
+
+if TYPE_CHECKING:
+    from .migration_format import VirtioDevState, VirtioProfile
 
 log = logging.getLogger("vfu_server.virtio")
 
@@ -643,7 +639,12 @@ class VirtioPciDevice(PciDevice):
         dynamic fields zeroed. Subclasses with such fields override this."""
         return self.read_config()
 
+    # The state classes (.migration_format) are imported by the first migration, not with the
+    # device: a server that never migrates does not pay for them at start-up.
+
     def virtio_profile(self) -> VirtioProfile:
+        from .migration_format import VirtioProfile
+
         cfg = (VIRTIO_BAR, DEVICE_OFF, self.config_size) if self.config_size else (0, 0, 0)
         return VirtioProfile(
             device_id=int(type(self).virtio_id), device_features=self.device_features,
@@ -655,6 +656,8 @@ class VirtioPciDevice(PciDevice):
 
     def migration_profile(self) -> Any:
         # No backend identity: storage is shared and may be reached by another path.
+        from .migration_format import encode_virtio_profile
+
         return replace(super().migration_profile(), device_abi=encode_virtio_profile(self.virtio_profile()))
 
     def save_device_state(self) -> dict[str, Any]:
@@ -668,6 +671,8 @@ class VirtioPciDevice(PciDevice):
         """Apply the device-specific part of a validated state."""
 
     def save_state(self) -> VirtioDevState:
+        from .migration_format import TransportMig, VirtioDevState, VqMig
+
         s = self.vstate
         queues = tuple(VqMig(
             size=q.state.size, ready=q.state.ready, msix_vector=q.state.msix_vector,

@@ -7,7 +7,6 @@ feature negotiation, queue setup, validation of the guest's descriptors, interru
 
 import os
 
-from .migration_format import RNG_FORMATS
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue
 from .spec import DeviceId
@@ -21,7 +20,7 @@ class VirtioRng(VirtioPciDevice):
     cli_name = "virtio-rng"
     virtio_id = DeviceId.RNG  # PCI device 0x1044
     #: opaque/vfu-virtio-rng (default) and virtio-rng/std/1: the transport is all its state
-    migration_formats = RNG_FORMATS
+    migration_formats = "devices.virtio.migration_format:RNG_FORMATS"
 
     async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
         budget = MAX_REQUEST  # a guest cannot make us generate gigabytes per request

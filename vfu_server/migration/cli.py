@@ -16,13 +16,39 @@ build becomes a standard stream any implementation can load (or back).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
-from . import example_format  # noqa: F401  (registers the example device's formats)
 from .errors import MigrationError
-from .formats import get_formats, registered_families
+from .formats import FormatSet, get_formats, registered_families
 from .session import LoadSession
+
+
+def family_formats(family: str) -> FormatSet:
+    """A family's formats: registered with :func:`register_formats`, else those of the device of
+    that name (``vfu-server --list-devices``), whose format module is imported now."""
+    try:
+        return get_formats(family)
+    except MigrationError:
+        pass
+    from ..registry import UnknownDevice, load
+
+    try:
+        formats = load(family).get_migration_formats()
+    except UnknownDevice as exc:
+        raise MigrationError(errno.ENOENT, f"no migration formats for {family!r}: {exc}") from None
+    if formats is None:
+        raise MigrationError(errno.ENOENT, f"device {family!r} does not migrate")
+    return formats
+
+
+def all_families() -> list[str]:
+    """Every device with migration formats, and every other registered family."""
+    from ..registry import available, load
+
+    devices = [name for name in available() if load(name).migration_formats is not None]
+    return sorted({*devices, *registered_families()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return _online(args)
     try:
         if args.cmd == "formats":
-            fams = [args.family] if args.family else registered_families()
-            print(json.dumps({f: get_formats(f).descriptors() for f in fams}, indent=2))
+            fams = [args.family] if args.family else all_families()
+            print(json.dumps({f: family_formats(f).descriptors() for f in fams}, indent=2))
             return 0
-        fs = get_formats(args.family)
+        fs = family_formats(args.family)
         target, minor = fs.find(args.to)
         with open(args.input, "rb") as f:
             ls = LoadSession(fs)

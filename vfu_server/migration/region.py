@@ -37,12 +37,17 @@ from __future__ import annotations
 
 import errno
 import struct
+from typing import TYPE_CHECKING
 
-from .controller import FMT_FLAG_DEFAULT, FMT_FLAG_SELECTED, FMT_KIND, MigrationController
 from .errors import MigrationError
 from .fsm import V1_DEVICE_STATE_MASK, MigState, v1_check_transition, v1_to_v2, v2_to_v1
 
-__all__ = ["DATA_OFFSET", "REGION_SUBTYPE", "REGION_TYPE", "MigrationRegion"]
+if TYPE_CHECKING:
+    # Not at run time: a device's region 9 answers REGION_INFO with REGION_SIZE before its
+    # controller (and the formats, sessions and state classes behind it) is ever loaded.
+    from .controller import MigrationController
+
+__all__ = ["DATA_OFFSET", "REGION_SIZE", "REGION_SUBTYPE", "REGION_TYPE", "MigrationRegion"]
 
 REGION_TYPE = 3  # VFIO_REGION_TYPE_MIGRATION_DEPRECATED
 REGION_SUBTYPE = 1  # VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED
@@ -50,6 +55,8 @@ VFU_MAGIC = 0x46554656  # "VFUF" little-endian
 EXT_VERSION = 1
 DATA_OFFSET = 0x1000
 DEFAULT_WINDOW = 0x10000
+#: the size of a region with the default window
+REGION_SIZE = DATA_OFFSET + DEFAULT_WINDOW
 NONE32 = 0xFFFFFFFF
 
 R_DEVICE_STATE, R_PENDING, R_DATA_OFFSET, R_DATA_SIZE = 0x00, 0x08, 0x10, 0x18
@@ -74,6 +81,9 @@ class MigrationRegion:
         return v2_to_v1(self.ctl.state)
 
     def _header(self) -> bytes:
+        # Loaded with self.ctl already; at the top it would load the controller with the size.
+        from .controller import FMT_FLAG_DEFAULT, FMT_FLAG_SELECTED, FMT_KIND
+
         fmts = list(self.ctl.formats)
         f = fmts[self.format_index] if self.format_index < len(fmts) else None
         regs = bytearray(DATA_OFFSET)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import importlib
 import inspect
 import logging
 import struct
@@ -33,7 +34,7 @@ from typing import Any, ClassVar, Protocol
 
 import trio
 
-from ..migration import MigrationError
+from ..migration.errors import MigrationError
 from ..protocol.constants import (
     DeviceFlags,
     IrqIndex,
@@ -71,9 +72,30 @@ class PciDevice:
     intx: ClassVar[bool] = False
     #: size of an expansion ROM (0: none); the content comes from :meth:`rom_bytes`
     rom_size: ClassVar[int] = 0
-    #: the device's migration formats (a :class:`vfu_server.migration.FormatSet`); a device
-    #: with formats must implement :meth:`save_state` and :meth:`load_state`
+    #: the device's migration formats: a :class:`vfu_server.migration.FormatSet`, or
+    #: ``"package.module:NAME"`` of one, imported when a migration first needs it (a big state
+    #: format then costs a server nothing at start-up). A device with formats must implement
+    #: :meth:`save_state` and :meth:`load_state`.
     migration_formats: ClassVar[Any] = None
+
+    @classmethod
+    def get_migration_formats(cls) -> Any:
+        """The device's :class:`~vfu_server.migration.FormatSet` (``migration_formats``, imported
+        if it is named by a string), or None for a device that does not migrate."""
+        formats = cls.migration_formats
+        if not isinstance(formats, str):
+            return formats
+        module_name, _, attr = formats.partition(":")
+        from ..migration.formats import FormatSet
+
+        try:
+            found = getattr(importlib.import_module(module_name), attr) if attr else None
+        except (ImportError, AttributeError) as exc:
+            raise TypeError(f"{cls.__name__}.migration_formats = {formats!r}: {exc}") from None
+        if not isinstance(found, FormatSet):
+            raise TypeError(f"{cls.__name__}.migration_formats = {formats!r}: expected "
+                            "'package.module:NAME' of a FormatSet")
+        return found
 
     def __init__(self) -> None:
         cls = type(self)
@@ -107,7 +129,7 @@ class PciDevice:
         self._pending_reset: str | None = None
         self.migration: DeviceMigration | None = None
         if cls.migration_formats is not None:
-            self.migration = DeviceMigration(self, cls.migration_formats)
+            self.migration = DeviceMigration(self)
             self.extra_regions[PciRegion.MIGRATION] = self.migration.region
 
     # -- naming and command line ------------------------------------------------------------
@@ -179,18 +201,18 @@ class PciDevice:
 
     def migration_profile(self) -> Any:
         """The guest-visible profile a destination compares before loading."""
-        from .migration import pci_profile
+        from .migration_state import pci_profile
 
         return pci_profile(self)
 
     def pci_state(self) -> dict[str, Any]:
         """The generic PCI part of the state: ``{"pci": ..., "msix": ..., "intx": ...}``."""
-        from .migration import pci_state
+        from .migration_state import pci_state
 
         return pci_state(self)
 
     def load_pci_state(self, state: Any) -> None:
-        from .migration import load_pci_state
+        from .migration_state import load_pci_state
 
         load_pci_state(self, state.pci, state.msix, state.intx)
 
@@ -337,8 +359,7 @@ class PciDevice:
         if result is not None:
             await result
         if self.migration is not None:
-            self.migration.controller.reset()
-            self.migration.sync_running()
+            self.migration.reset()
 
     @property
     def reset_pending(self) -> bool:

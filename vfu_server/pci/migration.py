@@ -1,14 +1,20 @@
 """Migration support for a :class:`~vfu_server.pci.device.PciDevice`.
 
 A device becomes migratable by declaring ``migration_formats`` (a
-:class:`~vfu_server.migration.FormatSet`) and implementing ``save_state``/``load_state``. This
-module connects that to the wire:
+:class:`~vfu_server.migration.FormatSet`, or the ``"module:NAME"`` of one) and implementing
+``save_state``/``load_state``. This module connects that to the wire:
 
 * vfio-user v2: DEVICE_FEATURE MIGRATION / MIG_DEVICE_STATE (through
   :class:`~vfu_server.migration.MigrationController`), MIG_DATA_READ/WRITE, and DMA dirty
   logging (features 6, 7, 8) fed by every writable view the device takes of guest memory;
-* the legacy v1 migration region at index 9 (type 3, subtype 1);
-* the generic PCI parts of every device's state (profile, config, MSI-X table, INTx level).
+* the legacy v1 migration region at index 9 (type 3, subtype 1).
+
+The generic PCI parts of every device's state are in :mod:`.migration_state`.
+
+The controller, with the formats, sessions and state classes behind it, is built when a client
+first uses migration (a MIG feature, MIG_DATA, the region's registers, the control socket), not
+when the device is: most servers never migrate, and that import is a sixth of an NVMe server's
+start-up. Until then the device is RUNNING, which is where a new controller starts.
 
 Before the device leaves a running state it is *quiesced* (``await device.quiesce()``: in-flight
 DMA drained), so the state a format captures never contains half-done work.
@@ -20,9 +26,9 @@ import errno
 import struct
 from typing import TYPE_CHECKING, Any
 
-from ..migration import MigrationController, MigrationError, MigrationRegion, MigState
-from ..migration.fsm import MigrationFeature
-from ..migration.generic import IntxState, MsixState, MsixVector, PciConfigState, PciProfile
+from ..migration.errors import MigrationError
+from ..migration.fsm import MigrationFeature, MigState
+from ..migration.region import REGION_SIZE
 from ..protocol.constants import (
     REGION_SUBTYPE_MIGRATION,
     REGION_TYPE_MIGRATION,
@@ -31,10 +37,10 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import VfioUserError
 from ..protocol.messages import DeviceFeature, RegionInfo, TypeCap
-from .capabilities import PciExpress, PowerManagement
-from .config import COMMAND, INTERRUPT_LINE, ROM
 
 if TYPE_CHECKING:
+    from ..migration.controller import MigrationController
+    from ..migration.region import MigrationRegion
     from .device import PciDevice
 
 RUNNING_STATES = {MigState.RUNNING, MigState.PRE_COPY, MigState.RUNNING_P2P, MigState.PRE_COPY_P2P}
@@ -85,10 +91,18 @@ class _RegionAdapter:
 
     def __init__(self, owner: DeviceMigration) -> None:
         self.owner = owner
-        self.region = MigrationRegion(owner.controller)
+        self._region: MigrationRegion | None = None
+
+    @property
+    def region(self) -> MigrationRegion:
+        if self._region is None:
+            from ..migration.region import MigrationRegion
+
+            self._region = MigrationRegion(self.owner.controller)
+        return self._region
 
     def info(self, index: int) -> RegionInfo:
-        return RegionInfo(index, RegionFlags.READ | RegionFlags.WRITE, self.region.size, 0,
+        return RegionInfo(index, RegionFlags.READ | RegionFlags.WRITE, REGION_SIZE, 0,
                           (TypeCap(REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION),))
 
     def read(self, offset: int, count: int) -> bytes:
@@ -127,21 +141,38 @@ class _RegionAdapter:
 class DeviceMigration:
     """The migration side of one device instance."""
 
-    def __init__(self, device: PciDevice, formats: Any, *, pre_copy: bool = True) -> None:
+    def __init__(self, device: PciDevice, *, pre_copy: bool = True) -> None:
         self.device = device
-        features = MigrationFeature.STOP_COPY | (MigrationFeature.PRE_COPY if pre_copy else 0)
-        self.controller = MigrationController(device, formats, features=features)  # type: ignore[arg-type]
+        self.features = MigrationFeature.STOP_COPY | (MigrationFeature.PRE_COPY if pre_copy else 0)
+        self._controller: MigrationController | None = None
         self.region = _RegionAdapter(self)
         self.dirty: DirtyLog | None = None
         self._quiesced = False
 
     @property
+    def controller(self) -> MigrationController:
+        """The device's migration controller, built (with its formats) on first use."""
+        if self._controller is None:
+            from ..migration.controller import MigrationController
+
+            formats = type(self.device).get_migration_formats()
+            assert formats is not None
+            self._controller = MigrationController(self.device, formats, features=self.features)  # type: ignore[arg-type]
+        return self._controller
+
+    @property
     def state(self) -> MigState:
-        return self.controller.state
+        return MigState.RUNNING if self._controller is None else self._controller.state
+
+    def reset(self) -> None:
+        """Device reset: drop migration sessions and return to RUNNING."""
+        if self._controller is not None:
+            self._controller.reset()
+        self.sync_running()
 
     @property
     def running(self) -> bool:
-        return self.controller.state in RUNNING_STATES
+        return self.state in RUNNING_STATES
 
     async def quiesce(self) -> None:
         if not self._quiesced:
@@ -214,98 +245,3 @@ class DeviceMigration:
     def client_gone(self) -> None:
         self.dirty = None
         self.device.dma.dirty_hook = None
-
-
-# -- the generic PCI part of every device's state -----------------------------------------------
-
-
-def pci_profile(device: PciDevice, device_abi: bytes = b"", backend_hash: bytes = bytes(32)) -> PciProfile:
-    ident = type(device).identity
-    sizes = tuple(b.size if b else 0 for b in device.bars)
-    flags = tuple(b.kind.type_bits() if b else 0 for b in device.bars)
-    caps = bytes(x for c in device.caps for x in (c.cap_id & 0xFF, (c.offset or 0) & 0xFF) if not c.extended)
-    msix = device.msix
-    return PciProfile(
-        vendor_id=ident.vendor_id, device_id=ident.device_id,
-        subsys_vendor_id=ident.subsystem_vendor_id, subsys_id=ident.subsystem_id,
-        class_code=ident.class_code, revision=ident.revision,
-        bar_sizes=sizes, bar_flags=flags,
-        msix_vectors=msix.vectors if msix else 0,
-        msix_table_bir=msix.table_bar if msix else 0, msix_table_offset=msix.table_offset if msix else 0,
-        msix_pba_bir=msix.pba_bar if msix else 0, msix_pba_offset=msix.pba_offset if msix else 0,
-        capabilities=caps, backend_hash=backend_hash, device_abi=device_abi,
-    )
-
-
-def pci_state(device: PciDevice) -> dict[str, Any]:
-    """``pci``, ``msix`` and ``intx`` of the state dataclasses, read from the device."""
-    cfg = device.config
-    d = cfg.data
-    u16 = lambda off: int.from_bytes(d[off : off + 2], "little")  # noqa: E731
-    u32 = lambda off: int.from_bytes(d[off : off + 4], "little")  # noqa: E731
-    pm = cfg.find(PowerManagement)
-    pcie = cfg.find(PciExpress)
-    msix = device.msix
-    pci = PciConfigState(
-        command=u16(COMMAND), cache_line_size=d[0x0C], latency_timer=d[0x0D],
-        interrupt_line=d[INTERRUPT_LINE],
-        pm_control=u16(pm.offset + 4) if pm and pm.offset else 0,
-        bars=tuple(u32(0x10 + 4 * i) for i in range(6)), rom_bar=u32(ROM),
-        pcie_devctl=u16(pcie.offset + 8) if pcie and pcie.offset else 0,
-        pcie_devctl2=u16(pcie.offset + 0x28) if pcie and pcie.offset else 0,
-        pcie_lnkctl=u16(pcie.offset + 0x10) if pcie and pcie.offset else 0,
-        msix_control=u16(msix.offset + 2) if msix and msix.offset else 0,
-    )
-    vectors = []
-    table = device.msix_table
-    for i in range(msix.vectors if msix else 0):
-        addr, data, ctrl = struct.unpack_from("<QII", table, i * 16)
-        vectors.append(MsixVector(addr, data, ctrl))
-    pba = b""
-    if msix:
-        bits = device.irqs.pending_bits(2)  # type: ignore[arg-type]
-        pba = bytes(
-            sum(1 << b for b in range(8) if i * 8 + b < len(bits) and bits[i * 8 + b])
-            for i in range((msix.vectors + 7) // 8)
-        )
-    return {"pci": pci, "msix": MsixState(tuple(vectors), pba), "intx": IntxState(int(device.irqs.intx_asserted))}
-
-
-def load_pci_state(device: PciDevice, pci: PciConfigState, msix: MsixState, intx: IntxState) -> None:
-    """Apply the generic PCI part of a validated state (the destination was reset first)."""
-    cfg = device.config
-    d = cfg.data
-
-    def put(off: int, size: int, value: int) -> None:
-        d[off : off + size] = value.to_bytes(size, "little")
-
-    put(COMMAND, 2, pci.command & 0x0547)
-    d[0x0C], d[0x0D], d[INTERRUPT_LINE] = pci.cache_line_size, pci.latency_timer, pci.interrupt_line
-    for i, bar in enumerate(pci.bars):
-        mask = int.from_bytes(cfg.wmask[0x10 + 4 * i : 0x14 + 4 * i], "little")
-        base = int.from_bytes(cfg.initial[0x10 + 4 * i : 0x14 + 4 * i], "little")
-        put(0x10 + 4 * i, 4, (base & ~mask) | (bar & mask))
-    rom_mask = int.from_bytes(cfg.wmask[ROM : ROM + 4], "little")
-    put(ROM, 4, pci.rom_bar & rom_mask)
-    pm = cfg.find(PowerManagement)
-    if pm and pm.offset:
-        put(pm.offset + 4, 2, (int.from_bytes(d[pm.offset + 4 : pm.offset + 6], "little") & ~0x0103) | (pci.pm_control & 0x0103))
-    pcie = cfg.find(PciExpress)
-    if pcie and pcie.offset:
-        for off, value in ((8, pci.pcie_devctl), (0x28, pci.pcie_devctl2), (0x10, pci.pcie_lnkctl)):
-            mask = int.from_bytes(cfg.wmask[pcie.offset + off : pcie.offset + off + 2], "little")
-            old = int.from_bytes(d[pcie.offset + off : pcie.offset + off + 2], "little")
-            put(pcie.offset + off, 2, (old & ~mask) | (value & mask))
-    if device.msix and device.msix.offset:
-        old = int.from_bytes(d[device.msix.offset + 2 : device.msix.offset + 4], "little")
-        put(device.msix.offset + 2, 2, (old & 0x3FFF) | (pci.msix_control & 0xC000))
-        for i, vec in enumerate(msix.vectors[: device.msix.vectors]):
-            struct.pack_into("<QII", device.msix_table, i * 16, vec.addr, vec.data, vec.ctrl)
-        line = device.irqs.lines[2]  # type: ignore[index]
-        for i in range(device.msix.vectors):
-            byte = msix.pba[i // 8] if i // 8 < len(msix.pba) else 0
-            # Mask bits stay with the client: QEMU emulates the table and never writes ours,
-            # so only the pending bits are device state.
-            line.pending[i] = bool(byte >> (i % 8) & 1)
-    device.irqs.intx_asserted = bool(intx.level)
-    cfg.set_interrupt_status(bool(intx.level))
