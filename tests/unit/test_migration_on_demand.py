@@ -95,3 +95,16 @@ def test_a_misnamed_format_set_is_a_clear_error(formats: str, reason: str) -> No
         _device(formats).get_migration_formats()
     assert str(exc.value).startswith(f"Misdeclared.migration_formats = {formats!r}: ")
     assert reason in str(exc.value)
+
+
+def test_every_name_of_the_migration_package_resolves() -> None:
+    """vfu_server.migration loads its names on first use; each one in __all__ must be found
+    where the lazy table says, and nothing else is pretended."""
+    import vfu_server.migration as pkg
+
+    assert sorted(pkg._WHERE) == sorted(pkg.__all__)
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is getattr(__import__(f"vfu_server.migration.{pkg._WHERE[name]}",
+                                                        fromlist=[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        pkg.NoSuchName  # noqa: B018
