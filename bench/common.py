@@ -161,7 +161,8 @@ class Variant:
                 raise ValueError(f"--variant {text!r}: {checkout} is not a vfu-server checkout")
         python = None
         if words and words[0].startswith("python:"):
-            python = words.pop(0)[len("python:"):]
+            # absolute: servers run with the checkout (or the repository) as their cwd
+            python = os.path.abspath(words.pop(0)[len("python:"):])
             if not (os.path.isfile(python) and os.access(python, os.X_OK)):
                 raise ValueError(f"--variant {text!r}: {python!r} is not an executable file")
         env = []

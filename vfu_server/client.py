@@ -123,6 +123,10 @@ class EventFd:
 
     def close(self) -> None:
         if self.fd >= 0:
+            try:
+                trio.lowlevel.notify_closing(self.fd)  # wake a wait() on it with an error
+            except RuntimeError:
+                pass  # outside trio: nobody can be waiting
             os.close(self.fd)
             self.fd = -1
 
@@ -184,8 +188,10 @@ class Client:
         # original exception propagate unwrapped (no ExceptionGroup around a RemoteError).
         self._cancel.cancel()
         self.channel.close()
-        await self._nursery_manager.__aexit__(None, None, None)
-        self._close_eventfds()
+        try:
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            self._close_eventfds()
         return False
 
     def _close_eventfds(self) -> None:
@@ -392,17 +398,21 @@ class Client:
                        fds: Sequence[int] = (), data: bytes = b"") -> None:
         await self.request(Command.DEVICE_SET_IRQS, m.IrqSet(flags, index, start, count, data).pack(), fds)
 
+    async def set_irq_fds(self, index: int, fds: Sequence[int], start: int = 0) -> None:
+        """Trigger vectors ``start ..`` of ``index`` through ``fds`` (the caller keeps them), in
+        as many SET_IRQS messages as the server's ``max_msg_fds`` needs, as QEMU splits them."""
+        per_message = max(1, self.session.peer_max_msg_fds if self.session else 1)
+        for first in range(0, len(fds), per_message):
+            chunk = fds[first : first + per_message]
+            await self.set_irqs(index, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
+                                start + first, len(chunk), chunk)
+
     async def enable_irqs(self, index: int, count: int, start: int = 0) -> list[EventFd]:
-        """New eventfds for vectors ``start .. start+count-1`` of ``index``, sent in as many
-        SET_IRQS messages as the server's ``max_msg_fds`` needs (QEMU splits them the same way).
-        The client keeps them until it closes."""
+        """New eventfds for vectors ``start .. start+count-1`` of ``index``
+        (:meth:`set_irq_fds`). The client owns them and closes them when it closes."""
         efds = [EventFd() for _ in range(count)]
         self._eventfds += efds
-        per_message = max(1, self.session.peer_max_msg_fds if self.session else 1)
-        for first in range(0, count, per_message):
-            chunk = efds[first : first + per_message]
-            await self.set_irqs(index, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
-                                start + first, len(chunk), [e.fd for e in chunk])
+        await self.set_irq_fds(index, [e.fd for e in efds], start)
         return efds
 
     async def enable_msix(self, count: int) -> list[EventFd]:

@@ -34,7 +34,6 @@ from vfu_server.protocol.constants import (
     DmaMapFlags,
     IrqIndex,
     IrqInfoFlags,
-    IrqSetFlags,
     PciRegion,
     RegionFlags,
 )
@@ -358,8 +357,7 @@ async def test_disconnect_and_reconnect_keeps_device_state(server) -> None:
                 await c.enable_msix(1)
                 # The test's own eventfd, lent (a client closes the ones it made when it closes).
                 old = [EventFd()]
-                await c.set_irqs(IrqIndex.MSIX, IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER,
-                                 0, 1, [old[0].fd])
+                await c.set_irq_fds(IrqIndex.MSIX, [old[0].fd])
                 ram.write(0, b"abcd")
                 await start_copy(c, 0, 0x100, 4)
                 await old[0].wait()

@@ -75,8 +75,8 @@ def test_vfu_migrate_finds_a_device_family_in_a_fresh_process(tmp_path: Path) ->
     unknown = subprocess.run([sys.executable, "-m", "vfu_server.migration.cli", "formats", "nosuch"],
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert unknown.returncode == 1
-    assert unknown.stderr.strip() == ("vfu-migrate: ENOENT: no migration formats for 'nosuch': unknown "
-                                      "device 'nosuch' (known: example, nvme, virtio-blk, virtio-net, virtio-rng)")
+    assert unknown.stderr.startswith("vfu-migrate: ENOENT: no migration formats for 'nosuch': "
+                                     "unknown device 'nosuch' (known: ")
 
 
 def _device(formats: str) -> type[PciDevice]:

@@ -36,7 +36,7 @@ def family_formats(family: str) -> FormatSet:
 
     try:
         formats = load(family).get_migration_formats()
-    except UnknownDevice as exc:
+    except (UnknownDevice, TypeError) as exc:  # TypeError: a misnamed migration_formats
         raise MigrationError(errno.ENOENT, f"no migration formats for {family!r}: {exc}") from None
     if formats is None:
         raise MigrationError(errno.ENOENT, f"device {family!r} does not migrate")
