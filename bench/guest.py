@@ -7,7 +7,9 @@ initramfs through the harness's ``extra_files``, boots QEMU 11.1 once with four 
 NVMe, QEMU ``nvme``, vfu virtio-blk, QEMU ``virtio-blk-pci``, each on its own image file of a
 distinct size so that the guest script can tell them apart -- and runs every job on every disk
 in that one boot (O_DIRECT, so the guest page cache is out of the picture; the host files are
-in the host page cache for all four alike). Prints a table with ours / QEMU ratios.
+in the host page cache for all four alike). Prints a table with ours / QEMU ratios, and the
+guest's interrupts per 1,000 I/Os of each disk's controller (``/proc/interrupts`` around each
+job: ``nvme0q*`` or ``virtioN-*``), which is what a guest pays per batch under TCG.
 
 ``--poll-us A,B,...`` attaches one NVMe and one virtio-blk of the project's per value (each with
 that ``--poll-us``), all in the same boot, so the settings are compared against each other and
@@ -75,31 +77,53 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], s
         "&& break; sleep 1; done",
         "find_disk() { for d in /sys/block/nvme*n1 /sys/block/vd*; do "
         "[ \"$(cat $d/size 2>/dev/null)\" = \"$1\" ] && echo /dev/${d##*/} && return; done; }",
+        # The interrupt names of a disk's controller in /proc/interrupts: nvme0q0.. for
+        # /dev/nvme0n1, virtio2-req.0.. for the /dev/vda of virtio2.
+        "irq_prefix() { case $1 in /dev/nvme*) n=${1#/dev/}; echo ${n%n1}q;; "
+        "*) v=$(readlink -f /sys/block/${1#/dev/}/device); echo ${v##*/}-;; esac; }",
+        # Summed over CPUs: the count columns come before the chip's name.
+        "irqs() { awk -v p=\"$1\" 'index($NF, p) == 1 { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) "
+        "s += $i } END { print s + 0 }' /proc/interrupts; }",
     ]
     for key, sectors in sizes.items():
         var = key.replace("-", "_")
         lines.append(f'{var}=$(find_disk {sectors}); echo "disk {key} $' + "{" + var + "}\"")
         lines.append(f'[ -n "${var}" ] || {{ echo "missing disk {key}"; exit 3; }}')
+        lines.append(f'{var}_irq=$(irq_prefix ${var})')
     # Job by job, every disk in turn: a slow or fast stretch of the host hits all disks alike.
     for name, op, bs, qd in [j for j in jobs for _ in range(rounds)]:
         for key in sizes:
             var = key.replace("-", "_")
             tag = f"{key}/{name.replace(' ', '_')}"
+            lines.append(f'before=$(irqs ${var}_irq)')
             lines.append(f'/usr/local/bin/loadgen {tag} ${var} {op} {bs} {qd} {seconds:g} || echo "loadgen failed {tag}"')
+            lines.append(f'echo "irqs name={tag} count=$(( $(irqs ${var}_irq) - before ))"')
     return "\n".join(lines) + "\n"
 
 
+FIELDS = ("iops", "mbps", "lat_us", "irqs_per_kio")
+
+
 def parse(output: str) -> dict[tuple[str, str], dict[str, float]]:
-    """Per (disk, job): the median over rounds of iops, mbps and lat_us."""
+    """Per (disk, job): the median over rounds of iops, mbps, lat_us and the guest's interrupts
+    per 1,000 I/Os (from /proc/interrupts around the job)."""
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    irqs: dict[tuple[str, str], list[int]] = {}
     for line in output.splitlines():
-        if not line.startswith("loadgen name="):
+        if not line.startswith(("loadgen name=", "irqs name=")):
             continue
         kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
         key, _, job = kv["name"].partition("/")
+        if line.startswith("irqs"):
+            irqs.setdefault((key, job.replace("_", " ")), []).append(int(kv["count"]))
+            continue
         runs.setdefault((key, job.replace("_", " ")), []).append(
-            {k: float(kv[k]) for k in ("iops", "mbps", "lat_us")})
-    return {k: {f: median([r[f] for r in v]) for f in ("iops", "mbps", "lat_us")} for k, v in runs.items()}
+            {**{k: float(kv[k]) for k in ("iops", "mbps", "lat_us")}, "ios": float(kv["ios"])})
+    for k, v in runs.items():
+        for r, n in zip(v, irqs.get(k, []), strict=False):
+            r["irqs_per_kio"] = 1000 * n / r["ios"] if r["ios"] else float("nan")
+    nan = float("nan")
+    return {k: {f: median([r.get(f, nan) for r in v]) for f in FIELDS} for k, v in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,15 +206,16 @@ def main(argv: list[str] | None = None) -> None:
             ours = _key(dev, i, len(variants))
             name_label = f"{label}, {variant.label}" if variant.label else label
             for name, _op, _bs, _qd in jobs:
-                nan = {"iops": float("nan"), "mbps": float("nan"), "lat_us": float("nan")}
+                nan = dict.fromkeys(FIELDS, float("nan"))
                 a, b = found.get((ours, name), nan), found.get((theirs, name), nan)
                 rows.append([name_label, name, a["iops"], a["mbps"], b["iops"], b["mbps"],
-                             a["iops"] / b["iops"] if b["iops"] else float("nan"), a["lat_us"], b["lat_us"]])
+                             a["iops"] / b["iops"] if b["iops"] else float("nan"), a["lat_us"], b["lat_us"],
+                             a["irqs_per_kio"], b["irqs_per_kio"]])
     print()
     rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
     print(table(f"In the guest (QEMU 11.1, one boot, {args.seconds:g} s per job{rounds}, O_DIRECT, loadgen threads)",
                 ["device", "job", "ours IOPS", "ours MB/s", "QEMU IOPS", "QEMU MB/s", "ours / QEMU",
-                 "ours lat us", "QEMU lat us"], rows))
+                 "ours lat us", "QEMU lat us", "ours irqs/1k IO", "QEMU irqs/1k IO"], rows))
     missing = [line for line in result.output.splitlines() if line.startswith(("loadgen failed", "missing"))]
     if missing:
         print("problems:", *missing, sep="\n  ")
