@@ -102,7 +102,8 @@ class GuestRam:
 class EventFd:
     """An eventfd handed to the server for one interrupt vector. The :class:`Client` that made it
     (:meth:`Client.enable_irqs`) owns it and closes it when the connection closes; passing its
-    ``fd`` to another client's :meth:`Client.set_irqs` (a migration's destination) only lends it."""
+    ``fd`` to another client's :meth:`Client.set_irq_fds` (a migration's destination) only lends
+    it."""
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

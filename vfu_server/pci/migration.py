@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..migration.errors import MigrationError
 from ..migration.fsm import MigrationFeature, MigState
-from ..migration.region import REGION_SIZE
+from ..migration.region import REGION_SIZE, MigrationRegion
 from ..protocol.constants import (
     REGION_SUBTYPE_MIGRATION,
     REGION_TYPE_MIGRATION,
@@ -40,7 +40,6 @@ from ..protocol.messages import DeviceFeature, RegionInfo, TypeCap
 
 if TYPE_CHECKING:
     from ..migration.controller import MigrationController
-    from ..migration.region import MigrationRegion
     from .device import PciDevice
 
 RUNNING_STATES = {MigState.RUNNING, MigState.PRE_COPY, MigState.RUNNING_P2P, MigState.PRE_COPY_P2P}
@@ -96,8 +95,6 @@ class _RegionAdapter:
     @property
     def region(self) -> MigrationRegion:
         if self._region is None:
-            from ..migration.region import MigrationRegion
-
             self._region = MigrationRegion(self.owner.controller)
         return self._region
 
