@@ -20,6 +20,7 @@ import mmap
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,16 +48,28 @@ class GuestRam:
     """Shared memory standing in for guest RAM: a memfd the server maps from DMA_MAP.
 
     ``alloc`` is a bump allocator for test drivers (queues, buffers); addresses are offsets
-    from ``base`` (the IOVA the memory is mapped at).
+    from ``base`` (the IOVA the memory is mapped at). Close it (or use it as a context manager);
+    one that is dropped unclosed closes its memfd when it is collected.
     """
 
     def __init__(self, size: int, base: int = 0, name: str = "vfu-guest-ram") -> None:
         self.size = size
         self.base = base
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
+        try:
+            os.ftruncate(self.fd, size)
+            self.mem = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            self._close_fd()
+            raise
         self._next = 0
+
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def alloc(self, size: int, align: int = 4096) -> int:
         start = (self._next + align - 1) // align * align
@@ -95,8 +108,8 @@ class GuestRam:
         try:
             self.mem.close()
         except BufferError:
-            pass
-        os.close(self.fd)
+            pass  # a view of it is still alive; the mapping goes with the last one
+        self._close_fd()
 
 
 class EventFd:

@@ -442,11 +442,12 @@ PSDT_SGL = 1 << 6  # flags byte value selecting SGLs for the data pointer
 async def nvme_session(*args: str, ram_size: int = 32 << 20, msix_vectors: int = 8,
                        enable: bool = True) -> AsyncIterator[tuple[NvmeTestDriver, ServerProcess]]:
     """``vfu-server nvme *args`` in a process, connected, RAM mapped, controller enabled."""
-    async with running_server("nvme", *args) as server, await Client.connect(server.socket_path) as client:
-        drv = NvmeTestDriver(client, GuestRam(ram_size))
-        try:
-            await drv.start(msix_vectors=msix_vectors, enable=enable)
-            yield drv, server
-        except BaseException as exc:
-            exc.add_note(f"--- server stderr ---\n{server.stderr()[-4000:]}")
-            raise
+    with GuestRam(ram_size) as ram:
+        async with running_server("nvme", *args) as server, await Client.connect(server.socket_path) as client:
+            drv = NvmeTestDriver(client, ram)
+            try:
+                await drv.start(msix_vectors=msix_vectors, enable=enable)
+                yield drv, server
+            except BaseException as exc:
+                exc.add_note(f"--- server stderr ---\n{server.stderr()[-4000:]}")
+                raise

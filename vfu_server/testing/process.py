@@ -107,12 +107,15 @@ async def migration_pair(
         running_server(device, *(src_args if dst_args is None else dst_args)) as b,
     ):
         try:
-            async with await Client.connect(a.socket_path) as src, await Client.connect(b.socket_path) as dst:
-                ram = GuestRam(ram_size)
-                if map_src:
-                    await src.dma_map(ram)
-                await dst.dma_map(ram)
-                yield src, dst, ram
+            with GuestRam(ram_size) as ram:  # outlives both clients
+                async with (
+                    await Client.connect(a.socket_path) as src,
+                    await Client.connect(b.socket_path) as dst,
+                ):
+                    if map_src:
+                        await src.dma_map(ram)
+                    await dst.dma_map(ram)
+                    yield src, dst, ram
         except BaseException as exc:
             exc.add_note(f"--- source stderr ---\n{a.stderr()[-3000:]}\n"
                          f"--- destination stderr ---\n{b.stderr()[-3000:]}")
