@@ -6,16 +6,9 @@ import gc
 import os
 
 import pytest
+from test_pci_irq import is_open as _open
 
 from vfu_server.client import GuestRam
-
-
-def _open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_close_and_context_manager_release_the_memfd() -> None:
