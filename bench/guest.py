@@ -114,10 +114,11 @@ def parse(output: str) -> dict[tuple[str, str], dict[str, float]]:
             continue
         kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
         key, _, job = kv["name"].partition("/")
+        disk_job = (key, job.replace("_", " "))
         if line.startswith("irqs"):
-            irqs.setdefault((key, job.replace("_", " ")), []).append(int(kv["count"]))
+            irqs.setdefault(disk_job, []).append(int(kv["count"]))
             continue
-        runs.setdefault((key, job.replace("_", " ")), []).append(
+        runs.setdefault(disk_job, []).append(
             {**{k: float(kv[k]) for k in ("iops", "mbps", "lat_us")}, "ios": float(kv["ios"])})
     for k, v in runs.items():
         for r, n in zip(v, irqs.get(k, []), strict=False):

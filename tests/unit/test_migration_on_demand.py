@@ -50,30 +50,30 @@ print("ok")
 """
 
 
-def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter with ``args``, in the repository."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def _vfu_migrate(*args: str) -> subprocess.CompletedProcess[str]:
+    return _python("-m", "vfu_server.migration.cli", *args)
 
 
 def test_devices_load_their_formats_when_a_migration_needs_them() -> None:
-    out = _python(ON_DEMAND)
+    out = _python("-c", ON_DEMAND)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_vfu_migrate_finds_a_device_family_in_a_fresh_process(tmp_path: Path) -> None:
     dst = tmp_path / "std.bin"
-    out = subprocess.run([sys.executable, "-m", "vfu_server.migration.cli", "convert", "nvme",
-                          str(VECTORS / "nvme-opaque.bin"), str(dst), "--to", "standard"],
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    out = _vfu_migrate("convert", "nvme", str(VECTORS / "nvme-opaque.bin"), str(dst), "--to", "standard")
     assert out.returncode == 0, out.stderr
     assert "opaque/vfu-nvme -> nvme-ctrl/std/1" in out.stderr
     assert dst.read_bytes().startswith(b"DEVSTATE")
-    listing = subprocess.run([sys.executable, "-m", "vfu_server.migration.cli", "formats"],
-                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    listing = _vfu_migrate("formats")
     for family in ("example", "nvme", "virtio-blk", "virtio-net", "virtio-rng"):
         assert f'"{family}"' in listing.stdout, listing.stdout
-    unknown = subprocess.run([sys.executable, "-m", "vfu_server.migration.cli", "formats", "nosuch"],
-                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    unknown = _vfu_migrate("formats", "nosuch")
     assert unknown.returncode == 1
     assert unknown.stderr.startswith("vfu-migrate: ENOENT: no migration formats for 'nosuch': "
                                      "unknown device 'nosuch' (known: ")
