@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
 import trio
 
 from . import registry
-from .pci.polling import DEFAULT_SOCKET_POLL_US, MAX_POLL_US
+from .pci.polling import DEFAULT_NICE, DEFAULT_SOCKET_POLL_US, MAX_NICE, MAX_POLL_US
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
 
 PROG = "vfu-server"
@@ -35,6 +36,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket-poll-us", type=int, default=DEFAULT_SOCKET_POLL_US, metavar="US",
                         help="after a message, look for the next one for up to US microseconds before "
                              f"sleeping (adaptive; 0: never; default {DEFAULT_SOCKET_POLL_US})")
+    parser.add_argument("--nice", type=int, default=DEFAULT_NICE, metavar="N",
+                        help="lower the server's CPU priority by N at start, so that its polling gives way "
+                             f"to the VM's vCPU threads (0..{MAX_NICE}; 0: keep the inherited priority; "
+                             f"default {DEFAULT_NICE})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     control_path = getattr(args, "control_socket", None)
     if not 0 <= args.socket_poll_us <= MAX_POLL_US:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
+    if not 0 <= args.nice <= MAX_NICE:
+        parser.error(f"--nice must be 0..{MAX_NICE}")
     try:
         if args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
@@ -109,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             where = f"fd {args.fd}"
     except SocketPathError as exc:
         parser.error(str(exc))
+
+    if args.nice:
+        # Before trio starts: Linux keeps a nice value per thread, and threads started later
+        # (trio's worker threads) inherit it.
+        try:
+            os.nice(args.nice)
+        except OSError as exc:
+            logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
+                                                     args.nice, exc.strerror)
 
     def ready() -> None:
         print(f"listening on {where}", flush=True)

@@ -16,6 +16,7 @@ import trio
 from server_helpers import MAGIC, MAGIC_VALUE, SCRATCH
 
 from vfu_server.client import Client
+from vfu_server.pci.polling import DEFAULT_NICE, MAX_NICE
 from vfu_server.protocol.negotiation import client_offer
 from vfu_server.testing import running_server
 
@@ -207,6 +208,9 @@ def _regular_file_fd(workdir: str) -> int:
         ["example", "--socket-path", "{dir}/a.sock", "--bogus-option"],
         ["example", "--socket-path", "{dir}/no/such/dir/a.sock"],
         ["example", "--fd", "{plainfd}"],
+        ["example", "--socket-path", "{dir}/a.sock", "--nice", "20"],
+        ["example", "--socket-path", "{dir}/a.sock", "--nice", "-1"],
+        ["example", "--socket-path", "{dir}/a.sock", "--nice", "low"],
     ],
 )
 async def test_bad_arguments(workdir, args) -> None:
@@ -304,6 +308,25 @@ async def test_socket_poll_off() -> None:
     with trio.fail_after(TIMEOUT):
         found, waited = await _reads_then_counts("--socket-poll-us", "0")
     assert found == 0 and waited >= 300, (found, waited)
+
+
+# --------------------------------------------------------------------------------------------
+# --nice: the server lowers its own CPU priority (every thread it starts inherits it)
+
+
+def _thread_nices(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.parametrize(("args", "lowered_by"), [((), DEFAULT_NICE), (("--nice", "7"), 7), (("--nice", "0"), 0)])
+async def test_nice(args, lowered_by) -> None:
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    with trio.fail_after(TIMEOUT):
+        async with running_server("example", *args) as srv:
+            async with await Client.connect(srv.socket_path) as c:
+                assert await c.read32(0, MAGIC) == MAGIC_VALUE
+                assert _thread_nices(srv.process.pid) == {min(MAX_NICE, ours + lowered_by)}
+            assert await srv.terminate() == 0
 
 
 FLOOD = """
