@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +45,53 @@ def test_server_start_failure_is_reported_and_cleaned_up(
     assert result is not None and result.qemu_returncode is None
     # The server that did start was stopped again.
     assert result.servers["vu0"].returncode is not None
+
+
+SIGTERMED = """
+from vfu_server.guest import VfuDevice, run_guest
+run_guest("echo booted-and-waiting; sleep 600", [VfuDevice("example")], timeout=700)
+"""
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:160]}")
+    return found
+
+
+@pytest.mark.guest
+def test_sigterm_stops_qemu_and_the_servers(guest_kit: GuestKit, repo_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(repo_root), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("VFU_KEEP_GUEST_TMP", None)
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERMED], env=env, cwd=repo_root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not any("booted-and-waiting" in p.read_text(errors="replace")
+                      for p in tmp_path.glob("vfu-guest-*/serial.log")):
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            assert time.monotonic() < deadline, "the guest did not boot"
+            time.sleep(0.2)
+        assert len(_processes_mentioning(str(tmp_path))) >= 2  # QEMU and the server
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 10
+    while (left := _processes_mentioning(str(tmp_path))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []
+    assert list(tmp_path.glob("vfu-guest-*")) == []
 
 
 def test_check_example_reports_every_difference() -> None:

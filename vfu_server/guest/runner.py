@@ -4,7 +4,7 @@ Project devices are started exactly as a user would start them, as separate proc
 (``python -m vfu_server DEVICE --socket-path PATH ...``); QEMU is started only after each has
 printed ``listening on PATH``, because QEMU connects during device realize and gives up at once
 if nobody listens. Every process and file this module creates is removed again, also on timeout,
-exception or Ctrl-C.
+exception, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -261,6 +262,26 @@ class _Run:
         return logs
 
 
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a guest runs, SIGTERM unwinds like Ctrl-C, so the cleanup below still stops QEMU
+    and the servers: they run in sessions of their own, and a parent killed outright left them
+    running. Only where SIGTERM still has its default action, and only in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@_sigterm_unwinds()
 def run_guest(
     script: str,
     devices: Sequence[VfuDevice | QemuDevice] = (),
