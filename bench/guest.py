@@ -91,13 +91,17 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], s
         lines.append(f'[ -n "${var}" ] || {{ echo "missing disk {key}"; exit 3; }}')
         lines.append(f'{var}_irq=$(irq_prefix ${var})')
     # Job by job, every disk in turn: a slow or fast stretch of the host hits all disks alike.
-    for name, op, bs, qd in [j for j in jobs for _ in range(rounds)]:
-        for key in sizes:
-            var = key.replace("-", "_")
-            tag = f"{key}/{name.replace(' ', '_')}"
-            lines.append(f'before=$(irqs ${var}_irq)')
-            lines.append(f'/usr/local/bin/loadgen {tag} ${var} {op} {bs} {qd} {seconds:g} || echo "loadgen failed {tag}"')
-            lines.append(f'echo "irqs name={tag} count=$(( $(irqs ${var}_irq) - before ))"')
+    # Odd rounds take the disks in reverse order: the place in the turn biased results by up to
+    # 0.1x (docs/performance.md, "Sixth session"), and with an even number of rounds every disk
+    # then has the same mean place.
+    for name, op, bs, qd in jobs:
+        for r in range(rounds):
+            for key in (list(sizes) if r % 2 == 0 else list(reversed(sizes))):
+                var = key.replace("-", "_")
+                tag = f"{key}/{name.replace(' ', '_')}"
+                lines.append(f'before=$(irqs ${var}_irq)')
+                lines.append(f'/usr/local/bin/loadgen {tag} ${var} {op} {bs} {qd} {seconds:g} || echo "loadgen failed {tag}"')
+                lines.append(f'echo "irqs name={tag} count=$(( $(irqs ${var}_irq) - before ))"')
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--jobs", default="", help="comma-separated job names (default: all)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="run every job this many times (disk after disk); the table shows medians")
+                    help="run every job this many times (disk after disk, odd rounds in reverse order); the table shows medians")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--poll-us", default="",
                     help="comma-separated --poll-us values: one NVMe and one virtio-blk of ours per "
