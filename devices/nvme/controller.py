@@ -489,6 +489,8 @@ class NvmeController(PciDevice):
             write_shadow(self.dma, shadow, 0, False, value)
         rt = self.sq_rt.get(qid)
         if rt is not None:
+            if qid:
+                rt.poll.arrived(self._driver_behind(sq))
             rt.poll.woken()
             if qid and rt.idle and not rt.wake.is_set() and self._submit_inline(sq, rt):
                 return
@@ -687,6 +689,20 @@ class NvmeController(PciDevice):
     def start_cq(self, qid: int) -> None:
         self.cq_rt[qid] = CqRuntime(qid)
 
+    def _driver_behind(self, sq: SubmissionQueueState) -> bool:
+        """The host has not yet consumed every completion posted on ``sq``'s CQ (read from
+        the shadow CQ head where there is one)."""
+        cq = self.state.cqs.get(sq.cqid)
+        if cq is None:
+            return False
+        head = cq.head
+        shadow = self.state.shadow
+        if shadow.enabled:
+            value = read_shadow(self.dma, shadow, cq.qid, True)
+            if value is not None and valid_cq_head(cq, value):
+                head = value
+        return head != cq.tail
+
     def _sq_tail(self, sq: SubmissionQueueState) -> int:
         shadow = self.state.shadow
         if shadow.enabled:
@@ -712,6 +728,7 @@ class NvmeController(PciDevice):
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)
                         if await rt.poll.poll(lambda sq=sq: self._sq_tail(sq) != sq.head,
                                               lambda: rt.stop or self._paused):
+                            rt.poll.arrived(self._driver_behind(sq))
                             continue
                     if shadow.enabled:
                         # Ask the host to ring the MMIO doorbell once it moves past what we

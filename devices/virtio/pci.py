@@ -597,6 +597,7 @@ class VirtioPciDevice(PciDevice):
             # Look at the avail ring for a while first, with kicks suppressed meanwhile.
             q.suppress_notification()
             if await poll.poll(lambda: q.pending() > beyond, lambda: not (q.active and q.accepting)):
+                poll.arrived(q.driver_behind())
                 return
         if q.enable_notification(beyond):
             # More work arrived meanwhile; still a checkpoint, so a guest that keeps the
@@ -606,6 +607,8 @@ class VirtioPciDevice(PciDevice):
         else:
             await q.doorbell.wait()
             poll.woken()
+        if poll.max_ns:
+            poll.arrived(q.driver_behind())
 
     async def drain(self, timeout: float = 20.0) -> None:
         """Server shutdown: finish what the driver made available before it (a kicked request

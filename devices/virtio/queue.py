@@ -350,6 +350,20 @@ class SplitQueue:
         # vring_need_event: did the used index pass used_event in this step (old, new]?
         return first or (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
+    def driver_behind(self) -> bool:
+        """The driver has not yet taken every used element we published: its used_event
+        (EVENT_IDX, set to what it consumed when it re-enables interrupts) lies behind our
+        used index. False without EVENT_IDX, where the driver says nothing of it."""
+        s = self.state
+        if not s.event_idx_enabled or not self.active:
+            return False
+        try:
+            avail = self.dma.view(s.avail_ring + 4 + 2 * s.size, 2)
+        except DmaError:
+            return False
+        lag = (s.next_used - _load16(avail, 0)) & 0xFFFF
+        return 0 < lag <= s.size
+
     def enable_notification(self, beyond: int = 0) -> bool:
         """Before sleeping: ask the driver to kick for anything after ``next_avail`` (plus
         ``beyond`` chains that are available already but not enough).

@@ -117,6 +117,41 @@ async def test_poll_lets_other_tasks_run() -> None:
             assert await p.poll(lambda: bool(work), lambda: False)
 
 
+async def test_no_polling_while_the_driver_keeps_falling_behind(clock: FakeClock) -> None:
+    """A deep queue in a busy guest: its requests come while it still has completions to
+    read, so looking for them only takes its CPU. Polling stops, and comes back when the
+    driver waits for the device again."""
+    p = AdaptivePoll(500_000)
+    p.window_ns = 500_000
+    looks = 0
+
+    def has_work() -> bool:
+        nonlocal looks
+        looks += 1
+        return True
+
+    for _ in range(8):
+        p.arrived(True)
+    assert not await p.poll(has_work, lambda: False)
+    assert looks == 0  # not one look
+    assert p.window_ns == 500_000  # the window is kept for when polling comes back
+    p.woken()
+    for _ in range(16):
+        p.arrived(False)
+    assert await p.poll(has_work, lambda: False)
+    assert looks == 1
+
+
+async def test_an_occasional_late_driver_keeps_polling(clock: FakeClock) -> None:
+    """Queue depth 1 with a driver that is now and then still reading: polling stays."""
+    p = AdaptivePoll(500_000)
+    p.window_ns = 500_000
+    for i in range(100):
+        p.arrived(i % 10 == 0)
+        assert p.behind <= polling.BEHIND_LIMIT
+    assert await p.poll(lambda: True, lambda: False)
+
+
 def test_negative_maximum_is_refused() -> None:
     with pytest.raises(ValueError):
         AdaptivePoll(-1)

@@ -268,3 +268,30 @@ def test_unpop_gives_chains_back_and_waits_beyond_them() -> None:
     assert [c.head for c in (q.pop(), q.pop()) if c] == [0, 1]  # popped again, in order
     with pytest.raises(ValueError, match="cannot give back 3"):
         q.unpop(3)
+
+
+def test_driver_behind_reads_used_event() -> None:
+    """used_event (the avail ring's last field) is where the driver re-armed interrupts: what
+    it had consumed. Behind our used index means unread used elements."""
+    mem, ram = guest()
+    q = queue(mem, event_idx=True)
+    used_event = AVAIL - BASE + 4 + 2 * SIZE
+    q.state.next_used = 5
+    struct.pack_into("<H", ram, used_event, 5)
+    assert not q.driver_behind()
+    struct.pack_into("<H", ram, used_event, 3)
+    assert q.driver_behind()
+    # Ahead of us (a driver that asks to be told only later, like virtio-net's TX): unknown.
+    struct.pack_into("<H", ram, used_event, 9)
+    assert not q.driver_behind()
+    # Across the 16-bit wrap.
+    q.state.next_used = 2
+    struct.pack_into("<H", ram, used_event, 0xFFFF)
+    assert q.driver_behind()
+
+
+def test_driver_behind_is_unknown_without_event_idx() -> None:
+    mem, ram = guest()
+    q = queue(mem, event_idx=False)
+    q.state.next_used = 5
+    assert not q.driver_behind()

@@ -22,6 +22,15 @@ polling by itself, and an idle device costs nothing.
 
 Each look is a trio checkpoint, so the rest of the server (the vfio-user connection, other
 queues) runs between looks.
+
+Polling pays only while the driver waits for the device. A driver that keeps the queue deep
+(queue depth 32 in a CPU-bound guest) is busy instead: when its next request comes it has not
+yet consumed the completions the device posted before, and a poller then only takes a CPU
+that the guest's vCPU and the VMM need (on a 2-CPU host, 0.70x of QEMU's own NVMe at 4K random
+reads QD32 with polling, 1.11x without; docs/performance.md, "Seventh session"). The device
+reports each arrival with :meth:`AdaptivePoll.arrived`, saying whether the driver was behind;
+while it was in more than a quarter of recent arrivals the queue does not poll, and polling
+comes back by itself when the driver catches up (queue depth 1).
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ MAX_POLL_US = 1_000_000
 #: us on the development VM, see docs/performance.md); a queue whose driver waits longer than
 #: this stops polling after a few idle periods.
 DEFAULT_POLL_US = 1000
+#: Above this share of recent arrivals (of 1024, a moving average over about eight) that found
+#: the driver behind on earlier completions, a queue does not poll.
+BEHIND_LIMIT = 256
 #: The default maximum of a vfio-user connection's busy look for its next message (``--socket-poll-us``):
 #: about two process wake-ups on the development VM, see docs/performance.md.
 DEFAULT_SOCKET_POLL_US = 100
@@ -58,7 +70,7 @@ class AdaptivePoll:
     ``max_ns`` is the longest a queue polls after it ran dry (0 disables polling).
     """
 
-    __slots__ = ("idle_since", "max_ns", "window_ns")
+    __slots__ = ("behind", "idle_since", "max_ns", "window_ns")
 
     def __init__(self, max_ns: int) -> None:
         if max_ns < 0:
@@ -67,6 +79,14 @@ class AdaptivePoll:
         self.window_ns = 0
         #: perf_counter_ns() when the queue last ran dry (0: it has work, or polling is off)
         self.idle_since = 0
+        #: moving average (0..1024) of arrivals that found the driver behind, see arrived()
+        self.behind = 0
+
+    def arrived(self, driver_behind: bool) -> None:
+        """Work came after the queue ran dry (a look found it, or a doorbell brought it).
+        ``driver_behind``: the driver had not yet consumed every completion the device had
+        posted, so it is busy rather than waiting for the device."""
+        self.behind += ((1024 if driver_behind else 0) - self.behind) >> 3
 
     async def poll(self, has_work: Callable[[], bool], cancelled: Callable[[], bool]) -> bool:
         """The queue ran dry: look for work for up to the current window.
@@ -94,7 +114,7 @@ class AdaptivePoll:
         if not self.max_ns:
             return 0
         now = self.idle_since = time.perf_counter_ns()
-        return now + self.window_ns if self.window_ns else 0
+        return now + self.window_ns if self.window_ns and self.behind <= BEHIND_LIMIT else 0
 
     def found(self) -> None:
         """A look found work (the window stays as it is)."""
