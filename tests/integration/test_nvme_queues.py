@@ -203,6 +203,42 @@ async def test_shadow_doorbell_polling() -> None:
         assert drv.ram.read(buf, 512) == bytes([35]) * 512
 
 
+async def test_no_polling_while_the_driver_falls_behind() -> None:
+    """A busy driver submits while earlier completions are still unread: the controller stops
+    polling (the event index asks for every doorbell again), and every command completes. When
+    the driver waits for each completion again, polling comes back."""
+    async with nvme_session("--size", "4M", "--poll-us", "1000000") as (drv, _):
+        await drv.enable_shadow_doorbells()
+        q = await drv.create_io_queue_pair(1, entries=64)
+        for i in range(40):  # queue depth 1: the window grows, polling takes over
+            await drv.write(q, i % 8, bytes([i]) * 512)
+        buf = drv.buffer(512)
+
+        async def posted(count: int) -> None:
+            with trio.fail_after(10):
+                while drv.posted(q) < count:
+                    await trio.sleep(0.001)
+
+        await drv.submit(q, SubmissionEntry(IO_READ, nsid=1, prp1=buf, cdw10=0))
+        await posted(1)
+        rung = []
+        for i in range(1, 30):
+            before = drv.mmio_doorbells
+            await drv.submit(q, SubmissionEntry(IO_READ, nsid=1, prp1=buf, cdw10=i % 8))
+            await posted(2)
+            rung.append(drv.mmio_doorbells - before)
+            assert await drv.reap(q, limit=1) == 1  # the older completion only
+        await drv.reap(q)
+        assert not q.outstanding and all(c.ok for c in q.done.values())
+        assert rung[-10:] == [1] * 10, rung  # not polling: each submission rings
+        for i in range(20):
+            await drv.read(q, i % 8, 512)
+        before = drv.mmio_doorbells
+        for i in range(20):
+            assert await drv.read(q, i % 8, 512) == bytes([32 + i % 8]) * 512
+        assert drv.mmio_doorbells - before < 10  # polling again (see test_shadow_doorbell_polling)
+
+
 async def test_poll_us_out_of_range_is_a_usage_error() -> None:
     proc = await trio.run_process([sys.executable, "-m", "vfu_server", "nvme", "--socket-path", "/tmp/x.sock",
                                    "--poll-us", "-1"], capture_stderr=True, check=False)

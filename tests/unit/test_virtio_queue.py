@@ -294,4 +294,5 @@ def test_driver_behind_is_unknown_without_event_idx() -> None:
     mem, ram = guest()
     q = queue(mem, event_idx=False)
     q.state.next_used = 5
+    struct.pack_into("<H", ram, AVAIL - BASE + 4 + 2 * SIZE, 3)  # not a used_event without EVENT_IDX
     assert not q.driver_behind()

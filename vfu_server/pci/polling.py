@@ -29,8 +29,10 @@ yet consumed the completions the device posted before, and a poller then only ta
 that the guest's vCPU and the VMM need (on a 2-CPU host, 0.70x of QEMU's own NVMe at 4K random
 reads QD32 with polling, 1.11x without; docs/performance.md, "Seventh session"). The device
 reports each arrival with :meth:`AdaptivePoll.arrived`, saying whether the driver was behind;
-while it was in more than a quarter of recent arrivals the queue does not poll, and polling
-comes back by itself when the driver catches up (queue depth 1).
+while it was in more than a quarter of recent arrivals the queue does not poll
+(:attr:`AdaptivePoll.driver_busy`), and polling comes back by itself when the driver catches
+up (queue depth 1). A device may also batch more while the driver is busy: the NVMe
+controller then leaves a doorbell's commands to its queue task instead of running them inline.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class AdaptivePoll:
         posted, so it is busy rather than waiting for the device."""
         self.behind += ((1024 if driver_behind else 0) - self.behind) >> 3
 
+    @property
+    def driver_busy(self) -> bool:
+        """Recent work mostly found the driver behind: the queue does not poll."""
+        return self.behind > BEHIND_LIMIT
+
     async def poll(self, has_work: Callable[[], bool], cancelled: Callable[[], bool]) -> bool:
         """The queue ran dry: look for work for up to the current window.
 
@@ -114,7 +121,7 @@ class AdaptivePoll:
         if not self.max_ns:
             return 0
         now = self.idle_since = time.perf_counter_ns()
-        return now + self.window_ns if self.window_ns and self.behind <= BEHIND_LIMIT else 0
+        return now + self.window_ns if self.window_ns and not self.driver_busy else 0
 
     def found(self) -> None:
         """A look found work (the window stays as it is)."""

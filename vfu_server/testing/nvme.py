@@ -263,10 +263,25 @@ class NvmeTestDriver:
             await self.ring_sq(q.qid, q.sq_tail)
         return cid
 
-    async def reap(self, q: QueuePair) -> int:
-        """Consume every new CQ entry of ``q`` (and of SQs sharing its CQ); ring the CQ head."""
+    def posted(self, q: QueuePair) -> int:
+        """How many completions the controller has posted on ``q``'s CQ that are not consumed
+        yet (nothing is consumed)."""
+        head, phase, n = q.cq_head, q.phase, 0
+        while n < q.entries - 1:
+            st = _CQE.unpack(self.ram.read(q.cq_base + 16 * head, 16))[5]
+            if st & 1 != phase:
+                break
+            n += 1
+            head += 1
+            if head == q.entries:
+                head, phase = 0, phase ^ 1
+        return n
+
+    async def reap(self, q: QueuePair, limit: int | None = None) -> int:
+        """Consume the new CQ entries of ``q`` (and of SQs sharing its CQ), at most ``limit``
+        of them; ring the CQ head."""
         n = 0
-        while True:
+        while limit is None or n < limit:
             raw = self.ram.read(q.cq_base + 16 * q.cq_head, 16)
             dw0, _dw1, sqhd, sqid, cid, st = _CQE.unpack(raw)
             if st & 1 != q.phase:
