@@ -17,9 +17,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in [*NAMES, "all"]:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    repo = str(Path(__file__).resolve().parents[1])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
+    # Run as a script, this folder comes first on sys.path, where bench/devices.py would hide
+    # the project's devices package from the benchmarks that import it (bench.footprint).
+    here = Path(__file__).resolve().parent
+    repo = str(here.parent)
+    sys.path[:] = [repo, *(p for p in sys.path if Path(p or ".").resolve() != here and p != repo)]
     for name in NAMES if argv[0] == "all" else [argv[0]]:
         print(f"== bench.{name}", flush=True)
         importlib.import_module(f"bench.{name}").main(argv[1:] if argv[0] != "all" else [])
