@@ -85,9 +85,10 @@ class AdaptivePoll:
         self.behind = 0
 
     def arrived(self, driver_behind: bool) -> None:
-        """Work came after the queue ran dry (a look found it, or a doorbell brought it).
-        ``driver_behind``: the driver had not yet consumed every completion the device had
-        posted, so it is busy rather than waiting for the device."""
+        """Work came: a look found it, or a doorbell brought it (NVMe counts every I/O SQ
+        doorbell, also one that comes while the queue still has work). ``driver_behind``: the
+        driver had not yet consumed every completion the device had posted, so it is busy
+        rather than waiting for the device."""
         self.behind += ((1024 if driver_behind else 0) - self.behind) >> 3
 
     @property
