@@ -16,6 +16,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -63,15 +64,40 @@ async def setup_net(client: Client, pairs: int = 1, *, features: int = ALL,
     return await init_device(client, ram, features, queues=range(2 * pairs + 1), slot_size=slot_size)
 
 
-async def test_socket_peer_frames_both_ways(tmp_path: Path) -> None:
+@asynccontextmanager
+async def peer_device(tmp_path: Path, *args: str) -> AsyncIterator[tuple[Any, Client, Any, Any]]:
+    """A virtio-net server whose peer is the test's own SOCK_SEQPACKET listener: (server,
+    client, connected peer socket, listener). Closing the listener keeps the device from
+    connecting again."""
     path = str(tmp_path / "peer.sock")
     lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    await lsock.bind(path)
-    lsock.listen(1)
-    async with running_server("virtio-net", "--peer", path, "--mac", "52:54:00:12:34:56") as srv, \
-            await Client.connect(srv.socket_path) as client:
-        with trio.fail_after(10):
-            peer, _ = await lsock.accept()
+    try:
+        await lsock.bind(path)
+        lsock.listen(1)
+        async with running_server("virtio-net", "--peer", path, *args) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            with trio.fail_after(10):
+                peer, _ = await lsock.accept()
+            try:
+                yield srv, client, peer, lsock
+            finally:
+                peer.close()
+    finally:
+        lsock.close()
+
+
+async def send_as_one_burst(srv: Any, peer: Any, frames: list[bytes]) -> None:
+    """The frames wait in the socket while the server is stopped: it finds them all at once."""
+    os.kill(srv.process.pid, signal.SIGSTOP)
+    try:
+        for f in frames:
+            await peer.send(f)
+    finally:
+        os.kill(srv.process.pid, signal.SIGCONT)
+
+
+async def test_socket_peer_frames_both_ways(tmp_path: Path) -> None:
+    async with peer_device(tmp_path, "--mac", "52:54:00:12:34:56") as (_srv, client, peer, lsock):
         dev, (rx, tx, cq) = await setup_net(client)
         assert await dev.config_read(0, 4) | await dev.config_read(4, 2) << 32 == int.from_bytes(GUEST_MAC, "little")
         with trio.fail_after(5):
@@ -131,14 +157,7 @@ async def test_socket_peer_frames_both_ways(tmp_path: Path) -> None:
 async def test_received_burst_gets_one_interrupt(tmp_path: Path) -> None:
     """Frames already queued at the backend reach the guest as one batch: one used-index
     update and one interrupt, not one per frame (without EVENT_IDX each update interrupts)."""
-    path = str(tmp_path / "peer.sock")
-    lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    await lsock.bind(path)
-    lsock.listen(1)
-    async with running_server("virtio-net", "--peer", path) as srv, \
-            await Client.connect(srv.socket_path) as client:
-        with trio.fail_after(10):
-            peer, _ = await lsock.accept()
+    async with peer_device(tmp_path) as (srv, client, peer, _):
         dev, (rx, _tx, _cq) = await setup_net(client, features=F_MAC | F_STATUS | F_CTRL_VQ)
         fill_rx(rx, 32)
         await rx.kick()
@@ -146,13 +165,7 @@ async def test_received_burst_gets_one_interrupt(tmp_path: Path) -> None:
         await trio.sleep(0.2)  # the kick's pass is over: nothing more to signal
         irq.count()
         incoming = [frame(b"\x02" * 6, b"\x02\x00\x00\x00\x00\x07", i) for i in range(16)]
-        pid = srv.process.pid
-        os.kill(pid, signal.SIGSTOP)  # the frames wait in the socket, all of them
-        try:
-            for f in incoming:
-                await peer.send(f)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        await send_as_one_burst(srv, peer, incoming)
         done: list = []
         with trio.fail_after(10):
             while len(done) < 16:  # reaped by looking, so that the eventfd keeps its count
@@ -161,21 +174,12 @@ async def test_received_burst_gets_one_interrupt(tmp_path: Path) -> None:
         assert [req.data(0)[12 : req.written] for req in done] == incoming
         n_irq = irq.count()
         assert n_irq <= 2  # one per frame before bursts
-        lsock.close()
-        peer.close()
 
 
 async def test_a_burst_over_two_receive_queues_reaches_both(tmp_path: Path) -> None:
     """Frames of one burst steered to different receive queues are all published, each queue
     with its own used-index update: none waits for a later frame to the same queue."""
-    path = str(tmp_path / "peer.sock")
-    lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    await lsock.bind(path)
-    lsock.listen(1)
-    async with running_server("virtio-net", "--peer", path, "--queue-pairs", "2") as srv, \
-            await Client.connect(srv.socket_path) as client:
-        with trio.fail_after(10):
-            peer, _ = await lsock.accept()
+    async with peer_device(tmp_path, "--queue-pairs", "2") as (srv, client, peer, _):
         _, qs = await setup_net(client, pairs=2)
         assert await ctrl(qs[4], 4, 0, struct.pack("<H", 2)) == 0
         rx = (qs[0], qs[2])
@@ -193,13 +197,7 @@ async def test_a_burst_over_two_receive_queues_reaches_both(tmp_path: Path) -> N
         to_q1 = [s for s in sources if queue_of(s) == 1][:3]
         to_q0 = [s for s in sources if queue_of(s) == 0][:3]
         incoming = [frame(GUEST_MAC, src, i) for i, src in enumerate(to_q1 + to_q0)]
-        pid = srv.process.pid
-        os.kill(pid, signal.SIGSTOP)  # the frames wait in the socket: one burst
-        try:
-            for f in incoming:
-                await peer.send(f)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        await send_as_one_burst(srv, peer, incoming)
         got: list[list[bytes]] = [[], []]
         with trio.fail_after(10):
             while sum(map(len, got)) < len(incoming):
@@ -207,22 +205,13 @@ async def test_a_burst_over_two_receive_queues_reaches_both(tmp_path: Path) -> N
                 for i, q in enumerate(rx):
                     got[i] += [r.data(0)[12 : r.written] for r in q.reap()]
         assert got == [incoming[3:], incoming[:3]]
-        lsock.close()
-        peer.close()
 
 
 @pytest.mark.parametrize("poll_us", ["1000000", "0"])
 async def test_transmit_polling(tmp_path: Path, poll_us: str) -> None:
     """``--poll-us``: a transmit queue that ran dry is watched for a while, and a driver that
     sends again within the window needs no kick; without it every frame kicks."""
-    path = str(tmp_path / "peer.sock")
-    lsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    await lsock.bind(path)
-    lsock.listen(1)
-    async with running_server("virtio-net", "--peer", path, "--poll-us", poll_us) as srv, \
-            await Client.connect(srv.socket_path) as client:
-        with trio.fail_after(10):
-            peer, _ = await lsock.accept()
+    async with peer_device(tmp_path, "--poll-us", poll_us) as (_srv, client, peer, _):
         # Without EVENT_IDX only the polling device's VIRTQ_USED_F_NO_NOTIFY spares a kick, so
         # the count does not depend on how fast the device went back to sleep.
         _dev, (_rx, tx, _cq) = await setup_net(client, features=ALL & ~VIRTIO_F_EVENT_IDX)
@@ -243,8 +232,6 @@ async def test_transmit_polling(tmp_path: Path, poll_us: str) -> None:
             assert tx.kicks - before == 40
         else:
             assert tx.kicks - before < 10  # a poll that timed out on a hiccup of this machine kicks
-        lsock.close()
-        peer.close()
 
 
 async def test_two_devices_linked(tmp_path: Path) -> None:
