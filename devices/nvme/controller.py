@@ -489,7 +489,7 @@ class NvmeController(PciDevice):
             write_shadow(self.dma, shadow, 0, False, value)
         rt = self.sq_rt.get(qid)
         if rt is not None:
-            if qid:
+            if qid and rt.poll.max_ns:
                 rt.poll.arrived(self._driver_behind(sq))
             rt.poll.woken()
             # Inline saves a driver that waits for us the task's wake-up; a busy one (behind on
@@ -693,8 +693,9 @@ class NvmeController(PciDevice):
         self.cq_rt[qid] = CqRuntime(qid)
 
     def _driver_behind(self, sq: SubmissionQueueState) -> bool:
-        """The host has not yet consumed every completion posted on ``sq``'s CQ (read from
-        the shadow CQ head where there is one)."""
+        """The host has not yet consumed two or more completions posted on ``sq``'s CQ (read
+        from the shadow CQ head where there is one). One is not enough: a driver may finish a
+        request, and its submitter may send the next, before it writes the CQ head."""
         cq = self.state.cqs.get(sq.cqid)
         if cq is None:
             return False
@@ -704,7 +705,7 @@ class NvmeController(PciDevice):
             value = read_shadow(self.dma, shadow, cq.qid, True)
             if value is not None and valid_cq_head(cq, value):
                 head = value
-        return head != cq.tail
+        return (cq.tail - head) % cq.size >= 2
 
     def _sq_tail(self, sq: SubmissionQueueState) -> int:
         shadow = self.state.shadow
@@ -725,7 +726,7 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
-                    if shadow.enabled and rt.poll.max_ns:
+                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy:
                         # While we look, the host need not ring: an event index one behind
                         # the tail is crossed only after a whole lap of the queue.
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)

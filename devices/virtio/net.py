@@ -104,6 +104,8 @@ class VirtioNet(VirtioPciDevice):
         self.link_up = False
         self.rx_dropped = 0
         self._rx_send: trio.MemorySendChannel[bytes] | None = None
+        #: receive queues the pump filled since it last published them, by index
+        self._rx_filled: dict[int, SplitQueue] = {}
         #: set while running; cleared while quiesced for migration (frames stay in the backend)
         self._rx_open = trio.Event()
         self._rx_open.set()
@@ -293,40 +295,43 @@ class VirtioNet(VirtioPciDevice):
     async def _rx_pump(self) -> None:
         send, receive = trio.open_memory_channel[bytes](64)
         self._rx_send = send
+        self._rx_filled.clear()
         try:
             hdr = self._hdr
             # Every receive queue a burst filled gets one used-index update and one interrupt
-            # when the burst is through; the frames queued meanwhile are taken without a
-            # scheduler pass each (a burst is at most the channel's 64 frames).
-            filled: dict[int, SplitQueue] = {}
+            # when the burst is through (or before the pump waits for receive buffers); the
+            # frames queued meanwhile are taken without a scheduler pass each (a burst is at
+            # most the channel's 64 frames).
             while True:
                 try:
                     frame = receive.receive_nowait()
                 except trio.WouldBlock:
-                    for q in filled.values():
-                        self.notify_queue(q)
-                    filled.clear()
-                    try:
-                        frame = await receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                except trio.EndOfChannel:
-                    return
+                    self._publish_rx()
+                    frame = await receive.receive()
                 q = self.queues[2 * self._steer(frame, hdr)]
-                filled[q.index] = q
+                self._rx_filled[q.index] = q
                 if self._mergeable:
                     await self._receive_merged(q, frame)
                 else:
                     await self._receive_whole(q, frame, hdr)
+        except trio.EndOfChannel:
+            pass
         finally:
+            self._publish_rx()
             if self._rx_send is send:
                 self._rx_send = None
             receive.close()
 
+    def _publish_rx(self) -> None:
+        """Publish what the pump put into receive queues, and signal them."""
+        for q in self._rx_filled.values():
+            self.notify_queue(q)
+        self._rx_filled.clear()
+
     async def _receive_whole(self, q: SplitQueue, frame: bytes, hdr: int) -> None:
         """One frame into one receive buffer (dropped if it does not fit)."""
         while (chain := q.pop()) is None:
-            self.notify_queue(q)
+            self._publish_rx()
             await self._sleep_until_kicked(q)
         if chain.write_len >= len(frame) + HDR_LEN - hdr:
             if hdr:
@@ -356,7 +361,7 @@ class VirtioNet(VirtioPciDevice):
             if len(chains) >= q.state.size:
                 self.rx_dropped += 1
                 return
-            self.notify_queue(q)
+            self._publish_rx()
             await self._sleep_until_kicked(q, beyond=len(chains))
         view = memoryview(packet)
         pos = 0

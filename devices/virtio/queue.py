@@ -351,9 +351,12 @@ class SplitQueue:
         return first or (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
     def driver_behind(self) -> bool:
-        """The driver has not yet taken every used element we published: its used_event
-        (EVENT_IDX, set to what it consumed when it re-enables interrupts) lies behind our
-        used index. False without EVENT_IDX, where the driver says nothing of it."""
+        """The driver has not yet taken two or more of the used elements we published: its
+        used_event (EVENT_IDX, set to what it consumed when it re-enables interrupts) lies that
+        far behind our used index. One is not enough: a driver may finish a request, and its
+        submitter may send the next, before it re-enables interrupts. False without EVENT_IDX,
+        where the driver says nothing of it, and for a used_event of 0, which Linux writes
+        while interrupts are off (virtqueue_disable_cb)."""
         s = self.state
         if not s.event_idx_enabled or not self.active:
             return False
@@ -361,8 +364,9 @@ class SplitQueue:
             avail = self.dma.view(s.avail_ring + 4 + 2 * s.size, 2)
         except DmaError:
             return False
-        lag = (s.next_used - _load16(avail, 0)) & 0xFFFF
-        return 0 < lag <= s.size
+        used_event = _load16(avail, 0)
+        lag = (s.next_used - used_event) & 0xFFFF
+        return used_event != 0 and 2 <= lag <= s.size
 
     def enable_notification(self, beyond: int = 0) -> bool:
         """Before sleeping: ask the driver to kick for anything after ``next_avail`` (plus

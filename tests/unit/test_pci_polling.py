@@ -143,13 +143,16 @@ async def test_no_polling_while_the_driver_keeps_falling_behind(clock: FakeClock
 
 
 async def test_an_occasional_late_driver_keeps_polling(clock: FakeClock) -> None:
-    """Queue depth 1 with a driver that is now and then still reading: polling stays."""
+    """Queue depth 1 with a driver that is now and then still reading: a late arrival costs
+    the next two or three polls, no more."""
     p = AdaptivePoll(500_000)
     p.window_ns = 500_000
+    skipped = 0
     for i in range(100):
         p.arrived(i % 10 == 0)
-        assert p.behind <= polling.BEHIND_LIMIT
-    assert await p.poll(lambda: True, lambda: False)
+        skipped += not await p.poll(lambda: True, lambda: False)
+    assert 0 < skipped <= 30
+    assert p.behind <= polling.BEHIND_LIMIT
 
 
 def test_negative_maximum_is_refused() -> None:
