@@ -89,9 +89,9 @@ class AdaptivePoll:
 
     def arrived(self, driver_behind: bool) -> None:
         """Work came: a look found it, or a doorbell brought it (NVMe counts every I/O SQ
-        doorbell, also one that comes while the queue still has work). ``driver_behind``: the
-        driver had not yet consumed every completion the device had posted, so it is busy
-        rather than waiting for the device."""
+        doorbell while polling is on, also one that comes while the queue still has work).
+        ``driver_behind``: the driver had not yet consumed the completions the device had
+        posted (two or more), so it is busy rather than waiting for the device."""
         self.behind += ((1024 if driver_behind else 0) - self.behind) >> 3
 
     @property
