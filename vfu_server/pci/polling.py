@@ -27,13 +27,12 @@ Polling pays only while the driver waits for the device. A driver that keeps the
 (queue depth 32 in a CPU-bound guest) is busy instead: when its next request comes it has not
 yet consumed the completions the device posted before, and a poller then only takes a CPU
 that the guest's vCPU and the VMM need (on a 2-CPU host, 0.70x of QEMU's own NVMe at 4K random
-reads QD32 with polling, 1.11-1.47x without; docs/performance.md, "Seventh session"). The device
-reports each arrival with :meth:`AdaptivePoll.arrived`, saying whether the driver was behind
-(two or more completions unread: one may be a driver that wakes its submitter before it
+reads QD32 with polling, 1.11-1.47x without; docs/performance.md, "Seventh session"). The
+device reports each arrival with :meth:`AdaptivePoll.arrived`, saying whether the driver was
+behind (two or more completions unread: one may be a driver that wakes its submitter before it
 records what it read); while it was in more than an eighth of recent arrivals the queue does
-not poll
-(:attr:`AdaptivePoll.driver_busy`), and polling comes back by itself when the driver catches
-up (queue depth 1). A device may also batch more while the driver is busy: the NVMe
+not poll (:attr:`AdaptivePoll.driver_busy`), and polling comes back by itself when the driver
+catches up (queue depth 1). A device may also batch more while the driver is busy: the NVMe
 controller then leaves a doorbell's commands to its queue task instead of running them inline.
 """
 
