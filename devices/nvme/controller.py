@@ -693,19 +693,11 @@ class NvmeController(PciDevice):
         self.cq_rt[qid] = CqRuntime(qid)
 
     def _driver_behind(self, sq: SubmissionQueueState) -> bool:
-        """The host has not yet consumed two or more completions posted on ``sq``'s CQ (read
-        from the shadow CQ head where there is one). One is not enough: a driver may finish a
-        request, and its submitter may send the next, before it writes the CQ head."""
+        """The host has not yet consumed two or more completions posted on ``sq``'s CQ. One is
+        not enough: a driver may finish a request, and its submitter may send the next, before
+        it writes the CQ head."""
         cq = self.state.cqs.get(sq.cqid)
-        if cq is None:
-            return False
-        head = cq.head
-        shadow = self.state.shadow
-        if shadow.enabled:
-            value = read_shadow(self.dma, shadow, cq.qid, True)
-            if value is not None and valid_cq_head(cq, value):
-                head = value
-        return (cq.tail - head) % cq.size >= 2
+        return cq is not None and (cq.tail - self._host_cq_head(cq)) % cq.size >= 2
 
     def _sq_tail(self, sq: SubmissionQueueState) -> int:
         shadow = self.state.shadow
@@ -904,15 +896,23 @@ class NvmeController(PciDevice):
             return
         self._post(cq, entry)
 
-    def refresh_cq_head(self, cq: CompletionQueueState) -> None:
-        """Take the CQ head from the shadow doorbell (I/O CQs with shadow doorbells), where
-        the host publishes it without an MMIO write."""
+    def _host_cq_head(self, cq: CompletionQueueState) -> int:
+        """The CQ head as the host last published it: the shadow doorbell's value where it is
+        valid (I/O CQs with shadow doorbells, written without an MMIO write), else ours."""
         shadow = self.state.shadow
         if shadow.enabled and cq.qid != 0:
             head = read_shadow(self.dma, shadow, cq.qid, True)
-            if head is not None and head != cq.head and valid_cq_head(cq, head):
-                cq.head = head
-                self._cq_event_idx(cq)
+            if head is not None and valid_cq_head(cq, head):
+                return head
+        return cq.head
+
+    def refresh_cq_head(self, cq: CompletionQueueState) -> None:
+        """Take the CQ head from the shadow doorbell (I/O CQs with shadow doorbells), where
+        the host publishes it without an MMIO write."""
+        head = self._host_cq_head(cq)
+        if head != cq.head:
+            cq.head = head
+            self._cq_event_idx(cq)
 
     def _cq_event_idx(self, cq: CompletionQueueState) -> None:
         """Where the host should ring the MMIO CQ doorbell next. With MSI-X the controller
@@ -933,9 +933,7 @@ class NvmeController(PciDevice):
             if cq_full(cq):
                 # Still full: have the host ring the MMIO doorbell when it frees an entry.
                 write_event_idx(self.dma, shadow, cq.qid, True, cq.head)
-                head = read_shadow(self.dma, shadow, cq.qid, True)
-                if head is not None and valid_cq_head(cq, head):
-                    cq.head = head
+                cq.head = self._host_cq_head(cq)
         return cq_full(cq)
 
     def _post(self, cq: CompletionQueueState, entry: PendingCompletion) -> None:
@@ -990,12 +988,8 @@ class NvmeController(PciDevice):
             return
         level = False
         if not self.state.regs.intms & 1:
-            shadow = self.state.shadow
             for cq in self.state.cqs.values():
-                if shadow.enabled and cq.qid:
-                    head = read_shadow(self.dma, shadow, cq.qid, True)
-                    if head is not None and valid_cq_head(cq, head):
-                        cq.head = head
+                cq.head = self._host_cq_head(cq)
                 if cq.irq_enabled and cq_pending(cq):
                     level = True
                     break
