@@ -168,6 +168,9 @@ class Client:
         self.closed_reason: str | None = None
         self.server_requests = 0
         self._eventfds: list[EventFd] = []
+        self._offered_xfer = max_data_xfer_size
+        #: The socket path given to :meth:`connect` (None for a socket passed in).
+        self.path: str | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -180,6 +183,7 @@ class Client:
             sock.close()
             raise
         self = cls(sock, max_data_xfer_size)
+        self.path = path
         self._offer = client_offer(write_multiple=write_multiple, max_data_xfer_size=max_data_xfer_size)
         return self
 
@@ -214,7 +218,9 @@ class Client:
         self._eventfds.clear()
 
     async def negotiate(self, offer: m.Version | None = None) -> Session:
-        reply = await self.request(Command.VERSION, (offer or client_offer()).pack())
+        offer = offer or client_offer()
+        self._offered_xfer = int(offer.capabilities.get("max_data_xfer_size", 1 << 20))
+        reply = await self.request(Command.VERSION, offer.pack())
         self.session = accept_server_reply(m.Version.unpack(reply.payload))
         return self.session
 
@@ -462,15 +468,36 @@ class Client:
 
     async def feature(self, index: int, *, get: bool = False, set: bool = False, probe: bool = False,
                       data: bytes = b"", argsz: int | None = None) -> bytes:
+        """DEVICE_FEATURE; returns the reply's data (for GET, the feature's data). A GET reply
+        whose ``argsz`` says it needs more room than offered is asked for again with that much,
+        as the spec's "Message sizes" rule intends."""
         flags = index | (FeatureFlags.GET if get else 0) | (FeatureFlags.SET if set else 0) | (
             FeatureFlags.PROBE if probe else 0)
-        payload = m.DeviceFeature(flags, data, argsz=argsz or 8 + max(len(data), 64)).pack()
-        reply = await self.request(Command.DEVICE_FEATURE, payload)
-        return m.DeviceFeature.unpack(reply.payload).data
+        room = argsz or 8 + max(len(data), 64)
+        for _ in range(4):
+            payload = m.DeviceFeature(flags, data, argsz=room).pack()
+            reply = await self.request(Command.DEVICE_FEATURE, payload)
+            back = m.DeviceFeature.unpack(reply.payload)
+            if not get or probe or back.argsz <= room or len(reply.payload) >= back.argsz:
+                return back.data
+            room = back.argsz
+        raise ProtocolError(f"DEVICE_FEATURE {index:#x}: reply argsz keeps growing")
+
+    @property
+    def max_transfer(self) -> int:
+        """The most data one MIG_DATA_READ/WRITE may carry: both sides' ``max_data_xfer_size``
+        (libvfio-user checks the client's, this project's server the smaller of the two)."""
+        offered = self._offered_xfer
+        server = self.session.max_data_xfer_size if self.session else offered
+        return min(offered, server)
 
     async def mig_data_read(self, size: int) -> bytes:
-        reply = await self.request(Command.MIG_DATA_READ, m.MigData(size).pack())
-        return m.MigData.unpack(reply.payload, with_data=True).data
+        """One MIG_DATA_READ; fewer bytes than ``size`` back means the stream has no more."""
+        reply = await self.request(Command.MIG_DATA_READ, m.MigData.read_request(size))
+        back = m.MigData.unpack(reply.payload, with_data=True)
+        if back.size > size:
+            raise ProtocolError(f"MIG_DATA_READ returned {back.size} bytes, {size} asked")
+        return back.data
 
     async def mig_data_write(self, data: bytes) -> None:
         await self.request(Command.MIG_DATA_WRITE, m.MigData(len(data), data).pack())

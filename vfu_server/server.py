@@ -49,7 +49,13 @@ from .protocol.constants import (
     Command,
     DmaUnmapFlags,
 )
-from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
+from .protocol.errors import (
+    MalformedMessage,
+    ProtocolError,
+    RemoteError,
+    ReplyTooLarge,
+    VfioUserError,
+)
 from .protocol.negotiation import ServerOffer, Session
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
@@ -487,10 +493,22 @@ class Connection:
         handler = getattr(self.device, "device_feature", None)
         if handler is None:
             raise VfioUserError(f"feature {req.index} not supported", errno.ENOTTY)
-        result = handler(req)
-        if isinstance(result, Awaitable):
-            result = await result
-        return m.DeviceFeature(req.flags, result or b"", argsz=req.argsz).pack()
+        echo = req.is_set or req.is_probe
+        if echo and req.argsz < len(msg.payload):
+            # The reply repeats the request, and argsz is the most the client takes back.
+            raise VfioUserError(f"DEVICE_FEATURE argsz {req.argsz} < {len(msg.payload)}, the size of the "
+                                "reply that echoes this request", errno.EINVAL)
+        try:
+            result = handler(req)
+            if isinstance(result, Awaitable):
+                result = await result
+        except ReplyTooLarge as exc:
+            log.debug("DEVICE_FEATURE %#x: %s; replying with argsz %d only", req.index, exc.message, exc.needed)
+            return m.DeviceFeature(req.flags, argsz=exc.needed).pack()
+        if echo:
+            # "The reply payload must be the same as the request payload for setting or probing."
+            return bytes(msg.payload)
+        return m.DeviceFeature.get_reply(req.flags, result or b"", req.argsz)
 
     @handles(Command.MIG_DATA_READ)
     async def _mig_data_read(self, msg: Message) -> bytes:
@@ -499,22 +517,35 @@ class Connection:
         if reader is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
         assert self.session is not None
-        limit = min(req.size, self.session.max_data_xfer_size)
-        data = reader(limit)
+        if req.argsz < 8 + req.size:
+            raise VfioUserError(f"MIG_DATA_READ argsz {req.argsz} < 8 + size {req.size}: the reply "
+                                "would not fit", errno.EINVAL)
+        limit = self.session.max_data_xfer_size
+        if req.size > limit:
+            # Refused rather than cut short: a reply shorter than asked means "no more data" to
+            # the reader, and data cannot be sent past the limit the client negotiated. So the
+            # only reply that never lies about the stream's end is this error.
+            raise VfioUserError(f"MIG_DATA_READ size {req.size} > max_data_xfer_size {limit}", errno.EINVAL)
+        data = reader(req.size)
         if isinstance(data, Awaitable):
             data = await data
-        return m.MigData(len(data), data, argsz=req.argsz).pack()
+        return m.MigData(len(data), data).pack()
 
     @handles(Command.MIG_DATA_WRITE)
-    async def _mig_data_write(self, msg: Message) -> bytes:
+    async def _mig_data_write(self, msg: Message) -> None:
         req = m.MigData.unpack(msg.payload, with_data=True)
         writer = getattr(self.device, "migration_data_write", None)
         if writer is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
+        assert self.session is not None
+        if req.size > self.session.max_data_xfer_size:
+            raise VfioUserError(f"MIG_DATA_WRITE size {req.size} > max_data_xfer_size "
+                                f"{self.session.max_data_xfer_size}", errno.EINVAL)
         result = writer(req.data)
         if isinstance(result, Awaitable):
             await result
-        return m.MigData(req.size, argsz=req.argsz).pack()[:8]
+        # "There is no reply payload for this message."
+        return None
 
 
 class Server:

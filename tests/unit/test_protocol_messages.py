@@ -568,6 +568,15 @@ def test_device_feature_round_trip(index: int, kind: int, data: bytes) -> None:
     assert m.DeviceFeature.unpack(f.pack()) == f
 
 
+def test_device_feature_get_reply_sizes() -> None:
+    """GET: "the data is added in the data section and its length is added to argsz"; a reply
+    larger than the request's argsz carries only argsz (the needed size) and flags."""
+    flags = 0xF100 | FeatureFlags.GET
+    assert m.DeviceFeature.get_reply(flags, b"x" * 24, 200) == struct.pack("<II", 32, flags) + b"x" * 24
+    assert m.DeviceFeature.get_reply(flags, b"x" * 24, 32) == struct.pack("<II", 32, flags) + b"x" * 24
+    assert m.DeviceFeature.get_reply(flags, b"x" * 24, 31) == struct.pack("<II", 32, flags)
+
+
 def test_device_feature_rejects() -> None:
     with pytest.raises(MalformedMessage):
         m.DeviceFeature.unpack(struct.pack("<II", 8, 1 | FeatureFlags.GET | FeatureFlags.SET))
@@ -578,9 +587,11 @@ def test_device_feature_rejects() -> None:
 
 
 def test_mig_data_layout() -> None:
-    req = m.MigData(4096).pack()
-    assert req == struct.pack("<II", 8, 4096)
-    assert m.MigData.unpack(req, with_data=False) == m.MigData(4096, b"", 8)
+    """MIG_DATA_READ request: "*argsz* is the maximum size of the reply payload", so a request
+    for 4,096 bytes says 8 + 4,096 (libvfio-user refuses less)."""
+    req = m.MigData.read_request(4096)
+    assert req == struct.pack("<II", 8 + 4096, 4096)
+    assert m.MigData.unpack(req, with_data=False) == m.MigData(4096, b"", 8 + 4096)
     w = m.MigData(3, b"abc")
     raw = w.pack()
     assert raw == struct.pack("<II", 11, 3) + b"abc"

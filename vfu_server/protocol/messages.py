@@ -566,6 +566,16 @@ class DeviceFeature:
         return self._S.pack(argsz, self.flags) + self.data
 
     @classmethod
+    def get_reply(cls, flags: int, data: bytes, room: int) -> bytes:
+        """A GET reply: ``argsz`` is 8 + the data ("its length is added to argsz"). When that
+        exceeds ``room`` (the request's argsz), only ``argsz`` and ``flags`` go back, so the
+        client learns the size it needs (the spec's "Message sizes" rule)."""
+        needed = cls._S.size + len(data)
+        if needed > room:
+            return cls._S.pack(needed, flags)
+        return cls._S.pack(needed, flags) + data
+
+    @classmethod
     def unpack(cls, buf: bytes | memoryview) -> DeviceFeature:
         _need(buf, cls._S.size, "DEVICE_FEATURE")
         argsz, flags = cls._S.unpack_from(buf)
@@ -580,7 +590,12 @@ class DeviceFeature:
 @dataclass(frozen=True, slots=True)
 class MigData:
     """MIG_DATA_READ / MIG_DATA_WRITE: ``argsz u32, size u32``, then ``size`` bytes (write
-    request and read reply)."""
+    request and read reply).
+
+    ``pack`` sets ``argsz`` to 8 + the data carried, which is what a read reply and a write
+    request need; a read request carries no data but must say how large a reply it takes
+    (:meth:`read_request`). A write reply has no payload at all.
+    """
 
     size: int
     data: bytes = b""
@@ -591,6 +606,12 @@ class MigData:
     def pack(self) -> bytes:
         argsz = self.argsz or self._S.size + len(self.data)
         return self._S.pack(argsz, self.size) + self.data
+
+    @classmethod
+    def read_request(cls, size: int) -> bytes:
+        """A MIG_DATA_READ request for ``size`` bytes. Its ``argsz`` "is the maximum size of the
+        reply payload", so 8 + ``size``: libvfio-user refuses anything smaller."""
+        return cls._S.pack(cls._S.size + size, size)
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, with_data: bool) -> MigData:
