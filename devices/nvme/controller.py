@@ -205,6 +205,9 @@ class NvmeController(PciDevice):
         self._frozen = False
         self._resumed = trio.Event()
         self._resumed.set()
+        #: paused because the client went away (not for a migration); the next register write
+        #: from a client resumes it
+        self._detached = False
 
     # -- command line -----------------------------------------------------------------------
 
@@ -306,11 +309,14 @@ class NvmeController(PciDevice):
             self._clear_controller(keep_admin_regs=False)
 
     async def client_disconnected(self) -> None:  # type: ignore[override]
-        # Guest memory is gone with the client: stop touching it; a new client starts afresh.
-        if self._ready.is_set():
-            async with self._control_lock:
-                await self._quiesce()
-                self._clear_controller(keep_admin_regs=False)
+        # The spec's Client Disconnection: "the device state should otherwise be retained".
+        # Guest memory went with the client, so stop touching it the way a migration stops the
+        # controller (completions that cannot be posted are held, as state), and keep the rest
+        # (registers, queues, features, AERs) for the next client, as the virtio devices do.
+        # It runs again on that client's first register write: by then it has mapped memory.
+        if self._ready.is_set() and not self._paused:
+            await self.quiesce()
+            self._detached = True
 
     # -- migration (formats in .migration_format, state mapping in .migration) -----------------
 
@@ -345,7 +351,7 @@ class NvmeController(PciDevice):
         """Running again (after a load, a cancelled migration or a reset): fetch from every SQ
         the state holds, post held completions, and re-signal CQs with unconsumed entries (the
         host may have missed an interrupt across the switch-over; a spurious one is harmless)."""
-        self._paused = self._frozen = False
+        self._paused = self._frozen = self._detached = False
         self._resumed.set()
         if self._tasks is not None:
             self._tasks.start_soon(self._resume_queues)
@@ -428,6 +434,8 @@ class NvmeController(PciDevice):
 
     @bar0.writer
     def write_register(self, offset: int, size: int, value: int) -> None:
+        if self._detached and (self.migration is None or self.migration.running):
+            self.resume()
         if offset >= REG_DOORBELLS:
             if size == 4 and offset % 4 == 0:
                 self._doorbell((offset - REG_DOORBELLS) // 4, value & 0xFFFF)
