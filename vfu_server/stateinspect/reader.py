@@ -283,16 +283,15 @@ def _check_order(env: dict[str, Any]) -> None:
     if table is None:
         return  # a format this reader does not know: shown record by record, unjudged
     rank = {t: i for i, t in enumerate(table)}
-    recs = env["records"]
-    if 0x0001 in rank and (not recs or recs[0]["_rtype"] != 0x0001):
-        raise Bad(f"{env['format']}: PROFILE is not the first record")
     last: tuple[int, int] | None = None
-    for r in recs:
+    for r in env["records"]:
         t = r["_rtype"]
         if t not in rank:
             if "OPTIONAL" not in r["flags"]:
                 raise Bad(f"{env['format']}: unknown mandatory record type {t:#06x}")
             continue
+        if last is None and 0x0001 in rank and t != 0x0001:
+            raise Bad(f"{env['format']}: PROFILE is not the first record")
         if last is not None:
             if rank[t] < rank[last[0]]:
                 raise Bad(f"{env['format']}: record {t:#06x} after {last[0]:#06x}, out of the "
@@ -300,6 +299,8 @@ def _check_order(env: dict[str, Any]) -> None:
             if t == last[0] and r["instance"] <= last[1]:
                 raise Bad(f"{env['format']}: record {t:#06x} instances not strictly ascending")
         last = (t, r["instance"])
+    if last is None and 0x0001 in rank:
+        raise Bad(f"{env['format']}: no PROFILE record")
 
 
 def inspect_stream(data: bytes) -> list[dict[str, Any]]:
