@@ -159,17 +159,30 @@ def test_layout_blocks_parse_lines_the_way_they_read() -> None:
     assert ("flbas" in [f for _, _, f in fields]) and not any(f == "format" for _, _, f in fields)
 
 
-def _order_tables() -> dict[str, list[int]]:
-    """The "Order | Type" tables of sections 5.2, 5.3 and 5.4: record types, in table order."""
-    out: dict[str, list[int]] = {}
+def _order_rows() -> dict[str, list[tuple[int, str]]]:
+    """The "Order | Type" tables of sections 5.2, 5.3 and 5.4: (record type, the row's text)."""
+    out: dict[str, list[tuple[int, str]]] = {}
     section = None
     for line in DOC.splitlines():
         if line.startswith("### 5."):
             section = line.split()[1]
         m = re.match(r"^\| (\d+) \| (0x[0-9A-Fa-f]{4}) \|", line)
         if m and section:
-            out.setdefault(section, []).append(int(m[2], 16))
+            out.setdefault(section, []).append((int(m[2], 16), line))
     return out
+
+
+def _order_tables() -> dict[str, list[int]]:
+    return {sec: [t for t, _ in rows] for sec, rows in _order_rows().items()}
+
+
+def test_order_tables_name_the_flags_the_writer_sets() -> None:
+    """A row says OPTIONAL or PER_INSTANCE exactly when the record is written with that flag."""
+    layouts = {t: lay for fmt in STANDARD for t, lay in fmt.layouts.items()}
+    for rows in _order_rows().values():
+        for t, row in rows:
+            assert ("OPTIONAL" in row) == layouts[t].optional, row
+            assert ("PER_INSTANCE" in row) == layouts[t].per_instance, row
 
 
 def test_order_tables_are_the_order_formats_write_and_enforce() -> None:
