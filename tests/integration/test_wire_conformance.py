@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from server_helpers import RawConn
 
 from vfu_server import migrate as mg
@@ -22,6 +24,7 @@ from vfu_server.protocol import messages as m
 from vfu_server.protocol.constants import Command, Feature, FeatureFlags
 from vfu_server.protocol.negotiation import client_offer
 from vfu_server.testing import running_server
+from vfu_server.testing.fuzz import server_processes
 
 TIMEOUT = 30
 GET, SET, PROBE = FeatureFlags.GET, FeatureFlags.SET, FeatureFlags.PROBE
@@ -274,3 +277,60 @@ async def test_load_raises_the_reason_and_vfu_migrate_prints_it(server, tmp_path
         err = proc.stderr.decode()
         assert proc.returncode == 1
         assert "vfu-migrate: destination refused the stream: bad magic, not a DEVSTATE stream (EBADMSG)" in err
+
+
+# --------------------------------------------------------------------------------------------
+# the same rules for any argsz, size and flags a client may send
+
+
+@pytest.fixture(scope="module")
+def one_server_path():
+    with server_processes("example", count=1) as paths:
+        yield paths[0]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(reads=st.lists(st.tuples(st.integers(0, 3 * 4096), st.integers(0, 3 * 4096)), min_size=1, max_size=6),
+       features=st.lists(st.tuples(st.sampled_from([1, 2, 6, 7, 8, 0xF100, 0xF101, 0xF102, 0xF103, 0x1234]),
+                                   st.sampled_from([GET, SET, PROBE, PROBE | GET, PROBE | SET]),
+                                   st.integers(0, 600), st.binary(max_size=48)), max_size=6))
+def test_any_request_gets_a_reply_by_the_rules(one_server_path, reads, features):
+    """Whatever argsz, size and flags arrive: MIG_DATA_READ is refused (EINVAL) when argsz <
+    8 + size or size exceeds the negotiated limit, else its reply's argsz is 8 + the bytes in
+    it, never more than asked; a DEVICE_FEATURE SET/PROBE reply is the request, a GET reply's
+    argsz is the size of its payload, or the payload is 8 bytes saying how much is needed; and
+    the server keeps serving."""
+
+    async def one_example() -> None:
+        conn = await RawConn.connect(one_server_path)
+        try:
+            reply = await conn.request(0, Command.VERSION, client_offer(max_data_xfer_size=4096).pack())
+            assert not reply.is_error
+            ids = Ids()
+            for index, op, argsz, data in features:
+                if index == Feature.MIG_DEVICE_STATE and op & SET:
+                    continue  # state changes are the other tests' business
+                payload = struct.pack("<II", argsz, index | op) + data
+                reply = await feature(conn, ids, payload)
+                if reply.is_error:
+                    continue
+                if op & (SET | PROBE):
+                    assert bytes(reply.payload) == payload
+                else:
+                    stated = struct.unpack_from("<I", reply.payload)[0]
+                    assert stated == len(reply.payload) or (len(reply.payload) == 8 and stated > argsz)
+                    assert len(reply.payload) <= max(argsz, 8)
+            await set_state(conn, ids, MigState.STOP_COPY)
+            for argsz, size in reads:
+                reply = await conn.request(ids(), Command.MIG_DATA_READ, struct.pack("<II", argsz, size))
+                if argsz < 8 + size or size > 4096:
+                    assert reply.is_error and reply.error == errno.EINVAL
+                    continue
+                assert not reply.is_error
+                stated, got = struct.unpack_from("<II", reply.payload)
+                assert stated == 8 + got == len(reply.payload) and got <= size
+            await set_state(conn, ids, MigState.RUNNING)
+        finally:
+            conn.close()
+
+    trio.run(one_example)

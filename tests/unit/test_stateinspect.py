@@ -184,3 +184,30 @@ def test_nvme_dbbuf_before_nvmecs_is_refused_by_both_readers():
         inspect_stream(data)
     with pytest.raises(MigrationError, match="against the format's order"):
         NVME_STANDARD.decode(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_both_readers_agree_on_any_record_order(data):
+    """Any order of a standard stream's records: both readers accept it exactly when it is the
+    order section 4 rule 6 prescribes (every record here is known and distinct, so only the
+    writer's own order passes), and refuse it otherwise."""
+    from vfu_server.migration.envelope import encode_envelope
+    from vfu_server.migration.errors import MigrationError
+
+    fmt, records = data.draw(st.sampled_from(list(_standard_records())))
+    order = data.draw(st.permutations(range(len(records))))
+    stream = encode_envelope(fmt.uuid, fmt.major, 0, [records[i] for i in order], final=True)
+    expected = list(order) == sorted(order)
+    try:
+        inspect_stream(stream)
+        independent = True
+    except Bad:
+        independent = False
+    try:
+        fmt.decode(stream)
+        main = True
+    except MigrationError as exc:
+        assert exc.errno == 22, exc
+        main = False
+    assert independent == main == expected, (fmt.name, order)
