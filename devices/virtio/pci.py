@@ -504,7 +504,7 @@ class VirtioPciDevice(PciDevice):
         assert self._queue_nursery is not None
         q.state.event_idx_enabled = self.has(F_EVENT_IDX)
         q.indirect_ok = self.has(F_INDIRECT_DESC)
-        self._queue_nursery.start_soon(self._queue_main, q, name=f"{self.name}.q{q.index}")
+        self._queue_nursery.start_soon(self.dma.executor.run_task, self._queue_main, q, name=f"{self.name}.q{q.index}")
 
     async def _queue_main(self, q: SplitQueue) -> None:
         try:
@@ -561,7 +561,7 @@ class VirtioPciDevice(PciDevice):
                     await trio.lowlevel.checkpoint()
                     self.notify_queue(q)
 
-            nursery.start_soon(flusher)
+            nursery.start_soon(self.dma.executor.run_task, flusher)
             inline = self.process_nowait
             while True:
                 # One pass: requests the device can finish without waiting complete right
@@ -583,7 +583,7 @@ class VirtioPciDevice(PciDevice):
                     if slots.value == 0:
                         self.notify_queue(q)
                     await slots.acquire()
-                    nursery.start_soon(one, chain)
+                    nursery.start_soon(self.dma.executor.run_task, one, chain)
                 self.notify_queue(q)
                 if budget > 0:
                     await self._sleep_until_kicked(q)
