@@ -718,7 +718,9 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
-                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy:
+                    # No polling through DMA_READ messages: each look would be a round trip
+                    # on the client's main loop.
+                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy and not self.dma.message_mode:
                         # While we look, the host need not ring: an event index one behind
                         # the tail is crossed only after a whole lap of the queue.
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)

@@ -593,7 +593,9 @@ class VirtioPciDevice(PciDevice):
     async def _sleep_until_kicked(self, q: SplitQueue, beyond: int = 0) -> None:
         """Until the driver makes chains available (more than ``beyond`` of them)."""
         poll = q.poll
-        if poll.max_ns and not poll.driver_busy:
+        # No polling through DMA_READ messages: each look would be a round trip on the
+        # client's main loop.
+        if poll.max_ns and not poll.driver_busy and not self.dma.message_mode:
             # Look at the avail ring for a while first, with kicks suppressed meanwhile.
             q.suppress_notification()
             if await poll.poll(lambda: q.pending() > beyond, lambda: not (q.active and q.accepting)):
