@@ -805,7 +805,7 @@ class NvmeController(PciDevice):
             rt.inflight.inc()
             self.inflight.inc()
             assert self._session is not None
-            self._session.start_soon(self.dma.executor.run_task, self._execute_io_task, sq, rt, cmd)
+            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd)
 
     def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
         """Complete an I/O command right here when the backend can do it without blocking.

@@ -583,7 +583,7 @@ class VirtioPciDevice(PciDevice):
                     if slots.value == 0:
                         self.notify_queue(q)
                     await slots.acquire()
-                    nursery.start_soon(self.dma.executor.run_task, one, chain)
+                    self.dma.executor.start_soon(nursery, one, chain)
                 self.notify_queue(q)
                 if budget > 0:
                     await self._sleep_until_kicked(q)

@@ -256,39 +256,59 @@ class DmaExecutor:
         """Run ``fn(*args)`` so that any synchronous code it calls may use message DMA."""
         coro = fn(*args)
         ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)))
+        mem = self.mem
+        send, throw = coro.send, coro.throw
         value: Any = None
         exc: BaseException | None = None
         try:
             while True:
-                if self.mem.message_mode or ctx.writes:
-                    await self._acquire(ctx)
-                    try:
-                        glet = greenlet(_run_step)
-                        glet.gr_context = contextvars.copy_context()
-                        ctx.glet = glet
-                        done = await self._drive(ctx, glet, (coro, value, exc))
-                        ctx.glet = None
-                        with trio.CancelScope(shield=True):
-                            await self._flush(ctx, everything=done.finished or done.exc is not None)
-                    finally:
-                        self._release()
-                    if done.exc is not None:
-                        raise done.exc
-                    if done.finished:
-                        return done.value
-                    trap = done.value
+                # Attributes, not the message_mode property: this runs once per await of
+                # every device task, on the shared-memory fast path too.
+                if (mem._fdless and mem.port is not None) or ctx.writes:
+                    trap, finished = await self._message_step(ctx, coro, value, exc)
+                    if finished:
+                        return trap
                 else:
                     try:
-                        trap = coro.send(value) if exc is None else coro.throw(exc)
+                        trap = send(value) if exc is None else throw(exc)
                     except StopIteration as stop:
                         return stop.value
-                value, exc = None, None
+                exc = None
                 try:
                     value = await _yield(trap)
                 except BaseException as error:
-                    exc = error
+                    value, exc = None, error
         finally:
             coro.close()
+
+    async def _message_step(self, ctx: DmaContext, coro: Coroutine[Any, Any, Any], value: Any,
+                            exc: BaseException | None) -> tuple[Any, bool]:
+        """One step of ``coro`` in a greenlet, holding the executor: (trap or result, finished)."""
+        await self._acquire(ctx)
+        try:
+            glet = greenlet(_run_step)
+            glet.gr_context = contextvars.copy_context()
+            ctx.glet = glet
+            done = await self._drive(ctx, glet, (coro, value, exc))
+            ctx.glet = None
+            with trio.CancelScope(shield=True):
+                await self._flush(ctx, everything=done.finished or done.exc is not None)
+        finally:
+            self._release()
+        if done.exc is not None:
+            raise done.exc
+        return done.value, done.finished
+
+    def start_soon(self, nursery: trio.Nursery, fn: Callable[..., Awaitable[Any]], *args: Any,
+                   name: str | None = None) -> None:
+        """Start a short-lived device task (one request's work): through :meth:`run_task` only
+        while message DMA is possible, so that the shared-memory path pays nothing per request.
+        (A request started before the first map without an fd arrived that meets one fails
+        its DMA; QEMU maps guest RAM before a driver runs.)"""
+        if self.mem.message_mode:
+            nursery.start_soon(self.run_task, fn, *args, name=name)
+        else:
+            nursery.start_soon(fn, *args, name=name)
 
     # -- BAR writes ----------------------------------------------------------------------------
 
