@@ -288,8 +288,8 @@ class NvmeController(PciDevice):
             self.fastio = FastIo(self, module) if module is not None else None
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
-                nursery.start_soon(self._control_loop)
-                nursery.start_soon(self._interrupt_loop)
+                nursery.start_soon(self.dma.executor.run_task, self._control_loop)
+                nursery.start_soon(self.dma.executor.run_task, self._interrupt_loop)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()
@@ -354,7 +354,7 @@ class NvmeController(PciDevice):
         self._paused = self._frozen = self._detached = False
         self._resumed.set()
         if self._tasks is not None:
-            self._tasks.start_soon(self._resume_queues)
+            self._tasks.start_soon(self.dma.executor.run_task, self._resume_queues)
 
     async def _resume_queues(self) -> None:
         async with self._control_lock:
@@ -683,7 +683,7 @@ class NvmeController(PciDevice):
         rt = SqRuntime(qid, poll=AdaptivePoll(self.poll_ns if qid else 0))
         self.sq_rt[qid] = rt
         assert self._session is not None
-        self._session.start_soon(self._sq_loop, rt, name=f"nvme-sq{qid}")
+        self._session.start_soon(self.dma.executor.run_task, self._sq_loop, rt, name=f"nvme-sq{qid}")
 
     async def stop_sq(self, qid: int) -> None:
         """Stop fetching from SQ ``qid`` and wait until its commands have completed."""
@@ -726,7 +726,9 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
-                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy:
+                    # No polling through DMA_READ messages: each look would be a round trip
+                    # on the client's main loop.
+                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy and not self.dma.message_mode:
                         # While we look, the host need not ring: an event index one behind
                         # the tail is crossed only after a whole lap of the queue.
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)
@@ -811,7 +813,7 @@ class NvmeController(PciDevice):
             rt.inflight.inc()
             self.inflight.inc()
             assert self._session is not None
-            self._session.start_soon(self._execute_io_task, sq, rt, cmd)
+            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd)
 
     def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
         """Complete an I/O command right here when the backend can do it without blocking.

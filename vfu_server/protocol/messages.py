@@ -4,8 +4,8 @@ Payloads start right after the 16-byte header. All integers are little-endian. `
 raises :class:`~vfu_server.protocol.errors.MalformedMessage` (errno EINVAL) on anything short,
 oversized or inconsistent, so a handler can trust the values it gets.
 
-The layouts follow QEMU's ``hw/vfio-user/protocol.h``, which is what real clients send. Where
-QEMU and the spec text disagree (DMA_READ/DMA_WRITE), QEMU's layout wins and the docstring says so.
+The layouts follow QEMU's ``hw/vfio-user/protocol.h``, which is what real clients send, and
+QEMU's ``docs/interop/vfio-user.rst``; where they differ the docstring says so.
 """
 
 from __future__ import annotations
@@ -499,17 +499,19 @@ def pack_write_multi(writes: Sequence[tuple[int, int, bytes]]) -> bytes:
 # --------------------------------------------------------------------------------------------
 # DMA_READ / DMA_WRITE (server -> client)
 
-DMA_RW = struct.Struct("<QI")  # address u64, count u32; data at payload offset 12
-DMA_RW_DATA = 12
+DMA_RW = struct.Struct("<QQ")  # address u64, count u64; data at payload offset 16
+DMA_RW_DATA = DMA_RW.size
 
 
 @dataclass(frozen=True, slots=True)
 class DmaAccess:
-    """DMA_READ / DMA_WRITE in QEMU's layout (``VFIOUserDMARW``): ``address u64, count u32``,
-    data from payload byte 12 (message byte 28).
+    """DMA_READ / DMA_WRITE in the spec's layout: ``address u64, count u64``, data from payload
+    byte 16 (message byte 32).
 
-    The spec text and libvfio-user put a u64 count and data at byte 32; QEMU 11.1, the client
-    that matters, reads and writes data at byte 28, so a server must use this layout.
+    A DMA_READ request carries no data and its reply carries ``count`` bytes; a DMA_WRITE
+    request carries ``count`` bytes and its reply echoes address and count with no data.
+    QEMU 11.1.3 and libvfio-user both speak this layout (QEMU refuses a shorter, 28-byte
+    request with EINVAL and reads only the count's low 32 bits).
     """
 
     address: int
@@ -521,12 +523,21 @@ class DmaAccess:
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, with_data: bool) -> DmaAccess:
+        """``with_data``: exactly ``count`` data bytes must follow (a DMA_WRITE request, a
+        DMA_READ reply); without, none may (a DMA_READ request, a DMA_WRITE reply)."""
         _need(buf, DMA_RW.size, "DMA access")
         address, count = DMA_RW.unpack_from(buf)
-        data = b""
+        extra = len(buf) - DMA_RW_DATA
         if with_data:
-            _need(buf, DMA_RW_DATA + count, "DMA access data")
-            data = bytes(buf[DMA_RW_DATA : DMA_RW_DATA + count])
+            if extra != count:
+                raise MalformedMessage(f"DMA access: count {count} but {extra} data bytes")
+            data = bytes(buf[DMA_RW_DATA:])
+        else:
+            if extra:
+                raise MalformedMessage(f"DMA access: {extra} unexpected bytes after address and count")
+            data = b""
+        if address + count > 1 << 64:
+            raise MalformedMessage(f"DMA access {address:#x}+{count:#x} overflows 64 bits")
         return cls(address, count, data)
 
 
