@@ -137,3 +137,33 @@ class MemoryBackend(BlockBackend):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "memory", "size": self.size, "read_only": self.read_only}
+
+
+def export_ram_disks(backends: Sequence[BlockBackend | None]) -> tuple[dict[str, Any], list[int]]:
+    """A device's RAM disks for a live handover: ``{"ram_disks": [position, ...]}`` and their
+    memfds in that order (file and NBD backends are reopened by the successor itself)."""
+    positions = [i for i, b in enumerate(backends) if isinstance(b, MemoryBackend) and b.fd is not None]
+    return {"ram_disks": positions}, [backends[i].fd for i in positions]  # type: ignore[union-attr]
+
+
+def adopt_ram_disks(backends: Sequence[BlockBackend | None], data: dict[str, Any], fds: list[int]) -> None:
+    """The successor's side of :func:`export_ram_disks`: each listed RAM disk of ours takes the
+    predecessor's memfd. Takes ownership of ``fds`` (closed here on error)."""
+    positions = data.get("ram_disks", [])
+    try:
+        if not isinstance(positions, list) or len(positions) != len(fds):
+            raise ValueError(f"{len(fds)} RAM disk fds for {positions!r}")
+        for pos in positions:
+            if not isinstance(pos, int) or not 0 <= pos < len(backends) or not isinstance(backends[pos], MemoryBackend):
+                raise ValueError(f"the predecessor's RAM disk {pos!r} is not a RAM disk here")
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for i, (pos, fd) in enumerate(zip(positions, fds, strict=True)):
+        try:
+            backends[pos].adopt_fd(fd)  # type: ignore[union-attr]
+        except BaseException:
+            for rest in fds[i + 1 :]:
+                os.close(rest)
+            raise
