@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 _CQE = struct.Struct("<IIHHHH")
 BLOCK = 4096  # one command's data: 8 LBAs of 512 bytes
+BLOCKS = 3000  # of the 16 MiB disks
 
 
 def pattern(seq: int) -> bytes:
@@ -69,7 +70,7 @@ class ExactlyOnce:
             kind, opcode = "read", IO_READ
             drv.ram.write(buf, bytes(BLOCK))
         else:
-            block = self.next_block
+            block = self.next_block % BLOCKS  # a long run rewrites the disk (same pattern)
             self.next_block += 1
             kind, opcode = "write", IO_WRITE
             drv.ram.write(buf, pattern(block))
@@ -103,12 +104,14 @@ class ExactlyOnce:
             if q.cq_head == q.entries:
                 q.cq_head, q.phase = 0, q.phase ^ 1
 
-    async def run(self, total: int) -> None:
+    async def run(self, total: int, until: trio.Event | None = None) -> None:
+        """At least ``total`` commands, and on until ``until`` is set."""
         drv, q = self.drv, self.q
         irq = drv.vectors[q.vector]
-        while self.completed < total:
+        while self.completed < total or (until is not None and not until.is_set()) or self.inflight:
             new = 0
-            while len(self.inflight) < self.depth and self.submitted < total:
+            while len(self.inflight) < self.depth and (
+                    self.submitted < total or (until is not None and not until.is_set())):
                 await self.submit_one()
                 new += 1
             if new:
@@ -121,7 +124,7 @@ class ExactlyOnce:
 
     async def verify_all(self) -> None:
         """Every block written holds its pattern (read back one at a time)."""
-        for block in range(self.next_block):
+        for block in range(min(self.next_block, BLOCKS)):
             data = await self.drv.read(self.q, block * 8, BLOCK)
             assert data == pattern(block), f"block {block} lost its data"
 
@@ -142,11 +145,13 @@ async def nvme_with_control(*args: str) -> AsyncIterator[tuple[ServerProcess, st
                 raise
 
 
-async def handovers_during_io(load: Callable[[], Awaitable[None]], predecessor: ServerProcess, ctl: str,
+async def handovers_during_io(load: Callable[[trio.Event], Awaitable[None]], predecessor: ServerProcess, ctl: str,
                               successors: list[tuple[str, ...]], delay: float,
                               env: dict[str, str] | None = None) -> list[ServerProcess]:
-    """Run ``load`` while handing over, ``delay`` s after it started, to each successor in turn."""
+    """Run ``load`` while handing over, ``delay`` s after it started, to each successor in
+    turn; ``load`` keeps its queue full until the event it gets is set (after the last)."""
     done: list[ServerProcess] = []
+    finished = trio.Event()
 
     async def handovers() -> None:
         current = predecessor
@@ -158,10 +163,12 @@ async def handovers_during_io(load: Callable[[], Awaitable[None]], predecessor: 
                 exc.add_note(f"--- predecessor stderr ---\n{current.stderr()[-3000:]}")
                 raise
             done.append(current)
+        await trio.sleep(delay)
+        finished.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handovers)
-        await load()
+        await load(finished)
     return done
 
 
@@ -174,7 +181,7 @@ def nvme_handover_example(delay: float, poll_us: str, fmt: str, file_backed: boo
                     io = ExactlyOnce(drv, q)
                     b_args = (*backing, "--poll-us", poll_us, *(("--migration-format", fmt) if fmt else ()))
                     c_args = (*backing, "--poll-us", "1000") + (("--backing-io", "uring") if file_backed else ())
-                    succ = await handovers_during_io(lambda: io.run(400), srv, ctl, [b_args, c_args], delay)
+                    succ = await handovers_during_io(lambda until: io.run(200, until), srv, ctl, [b_args, c_args], delay)
                     try:
                         assert not io.inflight
                         await io.verify_all()
@@ -218,28 +225,27 @@ def virtio_blk_example(delay: float, fastio: str, ram: bool) -> None:
                 async with running_server("virtio-blk", "--control-socket", ctl, *backing) as srv, \
                         await Client.connect(srv.socket_path) as client:
                     await client.dma_map(gram)
-                    _dev, (q,) = await init_device(client, gram, queues=(0,), size=128)
+                    _dev, (q,) = await init_device(client, gram, queues=(0,), size=128, slot_size=8192)
                     written: list[int] = []
                     next_block = 0
                     inflight: dict[int, tuple[str, int]] = {}
                     done = 0
-                    total = 400
+                    total = 200
 
-                    async def load() -> None:
+                    async def load(until: trio.Event) -> None:
                         nonlocal next_block, done
-                        while done < total:
+                        while done < total or not until.is_set() or inflight:
                             new = 0
-                            while len(inflight) < 32 and done + len(inflight) < total:
+                            while len(inflight) < 32 and (done + len(inflight) < total or not until.is_set()):
                                 if written and (done + len(inflight)) % 3 == 2:
                                     block = written[(done * 7) % len(written)]
                                     req = q.add([blk_hdr(T_IN, block * 8)], [BLOCK, 1])
                                     inflight[req.head] = ("read", block)
                                 else:
-                                    block = next_block
+                                    block = next_block % BLOCKS
                                     next_block += 1
                                     req = q.add([blk_hdr(T_OUT, block * 8), pattern(block)], [1])
                                     inflight[req.head] = ("write", block)
-                                reqs[req.head] = req
                                 new += 1
                             if new:
                                 await q.kick()
@@ -254,11 +260,10 @@ def virtio_blk_example(delay: float, fastio: str, ram: bool) -> None:
                                     assert req.data(0) == pattern(block), f"read of block {block}: other data"
                                 done += 1
 
-                    reqs: dict[int, object] = {}
                     env = {"VFU_FASTIO": fastio}
                     succ = await handovers_during_io(load, srv, ctl, [backing, backing], delay, env=env)
                     try:
-                        for block in range(next_block):
+                        for block in range(min(next_block, BLOCKS)):
                             q.add([blk_hdr(T_IN, block * 8)], [BLOCK, 1])
                             await q.kick()
                             (got,) = await q.wait_used(1)
