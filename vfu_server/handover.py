@@ -747,12 +747,13 @@ def _unix_socket(fd: int) -> trio.socket.SocketType:
 # -- snapshot --------------------------------------------------------------------------------------
 
 
-async def snapshot(device: PciDevice, msg: dict[str, Any]) -> dict[str, Any]:
+async def snapshot(host: HandoverHost, msg: dict[str, Any]) -> dict[str, Any]:
     """The control socket's ``snapshot``: the live device's state in a format (``"format"``,
     default the selected outgoing one), base64 in ``"stream"``. The device pauses as briefly
     as a handover's quiesce; the client stays attached."""
     from .migration.session import SaveSession
 
+    server, device = host.server, host.server.device
     reply: dict[str, Any] = {"id": msg["id"]} if "id" in msg else {}
     mig = device.migration
     try:
@@ -761,6 +762,8 @@ async def snapshot(device: PciDevice, msg: dict[str, Any]) -> dict[str, Any]:
         busy = _migration_busy(device)
         if busy:
             raise HandoverError(errno.EBUSY, busy)
+        if server.hold is not None:
+            raise HandoverError(errno.EBUSY, "a handover or another snapshot is in progress")
         ctl = mig.controller
         if msg.get("format"):
             try:
@@ -770,11 +773,14 @@ async def snapshot(device: PciDevice, msg: dict[str, Any]) -> dict[str, Any]:
                 raise HandoverError(exc.errno, exc.reason) from None
         else:
             fmt, minor = ctl.selected, ctl.selected.minor_max if ctl.selected_minor is None else ctl.selected_minor
-        await mig.quiesce()
+        # Held like a handover, so that neither can resume the device under the other.
+        server.start_hold()
         try:
+            await mig.quiesce()
             state = device.save_state()
         finally:
             mig.sync_running()
+            server.end_hold(False)
         save = SaveSession(fmt, minor=minor)
         save.stop_copy(state)
         stream = save.read(save.pending_bytes)

@@ -875,7 +875,7 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
                                 # The connection now belongs to the handover, whatever its outcome.
                                 await handover.give(host, sock, msg, buf)
                                 return
-                            reply = await handover.snapshot(device, msg)
+                            reply = await handover.snapshot(host, msg)
                         elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}
