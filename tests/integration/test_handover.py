@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +31,7 @@ from vfu_server.client import Client, GuestRam
 from vfu_server.handover import HandoverRefused, Successor
 from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
 from vfu_server.testing.nvme import IO_READ, IO_WRITE, NvmeTestDriver, QueuePair, SubmissionEntry
-from vfu_server.testing.process import ServerProcess, running_server
+from vfu_server.testing.process import ServerProcess, running_server, spawn_server
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -563,3 +565,65 @@ async def test_snapshot_of_a_live_device_while_the_client_stays(tmp_path: Path) 
                                              capture_stdout=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             assert b"nvme" in inspect.stdout.lower()
             await still_serving(io)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="TAP in a netns needs root and iproute2")
+async def test_virtio_net_tap_handover_during_a_ping_stream(tmp_path: Path) -> None:
+    from test_virtio_net import GUEST_MAC, HDR, fill_rx, host_side, icmp_echo, setup_net
+
+    ns = f"wt16ho-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    ctl = str(tmp_path / "ctl")
+    args = ("--tap", "vfutap0", "--mac", GUEST_MAC.hex(":"))
+    inside = ("ip", "netns", "exec", ns)
+    srv = succ = None
+    try:
+        with trio.fail_after(120):
+            srv = await spawn_server("virtio-net", ("--socket-path", str(tmp_path / "net.sock"), *args,
+                                                    "--control-socket", ctl), prefix=inside)
+            host_mac = host_side(ns, 75)
+            async with await Client.connect(srv.socket_path) as client:
+                _dev, (rx, tx, _cq) = await setup_net(client)
+                fill_rx(rx, 128)
+                await rx.kick()
+                replies: set[int] = set()
+                handed, pinged = trio.Event(), trio.Event()
+                sent = 0
+
+                async def pings() -> None:
+                    # A ping every 20 ms from before the handover until 20 after it.
+                    nonlocal sent
+                    after = 0
+                    while after < 20:
+                        sent += 1
+                        tx.add([HDR + icmp_echo(GUEST_MAC, host_mac, bytes([10, 75, 0, 2]),
+                                                bytes([10, 75, 0, 1]), sent, sent.to_bytes(2, "big") * 100)])
+                        await tx.kick()
+                        tx.reap()
+                        after += handed.is_set()
+                        await trio.sleep(0.02)
+                    pinged.set()
+
+                async def collect() -> None:
+                    while not pinged.is_set() or len(replies) < sent:
+                        for r in await rx.wait_used(1, timeout=30):
+                            f = r.data(0)[12 : r.written]
+                            if f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0:
+                                seq = struct.unpack("!H", f[40:42])[0]
+                                assert seq not in replies, f"echo reply {seq} twice"
+                                replies.add(seq)
+                        fill_rx(rx, len(rx.free) // 2)
+                        await rx.kick()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pings)
+                    nursery.start_soon(collect)
+                    await trio.sleep(0.4)
+                    succ = await hand_over(srv, ctl, *args, "--poll-us", "50", prefix=inside)
+                    handed.set()
+                assert sent > 40 and replies == set(range(1, sent + 1))
+    finally:
+        for p in (succ, srv):
+            if p is not None:
+                await p.terminate()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
