@@ -627,3 +627,24 @@ async def test_virtio_net_tap_handover_during_a_ping_stream(tmp_path: Path) -> N
             if p is not None:
                 await p.terminate()
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+async def test_nvme_on_nbd_hands_over_with_io_in_flight() -> None:
+    # The successor opens its own connection to the same export: the predecessor's acknowledged
+    # writes are the NBD server's, so they read back through the new connection.
+    from test_block_nbd import nbdkit
+
+    with tempfile.TemporaryDirectory(prefix="nbd-") as d:
+        nbd = nbdkit(Path(d), "memory", str(16 << 20))
+        try:
+            with trio.fail_after(180):
+                async with nvme_with_control("--backing", nbd.uri) as (srv, ctl, drv, q):
+                    io = ExactlyOnce(drv, q)
+                    succ = await handovers_during_io(lambda until: io.run(200, until), srv, ctl,
+                                                     [("--backing", nbd.uri, "--poll-us", "0")], 0.1)
+                    try:
+                        await io.verify_all()
+                    finally:
+                        await succ[0].terminate()
+        finally:
+            nbd.kill()
