@@ -22,12 +22,14 @@ import array
 import base64
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
 import signal
 import socket
 import struct
+import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -312,6 +314,25 @@ def _refusal_before_hold(host: HandoverHost, hello: dict[str, Any]) -> HandoverE
     return None
 
 
+def _warm_up(device: PciDevice, formats: Sequence[tuple[StateFormat, int | None]]) -> None:
+    """Save (and load-check) the device's state once in each format before the pause: the
+    first save or load imports and builds what a format needs (tens of milliseconds, a
+    device's migration code is imported on first use), which must not count in the pause.
+    A running device's state is only read here (as PRE_COPY does)."""
+    from .migration.session import LoadSession, SaveSession
+
+    try:
+        state = device.save_state()
+        for fmt, minor in formats:
+            save = SaveSession(fmt, minor=minor)
+            save.stop_copy(state)
+            load = LoadSession([fmt], expect=fmt)
+            load.write(save.read(save.pending_bytes))
+            load.finish()
+    except Exception as exc:  # a device bug here must not stop the handover; it shows later
+        log.info("handover warm-up: %s", exc)
+
+
 def _migration_busy(device: PciDevice) -> str | None:
     mig = device.migration
     assert mig is not None
@@ -355,15 +376,20 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         return
     assert fmt_choice is not None and device.migration is not None
     timeout = _timeout(hello)
+    _warm_up(device, [fmt_choice])
+    clock = time.perf_counter
+    marks = [clock()]
     hold = server.start_hold()
     committed = False
     quiesced = False
     try:
         with trio.fail_after(timeout):
             await hold.parked.wait()
+        marks.append(clock())
         with trio.fail_after(timeout):
             await device.migration.quiesce()
             quiesced = True
+        marks.append(clock())
         busy = _migration_busy(device)  # a client's migration may have started meanwhile
         if busy:
             raise HandoverError(errno.EBUSY, busy)
@@ -376,9 +402,11 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
             await link.send({"ok": True, "msg": "accept", "format": _descriptor(fmt, minor)})
             for obj, fds in _messages(host, fmt, minor):
                 await link.send(obj, fds)
+        marks.append(clock())
         with trio.fail_after(timeout):
             answer, fds = await link.receive()
         _close(fds)
+        marks.append(clock())
         if answer.get("msg") != "ready":
             raise HandoverError(int(answer.get("errno") or errno.ECANCELED),
                                 f"successor: {answer.get('reason', answer.get('msg'))}")
@@ -394,7 +422,10 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         if answer.get("msg") != "ack":
             raise HandoverError(errno.EPROTO, f"expected ack, got {answer.get('msg')!r}")
         committed = True
-        log.warning("handed over to the successor; exiting")
+        marks.append(clock())
+        steps = [f"{(b - a) * 1000:.1f}" for a, b in itertools.pairwise(marks)]
+        log.warning("handed over to the successor after a pause of %.1f ms (park %s, quiesce %s, send %s, "
+                    "successor load %s, go/ack %s ms); exiting", (marks[-1] - marks[0]) * 1000, *steps)
     except trio.TooSlowError:
         log.warning("handover failed: timed out after %.1f s; resuming", timeout)
     except HandoverError as exc:
@@ -560,6 +591,7 @@ class Successor:
             sock.close()
             raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
                                   f"cannot connect to {self.control_path}: {exc.strerror}") from None
+        _warm_up(device, [(f, None) for f in type(device).get_migration_formats()])
         link = Link(sock)
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}
         try:
