@@ -166,6 +166,8 @@ class Connection:
                     # read until it is released (rollback) or the successor took over.
                     if await self.server.hold.park():
                         return  # handed over: the successor owns the session now
+                    if self.server.stopping:
+                        break  # a signal came during the handover: shut down (below)
                     self.receive_scope = trio.CancelScope()
                 with self.receive_scope:
                     while True:
