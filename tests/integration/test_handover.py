@@ -648,3 +648,35 @@ async def test_nvme_on_nbd_hands_over_with_io_in_flight() -> None:
                         await succ[0].terminate()
         finally:
             nbd.kill()
+
+
+async def test_a_third_party_device_hands_over_the_bar_memory_its_client_mapped(tmp_path: Path) -> None:
+    ctl = str(tmp_path / "ctl")
+    env = {"PYTHONPATH": str(HERE)}
+    with trio.fail_after(120):
+        async with running_server("handover_devices:MmapExample", "--control-socket", ctl, env=env) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            mapping, _info = await client.mmap_region(4)
+            mapping[0:4] = b"old!"
+            await client.write32(0, 4, 0xBEEF)
+            succ = await hand_over(srv, ctl, env=env)
+            try:
+                # The successor serves the very memory the client still has mapped.
+                assert await client.region_read(4, 0, 4) == b"old!"
+                mapping[4:8] = b"new!"
+                assert await client.region_read(4, 4, 4) == b"new!"
+                await client.region_write(4, 8, b"back")
+                assert mapping[8:12] == b"back"
+                assert await client.read32(0, 4) == 0xBEEF
+            finally:
+                mapping.close()
+                await succ.terminate()
+
+
+async def test_a_device_without_migration_formats_cannot_take_over(tmp_path: Path) -> None:
+    proc = await trio.run_process(
+        [sys.executable, "-m", "vfu_server", "mmap_test_device:MmapDevice", "--take-over", str(tmp_path / "ctl")],
+        capture_stdout=True, capture_stderr=True, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(HERE)))})
+    assert proc.returncode == 2
+    assert b"has no migration formats" in proc.stderr
