@@ -426,17 +426,23 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         steps = [f"{(b - a) * 1000:.1f}" for a, b in itertools.pairwise(marks)]
         log.warning("handed over to the successor after a pause of %.1f ms (park %s, quiesce %s, send %s, "
                     "successor load %s, go/ack %s ms); exiting", (marks[-1] - marks[0]) * 1000, *steps)
-    except trio.TooSlowError:
-        log.warning("handover failed: timed out after %.1f s; resuming", timeout)
-    except HandoverError as exc:
-        log.warning("handover failed: %s; resuming", exc.reason)
+    except Exception as exc:
+        # Whatever went wrong (a device hook that raised included), this server goes on.
+        if isinstance(exc, trio.TooSlowError):
+            failure = HandoverError(errno.ETIMEDOUT, f"timed out after {timeout:.1f} s")
+        elif isinstance(exc, HandoverError):
+            failure = exc
+        elif isinstance(exc, OSError):
+            failure = HandoverError(exc.errno or errno.EIO, f"control connection: {exc.strerror or exc}")
+        else:
+            log.error("handover: device or server error", exc_info=exc)
+            failure = HandoverError(errno.EIO, f"{type(exc).__name__}: {exc}")
+        log.warning("handover failed: %s; resuming", failure.reason)
         with trio.move_on_after(0.5):
             try:
-                await link.send(exc.reply())
+                await link.send(failure.reply())
             except OSError:
                 pass
-    except OSError as exc:
-        log.warning("handover failed: %s; resuming", exc)
     finally:
         link.close()
         if committed:
@@ -618,9 +624,9 @@ class Successor:
                     received[kind] = (msg, fds)
             try:
                 taken = await self._install(device, received)
-            except (HandoverError, MigrationError, ValueError, KeyError, TypeError, OSError) as exc:
+            except Exception as exc:  # anything the predecessor sent that does not load
                 code = getattr(exc, "errno", None) or errno.EINVAL
-                reason = getattr(exc, "reason", None) or str(exc)
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 with trio.move_on_after(1):
                     try:
                         await link.send({"msg": "abort", "errno": code, "reason": reason})

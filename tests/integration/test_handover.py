@@ -680,3 +680,19 @@ async def test_a_device_without_migration_formats_cannot_take_over(tmp_path: Pat
         env={**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(HERE)))})
     assert proc.returncode == 2
     assert b"has no migration formats" in proc.stderr
+
+
+async def test_a_device_hook_that_raises_fails_the_handover_not_the_server(tmp_path: Path) -> None:
+    ctl = str(tmp_path / "ctl")
+    env = {"PYTHONPATH": str(HERE)}
+    with trio.fail_after(120):
+        async with running_server("handover_devices:BrokenExport", "--control-socket", ctl, env=env) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            await client.write32(0, 4, 0x1111)
+            with pytest.raises(ServerStartFailed) as info:
+                await start_successor("handover_devices:BrokenExport", ctl, env=env)
+            assert "RuntimeError: bug in handover_export" in info.value.stderr
+            assert await client.read32(0, 4) == 0x1111
+            await client.write32(0, 4, 0x2222)
+            assert await client.read32(0, 4) == 0x2222
+            assert srv.process.returncode is None
