@@ -31,6 +31,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket-path", metavar="PATH", help="Unix socket to listen on (created 0600)")
     where.add_argument("--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)")
+    where.add_argument("--take-over", metavar="CTL",
+                       help="live handover: take the device, its client and its sockets over from the server "
+                            "whose control socket is CTL (docs/handover.md)")
+    parser.add_argument("--handover-timeout", type=float, default=10.0, metavar="S",
+                        help="with --take-over: how long either side waits at each step (default 10)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--trace", action="store_true", help="log one decoded line per message, both directions")
     parser.add_argument("--socket-poll-us", type=int, default=DEFAULT_SOCKET_POLL_US, metavar="US",
@@ -90,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     # A child logger's own level wins over the root's: trace lines appear exactly with --trace.
     logging.getLogger("vfu_server.trace").setLevel(logging.INFO if args.trace else logging.WARNING)
 
+    if args.take_over is not None:
+        if device_cls.migration_formats is None:
+            parser.error(f"--take-over: {pre.device} has no migration formats, so it cannot take over a device")
+        if getattr(args, "control_socket", None):
+            parser.error("--take-over takes over the predecessor's control socket; drop --control-socket")
+        if not 0.1 <= args.handover_timeout <= 60:
+            parser.error("--handover-timeout must be 0.1..60")
     try:
         device = device_cls.from_args(args)
     except (ValueError, OSError) as exc:
@@ -106,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     if not 0 <= args.nice <= MAX_NICE:
         parser.error(f"--nice must be 0..{MAX_NICE}")
+    listener = connected = None
+    where = ""
     try:
-        if args.socket_path is not None:
+        if args.take_over is not None:
+            pass  # everything comes from the predecessor
+        elif args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
             where, connected = args.socket_path, None
         else:
@@ -126,9 +142,22 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
                                                      args.nice, exc.strerror)
 
+    successor = None
+    if args.take_over is not None:
+        from .handover import Successor
+
+        successor = Successor(args.take_over, insist=getattr(args, "migration_format", None),
+                              timeout=args.handover_timeout)
+
     def ready() -> None:
+        if successor is not None:
+            taken = successor.taken
+            path = taken.socket_path if taken is not None else None
+            print(f"listening on {path or 'the handed-over socket'}", flush=True)
+            return
         print(f"listening on {where}", flush=True)
 
+    from .handover import HandoverRefused
     from .server import DeviceStartError, serve
 
     control = None
@@ -140,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
                                socket_path_to_remove=args.socket_path, control=control,
-                               control_path=control_path, socket_poll_us=args.socket_poll_us))
+                               control_path=control_path, socket_poll_us=args.socket_poll_us,
+                               successor=successor))
     except DeviceStartError as exc:
         sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
+        return 1
+    except HandoverRefused as exc:
+        sys.stderr.write(f"{PROG}: handover refused: {exc.reason}\n")
         return 1
     return 0

@@ -36,6 +36,8 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -91,6 +93,36 @@ def handles(command: Command) -> Callable[[Callable[..., Any]], Callable[..., An
     return deco
 
 
+class Hold:
+    """A live handover holding the server still (see :meth:`Server.start_hold`)."""
+
+    def __init__(self) -> None:
+        self.parked = trio.Event()
+        self._released = trio.Event()
+        self._handed_over = False
+
+    async def park(self) -> bool:
+        """Wait here (not reading) until released; True when the successor took over."""
+        self.parked.set()
+        await self._released.wait()
+        return self._handed_over
+
+    def release(self, handed_over: bool) -> None:
+        self._handed_over = handed_over
+        self._released.set()
+
+
+@dataclass
+class Adopted:
+    """A client session taken over from another server process (vfu_server.handover)."""
+
+    sock: trio.socket.SocketType
+    session: Session | None
+    next_id: int = 0x8000
+    unread: bytes = b""
+    unread_fds: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
 class Connection:
     """One client session."""
 
@@ -128,14 +160,23 @@ class Connection:
             # CancelScope costs ~10 us on the development VM, and a REGION_READ round trip
             # used to pay for two (this one and a shield around the batch).
             batch: list[Message] | None = []
-            with self.receive_scope:
-                while True:
-                    batch = await self._receive()
-                    if batch is None:
-                        break
-                    # A batch is applied completely even if shutdown starts meanwhile:
-                    # _handle_batch reaches no checkpoint outside a shield.
-                    await self._handle_batch(batch)
+            while True:
+                if self.server.hold is not None and not self.server.stopping:
+                    # A live handover holds the server (vfu_server.handover): nothing more is
+                    # read until it is released (rollback) or the successor took over.
+                    if await self.server.hold.park():
+                        return  # handed over: the successor owns the session now
+                    self.receive_scope = trio.CancelScope()
+                with self.receive_scope:
+                    while True:
+                        batch = await self._receive()
+                        if batch is None:
+                            break
+                        # A batch is applied completely even if shutdown starts meanwhile:
+                        # _handle_batch reaches no checkpoint outside a shield.
+                        await self._handle_batch(batch)
+                if batch is None or self.server.hold is None or self.server.stopping:
+                    break
             if batch is None:
                 log.info("client %d disconnected (%d batches found by looking, %d after sleeping)",
                          self.number, self.batches_found, self.batches_waited)
@@ -532,28 +573,72 @@ class Server:
         self._connections = 0
         self.stopping = False
         self._accept_scope = trio.CancelScope()
+        #: set while a live handover holds the server at a message boundary
+        self.hold: Hold | None = None
+        #: the successor took over: leave the socket paths to it on exit
+        self.handed_over = False
+        #: called once the successor took over (serve() ends its signal watcher with it)
+        self.on_handed_over: list[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def serve_listener(self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept clients one at a time, until :meth:`stop`."""
+    async def serve_listener(self, listener: trio.socket.SocketType, *, first: Adopted | None = None,
+                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients one at a time, until :meth:`stop`. ``first``: a session taken over
+        from another process, served before the next accept."""
         task_status.started()
-        while not self.stopping:
+        if first is not None:
+            await self.serve_socket(first.sock, adopted=first)
+        while not self.stopping and not self.handed_over:
+            if self.hold is not None:
+                if await self.hold.park():
+                    return
+                continue
             with trio.CancelScope() as self._accept_scope:
                 sock, _ = await listener.accept()
             if self._accept_scope.cancelled_caught:
+                if self.hold is not None and not self.stopping:
+                    continue  # a handover holds the server: park (above)
                 return
             await self.serve_socket(sock)
 
-    async def serve_socket(self, sock: trio.socket.SocketType) -> None:
+    async def serve_socket(self, sock: trio.socket.SocketType, *, adopted: Adopted | None = None) -> None:
         self._connections += 1
         conn = Connection(self, sock, self._connections)
+        if adopted is not None:
+            conn.session = adopted.session
+            conn._next_id = adopted.next_id
+            conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
         self.connection = conn
         try:
             await conn.run()
         finally:
             if conn.channel.closed:
                 self.connection = None
+
+    def start_hold(self) -> Hold:
+        """Live handover, step 1: stop taking messages at the next message boundary (the batch
+        being handled completes; bytes already read stay in the decoder) and stop accepting.
+        ``await hold.parked.wait()`` until the server stands still."""
+        if self.hold is not None:
+            raise VfioUserError("a handover is already in progress", errno.EBUSY)
+        self.hold = Hold()
+        self._accept_scope.cancel()
+        if self.connection is not None:
+            self.connection.receive_scope.cancel()
+        return self.hold
+
+    def end_hold(self, handed_over: bool) -> None:
+        """Live handover, last step: resume where the server stopped (rollback), or leave
+        everything to the successor (``handed_over``: the server then ends)."""
+        hold, self.hold = self.hold, None
+        if handed_over:
+            self.handed_over = True
+            self._accept_scope.cancel()
+            for callback in self.on_handed_over:
+                callback()
+        if hold is not None:
+            hold.release(handed_over)
 
     def stop(self) -> None:
         """Shutdown, step 1: stop accepting and stop reading requests (the message being
@@ -567,6 +652,12 @@ class Server:
         """Shutdown, step 3 (after the device drained): close the session."""
         conn, self.connection = self.connection, None
         if conn is not None:
+            if self.handed_over:
+                # Our copies only: the session, its maps and eventfds live on in the successor,
+                # and the device must not see a disconnect it would act on.
+                conn._pending.close()
+                conn.channel.close()
+                return
             with trio.CancelScope(shield=True):
                 await conn.close()
 
@@ -621,6 +712,7 @@ async def serve(
     connected: trio.socket.SocketType | None = None,
     on_listening: Callable[[], None] | None = None,
     socket_poll_us: int = 0,
+    successor: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
@@ -631,6 +723,12 @@ async def serve(
 
     On a signal: the batch being handled completes, the device flushes its backends
     (:meth:`PciDevice.shutdown`), the socket file is removed, and this returns normally.
+
+    ``successor``: a :class:`vfu_server.handover.Successor`. Once the device is ready it takes
+    over the sockets, the session and the state of the server running at its control socket
+    (which raises :class:`~vfu_server.handover.HandoverRefused` if that fails); this server
+    then serves them. After a handover to a successor this returns normally without removing
+    socket files, which now belong to the successor.
     """
     import signal
 
@@ -640,23 +738,46 @@ async def serve(
         listener = open_unix_listener(socket_path)
         socket_path_to_remove = socket_path
     server = Server(device, socket_poll_us=socket_poll_us)
+    handover_error: Exception | None = None
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             # Cancelled when the signal watcher is no longer needed (an inherited connection ended).
             signal_task = trio.CancelScope()
+            server.on_handed_over.append(signal_task.cancel)
             start_error: Exception | None = None
+            adopted: Adopted | None = None
             async with trio.open_nursery() as device_tasks:
                 try:
                     await device.start(device_tasks)
                 except Exception as exc:
                     start_error = exc
                     device_tasks.cancel_scope.cancel()
-                if start_error is None:
+                if start_error is None and successor is not None:
+                    try:
+                        taken = await successor.take_over(device, server)
+                    except Exception as exc:
+                        handover_error = exc
+                        device_tasks.cancel_scope.cancel()
+                    else:
+                        listener, connected, adopted = taken.listener, None, taken.adopted
+                        if listener is None and adopted is not None:
+                            connected = adopted.sock
+                        control, control_path = taken.control, taken.control_path
+                        socket_path_to_remove = taken.socket_path
+                if start_error is None and handover_error is None:
                     if control is not None:
-                        device_tasks.start_soon(serve_control, device, control)
+                        device_tasks.start_soon(serve_control, device, control, HandoverHost(
+                            server, listener, control, socket_path_to_remove, control_path))
                     async with trio.open_nursery() as clients:
                         if listener is not None:
-                            await clients.start(server.serve_listener, listener)
+                            await clients.start(partial(server.serve_listener, listener, first=adopted))
+                        elif adopted is not None:
+
+                            async def adopted_client() -> None:
+                                await server.serve_socket(adopted.sock, adopted=adopted)
+                                signal_task.cancel()
+
+                            clients.start_soon(adopted_client)
                         else:
                             assert connected is not None
 
@@ -683,8 +804,9 @@ async def serve(
                     # Every client task has returned: on a signal the session is still open, so
                     # in-flight work can complete into guest memory and raise its interrupts.
                     signal_task.cancel()
-                    with trio.CancelScope(shield=True), trio.move_on_after(30):
-                        await device.shutdown()
+                    if not server.handed_over:
+                        with trio.CancelScope(shield=True), trio.move_on_after(30):
+                            await device.shutdown()
                     await server.finish()
                     device_tasks.cancel_scope.cancel()
     finally:
@@ -692,16 +814,33 @@ async def serve(
             listener.close()
         if control is not None:
             control.close()
-            remove_socket(control_path)
-        remove_socket(socket_path_to_remove)
+            if not server.handed_over:
+                remove_socket(control_path)
+        if not server.handed_over:
+            remove_socket(socket_path_to_remove)
         device.close()
     if start_error is not None:
         raise DeviceStartError(f"{device.name}: {start_error}") from start_error
+    if handover_error is not None:
+        raise handover_error
 
 
-async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> None:
+@dataclass
+class HandoverHost:
+    """What a live handover (``{"cmd": "handover"}`` on the control socket) hands on."""
+
+    server: Server
+    listener: trio.socket.SocketType | None
+    control: trio.socket.SocketType | None
+    socket_path: str | None
+    control_path: str | None
+
+
+async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
+                        host: HandoverHost | None = None) -> None:
     """The out-of-band control socket: one JSON object per line in, one per line out
-    (docs/migration-format.md). Any number of control clients, each served in its own task."""
+    (docs/migration-format.md). Any number of control clients, each served in its own task.
+    ``handover`` and ``snapshot`` (docs/handover.md) are answered by :mod:`vfu_server.handover`."""
 
     async def one(sock: trio.socket.SocketType) -> None:
         import json
@@ -729,7 +868,15 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> 
                     except ValueError as exc:
                         reply = {"ok": False, "errno": errno.EINVAL, "error": "EINVAL", "reason": f"not JSON: {exc}"}
                     else:
-                        if device.migration is None:
+                        if isinstance(msg, dict) and msg.get("cmd") in ("handover", "snapshot") and host is not None:
+                            from . import handover
+
+                            if msg["cmd"] == "handover":
+                                # The connection now belongs to the handover, whatever its outcome.
+                                await handover.give(host, sock, msg, buf)
+                                return
+                            reply = await handover.snapshot(device, msg)
+                        elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}
                         else:

@@ -42,6 +42,7 @@ from vfu_server.block import (
     parse_backend_spec,
     parse_size,
 )
+from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
 from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
@@ -380,6 +381,22 @@ class NvmeController(PciDevice):
         from . import migration as nvme_migration
 
         return nvme_migration.profile(self, super().migration_profile())
+
+    # -- live handover: RAM namespaces move as memfds; files and NBD the successor reopens --
+
+    def _backends(self) -> list[BlockBackend | None]:
+        return [ns.backend for _, ns in sorted(self.namespaces.items())]
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        return export_ram_disks(self._backends())
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        adopt_ram_disks(self._backends(), data, fds)
+
+    def decode_device_abi(self, abi: bytes) -> Any:
+        from .migration_format import decode_device_abi
+
+        return decode_device_abi(abi)
 
     def save_state(self) -> NvmeMigState:
         from . import migration as nvme_migration

@@ -25,6 +25,7 @@ from vfu_server.block import (
     parse_backend_spec,
 )
 from vfu_server.block.base import iov_slice
+from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.dma import GuestMemory
@@ -134,6 +135,12 @@ class VirtioBlk(VirtioPciDevice):
             self.config_changed()
             task_status.started()
             await trio.sleep_forever()
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        return export_ram_disks([self.backend])
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        adopt_ram_disks([self.backend], data, fds)
 
     async def shutdown(self) -> None:
         await self.drain()

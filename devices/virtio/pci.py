@@ -663,6 +663,11 @@ class VirtioPciDevice(PciDevice):
 
         return replace(super().migration_profile(), device_abi=encode_virtio_profile(self.virtio_profile()))
 
+    def decode_device_abi(self, abi: bytes) -> Any:
+        from .migration_format import decode_virtio_profile
+
+        return decode_virtio_profile(abi)
+
     def save_device_state(self) -> dict[str, Any]:
         """Device-specific part of :class:`VirtioDevState` (``blk=`` / ``net=``)."""
         return {}

@@ -94,9 +94,12 @@ def test_map_with_offset_into_fd(gm: GuestMemory, ram) -> None:
 def test_fd_is_owned_and_closed(gm: GuestMemory, ram) -> None:
     r = ram()
     fd = r.dup()
-    gm.add(0, r.size, RW, fd)
+    region = gm.add(0, r.size, RW, fd)
+    assert region.fd == fd  # kept while mapped (a live handover sends it on)
+    gm.remove(0, r.size)
     with pytest.raises(OSError):
         os.fstat(fd)
+    gm.add(0, r.size, RW, r.dup())
     fd2 = r.dup()
     assert errno_of(gm.add, 0, PAGE, RW, fd2) == errno.EEXIST  # closed on error too
     with pytest.raises(OSError):

@@ -28,6 +28,7 @@ import errno
 import importlib
 import inspect
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
@@ -215,6 +216,39 @@ class PciDevice:
         from .migration_state import load_pci_state
 
         load_pci_state(self, state.pci, state.msix, state.intx)
+
+    # -- live handover hooks (vfu_server.handover, docs/handover.md) ------------------------
+
+    def handover_refusal(self) -> str | None:
+        """Why this device cannot hand over right now (a one-line reason), or None. The
+        state must be all in :meth:`save_state`; a device that keeps more (state no format
+        holds) returns a reason, and every handover is refused cleanly."""
+        return None
+
+    def decode_device_abi(self, abi: bytes) -> Any:
+        """The profile's ``device_abi`` bytes as a (dataclass) value, so that a refused
+        handover can say which guest-visible setting differs. Default: the bytes."""
+        return abi
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        """Predecessor side, device quiesced: resources a successor cannot simply reopen (a
+        TAP fd, a connected peer socket, a RAM disk), as plain data and fds. The fds stay
+        ours (the successor gets copies) until :meth:`handover_released`."""
+        return {}, []
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        """Successor side, before the state is loaded: take over what the predecessor's
+        :meth:`handover_export` gave. The fds become ours (close the ones not kept; raise
+        ValueError, after closing them, to refuse)."""
+        for fd in fds:
+            os.close(fd)
+        if data or fds:
+            raise ValueError(f"{self.name} cannot adopt device resources {sorted(data)}")
+
+    def handover_released(self) -> None:
+        """Predecessor side: the successor took over. Closing our copies is fine (the process
+        exits), but nothing shared may be torn down (unlinking a socket path the successor
+        now listens on)."""
 
     async def device_feature(self, req: DeviceFeature) -> bytes:
         if self.migration is None:

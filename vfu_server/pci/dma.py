@@ -44,6 +44,9 @@ class DmaRegion:
     offset: int
     mapping: mmap.mmap | None  # None: no fd came with the map; only message DMA could reach it
     view: memoryview | None
+    #: the client's fd, kept open while mapped: a live handover passes it to the successor,
+    #: which must map the very same memory (the mapping alone cannot be sent)
+    fd: int | None = None
 
     @property
     def end(self) -> int:
@@ -54,6 +57,12 @@ class DmaRegion:
         return bool(self.flags & _WRITE)
 
     def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
         if self.view is not None:
             self.view.release()
             self.view = None
@@ -85,7 +94,7 @@ class GuestMemory:
     # -- map management -------------------------------------------------------------------
 
     def add(self, iova: int, size: int, flags: int, fd: int | None, offset: int = 0) -> DmaRegion:
-        """Map a region. Takes ownership of ``fd`` (closed here, the mmap keeps the memory)."""
+        """Map a region. Takes ownership of ``fd`` (kept with the region, closed when it goes)."""
         try:
             if size == 0:
                 raise VfioUserError("DMA_MAP of size 0", errno.EINVAL)
@@ -103,7 +112,8 @@ class GuestMemory:
             mapping = view = None
             if fd is not None:
                 mapping, view = _map(fd, offset, size, bool(flags & DmaMapFlags.WRITE))
-            region = DmaRegion(iova, size, flags, offset, mapping, view)
+            region = DmaRegion(iova, size, flags, offset, mapping, view, fd)
+            fd = None  # the region owns it now
             self._starts.insert(i, iova)
             self._regions.insert(i, region)
             self.generation += 1
