@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -47,7 +47,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              f"default {DEFAULT_NICE})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
+    """``successor_class``: the :class:`vfu_server.handover.Successor` subclass ``--take-over``
+    uses (tests give one that damages the stream or stalls)."""
     argv = sys.argv[1:] if argv is None else argv
     if "--list-devices" in argv:
         for name, spec in sorted(registry.available().items()):
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.take_over is not None:
         from .handover import Successor
 
-        successor = Successor(args.take_over, insist=getattr(args, "migration_format", None),
+        successor = (successor_class or Successor)(args.take_over, insist=getattr(args, "migration_format", None),
                               timeout=args.handover_timeout)
 
     def ready() -> None:

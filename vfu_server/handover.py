@@ -409,6 +409,10 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     finally:
         link.close()
         if committed:
+            # Our copies of the eventfds and DMA maps go now: whatever this process still
+            # does on its way out (a backend's task ending) can never reach the guest.
+            device.irqs.close()
+            device.dma.clear()
             device.handover_released()
             server.end_hold(True)
         else:

@@ -420,7 +420,11 @@ class NvmeController(PciDevice):
         self.cq_rt.clear()
         self.inflight = InflightCounter()
         self._clear_controller(keep_admin_regs=False)
-        self._cc_changed = trio.Event()
+        # Drop a CC change that is still pending, but never the Event the control loop waits
+        # on: replaced, it would leave the loop deaf to every later CC write (a controller
+        # loaded disabled could then never be enabled).
+        if self._cc_changed.is_set():
+            self._cc_changed = trio.Event()
 
     # -- registers -----------------------------------------------------------------------------
 
