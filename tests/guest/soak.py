@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -194,12 +195,18 @@ def sink(s):
 def source(s):
     c, _ = s.accept()
     result["rx_connected"] = time.time()
-    word, sent = 0, 0
+    c.settimeout(0.5)  # look at the stop file even while the guest does not read
+    word, sent, block = 0, 0, b""
     while not os.path.exists(stop_file):
-        block = array.array("Q", range(word, word + 8192)).tobytes()
-        c.sendall(block)
-        word += 8192
-        sent += len(block)
+        if not block:
+            block = array.array("Q", range(word, word + 8192)).tobytes()
+            word += 8192
+        try:
+            n = c.send(block)
+        except TimeoutError:
+            continue
+        sent += n
+        block = block[n:]
     c.close()
     result["rx_bytes"] = sent
 
@@ -402,11 +409,13 @@ def run_soak(kit: GuestKit, workdir: Path, rounds: int,
     chains, devices, images = soak_devices(workdir, peer)
     script = guest_script([("nvme", "/dev/nvme0n1"), ("vblk", "/dev/vda")], threads=THREADS,
                           blocks_per_thread=BLOCKS_PER_THREAD)
+    pidfile = workdir / "qemu.pid"
     done = 0
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             guest = pool.submit(run_guest, script, devices, kit=kit, timeout=timeout, check=False,
-                                extra_files={"/bin/soak": soak_exe}, qemu_args=["-smp", "2"])
+                                extra_files={"/bin/soak": soak_exe},
+                                qemu_args=["-smp", "2", "-pidfile", str(pidfile)])
             try:
                 peer.plumb()
                 _wait_progress(peer, guest, 0)
@@ -414,6 +423,15 @@ def run_soak(kit: GuestKit, workdir: Path, rounds: int,
                     moved = peer.tx_progress()
                     step(done, chains)
                     _wait_progress(peer, guest, moved)
+            except BaseException:
+                # The guest hears the end of the soak over the network, which may be what
+                # broke: give it a minute, then end QEMU so that the failure is reported now.
+                peer.stop()
+                try:
+                    guest.result(60)
+                except concurrent.futures.TimeoutError:
+                    _end_qemu(pidfile)
+                raise
             finally:
                 peer.stop()
                 result = guest.result()
@@ -422,6 +440,13 @@ def run_soak(kit: GuestKit, workdir: Path, rounds: int,
         for chain in chains.values():
             chain.stop()
         peer.close()
+
+
+def _end_qemu(pidfile: Path) -> None:
+    try:
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass  # gone already
 
 
 def _wait_progress(peer: NetPeer, guest: concurrent.futures.Future[GuestResult], since: int,
@@ -471,3 +496,19 @@ def check_soak(out: SoakOutcome) -> None:
     sent, received = ping_stats(output)
     assert received > 0 and sent - received <= max(2, sent // 100), f"ping: {received} of {sent} replies"
     assert not bad_dmesg(output), "\n".join(bad_dmesg(output))
+
+
+def summary(out: SoakOutcome) -> str:
+    """A few lines on what the soak did, for the test's output."""
+    rec = records(out.guest.output)
+    lines = [f"{out.rounds_done} rounds in {out.guest.duration:.0f} s"]
+    for name, chain in out.chains.items():
+        secs = sorted(h.seconds for h in chain.handovers)
+        if secs:
+            lines.append(f"{name}: {len(secs)} handovers, successor start to serving median "
+                         f"{secs[len(secs) // 2] * 1e3:.0f} ms, max {secs[-1] * 1e3:.0f} ms")
+    lines += [f"{key}: {' '.join(f'{k}={v}' for k, v in values.items() if k != 'name')}"
+              for key, values in rec.items()]
+    sent, received = ping_stats(out.guest.output)
+    lines.append(f"ping: {received} of {sent} replies")
+    return "\n".join(lines)
