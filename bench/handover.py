@@ -203,26 +203,45 @@ async def virtio_blk_io(client, ram, qd: int, done: Callable[[], None]) -> None:
 
 
 async def virtio_net_io(client, ram, qd: int, done: Callable[[], None]) -> None:  # type: ignore[no-untyped-def]
-    from vfu_server.testing.virtio import init_device
+    from vfu_server.testing.virtio import VirtioTimeout, init_device
 
     await client.dma_map(ram)
     _, (rx, tx) = await init_device(client, ram, 1 << 5, queues=(0, 1), slot_size=2048)  # F_MAC
     for _ in range(64):
         rx.add(in_sizes=[12 + 1518])
     await rx.kick()
-    frame = MAC + b"\x02" * 6 + b"\x88\xb5" + os.urandom(200)
-    for _ in range(qd):
-        tx.add([bytes(12) + frame])
-    await tx.kick()
+    body = os.urandom(200)
+    sent = 0
+    waiting: set[int] = set()  # sequence numbers sent and not yet back
+    owed = qd  # frames to send as soon as a transmit descriptor is free
+    quiet_since = time.monotonic()
     while True:
-        got = await rx.wait_used(1, timeout=3600)
-        tx.reap()
-        for _ in got:
-            done()
-            rx.add(in_sizes=[12 + 1518])
-            tx.add([bytes(12) + frame])
-        await rx.kick()
+        tx.reap()  # the device may hand transmit buffers back well after the frame left
+        while owed and tx.free:
+            tx.add([bytes(12) + MAC + b"\x02" * 6 + b"\x88\xb5" + struct.pack("<Q", sent) + body])
+            waiting.add(sent)
+            sent += 1
+            owed -= 1
         await tx.kick()
+        try:
+            got = await rx.wait_used(1, timeout=0.05)
+        except VirtioTimeout:
+            if time.monotonic() - quiet_since > 10:
+                raise RuntimeError(f"virtio-net: {len(waiting)} of {sent} frames never came back "
+                                   f"(oldest {min(waiting, default=None)})") from None
+            continue
+        quiet_since = time.monotonic()
+        # every frame first: re-adding reuses the freed descriptors and slots of this batch
+        for req in got:
+            (seq,) = struct.unpack_from("<Q", req.data(0), 12 + 14)
+            if seq not in waiting:
+                raise RuntimeError(f"virtio-net: frame {seq} came back twice (or was never sent)")
+            waiting.discard(seq)
+            done()
+        for _ in got:
+            rx.add(in_sizes=[12 + 1518])
+        owed += len(got)
+        await rx.kick()
 
 
 async def virtio_rng_io(client, ram, qd: int, done: Callable[[], None]) -> None:  # type: ignore[no-untyped-def]
