@@ -153,6 +153,10 @@ async def test_client_get_asks_again_with_the_size_needed(server) -> None:
             data = await c.feature(Feature.MIG_FORMATS, get=True, argsz=16)
             count, entry, _ = struct.unpack_from("<HHI", data)
             assert (count, entry) == (2, 64) and len(data) == 8 + 64 * count
+            # Through the client too, a SET comes back as it went (point 1).
+            control = struct.pack("<QII", 4096, 0, 0)
+            assert await c.feature(Feature.DMA_LOGGING_START, set=True, data=control) == control
+            assert await c.feature(Feature.DMA_LOGGING_STOP, set=True, data=control) == control
 
 
 # --------------------------------------------------------------------------------------------
