@@ -618,7 +618,9 @@ class Connection:
         data = reader(req.size)
         if isinstance(data, Awaitable):
             data = await data
-        return m.MigData(len(data), data).pack()
+        # argsz and size count the data; the message carries all ``size`` bytes asked for, the
+        # rest zeros, as libvfio-user's server sends it: its client reads exactly that much.
+        return m.MigData(len(data), data).pack().ljust(8 + req.size, b"\0")
 
     @handles(Command.MIG_DATA_WRITE)
     async def _mig_data_write(self, msg: Message) -> None:

@@ -153,6 +153,10 @@ async def test_client_get_asks_again_with_the_size_needed(server) -> None:
             data = await c.feature(Feature.MIG_FORMATS, get=True, argsz=16)
             count, entry, _ = struct.unpack_from("<HHI", data)
             assert (count, entry) == (2, 64) and len(data) == 8 + 64 * count
+            # Through the client too, a SET comes back as it went (point 1).
+            control = struct.pack("<QII", 4096, 0, 0)
+            assert await c.feature(Feature.DMA_LOGGING_START, set=True, data=control) == control
+            assert await c.feature(Feature.DMA_LOGGING_STOP, set=True, data=control) == control
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +166,9 @@ async def test_client_get_asks_again_with_the_size_needed(server) -> None:
 async def test_mig_data_read_reply_and_argsz_rule(raw) -> None:
     """Spec, MIG_DATA_READ: request "*argsz* is the maximum size of the reply payload"; reply
     "*argsz* is the size of the above structure, including the size of the data" and "*size*
-    ... If this is less than the requested size, there is no more migration data to read"."""
+    ... If this is less than the requested size, there is no more migration data to read".
+    The message itself is 8 + the requested size, zero-padded after the data, as libvfio-user's
+    server sends it (its client reads exactly that many bytes and drops a shorter reply)."""
     ids = Ids()
     with trio.fail_after(TIMEOUT):
         await set_state(raw, ids, MigState.STOP_COPY)
@@ -177,8 +183,9 @@ async def test_mig_data_read_reply_and_argsz_rule(raw) -> None:
             reply = await raw.request(ids(), Command.MIG_DATA_READ, m.MigData.read_request(100))
             assert not reply.is_error
             argsz, size = struct.unpack_from("<II", reply.payload)
-            assert argsz == 8 + size == len(reply.payload) and size <= 100
-            stream += reply.payload[8:]
+            assert argsz == 8 + size and size <= 100 and len(reply.payload) == 8 + 100
+            assert not any(reply.payload[argsz:])
+            stream += reply.payload[8:argsz]
             reads += 1
             if size < 100:
                 break
@@ -297,7 +304,7 @@ def one_server_path():
 def test_any_request_gets_a_reply_by_the_rules(one_server_path, reads, features):
     """Whatever argsz, size and flags arrive: MIG_DATA_READ is refused (EINVAL) when argsz <
     8 + size or size exceeds the negotiated limit, else its reply's argsz is 8 + the bytes in
-    it, never more than asked; a DEVICE_FEATURE SET/PROBE reply is the request, a GET reply's
+    it, never more than asked (the message padded to 8 + size); a DEVICE_FEATURE SET/PROBE reply is the request, a GET reply's
     argsz is the size of its payload, or the payload is 8 bytes saying how much is needed; and
     the server keeps serving."""
 
@@ -328,7 +335,8 @@ def test_any_request_gets_a_reply_by_the_rules(one_server_path, reads, features)
                     continue
                 assert not reply.is_error
                 stated, got = struct.unpack_from("<II", reply.payload)
-                assert stated == 8 + got == len(reply.payload) and got <= size
+                assert stated == 8 + got and got <= size and len(reply.payload) == 8 + size
+                assert not any(reply.payload[stated:])
             await set_state(conn, ids, MigState.RUNNING)
         finally:
             conn.close()
