@@ -28,7 +28,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
+    # Neither: the sockets systemd passed (socket activation, vfu_server/systemd.py).
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="Unix socket to listen on (created 0600)")
     where.add_argument("--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -106,8 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     if not 0 <= args.nice <= MAX_NICE:
         parser.error(f"--nice must be 0..{MAX_NICE}")
+    from . import systemd
+
+    activated = None
+    if args.socket_path is None and args.fd is None:
+        try:
+            activated = systemd.activated_sockets()
+        except systemd.ActivationError as exc:
+            parser.error(f"socket activation: {exc}")
+        if activated is None:
+            parser.error("one of the arguments --socket-path --fd is required (or socket activation)")
     try:
-        if args.socket_path is not None:
+        if activated is not None:
+            assert activated.vfio_user is not None
+            listener, connected = trio.socket.from_stdlib_socket(activated.vfio_user), None
+            where = f"fd {activated.vfio_user.fileno()} (socket activation)"
+        elif args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
             where, connected = args.socket_path, None
         else:
@@ -126,22 +141,46 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
                                                      args.nice, exc.strerror)
 
+    notifier = systemd.install()
+
     def ready() -> None:
         print(f"listening on {where}", flush=True)
+        if notifier is not None:
+            notifier.ready(f"serving {pre.device} on {where}; waiting for a client")
 
     from .server import DeviceStartError, serve
 
     control = None
-    if control_path:
+    if activated is not None and activated.control is not None:
+        if control_path:
+            parser.error("--control-socket: systemd passed a control socket already")
+        if device_cls.migration_formats is None:
+            parser.error(f"socket activation: {pre.device} has no control socket")
+        control = trio.socket.from_stdlib_socket(activated.control)
+    elif control_path:
         try:
             control = open_unix_listener(control_path)
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
-    try:
-        trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
-                               socket_path_to_remove=args.socket_path, control=control,
-                               control_path=control_path, socket_poll_us=args.socket_poll_us))
-    except DeviceStartError as exc:
-        sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
+
+    async def run_server() -> DeviceStartError | None:
+        async with trio.open_nursery() as nursery:
+            interval = systemd.watchdog_interval()
+            if notifier is not None and interval is not None:
+                nursery.start_soon(systemd.watchdog_task, notifier, interval)
+            try:
+                await serve(device, listener=listener, connected=connected, on_listening=ready,
+                            socket_path_to_remove=args.socket_path, control=control,
+                            control_path=control_path, socket_poll_us=args.socket_poll_us,
+                            on_stopping=notifier.stopping if notifier is not None else None)
+            except DeviceStartError as exc:
+                return exc
+            finally:
+                nursery.cancel_scope.cancel()
+        return None
+
+    error = trio.run(run_server)
+    if error is not None:
+        sys.stderr.write(f"{PROG} {pre.device}: error: {error}\n")
         return 1
     return 0

@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from . import systemd
 from .pci.device import PciDevice
 from .pci.polling import MAX_POLL_US, AdaptivePoll
 from .protocol import messages as m
@@ -549,11 +550,14 @@ class Server:
         self._connections += 1
         conn = Connection(self, sock, self._connections)
         self.connection = conn
+        systemd.status(f"client {conn.number} connected")
         try:
             await conn.run()
         finally:
             if conn.channel.closed:
                 self.connection = None
+                if not self.stopping:
+                    systemd.status(f"client {conn.number} gone; waiting for a client")
 
     def stop(self) -> None:
         """Shutdown, step 1: stop accepting and stop reading requests (the message being
@@ -621,6 +625,7 @@ async def serve(
     connected: trio.socket.SocketType | None = None,
     on_listening: Callable[[], None] | None = None,
     socket_poll_us: int = 0,
+    on_stopping: Callable[[], None] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
@@ -672,6 +677,8 @@ async def serve(
                         async def wait_signal() -> None:
                             async for signum in signals:
                                 log.info("received %s: shutting down", signal.Signals(signum).name)
+                                if on_stopping is not None:
+                                    on_stopping()
                                 server.stop()
                                 return
 
