@@ -41,6 +41,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lower the server's CPU priority by N at start, so that its polling gives way "
                              f"to the VM's vCPU threads (0..{MAX_NICE}; 0: keep the inherited priority; "
                              f"default {DEFAULT_NICE})")
+    parser.add_argument("--metrics", metavar="ADDR:PORT",
+                        help="serve the device's I/O statistics for Prometheus at http://ADDR:PORT/metrics")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,8 +165,23 @@ def main(argv: list[str] | None = None) -> int:
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
 
+    metrics_listener = None
+    if args.metrics:
+        if getattr(device, "iostats", None) is None:
+            parser.error(f"--metrics: {pre.device} keeps no I/O statistics")
+        from .metrics import MetricsAddressError, open_listener
+
+        try:
+            metrics_listener = open_listener(args.metrics)
+        except MetricsAddressError as exc:
+            parser.error(str(exc))
+
     async def run_server() -> DeviceStartError | None:
         async with trio.open_nursery() as nursery:
+            if metrics_listener is not None:
+                from .metrics import serve_metrics
+
+                nursery.start_soon(serve_metrics, device, metrics_listener)
             interval = systemd.watchdog_interval()
             if notifier is not None and interval is not None:
                 nursery.start_soon(systemd.watchdog_task, notifier, interval)

@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from . import systemd
+from . import iostats, systemd
 from .pci.device import PciDevice
 from .pci.polling import MAX_POLL_US, AdaptivePoll
 from .protocol import messages as m
@@ -736,7 +736,11 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> 
                     except ValueError as exc:
                         reply = {"ok": False, "errno": errno.EINVAL, "error": "EINVAL", "reason": f"not JSON: {exc}"}
                     else:
-                        if device.migration is None:
+                        # Each area's commands are a step of their own: None means not mine.
+                        reply = iostats.handle_control(device, msg)
+                        if reply is not None:
+                            pass
+                        elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}
                         else:
