@@ -47,6 +47,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:
+        from . import top
+
+        return top.main(argv[1:])
     if "--list-devices" in argv:
         for name, spec in sorted(registry.available().items()):
             print(f"{name}\t{spec}")
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if pre.device is None or pre.device.startswith("-"):
         if "-h" in argv or "--help" in argv:
             print(f"usage: {PROG} DEVICE (--socket-path PATH | --fd N) [options]\n"
+                  f"       {PROG} top CTL... (live I/O statistics of servers, by control socket)\n"
                   f"devices: {', '.join(sorted(registry.available()))} or module.path:ClassName\n"
                   f"{PROG} DEVICE --help shows a device's options; {PROG} --list-devices lists devices")
             return 0

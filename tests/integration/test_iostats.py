@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,27 @@ async def test_stats_of_a_device_without_them(tmp_path) -> None:
     async with running_server("example", "--control-socket", ctl):
         (reply,) = await ask(ctl, {"cmd": "stats"})
     assert not reply["ok"] and reply["error"] == "ENOTSUP" and "no I/O statistics" in reply["reason"]
+
+
+async def test_top_shows_servers_and_one_that_is_gone(tmp_path, image) -> None:
+    from test_virtio_blk import read_req
+
+    ctl = str(tmp_path / "blk.ctl")
+    async with running_server("virtio-blk", "--backing", str(image), "--control-socket", ctl) as srv, \
+            await Client.connect(srv.socket_path) as client:
+        with GuestRam(16 << 20) as ram:
+            await client.dma_map(ram)
+            _, (q,) = await init_device(client, ram, VIRTIO_F_EVENT_IDX, slot_size=16384)
+            for i in range(8):
+                read_req(q, i * 8, 4096)
+            await q.kick()
+            await q.wait_used(8)
+            out = await trio.run_process(
+                [sys.executable, "-m", "vfu_server", "top", ctl, str(tmp_path / "gone.ctl"),
+                 "--once", "--interval", "0.2"], capture_stdout=True, capture_stderr=True,
+                env={**os.environ, "COLUMNS": "200"})
+    text = out.stdout.decode()
+    lines = text.splitlines()
+    row = next(line for line in lines if "blk.ctl" in line and " total " in line and " read " in line)
+    assert row.split("│")[-2].strip().startswith("<="), "p99 from the histogram"
+    assert any("gone.ctl" in line and "No such file" in line for line in lines), text
