@@ -91,8 +91,20 @@ def test_parse_backend_spec_kinds(tmp_path: Path) -> None:
     assert parse_backend_spec("nbd-disk.raw").kind == "file"  # only real NBD schemes are URIs
     spec = parse_backend_spec("nbd://h:5/e", "1G", read_only=True)
     assert spec == BackendSpec(
-        "nbd", size=1 << 30, read_only=True, nbd=NbdTarget("e", host="h", port=5)
+        "nbd", size=1 << 30, read_only=True, nbd=NbdTarget("e", host="h", port=5), uri="nbd://h:5/e"
     )
+
+
+def test_nbds_needs_libnbd(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfu_server.block import libnbd
+
+    uri = "nbds://h/x?tls-certificates=/etc/pki/vfu"
+    if libnbd.load() is not None:
+        assert parse_backend_spec(uri) == BackendSpec("nbd", uri=uri)
+    monkeypatch.setenv("VFU_NBD_CLIENT", "builtin")
+    with pytest.raises(BackendSpecError, match="TLS") as info:
+        parse_backend_spec(uri)
+    assert "python3-libnbd" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +113,6 @@ def test_parse_backend_spec_kinds(tmp_path: Path) -> None:
         (None, None, "--size is required"),
         (None, "12Q", "bad size"),
         ("http://h/disk", None, "unsupported backing"),
-        ("nbds://h/x", None, "TLS"),
     ],
 )
 def test_parse_backend_spec_rejects(backing: str | None, size: str | None, why: str) -> None:
