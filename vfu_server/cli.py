@@ -202,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     error = trio.run(run_server)
+    if error is None and getattr(device, "iostats", None) is not None:
+        # The last word on the device's I/O, for the journal (the control socket is gone).
+        import json
+
+        logging.getLogger("vfu_server").info("I/O statistics at exit: %s",
+                                             json.dumps(device.iostats.snapshot(), separators=(",", ":")))
     if error is not None:
         sys.stderr.write(f"{PROG} {pre.device}: error: {error}\n")
         return 1
