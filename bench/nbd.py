@@ -1,10 +1,11 @@
-"""The two NBD clients side by side, in the same run: the project's own (``vfu_server.block.nbd``)
-and libnbd (``vfu_server.block.libnbd``), against one qemu-nbd on a file in the page cache.
+"""The NBD backend (libnbd, ``vfu_server.block.nbd``) with multi-conn and with one connection,
+in the same run, against one qemu-nbd on a file in the page cache.
 
     .venv/bin/python -m bench.nbd [--seconds 2] [--rounds 2] [--transport unix,tcp]
 
-Each job runs for ``--seconds`` per client and round, the clients alternating so that a busy
-host slows both alike: 4 KiB random reads and writes at queue depth 1 and 32, 128 KiB
+(At 0e7b438 the project's own NBD client was a third column; libnbd beat it and replaced it,
+docs/performance.md "NBD on libnbd".) Each job runs for ``--seconds`` per variant and round,
+the variants alternating so that a busy host slows both alike: 4 KiB random reads and writes at queue depth 1 and 32, 128 KiB
 sequential reads at queue depth 8. Columns: IOPS and MB/s, and the client's CPU per I/O (this
 process's user+system time over the I/Os it completed), which is what a device pays for its
 backend whatever qemu-nbd costs. The medians over the rounds are printed.
@@ -104,16 +105,12 @@ async def run_job(backend: Any, op: str, bs: int, qd: int, rand: bool, seconds: 
 
 
 def openers() -> dict[str, Callable[[str], Any]]:
-    from vfu_server.block import libnbd
-    from vfu_server.block.nbd import NbdBackend
+    from vfu_server.block.nbd import NbdBackend, load
 
-    out: dict[str, Callable[[str], Any]] = {"built-in client": NbdBackend.open}
-    if libnbd.load() is not None:
-        out["libnbd"] = libnbd.LibnbdBackend.open
-        out["libnbd, 1 connection"] = lambda uri: libnbd.LibnbdBackend.open(uri, connections=1)
-    else:
-        print("libnbd is not installed: the built-in client alone", file=sys.stderr)
-    return out
+    if load() is None:
+        sys.exit("libnbd is not installed (Debian's python3-libnbd; ./run links it into .venv)")
+    return {"libnbd": NbdBackend.open,
+            "libnbd, 1 connection": lambda uri: NbdBackend.open(uri, connections=1)}
 
 
 async def bench(uri: str, seconds: float, rounds: int, transport: str) -> list[list[object]]:

@@ -71,7 +71,7 @@ def test_parse_nbd_uri(uri: str, target: NbdTarget) -> None:
         ("nbd+unix:///x", "socket=PATH"),
         ("nbd+unix://host/x?socket=/s", "no host"),
         ("nbd+unix:///x?socket=/s&foo=1", "unexpected query"),
-        ("nbds://h/x", "TLS"),
+        ("nbd://h/x?tls-psk-file=/k", "need nbds"),
         ("nbd+ssh://h/x", "scheme"),
     ],
 )
@@ -91,20 +91,20 @@ def test_parse_backend_spec_kinds(tmp_path: Path) -> None:
     assert parse_backend_spec("nbd-disk.raw").kind == "file"  # only real NBD schemes are URIs
     spec = parse_backend_spec("nbd://h:5/e", "1G", read_only=True)
     assert spec == BackendSpec(
-        "nbd", size=1 << 30, read_only=True, nbd=NbdTarget("e", host="h", port=5), uri="nbd://h:5/e"
+        "nbd", size=1 << 30, read_only=True, nbd=NbdTarget("e", host="h", port=5)
     )
 
 
-def test_nbds_needs_libnbd(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vfu_server.block import libnbd
-
+def test_nbd_uris_with_tls() -> None:
     uri = "nbds://h/x?tls-certificates=/etc/pki/vfu"
-    if libnbd.load() is not None:
-        assert parse_backend_spec(uri) == BackendSpec("nbd", uri=uri)
-    monkeypatch.setenv("VFU_NBD_CLIENT", "builtin")
-    with pytest.raises(BackendSpecError, match="TLS") as info:
-        parse_backend_spec(uri)
-    assert "python3-libnbd" in str(info.value)
+    spec = parse_backend_spec(uri)
+    assert spec.kind == "nbd" and spec.nbd is not None and spec.nbd.tls and spec.nbd.uri == uri
+    psk = "nbds+unix://alice@/x?socket=/run/n.sock&tls-psk-file=/etc/vfu/keys.psk"
+    assert parse_backend_spec(psk).nbd == NbdTarget("x", socket_path="/run/n.sock", tls=True)
+    with pytest.raises(BackendSpecError, match="need nbds"):
+        parse_backend_spec("nbd://h/x?tls-certificates=/d")
+    with pytest.raises(BackendSpecError, match="unknown"):
+        parse_backend_spec("nbds://h/x?tls-pretty-please=1")
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from .errors import BackendSpecError
 from .file import FileBackend
 from .memory import MemoryBackend
 from .nbd import NbdBackend, NbdTarget, parse_nbd_uri
+from .nbd import load as load_libnbd
 
 __all__ = ["BACKING_IO", "BackendSpec", "open_backend", "open_file_backend", "parse_backend_spec", "parse_size"]
 
@@ -56,8 +57,6 @@ class BackendSpec:
     path: str | None = None
     nbd: NbdTarget | None = None
     io: Literal["sync", "uring"] = "sync"
-    #: the NBD URI as given (libnbd takes it as it is: TLS and its query parameters)
-    uri: str | None = None
 
 
 def parse_backend_spec(
@@ -85,14 +84,12 @@ def _parse_backing(backing: str | None, nbytes: int | None, read_only: bool) -> 
             raise BackendSpecError("--size is required when there is no --backing (RAM disk)")
         return BackendSpec("memory", size=nbytes, read_only=read_only)
     scheme = _SCHEME_RE.match(backing)
-    if scheme and scheme.group(1).lower().split("+")[0] == "nbds":
-        from . import libnbd
-
-        if libnbd.load() is None:
-            raise BackendSpecError(f"backing {backing!r}: nbds:// (TLS) needs libnbd (Debian's python3-libnbd)")
-        return BackendSpec("nbd", nbytes, read_only, uri=backing)
-    if scheme and scheme.group(1).lower().split("+")[0] == "nbd":
-        return BackendSpec("nbd", nbytes, read_only, nbd=parse_nbd_uri(backing), uri=backing)
+    if scheme and scheme.group(1).lower().split("+")[0] in ("nbd", "nbds"):
+        target = parse_nbd_uri(backing)
+        if load_libnbd() is None:
+            raise BackendSpecError(f"backing {backing!r}: NBD needs libnbd (Debian's python3-libnbd, "
+                                   "linked into .venv by ./run)")
+        return BackendSpec("nbd", nbytes, read_only, nbd=target)
     if _URI_RE.match(backing):
         scheme = backing.split(":", 1)[0]
         raise BackendSpecError(
@@ -128,16 +125,6 @@ async def open_backend(
     if not isinstance(spec, BackendSpec):
         spec = parse_backend_spec(spec, size, read_only)
     if spec.kind == "nbd":
-        from . import libnbd
-
-        # libnbd where it is installed (docs/performance.md: it is faster than the built-in
-        # client as well as more capable); VFU_NBD_CLIENT=builtin picks the built-in one.
-        if libnbd.load() is not None:
-            uri = spec.uri or (spec.nbd.uri if spec.nbd is not None else None)
-            assert uri is not None
-            async with libnbd.LibnbdBackend.open(uri, size=spec.size, read_only=spec.read_only) as lb:
-                yield lb
-            return
         assert spec.nbd is not None
         async with NbdBackend.open(spec.nbd, size=spec.size, read_only=spec.read_only) as nbd:
             yield nbd
