@@ -342,6 +342,7 @@ async def test_cancelled_read_does_not_break_the_connection(short_tmp: Path) -> 
                 # The late reply is drained, not written into the abandoned buffer.
                 assert await read(b, 0, 4096) == b"a" * 4096
                 assert victim == bytes(4096)
+                assert in_flight(b) == 0, "the abandoned read left the in-flight set when it completed"
                 assert b.connected
     finally:
         srv.kill()

@@ -172,8 +172,15 @@ class _Conn:
         if self.dead is not None:
             raise BlockIOError(*self.dead)
         op = _Op()
+        ops = self.ops
+
+        def completion(error: Any) -> int:
+            # Also for a request whose waiter gave up: it leaves the in-flight set here.
+            ops.discard(op)
+            return op.callback(error)
+
         try:
-            start(op.callback)
+            start(completion)
         except self.nbd.Error as exc:
             raise BlockIOError(_errno_of(exc), f"NBD {self.uri}: {exc.string}") from None
         self.ops.add(op)
@@ -182,11 +189,7 @@ class _Conn:
         return op
 
     async def wait(self, op: _Op) -> None:
-        try:
-            await op.done.wait()
-        finally:
-            if op.done.is_set():
-                self.ops.discard(op)
+        await op.done.wait()
         if op.error:
             if self.dead is not None:
                 raise BlockIOError(*self.dead)
