@@ -36,9 +36,10 @@ class MetricsAddressError(ValueError):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every interface)."""
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every interface); port 0 picks a free one
+    (logged at info level)."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise MetricsAddressError(f"--metrics {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9510")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -62,6 +63,8 @@ def open_listener(text: str) -> socket.socket:
         sock.close()
         raise MetricsAddressError(f"--metrics {text}: cannot listen: {exc.strerror}") from None
     sock.set_inheritable(False)
+    bound = sock.getsockname()
+    log.info("metrics on http://%s:%d/metrics", *bound[:2])
     return sock
 
 

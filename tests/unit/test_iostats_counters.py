@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices._fastio_build import HELPER
@@ -100,3 +100,45 @@ def test_control_commands_answer_anything(cmd, extra, bounds) -> None:
         valid = False
     if cmd == "stats-set-histogram":
         assert reply["ok"] == valid
+
+
+class _Exposed:
+    name = "dev"
+
+    def __init__(self) -> None:
+        self.iostats = IoStats(BLOCK_KINDS, bounds=(100, 1000))
+        self.iostats.queue("q0").record(READ, 4096, 150)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=300) | st.builds(lambda m, p: f"{m} {p} HTTP/1.1\r\n\r\n".encode(),
+                                            st.sampled_from(["GET", "POST", "HEAD", "get"]),
+                                            st.text(max_size=20)))
+def test_metrics_endpoint_answers_any_request_and_keeps_serving(request: bytes) -> None:
+    import contextlib
+    import socket
+
+    import trio
+
+    from vfu_server.metrics import REQUEST_TIMEOUT, open_listener, serve_metrics
+
+    async def main() -> None:
+        listener = open_listener("127.0.0.1:0")
+        port = listener.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_metrics, _Exposed(), listener)
+            for data in (request, b"GET /metrics HTTP/1.1\r\n\r\n"):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(data)
+                    with trio.fail_after(REQUEST_TIMEOUT + 20):
+                        with contextlib.suppress(OSError):
+                            stream.socket.shutdown(socket.SHUT_WR)
+                        reply = b""
+                        while chunk := await stream.receive_some(65536):
+                            reply += chunk
+                assert reply.startswith(b"HTTP/1.1 "), reply[:80]
+            assert b'vfu_io_ops_total{device="dev",kind="read",queue="q0"} 1.0' in reply
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
