@@ -210,3 +210,50 @@ async def test_top_shows_servers_and_one_that_is_gone(tmp_path, image) -> None:
     row = next(line for line in lines if "blk.ctl" in line and " total " in line and " read " in line)
     assert row.split("│")[-2].strip().startswith("<="), "p99 from the histogram"
     assert any("gone.ctl" in line and "No such file" in line for line in lines), text
+
+
+async def test_virtio_net_counts_packets_and_bytes(tmp_path) -> None:
+    from test_virtio_net import GUEST_MAC, HDR, fill_rx, frame, peer_device, setup_net
+
+    ctl = str(tmp_path / "net.ctl")
+    async with peer_device(tmp_path, "--mac", "52:54:00:12:34:56", "--control-socket", ctl) as (
+            _srv, client, peer, _lsock):
+        _dev, (rx, tx, _cq) = await setup_net(client)
+        for i in range(20):
+            tx.add([HDR + frame(b"\x02" * 6, GUEST_MAC, i, size=200)])
+        await tx.kick()
+        await tx.wait_used(20)
+        for _ in range(20):
+            await peer.recv(65536)
+        fill_rx(rx, 32)
+        await rx.kick()
+        for i in range(15):
+            await peer.send(frame(GUEST_MAC, b"\x02" * 6, i, size=300))
+        got = 0
+        with trio.fail_after(30):
+            while got < 15:
+                got += len(await rx.wait_used(1))
+        (reply,) = await ask(ctl, {"cmd": "stats"})
+    stats = reply["stats"]
+    assert "histogram_boundaries_ns" not in stats, "packets have no latency here"
+    tx0, rx0 = stats["queues"]["tx0"], stats["queues"]["rx0"]
+    assert (tx0["ops"]["tx"], tx0["bytes"]["tx"]) == (20, 20 * (14 + 200))
+    assert (rx0["ops"]["rx"], rx0["bytes"]["rx"]) == (15, 15 * (14 + 300))
+    assert stats["total"]["errors"] == {}
+
+
+def test_metrics_address_errors_are_one_line(tmp_path) -> None:
+    import subprocess
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        for device, addr, why in (("nvme", f"127.0.0.1:{port}", "cannot listen"),
+                                  ("nvme", "localhost", "expected ADDR:PORT"),
+                                  ("example", "127.0.0.1:0", "keeps no I/O statistics")):
+            out = subprocess.run([sys.executable, "-m", "vfu_server", device, "--socket-path",
+                                  str(tmp_path / "d.sock"), "--metrics", addr],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 2 and out.stdout == ""
+            assert len(out.stderr.strip().splitlines()) == 1 and why in out.stderr, out.stderr
