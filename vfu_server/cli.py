@@ -28,7 +28,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
+    # Neither: the sockets systemd passed (socket activation, vfu_server/systemd.py).
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="Unix socket to listen on (created 0600)")
     where.add_argument("--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)")
     where.add_argument("--take-over", metavar="CTL",
@@ -45,12 +46,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lower the server's CPU priority by N at start, so that its polling gives way "
                              f"to the VM's vCPU threads (0..{MAX_NICE}; 0: keep the inherited priority; "
                              f"default {DEFAULT_NICE})")
+    parser.add_argument("--metrics", metavar="ADDR:PORT",
+                        help="serve the device's I/O statistics for Prometheus at http://ADDR:PORT/metrics")
 
 
 def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     """``successor_class``: the :class:`vfu_server.handover.Successor` subclass ``--take-over``
     uses (tests give one that damages the stream or stalls)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:
+        from . import top
+
+        return top.main(argv[1:])
     if "--list-devices" in argv:
         for name, spec in sorted(registry.available().items()):
             print(f"{name}\t{spec}")
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     if pre.device is None or pre.device.startswith("-"):
         if "-h" in argv or "--help" in argv:
             print(f"usage: {PROG} DEVICE (--socket-path PATH | --fd N) [options]\n"
+                  f"       {PROG} top CTL... (live I/O statistics of servers, by control socket)\n"
                   f"devices: {', '.join(sorted(registry.available()))} or module.path:ClassName\n"
                   f"{PROG} DEVICE --help shows a device's options; {PROG} --list-devices lists devices")
             return 0
@@ -120,11 +128,25 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     if not 0 <= args.nice <= MAX_NICE:
         parser.error(f"--nice must be 0..{MAX_NICE}")
+    from . import systemd
+
+    activated = None
+    if args.socket_path is None and args.fd is None and args.take_over is None:
+        try:
+            activated = systemd.activated_sockets()
+        except systemd.ActivationError as exc:
+            parser.error(f"socket activation: {exc}")
+        if activated is None:
+            parser.error("one of the arguments --socket-path --fd --take-over is required (or socket activation)")
     listener = connected = None
     where = ""
     try:
         if args.take_over is not None:
             pass  # everything comes from the predecessor
+        elif activated is not None:
+            assert activated.vfio_user is not None
+            listener, connected = trio.socket.from_stdlib_socket(activated.vfio_user), None
+            where = f"fd {activated.vfio_user.fileno()} (socket activation)"
         elif args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
             where, connected = args.socket_path, None
@@ -150,6 +172,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
 
         successor = (successor_class or Successor)(args.take_over, insist=getattr(args, "migration_format", None),
                               timeout=args.handover_timeout)
+    notifier = systemd.install()
 
     def ready() -> None:
         if successor is not None:
@@ -158,25 +181,68 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             print(f"listening on {path or 'the handed-over socket'}", flush=True)
             return
         print(f"listening on {where}", flush=True)
+        if notifier is not None:
+            notifier.ready(f"serving {pre.device} on {where}; waiting for a client")
 
     from .handover import HandoverRefused
     from .server import DeviceStartError, serve
 
     control = None
-    if control_path:
+    if activated is not None and activated.control is not None:
+        if control_path:
+            parser.error("--control-socket: systemd passed a control socket already")
+        if device_cls.migration_formats is None:
+            parser.error(f"socket activation: {pre.device} has no control socket")
+        control = trio.socket.from_stdlib_socket(activated.control)
+    elif control_path:
         try:
             control = open_unix_listener(control_path)
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
-    try:
-        trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
-                               socket_path_to_remove=args.socket_path, control=control,
-                               control_path=control_path, socket_poll_us=args.socket_poll_us,
-                               successor=successor))
-    except DeviceStartError as exc:
-        sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
+
+    metrics_listener = None
+    if args.metrics:
+        if getattr(device, "iostats", None) is None:
+            parser.error(f"--metrics: {pre.device} keeps no I/O statistics")
+        from .metrics import MetricsAddressError, open_listener
+
+        try:
+            metrics_listener = open_listener(args.metrics)
+        except MetricsAddressError as exc:
+            parser.error(str(exc))
+
+    async def run_server() -> DeviceStartError | HandoverRefused | None:
+        async with trio.open_nursery() as nursery:
+            if metrics_listener is not None:
+                from .metrics import serve_metrics
+
+                nursery.start_soon(serve_metrics, device, metrics_listener)
+            interval = systemd.watchdog_interval()
+            if notifier is not None and interval is not None:
+                nursery.start_soon(systemd.watchdog_task, notifier, interval)
+            try:
+                await serve(device, listener=listener, connected=connected, on_listening=ready,
+                            socket_path_to_remove=args.socket_path, control=control,
+                            control_path=control_path, socket_poll_us=args.socket_poll_us,
+                            successor=successor,
+                            on_stopping=notifier.stopping if notifier is not None else None)
+            except (DeviceStartError, HandoverRefused) as exc:
+                return exc
+            finally:
+                nursery.cancel_scope.cancel()
+        return None
+
+    error = trio.run(run_server)
+    if error is None and getattr(device, "iostats", None) is not None:
+        # The last word on the device's I/O, for the journal (the control socket is gone).
+        import json
+
+        logging.getLogger("vfu_server").info("I/O statistics at exit: %s",
+                                             json.dumps(device.iostats.snapshot(), separators=(",", ":")))
+    if isinstance(error, HandoverRefused):
+        sys.stderr.write(f"{PROG}: handover refused: {error.reason}\n")
         return 1
-    except HandoverRefused as exc:
-        sys.stderr.write(f"{PROG}: handover refused: {exc.reason}\n")
+    if error is not None:
+        sys.stderr.write(f"{PROG} {pre.device}: error: {error}\n")
         return 1
     return 0

@@ -43,6 +43,7 @@ from typing import Any
 
 import trio
 
+from . import iostats, systemd
 from .pci.device import PciDevice
 from .pci.polling import MAX_POLL_US, AdaptivePoll
 from .protocol import messages as m
@@ -691,11 +692,14 @@ class Server:
             conn._next_id = adopted.next_id
             conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
         self.connection = conn
+        systemd.status(f"client {conn.number} connected")
         try:
             await conn.run()
         finally:
             if conn.channel.closed:
                 self.connection = None
+                if not self.stopping:
+                    systemd.status(f"client {conn.number} gone; waiting for a client")
 
     def start_hold(self) -> Hold:
         """Live handover, step 1: stop taking messages at the next message boundary (the batch
@@ -795,6 +799,7 @@ async def serve(
     on_listening: Callable[[], None] | None = None,
     socket_poll_us: int = 0,
     successor: Any = None,
+    on_stopping: Callable[[], None] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
@@ -875,6 +880,8 @@ async def serve(
                         async def wait_signal() -> None:
                             async for signum in signals:
                                 log.info("received %s: shutting down", signal.Signals(signum).name)
+                                if on_stopping is not None:
+                                    on_stopping()
                                 server.stop()
                                 return
 
@@ -950,13 +957,19 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
                     except ValueError as exc:
                         reply = {"ok": False, "errno": errno.EINVAL, "error": "EINVAL", "reason": f"not JSON: {exc}"}
                     else:
-                        if isinstance(msg, dict) and msg.get("cmd") in ("handover", "snapshot") and host is not None:
+                        if isinstance(msg, dict) and msg.get("cmd") == "handover" and host is not None:
                             from . import handover
 
-                            if msg["cmd"] == "handover":
-                                # The connection now belongs to the handover, whatever its outcome.
-                                await handover.give(host, sock, msg, buf)
-                                return
+                            # The connection now belongs to the handover, whatever its outcome.
+                            await handover.give(host, sock, msg, buf)
+                            return
+                        # Each area's commands are a step of their own: None means not mine.
+                        reply = iostats.handle_control(device, msg)
+                        if reply is not None:
+                            pass
+                        elif isinstance(msg, dict) and msg.get("cmd") == "snapshot" and host is not None:
+                            from . import handover
+
                             reply = await handover.snapshot(host, msg)
                         elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",

@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -44,6 +45,17 @@ from vfu_server.block import (
 )
 from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
+from vfu_server.iostats import (
+    BLOCK_KINDS,
+    DISCARD,
+    FLUSH,
+    OTHER,
+    READ,
+    WRITE,
+    WRITE_ZEROES,
+    IoStats,
+    QueueStats,
+)
 from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
@@ -70,6 +82,7 @@ from .constants import (
     SHST_NORMAL,
     SHST_OCCURRING,
     AsyncEventType,
+    IoOpcode,
     Status,
 )
 from .errors import NvmeError
@@ -181,6 +194,9 @@ class NvmeController(PciDevice):
         self.io = IoCommands(self)
         #: plain Reads and Writes in C (.fastio), when the helper could be built
         self.fastio: FastIo | None = None
+        #: I/O statistics per SQ ("sq1", ...; the control socket's ``stats``)
+        self.iostats = IoStats(BLOCK_KINDS)
+        self._qstats: dict[int, QueueStats] = {}
         # runtime (not state): rebuilt on enable
         self.sq_rt: dict[int, SqRuntime] = {}
         self.cq_rt: dict[int, CqRuntime] = {}
@@ -830,13 +846,33 @@ class NvmeController(PciDevice):
 
     def _start_io(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
         """An I/O command just fetched: completed inline, or else given its own task."""
-        if not self._execute_inline(sq, cmd):
+        t0 = perf_counter_ns()
+        if not self._execute_inline(sq, cmd, t0):
             rt.inflight.inc()
             self.inflight.inc()
+            self.queue_stats(sq.qid).in_flight += 1
             assert self._session is not None
-            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd)
+            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd, t0)
 
-    def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
+    def queue_stats(self, qid: int) -> QueueStats:
+        q = self._qstats.get(qid)
+        if q is None:
+            q = self._qstats[qid] = self.iostats.queue(f"sq{qid}")
+        return q
+
+    def _count(self, qid: int, cmd: Command, status: int, t0: int) -> None:
+        """One I/O command completed, into its SQ's statistics."""
+        q = self._qstats.get(qid) or self.queue_stats(qid)
+        kind = _KIND.get(cmd.opcode, OTHER)
+        nbytes = 0
+        if not status:
+            if kind <= WRITE:
+                nbytes = ((cmd.cdw12 & 0xFFFF) + 1) << self.namespaces[cmd.nsid].lba_shift
+        else:
+            q.error(f"{status:#06x}")
+        q.record(kind, nbytes, perf_counter_ns() - t0)
+
+    def _execute_inline(self, sq: SubmissionQueueState, cmd: Command, t0: int) -> bool:
         """Complete an I/O command right here when the backend can do it without blocking.
 
         The interrupt for it is deferred: the SQ loop signals once for the whole batch before
@@ -852,6 +888,7 @@ class NvmeController(PciDevice):
             self.complete(sq.qid, cmd.cid, status, 0)
         finally:
             self._defer_irq = False
+        self._count(sq.qid, cmd, status, t0)
         return True
 
     def _flush_deferred(self) -> None:
@@ -860,24 +897,30 @@ class NvmeController(PciDevice):
             self._irq_deferred = False
             self._flush_interrupts()
 
-    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
+    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int) -> None:
+        status: int | None = None
         try:
-            await self._execute(sq, rt, cmd, self.io.execute)
+            status = await self._execute(sq, rt, cmd, self.io.execute)
         finally:
             rt.inflight.dec()
             self.inflight.dec()
+            self.queue_stats(sq.qid).in_flight -= 1
+            if status is not None:
+                self._count(sq.qid, cmd, status, t0)
 
     async def _execute(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command,
-                       handler: Callable[[Command], Awaitable[int | None]]) -> None:
+                       handler: Callable[[Command], Awaitable[int | None]]) -> int | None:
+        """Run a command and post its completion; its status (None: it completes later)."""
         status, dw0 = 0, 0
         try:
             result = await handler(cmd)
             if result is None:  # completes later (Asynchronous Event Request)
-                return
+                return None
             dw0 = result
         except Exception as exc:
             status = self._status_of(exc, sq, cmd)
         self.complete(sq.qid, cmd.cid, status, dw0)
+        return status
 
     def _status_of(self, exc: Exception, sq: SubmissionQueueState, cmd: Command) -> int:
         """The completion status for a command that raised ``exc`` (logged as an error)."""
@@ -1064,6 +1107,10 @@ class NvmeController(PciDevice):
 
     def now_ms(self) -> int:
         return int(time.monotonic() * 1000)
+
+
+_KIND = {int(IoOpcode.READ): READ, int(IoOpcode.WRITE): WRITE, int(IoOpcode.FLUSH): FLUSH,
+         int(IoOpcode.DATASET_MANAGEMENT): DISCARD, int(IoOpcode.WRITE_ZEROES): WRITE_ZEROES}
 
 
 def _merge(old: int, reg: int, width: int, offset: int, size: int, value: int) -> int | None:

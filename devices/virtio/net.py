@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vfu_server.iostats import IoStats, QueueStats
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 
@@ -104,6 +105,10 @@ class VirtioNet(VirtioPciDevice):
         self.default_mac = mac or bytes([0x52, 0x54, 0x00, *os.urandom(3)])
         self.link_up = False
         self.rx_dropped = 0
+        #: packets and bytes per queue ("rx0", "tx0", ...): kind 0 received, 1 sent; frames
+        #: without a header and a virtio-net header (what the wire carried)
+        self.iostats = IoStats(("rx", "tx"), latency=False)
+        self._qstats: dict[int, QueueStats] = {}
         self._rx_send: trio.MemorySendChannel[bytes] | None = None
         #: receive queues the pump filled since it last published them, by index
         self._rx_filled: dict[int, SplitQueue] = {}
@@ -126,6 +131,12 @@ class VirtioNet(VirtioPciDevice):
         #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
         self._mergeable = False
         self._reset_filters()
+
+    def queue_stats(self, index: int) -> QueueStats:
+        q = self._qstats.get(index)
+        if q is None:
+            q = self._qstats[index] = self.iostats.queue(f"{'tx' if index % 2 else 'rx'}{index // 2}")
+        return q
 
     def _reset_filters(self) -> None:
         self.mac = self.default_mac
@@ -405,9 +416,11 @@ class VirtioNet(VirtioPciDevice):
             else:
                 written = chain.write_bytes(RX_HDR + frame)
             q.push(chain, written)
+            (self._qstats.get(q.index) or self.queue_stats(q.index)).record(0, len(frame) - hdr, 0)
         else:
             self.rx_dropped += 1
             q.push(chain, 0)
+            self.queue_stats(q.index).error("dropped")
 
     async def _receive_merged(self, q: SplitQueue, packet: bytes) -> None:
         """MRG_RXBUF: a TAP packet (header included) over as many receive buffers as it needs,
@@ -425,6 +438,7 @@ class VirtioNet(VirtioPciDevice):
             q.unpop(len(chains))
             if len(chains) >= q.state.size:
                 self.rx_dropped += 1
+                self.queue_stats(q.index).error("dropped")
                 return
             self._publish_rx()
             await self._sleep_until_kicked(q, beyond=len(chains))
@@ -435,6 +449,7 @@ class VirtioNet(VirtioPciDevice):
             pos += n
             q.push(chain, n)
         self._fix_header(chains[0], len(chains))
+        (self._qstats.get(q.index) or self.queue_stats(q.index)).record(0, need - HDR_LEN, 0)
 
     def _fix_header(self, first: DescriptorChain, buffers: int) -> None:
         """Over the TAP's header (checksum state, segment size) in the first buffer:
@@ -461,6 +476,9 @@ class VirtioNet(VirtioPciDevice):
             # A vnet_hdr TAP takes the guest's header as it is: the kernel checks it and does
             # the checksum and segmentation it asks for (a bad one fails the write: dropped).
             await self.backend.send(data if self._hdr else data[HDR_LEN:])
+            (self._qstats.get(queue.index) or self.queue_stats(queue.index)).record(1, length - HDR_LEN, 0)
+        else:
+            self.queue_stats(queue.index).error("malformed")
         return 0
 
     # -- control queue -------------------------------------------------------------------
