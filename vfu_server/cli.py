@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if device_cls.migration_formats is not None and "--list-migration-formats" in argv:
         import json
 
-        print(json.dumps(device_cls.get_migration_formats().descriptors(), indent=2))
+        from .pci.migration import migration_formats_of
+
+        print(json.dumps(migration_formats_of(device_cls).descriptors(), indent=2))
         return 0
     args = parser.parse_args(argv)
 

@@ -32,10 +32,11 @@ def family_formats(family: str) -> FormatSet:
         return get_formats(family)
     except MigrationError:
         pass
+    from ..pci.migration import migration_formats_of
     from ..registry import UnknownDevice, load
 
     try:
-        formats = load(family).get_migration_formats()
+        formats = migration_formats_of(load(family))
     except (UnknownDevice, TypeError) as exc:  # TypeError: a misnamed migration_formats
         raise MigrationError(errno.ENOENT, f"no migration formats for {family!r}: {exc}") from None
     if formats is None:
