@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("device")
     _common(parser)
     device_cls.add_arguments(parser)
-    if device_cls.migration_formats is not None:
+    from .pci.migration import is_migratable
+
+    if is_migratable(device_cls):
         mig = parser.add_argument_group("migration")
         mig.add_argument("--migration-format", metavar="NAME|UUID",
                          help="state format for outgoing migrations (default: the one "
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="print the device's migration formats as JSON and exit")
         mig.add_argument("--control-socket", metavar="PATH",
                          help="JSON-lines control socket: list-formats, select-outgoing, status, ...")
-    if device_cls.migration_formats is not None and "--list-migration-formats" in argv:
+    if is_migratable(device_cls) and "--list-migration-formats" in argv:
         import json
 
         from .pci.migration import migration_formats_of

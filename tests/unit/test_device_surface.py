@@ -13,7 +13,8 @@ AUTHOR_SURFACE = {
     # hooks
     "add_arguments", "from_args", "run", "reset", "shutdown", "client_connected",
     "client_disconnected", "describe", "rom_bytes",
-    "quiesce", "resume", "save_state", "load_state", "reset_state", "migration_arc",
+    "migration_state", "quiesce", "resume", "save_state", "load_state", "reset_state",
+    "migration_arc",
     "migration_profile",
     # services
     "name", "spawn", "interrupt", "set_intx", "request_reset", "bus_master", "pci_state",

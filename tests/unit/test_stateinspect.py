@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vectors.jsonable import plain, positional
 
-from vfu_server.migration.example_format import EXAMPLE_FORMATS, EXAMPLE_OPAQUE, EXAMPLE_STANDARD
+from devices.example_format import EXAMPLE_FORMATS, EXAMPLE_OPAQUE, EXAMPLE_STANDARD
 from vfu_server.migration.session import LoadSession
 from vfu_server.stateinspect import cli
 from vfu_server.stateinspect.reader import Bad, inspect_stream

@@ -46,9 +46,10 @@ def family_formats(family: str) -> FormatSet:
 
 def all_families() -> list[str]:
     """Every device with migration formats, and every other registered family."""
+    from ..pci.migration import is_migratable
     from ..registry import available, load
 
-    devices = [name for name in available() if load(name).migration_formats is not None]
+    devices = [name for name in available() if is_migratable(load(name))]
     return sorted({*devices, *registered_families()})
 
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
 import inspect
 import logging
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
@@ -76,6 +78,13 @@ class PciDevice:
     #: format then costs a server nothing at start-up). A device with formats must implement
     #: :meth:`save_state` and :meth:`load_state`.
     migration_formats: ClassVar[Any] = None
+    #: names of the attributes that hold the device's state, each annotated on the class with
+    #: its dataclass (``state: EngineState``). Saving and loading them needs no code: with no
+    #: ``migration_formats`` the device gets an opaque format (``opaque/auto/NAME``) of these
+    #: dataclasses and the generic PCI part; with formats whose state dataclass has the fields
+    #: ``profile, pci, msix, intx`` followed by these names, :meth:`save_state` and
+    #: :meth:`load_state` fill them in.
+    migration_state: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -116,7 +125,7 @@ class PciDevice:
         self._pending_reset: str | None = None
         self._warned_no_interrupt = False
         self.migration: DeviceMigration | None = None
-        if cls.migration_formats is not None:
+        if cls.migration_formats is not None or cls.migration_state:
             self.migration = DeviceMigration(self)
             self.extra_regions[PciRegion.MIGRATION] = self.migration.region
 
@@ -169,12 +178,23 @@ class PciDevice:
         """Undo :meth:`quiesce`: the device is running again (after a migration or a failed one)."""
 
     def save_state(self) -> Any:
-        """The device state as plain data, in the shape its formats encode."""
-        raise NotImplementedError(f"{type(self).__name__} declares migration_formats but no save_state")
+        """The device state as plain data, in the shape its formats encode (from
+        ``migration_state`` unless overridden)."""
+        if not type(self).migration_state:
+            raise NotImplementedError(f"{type(self).__name__} declares migration_formats but neither "
+                                      "migration_state nor save_state")
+        from .migration_state import save_declared_state
+
+        return save_declared_state(self)
 
     def load_state(self, state: Any) -> None:
         """Apply a fully validated state (called on the RESUMING -> STOP arc only)."""
-        raise NotImplementedError(f"{type(self).__name__} declares migration_formats but no load_state")
+        if not type(self).migration_state:
+            raise NotImplementedError(f"{type(self).__name__} declares migration_formats but neither "
+                                      "migration_state nor load_state")
+        from .migration_state import load_declared_state
+
+        load_declared_state(self, state)
 
     def reset_state(self) -> None:
         """Power-on state before loading (entering RESUMING). Override if :meth:`reset` is async."""
@@ -303,7 +323,7 @@ class PciDevice:
 #: what a subclass may override, to recognise a misspelling of one (``capabilites``, ``def rest``)
 _OVERRIDABLE = (
     "cli_name", "identity", "capabilities", "intx", "rom_size", "migration_formats",
-    "add_arguments", "from_args", "run", "reset", "shutdown", "client_connected",
+    "migration_state", "add_arguments", "from_args", "run", "reset", "shutdown", "client_connected",
     "client_disconnected", "describe", "rom_bytes", "quiesce", "resume", "save_state",
     "load_state", "reset_state", "migration_arc", "migration_profile",
 )
@@ -340,6 +360,12 @@ def _check_declarations(cls: type[PciDevice]) -> None:
     if not isinstance(cls.rom_size, int) or cls.rom_size < 0 or (cls.rom_size and (
             cls.rom_size < 0x800 or cls.rom_size & (cls.rom_size - 1))):
         raise TypeError(f"{where}.rom_size must be 0 or a power of two of at least 0x800")
+    state = cls.migration_state
+    if not (isinstance(state, tuple) and all(isinstance(n, str) for n in state)):
+        raise TypeError(f"{where}.migration_state must be a tuple of attribute names: "
+                        f"write migration_state = ({state!r},) with the comma")
+    if "migration_state" in vars(cls) and state:
+        state_hints(cls)
     if cls.cli_name is not None and not (isinstance(cls.cli_name, str) and cls.cli_name):
         raise TypeError(f"{where}.cli_name must be a non-empty string")
     for hook in ("reset_state", "save_state", "load_state", "describe", "rom_bytes",
@@ -350,6 +376,23 @@ def _check_declarations(cls: type[PciDevice]) -> None:
         fn = vars(cls).get(hook)
         if fn is not None and not inspect.iscoroutinefunction(fn):
             raise TypeError(f"{where}.{hook} must be an async def")
+
+
+def state_hints(cls: type[PciDevice]) -> dict[str, type]:
+    """``migration_state`` name -> its dataclass type, from the class's annotations."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:
+        raise TypeError(f"{cls.__name__}: cannot resolve the annotations of its migration_state "
+                        f"({exc}); define the state dataclasses before the device class") from None
+    out = {}
+    for name in cls.migration_state:
+        tp = hints.get(name)
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise TypeError(f"{cls.__name__}.migration_state names {name!r}: annotate it on the class "
+                            f"with its dataclass, e.g. {name}: MyState")
+        out[name] = tp
+    return out
 
 
 def _check_vector(device: PciDevice, vector: int, count: int, cap: str) -> None:

@@ -43,10 +43,19 @@ if TYPE_CHECKING:
     from ..migration.controller import MigrationController
     from .device import PciDevice
 
+def is_migratable(cls: type[PciDevice]) -> bool:
+    """Whether the device class migrates (without importing its formats)."""
+    return cls.migration_formats is not None or bool(cls.migration_state)
+
+
 def migration_formats_of(cls: type[PciDevice]) -> Any:
     """The device class's :class:`~vfu_server.migration.FormatSet` (its ``migration_formats``,
     imported if it is named by a string), or None for a device that does not migrate."""
     formats = cls.migration_formats
+    if formats is None and cls.migration_state:
+        from .migration_state import auto_formats
+
+        return auto_formats(cls)
     if not isinstance(formats, str):
         return formats
     module_name, _, attr = formats.partition(":")
