@@ -38,6 +38,7 @@ class DmaCopyEngine(PciDevice):
     regs: ExampleRegs
     migration_state = ("regs",)  # migrated with no code, in "opaque" and "standard" (example/std/1)
     migration_formats = EXAMPLE_FORMATS
+    magic = MAGIC
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,7 +47,7 @@ class DmaCopyEngine(PciDevice):
     @bar0.reader
     def read_register(self, offset: int, size: int) -> int:
         name, shift = REGS.get(offset, ("", 0))
-        return MAGIC if offset == 0 else getattr(self.regs, name, 0) >> shift & 0xFFFFFFFF
+        return self.magic if offset == 0 else getattr(self.regs, name, 0) >> shift & 0xFFFFFFFF
 
     @bar0.writer
     def write_register(self, offset: int, size: int, value: int) -> None:
