@@ -201,7 +201,6 @@ class Client:
         self._next_id = 0
         self._pending = PendingReplies()
         self._maps: list[_Mapping] = []
-        self._nursery_cm: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._reader_done = trio.Event()
         self.closed_reason: str | None = None
