@@ -32,6 +32,24 @@ def test_mistakes_in_the_class_are_refused_at_class_creation(body, message):
     assert message in str(info.value)
 
 
+def test_a_subclass_cannot_redecorate_its_parents_bar():
+    class Parent(PciDevice):
+        identity = IDENT
+        bar0 = MemoryBar(0x1000)
+
+        @bar0.reader
+        def read_register(self, offset: int, size: int) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match=r"bar0 already has a reader \(.*Parent.read_register\), so "
+                                        r".*Child.read_register would replace it for every class"):
+        class Child(Parent):
+            @Parent.bar0.reader
+            def read_register(self, offset: int, size: int) -> int:
+                return 2
+    assert Parent.bar0.read_fn(None, 0, 4) == 1
+
+
 def test_names_of_the_device_itself_are_not_mistaken_for_misspellings():
     class Dev(PciDevice):
         identity = IDENT

@@ -84,12 +84,23 @@ class Bar:
             raise TypeError(f"{owner.__name__}.{name}: declare BARs as attributes named bar0..bar5")
 
     def reader(self, fn: Reader) -> Reader:
+        self._check_unset(self.read_fn, fn, "reader")
         self.read_fn = fn
         return fn
 
     def writer(self, fn: Writer) -> Writer:
+        self._check_unset(self.write_fn, fn, "writer")
         self.write_fn = fn
         return fn
+
+    def _check_unset(self, old: Any, new: Any, what: str) -> None:
+        # A BAR declaration is shared by every class that inherits it: a subclass decorating
+        # its parent's BAR would silently change the parent's callback too.
+        if old is not None:
+            name = f"bar{self.index}" if self.index is not None else "this BAR"
+            raise TypeError(f"{name} already has a {what} ({getattr(old, '__qualname__', old)}), so "
+                            f"{getattr(new, '__qualname__', new)} would replace it for every class "
+                            f"using it: a subclass declares its own {name} = MemoryBar(...)")
 
 
 def MemoryBar(size: int, **kw: Any) -> Bar:

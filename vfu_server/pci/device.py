@@ -15,7 +15,7 @@ access routing (including the MSI-X table and PBA), interrupts through the clien
 DMA through :attr:`dma`, and reset. The server (one per device process) drives it through an
 :class:`~vfu_server.pci.endpoint.Endpoint`, which holds the server-facing methods, so that this
 class shows only what an author declares, overrides and calls; a device never sees a message or
-a socket.
+a socket. docs/device-guide.md builds a complete device step by step.
 
 Callbacks run on the server's event loop and must not block. Work that takes time (block I/O,
 a packet backend) runs in tasks started with :meth:`spawn`, which live as long as the device,
@@ -133,6 +133,7 @@ class PciDevice:
 
     @property
     def name(self) -> str:
+        """``cli_name``, else the class name in lower case: the device's name in logs."""
         return type(self).cli_name or type(self).__name__.lower()
 
     @classmethod
@@ -220,6 +221,7 @@ class PciDevice:
         return pci_state(self)
 
     def load_pci_state(self, state: Any) -> None:
+        """Apply the generic PCI part (``state.pci``, ``.msix``, ``.intx``) of a loaded state."""
         from .migration_state import load_pci_state
 
         load_pci_state(self, state.pci, state.msix, state.intx)
@@ -256,6 +258,7 @@ class PciDevice:
 
     @property
     def bus_master(self) -> bool:
+        """Bus Master Enable in the Command register: the driver allows the device to DMA."""
         return bool(self.config.data[4] & CMD_MASTER)
 
     def interrupt(self, vector: int = 0) -> bool:
@@ -292,6 +295,9 @@ class PciDevice:
         return False
 
     def set_intx(self, asserted: bool) -> None:
+        """Drive the INTx line (level-triggered): True while the device has a cause pending,
+        False once the driver cleared it. Sets the Interrupt Status bit either way; the client
+        is signalled unless the driver set Interrupt Disable."""
         self.config.set_interrupt_status(asserted)
         if asserted and self.config.intx_disabled:
             return
@@ -302,6 +308,7 @@ class PciDevice:
         self._pending_reset = reason
 
     def rom_bytes(self) -> bytes:
+        """The expansion ROM's content (``rom_size`` bytes at most; the rest reads as zero)."""
         return b""
 
     # -- MSI-X table (for clients that, unlike QEMU, do not emulate it) ---------------------
