@@ -19,12 +19,16 @@ from ..client import Client, GuestRam
 
 @dataclass
 class ServerProcess:
+    """A ``vfu-server`` process started by :func:`running_server`."""
+
     device: str
     socket_path: str
     process: trio.Process
     stderr_path: Path
 
     def stderr(self) -> str:
+        """What the server has written to stderr so far: its log, with the traceback of every
+        device bug (a client sees only the errno)."""
         try:
             return self.stderr_path.read_text(errors="replace")
         except FileNotFoundError:
