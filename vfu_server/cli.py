@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     parser.add_argument("device")
     _common(parser)
     device_cls.add_arguments(parser)
-    if device_cls.migration_formats is not None:
+    from .pci.migration import is_migratable
+
+    if is_migratable(device_cls):
         mig = parser.add_argument_group("migration")
         mig.add_argument("--migration-format", metavar="NAME|UUID",
                          help="state format for outgoing migrations (default: the one "
@@ -90,10 +92,12 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
                          help="print the device's migration formats as JSON and exit")
         mig.add_argument("--control-socket", metavar="PATH",
                          help="JSON-lines control socket: list-formats, select-outgoing, status, ...")
-    if device_cls.migration_formats is not None and "--list-migration-formats" in argv:
+    if is_migratable(device_cls) and "--list-migration-formats" in argv:
         import json
 
-        print(json.dumps(device_cls.get_migration_formats().descriptors(), indent=2))
+        from .pci.migration import migration_formats_of
+
+        print(json.dumps(migration_formats_of(device_cls).descriptors(), indent=2))
         return 0
     args = parser.parse_args(argv)
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     logging.getLogger("vfu_server.trace").setLevel(logging.INFO if args.trace else logging.WARNING)
 
     if args.take_over is not None:
-        if device_cls.migration_formats is None:
+        if not is_migratable(device_cls):
             parser.error(f"--take-over: {pre.device} has no migration formats, so it cannot take over a device")
         if getattr(args, "control_socket", None):
             parser.error("--take-over takes over the predecessor's control socket; drop --control-socket")
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     if activated is not None and activated.control is not None:
         if control_path:
             parser.error("--control-socket: systemd passed a control socket already")
-        if device_cls.migration_formats is None:
+        if not is_migratable(device_cls):
             parser.error(f"socket activation: {pre.device} has no control socket")
         control = trio.socket.from_stdlib_socket(activated.control)
     elif control_path:

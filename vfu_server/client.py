@@ -24,7 +24,7 @@ import socket
 import struct
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import trio
@@ -39,6 +39,7 @@ from .protocol.constants import (
     IrqIndex,
     IrqSetFlags,
     PciRegion,
+    RegionFlags,
 )
 from .protocol.errors import DmaError, ProtocolError, RemoteError, VfioUserError
 from .protocol.negotiation import Session, accept_server_reply, client_offer
@@ -156,6 +157,44 @@ class _Mapping:
     flags: int = DmaMapFlags.READ | DmaMapFlags.WRITE
 
 
+@dataclass(frozen=True)
+class BarInfo:
+    """One BAR as enumeration found it: sized through config space (as firmware does) and
+    checked against the region's DEVICE_GET_REGION_INFO."""
+
+    index: int
+    size: int
+    address: int  #: the address enumeration assigned (and wrote to the BAR)
+    io: bool = False
+    is64: bool = False
+    prefetchable: bool = False
+    mmap: bool = False  #: the region offers mmappable areas
+
+
+@dataclass
+class Enumerated:
+    """What :meth:`Client.enumerate` found and set up."""
+
+    vendor_id: int
+    device_id: int
+    class_code: int
+    revision: int
+    subsystem_vendor_id: int
+    subsystem_id: int
+    bars: dict[int, BarInfo]
+    #: capability id -> config offset (standard list; the first of each id)
+    capabilities: dict[int, int]
+    #: ``"msix"``, ``"msi"``, ``"intx"`` or None: which interrupts were configured
+    interrupt_kind: str | None = None
+    #: one eventfd per configured vector (one for INTx), in vector order
+    interrupts: list[EventFd] = field(default_factory=list)
+
+
+#: where enumeration puts BARs: 32-bit memory below 4 GiB, 64-bit memory above, I/O ports low
+_MEM32_BASE, _MEM64_BASE, _IO_BASE = 0xC000_0000, 0x80_0000_0000, 0x1000
+_MSI_ADDRESS, _MSI_DATA = 0xFEE0_0000, 0x4000
+
+
 class Client:
     """One connection to a vfio-user server. Use :meth:`connect`."""
 
@@ -165,7 +204,6 @@ class Client:
         self._next_id = 0
         self._pending = PendingReplies()
         self._maps: list[_Mapping] = []
-        self._nursery_cm: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._reader_done = trio.Event()
         self.closed_reason: str | None = None
@@ -484,6 +522,102 @@ class Client:
     async def enable_bus_master(self) -> None:
         cmd = await self.config_read(0x04, 2)
         await self.config_write(0x04, cmd | 0x6, 2)
+
+    async def enumerate(self, *, enable_bus_mastering: bool = False, configure_msi: bool = False,
+                        vectors: int | None = None) -> Enumerated:
+        """Enumerate the device as firmware and a driver's probe would: read its identity and
+        capability list, size every BAR through config space, assign it an address and enable
+        memory and I/O decoding. A BAR whose sized value disagrees with the region's info is a
+        device model bug and raises :class:`VfioUserError`.
+
+        ``enable_bus_mastering`` sets Bus Master Enable (the device may then DMA).
+        ``configure_msi`` sets up interrupts the way a Linux driver prefers them: MSI-X if the
+        device has it, else MSI (address, data and as many vectors as it offers), else INTx, with
+        one eventfd per vector in :attr:`Enumerated.interrupts`; ``vectors`` caps the number.
+        """
+        ident = await self.config_read(0x00)
+        class_rev = await self.config_read(0x08)
+        subsys = await self.config_read(0x2C)
+        caps: dict[int, int] = {}
+        pos, seen = await self.config_read(0x34, 1) & 0xFC, set()
+        while pos and pos not in seen:
+            seen.add(pos)
+            caps.setdefault(await self.config_read(pos, 1), pos)
+            pos = await self.config_read(pos + 1, 1) & 0xFC
+        bars = await self._size_bars()
+        command = await self.config_read(0x04, 2)
+        command |= (0x1 if any(b.io for b in bars.values()) else 0) | (
+            0x2 if any(not b.io for b in bars.values()) else 0) | (0x4 if enable_bus_mastering else 0)
+        found = Enumerated(ident & 0xFFFF, ident >> 16, class_rev >> 8, class_rev & 0xFF,
+                           subsys & 0xFFFF, subsys >> 16, bars, caps)
+        if configure_msi:
+            if 0x11 in caps:
+                table_size = (await self.config_read(caps[0x11] + 2, 2) & 0x7FF) + 1
+                found.interrupt_kind = "msix"
+                found.interrupts = await self.enable_msix(min(table_size, vectors or table_size))
+            elif 0x05 in caps:
+                found.interrupt_kind = "msi"
+                found.interrupts = await self._enable_msi(caps[0x05], vectors)
+            elif await self.config_read(0x3D, 1):
+                found.interrupt_kind = "intx"
+                found.interrupts = await self.enable_irqs(IrqIndex.INTX, 1)
+                command &= ~0x400  # Interrupt Disable off
+        await self.config_write(0x04, command, 2)
+        return found
+
+    async def _size_bars(self) -> dict[int, BarInfo]:
+        bars: dict[int, BarInfo] = {}
+        next_addr = {"io": _IO_BASE, "mem32": _MEM32_BASE, "mem64": _MEM64_BASE}
+        index = 0
+        while index < 6:
+            off = 0x10 + 4 * index
+            original = await self.config_read(off)
+            await self.config_write(off, 0xFFFFFFFF)
+            sized = await self.config_read(off)
+            io, is64 = bool(sized & 1), not sized & 1 and (sized >> 1) & 3 == 2
+            mask = sized & (0xFFFFFFFC if io else 0xFFFFFFF0)
+            if is64 and index < 5:
+                await self.config_write(off + 4, 0xFFFFFFFF)
+                mask |= await self.config_read(off + 4) << 32
+                width = 64
+            else:
+                width = 16 if io else 32
+                mask &= (1 << width) - 1 if io else 0xFFFFFFFF
+            if not mask:
+                await self.config_write(off, original)
+                index += 1
+                continue
+            size = ((~mask) & ((1 << width) - 1)) + 1
+            info, _ = await self.region_info(index)
+            if info.size != size:
+                raise VfioUserError(f"BAR{index} sizes to {size:#x} in config space but its region "
+                                    f"info says {info.size:#x}", errno.EPROTO)
+            kind = "io" if io else "mem64" if is64 else "mem32"
+            address = (next_addr[kind] + size - 1) // size * size
+            next_addr[kind] = address + size
+            await self.config_write(off, address & 0xFFFFFFFF | (sized & (0x3 if io else 0xF)))
+            if is64:
+                await self.config_write(off + 4, address >> 32)
+            bars[index] = BarInfo(index, size, address, io, is64, bool(not io and sized & 0x8),
+                                  bool(info.flags & RegionFlags.MMAP))
+            index += 2 if is64 else 1
+        return bars
+
+    async def _enable_msi(self, cap: int, vectors: int | None) -> list[EventFd]:
+        """Program MSI as a driver would (address, data, Multiple Message Enable, enable) and
+        hand out one eventfd per enabled vector."""
+        control = await self.config_read(cap + 2, 2)
+        capable = 1 << ((control >> 1) & 7)
+        count = min(capable, vectors or capable)
+        count = 1 << (count.bit_length() - 1)  # MME is a power of two
+        await self.config_write(cap + 4, _MSI_ADDRESS)
+        data_off = 0x0C if control & 0x80 else 0x08
+        if control & 0x80:
+            await self.config_write(cap + 8, 0)
+        await self.config_write(cap + data_off, _MSI_DATA, 2)
+        mme = (count.bit_length() - 1) << 4
+        await self.config_write(cap + 2, (control & ~0x70) | mme | 1, 2)
+        return await self.enable_irqs(IrqIndex.MSI, count)
 
     # -- reset, features, migration ----------------------------------------------------------
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .migration.errors import MigrationError
+from .pci.migration import migration_formats_of
 from .protocol.negotiation import Session
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def _unb64(text: Any) -> bytes:
 
 
 def _refusal_before_hold(host: HandoverHost, hello: dict[str, Any]) -> HandoverError | None:
-    device, server = host.server.device, host.server
+    device, server = host.server.device.device, host.server
     if hello.get("protocol") != PROTOCOL:
         return HandoverError(errno.EPROTONOSUPPORT, f"handover protocol {hello.get('protocol')!r}, "
                              f"this server speaks {PROTOCOL}")
@@ -357,12 +358,12 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     """Hand the device over to the successor at the other end of ``sock`` (which sent
     ``hello``), or stay exactly as we were. Never raises: every failure is a rollback."""
     link = Link(sock, buffered)
-    server, device = host.server, host.server.device
+    server, device = host.server, host.server.device.device
     refusal = _refusal_before_hold(host, hello)
     fmt_choice: tuple[StateFormat, int] | None = None
     if refusal is None:
         try:
-            fmt_choice = choose_format(type(device).get_migration_formats(), hello.get("formats"), hello.get("insist"))
+            fmt_choice = choose_format(migration_formats_of(type(device)), hello.get("formats"), hello.get("insist"))
         except HandoverError as exc:
             refusal = exc
     if refusal is not None:
@@ -463,7 +464,7 @@ def _messages(host: HandoverHost, fmt: StateFormat, minor: int) -> list[tuple[di
     (the kernel sends copies)."""
     from .migration.session import SaveSession
 
-    server, device = host.server, host.server.device
+    server, device = host.server, host.server.device.device
     conn = server.connection
     out: list[tuple[dict[str, Any], list[int]]] = []
     # 1. sockets
@@ -572,7 +573,7 @@ class Successor:
         self.taken: Taken | None = None
 
     def hello(self, device: PciDevice) -> dict[str, Any]:
-        formats = type(device).get_migration_formats()
+        formats = migration_formats_of(type(device))
         insist = None
         if self.insist:
             try:
@@ -597,7 +598,7 @@ class Successor:
             sock.close()
             raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
                                   f"cannot connect to {self.control_path}: {exc.strerror}") from None
-        _warm_up(device, [(f, None) for f in type(device).get_migration_formats()])
+        _warm_up(device, [(f, None) for f in migration_formats_of(type(device))])
         link = Link(sock)
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}
         try:
@@ -677,7 +678,7 @@ class Successor:
         # The state first: the cheapest refusal (format, profile, checksum) comes before any
         # fd is adopted.
         state_msg, _ = take("state")
-        formats = type(device).get_migration_formats()
+        formats = migration_formats_of(type(device))
         fmt_uuid = uuid.UUID(str(state_msg["format"]["uuid"]))
         fmt = formats.by_uuid.get(fmt_uuid)
         if fmt is None:
@@ -791,7 +792,7 @@ async def snapshot(host: HandoverHost, msg: dict[str, Any]) -> dict[str, Any]:
     as a handover's quiesce; the client stays attached."""
     from .migration.session import SaveSession
 
-    server, device = host.server, host.server.device
+    server, device = host.server, host.server.device.device
     reply: dict[str, Any] = {"id": msg["id"]} if "id" in msg else {}
     mig = device.migration
     try:

@@ -45,6 +45,7 @@ import trio
 
 from . import iostats, systemd
 from .pci.device import PciDevice
+from .pci.endpoint import Endpoint
 from .pci.polling import MAX_POLL_US, AdaptivePoll
 from .protocol import messages as m
 from .protocol.codec import HEADER, Message, command_name, encode
@@ -647,7 +648,9 @@ class Server:
                  socket_poll_us: int = 0) -> None:
         if not 0 <= socket_poll_us <= MAX_POLL_US:
             raise ValueError(f"socket poll must be 0..{MAX_POLL_US} us")
-        self.device = device
+        # The server talks to the device through its endpoint (regions, reset, features);
+        # PciDevice itself is the author's surface.
+        self.device = Endpoint(device)
         self.offer = offer or ServerOffer()
         self.send_timeout = send_timeout
         self.socket_poll_us = socket_poll_us
@@ -835,7 +838,7 @@ async def serve(
             adopted: Adopted | None = None
             async with trio.open_nursery() as device_tasks:
                 try:
-                    await device.start(device_tasks)
+                    await server.device.start(device_tasks)
                 except Exception as exc:
                     start_error = exc
                     device_tasks.cancel_scope.cancel()
@@ -907,7 +910,7 @@ async def serve(
                 remove_socket(control_path)
         if not server.handed_over:
             remove_socket(socket_path_to_remove)
-        device.close()
+        server.device.close()
     if start_error is not None:
         raise DeviceStartError(f"{device.name}: {start_error}") from start_error
     if handover_error is not None:

@@ -80,10 +80,6 @@ class CqRuntime:
     waiting: deque[PendingCompletion] = field(default_factory=deque)
 
 
-def sq_entry_address(sq: SubmissionQueueState) -> int:
-    return sq.base + sq.head * SQE_SIZE
-
-
 def cq_full(cq: CompletionQueueState) -> bool:
     return (cq.tail + 1) % cq.size == cq.head
 

@@ -37,6 +37,7 @@ from vfu_server.pci import (
     PowerManagement,
     VendorSpecific,
 )
+from vfu_server.pci.endpoint import Endpoint
 from vfu_server.pci.polling import MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import VfioUserError
@@ -121,7 +122,7 @@ class PciCfgAccess(VendorSpecific):
             assert self.device is not None
             bar, off, length = window
             try:
-                image[self.DATA : self.DATA + length] = self.device._bar_read(bar, off, length)
+                image[self.DATA : self.DATA + length] = Endpoint(self.device)._bar_read(bar, off, length)
             except VfioUserError:
                 pass
         return int.from_bytes(image[offset : offset + size], "little")
@@ -136,7 +137,7 @@ class PciCfgAccess(VendorSpecific):
         bar, off, length = window
         data = bytes(self.regs()[self.DATA : self.DATA + length])
         try:
-            self.device._bar_write(bar, off, data)
+            Endpoint(self.device)._bar_write(bar, off, data)
         except VfioUserError:
             pass
 

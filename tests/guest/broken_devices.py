@@ -12,13 +12,7 @@ from devices.example import DmaCopyEngine
 class WrongMagic(DmaCopyEngine):
     """The example device, except that MAGIC reads one off."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.state.magic = 0x56465531
-
-    def reset(self) -> None:
-        super().reset()
-        self.state.magic = 0x56465531
+    magic = 0x56465531
 
 
 class CrashesOnStart(DmaCopyEngine):

@@ -14,23 +14,31 @@ from __future__ import annotations
 import errno
 
 from devices.example import DmaCopyEngine
+from vfu_server.pci.migration import DeviceMigration
+from vfu_server.protocol.constants import PciRegion
 from vfu_server.protocol.errors import VfioUserError
 from vfu_server.protocol.messages import DeviceFeature
 
 VENDOR_FEATURES = 0xF100
 
 
+class ForeignMigration(DeviceMigration):
+    """The server calls DEVICE_FEATURE and DEVICE_RESET on the device's endpoint, which hands
+    them to its migration: the differences live here."""
+
+    async def feature(self, req: DeviceFeature) -> bytes:
+        if req.index >= VENDOR_FEATURES:
+            raise VfioUserError(f"unsupported operation(s), flags={req.flags}", errno.EINVAL)
+        return await super().feature(req)
+
+    def reset(self) -> None:
+        pass  # DEVICE_RESET leaves the migration state alone
+
+
 class ForeignEngine(DmaCopyEngine):
     cli_name = "foreign-example"
 
-    async def device_feature(self, req: DeviceFeature) -> bytes:
-        if req.index >= VENDOR_FEATURES:
-            raise VfioUserError(f"unsupported operation(s), flags={req.flags}", errno.EINVAL)
-        return await super().device_feature(req)
-
-    async def do_reset(self) -> None:
-        migration, self.migration = self.migration, None
-        try:
-            await super().do_reset()
-        finally:
-            self.migration = migration
+    def __init__(self) -> None:
+        super().__init__()
+        self.migration = ForeignMigration(self)
+        self.extra_regions[PciRegion.MIGRATION] = self.migration.region

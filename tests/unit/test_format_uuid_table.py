@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from vfu_server import registry
+from vfu_server.pci.migration import migration_formats_of
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "migration-format.md"
 
@@ -13,7 +14,7 @@ def test_every_device_format_is_in_the_spec_with_its_uuid():
     table = dict(re.findall(r"^\| ([a-z0-9/.-]+) \| (?:standard|opaque) \| ([0-9a-f-]{36}) \|$", DOC.read_text(), re.M))
     seen = 0
     for name in ("example", "nvme", "virtio-blk", "virtio-net", "virtio-rng"):
-        formats = registry.load(name).get_migration_formats()
+        formats = migration_formats_of(registry.load(name))
         assert formats is not None, f"{name} must be migratable"
         kinds = {f.kind for f in formats}
         assert kinds == {"standard", "opaque"}, f"{name} offers {kinds}"

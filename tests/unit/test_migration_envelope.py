@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devices.example_format import EXAMPLE_FORMATS, sample_state
 from vfu_server.migration.crc import crc32c
 from vfu_server.migration.envelope import (
     REC_OPTIONAL,
@@ -20,7 +21,6 @@ from vfu_server.migration.envelope import (
     parse_envelope,
 )
 from vfu_server.migration.errors import MigrationFormatError
-from vfu_server.migration.example_format import EXAMPLE_FORMATS, sample_state
 
 U = uuid.UUID("11111111-2222-3333-4444-555555555555")
 

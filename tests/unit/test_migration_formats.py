@@ -11,10 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vfu_server.migration import opaque
-from vfu_server.migration.envelope import REC_OPTIONAL, Record, encode_envelope
-from vfu_server.migration.errors import MigrationError, MigrationFormatError
-from vfu_server.migration.example_format import (
+from devices.example_format import (
     EXAMPLE_FORMATS,
     EXAMPLE_OPAQUE,
     EXAMPLE_REGS,
@@ -23,6 +20,9 @@ from vfu_server.migration.example_format import (
     ExampleState,
     sample_state,
 )
+from vfu_server.migration import opaque
+from vfu_server.migration.envelope import REC_OPTIONAL, Record, encode_envelope
+from vfu_server.migration.errors import MigrationError, MigrationFormatError
 from vfu_server.migration.formats import NAMESPACE, format_uuid, get_formats
 from vfu_server.migration.generic import MsixState, MsixVector, PciProfile
 from vfu_server.migration.records import RecordLayout

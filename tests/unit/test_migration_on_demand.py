@@ -15,6 +15,7 @@ import pytest
 
 from vfu_server.pci.config import PciIdentity
 from vfu_server.pci.device import PciDevice
+from vfu_server.pci.migration import migration_formats_of
 
 REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "vectors"
@@ -24,6 +25,7 @@ import sys
 from vfu_server import registry
 from vfu_server.migration.fsm import MigState
 from vfu_server.migration.region import REGION_SIZE
+from vfu_server.pci.migration import migration_formats_of
 
 HEAVY = ("vfu_server.migration.controller", "vfu_server.migration.session",
          "vfu_server.migration.generic", "devices.nvme.migration_format",
@@ -42,7 +44,7 @@ dev.migration.reset()
 assert loaded() == [], loaded()
 ctl = dev.migration.controller
 assert "devices.nvme.migration_format" in sys.modules
-assert ctl.formats is type(dev).get_migration_formats()
+assert ctl.formats is migration_formats_of(type(dev))
 assert {f.name for f in ctl.formats} == {"opaque/vfu-nvme", "nvme-ctrl/std/1"}
 assert dev.extra_regions[9].region.size == info.size
 assert type(dev.save_state()).__name__ == "NvmeMigState"
@@ -92,7 +94,7 @@ def _device(formats: str) -> type[PciDevice]:
 ])
 def test_a_misnamed_format_set_is_a_clear_error(formats: str, reason: str) -> None:
     with pytest.raises(TypeError) as exc:
-        _device(formats).get_migration_formats()
+        migration_formats_of(_device(formats))
     assert str(exc.value).startswith(f"Misdeclared.migration_formats = {formats!r}: ")
     assert reason in str(exc.value)
 

@@ -8,6 +8,13 @@ import struct
 
 import pytest
 
+from devices.example_format import (
+    EXAMPLE_FORMATS,
+    EXAMPLE_OPAQUE,
+    EXAMPLE_STANDARD,
+    ExampleState,
+    sample_state,
+)
 from vfu_server.migration.controller import (
     FEAT_GET,
     FEAT_PROBE,
@@ -19,13 +26,6 @@ from vfu_server.migration.controller import (
     MigrationController,
 )
 from vfu_server.migration.errors import MigrationError, MigrationFormatError
-from vfu_server.migration.example_format import (
-    EXAMPLE_FORMATS,
-    EXAMPLE_OPAQUE,
-    EXAMPLE_STANDARD,
-    ExampleState,
-    sample_state,
-)
 from vfu_server.migration.fsm import MigState
 from vfu_server.migration.generic import PciProfile
 from vfu_server.migration.region import DATA_OFFSET, MigrationRegion

@@ -23,6 +23,7 @@ from vfu_server.pci import (
     VendorSpecificExtended,
 )
 from vfu_server.pci.config import ConfigSpace
+from vfu_server.pci.endpoint import Endpoint
 from vfu_server.protocol.constants import PciRegion, RegionFlags
 from vfu_server.protocol.errors import VfioUserError
 
@@ -67,11 +68,11 @@ class NoCaps(PciDevice):
 
 
 def r(dev: PciDevice, off: int, size: int = 4) -> int:
-    return int.from_bytes(dev.region_read(PciRegion.CONFIG, off, size), "little")
+    return int.from_bytes(Endpoint(dev).region_read(PciRegion.CONFIG, off, size), "little")
 
 
 def w(dev: PciDevice, off: int, value: int, size: int = 4) -> None:
-    dev.region_write(PciRegion.CONFIG, off, value.to_bytes(size, "little"))
+    Endpoint(dev).region_write(PciRegion.CONFIG, off, value.to_bytes(size, "little"))
 
 
 def walk(dev: PciDevice) -> list[tuple[int, int]]:
@@ -108,7 +109,12 @@ def test_identity_and_header() -> None:
     assert r(dev, 0x2C) == 0x0002_1AF4
     assert r(dev, 0x0E, 1) == 0  # header type 0
     assert r(dev, 0x3D, 1) == 1  # INTx pin A
-    assert NoCaps().config.read(0x3D, 1) == b"\0"
+    assert NoCaps().config.read(0x3D, 1) == b"\1", "INTx is on by default"
+
+    class NoIntx(NoCaps):
+        intx = False
+
+    assert NoIntx().config.read(0x3D, 1) == b"\0"
     assert dev.config.size == 256
     assert Express().config.size == 4096
 
@@ -226,11 +232,11 @@ def test_absent_bars_read_zero_after_sizing() -> None:
 
 def test_region_info_of_bars() -> None:
     dev = Express()
-    info, fd = dev.region_info(1)
+    info, fd = Endpoint(dev).region_info(1)
     assert info.size == 0x2_0000_0000 and fd is None
-    assert dev.region_info(2)[0].size == 0  # upper half of the 64-bit BAR1
-    assert dev.region_info(3)[0].size == 0 and dev.region_info(3)[0].flags == 0
-    cfg = dev.region_info(PciRegion.CONFIG)[0]
+    assert Endpoint(dev).region_info(2)[0].size == 0  # upper half of the 64-bit BAR1
+    assert Endpoint(dev).region_info(3)[0].size == 0 and Endpoint(dev).region_info(3)[0].flags == 0
+    cfg = Endpoint(dev).region_info(PciRegion.CONFIG)[0]
     assert cfg.size == 4096 and cfg.flags == RegionFlags.READ | RegionFlags.WRITE
 
 
@@ -257,7 +263,7 @@ def test_rom_bar_absent_reads_zero() -> None:
     for value in (0xFFFFF800, 0xFFFFFFFE, 0xFFFFFFFF):
         w(dev, 0x30, value)
         assert r(dev, 0x30) == 0
-    info, _ = dev.region_info(PciRegion.ROM)
+    info, _ = Endpoint(dev).region_info(PciRegion.ROM)
     assert info.size == 0 and info.flags == 0
 
 
@@ -268,15 +274,15 @@ def test_rom_bar_present() -> None:
     w(dev, 0x30, 0xFFFFFFFF)
     assert r(dev, 0x30) == 0xFFFFF801  # enable bit writable, reserved bits not
     w(dev, 0x30, 0)
-    info, _ = dev.region_info(PciRegion.ROM)
+    info, _ = Endpoint(dev).region_info(PciRegion.ROM)
     assert info.size == 0x800 and info.flags == RegionFlags.READ
-    assert dev.region_read(PciRegion.ROM, 0, 5) == b"\x55\xaaROM"
-    assert dev.region_read(PciRegion.ROM, 0x7FC, 4) == bytes(4)
+    assert Endpoint(dev).region_read(PciRegion.ROM, 0, 5) == b"\x55\xaaROM"
+    assert Endpoint(dev).region_read(PciRegion.ROM, 0x7FC, 4) == bytes(4)
     with pytest.raises(VfioUserError) as exc:
-        dev.region_read(PciRegion.ROM, 0x7FC, 8)
+        Endpoint(dev).region_read(PciRegion.ROM, 0x7FC, 8)
     assert exc.value.errno == errno.EINVAL
-    dev.region_write(PciRegion.ROM, 0, b"\0\0")  # dropped
-    assert dev.region_read(PciRegion.ROM, 0, 2) == b"\x55\xaa"
+    Endpoint(dev).region_write(PciRegion.ROM, 0, b"\0\0")  # dropped
+    assert Endpoint(dev).region_read(PciRegion.ROM, 0, 2) == b"\x55\xaa"
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def test_flr_requests_reset_and_self_clears() -> None:
     pcie = walk(dev)[0][0]
     assert r(dev, pcie + 4) & 1 << 28
     w(dev, pcie + 8, 0x8000, 2)
-    assert dev.take_pending_reset() is not None
+    assert Endpoint(dev).take_pending_reset() is not None
     assert not r(dev, pcie + 8, 2) & 0x8000
 
 
@@ -380,15 +386,15 @@ def test_config_access_out_of_range_is_einval() -> None:
     dev = Conventional()
     for off, count in ((256, 1), (255, 2), (0, 257)):
         with pytest.raises(VfioUserError) as exc:
-            dev.region_read(PciRegion.CONFIG, off, count)
+            Endpoint(dev).region_read(PciRegion.CONFIG, off, count)
         assert exc.value.errno == errno.EINVAL
         with pytest.raises(VfioUserError):
-            dev.region_write(PciRegion.CONFIG, off, bytes(count))
+            Endpoint(dev).region_write(PciRegion.CONFIG, off, bytes(count))
 
 
 def test_whole_config_read_returns_exact_count() -> None:
-    assert len(Express().region_read(PciRegion.CONFIG, 0, 4096)) == 4096
-    assert len(Conventional().region_read(PciRegion.CONFIG, 0, 256)) == 256
+    assert len(Endpoint(Express()).region_read(PciRegion.CONFIG, 0, 4096)) == 4096
+    assert len(Endpoint(Conventional()).region_read(PciRegion.CONFIG, 0, 256)) == 256
 
 
 async def test_reset_restores_power_on_image() -> None:
@@ -398,7 +404,7 @@ async def test_reset_restores_power_on_image() -> None:
     w(dev, 0x10, 0xFE600000)
     w(dev, 0x30, 0xFFFFFFFF)
     assert dev.config.read(0, 4096) != initial
-    await dev.do_reset()
+    await Endpoint(dev).do_reset()
     assert dev.config.read(0, 4096) == initial
 
 

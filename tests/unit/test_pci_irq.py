@@ -11,6 +11,7 @@ import pytest
 from devices.example import DmaCopyEngine
 from vfu_server.pci import Msix, PciDevice, PciIdentity
 from vfu_server.pci.bar import MemoryBar
+from vfu_server.pci.endpoint import Endpoint
 from vfu_server.pci.irq import Interrupts
 from vfu_server.protocol.constants import IrqIndex, IrqInfoFlags, IrqSetFlags
 from vfu_server.protocol.errors import VfioUserError
@@ -328,21 +329,21 @@ def msix_cap(dev: PciDevice) -> int:
 
 def enable_msix(dev: PciDevice) -> None:
     cap = msix_cap(dev)
-    dev.region_write(7, cap + 2, struct.pack("<H", 0x8000 | 3))
+    Endpoint(dev).region_write(7, cap + 2, struct.pack("<H", 0x8000 | 3))
 
 
 def test_msix_table_initial_state_and_readback() -> None:
     dev = DmaCopyEngine()
     for v in range(4):
-        entry = dev.region_read(2, 16 * v, 16)
+        entry = Endpoint(dev).region_read(2, 16 * v, 16)
         assert entry == bytes(12) + b"\x01\0\0\0"  # all vectors start masked
-    dev.region_write(2, 16, struct.pack("<IIII", 0xFEE0_0000, 0, 0x4021, 1))
-    assert dev.region_read(2, 16, 16) == struct.pack("<IIII", 0xFEE0_0000, 0, 0x4021, 1)
-    assert dev.region_read(2, 16 + 8, 4) == struct.pack("<I", 0x4021)
-    assert dev.region_read(2, 16, 8) == struct.pack("<Q", 0xFEE0_0000)
+    Endpoint(dev).region_write(2, 16, struct.pack("<IIII", 0xFEE0_0000, 0, 0x4021, 1))
+    assert Endpoint(dev).region_read(2, 16, 16) == struct.pack("<IIII", 0xFEE0_0000, 0, 0x4021, 1)
+    assert Endpoint(dev).region_read(2, 16 + 8, 4) == struct.pack("<I", 0x4021)
+    assert Endpoint(dev).region_read(2, 16, 8) == struct.pack("<Q", 0xFEE0_0000)
     # Other BAR2 bytes outside the table and PBA are plain RAM.
-    dev.region_write(2, 0x400, b"\xab")
-    assert dev.region_read(2, 0x400, 1) == b"\xab"
+    Endpoint(dev).region_write(2, 0x400, b"\xab")
+    assert Endpoint(dev).region_read(2, 0x400, 1) == b"\xab"
 
 
 def test_pba_pending_bits_and_table_unmask(efds) -> None:
@@ -351,36 +352,36 @@ def test_pba_pending_bits_and_table_unmask(efds) -> None:
     e = efds(4)
     set_irqs(dev.irqs, EVENTFD | TRIGGER, IrqIndex.MSIX, 0, 4, [x.give() for x in e])
     for v in range(4):  # unmask every vector in the table
-        dev.region_write(2, 16 * v + 12, b"\0\0\0\0")
-    dev.region_write(2, 16 * 1 + 12, b"\x01\0\0\0")  # mask vector 1
+        Endpoint(dev).region_write(2, 16 * v + 12, b"\0\0\0\0")
+    Endpoint(dev).region_write(2, 16 * 1 + 12, b"\x01\0\0\0")  # mask vector 1
     assert dev.interrupt(1) is False
-    assert dev.region_read(2, 0x800, 8) == struct.pack("<Q", 0b10)
+    assert Endpoint(dev).region_read(2, 0x800, 8) == struct.pack("<Q", 0b10)
     assert e[1].count() == 0
     assert dev.interrupt(3)
     assert e[3].count() == 1
-    dev.region_write(2, 0x800, struct.pack("<Q", 0))  # the PBA is read-only
-    assert dev.region_read(2, 0x800, 8) == struct.pack("<Q", 0b10)
-    dev.region_write(2, 16 * 1 + 12, b"\0\0\0\0")  # unmask: pending delivered
+    Endpoint(dev).region_write(2, 0x800, struct.pack("<Q", 0))  # the PBA is read-only
+    assert Endpoint(dev).region_read(2, 0x800, 8) == struct.pack("<Q", 0b10)
+    Endpoint(dev).region_write(2, 16 * 1 + 12, b"\0\0\0\0")  # unmask: pending delivered
     assert e[1].count() == 1
-    assert dev.region_read(2, 0x800, 8) == bytes(8)
+    assert Endpoint(dev).region_read(2, 0x800, 8) == bytes(8)
 
 
 def test_pending_without_fd_shows_in_pba(efds) -> None:
     dev = DmaCopyEngine()
     enable_msix(dev)
     dev.interrupt(2)  # MSI-X enabled, no eventfd yet
-    assert dev.region_read(2, 0x800, 4) == struct.pack("<I", 0b100)
+    assert Endpoint(dev).region_read(2, 0x800, 4) == struct.pack("<I", 0b100)
     (e,) = efds(1)
     set_irqs(dev.irqs, EVENTFD | TRIGGER, IrqIndex.MSIX, 2, 1, [e.give()])
     assert e.count() == 1
-    assert dev.region_read(2, 0x800, 4) == bytes(4)
+    assert Endpoint(dev).region_read(2, 0x800, 4) == bytes(4)
 
 
 async def test_reset_remasks_the_table() -> None:
     dev = DmaCopyEngine()
-    dev.region_write(2, 12, b"\0\0\0\0")
-    await dev.do_reset()
-    assert dev.region_read(2, 12, 4) == b"\x01\0\0\0"
+    Endpoint(dev).region_write(2, 12, b"\0\0\0\0")
+    await Endpoint(dev).do_reset()
+    assert Endpoint(dev).region_read(2, 12, 4) == b"\x01\0\0\0"
 
 
 def test_msix_table_and_pba_in_separate_bars(efds) -> None:
@@ -391,14 +392,14 @@ def test_msix_table_and_pba_in_separate_bars(efds) -> None:
         capabilities = (Msix(vectors=70, table_bar=0, table_offset=0x100, pba_bar=1, pba_offset=0x10),)
 
     dev = TwoBars()
-    assert len(dev.region_read(1, 0x10, 16)) == 16  # 70 vectors: two PBA qwords
-    dev.region_write(0, 0x100 + 16 * 69 + 12, b"\x01\0\0\0")
+    assert len(Endpoint(dev).region_read(1, 0x10, 16)) == 16  # 70 vectors: two PBA qwords
+    Endpoint(dev).region_write(0, 0x100 + 16 * 69 + 12, b"\x01\0\0\0")
     enable_msix(dev)
     e = efds(70)
     set_irqs(dev.irqs, EVENTFD | TRIGGER, IrqIndex.MSIX, 0, 70, [x.give() for x in e])
-    dev.region_write(0, 0x100 + 16 * 69 + 12, b"\x01\0\0\0")
+    Endpoint(dev).region_write(0, 0x100 + 16 * 69 + 12, b"\x01\0\0\0")
     dev.interrupt(69)
-    assert dev.region_read(1, 0x18, 8) == struct.pack("<Q", 1 << 5)
+    assert Endpoint(dev).region_read(1, 0x18, 8) == struct.pack("<Q", 1 << 5)
     assert e[69].count() == 0
     with pytest.raises(ValueError):
         Msix(vectors=4, table_bar=0, table_offset=0, pba_offset=0x20)  # overlaps the table

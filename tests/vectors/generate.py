@@ -12,7 +12,7 @@ import pathlib
 
 from jsonable import plain
 
-from vfu_server.migration.example_format import EXAMPLE_OPAQUE, EXAMPLE_STANDARD, sample_state
+from devices.example_format import EXAMPLE_OPAQUE, EXAMPLE_STANDARD, sample_state
 
 HERE = pathlib.Path(__file__).parent
 

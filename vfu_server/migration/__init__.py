@@ -3,7 +3,7 @@ DEVSTATE envelope, selectable standard/opaque formats, and sans-IO sessions.
 
 See docs/migration-format.md for the byte-level specification.  The names a
 server needs are re-exported here; device formats live with their devices
-(``example_format`` is the reference).
+(``devices/example_format.py`` is the reference).
 """
 
 from __future__ import annotations

@@ -35,10 +35,11 @@ def family_formats(family: str) -> FormatSet:
         return get_formats(family)
     except MigrationError:
         pass
+    from ..pci.migration import migration_formats_of
     from ..registry import UnknownDevice, load
 
     try:
-        formats = load(family).get_migration_formats()
+        formats = migration_formats_of(load(family))
     except (UnknownDevice, TypeError) as exc:  # TypeError: a misnamed migration_formats
         raise MigrationError(errno.ENOENT, f"no migration formats for {family!r}: {exc}") from None
     if formats is None:
@@ -48,9 +49,10 @@ def family_formats(family: str) -> FormatSet:
 
 def all_families() -> list[str]:
     """Every device with migration formats, and every other registered family."""
+    from ..pci.migration import is_migratable
     from ..registry import available, load
 
-    devices = [name for name in available() if load(name).migration_formats is not None]
+    devices = [name for name in available() if is_migratable(load(name))]
     return sorted({*devices, *registered_families()})
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import errno
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,10 +301,6 @@ class V1State(enum.IntFlag):
     SAVING = 1 << 1
     RESUMING = 1 << 2
 
-    @classmethod
-    def valid(cls, value: int) -> bool:
-        return (value & 7) in _V1_VALUE_TO_V2 or (value & 7) == V1_ERROR
-
 
 #: SAVING|RESUMING is how v1 spells ERROR; 101 and 111 are invalid.
 V1_ERROR = int(V1State.SAVING | V1State.RESUMING)
@@ -353,7 +349,3 @@ def v1_check_transition(cur: int, new: int) -> None:
     if n not in V1_TRANSITIONS.get(c, frozenset()):
         raise MigrationError(errno.EINVAL, f"v1 device_state {c:#05b} -> {n:#05b} not allowed")
 
-
-def states_in(values: Iterable[int]) -> list[MigState]:
-    """Convenience for tests and logs."""
-    return [MigState(v) for v in values]

@@ -21,6 +21,7 @@ accesses there never become messages (and QEMU then stops posting writes for the
 
 from __future__ import annotations
 
+import inspect
 import mmap
 import os
 from collections.abc import Callable, Sequence
@@ -84,12 +85,39 @@ class Bar:
             raise TypeError(f"{owner.__name__}.{name}: declare BARs as attributes named bar0..bar5")
 
     def reader(self, fn: Reader) -> Reader:
+        _check_callback(fn, "reader", "(self, offset, size) -> int", 3)
+        self._check_unset(self.read_fn, fn, "reader")
         self.read_fn = fn
         return fn
 
     def writer(self, fn: Writer) -> Writer:
+        _check_callback(fn, "writer", "(self, offset, size, value) -> None", 4)
+        self._check_unset(self.write_fn, fn, "writer")
         self.write_fn = fn
         return fn
+
+    def _check_unset(self, old: Any, new: Any, what: str) -> None:
+        # A BAR declaration is shared by every class that inherits it: a subclass decorating
+        # its parent's BAR would silently change the parent's callback too.
+        if old is not None:
+            name = f"bar{self.index}" if self.index is not None else "this BAR"
+            raise TypeError(f"{name} already has a {what} ({getattr(old, '__qualname__', old)}), so "
+                            f"{getattr(new, '__qualname__', new)} would replace it for every class "
+                            f"using it: a subclass declares its own {name} = MemoryBar(...)")
+
+
+def _check_callback(fn: Any, what: str, signature: str, nargs: int) -> None:
+    """Refuse at declaration the callbacks that could never work when called."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"{name}: a BAR {what} runs on the server's event loop and must be a plain "
+                        "def (an async one would never run); start slow work with self.spawn(...)")
+    try:
+        inspect.signature(fn).bind(*range(nargs))
+    except TypeError:
+        raise TypeError(f"{name}: a BAR {what} takes {signature}") from None
+    except ValueError:
+        pass  # no signature to check (a builtin)
 
 
 def MemoryBar(size: int, **kw: Any) -> Bar:

@@ -12,8 +12,10 @@ A device is a class with declarations (identity, BARs, capabilities) and a few m
 
 The base class turns those into everything vfio-user needs: config space, region info, region
 access routing (including the MSI-X table and PBA), interrupts through the client's eventfds,
-DMA through :attr:`dma`, and reset. The server (one per device process) drives it; a device
-never sees a message or a socket.
+DMA through :attr:`dma`, and reset. The server (one per device process) drives it through an
+:class:`~vfu_server.pci.endpoint.Endpoint`, which holds the server-facing methods, so that this
+class shows only what an author declares, overrides and calls; a device never sees a message or
+a socket. docs/device-guide.md builds a complete device step by step.
 
 Callbacks run on the server's event loop and must not block. Work that takes time (block I/O,
 a packet backend) runs in tasks started with :meth:`spawn`, which live as long as the device,
@@ -24,26 +26,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import errno
-import importlib
+import dataclasses
+import difflib
 import inspect
 import logging
 import os
 import struct
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
 import trio
 
-from ..migration.errors import MigrationError
 from ..protocol.constants import (
-    DeviceFlags,
     IrqIndex,
     PciRegion,
-    RegionFlags,
 )
-from ..protocol.errors import VfioUserError
-from ..protocol.messages import DeviceFeature, MsixMappableCap, RegionInfo, SparseMmapCap
+from ..protocol.messages import RegionInfo
 from .bar import Bar, BarBacking
 from .capabilities import Capability, Msi, Msix
 from .config import CMD_MASTER, ConfigSpace, PciIdentity
@@ -65,12 +64,15 @@ class ExtraRegion(Protocol):
 class PciDevice:
     """Base class of every device. See the module docstring for the declaration style."""
 
-    #: name on the ``vfu-server`` command line (defaults to the class name, lower case)
+    #: the device's name in logs and messages (default: the class name, lower case). It does not
+    #: make ``vfu-server NAME`` work: that takes an entry point ``NAME = "pkg.mod:Class"`` in the
+    #: ``vfu_server.devices`` group, or ``vfu-server pkg.mod:Class`` / ``path/to/file.py:Class``.
     cli_name: ClassVar[str | None] = None
     identity: ClassVar[PciIdentity]
     capabilities: ClassVar[tuple[Capability, ...]] = ()
-    #: offer legacy INTx (interrupt pin A) as a fallback when the driver uses no MSI/MSI-X
-    intx: ClassVar[bool] = False
+    #: offer legacy INTx (interrupt pin A), used when the driver enables no MSI/MSI-X; on by
+    #: default, as on most PCI devices, so that interrupts reach a driver that uses none of them
+    intx: ClassVar[bool] = True
     #: size of an expansion ROM (0: none); the content comes from :meth:`rom_bytes`
     rom_size: ClassVar[int] = 0
     #: the device's migration formats: a :class:`vfu_server.migration.FormatSet`, or
@@ -78,28 +80,23 @@ class PciDevice:
     #: format then costs a server nothing at start-up). A device with formats must implement
     #: :meth:`save_state` and :meth:`load_state`.
     migration_formats: ClassVar[Any] = None
+    #: names of the attributes that hold the device's state, each annotated on the class with
+    #: its dataclass (``state: EngineState``). Saving and loading them needs no code: with no
+    #: ``migration_formats`` the device gets an opaque format (``opaque/auto/NAME``) of these
+    #: dataclasses and the generic PCI part; with formats whose state dataclass has the fields
+    #: ``profile, pci, msix, intx`` followed by these names, :meth:`save_state` and
+    #: :meth:`load_state` fill them in.
+    migration_state: ClassVar[tuple[str, ...]] = ()
 
-    @classmethod
-    def get_migration_formats(cls) -> Any:
-        """The device's :class:`~vfu_server.migration.FormatSet` (``migration_formats``, imported
-        if it is named by a string), or None for a device that does not migrate."""
-        formats = cls.migration_formats
-        if not isinstance(formats, str):
-            return formats
-        module_name, _, attr = formats.partition(":")
-        from ..migration.formats import FormatSet
-
-        try:
-            found = getattr(importlib.import_module(module_name), attr) if attr else None
-        except (ImportError, AttributeError) as exc:
-            raise TypeError(f"{cls.__name__}.migration_formats = {formats!r}: {exc}") from None
-        if not isinstance(found, FormatSet):
-            raise TypeError(f"{cls.__name__}.migration_formats = {formats!r}: expected "
-                            "'package.module:NAME' of a FormatSet")
-        return found
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_declarations(cls)
 
     def __init__(self) -> None:
         cls = type(self)
+        if not isinstance(getattr(cls, "identity", None), PciIdentity):
+            raise TypeError(f"{cls.__name__} declares no identity: add "
+                            "identity = PciIdentity(vendor_id=..., device_id=...) to the class")
         self.log = logging.getLogger(f"vfu_server.device.{self.name}")
         self.bars: list[Bar | None] = [None] * 6
         for klass in reversed(cls.__mro__):
@@ -132,8 +129,9 @@ class PciDevice:
         self.extra_regions: dict[int, ExtraRegion] = {}
         self._nursery: trio.Nursery | None = None
         self._pending_reset: str | None = None
+        self._warned_no_interrupt = False
         self.migration: DeviceMigration | None = None
-        if cls.migration_formats is not None:
+        if cls.migration_formats is not None or cls.migration_state:
             self.migration = DeviceMigration(self)
             self.extra_regions[PciRegion.MIGRATION] = self.migration.region
 
@@ -141,6 +139,7 @@ class PciDevice:
 
     @property
     def name(self) -> str:
+        """``cli_name``, else the class name in lower case: the device's name in logs."""
         return type(self).cli_name or type(self).__name__.lower()
 
     @classmethod
@@ -186,12 +185,23 @@ class PciDevice:
         """Undo :meth:`quiesce`: the device is running again (after a migration or a failed one)."""
 
     def save_state(self) -> Any:
-        """The device state as plain data, in the shape its formats encode."""
-        raise NotImplementedError(f"{type(self).__name__} declares migration_formats but no save_state")
+        """The device state as plain data, in the shape its formats encode (from
+        ``migration_state`` unless overridden)."""
+        if not type(self).migration_state:
+            raise NotImplementedError(f"{type(self).__name__} declares migration_formats but neither "
+                                      "migration_state nor save_state")
+        from .migration_state import save_declared_state
+
+        return save_declared_state(self)
 
     def load_state(self, state: Any) -> None:
         """Apply a fully validated state (called on the RESUMING -> STOP arc only)."""
-        raise NotImplementedError(f"{type(self).__name__} declares migration_formats but no load_state")
+        if not type(self).migration_state:
+            raise NotImplementedError(f"{type(self).__name__} declares migration_formats but neither "
+                                      "migration_state nor load_state")
+        from .migration_state import load_declared_state
+
+        load_declared_state(self, state)
 
     def reset_state(self) -> None:
         """Power-on state before loading (entering RESUMING). Override if :meth:`reset` is async."""
@@ -217,6 +227,7 @@ class PciDevice:
         return pci_state(self)
 
     def load_pci_state(self, state: Any) -> None:
+        """Apply the generic PCI part (``state.pci``, ``.msix``, ``.intx``) of a loaded state."""
         from .migration_state import load_pci_state
 
         load_pci_state(self, state.pci, state.msix, state.intx)
@@ -253,27 +264,6 @@ class PciDevice:
         """Predecessor side: the successor took over. Closing our copies is fine (the process
         exits), but nothing shared may be torn down (unlinking a socket path the successor
         now listens on)."""
-
-    async def device_feature(self, req: DeviceFeature) -> bytes:
-        if self.migration is None:
-            raise VfioUserError(f"device feature {req.index:#x} not supported", errno.ENOTTY)
-        return await self.migration.feature(req)
-
-    def migration_data_read(self, size: int) -> bytes:
-        if self.migration is None:
-            raise VfioUserError("device is not migratable", errno.ENOTTY)
-        try:
-            return self.migration.controller.read_data(size)
-        except MigrationError as exc:
-            raise VfioUserError(exc.reason, exc.errno) from None
-
-    def migration_data_write(self, data: bytes) -> None:
-        if self.migration is None:
-            raise VfioUserError("device is not migratable", errno.ENOTTY)
-        try:
-            self.migration.controller.write_data(data)
-        except MigrationError as exc:
-            raise VfioUserError(exc.reason, exc.errno) from None
 
     def describe(self) -> dict[str, Any]:
         """Facts for logs and ``--list-devices``."""
@@ -332,25 +322,46 @@ class PciDevice:
 
     @property
     def bus_master(self) -> bool:
+        """Bus Master Enable in the Command register: the driver allows the device to DMA."""
         return bool(self.config.data[4] & CMD_MASTER)
 
     def interrupt(self, vector: int = 0) -> bool:
         """Raise an interrupt the way the driver configured: MSI-X, else MSI, else INTx.
 
-        For INTx this asserts the line; the device must call :meth:`set_intx` (False) when the
-        cause is cleared, as level-triggered hardware does.
+        For INTx this asserts the line (and sets the Interrupt Status bit); the device must call
+        :meth:`set_intx` (False) when the cause is cleared, as level-triggered hardware does.
+
+        Returns whether an interrupt went out. With nothing enabled by the driver (no MSI-X, no
+        MSI, INTx disabled in the Command register) it returns False and logs a warning the
+        first time: real hardware drops the message then too, and a driver that has not set up
+        interrupts yet (or is tearing them down) is not a device bug, so this is no exception;
+        but a device author whose interrupts never arrive learns why from the log.
         """
         irqs = self.irqs
         if self.msix is not None and (self.msix.enabled or irqs.lines[IrqIndex.MSIX].active):
+            _check_vector(self, vector, self.msix.vectors, "Msix")
             return irqs.signal(IrqIndex.MSIX, vector)
         if self.msi is not None and (self.msi.enabled or irqs.lines[IrqIndex.MSI].active):
+            _check_vector(self, vector, self.msi.vectors, "Msi")
             return irqs.signal(IrqIndex.MSI, vector)
-        if type(self).intx and not self.config.intx_disabled:
+        if type(self).intx:
             self.set_intx(True)
-            return True
+            if not self.config.intx_disabled:
+                return True
+        if not self._warned_no_interrupt:
+            self._warned_no_interrupt = True
+            self.log.warning(
+                "interrupt(%d) dropped: the driver enabled no interrupt (MSI-X%s, MSI%s, INTx%s); "
+                "logged once", vector,
+                " off" if self.msix is not None else ": none declared",
+                " off" if self.msi is not None else ": none declared",
+                " disabled in the Command register" if type(self).intx else ": intx = False")
         return False
 
     def set_intx(self, asserted: bool) -> None:
+        """Drive the INTx line (level-triggered): True while the device has a cause pending,
+        False once the driver cleared it. Sets the Interrupt Status bit either way; the client
+        is signalled unless the driver set Interrupt Disable."""
         self.config.set_interrupt_status(asserted)
         if asserted and self.config.intx_disabled:
             return
@@ -361,231 +372,8 @@ class PciDevice:
         self._pending_reset = reason
 
     def rom_bytes(self) -> bytes:
+        """The expansion ROM's content (``rom_size`` bytes at most; the rest reads as zero)."""
         return b""
-
-    # -- used by the server ------------------------------------------------------------------
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Start :meth:`run` in ``nursery`` and wait until the device is ready."""
-        self._nursery = nursery
-        if "task_status" in inspect.signature(self.run).parameters:
-            await nursery.start(self._run_until_ready, name=f"{self.name}.run")
-        else:
-            self.spawn(self.run, name=f"{self.name}.run")
-
-    async def _run_until_ready(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        ready = False
-
-        class Status:
-            def started(self, value: Any = None) -> None:
-                nonlocal ready
-                ready = True
-                task_status.started(value)
-
-        try:
-            await self.run(task_status=Status())  # type: ignore[call-arg]
-        except Exception:
-            if not ready:
-                raise  # a start-up error: nursery.start() re-raises it to the server
-            self.log.exception("device task run failed")
-        except BaseExceptionGroup as group:
-            cancelled, rest = group.split(trio.Cancelled)
-            if rest is not None:
-                if not ready:
-                    raise rest from None
-                self.log.error("device task run failed", exc_info=rest)
-            if cancelled is not None:
-                raise cancelled from None
-
-    def attach(self, nursery: trio.Nursery) -> None:
-        """Start :meth:`run` without waiting for readiness (tests, embedding)."""
-        self._nursery = nursery
-        self.spawn(self.run, name=f"{self.name}.run")
-
-    @property
-    def device_flags(self) -> int:
-        return DeviceFlags.PCI | DeviceFlags.RESET
-
-    @property
-    def num_regions(self) -> int:
-        return max([PciRegion.VGA + 1, *(i + 1 for i in self.extra_regions)])
-
-    async def do_reset(self) -> None:
-        self._pending_reset = None
-        self.config.reset()
-        self._reset_msix_table()
-        self.irqs.set_intx(False)
-        for b in self.backing:
-            if b is not None and isinstance(b.memory, bytearray):
-                b.memory[:] = bytes(len(b.memory))
-        result = self.reset()
-        if result is not None:
-            await result
-        if self.migration is not None:
-            self.migration.reset()
-
-    @property
-    def reset_pending(self) -> bool:
-        """A config write asked for a reset (FLR) that the server has yet to do."""
-        return self._pending_reset is not None
-
-    def take_pending_reset(self) -> str | None:
-        reason, self._pending_reset = self._pending_reset, None
-        return reason
-
-    def region_info(self, index: int) -> tuple[RegionInfo, int | None]:
-        """Region info and the fd to send with it (for mmappable BARs)."""
-        if 0 <= index <= 5:
-            bar = self.bars[index]
-            if bar is None:
-                return RegionInfo(index), None
-            flags = RegionFlags.READ | RegionFlags.WRITE
-            backing = self.backing[index]
-            if bar.mmap_areas and backing is not None and backing.fd is not None:
-                caps: tuple = (SparseMmapCap(bar.mmap_areas),)
-                if self.msix is not None and index == self.msix.table_bar and self._msix_in_mmap(bar):
-                    caps = (*caps, MsixMappableCap())
-                return RegionInfo(index, flags | RegionFlags.MMAP, bar.size, 0, caps), backing.fd
-            return RegionInfo(index, flags, bar.size), None
-        if index == PciRegion.ROM:
-            return RegionInfo(index, RegionFlags.READ if self.rom_size else 0, self.rom_size), None
-        if index == PciRegion.CONFIG:
-            return RegionInfo(index, RegionFlags.READ | RegionFlags.WRITE, self.config.size), None
-        if index == PciRegion.VGA:
-            return RegionInfo(index), None
-        extra = self.extra_regions.get(index)
-        if extra is not None:
-            return extra.info(index), None
-        raise VfioUserError(f"no region {index}", errno.EINVAL)
-
-    def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index == PciRegion.CONFIG:
-            try:
-                return self.config.read(offset, count)
-            except IndexError as exc:
-                raise VfioUserError(str(exc), errno.EINVAL) from None
-        if 0 <= index <= 5:
-            return self._bar_read(index, offset, count)
-        if index == PciRegion.ROM:
-            rom = self.rom_bytes().ljust(self.rom_size, b"\0")
-            if offset + count > self.rom_size:
-                raise VfioUserError(f"ROM read {offset:#x}+{count} past {self.rom_size:#x}", errno.EINVAL)
-            return rom[offset : offset + count]
-        extra = self.extra_regions.get(index)
-        if extra is not None:
-            return extra.read(offset, count)
-        raise VfioUserError(f"region {index} is not readable", errno.EINVAL)
-
-    def region_write(self, index: int, offset: int, data: bytes) -> Awaitable[None] | None:
-        """Apply a write. Returns an awaitable when the write needs async work (a migration
-        state change that must first quiesce the device); the server awaits it in order."""
-        if index == PciRegion.CONFIG:
-            try:
-                self.config.write(offset, data)
-            except IndexError as exc:
-                raise VfioUserError(str(exc), errno.EINVAL) from None
-            return
-        if 0 <= index <= 5:
-            if self.dma.message_mode:
-                # The device may reach guest RAM through messages: never wait for one here.
-                return self.dma.executor.call(self._bar_write, index, offset, data)
-            self._bar_write(index, offset, data)
-            return
-        if index == PciRegion.ROM:
-            return  # ROM writes are dropped, as on hardware
-        extra = self.extra_regions.get(index)
-        if extra is not None:
-            return extra.write(offset, data)
-        raise VfioUserError(f"region {index} is not writable", errno.EINVAL)
-
-    # -- BAR access routing -------------------------------------------------------------------
-
-    def _bar(self, index: int, offset: int, count: int) -> Bar:
-        bar = self.bars[index]
-        if bar is None:
-            raise VfioUserError(f"BAR{index} does not exist", errno.EINVAL)
-        if offset < 0 or count <= 0 or offset + count > bar.size:
-            raise VfioUserError(f"BAR{index} access {offset:#x}+{count} outside {bar.size:#x}", errno.EINVAL)
-        return bar
-
-    def _bar_read(self, index: int, offset: int, count: int) -> bytes:
-        bar = self._bar(index, offset, count)
-        msix = self.msix
-        if msix is not None:
-            if index == msix.table_bar and msix.table_offset <= offset < msix.table_offset + msix.table_size:
-                o = offset - msix.table_offset
-                return bytes(self.msix_table[o : o + count]).ljust(count, b"\0")
-            if index == msix.pba_bar and msix.pba_offset <= offset < msix.pba_offset + msix.pba_size:
-                return self._pba_bytes()[offset - msix.pba_offset :][:count].ljust(count, b"\0")
-        backing = self.backing[index]
-        if backing is not None and backing.memory is not None and (
-            bar.read_fn is None or backing.in_mmap_area(offset, count)
-        ):
-            return bytes(backing.memory[offset : offset + count])
-        if bar.read_fn is None:
-            return bytes(count)
-        if bar.register_size:
-            return self._register_read(bar, offset, count)
-        if count in (1, 2, 4, 8) and offset % count == 0:
-            return (bar.read_fn(self, offset, count) & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
-        out = bytearray()
-        for off, size in _split(offset, count):
-            out += (bar.read_fn(self, off, size) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        return bytes(out)
-
-    def _bar_write(self, index: int, offset: int, data: bytes) -> None:
-        count = len(data)
-        bar = self._bar(index, offset, count)
-        msix = self.msix
-        if msix is not None:
-            if index == msix.table_bar and msix.table_offset <= offset < msix.table_offset + msix.table_size:
-                self._msix_table_write(offset - msix.table_offset, data)
-                return
-            if index == msix.pba_bar and msix.pba_offset <= offset < msix.pba_offset + msix.pba_size:
-                return  # the PBA is read-only
-        backing = self.backing[index]
-        if backing is not None and backing.memory is not None and (
-            bar.write_fn is None or backing.in_mmap_area(offset, count)
-        ):
-            backing.memory[offset : offset + count] = data
-            return
-        if bar.write_fn is None:
-            return
-        if bar.register_size:
-            self._register_write(bar, offset, data)
-            return
-        if count in (1, 2, 4, 8) and offset % count == 0:
-            bar.write_fn(self, offset, count, int.from_bytes(data, "little"))
-            return
-        pos = 0
-        for off, size in _split(offset, count):
-            bar.write_fn(self, off, size, int.from_bytes(data[pos : pos + size], "little"))
-            pos += size
-
-    def _register_read(self, bar: Bar, offset: int, count: int) -> bytes:
-        size = bar.register_size
-        assert size and bar.read_fn is not None
-        first = offset - offset % size
-        mask = (1 << (8 * size)) - 1
-        buf = bytearray()
-        for reg in range(first, offset + count, size):
-            buf += (bar.read_fn(self, reg, size) & mask).to_bytes(size, "little")
-        return bytes(buf[offset - first : offset - first + count])
-
-    def _register_write(self, bar: Bar, offset: int, data: bytes) -> None:
-        size = bar.register_size
-        assert size and bar.write_fn is not None
-        end = offset + len(data)
-        for reg in range(offset - offset % size, end, size):
-            lo, hi = max(reg, offset), min(reg + size, end)
-            part = data[lo - offset : hi - offset]
-            if hi - lo == size:
-                bar.write_fn(self, reg, size, int.from_bytes(part, "little"))
-                continue
-            current = bytearray(
-                (bar.read_fn(self, reg, size) if bar.read_fn else 0).to_bytes(size, "little"))
-            current[lo - reg : hi - reg] = part
-            bar.write_fn(self, reg, size, int.from_bytes(current, "little"))
 
     # -- MSI-X table (for clients that, unlike QEMU, do not emulate it) ---------------------
 
@@ -596,56 +384,90 @@ class PciDevice:
             if bar is None or bar.kind.io or off + size > bar.size:
                 raise ValueError(f"MSI-X {which} does not fit in memory BAR{bar_index}")
 
-    def _msix_in_mmap(self, bar: Bar) -> bool:
-        assert self.msix is not None
-        lo, hi = self.msix.table_offset, self.msix.table_offset + self.msix.table_size
-        return any(o < hi and lo < o + n for o, n in bar.mmap_areas)
-
     def _reset_msix_table(self) -> None:
         table = self.msix_table
         table[:] = bytes(len(table))
         for off in range(12, len(table), 16):
             table[off] = 1  # every vector starts masked
 
-    def _msix_table_write(self, offset: int, data: bytes) -> None:
-        table = self.msix_table
-        end = min(offset + len(data), len(table))
-        table[offset:end] = data[: end - offset]
-        first, last = offset // 16, (end - 1) // 16
-        line = self.irqs.lines[IrqIndex.MSIX]
-        for vec in range(first, last + 1):
-            masked = bool(table[vec * 16 + 12] & 1)
-            was = line.masked[vec]
-            line.masked[vec] = masked
-            if was and not masked and line.pending[vec]:
-                line.pending[vec] = False
-                self.irqs.signal(IrqIndex.MSIX, vec)
 
-    def _pba_bytes(self) -> bytes:
-        assert self.msix is not None
-        bits = self.irqs.pending_bits(IrqIndex.MSIX)
-        value = sum(1 << i for i, p in enumerate(bits) if p)
-        return value.to_bytes(self.msix.pba_size, "little")
-
-    def close(self) -> None:
-        self.irqs.close()
-        self.dma.clear()
-        for b in self.backing:
-            if b is not None:
-                b.close()
+#: what a subclass may override, to recognise a misspelling of one (``capabilites``, ``def rest``)
+_OVERRIDABLE = (
+    "cli_name", "identity", "capabilities", "intx", "rom_size", "migration_formats",
+    "migration_state", "add_arguments", "from_args", "run", "reset", "shutdown", "client_connected",
+    "client_disconnected", "describe", "rom_bytes", "quiesce", "resume", "save_state",
+    "load_state", "reset_state", "migration_arc", "migration_profile", "handover_refusal",
+    "decode_device_abi", "handover_export", "handover_adopt", "handover_released",
+)
 
 
-def _split(offset: int, count: int) -> list[tuple[int, int]]:
-    """Split an access into naturally aligned pieces of at most 8 bytes."""
-    out = []
-    while count:
-        size = 8
-        while size > count or offset % size:
-            size //= 2
-        out.append((offset, size))
-        offset += size
-        count -= size
+def _check_declarations(cls: type[PciDevice]) -> None:
+    """Refuse, at class creation, the declarations a device would otherwise silently ignore."""
+    inherited = {n for base in cls.__mro__[1:] for n in vars(base)}
+    for name in vars(cls):
+        if name.startswith("_") or name in inherited or name in _OVERRIDABLE:
+            continue
+        near = difflib.get_close_matches(name, _OVERRIDABLE, n=1, cutoff=0.85)
+        # A known name with something added (``resets``, ``runner``) is the device's own.
+        if near and not name.startswith(near[0]):
+            raise TypeError(f"{cls.__name__}.{name} is not a PciDevice attribute and would be "
+                            f"ignored: did you mean {near[0]!r}?")
+    where = f"{cls.__name__}"
+    ident = vars(cls).get("identity")
+    if ident is not None and not isinstance(ident, PciIdentity):
+        raise TypeError(f"{where}.identity must be a PciIdentity(vendor_id=..., device_id=...), "
+                        f"not {type(ident).__name__}")
+    caps = cls.capabilities
+    if not isinstance(caps, (tuple, list)):
+        raise TypeError(f"{where}.capabilities must be a tuple of capabilities: write "
+                        f"capabilities = ({type(caps).__name__}(...),) with the comma")
+    for cap in caps:
+        if not isinstance(cap, Capability):
+            shown = cap.__name__ if isinstance(cap, type) else type(cap).__name__
+            raise TypeError(f"{where}.capabilities holds {shown}, not a capability instance: "
+                            f"write {shown}(...)" if isinstance(cap, type)
+                            else f"{where}.capabilities holds a {shown}, not a capability")
+    if type(cls.intx) is not bool:
+        raise TypeError(f"{where}.intx must be True or False")
+    if not isinstance(cls.rom_size, int) or cls.rom_size < 0 or (cls.rom_size and (
+            cls.rom_size < 0x800 or cls.rom_size & (cls.rom_size - 1))):
+        raise TypeError(f"{where}.rom_size must be 0 or a power of two of at least 0x800")
+    state = cls.migration_state
+    if not (isinstance(state, tuple) and all(isinstance(n, str) for n in state)):
+        raise TypeError(f"{where}.migration_state must be a tuple of attribute names: "
+                        f"write migration_state = ({state!r},) with the comma")
+    if "migration_state" in vars(cls) and state:
+        state_hints(cls)
+    if cls.cli_name is not None and not (isinstance(cls.cli_name, str) and cls.cli_name):
+        raise TypeError(f"{where}.cli_name must be a non-empty string")
+    for hook in ("reset_state", "save_state", "load_state", "describe", "rom_bytes",
+                 "migration_profile"):
+        if inspect.iscoroutinefunction(vars(cls).get(hook)):
+            raise TypeError(f"{where}.{hook} must be a plain def, not async def")
+    for hook in ("run", "shutdown", "quiesce"):
+        fn = vars(cls).get(hook)
+        if fn is not None and not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{where}.{hook} must be an async def")
+
+
+def state_hints(cls: type[PciDevice]) -> dict[str, type]:
+    """``migration_state`` name -> its dataclass type, from the class's annotations."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:
+        raise TypeError(f"{cls.__name__}: cannot resolve the annotations of its migration_state "
+                        f"({exc}); define the state dataclasses before the device class") from None
+    out = {}
+    for name in cls.migration_state:
+        tp = hints.get(name)
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise TypeError(f"{cls.__name__}.migration_state names {name!r}: annotate it on the class "
+                            f"with its dataclass, e.g. {name}: MyState")
+        out[name] = tp
     return out
 
 
-U32 = struct.Struct("<I")
+def _check_vector(device: PciDevice, vector: int, count: int, cap: str) -> None:
+    if not 0 <= vector < count:
+        raise ValueError(f"{type(device).__name__}.interrupt({vector}): the device declares "
+                         f"{cap}(vectors={count}); use a vector from 0 to {count - 1}")

@@ -23,6 +23,7 @@ DMA drained), so the state a format captures never contains half-done work.
 from __future__ import annotations
 
 import errno
+import importlib
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,34 @@ from ..protocol.messages import DeviceFeature, RegionInfo, TypeCap
 if TYPE_CHECKING:
     from ..migration.controller import MigrationController
     from .device import PciDevice
+
+def is_migratable(cls: type[PciDevice]) -> bool:
+    """Whether the device class migrates (without importing its formats)."""
+    return cls.migration_formats is not None or bool(cls.migration_state)
+
+
+def migration_formats_of(cls: type[PciDevice]) -> Any:
+    """The device class's :class:`~vfu_server.migration.FormatSet` (its ``migration_formats``,
+    imported if it is named by a string), or None for a device that does not migrate."""
+    formats = cls.migration_formats
+    if formats is None and cls.migration_state:
+        from .migration_state import auto_formats
+
+        return auto_formats(cls)
+    if not isinstance(formats, str):
+        return formats
+    module_name, _, attr = formats.partition(":")
+    from ..migration.formats import FormatSet
+
+    try:
+        found = getattr(importlib.import_module(module_name), attr) if attr else None
+    except (ImportError, AttributeError) as exc:
+        raise TypeError(f"{cls.__name__}.migration_formats = {formats!r}: {exc}") from None
+    if not isinstance(found, FormatSet):
+        raise TypeError(f"{cls.__name__}.migration_formats = {formats!r}: expected "
+                        "'package.module:NAME' of a FormatSet")
+    return found
+
 
 RUNNING_STATES = {MigState.RUNNING, MigState.PRE_COPY, MigState.RUNNING_P2P, MigState.PRE_COPY_P2P}
 _LOG_CONTROL = struct.Struct("<QII")  # page_size, num_ranges, reserved; ranges follow
@@ -152,7 +181,7 @@ class DeviceMigration:
         if self._controller is None:
             from ..migration.controller import MigrationController
 
-            formats = type(self.device).get_migration_formats()
+            formats = migration_formats_of(type(self.device))
             assert formats is not None
             self._controller = MigrationController(self.device, formats, features=self.features)  # type: ignore[arg-type]
         return self._controller

@@ -7,12 +7,17 @@ behind it), so :class:`~vfu_server.pci.device.PciDevice` imports it on first use
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import struct
+import typing
 from typing import TYPE_CHECKING, Any
 
 from ..migration.generic import IntxState, MsixState, MsixVector, PciConfigState, PciProfile
 from .capabilities import PciExpress, PowerManagement
 from .config import COMMAND, INTERRUPT_LINE, ROM
+from .device import state_hints
 
 if TYPE_CHECKING:
     from .device import PciDevice
@@ -107,3 +112,57 @@ def load_pci_state(device: PciDevice, pci: PciConfigState, msix: MsixState, intx
             line.pending[i] = bool(byte >> (i % 8) & 1)
     device.irqs.intx_asserted = bool(intx.level)
     cfg.set_interrupt_status(bool(intx.level))
+
+
+# -- migration with no migration code: devices that name their dataclass state ------------------
+
+@functools.cache
+def auto_formats(cls: type[PciDevice]) -> Any:
+    """The opaque format of a device that declares ``migration_state`` and no formats: its
+    state dataclasses with the generic PCI part, as schema-checked TLV (the destination refuses
+    a source whose dataclasses have another shape)."""
+    from ..migration.formats import FormatSet, OpaqueFormat
+
+    fields: list[Any] = [("profile", PciProfile)]
+    fields += [(n, t, dataclasses.field(default_factory=t)) for n, t in (
+        ("pci", PciConfigState), ("msix", MsixState), ("intx", IntxState))]
+    fields += list(state_hints(cls).items())
+    state_type = dataclasses.make_dataclass(f"{cls.__name__}MigrationState", fields, frozen=True,
+                                            kw_only=True)
+    state_type.__module__ = cls.__module__
+    family = cls.cli_name or cls.__name__.lower()
+    fmt = OpaqueFormat(f"opaque/auto/{family}", state_type=state_type, profile=lambda s: s.profile,
+                       description=f"{cls.__name__}'s dataclass state, saved with no device code")
+    return FormatSet([fmt])
+
+
+def _state_type(cls: type[PciDevice]) -> type:
+    from .migration import migration_formats_of
+
+    types_ = {f.state_type for f in migration_formats_of(cls)}
+    if len(types_) != 1:
+        raise TypeError(f"{cls.__name__}: its formats have different state types; "
+                        "implement save_state and load_state")
+    return types_.pop()
+
+
+def _convert(value: Any, tp: type) -> Any:
+    """A copy of dataclass ``value`` as ``tp`` (the same type, or one with the same fields): the
+    saved state must not change with the device, nor the loaded one be shared with the stream."""
+    if type(value) is tp:
+        return copy.deepcopy(value)
+    return tp(**{f.name: copy.deepcopy(getattr(value, f.name)) for f in dataclasses.fields(tp)})
+
+
+def save_declared_state(device: PciDevice) -> Any:
+    cls = type(device)
+    state_type = _state_type(cls)
+    hints = typing.get_type_hints(state_type)
+    own = {name: _convert(getattr(device, name), hints[name]) for name in cls.migration_state}
+    return state_type(profile=device.migration_profile(), **device.pci_state(), **own)
+
+
+def load_declared_state(device: PciDevice, state: Any) -> None:
+    device.load_pci_state(state)
+    for name, tp in state_hints(type(device)).items():
+        setattr(device, name, _convert(getattr(state, name), tp))

@@ -321,5 +321,15 @@ def inspect_stream(data: bytes) -> list[dict[str, Any]]:
     return envs
 
 
-from . import nvme  # noqa: E402,F401  (registers the nvme-ctrl/std/1 records)
-from .virtio import decode_part  # noqa: E402,F401  (registers the virtio-*/std/1 records)
+def _load_format_decoders() -> None:
+    """Import the device families' decoders (``vfu_server.stateinspect`` entry points, e.g. the
+    NVMe and virtio ones next to their devices), which register into the tables above. The
+    reader itself names no device family beyond the catalogue of spec section 6."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="vfu_server.stateinspect"):
+        importlib.import_module(ep.value)
+
+
+_load_format_decoders()

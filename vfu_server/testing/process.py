@@ -19,12 +19,16 @@ from ..client import Client, GuestRam
 
 @dataclass
 class ServerProcess:
+    """A ``vfu-server`` process started by :func:`running_server`."""
+
     device: str
     socket_path: str
     process: trio.Process
     stderr_path: Path
 
     def stderr(self) -> str:
+        """What the server has written to stderr so far: its log, with the traceback of every
+        device bug (a client sees only the errno)."""
         try:
             return self.stderr_path.read_text(errors="replace")
         except FileNotFoundError:
@@ -97,6 +101,18 @@ async def spawn_server(device: str, args: tuple[str, ...] | list[str], *, socket
     return server
 
 
+#: how much of a server's stderr a failure carries (the end, where the traceback is)
+STDERR_TAIL = 6000
+
+
+def _attach_stderr(exc: BaseException, label: str, server: ServerProcess) -> None:
+    text = server.stderr()
+    if not text:
+        return
+    cut = "...\n" if len(text) > STDERR_TAIL else ""
+    exc.add_note(f"--- stderr of vfu-server {label} ---\n{cut}{text[-STDERR_TAIL:]}")
+
+
 @asynccontextmanager
 async def running_server(
     device: str,
@@ -104,16 +120,28 @@ async def running_server(
     socket_path: str | None = None,
     ready_timeout: float = 20.0,
     env: dict[str, str] | None = None,
+    label: str | None = None,
 ) -> AsyncIterator[ServerProcess]:
     """Start ``python -m vfu_server DEVICE --socket-path PATH *args`` and wait for
-    ``listening on``. Always stops the process on exit; the error message of a failed start
-    includes the server's stderr."""
+    ``listening on``. Always stops the process on exit.
+
+    A device bug reaches a client only as an errno (``RemoteError: REGION_READ failed: Input/output
+    error``); its traceback is in the server's stderr. So an exception that leaves the ``async
+    with`` block carries the server's stderr (its last :data:`STDERR_TAIL` characters) as a note,
+    which pytest prints under the failure; a failed start (:class:`ServerStartFailed`) includes
+    it in the message. ``label`` names the server in that note (default: the device)."""
     path = socket_path or os.path.join(tempfile.mkdtemp(prefix="vfu-test-"),
                                        f"{device.replace(':', '_').replace('/', '_')}.sock")
     server = await spawn_server(device, ("--socket-path", path, *args), socket_path=path,
                                 ready_timeout=ready_timeout, env=env)
     try:
-        yield server
+        try:
+            yield server
+        except BaseException as exc:
+            # Stop the server first: what it logs while shutting down belongs to the failure too.
+            await server.terminate()
+            _attach_stderr(exc, label or device, server)
+            raise
     finally:
         await server.terminate()
         if server.process.stdout is not None:
@@ -132,22 +160,19 @@ async def migration_pair(
     """Two servers of ``device`` (source and destination, ``dst_args`` defaulting to
     ``src_args``), a connected client for each and one guest RAM mapped into both, as a VMM that
     migrates between them would have it. ``map_src=False`` leaves mapping the source to a driver
-    that does it itself (the NVMe test driver does). A failure carries both servers' stderr."""
+    that does it itself (the NVMe test driver does). A failure carries both servers' stderr
+    (see :func:`running_server`)."""
     async with (
-        running_server(device, *src_args) as a,
-        running_server(device, *(src_args if dst_args is None else dst_args)) as b,
+        running_server(device, *src_args, label=f"{device} (source)") as a,
+        running_server(device, *(src_args if dst_args is None else dst_args),
+                       label=f"{device} (destination)") as b,
     ):
-        try:
-            with GuestRam(ram_size) as ram:  # outlives both clients
-                async with (
-                    await Client.connect(a.socket_path) as src,
-                    await Client.connect(b.socket_path) as dst,
-                ):
-                    if map_src:
-                        await src.dma_map(ram)
-                    await dst.dma_map(ram)
-                    yield src, dst, ram
-        except BaseException as exc:
-            exc.add_note(f"--- source stderr ---\n{a.stderr()[-3000:]}\n"
-                         f"--- destination stderr ---\n{b.stderr()[-3000:]}")
-            raise
+        with GuestRam(ram_size) as ram:  # outlives both clients
+            async with (
+                await Client.connect(a.socket_path) as src,
+                await Client.connect(b.socket_path) as dst,
+            ):
+                if map_src:
+                    await src.dma_map(ram)
+                await dst.dma_map(ram)
+                yield src, dst, ram

@@ -1,8 +1,8 @@
 """``virtio-{blk,net,rng}/std/1`` for the independent reader, written from
 docs/migration-format.md 5.4.
 
-Registered into :mod:`.reader` (FORMATS, RECORDS, DECODERS, ENVELOPE_HOOKS) when the reader is
-imported. Standard library only, like the reader.
+Registered into :mod:`vfu_server.stateinspect.reader` (FORMATS, RECORDS, DECODERS, ENVELOPE_HOOKS) when the reader is
+imported (entry point ``vfu_server.stateinspect`` in pyproject.toml). Standard library only, like the reader.
 """
 
 from __future__ import annotations
@@ -12,7 +12,16 @@ import struct
 import uuid
 from typing import Any
 
-from .reader import _NS, DECODERS, ENVELOPE_HOOKS, FORMATS, ORDER, RECORDS, Bad, _fields
+from vfu_server.stateinspect.reader import (
+    _NS,
+    DECODERS,
+    ENVELOPE_HOOKS,
+    FORMATS,
+    ORDER,
+    RECORDS,
+    Bad,
+    _fields,
+)
 
 for _name in ("virtio-rng/std/1", "opaque/vfu-virtio-blk", "opaque/vfu-virtio-net",
               "opaque/vfu-virtio-rng"):

@@ -11,8 +11,10 @@
 
 ``opaque/vfu-example`` (opaque): :class:`ExampleState` as schema-checked TLV.
 
-The lead may move this next to the device; it lives here as the reference for
-device authors and for the golden vectors in tests/vectors/.
+It lives next to the device (the library names no device) and is the reference for the
+golden vectors in tests/vectors/. The device itself needs no code for it: it keeps its
+registers in an :class:`ExampleRegs`, and ``migration_state = ("regs",)`` lets the base class
+fill :class:`ExampleState` in and out.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .envelope import Record
-from .formats import FormatSet, OpaqueFormat, RecordSet, StandardFormat, register_formats
-from .generic import (
+from vfu_server.migration.envelope import Record
+from vfu_server.migration.formats import (
+    FormatSet,
+    OpaqueFormat,
+    RecordSet,
+    StandardFormat,
+    register_formats,
+)
+from vfu_server.migration.generic import (
     GENERIC_LAYOUTS,
     INTX,
     MSIX,
@@ -42,7 +50,7 @@ from .generic import (
     profile_from_record,
     profile_to_record,
 )
-from .records import RecordLayout
+from vfu_server.migration.records import RecordLayout
 
 __all__ = [
     "EXAMPLE_FORMATS",
@@ -56,9 +64,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExampleRegs:
-    """BAR0 registers of the DMA copy engine (quiesced: no copy in flight)."""
+    """BAR0 registers of the DMA copy engine (quiesced: no copy in flight). Mutable: the
+    device keeps its live registers in one."""
 
     scratch: int = 0
     src: int = 0
@@ -143,7 +152,7 @@ register_formats("example", EXAMPLE_FORMATS)
 
 def sample_state() -> ExampleState:
     """A fully populated, deterministic state (golden vectors, tests, demos)."""
-    from .generic import MsixVector
+    from vfu_server.migration.generic import MsixVector
 
     profile = PciProfile(
         vendor_id=0x1B36, device_id=0x0011, subsys_vendor_id=0x1AF4, subsys_id=0x1100,

@@ -1,7 +1,7 @@
 """``nvme-ctrl/std/1`` for the independent reader, written from docs/migration-format.md 5.3.
 
-Registered into :mod:`.reader` (RECORDS names, DECODERS, ENVELOPE_HOOKS) when the reader is
-imported. Standard library only, like the reader.
+Registered into :mod:`vfu_server.stateinspect.reader` (RECORDS names, DECODERS, ENVELOPE_HOOKS) when the reader is
+imported (entry point ``vfu_server.stateinspect`` in pyproject.toml). Standard library only, like the reader.
 """
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ import struct
 import uuid
 from typing import Any
 
-from .reader import _NS, DECODERS, ENVELOPE_HOOKS, FORMATS, ORDER, RECORDS, Bad, _fields
+from vfu_server.stateinspect.reader import (
+    _NS,
+    DECODERS,
+    ENVELOPE_HOOKS,
+    FORMATS,
+    ORDER,
+    RECORDS,
+    Bad,
+    _fields,
+)
 
 FORMATS[uuid.uuid5(_NS, "opaque/vfu-nvme")] = "opaque/vfu-nvme"
 # Section 5.3's table: PROFILE, PCI_CONFIG, MSIX, INTX, CTRL_REGS, ADMIN_QUEUES, NVMECS_V0,
