@@ -2,7 +2,7 @@
 
 Two C functions do for a run of requests what the devices' inline Python paths do for one, on
 a file namespace or disk in the page cache: ``vfu_fastio_run`` (NVMe, used by
-:mod:`devices.nvme.fastio`) and ``vfu_blk_run`` (virtio-blk, used by :mod:`devices.virtio.blk`).
+:mod:`vfu_devices.nvme.fastio`) and ``vfu_blk_run`` (virtio-blk, used by :mod:`vfu_devices.virtio.blk`).
 Each handles only the common case and stops, without consuming it, at the first request it
 does not fully accept, so Python then handles that one with every check, status and error it
 has. C is at least as strict as Python everywhere: anything it completes, Python would have

@@ -9,7 +9,7 @@ BAR0 registers (32-bit)::
 
 from dataclasses import replace
 
-from devices.example_format import EXAMPLE_FORMATS, ExampleRegs, example_device_abi
+from vfu_devices.example_format import EXAMPLE_FORMATS, ExampleRegs, example_device_abi
 from vfu_server import (
     DmaError,
     MemoryBar,

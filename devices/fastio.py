@@ -1,4 +1,4 @@
-"""What the devices' C fast paths (:mod:`devices._fastio_build`) share: loading the helper
+"""What the devices' C fast paths (:mod:`vfu_devices._fastio_build`) share: loading the helper
 and the table of guest memory they may touch.
 
 The helper is compiled on first use into the user's cache (``./run`` builds it ahead of

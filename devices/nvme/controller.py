@@ -148,7 +148,7 @@ class NvmeController(PciDevice):
     )
     intx = True
     #: "opaque" (opaque/vfu-nvme) and "standard" (nvme-ctrl/std/1), see .migration_format
-    migration_formats = "devices.nvme.migration_format:NVME_FORMATS"
+    migration_formats = "vfu_devices.nvme.migration_format:NVME_FORMATS"
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Runs of plain Read/Write commands in C (:mod:`devices._fastio_build`), the rest in Python.
+"""Runs of plain Read/Write commands in C (:mod:`vfu_devices._fastio_build`), the rest in Python.
 
 The controller's SQ loop and its doorbell path hand an I/O SQ to :meth:`FastIo.run` before
 they fetch an entry themselves. C consumes entries from the head for as long as each is a

@@ -81,7 +81,7 @@ class VirtioBlk(VirtioPciDevice):
     queue_max_size = 256
     max_inflight = 64
     #: opaque/vfu-virtio-blk (default) and virtio-blk/std/1
-    migration_formats = "devices.virtio.migration_format:BLK_FORMATS"
+    migration_formats = "vfu_devices.virtio.migration_format:BLK_FORMATS"
 
     def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "",
                  poll_us: int = DEFAULT_POLL_US) -> None:

@@ -91,7 +91,7 @@ class VirtioNet(VirtioPciDevice):
     msix_vectors = 2 + 2 * MAX_PAIRS
     queue_max_size = 256
     #: opaque/vfu-virtio-net (default) and virtio-net/std/1; the backend is not migrated
-    migration_formats = "devices.virtio.migration_format:NET_FORMATS"
+    migration_formats = "vfu_devices.virtio.migration_format:NET_FORMATS"
 
     def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int = 1,
                  poll_us: int = 0) -> None:

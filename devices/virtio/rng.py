@@ -1,7 +1,7 @@
 """virtio-rng: the smallest complete virtio device (VIRTIO 1.2 section 5.4).
 
 One queue; the driver offers empty buffers and the device fills them with entropy. The
-transport (:mod:`devices.virtio.pci`) does everything else: PCI identity, capabilities,
+transport (:mod:`vfu_devices.virtio.pci`) does everything else: PCI identity, capabilities,
 feature negotiation, queue setup, validation of the guest's descriptors, interrupts.
 """
 
@@ -20,7 +20,7 @@ class VirtioRng(VirtioPciDevice):
     cli_name = "virtio-rng"
     virtio_id = DeviceId.RNG  # PCI device 0x1044
     #: opaque/vfu-virtio-rng (default) and virtio-rng/std/1: the transport is all its state
-    migration_formats = "devices.virtio.migration_format:RNG_FORMATS"
+    migration_formats = "vfu_devices.virtio.migration_format:RNG_FORMATS"
 
     async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
         budget = MAX_REQUEST  # a guest cannot make us generate gigabytes per request

@@ -6,7 +6,7 @@ Loaded by the server process as ``python -m vfu_server tests.guest.broken_device
 
 from __future__ import annotations
 
-from devices.example import DmaCopyEngine
+from vfu_devices.example import DmaCopyEngine
 
 
 class WrongMagic(DmaCopyEngine):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from devices.nvme.constants import Status
+from vfu_devices.nvme.constants import Status
 from vfu_server.testing.nvme import (
     ADMIN_ABORT,
     ADMIN_AER,

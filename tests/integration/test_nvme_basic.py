@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devices.nvme.constants import Status
+from vfu_devices.nvme.constants import Status
 from vfu_server.client import Client, GuestRam
 from vfu_server.testing.nvme import (
     IO_READ,

@@ -12,7 +12,7 @@ import pytest
 import trio
 from server_helpers import assert_uring_in_use
 
-from devices.nvme.constants import Status
+from vfu_devices.nvme.constants import Status
 from vfu_server.testing.nvme import (
     IO_COMPARE,
     IO_DSM,

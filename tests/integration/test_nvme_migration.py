@@ -16,7 +16,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.nvme.migration_format import NVME_FORMATS, NVME_OPAQUE, NVME_STANDARD
+from vfu_devices.nvme.migration_format import NVME_FORMATS, NVME_OPAQUE, NVME_STANDARD
 from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
 from vfu_server.migration.fsm import MigState

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from devices.nvme.constants import Status
+from vfu_devices.nvme.constants import Status
 from vfu_server.client import Client, GuestRam
 from vfu_server.protocol.constants import IrqIndex, IrqSetFlags
 from vfu_server.testing.nvme import (

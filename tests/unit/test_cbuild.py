@@ -36,7 +36,7 @@ def test_a_failed_build_is_remembered(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_fastio_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from devices import fastio
+    from vfu_devices import fastio
 
     monkeypatch.setenv("VFU_FASTIO", "0")
     assert fastio.load_module() is None

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.example_format import EXAMPLE_FORMATS, sample_state
+from vfu_devices.example_format import EXAMPLE_FORMATS, sample_state
 from vfu_server.migration.crc import crc32c
 from vfu_server.migration.envelope import (
     REC_OPTIONAL,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.example_format import (
+from vfu_devices.example_format import (
     EXAMPLE_FORMATS,
     EXAMPLE_OPAQUE,
     EXAMPLE_REGS,

@@ -28,8 +28,8 @@ from vfu_server.migration.region import REGION_SIZE
 from vfu_server.pci.migration import migration_formats_of
 
 HEAVY = ("vfu_server.migration.controller", "vfu_server.migration.session",
-         "vfu_server.migration.generic", "devices.nvme.migration_format",
-         "devices.nvme.migration", "devices.virtio.migration_format")
+         "vfu_server.migration.generic", "vfu_devices.nvme.migration_format",
+         "vfu_devices.nvme.migration", "vfu_devices.virtio.migration_format")
 
 def loaded():
     return sorted(m for m in HEAVY if m in sys.modules)
@@ -43,7 +43,7 @@ assert info.size == REGION_SIZE and dev.migration.state is MigState.RUNNING and 
 dev.migration.reset()
 assert loaded() == [], loaded()
 ctl = dev.migration.controller
-assert "devices.nvme.migration_format" in sys.modules
+assert "vfu_devices.nvme.migration_format" in sys.modules
 assert ctl.formats is migration_formats_of(type(dev))
 assert {f.name for f in ctl.formats} == {"opaque/vfu-nvme", "nvme-ctrl/std/1"}
 assert dev.extra_regions[9].region.size == info.size

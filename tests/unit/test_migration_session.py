@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from devices.example_format import (
+from vfu_devices.example_format import (
     EXAMPLE_FORMATS,
     EXAMPLE_OPAQUE,
     EXAMPLE_STANDARD,

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devices.nvme.constants import Status
-from devices.nvme.controller import _merge
-from devices.nvme.dptr import BIT_BUCKET, prp_segments, segment_views, sgl_segments
-from devices.nvme.errors import NvmeError
+from vfu_devices.nvme.constants import Status
+from vfu_devices.nvme.controller import _merge
+from vfu_devices.nvme.dptr import BIT_BUCKET, prp_segments, segment_views, sgl_segments
+from vfu_devices.nvme.errors import NvmeError
 from vfu_server.protocol.errors import DmaError
 
 PAGE = 4096

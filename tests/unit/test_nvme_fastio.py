@@ -17,13 +17,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from devices.fastio import load_module
-from devices.nvme.command import Command
-from devices.nvme.controller import NvmeController
-from devices.nvme.errors import NvmeError
-from devices.nvme.fastio import FastIo
-from devices.nvme.namespace import Namespace
-from devices.nvme.state import CompletionQueueState, SubmissionQueueState
+from vfu_devices.fastio import load_module
+from vfu_devices.nvme.command import Command
+from vfu_devices.nvme.controller import NvmeController
+from vfu_devices.nvme.errors import NvmeError
+from vfu_devices.nvme.fastio import FastIo
+from vfu_devices.nvme.namespace import Namespace
+from vfu_devices.nvme.state import CompletionQueueState, SubmissionQueueState
 from vfu_server.block import FileBackend
 from vfu_server.protocol.errors import DmaError
 from vfu_server.testing.memory import map_guest_ram
@@ -243,7 +243,7 @@ def test_nothing_while_dirty_pages_are_logged_or_for_other_backends(ctrl: NvmeCo
     sq, cq = queues()
     submit(ctrl, sq, rw(0x02, 1, 0, 8, 0x10000))
     ctrl.state.cqs[1], ctrl.state.sqs[1] = cq, sq
-    from devices.nvme.queues import CqRuntime
+    from vfu_devices.nvme.queues import CqRuntime
 
     ctrl.cq_rt[1] = CqRuntime(1)
     ctrl.fastio = FastIo(ctrl, module)

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from devices.nvme.migration_format import (
+from vfu_devices.nvme.migration_format import (
     CTRL_REGS,
     ERROR_LOG,
     NVME_FORMATS,

@@ -1,5 +1,5 @@
 """NVMe golden vectors: the encoder still writes them byte for byte, and the independent
-reader (vfu_server.stateinspect, stdlib only) decodes the same values as devices.nvme."""
+reader (vfu_server.stateinspect, stdlib only) decodes the same values as vfu_devices.nvme."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pathlib
 import pytest
 from vectors.jsonable import plain, positional
 
-from devices.nvme.migration_format import NVME_FORMATS, NVME_OPAQUE, NVME_STANDARD, sample_state
+from vfu_devices.nvme.migration_format import NVME_FORMATS, NVME_OPAQUE, NVME_STANDARD, sample_state
 from vfu_server.migration.errors import MigrationError
 from vfu_server.migration.session import LoadSession
 from vfu_server.stateinspect import cli
@@ -62,7 +62,7 @@ def test_independent_reader_record_list():
 
 
 def test_independent_reader_agrees_on_the_nvme_values():
-    """Field by field: what stateinspect decodes from the spec equals devices.nvme's state."""
+    """Field by field: what stateinspect decodes from the spec equals vfu_devices.nvme's state."""
     recs = {}
     for r in _final_records():
         recs.setdefault(r["name"], []).append(r)
@@ -71,7 +71,7 @@ def test_independent_reader_agrees_on_the_nvme_values():
 
     prof = one["PROFILE"]["ctrl_profile"]
     abi = sample_state().profile.device_abi
-    from devices.nvme.migration_format import decode_device_abi
+    from vfu_devices.nvme.migration_format import decode_device_abi
     mine = decode_device_abi(abi)
     assert (prof["serial"], prof["model"], prof["firmware"]) == (mine.serial, mine.model, mine.firmware)
     assert prof["lba_data_sizes"] == [1 << b for b in mine.lba_formats]

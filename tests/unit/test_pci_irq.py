@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from devices.example import DmaCopyEngine
+from vfu_devices.example import DmaCopyEngine
 from vfu_server.pci import Msix, PciDevice, PciIdentity
 from vfu_server.pci.bar import MemoryBar
 from vfu_server.pci.endpoint import Endpoint

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vectors.jsonable import plain, positional
 
-from devices.example_format import EXAMPLE_FORMATS, EXAMPLE_OPAQUE, EXAMPLE_STANDARD
+from vfu_devices.example_format import EXAMPLE_FORMATS, EXAMPLE_OPAQUE, EXAMPLE_STANDARD
 from vfu_server.migration.session import LoadSession
 from vfu_server.stateinspect import cli
 from vfu_server.stateinspect.reader import Bad, inspect_stream
@@ -36,18 +36,18 @@ def test_stateinspect_imports_only_the_stdlib():
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 if node.module == "vfu_server.stateinspect.reader" and src in plugins:
                     continue
-                assert not node.module.startswith(("vfu_server", "devices")), (src, node.module)
+                assert not node.module.startswith(("vfu_server", "vfu_devices", "devices")), (src, node.module)
             if isinstance(node, ast.Import):
                 for a in node.names:
-                    assert not a.name.startswith(("vfu_server", "devices")), (src, a.name)
+                    assert not a.name.startswith(("vfu_server", "vfu_devices", "devices")), (src, a.name)
 
 
 def test_vfu_state_loads_the_decoders_not_the_devices():
     code = ("import sys; from vfu_server.stateinspect import cli; "
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith('devices'))))")
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('vfu_devices'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["devices", "devices.nvme", "devices.nvme.stateinspect",
-                                  "devices.virtio", "devices.virtio.stateinspect"]
+    assert out.stdout.split() == ["vfu_devices", "vfu_devices.nvme", "vfu_devices.nvme.stateinspect",
+                                  "vfu_devices.virtio", "vfu_devices.virtio.stateinspect"]
 
 
 @pytest.mark.parametrize("name", NAMES)

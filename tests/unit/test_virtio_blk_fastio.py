@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from devices.fastio import load_module
-from devices.virtio.blk import T_GET_ID, T_IN, T_OUT, VirtioBlk, _BlkFastPath
-from devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
+from vfu_devices.fastio import load_module
+from vfu_devices.virtio.blk import T_GET_ID, T_IN, T_OUT, VirtioBlk, _BlkFastPath
+from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from vfu_server.block import FileBackend
 from vfu_server.testing.memory import map_guest_ram
 

@@ -13,7 +13,7 @@ import struct
 import pytest
 from vectors.jsonable import plain, positional
 
-from devices.virtio import migration_format as vm
+from vfu_devices.virtio import migration_format as vm
 from vfu_server.migration import MigrationFormatError, Record, decode_envelope, encode_envelope
 from vfu_server.migration.session import LoadSession
 from vfu_server.stateinspect.reader import Bad, inspect_stream

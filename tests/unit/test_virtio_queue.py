@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
+from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from vfu_server.pci.dma import GuestMemory
 from vfu_server.protocol.constants import DmaMapFlags
 

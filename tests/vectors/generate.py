@@ -12,7 +12,7 @@ import pathlib
 
 from jsonable import plain
 
-from devices.example_format import EXAMPLE_OPAQUE, EXAMPLE_STANDARD, sample_state
+from vfu_devices.example_format import EXAMPLE_OPAQUE, EXAMPLE_STANDARD, sample_state
 
 HERE = pathlib.Path(__file__).parent
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from jsonable import plain  # noqa: E402 - after the sys.path set-up above
 
-from devices.nvme.migration_format import NVME_OPAQUE, NVME_STANDARD, sample_state  # noqa: E402
+from vfu_devices.nvme.migration_format import NVME_OPAQUE, NVME_STANDARD, sample_state  # noqa: E402
 from vfu_server.migration.envelope import decode_envelope  # noqa: E402
 
 

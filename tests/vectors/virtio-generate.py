@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from jsonable import plain  # noqa: E402 - after the sys.path set-up above
 
-from devices.virtio import migration_format as vm  # noqa: E402
+from vfu_devices.virtio import migration_format as vm  # noqa: E402
 from vfu_server.migration.envelope import decode_envelope  # noqa: E402
 
 FORMATS = {"blk": (vm.BLK_STANDARD, vm.BLK_OPAQUE), "net": (vm.NET_STANDARD, vm.NET_OPAQUE),

@@ -90,7 +90,7 @@ class Completion:
 
     @property
     def code(self) -> int:
-        """SCT << 8 | SC, comparable with ``devices.nvme.constants.Status``."""
+        """SCT << 8 | SC, comparable with ``vfu_devices.nvme.constants.Status``."""
         return self.status & 0x7FF
 
     @property
