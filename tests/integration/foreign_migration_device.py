@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 
-from devices.example import DmaCopyEngine
+from vfu_devices.example import DmaCopyEngine
 from vfu_server.pci.migration import DeviceMigration
 from vfu_server.protocol.constants import PciRegion
 from vfu_server.protocol.errors import VfioUserError

@@ -1,6 +1,6 @@
 """Third-party devices for the handover tests, loaded as ``handover_devices:Class``."""
 
-from devices.example import DmaCopyEngine
+from vfu_devices.example import DmaCopyEngine
 from vfu_server import MemoryBar
 
 

@@ -353,7 +353,7 @@ class InsistsOnANewFormat(Successor):
 
 
 async def test_a_format_the_predecessor_cannot_produce_is_refused(tmp_path: Path) -> None:
-    from devices.example import DmaCopyEngine
+    from vfu_devices.example import DmaCopyEngine
 
     ctl = str(tmp_path / "ctl")
     with trio.fail_after(60):

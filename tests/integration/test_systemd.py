@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from devices.nvme import NvmeController
+from vfu_devices.nvme import NvmeController
 from vfu_server.client import Client
 from vfu_server.testing import running_server
 

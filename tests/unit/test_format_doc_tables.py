@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from devices.example_format import EXAMPLE_REGS, EXAMPLE_STANDARD
-from devices.nvme import migration_format as nvme
-from devices.nvme.constants import NVME_VERSION_1_4
-from devices.virtio import migration_format as virtio
+from vfu_devices.example_format import EXAMPLE_REGS, EXAMPLE_STANDARD
+from vfu_devices.nvme import migration_format as nvme
+from vfu_devices.nvme.constants import NVME_VERSION_1_4
+from vfu_devices.virtio import migration_format as virtio
 from vfu_server.migration import controller, envelope, formats, generic
 from vfu_server.migration.records import StructLayout
 

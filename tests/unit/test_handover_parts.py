@@ -11,7 +11,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.example_format import EXAMPLE_FORMATS
+from vfu_devices.example_format import EXAMPLE_FORMATS
 from vfu_server.handover import HandoverError, Link, choose_format
 from vfu_server.pci.irq import Interrupts
 from vfu_server.protocol.codec import MessageDecoder, encode

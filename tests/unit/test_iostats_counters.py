@@ -7,7 +7,7 @@ from bisect import bisect_right
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices._fastio_build import HELPER
+from vfu_devices._fastio_build import HELPER
 from vfu_server.iostats import (
     BLOCK_KINDS,
     MAX_BOUNDS,

@@ -141,11 +141,11 @@ def test_vectors_cover_every_example_format():
 
 def _standard_records():
     """Records of every device family's standard format, from the vectors' sample states."""
-    from devices.example_format import sample_state as example_sample
-    from devices.nvme.migration_format import NVME_STANDARD
-    from devices.nvme.migration_format import sample_state as nvme_sample
-    from devices.virtio.migration_format import BLK_STANDARD, NET_STANDARD, RNG_STANDARD
-    from devices.virtio.migration_format import sample_state as virtio_sample
+    from vfu_devices.example_format import sample_state as example_sample
+    from vfu_devices.nvme.migration_format import NVME_STANDARD
+    from vfu_devices.nvme.migration_format import sample_state as nvme_sample
+    from vfu_devices.virtio.migration_format import BLK_STANDARD, NET_STANDARD, RNG_STANDARD
+    from vfu_devices.virtio.migration_format import sample_state as virtio_sample
 
     yield EXAMPLE_STANDARD, EXAMPLE_STANDARD.to_records(example_sample(), 0)
     yield NVME_STANDARD, NVME_STANDARD.to_records(nvme_sample(), 0)
@@ -186,7 +186,7 @@ def test_both_readers_refuse_the_same_order_violations():
 
 
 def test_nvme_dbbuf_before_nvmecs_is_refused_by_both_readers():
-    from devices.nvme.migration_format import NVME_STANDARD, sample_state
+    from vfu_devices.nvme.migration_format import NVME_STANDARD, sample_state
     from vfu_server.migration.envelope import encode_envelope
     from vfu_server.migration.errors import MigrationError
 
