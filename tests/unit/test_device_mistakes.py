@@ -23,6 +23,10 @@ IDENT = PciIdentity(vendor_id=0x1234, device_id=0x0042)
     ("intx = 1", "intx must be True or False"),
     ("rom_size = 1000", "rom_size must be 0 or a power of two of at least 0x800"),
     ("def run(self): pass", "Dev.run must be an async def"),
+    ("migration_state = 'state'", "Dev.migration_state must be a tuple of attribute names: "
+                                  "write migration_state = ('state',) with the comma"),
+    ("migration_state = ('state',)", "Dev.migration_state names 'state': annotate it on the class "
+                                     "with its dataclass, e.g. state: MyState"),
     ("@bar0.reader\n    def rd(self, offset): return 0", "Dev.rd: a BAR reader takes (self, offset, size) -> int"),
     ("@bar0.writer\n    async def wr(self, offset, size, value): pass",
      "Dev.wr: a BAR writer runs on the server's event loop and must be a plain def"),

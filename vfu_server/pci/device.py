@@ -412,7 +412,7 @@ def _check_declarations(cls: type[PciDevice]) -> None:
         if near and not name.startswith(near[0]):
             raise TypeError(f"{cls.__name__}.{name} is not a PciDevice attribute and would be "
                             f"ignored: did you mean {near[0]!r}?")
-    where = f"{cls.__name__}"
+    where = cls.__name__
     ident = vars(cls).get("identity")
     if ident is not None and not isinstance(ident, PciIdentity):
         raise TypeError(f"{where}.identity must be a PciIdentity(vendor_id=..., device_id=...), "
