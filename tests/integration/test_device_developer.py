@@ -12,6 +12,7 @@ import trio
 from vfu_server.client import Client
 from vfu_server.protocol.errors import RemoteError
 from vfu_server.testing import running_server
+from vfu_server.testing.process import first_line
 
 BUGGY = "tests.integration.buggy_device:Buggy"
 
@@ -50,13 +51,7 @@ async def _serve_with_console_script(spec: str, cwd: Path, sock: Path) -> None:
     proc = await trio.lowlevel.open_process([str(script), spec, "--socket-path", str(sock)], cwd=cwd,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        line = b""
-        with trio.move_on_after(60):
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some(1)
-                if not chunk:
-                    break
-                line += chunk
+        line = await first_line(proc, 60)
         if not line.startswith(b"listening on"):
             proc.kill()
             err = await proc.stderr.receive_some(65536)

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from vfu_server.client import Client
+from vfu_server.testing.process import first_line
 
 USER_DEVICE = '''
 from vfu_server import PciDevice, PciIdentity
@@ -41,14 +42,7 @@ async def _starts(project: Path, spec: str, *args: str) -> int:
         [sys.executable, "-m", "vfu_server", spec, "--socket-path", str(sock), *args],
         cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        line = b""
-        with trio.move_on_after(60):
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some(1)
-                if not chunk:
-                    break
-                line += chunk
-        if not line.startswith(b"listening on"):
+        if not (await first_line(proc, 60)).startswith(b"listening on"):
             proc.kill()
             err = await proc.stderr.receive_some(65536)
             pytest.fail(f"{spec} did not start next to a user's devices package: {err.decode()}")

@@ -51,6 +51,20 @@ class ServerProcess:
             await self.process.wait()
 
 
+async def first_line(proc: trio.Process, timeout: float) -> bytes:
+    """The first line a server process prints (``listening on ...`` once clients may connect),
+    or what it printed before it exited or ``timeout`` seconds passed."""
+    assert proc.stdout is not None
+    line = b""
+    with trio.move_on_after(timeout):
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(1)
+            if not chunk:
+                break
+            line += chunk
+    return line
+
+
 class ServerStartFailed(RuntimeError):
     """A server process did not get to ``listening on``: its exit code and stderr."""
 
@@ -81,13 +95,7 @@ async def spawn_server(device: str, args: tuple[str, ...] | list[str], *, socket
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=_server_env(env))
     server = ServerProcess(device, socket_path, proc, stderr_path)
     assert proc.stdout is not None
-    line = b""
-    with trio.move_on_after(ready_timeout):
-        while not line.endswith(b"\n"):
-            chunk = await proc.stdout.receive_some(1)
-            if not chunk:
-                break
-            line += chunk
+    line = await first_line(proc, ready_timeout)
     if not line.startswith(b"listening on"):
         if proc.returncode is None:
             with trio.move_on_after(2):
