@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("device")
     _common(parser)
     device_cls.add_arguments(parser)
+    if getattr(device_cls, "fault_domain", None) is not None:
+        parser.add_argument("--fault", action="append", default=[], metavar="RULE",
+                            help="inject a fault: MATCH...,ACTION, e.g. op=read,lba=8,status=ure "
+                                 "(repeatable; docs/faults.md)")
     if device_cls.migration_formats is not None:
         mig = parser.add_argument_group("migration")
         mig.add_argument("--migration-format", metavar="NAME|UUID",
@@ -94,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         device = device_cls.from_args(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if getattr(args, "fault", None):
+        from .faults import FaultError
+
+        for rule in args.fault:
+            try:
+                device.faults.add(rule)
+            except FaultError as exc:
+                parser.error(f"--fault {rule!r}: {exc.reason}")
     if getattr(args, "migration_format", None) and device.migration is not None:
         from .migration.errors import MigrationError
 

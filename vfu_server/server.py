@@ -706,6 +706,8 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> 
     async def one(sock: trio.socket.SocketType) -> None:
         import json
 
+        from . import faults
+
         stream = trio.SocketStream(sock)
         buf = b""
         async with stream:
@@ -729,7 +731,9 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> 
                     except ValueError as exc:
                         reply = {"ok": False, "errno": errno.EINVAL, "error": "EINVAL", "reason": f"not JSON: {exc}"}
                     else:
-                        if device.migration is None:
+                        if isinstance(msg, dict) and msg.get("cmd") in faults.CONTROL_COMMANDS:
+                            reply = await faults.handle_control(device, msg)
+                        elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}
                         else:
