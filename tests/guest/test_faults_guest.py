@@ -1,0 +1,55 @@
+"""Fault rules and power loss seen by Linux 6.12 in a QEMU 11.1 guest (docs/faults.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vfu_server.guest import GuestKit, VfuDevice, run_guest
+
+MIB = 1 << 20
+DISK = 16 * MIB
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _nvme(image: Path, *extra: str) -> VfuDevice:
+    return VfuDevice("nvme", ["--backing", str(image), "--log-level", "info", *extra], cwd=str(REPO_ROOT))
+
+
+def _server_ok(result) -> None:  # type: ignore[no-untyped-def]
+    for name, log in result.servers.items():
+        assert "Traceback" not in log.stderr and "internal error" not in log.stderr, f"server {name}:\n{log.stderr}"
+
+
+URE = r"""
+vfu_wait_dev /dev/nvme0n1 30 || exit 10
+rd() { dd if=/dev/nvme0n1 of=/dev/null bs=512 skip=$1 count=${2:-1} iflag=direct 2>/dev/null; }
+rd 1000 && echo ure_read=ok || echo ure_read=eio
+rd 999 && echo before=ok || echo before=eio
+rd 1001 && echo after=ok || echo after=eio
+rd 0 800 && echo others=ok || echo others=eio
+dd if=/dev/urandom of=/dev/nvme0n1 bs=512 seek=1000 count=1 oflag=direct 2>/dev/null && echo write=ok
+rd 1000 && echo ure_again=ok || echo ure_again=eio
+dmesg | grep -E 'sct 0x2 / sc 0x81|critical medium error' | sed 's/^/log: /'
+"""
+
+
+@pytest.mark.guest
+def test_unrecovered_read_error_on_one_lba(guest_kit: GuestKit, tmp_path: Path) -> None:
+    """A read of LBA 1000 fails with Unrecovered Read Error (DNR): the guest gets EIO for that
+    block only, the kernel logs the status, the blocks around it and writes are unaffected."""
+    image = tmp_path / "nvme.img"
+    image.write_bytes(os.urandom(DISK))
+    result = run_guest(URE, [_nvme(image, "--fault", "op=read,lba=1000,status=ure,dnr")],
+                       kit=guest_kit, timeout=300)
+    facts = result.values()
+    assert facts.get("ure_read") == "eio", result.output
+    assert facts.get("ure_again") == "eio", "the rule has no count: it keeps failing"
+    for key in ("before", "after", "others", "write"):
+        assert facts.get(key) == "ok", f"{key}: {result.output}"
+    logged = "\n".join(line for line in result.output.splitlines() if "log:" in line)
+    assert "sct 0x2 / sc 0x81" in logged and "LBA 1000" in logged, result.output
+    assert "critical medium error" in logged and "sector 1000" in logged, result.output
+    _server_ok(result)
