@@ -53,3 +53,36 @@ def test_unrecovered_read_error_on_one_lba(guest_kit: GuestKit, tmp_path: Path) 
     assert "sct 0x2 / sc 0x81" in logged and "LBA 1000" in logged, result.output
     assert "critical medium error" in logged and "sector 1000" in logged, result.output
     _server_ok(result)
+
+
+HANG = r"""
+vfu_wait_dev /dev/nvme0n1 30 || exit 10
+rd() { dd if=/dev/nvme0n1 of=/dev/null bs=512 skip=$1 count=${2:-1} iflag=direct 2>/dev/null; }
+rd 2000 && echo held_read=ok || echo held_read=eio
+rd 0 64 && echo after_reset=ok || echo after_reset=eio
+dd if=/dev/urandom of=/tmp/d bs=4096 count=16 2>/dev/null
+dd if=/tmp/d of=/dev/nvme0n1 bs=4096 seek=100 oflag=direct 2>/dev/null && echo write=ok
+[ "$(dd if=/dev/nvme0n1 bs=4096 skip=100 count=16 iflag=direct 2>/dev/null | md5sum)" = "$(md5sum < /tmp/d)" ] && echo readback=ok
+dmesg | grep -iE 'nvme.*(timeout|abort|reset)' | sed 's/^/log: /'
+"""
+
+
+@pytest.mark.guest
+def test_never_completed_command_drives_timeout_abort_and_reset(guest_kit: GuestKit, tmp_path: Path) -> None:
+    """One read is never completed: the Linux nvme driver times it out (io_timeout=4 s), sends
+    an Abort (which the controller does not carry out), times it out again, resets the
+    controller (the reset drops the held command), retries the read and carries on."""
+    image = tmp_path / "nvme.img"
+    image.write_bytes(os.urandom(DISK))
+    result = run_guest(HANG, [_nvme(image, "--fault", "op=read,lba=2000,count=1,hang")], kit=guest_kit,
+                       timeout=300, append="nvme_core.io_timeout=4")
+    facts = result.values()
+    for key in ("held_read", "after_reset", "write", "readback"):
+        assert facts.get(key) == "ok", f"{key}: {result.output}"
+    logged = "\n".join(line for line in result.output.splitlines() if "log:" in line)
+    assert "timeout, aborting" in logged, result.output
+    assert "Abort status" in logged, result.output
+    assert "timeout, reset controller" in logged, result.output
+    server = result.servers["vu0"].stderr
+    assert "fault rule 1 (hang)" in server, server
+    _server_ok(result)
