@@ -86,3 +86,34 @@ def test_never_completed_command_drives_timeout_abort_and_reset(guest_kit: Guest
     server = result.servers["vu0"].stderr
     assert "fault rule 1 (hang)" in server, server
     _server_ok(result)
+
+
+VIRTIO_IOERR = r"""
+vfu_wait_dev /dev/vda 30 || exit 10
+echo "lbs=$(cat /sys/block/vda/queue/logical_block_size)"
+rd() { dd if=/dev/vda of=/dev/null bs=4096 skip=$1 count=${2:-1} iflag=direct 2>/dev/null; }
+rd 37 && echo ioerr_read=ok || echo ioerr_read=eio
+rd 38 && echo next=ok || echo next=eio
+rd 0 16 && echo others=ok || echo others=eio
+dd if=/dev/zero of=/dev/vda bs=4096 seek=112 count=1 oflag=direct conv=fsync 2>/dev/null && echo write=ok || echo write=eio
+dmesg | grep -E 'I/O error.*vda' | sed 's/^/log: /'
+"""
+
+
+@pytest.mark.guest
+def test_virtio_blk_ioerr_reaches_the_guest(guest_kit: GuestKit, tmp_path: Path) -> None:
+    """VIRTIO_BLK_S_IOERR for reads of sectors 296-303 (4 KiB page 37) and writes of sectors
+    896-903 (page 112): the guest's virtio_blk driver turns each into an I/O error for that
+    request only."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(DISK))
+    device = VfuDevice("virtio-blk", ["--backing", str(image), "--log-level", "info",
+                                      "--fault", "op=read,lba=296-303,status=ioerr",
+                                      "--fault", "op=write,lba=896-903,status=ioerr"], cwd=str(REPO_ROOT))
+    result = run_guest(VIRTIO_IOERR, [device], kit=guest_kit, timeout=300)
+    facts = result.values()
+    assert facts.get("ioerr_read") == "eio" and facts.get("write") == "eio", result.output
+    assert facts.get("next") == "ok" and facts.get("others") == "ok", result.output
+    logged = "\n".join(line for line in result.output.splitlines() if "log:" in line)
+    assert "sector 296 op 0x0:(READ)" in logged and "sector 896 op 0x1:(WRITE)" in logged, result.output
+    _server_ok(result)
