@@ -162,6 +162,8 @@ class NvmeController(PciDevice):
         #: commands a fault holds (hang, fatal, reset) -> their SQ: dropped at reset or SQ deletion
         self._held: dict[trio.CancelScope, int] = {}
         self._disable_seen = False
+        #: OCP Error Injection entries as the host set them, with the rule each became (.ocp)
+        self.ocp_injections: list[tuple[bytes, int | None]] = []
         if not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
         #: the longest an I/O SQ that ran dry polls its shadow doorbell (0: never), see

@@ -251,3 +251,39 @@ def test_power_cut_under_ext4(guest_kit: GuestKit, tmp_path: Path) -> None:
     assert got.get("fsck_rc") == "0", second.output
     assert "recovery complete" in second.output or "orphan" in second.output, second.output
     _server_ok(second)
+
+
+OCP = r"""
+vfu_wait_dev /dev/nvme0n1 30 || exit 10
+rd() { dd if=/dev/nvme0n1 of=/dev/null bs=4096 skip=$1 count=1 iflag=direct 2>/dev/null; }
+rd 0 && echo before=ok || echo before=eio
+# nvme-cli always sets "single instance" without --data; this entry repeats: flags 1, type 7.
+printf '\001\000\007\000' > /tmp/entry && dd if=/dev/zero bs=28 count=1 >> /tmp/entry 2>/dev/null
+nvme ocp set-error-injection /dev/nvme0 -N -d /tmp/entry > /tmp/set 2>&1 && echo set=ok
+sed 's/^/set: /' /tmp/set
+nvme ocp get-error-injection /dev/nvme0 -n 2>&1 | sed 's/^/get: /'
+rd 1 && echo injected=ok || echo injected=eio
+rd 2 && echo again=ok || echo again=eio
+nvme ocp set-error-injection /dev/nvme0 -N -t 3 > /dev/null 2>&1 && echo plp=ok || echo plp=refused
+nvme ocp set-error-injection /dev/nvme0 -N -n 0 > /dev/null 2>&1 && echo cleared=ok
+rd 3 && echo after=ok || echo after=eio
+"""
+
+
+@pytest.mark.guest
+def test_ocp_error_injection_from_the_guest(guest_kit: GuestKit, tmp_path: Path) -> None:
+    """nvme-cli's OCP plugin in the guest injects NAND corruption (type 7): reads fail with an
+    Unrecovered Read Error until the injection is cleared; a type with no equivalent here
+    (PLP defect) is refused."""
+    image = tmp_path / "nvme.img"
+    image.write_bytes(os.urandom(DISK))
+    result = run_guest(OCP, [_nvme(image)], kit=guest_kit, timeout=300)
+    facts = result.values()
+    assert facts.get("set") == "ok", result.output
+    # nvme-cli 2.13 prints the count only (its get-error-injection never maps its buffer)
+    assert "(Current: 1)" in result.output, result.output
+    assert facts.get("before") == "ok", result.output
+    assert facts.get("injected") == "eio" and facts.get("again") == "eio", result.output
+    assert facts.get("plp") == "refused" and facts.get("cleared") == "ok", result.output
+    assert facts.get("after") == "ok", result.output
+    _server_ok(result)

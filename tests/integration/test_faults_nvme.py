@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,55 @@ async def test_power_cut_loses_only_unflushed_writes(image: Path, tmp_path: Path
         assert await drv.read(q, 32, 4096) == lost
         with pytest.raises(FaultError):
             await fc.power_cut(keep=-1)
+
+
+def erri_entries(*entries: tuple[int, int, int]) -> bytes:
+    """OCP Error Injection entries: (flags, type, NRTDP), 32 bytes each."""
+    return b"".join(struct.pack("<BxHH26x", flags, etype, nrtdp) for flags, etype, nrtdp in entries)
+
+
+async def set_erri(drv, *entries: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+    buf = drv.buffer(4096)
+    drv.ram.write(buf, erri_entries(*entries).ljust(32, b"\0"))
+    return await drv.admin(0x09, cdw10=0xC0, cdw11=len(entries), prp1=buf)
+
+
+async def get_erri(drv) -> tuple[int, list[tuple[int, int, int]]]:  # type: ignore[no-untyped-def]
+    buf = drv.buffer(4096)
+    c = await drv.admin(0x0A, cdw10=0xC0, prp1=buf)
+    assert c.ok
+    data = drv.ram.read(buf, 4096)
+    return c.dw0, [struct.unpack_from("<BxHH", data, i * 32) for i in range(c.dw0)]
+
+
+async def test_ocp_error_injection_feature(image: Path, tmp_path: Path) -> None:
+    """Set/Get Features C0h (what `nvme ocp set-error-injection -N` sends) become fault rules."""
+    ctl = str(tmp_path / "ctl")
+    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
+            FaultControl(ctl) as fc:
+        q = await drv.create_io_queue_pair(1, entries=32)
+        assert (await set_erri(drv, (1, 7, 0))).ok  # NAND corruption, enabled, repeating
+        assert await read_status(drv, q, 0) & 0x7FF == URE
+        assert await read_status(drv, q, 9) & 0x7FF == URE
+        assert await get_erri(drv) == (1, [(1, 7, 0)])
+        assert [r["rule"] for r in (await fc.list())["rules"]] == ["op=read,status=ure"]
+
+        assert (await set_erri(drv, (3, 15, 0), (0, 16, 0))).ok  # a single I/O failure; one disabled
+        assert [r["rule"] for r in (await fc.list())["rules"]] == ["op=read|write,status=internal,count=1"]
+        assert await read_status(drv, q, 0) & 0x7FF == Status.INTERNAL_ERROR
+        assert await read_status(drv, q, 0) == 0
+        assert await get_erri(drv) == (2, [(2, 15, 0), (0, 16, 0)]), "a fired single instance reads disabled"
+
+        c = await set_erri(drv, (1, 3, 0))  # PLP defect: nothing here to map it onto
+        assert c.code == Status.INVALID_FIELD
+        assert (await get_erri(drv))[0] == 2, "a refused Set changes nothing"
+
+        assert (await set_erri(drv, (1, 4, 3))).ok  # firmware error after 3 reads: CSTS.CFS
+        for _ in range(2):
+            assert await read_status(drv, q, 0) == 0
+        await drv.submit(q, read_entry(drv, 0)[0])
+        await drv.wait_csts(CSTS_CFS, CSTS_CFS)
+        await drv.disable()
+        await drv.enable()
+        assert (await set_erri(drv)).ok
+        assert (await fc.list())["rules"] == [] and await get_erri(drv) == (0, [])
