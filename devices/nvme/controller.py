@@ -893,7 +893,8 @@ class NvmeController(PciDevice):
         try:
             action = rule.action
             if action == "delay":
-                await trio.sleep(rule.delay_ms / 1000)
+                if not await self._hold(rt, None, rule.delay_ms / 1000):
+                    return  # a reset came first: dropped like a held command
             elif action == "hang":
                 if not await self._hold(rt, rule):
                     return  # dropped by a reset or the SQ's deletion: no completion
@@ -917,15 +918,17 @@ class NvmeController(PciDevice):
             rt.inflight.dec()
             self.inflight.dec()
 
-    async def _hold(self, rt: SqRuntime, rule: Rule | None) -> bool:
-        """Keep a command until ``rule`` is removed (True: run it now) or until a reset, a
-        power cut or its SQ's deletion drops it (False)."""
+    async def _hold(self, rt: SqRuntime, rule: Rule | None, seconds: float | None = None) -> bool:
+        """Keep a command until ``rule`` is removed or ``seconds`` have passed (True: run it
+        now), or until a reset, a power cut or its SQ's deletion drops it (False)."""
         if rt.stop:
             return False  # its SQ is being stopped: _drop_held() may have run already
         with trio.CancelScope() as scope:
             self._held[scope] = rt.qid
             try:
-                if rule is None:
+                if seconds is not None:
+                    await trio.sleep(seconds)
+                elif rule is None:
                     await trio.sleep_forever()
                 else:
                     await rule.wait_removed()

@@ -171,6 +171,7 @@ class VirtioBlk(VirtioPciDevice):
             await trio.sleep_forever()
 
     async def shutdown(self) -> None:
+        self.faults.clear()  # requests a rule holds run now rather than hold up the exit
         await self.drain()
         if self.backend is not None:
             try:
