@@ -25,6 +25,7 @@ pays.
 from __future__ import annotations
 
 import errno
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ import trio
 
 __all__ = [
     "ACTIONS",
+    "CONTROL_COMMANDS",
     "MATCH_KEYS",
     "FaultControl",
     "FaultDomain",
@@ -42,6 +44,7 @@ __all__ = [
     "FaultSet",
     "Rule",
     "flip_bits",
+    "handle_control",
     "parse_rule",
 ]
 
@@ -54,6 +57,7 @@ ACTIONS = frozenset({"status", "delay", "hang", "corrupt", "torn", "fatal", "res
 _WITH_STATUS = frozenset({"corrupt", "torn"})
 _FLAGS = frozenset({"dnr", "more"})
 MAX_DELAY_MS = 600_000
+log = logging.getLogger("vfu_server.faults")
 MAX_RULES = 256
 
 
@@ -427,6 +431,9 @@ async def handle_control(device: Any, msg: dict[str, Any]) -> dict[str, Any]:
             result = await cut(keep=float(keep), seed=seed)
         except FaultError as exc:
             return _error(exc.errno, exc.reason)
+        except Exception as exc:  # a backend that failed to take the kept writes
+            log.error("power cut failed", exc_info=exc)
+            return _error(getattr(exc, "errno", None) or errno.EIO, f"power cut: {exc}")
         return {"ok": True, **result}
     faults: FaultSet | None = getattr(device, "faults", None)
     if faults is None:

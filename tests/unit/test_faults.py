@@ -137,3 +137,38 @@ def test_flip_bits_across_views() -> None:
     positions = flip_bits([memoryview(a), memoryview(b)], 64, random.Random(1))
     assert len(positions) == 64 and a == b"\xff" * 3 and b == b"\xff" * 5
     assert flip_bits([], 3, random.Random(1)) == []
+
+
+class _Device:
+    """What handle_control needs of a device: a name, its faults, maybe power_cut."""
+
+    name = "stub"
+
+    def __init__(self) -> None:
+        self.faults = FaultSet(NVME_FAULTS)
+        self.cuts: list[tuple[float, int]] = []
+
+    async def power_cut(self, *, keep: float, seed: int) -> dict:  # type: ignore[type-arg]
+        self.cuts.append((keep, seed))
+        return {"kept_bytes": 0, "lost_bytes": 0}
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=6)
+
+
+@given(st.fixed_dictionaries({"cmd": st.sampled_from([*sorted(faults.CONTROL_COMMANDS), "nope"])},
+                             optional={"rule": json_values | st.sampled_from(["hang", "op=read,status=ure"]),
+                                       "id": json_values | st.integers(0, 3), "keep": json_values,
+                                       "seed": json_values}))
+def test_control_requests_always_get_a_reply(msg: dict) -> None:  # type: ignore[type-arg]
+    import trio
+
+    device = _Device()
+    before = [r.text for r in device.faults.rules()]
+    reply = trio.run(faults.handle_control, device, msg)
+    assert isinstance(reply["ok"], bool)
+    if not reply["ok"]:
+        assert reply["errno"] and reply["reason"]
+        assert [r.text for r in device.faults.rules()] == before and not device.cuts, "a refusal changes nothing"
