@@ -317,6 +317,16 @@ async def test_power_cut_loses_only_unflushed_writes(image: Path, tmp_path: Path
         await drv.enable()
         q = await drv.create_io_queue_pair(1, entries=32)
         assert await drv.read(q, 32, 4096) == lost
+
+        # The driver turned the write cache off (Set Features VWC = 0): every write is durable.
+        assert (await drv.set_feature(0x06, 0)).ok
+        through = os.urandom(4096)
+        await drv.write(q, 48, through)
+        assert (await fc.power_cut())["lost_bytes"] == 0
+        await drv.disable()
+        await drv.enable()
+        q = await drv.create_io_queue_pair(1, entries=32)
+        assert await drv.read(q, 48, 4096) == through
         with pytest.raises(FaultError):
             await fc.power_cut(keep=-1)
 
