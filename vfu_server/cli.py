@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--fault", action="append", default=[], metavar="RULE",
                             help="inject a fault: MATCH...,ACTION, e.g. op=read,lba=8,status=ure "
                                  "(repeatable; docs/faults.md)")
+        if device_cls.migration_formats is None:  # else the migration group has it
+            parser.add_argument("--control-socket", metavar="PATH",
+                                help="JSON-lines control socket: fault-add, fault-list, fault-remove, ...")
     if device_cls.migration_formats is not None:
         mig = parser.add_argument_group("migration")
         mig.add_argument("--migration-format", metavar="NAME|UUID",
