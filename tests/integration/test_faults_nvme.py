@@ -381,3 +381,42 @@ async def test_ocp_error_injection_feature(image: Path, tmp_path: Path) -> None:
         await drv.enable()
         assert (await set_erri(drv)).ok
         assert (await fc.list())["rules"] == [] and await get_erri(drv) == (0, [])
+
+
+async def test_every_action_at_once_under_load_then_resets(image: Path, tmp_path: Path) -> None:
+    """Rules of every kind fire at random while reads and writes run on two queues and the
+    controller is reset twice under them: the server answers throughout, never logs a
+    traceback, and with the rules gone every command completes normally again."""
+    ctl = str(tmp_path / "ctl")
+    rules = ["op=read,prob=0.05,seed=1,status=ure", "op=write,prob=0.05,seed=2,torn", "prob=0.05,seed=3,delay=30",
+             "op=read,prob=0.05,seed=4,corrupt=3", "op=write,prob=0.05,seed=5,corrupt", "prob=0.02,seed=6,hang",
+             "op=write,every=97,fatal", "op=read,every=89,reset", "op=flush,prob=0.5,seed=7,status=internal,more"]
+    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, server), \
+            FaultControl(ctl) as fc:
+        for text in rules:
+            await fc.add(text)
+        for _round in range(3):
+            queues = [await drv.create_io_queue_pair(qid, entries=32) for qid in (1, 2)]
+            submitted = []
+            for i in range(48):
+                q = queues[i % 2]
+                if i % 3 == 0:
+                    entry = SubmissionEntry(IO_WRITE, nsid=1, cdw10=i * 8, cdw12=7, prp1=drv.buffer(4096))
+                elif i % 7 == 0:
+                    entry = SubmissionEntry(IO_FLUSH, nsid=1)
+                else:
+                    entry = read_entry(drv, i * 8, 8)[0]
+                submitted.append((q, await drv.submit(q, entry)))
+            with trio.move_on_after(2):
+                for q, cid in submitted:
+                    await drv.wait(q, cid)
+            await drv.disable()  # whatever is held, halted or delayed: dropped
+            await drv.enable()
+        fired = await fc.fired()
+        assert sum(fired.values()) > 10, fired
+        await fc.remove("all")
+        q = await drv.create_io_queue_pair(1, entries=32)
+        data = os.urandom(4096)
+        await drv.write(q, 0, data)
+        assert await drv.read(q, 0, 4096) == data
+        assert server.process.returncode is None and "Traceback" not in server.stderr()
