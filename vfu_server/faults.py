@@ -342,12 +342,13 @@ class FaultSet:
     def could_match(self, ops: frozenset[int], queue: int | None = None) -> bool:
         """Whether a rule might fire for a command of one of ``ops`` on ``queue``: a fast path
         that does not call :meth:`match` steps aside while this is True. Cached until the
-        rules change; spent rules and time windows are not considered (that is conservative)."""
+        rules change or one is spent; ``lba``, ``ns`` and time windows are not considered
+        (that is conservative)."""
         key = (ops, queue)
         could = self._could.get(key)
         if could is None:
             could = any((r.ops is None or r.ops & ops) and (r.queue is None or queue is None or r.queue == queue)
-                        for r in self._rules)
+                        and not r.spent for r in self._rules)
             self._could[key] = could
         return could
 
@@ -379,6 +380,8 @@ class FaultSet:
             if rule.prob < 1 and rule.rng.random() >= rule.prob:
                 continue
             rule.fired += 1
+            if rule.spent:
+                self._could.clear()  # fast paths may take its commands back
             return rule
         return None
 

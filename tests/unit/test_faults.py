@@ -109,6 +109,10 @@ def test_could_match_tells_fast_paths_when_to_step_aside() -> None:
     assert fs.could_match(fast, 2) and not fs.could_match(fast, 1)
     fs.remove(rid)
     assert not fs.could_match(fast, 2), "the answer is recomputed when the rules change"
+    fs.add("op=write,count=1,corrupt")
+    assert fs.could_match(fast, 1)
+    assert fs.match(1) is not None
+    assert not fs.could_match(fast, 1), "a spent rule gives the fast path back"
 
 
 async def test_removing_a_rule_releases_what_it_holds() -> None:
