@@ -9,7 +9,10 @@ import random
 import struct
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -27,6 +30,15 @@ def image(tmp_path: Path) -> Path:
     path = tmp_path / "disk.raw"
     path.write_bytes(os.urandom(DISK))
     return path
+
+
+@asynccontextmanager
+async def nvme_faults(image: Path, tmp_path: Path, *args: str) -> AsyncIterator[tuple[Any, Any, FaultControl, Any]]:
+    """An NVMe server on ``image`` with a control socket: (driver, I/O queue 1, FaultControl, server)."""
+    ctl = str(tmp_path / "ctl")
+    async with nvme_session("--backing", str(image), "--control-socket", ctl, *args) as (drv, server), \
+            FaultControl(ctl) as fc:
+        yield drv, await drv.create_io_queue_pair(1, entries=32), fc, server
 
 
 def read_entry(drv, slba: int, nlb: int = 1, nsid: int = 1) -> tuple[SubmissionEntry, int]:
@@ -62,10 +74,7 @@ async def test_status_rule_from_command_line_hits_one_lba_only(image: Path, tmp_
 
 
 async def test_status_bits_more_and_sct_forms(image: Path, tmp_path: Path) -> None:
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         rid = await fc.add("op=read,lba=3,status=media/0x81,more")
         status = await read_status(drv, q, 3)
         assert status & 0x7FF == 0x281 and status & (1 << 13) and not status & DNR
@@ -103,10 +112,7 @@ def test_bad_fault_on_command_line_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 async def test_hang_holds_until_removed_and_reset_drops_it(image: Path, tmp_path: Path) -> None:
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         rid = await fc.add("op=read,lba=5,hang")
         entry, buf = read_entry(drv, 5)
         cid = await drv.submit(q, entry)
@@ -127,10 +133,7 @@ async def test_hang_holds_until_removed_and_reset_drops_it(image: Path, tmp_path
 
 
 async def test_hang_dropped_when_its_queue_is_deleted(image: Path, tmp_path: Path) -> None:
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         await fc.add("queue=1,hang")
         await drv.submit(q, read_entry(drv, 0)[0])
         await drv.delete_io_queue_pair(1)  # would wait forever for the held command
@@ -139,10 +142,7 @@ async def test_hang_dropped_when_its_queue_is_deleted(image: Path, tmp_path: Pat
 
 
 async def test_delay_completes_later_than_a_younger_command(image: Path, tmp_path: Path) -> None:
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         await fc.add("op=read,lba=1,delay=3s")
         slow = await drv.submit(q, read_entry(drv, 1)[0])
         fast = await drv.submit(q, read_entry(drv, 2)[0])
@@ -152,10 +152,7 @@ async def test_delay_completes_later_than_a_younger_command(image: Path, tmp_pat
 
 
 async def test_corrupt_flips_exactly_the_bits_asked(image: Path, tmp_path: Path) -> None:
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         original = image.read_bytes()[:4096]
         await fc.add("op=read,lba=0,corrupt=5,seed=3")
         got = await drv.read(q, 0, 4096)
@@ -169,10 +166,7 @@ async def test_corrupt_flips_exactly_the_bits_asked(image: Path, tmp_path: Path)
 
 
 async def test_torn_write_stores_only_the_first_part(image: Path, tmp_path: Path) -> None:
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         before = image.read_bytes()[:4096]
         await fc.add("op=write,torn=1536")
         data = os.urandom(4096)
@@ -352,10 +346,7 @@ async def get_erri(drv) -> tuple[int, list[tuple[int, int, int]]]:  # type: igno
 
 async def test_ocp_error_injection_feature(image: Path, tmp_path: Path) -> None:
     """Set/Get Features C0h (what `nvme ocp set-error-injection -N` sends) become fault rules."""
-    ctl = str(tmp_path / "ctl")
-    async with nvme_session("--backing", str(image), "--control-socket", ctl) as (drv, _), \
-            FaultControl(ctl) as fc:
-        q = await drv.create_io_queue_pair(1, entries=32)
+    async with nvme_faults(image, tmp_path) as (drv, q, fc, _):
         assert (await set_erri(drv, (1, 7, 0))).ok  # NAND corruption, enabled, repeating
         assert await read_status(drv, q, 0) & 0x7FF == URE
         assert await read_status(drv, q, 9) & 0x7FF == URE
