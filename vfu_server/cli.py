@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     device_cls.add_arguments(parser)
     from .pci.migration import is_migratable
 
+    if getattr(device_cls, "fault_domain", None) is not None:
+        parser.add_argument("--fault", action="append", default=[], metavar="RULE",
+                            help="inject a fault: MATCH...,ACTION, e.g. op=read,lba=8,status=ure "
+                                 "(repeatable; docs/faults.md)")
+        if not is_migratable(device_cls):  # else the migration group has it
+            parser.add_argument("--control-socket", metavar="PATH",
+                                help="JSON-lines control socket: fault-add, fault-list, fault-remove, ...")
     if is_migratable(device_cls):
         mig = parser.add_argument_group("migration")
         mig.add_argument("--migration-format", metavar="NAME|UUID",
@@ -120,6 +127,14 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         device = device_cls.from_args(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if getattr(args, "fault", None):
+        from .faults import FaultError
+
+        for rule in args.fault:
+            try:
+                device.faults.add(rule)
+            except FaultError as exc:
+                parser.error(f"--fault {rule!r}: {exc.reason}")
     if getattr(args, "migration_format", None) and device.migration is not None:
         from .migration.errors import MigrationError
 
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     if activated is not None and activated.control is not None:
         if control_path:
             parser.error("--control-socket: systemd passed a control socket already")
-        if not is_migratable(device_cls):
+        if not is_migratable(device_cls) and getattr(device_cls, "fault_domain", None) is None:
             parser.error(f"socket activation: {pre.device} has no control socket")
         control = trio.socket.from_stdlib_socket(activated.control)
     elif control_path:

@@ -937,6 +937,8 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
     async def one(sock: trio.socket.SocketType) -> None:
         import json
 
+        from . import faults
+
         stream = trio.SocketStream(sock)
         buf = b""
         async with stream:
@@ -970,6 +972,8 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
                         reply = iostats.handle_control(device, msg)
                         if reply is not None:
                             pass
+                        elif isinstance(msg, dict) and msg.get("cmd") in faults.CONTROL_COMMANDS:
+                            reply = await faults.handle_control(device, msg)
                         elif isinstance(msg, dict) and msg.get("cmd") == "snapshot" and host is not None:
                             from . import handover
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from . import features, identify, logpages
+from . import features, identify, logpages, ocp
 from .command import Command
 from .constants import (
     NSID_ALL,
@@ -207,6 +207,12 @@ class AdminCommands:
         ctrl = self.ctrl
         fid, sel = cmd.cdw10 & 0xFF, (cmd.cdw10 >> 8) & 7
         self._check_feature_nsid(fid, cmd.nsid)
+        if fid == ocp.FID_ERROR_INJECTION:  # OCP error injection: fault rules (.ocp)
+            if sel == features.SEL_CAPABILITIES:
+                return features.CAP_CHANGEABLE
+            count, data = ocp.get_error_injection(ctrl)
+            self.to_host(cmd, data, 4096)
+            return count
         if sel == features.SEL_CAPABILITIES:
             return features.capabilities(fid)
         if sel > features.SEL_CAPABILITIES:
@@ -224,6 +230,9 @@ class AdminCommands:
         ctrl = self.ctrl
         fid, save = cmd.cdw10 & 0xFF, bool(cmd.cdw10 >> 31)
         self._check_feature_nsid(fid, cmd.nsid)
+        if fid == ocp.FID_ERROR_INJECTION and not save:
+            length = (cmd.cdw11 & 0x7F) * ocp.ENTRY.size
+            return ocp.set_error_injection(ctrl, cmd, self.from_host(cmd, length) if length else b"")
         if fid not in features.SUPPORTED:
             raise NvmeError(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
         if save:

@@ -43,8 +43,10 @@ from vfu_server.block import (
     parse_backend_spec,
     parse_size,
 )
+from vfu_server.block.cache import VolatileCache
 from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
+from vfu_server.faults import FaultSet, Rule
 from vfu_server.iostats import (
     BLOCK_KINDS,
     DISCARD,
@@ -87,6 +89,7 @@ from .constants import (
 )
 from .errors import NvmeError
 from .fastio import FastIo
+from .faults import LBA_OPCODES, NVME_FAULTS
 from .io import IoCommands
 from .namespace import Namespace, lba_format_for
 from .queues import (
@@ -149,6 +152,8 @@ class NvmeController(PciDevice):
     intx = True
     #: "opaque" (opaque/vfu-nvme) and "standard" (nvme-ctrl/std/1), see .migration_format
     migration_formats = "vfu_devices.nvme.migration_format:NVME_FORMATS"
+    #: what --fault rules can match and do (devices/nvme/faults.py, docs/faults.md)
+    fault_domain = NVME_FAULTS
 
     def __init__(
         self,
@@ -161,8 +166,20 @@ class NvmeController(PciDevice):
         max_queues: int = 64,
         max_queue_entries: int = 1024,
         poll_us: int = DEFAULT_POLL_US,
+        volatile_cache: int | None = None,
     ) -> None:
         super().__init__()
+        #: bytes of volatile write cache over each namespace (None: writes go to the backend)
+        self.volatile_cache = volatile_cache
+        self.faults = FaultSet(NVME_FAULTS)
+        #: commands a fault holds (delay, hang, fatal, reset) -> their SQ and whether a quiesce
+        #: lets them run (delay, hang) rather than drops them: dropped at reset or SQ deletion
+        self._held: dict[trio.CancelScope, tuple[int, bool]] = {}
+        #: holds that :meth:`_release_held` ended: their commands run
+        self._released: set[trio.CancelScope] = set()
+        self._disable_seen = False
+        #: OCP Error Injection entries as the host set them, with the rule each became (.ocp)
+        self.ocp_injections: list[tuple[bytes, int | None]] = []
         if not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
         #: the longest an I/O SQ that ran dry polls its shadow doorbell (0: never), see
@@ -251,6 +268,9 @@ class NvmeController(PciDevice):
                             help="with shadow doorbells, keep polling an I/O queue that ran dry "
                                  "for US microseconds before asking the guest for a doorbell "
                                  "write (adaptive, up to US; trades CPU for latency; 0: off; default %(default)s)")
+        parser.add_argument("--volatile-cache", nargs="?", const="64M", default=None, metavar="SIZE",
+                            help="keep unflushed, non-FUA writes in a volatile cache of up to SIZE "
+                                 "(default 64M) that the control socket's power-cut drops (docs/faults.md)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> NvmeController:
@@ -275,9 +295,11 @@ class NvmeController(PciDevice):
                 sources = [MemoryBackend(size, read_only=args.read_only) for _ in range(args.namespaces)]
         except BlockError as exc:
             raise ValueError(str(exc)) from None
+        cache = None if args.volatile_cache is None else parse_size(args.volatile_cache)
         return cls(sources, lba_size=args.lba_size, serial=args.serial, model=args.model,
                    firmware=args.firmware, max_queues=args.max_queues,
-                   max_queue_entries=args.max_queue_entries, poll_us=args.poll_us)
+                   max_queue_entries=args.max_queue_entries, poll_us=args.poll_us,
+                   volatile_cache=cache)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -295,6 +317,8 @@ class NvmeController(PciDevice):
                 else:
                     backend = source
                     stack.push_async_callback(backend.aclose)
+                if self.volatile_cache is not None and not backend.read_only:
+                    backend = VolatileCache(backend, self.volatile_cache)
                 ns_state = self.state.namespaces[i]
                 ns = Namespace(ns_state, backend)
                 if ns.nsze == 0:
@@ -341,10 +365,17 @@ class NvmeController(PciDevice):
         """Leaving a running migration state: stop fetching SQ entries, let every fetched
         command complete (its CQE posted, or held as a pending completion when its CQ is full),
         deliver the interrupts owed, then stop touching guest memory until :meth:`resume`.
-        Outstanding AERs stay outstanding: they are state (AER record)."""
+        Outstanding AERs stay outstanding: they are state (AER record).
+
+        Commands a fault rule delays or hangs run now (a command held until the reset after a
+        ``fatal`` or ``reset`` rule is dropped), and what a volatile cache (--volatile-cache)
+        holds is written back to the backend: a live handover's successor, or a migration's
+        destination on shared storage, reads the backend and must see every write the guest
+        saw complete (docs/faults.md)."""
         self._paused = True
         if self._resumed.is_set():
             self._resumed = trio.Event()
+        self._release_held()
         async with self._control_lock:
             with trio.move_on_after(QUIESCE_TIMEOUT) as timeout:
                 while True:
@@ -363,6 +394,12 @@ class NvmeController(PciDevice):
             self.sq_rt.clear()
             self._frozen = True
             self._flush_interrupts()
+            for ns in self.namespaces.values():
+                if isinstance(ns.backend, VolatileCache):
+                    try:
+                        await ns.backend.write_back()
+                    except BlockError as exc:  # still cached: a handover refuses (_uncached)
+                        log.error("namespace %d: writing back the volatile cache failed: %s", ns.nsid, exc)
 
     def resume(self) -> None:
         """Running again (after a load, a cancelled migration or a reset): fetch from every SQ
@@ -491,6 +528,10 @@ class NvmeController(PciDevice):
             elif reg == REG_CC:
                 new = _merge(r.cc, reg, width, offset, size, value)
                 assert new is not None
+                if r.cc & CC_EN and not new & CC_EN:
+                    # A reset, even if EN is set again before the control loop looks (CSTS.RDY
+                    # may already read 0 after a power cut, so a driver need not wait).
+                    self._disable_seen = True
                 r.cc = new
                 self._cc_changed.set()
             elif reg == REG_AQA:
@@ -606,11 +647,14 @@ class NvmeController(PciDevice):
     async def _apply_cc(self) -> None:
         r = self.state.regs
         enabled = bool(r.cc & CC_EN)
-        if not enabled:
+        if not enabled or self._disable_seen:
+            self._disable_seen = False
             if self._session is not None or r.csts:
                 await self._quiesce()
                 self._clear_controller(keep_admin_regs=True)
-            return
+                r = self.state.regs  # a new register set, CC and the admin queue kept
+            if not enabled:
+                return
         if self._session is None and not r.csts & (CSTS_RDY | CSTS_CFS):
             await self._enable()
         shn = (r.cc >> 14) & 3
@@ -668,16 +712,18 @@ class NvmeController(PciDevice):
             if done is not None:
                 done.set()
 
-    async def _quiesce(self) -> None:
-        """Stop fetching, let in-flight commands complete, then end the session's tasks."""
+    async def _quiesce(self, *, lose_inflight: bool = False) -> None:
+        """Stop fetching, let in-flight commands complete (``lose_inflight``: a power cut, they
+        never do), then end the session's tasks."""
+        self._drop_held()  # commands a fault holds never complete: a reset drops them
         for rt in self.sq_rt.values():
             rt.stop = True
             rt.wake.set()
-        with trio.move_on_after(QUIESCE_TIMEOUT) as timeout:
+        with trio.move_on_after(0 if lose_inflight else QUIESCE_TIMEOUT) as timeout:
             for rt in list(self.sq_rt.values()):
                 await rt.done.wait()
             await self.inflight.wait_zero()
-        if timeout.cancelled_caught:
+        if timeout.cancelled_caught and not lose_inflight:
             log.warning("commands still in flight after %.0f s; abandoning them", QUIESCE_TIMEOUT)
         if self._session_scope is not None:
             self._session_scope.cancel()
@@ -729,6 +775,7 @@ class NvmeController(PciDevice):
             return
         rt.stop = True
         rt.wake.set()
+        self._drop_held(qid)  # deleting an SQ aborts its commands
         if qid != 0:
             await rt.done.wait()
         await rt.inflight.wait_zero()
@@ -833,6 +880,8 @@ class NvmeController(PciDevice):
         # go out before new ones.
         if cq is None or cq_rt is None or cq_rt.waiting or self._frozen or self.dma.dirty_hook is not None:
             return 0
+        if self.faults.active and self.faults.could_match(NVME_FAULTS.fast_ops, sq.qid):
+            return 0  # a rule may want one of these commands: Python looks at each
         try:
             done = self.fastio.run(sq, cq)
         except Exception:
@@ -847,6 +896,8 @@ class NvmeController(PciDevice):
     def _start_io(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
         """An I/O command just fetched: completed inline, or else given its own task."""
         t0 = perf_counter_ns()
+        if self.faults.active and self._start_faulted(sq, rt, cmd, t0):
+            return
         if not self._execute_inline(sq, cmd, t0):
             rt.inflight.inc()
             self.inflight.inc()
@@ -908,15 +959,150 @@ class NvmeController(PciDevice):
             if status is not None:
                 self._count(sq.qid, cmd, status, t0)
 
+    # -- fault injection (vfu_server.faults, .faults) --------------------------------------------
+
+    def _start_faulted(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int) -> bool:
+        """Ask the rules about an I/O command; True: a rule fired and a task does its action."""
+        lba, blocks = None, 1
+        if cmd.opcode in LBA_OPCODES:
+            lba, blocks = cmd.cdw10 | cmd.cdw11 << 32, (cmd.cdw12 & 0xFFFF) + 1
+        rule = self.faults.match(cmd.opcode, ns=cmd.nsid, lba=lba, blocks=blocks, queue=sq.qid)
+        if rule is None:
+            return False
+        log.info("SQ %d cid %d opcode %#x: fault rule %d (%s)", sq.qid, cmd.cid, cmd.opcode, rule.id, rule.action)
+        rt.inflight.inc()
+        self.inflight.inc()
+        self.queue_stats(sq.qid).in_flight += 1
+        assert self._session is not None
+        self.dma.executor.start_soon(self._session, self._faulted_io_task, sq, rt, cmd, rule, t0)
+        return True
+
+    async def _faulted_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, rule: Rule,
+                               t0: int) -> None:
+        """A fault rule's action on an I/O command. The statistics count what the guest sees:
+        a completion with its status (a rule's status is an error of that status), and a
+        command that never completes (dropped by a reset, a power cut or its SQ's deletion)
+        as an error ``dropped`` that is no request."""
+        status: int | None = None
+        try:
+            action = rule.action
+            if action == "delay":
+                if not await self._hold(rt, None, rule.delay_ms / 1000):
+                    return  # a reset came first: dropped like a held command
+            elif action == "hang":
+                if not await self._hold(rt, rule):
+                    return  # dropped by a reset or the SQ's deletion: no completion
+            elif action in ("fatal", "reset"):
+                # The controller stops fetching I/O (fatal also sets CSTS.CFS) and this command
+                # waits for the reset that drops it.
+                self._halt_io(fatal=action == "fatal")
+                await self._hold(rt, None)
+                return
+            elif action == "status":
+                assert rule.status is not None
+                if rule.status & 0x7FF:
+                    self._log_error(sq.qid, cmd, rule.status)
+                self.complete(sq.qid, cmd.cid, rule.status, 0)
+                status = rule.status
+                return
+            elif action in ("corrupt", "torn") and cmd.opcode in (IoOpcode.READ, IoOpcode.WRITE):
+                status = await self._execute(sq, rt, cmd, lambda c: self.io.execute_faulted(c, rule), rule.status)
+                return
+            status = await self._execute(sq, rt, cmd, self.io.execute)
+        finally:
+            rt.inflight.dec()
+            self.inflight.dec()
+            q = self.queue_stats(sq.qid)
+            q.in_flight -= 1
+            if status is not None:
+                self._count(sq.qid, cmd, status, t0)
+            else:
+                q.error("dropped")
+
+    async def _hold(self, rt: SqRuntime, rule: Rule | None, seconds: float | None = None) -> bool:
+        """Keep a command until ``rule`` is removed or ``seconds`` have passed (True: run it
+        now), or until a reset, a power cut or its SQ's deletion drops it (False).
+
+        A migration's quiesce or a live handover (:meth:`quiesce`) ends a delay or a hang early
+        (True: the command runs and completes before the state is saved); a command waiting for
+        the reset after a ``fatal`` or ``reset`` rule is dropped then (False)."""
+        releasable = rule is not None or seconds is not None
+        if self._paused:
+            return releasable
+        if rt.stop:
+            return False  # its SQ is being stopped: _drop_held() may have run already
+        with trio.CancelScope() as scope:
+            self._held[scope] = (rt.qid, releasable)
+            try:
+                if seconds is not None:
+                    await trio.sleep(seconds)
+                elif rule is None:
+                    await trio.sleep_forever()
+                else:
+                    await rule.wait_removed()
+            finally:
+                del self._held[scope]
+        if scope in self._released:
+            self._released.discard(scope)
+            return True
+        return not scope.cancelled_caught
+
+    def _release_held(self) -> None:
+        """Quiesce: held delays and hangs run now; commands waiting for a reset are dropped."""
+        for scope, (_, releasable) in list(self._held.items()):
+            if releasable:
+                self._released.add(scope)
+            scope.cancel()
+
+    def _drop_held(self, qid: int | None = None) -> None:
+        for scope, (held_qid, _) in list(self._held.items()):
+            if qid is None or held_qid == qid:
+                scope.cancel()
+
+    def _halt_io(self, *, fatal: bool) -> None:
+        """Stop fetching from the I/O queues until the driver resets the controller. The admin
+        queue keeps running: a driver deletes its I/O queues before it disables the controller."""
+        if fatal:
+            self.state.regs.csts |= CSTS_CFS
+        for qid, rt in self.sq_rt.items():
+            if qid:
+                rt.stop = True
+                rt.wake.set()
+
+    async def power_cut(self, *, keep: float = 0.0, seed: int = 0) -> dict[str, Any]:
+        """Power loss: commands in flight never complete, what the volatile caches hold is lost
+        (but for a seeded random ``keep`` fraction that reached the media first), and the
+        controller comes back not ready (CSTS.CFS) until the driver resets it."""
+        kept = lost = 0
+        async with self._control_lock:
+            await self._quiesce(lose_inflight=True)
+            for nsid, ns in sorted(self.namespaces.items()):
+                if isinstance(ns.backend, VolatileCache):
+                    cut = await ns.backend.power_cut(keep, seed + nsid - 1)
+                    kept += cut["kept_bytes"]
+                    lost += cut["lost_bytes"]
+            enabled = bool(self.state.regs.cc & CC_EN)
+            self._clear_controller(keep_admin_regs=True)
+            if enabled:
+                # Only CC.EN 1 -> 0 -> 1 brings it back (a disabled controller needs no reset).
+                self.state.regs.csts = CSTS_CFS
+        log.warning("power cut: %d bytes of volatile cache lost, %d kept", lost, kept)
+        return {"kept_bytes": kept, "lost_bytes": lost, "volatile_cache": self.volatile_cache is not None}
+
     async def _execute(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command,
-                       handler: Callable[[Command], Awaitable[int | None]]) -> int | None:
-        """Run a command and post its completion; its status (None: it completes later)."""
+                       handler: Callable[[Command], Awaitable[int | None]],
+                       status_on_success: int | None = None) -> int | None:
+        """Run a command and post its completion; its status (None: it completes later).
+        ``status_on_success``: a fault rule's status for a command it changed."""
         status, dw0 = 0, 0
         try:
             result = await handler(cmd)
             if result is None:  # completes later (Asynchronous Event Request)
                 return None
             dw0 = result
+            if status_on_success:  # a fault rule's status for a command it changed
+                status = status_on_success
+                self._log_error(sq.qid, cmd, status)
         except Exception as exc:
             status = self._status_of(exc, sq, cmd)
         self.complete(sq.qid, cmd.cid, status, dw0)

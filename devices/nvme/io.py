@@ -11,6 +11,8 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from vfu_server.block.base import iov_slice
+from vfu_server.faults import Rule, flip_bits
 from vfu_server.protocol.errors import DmaError
 
 from .command import Command
@@ -128,6 +130,32 @@ class IoCommands:
         smart = self.ctrl.state.smart
         smart.bytes_written += length
         smart.host_write_commands += 1
+        return 0
+
+    async def execute_faulted(self, cmd: Command, rule: Rule) -> int:
+        """A Read or Write that a ``corrupt`` or ``torn`` fault rule fired for (see
+        docs/faults.md): corrupt flips bits in what a read returns or a write stores; torn
+        stores only the first part of a write and fails it with a Write Fault (or the rule's
+        status)."""
+        if cmd.opcode == _READ:
+            await self.read(cmd)
+            if rule.action == "corrupt":
+                _, _, length = self._rw_range(cmd)
+                flip_bits(self._views(cmd, length, to_host=True), rule.bits, rule.rng)
+            return 0
+        ns, offset, length = self._rw_range(cmd)
+        views = self._views(cmd, length, to_host=False)
+        fua = bool(cmd.cdw12 & FUA) or not self.ctrl.state.features.volatile_write_cache
+        if rule.action == "corrupt":
+            data = bytearray(b"".join(views))
+            flip_bits([memoryview(data)], rule.bits, rule.rng)
+            await ns.backend.writev(offset, [memoryview(data)], fua=fua)
+            return 0
+        n = length // 2 // 512 * 512 if rule.torn_bytes is None else min(rule.torn_bytes, length)
+        if n:
+            await ns.backend.writev(offset, iov_slice(views, 0, n), fua=fua)
+        if rule.status is None:
+            raise NvmeError(Status.WRITE_FAULT, f"torn write: {n} of {length} bytes written", dnr=False)
         return 0
 
     async def flush(self, cmd: Command) -> int:

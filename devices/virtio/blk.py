@@ -24,10 +24,13 @@ from vfu_server.block import (
     open_backend,
     open_file_backend,
     parse_backend_spec,
+    parse_size,
 )
 from vfu_server.block.base import iov_slice
+from vfu_server.block.cache import VolatileCache
 from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
+from vfu_server.faults import FaultDomain, FaultSet, Rule, flip_bits
 from vfu_server.iostats import (
     BLOCK_KINDS,
     DISCARD,
@@ -70,6 +73,27 @@ _RANGE = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
 
 
+def _blk_status(text: str) -> int:
+    value = int(text, 0)
+    if not 0 <= value <= 0xFF:
+        raise ValueError("a virtio-blk status is one byte")
+    return value
+
+
+#: what --fault rules can match and do on virtio-blk (docs/faults.md): ops are request types,
+#: LBAs 512-byte sectors, queues request queue indices
+BLK_FAULTS = FaultDomain(
+    name="virtio-blk",
+    ops={"read": T_IN, "write": T_OUT, "flush": T_FLUSH, "get-id": T_GET_ID, "discard": T_DISCARD,
+         "write-zeroes": T_WRITE_ZEROES},
+    matches=frozenset({"op", "lba", "queue"}),
+    actions=frozenset({"status", "delay", "hang", "corrupt", "torn", "reset"}),
+    statuses={"ok": S_OK, "ioerr": S_IOERR, "unsupp": S_UNSUPP},
+    parse_status=_blk_status,
+    fast_ops=frozenset({T_IN, T_OUT}),
+)
+
+
 class VirtioBlk(VirtioPciDevice):
     """virtio-blk: a disk on a raw file, an NBD export or RAM (--backing/--size)."""
 
@@ -82,9 +106,10 @@ class VirtioBlk(VirtioPciDevice):
     max_inflight = 64
     #: opaque/vfu-virtio-blk (default) and virtio-blk/std/1
     migration_formats = "vfu_devices.virtio.migration_format:BLK_FORMATS"
+    fault_domain = BLK_FAULTS
 
     def __init__(self, backend: BlockBackend | BackendSpec, num_queues: int = 1, serial: str = "",
-                 poll_us: int = DEFAULT_POLL_US) -> None:
+                 poll_us: int = DEFAULT_POLL_US, volatile_cache: int | None = None) -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"--num-queues must be 1..{MAX_QUEUES}")
         self.spec = backend if isinstance(backend, BackendSpec) else None
@@ -101,6 +126,13 @@ class VirtioBlk(VirtioPciDevice):
         #: I/O statistics per request queue ("q0", ...; the control socket's ``stats``)
         self.iostats = IoStats(BLOCK_KINDS)
         self._qstats: dict[int, QueueStats] = {}
+        self.faults = FaultSet(BLK_FAULTS)
+        #: requests a fault rule delays or hangs: a migration's quiesce or a handover ends them
+        self._holds: set[trio.CancelScope] = set()
+        #: bytes of volatile write cache over the backend (None: none); FLUSH is offered anyway
+        self.volatile_cache = volatile_cache
+        if self.backend is not None:
+            self.backend = self._cached(self.backend)
 
     # -- command line --------------------------------------------------------------------
 
@@ -116,6 +148,9 @@ class VirtioBlk(VirtioPciDevice):
         parser.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US, metavar="US",
                             help="keep polling a request queue that ran dry for US microseconds "
                                  "before asking the guest for a kick (adaptive, up to US; trades CPU for latency; 0: off; default %(default)s)")
+        parser.add_argument("--volatile-cache", nargs="?", const="64M", default=None, metavar="SIZE",
+                            help="keep unflushed writes in a volatile cache of up to SIZE (default 64M) "
+                                 "that the control socket's power-cut drops (docs/faults.md)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VirtioBlk:
@@ -130,7 +165,9 @@ class VirtioBlk(VirtioPciDevice):
                 backend = open_file_backend(spec)
         except BlockError as exc:
             raise ValueError(str(exc)) from None
-        return cls(backend, num_queues=args.num_queues, serial=args.serial, poll_us=args.poll_us)
+        cache = None if args.volatile_cache is None else parse_size(args.volatile_cache)
+        return cls(backend, num_queues=args.num_queues, serial=args.serial, poll_us=args.poll_us,
+                   volatile_cache=cache)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -145,7 +182,7 @@ class VirtioBlk(VirtioPciDevice):
             return
         assert self.spec is not None
         async with open_backend(self.spec) as backend:
-            self.backend = backend
+            self.backend = self._cached(backend)
             self.ready.set()
             self.config_changed()
             task_status.started()
@@ -158,6 +195,7 @@ class VirtioBlk(VirtioPciDevice):
         adopt_ram_disks([self.backend], data, fds)
 
     async def shutdown(self) -> None:
+        self.faults.clear()  # requests a rule holds run now rather than hold up the exit
         await self.drain()
         if self.backend is not None:
             try:
@@ -169,6 +207,57 @@ class VirtioBlk(VirtioPciDevice):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": self.backend.describe() if self.backend else None}
+
+    async def quiesce_device(self) -> None:
+        # Requests a rule delays, hangs or keeps for the reset it asked for stop waiting:
+        # they complete before the state is saved (docs/faults.md).
+        for scope in list(self._holds):
+            scope.cancel()
+
+    async def quiesce(self) -> None:
+        """Migration or live handover: after the requests in flight, what a volatile cache
+        holds goes to the backend, where the successor (or a destination on shared storage)
+        reads it: a write the guest saw complete is never left behind."""
+        await super().quiesce()
+        if isinstance(self.backend, VolatileCache):
+            try:
+                await self.backend.write_back()
+            except BlockError as exc:  # still cached: a handover refuses (_uncached)
+                self.log.error("writing back the volatile cache failed: %s", exc)
+
+    async def _hold(self, rule: Rule, seconds: float | None) -> bool:
+        """Wait out a rule's delay (``seconds``), its removal (hang, ``seconds`` None), or
+        forever (a reset rule, ``seconds`` -1); False if a quiesce ended the wait first."""
+        if self._mig_stopped:
+            return False
+        with trio.CancelScope() as scope:
+            self._holds.add(scope)
+            try:
+                if seconds is None:
+                    await rule.wait_removed()
+                elif seconds < 0:
+                    await trio.sleep_forever()
+                else:
+                    await trio.sleep(seconds)
+            finally:
+                self._holds.discard(scope)
+        return not scope.cancelled_caught
+
+    def _cached(self, backend: BlockBackend) -> BlockBackend:
+        if self.volatile_cache is None or backend.read_only:
+            return backend
+        return VolatileCache(backend, self.volatile_cache)
+
+    async def power_cut(self, *, keep: float = 0.0, seed: int = 0) -> dict[str, Any]:
+        """Power loss: requests in flight never complete, the volatile cache is lost (but for a
+        seeded random ``keep`` fraction), and the device needs a reset (DEVICE_NEEDS_RESET)."""
+        self.drop_requests("power cut")
+        result = {"kept_bytes": 0, "lost_bytes": 0, "volatile_cache": self.volatile_cache is not None}
+        if isinstance(self.backend, VolatileCache):
+            result.update(await self.backend.power_cut(keep, seed))
+        self.log.warning("power cut: %d bytes of volatile cache lost, %d kept", result["lost_bytes"],
+                         result["kept_bytes"])
+        return result
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -212,6 +301,8 @@ class VirtioBlk(VirtioPciDevice):
         fast = self._fast
         if fast is None or self.dma.dirty_hook is not None or not queue.can_complete_elsewhere():
             return 0
+        if self.faults.active and self.faults.could_match(BLK_FAULTS.fast_ops, queue.index):
+            return 0  # a rule may want one of these requests: Python looks at each
         io = backend_fast_io(self.backend)
         if io is None:
             return 0
@@ -236,6 +327,8 @@ class VirtioBlk(VirtioPciDevice):
         if first.nbytes < _HDR.size:
             return None
         rtype, _, sector = _HDR.unpack_from(first)
+        if self.faults.active and self.faults.could_match(frozenset((rtype,)), queue.index):
+            return None  # process() asks the rules
         length = chain.write_len - 1
         status_view = writable[-1]
         if status_view.nbytes == 1:
@@ -283,6 +376,9 @@ class VirtioBlk(VirtioPciDevice):
         stats.in_flight += 1
         try:
             status, written, nbytes, rtype = await self._process(queue, chain)
+        except trio.Cancelled:  # a reset or a power cut dropped it (a fault rule held it)
+            stats.error("dropped")
+            raise
         finally:
             stats.in_flight -= 1
         self._count(queue, rtype, status, nbytes, t0)
@@ -309,8 +405,76 @@ class VirtioBlk(VirtioPciDevice):
         rtype, _, sector = _HDR.unpack(chain.read_bytes(_HDR.size))
         data_in = iov_slice(chain.writable, 0, chain.write_len - 1)
         status_view = iov_slice(chain.writable, chain.write_len - 1, 1)[0]
-        written = 0
         await self.ready.wait()
+        if self.faults.active:
+            lba, blocks = None, 1
+            if rtype in (T_IN, T_OUT):
+                lba = sector
+                blocks = (chain.write_len - 1 if rtype == T_IN else chain.read_len - _HDR.size) // SECTOR
+            rule = self.faults.match(rtype, lba=lba, blocks=blocks, queue=queue.index)
+            if rule is not None:
+                self.log.info("queue %d request type %d sector %d: fault rule %d (%s)", queue.index, rtype,
+                              sector, rule.id, rule.action)
+                done = await self._faulted(queue, chain, rule, rtype, sector, data_in, status_view)
+                if done is not None:
+                    return done
+        return await self._serve(chain, rtype, sector, data_in, status_view)
+
+    async def _faulted(self, queue: SplitQueue, chain: DescriptorChain, rule: Rule, rtype: int, sector: int,
+                       data_in: list[memoryview], status_view: memoryview) -> tuple[int, int, int, int] | None:
+        """A rule's action, as :meth:`_process` returns it (the statistics count what the guest
+        sees: a rule's status is an error of that status, ``status=ok`` a request done), or None
+        to serve the request normally now."""
+        action = rule.action
+        moved = chain.write_len - 1 if rtype == T_IN else chain.read_len - _HDR.size
+        if action == "delay":
+            await self._hold(rule, rule.delay_ms / 1000)
+        elif action == "hang":
+            await self._hold(rule, None)  # a device reset cancels this: the request is dropped
+        elif action == "reset":
+            self.needs_reset(f"fault rule {rule.id}")
+            await self._hold(rule, -1)
+            # Only a quiesce ends this: the device needs a reset anyway; the request fails.
+            status_view[0] = S_IOERR
+            return S_IOERR, 0, 0 if rtype == T_IN else moved, rtype
+        elif action == "status":
+            assert rule.status is not None
+            status_view[0] = rule.status
+            return rule.status, 0, 0 if rtype == T_IN else moved, rtype
+        elif action == "corrupt" and rtype == T_IN:
+            status, written, nbytes, _ = await self._serve(chain, rtype, sector, data_in, status_view)
+            if status == S_OK:
+                flip_bits(iov_slice(data_in, 0, written), rule.bits, rule.rng)
+                if rule.status is not None:
+                    status = status_view[0] = rule.status
+            return status, written, nbytes, rtype
+        elif action in ("corrupt", "torn") and rtype == T_OUT:
+            length = moved
+            status = self._check(sector, length, write=True)
+            if status == S_OK:
+                data = bytearray(chain.read_bytes(chain.read_len)[_HDR.size :])
+                if action == "corrupt":
+                    flip_bits([memoryview(data)], rule.bits, rule.rng)
+                else:
+                    n = length // 2 // SECTOR * SECTOR if rule.torn_bytes is None else min(rule.torn_bytes, length)
+                    del data[n:]
+                    status = S_IOERR if rule.status is None else rule.status
+                assert self.backend is not None
+                try:
+                    if data:
+                        await self.backend.writev(sector * SECTOR, [memoryview(data)])
+                except BlockError as exc:
+                    self.log.warning("request type %d at sector %d failed: %s", rtype, sector, exc)
+                    status = S_IOERR
+                if action == "corrupt" and rule.status is not None:
+                    status = rule.status
+            status_view[0] = status
+            return status, 0, length, rtype
+        return None
+
+    async def _serve(self, chain: DescriptorChain, rtype: int, sector: int, data_in: list[memoryview],
+                     status_view: memoryview) -> tuple[int, int, int, int]:
+        written = 0
         backend = self.backend
         assert backend is not None
         try:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vfu_server.faults import FaultDomain, FaultSet, Rule, flip_bits
 from vfu_server.iostats import IoStats, QueueStats
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
@@ -58,6 +59,13 @@ _NEEDS = {F_GUEST_TSO4: (F_GUEST_CSUM,), F_GUEST_TSO6: (F_GUEST_CSUM,), F_GUEST_
 S_LINK_UP = 1
 HDR_LEN = 12  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 RX_HDR = bytes(10) + struct.pack("<H", 1)
+HDR_F_DATA_VALID = 2
+ETH_HLEN = 14
+_RX, _TX = 0, 1
+#: what --fault rules can do to frames (docs/faults.md): op rx (to the guest) or tx (from it),
+#: queue is the queue pair
+NET_FAULTS = FaultDomain(name="virtio-net", ops={"rx": _RX, "tx": _TX}, matches=frozenset({"op", "queue"}),
+                         actions=frozenset({"drop", "dup", "delay", "corrupt"}))
 MAX_RX_FRAME = 1514 + 4  # without GUEST_TSO: an MTU-sized frame at most (+ VLAN tag)
 #: a TCP segment the guest takes whole (GUEST_TSO4/6): the kernel's GSO limit is 65536 bytes
 #: per packet; a VLAN tag on top
@@ -92,6 +100,7 @@ class VirtioNet(VirtioPciDevice):
     queue_max_size = 256
     #: opaque/vfu-virtio-net (default) and virtio-net/std/1; the backend is not migrated
     migration_formats = "vfu_devices.virtio.migration_format:NET_FORMATS"
+    fault_domain = NET_FAULTS
 
     def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int = 1,
                  poll_us: int = 0) -> None:
@@ -109,6 +118,7 @@ class VirtioNet(VirtioPciDevice):
         #: without a header and a virtio-net header (what the wire carried)
         self.iostats = IoStats(("rx", "tx"), latency=False)
         self._qstats: dict[int, QueueStats] = {}
+        self.faults = FaultSet(NET_FAULTS)
         self._rx_send: trio.MemorySendChannel[bytes] | None = None
         #: receive queues the pump filled since it last published them, by index
         self._rx_filled: dict[int, SplitQueue] = {}
@@ -228,6 +238,40 @@ class VirtioNet(VirtioPciDevice):
             self.backend.close()
 
     async def _deliver(self, frame: bytes) -> None:
+        if self.faults.active:
+            pair = self._steer(frame, self._hdr)
+            rule = self.faults.match(_RX, queue=pair)
+            if rule is not None:
+                if rule.action == "drop":  # the frames delivered are counted as they fill buffers
+                    self.queue_stats(2 * pair).error("fault-dropped")
+                for out in self._faulted(rule, frame, self._deliver_now):
+                    await self._deliver_now(out)
+                return
+        await self._deliver_now(frame)
+
+    def _faulted(self, rule: Rule, frame: bytes, send: Any) -> list[bytes]:
+        """The frames a rule turns ``frame`` into (``send`` later takes delayed ones)."""
+        if rule.action == "drop":
+            return []
+        if rule.action == "dup":
+            return [frame, frame]
+        if rule.action == "delay":
+            async def later() -> None:
+                await trio.sleep(rule.delay_ms / 1000)
+                await send(frame)
+
+            self.spawn(later, name="net-fault-delay")
+            return []
+        # corrupt: bits after the Ethernet header, so that the frame still reaches its
+        # receiver; a received one loses DATA_VALID, so the guest checks its checksums.
+        hdr = self._hdr
+        data = bytearray(frame)
+        if hdr and send is self._deliver_now:
+            data[0] &= ~HDR_F_DATA_VALID
+        flip_bits([memoryview(data)[hdr + ETH_HLEN :]], rule.bits, rule.rng)
+        return [bytes(data)]
+
+    async def _deliver_now(self, frame: bytes) -> None:
         # No checkpoint while the pump keeps up: a backend hands over a whole burst (what its
         # socket or TAP holds, up to the channel's size) before the pump runs, and the pump
         # fills the guest's buffers for all of it with one used-index update and one
@@ -475,7 +519,23 @@ class VirtioNet(VirtioPciDevice):
             data = chain.read_bytes()
             # A vnet_hdr TAP takes the guest's header as it is: the kernel checks it and does
             # the checksum and segmentation it asks for (a bad one fails the write: dropped).
-            await self.backend.send(data if self._hdr else data[HDR_LEN:])
+            frame = data if self._hdr else data[HDR_LEN:]
+            if self.faults.active:
+                rule = self.faults.match(_TX, queue=queue.index // 2)
+                if rule is not None:
+                    # Counted as the wire saw it: each copy sent is a frame, a dropped one an
+                    # error "fault-dropped" (a delayed one is counted when it goes).
+                    if rule.action == "drop":
+                        self.queue_stats(queue.index).error("fault-dropped")
+
+                    async def send(out: bytes, index: int = queue.index) -> None:
+                        await self.backend.send(out)
+                        self.queue_stats(index).record(1, len(out) - self._hdr, 0)
+
+                    for out in self._faulted(rule, frame, send):
+                        await send(out)
+                    return 0
+            await self.backend.send(frame)
             (self._qstats.get(queue.index) or self.queue_stats(queue.index)).record(1, length - HDR_LEN, 0)
         else:
             self.queue_stats(queue.index).error("malformed")

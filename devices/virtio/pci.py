@@ -267,6 +267,17 @@ class VirtioPciDevice(PciDevice):
         if self.vstate.status & Status.DRIVER_OK:
             self._config_interrupt()
 
+    def drop_requests(self, reason: str) -> None:
+        """Stop every queue at once: requests in flight are dropped without completing (a
+        power cut), and the driver must reset the device."""
+        if self._queue_scope is not None:
+            self._queue_scope.cancel()
+            self._queue_scope = None
+            self._queue_nursery = None
+        for q in self.queues:
+            q.active = False
+        self.needs_reset(reason)
+
     # -- interrupts ------------------------------------------------------------------------
 
     def _msix_on(self) -> bool:

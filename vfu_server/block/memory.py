@@ -142,13 +142,30 @@ class MemoryBackend(BlockBackend):
 def export_ram_disks(backends: Sequence[BlockBackend | None]) -> tuple[dict[str, Any], list[int]]:
     """A device's RAM disks for a live handover: ``{"ram_disks": [position, ...]}`` and their
     memfds in that order (file and NBD backends are reopened by the successor itself)."""
+    backends = _uncached(backends)
     positions = [i for i, b in enumerate(backends) if isinstance(b, MemoryBackend) and b.fd is not None]
     return {"ram_disks": positions}, [backends[i].fd for i in positions]  # type: ignore[union-attr]
+
+
+def _uncached(backends: Sequence[BlockBackend | None]) -> list[BlockBackend | None]:
+    """The backends under any volatile write caches (--volatile-cache), which a quiesce wrote
+    back: the RAM disk is what moves."""
+    from .cache import VolatileCache
+
+    out: list[BlockBackend | None] = []
+    for b in backends:
+        if isinstance(b, VolatileCache):
+            if b.cached_bytes:
+                raise RuntimeError(f"the volatile cache still holds {b.cached_bytes} bytes not written back")
+            b = b.inner
+        out.append(b)
+    return out
 
 
 def adopt_ram_disks(backends: Sequence[BlockBackend | None], data: dict[str, Any], fds: list[int]) -> None:
     """The successor's side of :func:`export_ram_disks`: each listed RAM disk of ours takes the
     predecessor's memfd. Takes ownership of ``fds`` (closed here on error)."""
+    backends = _uncached(backends)
     positions = data.get("ram_disks", [])
     try:
         if not isinstance(positions, list) or len(positions) != len(fds):

@@ -87,6 +87,12 @@ class PciDevice:
     #: ``profile, pci, msix, intx`` followed by these names, :meth:`save_state` and
     #: :meth:`load_state` fill them in.
     migration_state: ClassVar[tuple[str, ...]] = ()
+    #: what ``--fault`` rules can match and do on this device (a
+    #: :class:`vfu_server.faults.FaultDomain`; None: no fault injection). A device with a domain
+    #: sets ``self.faults = FaultSet(domain)`` and asks ``self.faults.match(...)`` (docs/faults.md).
+    fault_domain: ClassVar[Any] = None
+    #: the device's fault rules (a :class:`vfu_server.faults.FaultSet`), None without a domain
+    faults: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -397,7 +403,8 @@ _OVERRIDABLE = (
     "migration_state", "add_arguments", "from_args", "run", "reset", "shutdown", "client_connected",
     "client_disconnected", "describe", "rom_bytes", "quiesce", "resume", "save_state",
     "load_state", "reset_state", "migration_arc", "migration_profile", "handover_refusal",
-    "decode_device_abi", "handover_export", "handover_adopt", "handover_released",
+    "decode_device_abi", "handover_export", "handover_adopt", "handover_released", "fault_domain",
+    "power_cut",
 )
 
 
