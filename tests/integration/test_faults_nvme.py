@@ -411,3 +411,22 @@ async def test_every_action_at_once_under_load_then_resets(image: Path, tmp_path
         await drv.write(q, 0, data)
         assert await drv.read(q, 0, 4096) == data
         assert server.process.returncode is None and "Traceback" not in server.stderr()
+
+
+async def test_statistics_count_faulted_commands_as_the_guest_saw_them(image: Path, tmp_path: Path) -> None:
+    """A rule's status is an error of that status, a corrupted read a read done, a command a
+    hang rule holds is in flight, and dropped by a reset it is an error 'dropped'."""
+    async with nvme_faults(image, tmp_path, "--fault", "op=read,lba=8,count=1,status=ure",
+                           "--fault", "op=read,lba=16,count=1,corrupt") as (drv, q, fc, _):
+        assert await read_status(drv, q, 8) & 0x7FF == URE
+        assert await read_status(drv, q, 16) == 0
+        await fc.add("op=read,lba=24,hang")
+        entry, _ = read_entry(drv, 24)
+        await drv.submit(q, entry)
+        await trio.sleep(0.2)
+        sq1 = (await fc.request({"cmd": "stats"}))["stats"]["queues"]["sq1"]
+        assert sq1["ops"]["read"] == 2 and sq1["bytes"]["read"] == 512, sq1
+        assert sq1["errors"] == {f"{URE:#06x}": 1} and sq1["in_flight"] == 1, sq1
+        await drv.disable()  # the reset drops the held read
+        sq1 = (await fc.request({"cmd": "stats"}))["stats"]["queues"]["sq1"]
+        assert sq1["errors"].get("dropped") == 1 and sq1["in_flight"] == 0 and sq1["ops"]["read"] == 2, sq1
