@@ -431,6 +431,10 @@ async def handle_control(device: Any, msg: dict[str, Any]) -> dict[str, Any]:
         cut = getattr(device, "power_cut", None)
         if cut is None:
             return _error(errno.ENOTSUP, f"{device.name} cannot simulate power loss")
+        mig = getattr(device, "migration", None)
+        if mig is not None and (not mig.running or mig.quiesced):
+            # Stopped for a migration, a snapshot or a live handover: its state is being saved.
+            return _error(errno.EBUSY, f"{device.name} is quiesced (migration or handover): no power cut now")
         keep, seed = msg.get("keep", 0.0), msg.get("seed", 0)
         if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 <= keep <= 1:
             return _error(errno.EINVAL, "keep: a fraction 0..1 of the unflushed writes to keep")

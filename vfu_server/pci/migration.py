@@ -200,6 +200,11 @@ class DeviceMigration:
     def running(self) -> bool:
         return self.state in RUNNING_STATES
 
+    @property
+    def quiesced(self) -> bool:
+        """Stopped for a migration, a snapshot or a live handover (until it runs again)."""
+        return self._quiesced
+
     async def quiesce(self) -> None:
         if not self._quiesced:
             await self.device.quiesce()
