@@ -10,6 +10,7 @@ from vfu_server.pci.endpoint import Endpoint
 AUTHOR_SURFACE = {
     # declarations
     "cli_name", "identity", "capabilities", "intx", "rom_size", "migration_formats",
+    "fault_domain", "faults",  # fault injection (docs/faults.md)
     # hooks
     "add_arguments", "from_args", "run", "reset", "shutdown", "client_connected",
     "client_disconnected", "describe", "rom_bytes",
