@@ -553,3 +553,84 @@ async def test_a_device_on_nbds(short_tmp: Path) -> None:
                 assert await drv.read(1, 16, 8192) == pattern(8192)
     finally:
         srv.kill()
+
+
+# -- closing: the final flush completes promptly, whoever cancelled the backend's tasks --------
+
+
+async def test_close_flushes_promptly_when_the_callers_tasks_are_cancelled(short_tmp: Path) -> None:
+    """A device's tasks (the backend's caller) are cancelled at shutdown and after a handover:
+    the close's flush must still get its reply (the pumps run until the close is done) instead
+    of waiting for its timeout, and the connections end with NBD_CMD_DISC."""
+    logfile = short_tmp / "nbdkit.log"
+    srv = nbdkit(short_tmp, "--filter=log", "memory", f"{DISK}", f"logfile={logfile}")
+    try:
+        with trio.fail_after(60):
+            with trio.CancelScope() as scope:
+                async with NbdBackend.open(srv.uri) as b:
+                    await b.writev(4096, [memoryview(pattern(8192))])
+                    cancelled_at = trio.current_time()
+                    scope.cancel()
+                    await trio.sleep_forever()
+            took = trio.current_time() - cancelled_at
+        assert took < 5, f"the close took {took:.1f} s after the cancellation"
+        assert not b.connected and in_flight(b) == 0
+        lines = logfile.read_text().splitlines()
+        flushes = [ln for ln in lines if "...Flush id=" in ln and "return=0" in ln]
+        assert flushes, "the close's flush got no reply:\n" + "\n".join(lines[-20:])
+        assert sum("Disconnect" in ln for ln in lines) >= len(b.conns), "\n".join(lines[-20:])
+    finally:
+        srv.kill()
+
+
+@pytest.mark.parametrize("handover", [False, True], ids=["sigterm", "handover"])
+async def test_a_device_on_nbd_exits_promptly_on_sigterm_and_after_a_handover(short_tmp: Path,
+                                                                              handover: bool) -> None:
+    """NVMe on qemu-nbd: a server exits at once on SIGTERM, and a predecessor at once after
+    handing over (each close flushes through its own connections), and every acknowledged
+    write is in qemu-nbd's image."""
+    from vfu_server.client import Client, GuestRam
+    from vfu_server.testing import running_server
+    from vfu_server.testing.handover import hand_over
+    from vfu_server.testing.nvme import NvmeTestDriver
+
+    srv = qemu_nbd(short_tmp, "unix")
+    assert srv.image is not None
+    ctl = str(short_tmp / "ctl")
+    written: dict[int, bytes] = {}
+    successor = None
+    try:
+        with trio.fail_after(120), GuestRam(16 << 20) as ram:
+            async with running_server("nvme", "--control-socket", ctl, "--backing", srv.uri) as pred, \
+                    await Client.connect(pred.socket_path) as client:
+                drv = NvmeTestDriver(client, ram)
+                await drv.start()
+                await drv.create_io_queue_pair(1)
+                for i in range(8):
+                    written[i * 64] = pattern(8192, seed=i)
+                    await drv.write(1, i * 64, written[i * 64])
+                last = pred
+                if handover:
+                    t0 = trio.current_time()
+                    # hand_over checks that the predecessor exits 0 within exit_timeout.
+                    successor = last = await hand_over(pred, ctl, "--backing", srv.uri, exit_timeout=10)
+                    assert trio.current_time() - t0 < 10
+                    for i in range(8, 16):
+                        written[i * 64] = pattern(8192, seed=i)
+                        await drv.write(1, i * 64, written[i * 64])
+                    assert await drv.read(1, 0, 8192) == written[0]  # the predecessor's, read anew
+                t0 = trio.current_time()
+                rc = await last.terminate(timeout=10)
+                took = trio.current_time() - t0
+                assert rc == 0, f"the server did not exit 0 on SIGTERM within 10 s (rc {rc}):\n" \
+                                f"{last.stderr()[-3000:]}"
+                assert took < 10
+                assert "Traceback" not in pred.stderr() + last.stderr()
+    finally:
+        if successor is not None:
+            await successor.kill()
+        srv.kill()
+    with open(srv.image, "rb") as f:
+        for lba, data in written.items():
+            f.seek(lba * 512)
+            assert f.read(len(data)) == data, f"acknowledged write at LBA {lba} is not in the image"

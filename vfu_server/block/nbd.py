@@ -10,7 +10,12 @@ meanwhile. After that every command goes through libnbd's asynchronous API on th
 one pump task per connection waits for the direction libnbd asks for
 (``aio_get_direction``) with trio and calls ``aio_notify_read``/``aio_notify_write``, which
 run the completion callbacks. An issue that leaves bytes to send wakes the pump from its read
-wait so it waits for the socket to take them.
+wait so it waits for the socket to take them. The pumps live as long as the backend, not as
+long as its caller's tasks: they run in shielded scopes that only the end of :meth:`NbdBackend.open`
+cancels, after the close has flushed and sent NBD_CMD_DISC through them (a device's tasks are
+cancelled at shutdown and after a handover; the close's flush must still get its reply).
+A connection whose pump has stopped, however it stopped, is dead and has failed every command
+in flight, so no waiter is left for a reply nobody will read.
 
 Buffers: libnbd keeps a reference to a command's buffer until the command is retired, even
 when the caller gave up waiting. So reads land in a buffer of our own and are copied into the
@@ -53,6 +58,10 @@ MULTI_CONN = int(os.environ.get("VFU_NBD_CONNECTIONS", "4"))
 DEFAULT_MAX_PAYLOAD = 32 << 20
 _MAX_LENGTH_ONLY = 1 << 30
 DEFAULT_PORT = 10809
+#: How long a close waits for the server to see NBD_CMD_DISC and close each connection.
+_DISCONNECT_WAIT = 2.0
+#: How long the flush at close may take (a server that stopped answering).
+_CLOSE_FLUSH_TIMEOUT = 30.0
 _TLS_QUERY = {"tls-certificates", "tls-psk-file", "tls-verify-peer"}
 
 
@@ -166,6 +175,13 @@ class _Conn:
         self.ops: set[_Op] = set()
         self.dead: tuple[int, str] | None = None
         self.read_scope = trio.CancelScope()
+        #: The pump's own scope. It is shielded: a cancellation of the tasks around the backend
+        #: (the device's, at shutdown or after a handover) must not stop the pump while the
+        #: backend's close still flushes through it. Only :meth:`NbdBackend.open` cancels it,
+        #: after the close.
+        self.scope = trio.CancelScope(shield=True)
+        self.stopped = trio.Event()
+        self.closing = False
 
     def issue(self, start: Callable[[Callable[[Any], int]], Any]) -> _Op:
         """Start a command (``start(completion)``); raises BlockIOError when it cannot."""
@@ -184,9 +200,13 @@ class _Conn:
         except self.nbd.Error as exc:
             raise BlockIOError(_errno_of(exc), f"NBD {self.uri}: {exc.string}") from None
         self.ops.add(op)
+        self.kick()
+        return op
+
+    def kick(self) -> None:
+        """After libnbd queued bytes to send: wake the pump from its read wait."""
         if self.h.aio_get_direction() & self.nbd.AIO_DIRECTION_WRITE:
             self.read_scope.cancel()  # the pump waits to read; it must wait to write first
-        return op
 
     async def wait(self, op: _Op) -> None:
         await op.done.wait()
@@ -206,6 +226,22 @@ class _Conn:
         self.ops.clear()
 
     async def pump(self) -> None:
+        """Run libnbd's state machine until the connection closes, fails or the backend is
+        closed. Whichever way it ends, the connection is dead afterwards and every command in
+        flight has failed: nothing waits for a reply that no pump will deliver."""
+        try:
+            with self.scope:
+                await self._pump()
+        finally:
+            if self.dead is None:
+                if self.closing:
+                    self.dead = (errno.ESHUTDOWN, f"NBD {self.uri}: closed")
+                    self.fail(*self.dead)
+                else:
+                    self.fail(errno.EIO, "server closed the connection")
+            self.stopped.set()
+
+    async def _pump(self) -> None:
         nbd, h, fd = self.nbd, self.h, self.fd
         read_bit, write_bit = nbd.AIO_DIRECTION_READ, nbd.AIO_DIRECTION_WRITE
         try:
@@ -233,13 +269,10 @@ class _Conn:
                 if h.aio_is_dead() or h.aio_is_closed():
                     break
         except nbd.Error as exc:
-            self.fail(_errno_of(exc), exc.string or "connection failed")
-            return
+            if not self.closing:
+                self.fail(_errno_of(exc), exc.string or "connection failed")
         except OSError as exc:  # the fd was closed under a wait
             self.fail(_errno_of(exc), exc.strerror or "connection failed")
-            return
-        if self.dead is None:
-            self.fail(errno.EIO, "server closed the connection")
 
 
 async def _wait_either(fd: int) -> int:
@@ -324,9 +357,14 @@ class NbdBackend(BlockBackend):
                 try:
                     yield self
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await self.aclose()
-                    nursery.cancel_scope.cancel()
+                    # The pumps are shielded (``_Conn.scope``), so they still deliver the
+                    # final flush's reply when the caller's tasks were cancelled.
+                    try:
+                        with trio.CancelScope(shield=True):
+                            await self.aclose()
+                    finally:
+                        for c in conns:
+                            c.scope.cancel()
         except BaseExceptionGroup as group:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
@@ -425,17 +463,31 @@ class NbdBackend(BlockBackend):
             return
         try:
             if not self.read_only and self.connected:
-                with trio.move_on_after(30):
+                with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT) as waited:
                     await self.flush()
+                if waited.cancelled_caught:
+                    log.warning("NBD %s: final flush got no reply within %ss", self.uri, _CLOSE_FLUSH_TIMEOUT)
         except BlockIOError as exc:
             log.warning("NBD %s: final flush failed: %s", self.uri, exc)
         finally:
             self._closed = True
+            # NBD_CMD_DISC on every connection; the pumps send it and see the server close
+            # (briefly: a server that does not answer is simply dropped).
+            for c in self.conns:
+                c.closing = True
+                if c.dead is None:
+                    try:
+                        c.h.aio_disconnect(0)
+                        c.kick()
+                    except self.nbd.Error:
+                        c.scope.cancel()
+            with trio.move_on_after(_DISCONNECT_WAIT):
+                for c in self.conns:
+                    await c.stopped.wait()
             for c in self.conns:
                 if c.dead is None:
-                    with contextlib.suppress(self.nbd.Error):
-                        c.h.aio_disconnect(0)
                     c.dead = (errno.ESHUTDOWN, f"NBD {self.uri}: closed")
+                    c.fail(*c.dead)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "nbd", "uri": self.uri, "size": self.size, "client": "libnbd",
