@@ -267,7 +267,9 @@ class SplitQueue:
                 raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
             if length:
                 try:
-                    views = self.dma.views(addr, length, write=write)
+                    # deferred: guest memory without an fd sees the buffer when push() says
+                    # the request is done, whichever task filled it.
+                    views = self.dma.views(addr, length, write=write, deferred=write)
                 except DmaError as exc:
                     raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x}: {exc}") from None
                 if write:
@@ -301,6 +303,8 @@ class SplitQueue:
         self.inflight -= 1
         if self.inflight == 0:
             self.idle.set()
+        if chain.writable:
+            self.dma.seal(chain.writable)
         if self.active:
             self._used.append((chain.head, written))
 

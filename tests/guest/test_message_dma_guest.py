@@ -71,6 +71,7 @@ def e2fsprogs_files() -> dict[str, str]:
 
 
 @pytest.mark.guest
+@pytest.mark.timeout(1000)
 def test_nvme_and_virtio_blk_on_plain_guest_ram(guest_kit: GuestKit, tmp_path: Path) -> None:
     nvme_img, blk_img = tmp_path / "nvme.img", tmp_path / "blk.img"
     nvme_img.write_bytes(os.urandom(32 * MIB))
