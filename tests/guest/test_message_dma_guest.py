@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a driver prints when the device and it disagree (timeouts, aborts, resets, I/O errors).
 BAD_DMESG = (
     r"nvme.*(timeout|abort|will reset|fail|error|bogus|invalid|not ready|is down|I/O)"
-    r"|virtio.*(error|fail|reset)|blk_update_request|Buffer I/O error|I/O error|EXT4-fs error"
+    r"|virtio.*(error|reset|broken)|blk_update_request|Buffer I/O error|I/O error|EXT4-fs error"
 )
 
 SCRIPT = r"""
