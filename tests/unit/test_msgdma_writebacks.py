@@ -43,7 +43,7 @@ def test_deferred_buffers_wait_for_seal_whoever_completes() -> None:
     ring, req = _ctx(wb, "queue"), _ctx(wb, "request")
     data, status = bytearray(4096), bytearray(1)
     wb.add(_Pending(0x2000, data, False, ring, deferred=True))
-    wb.add(_Pending(0x3000, status, False, ring, deferred=True))
+    wb.add(_Pending(0x3800, status, False, ring, deferred=True))
     wb.seal_owner(ring)  # the ring task's step ends: deferred buffers are not its to seal
     used = _Pending(0x4000, b"used", True, req)
     wb.add(used)
@@ -51,7 +51,7 @@ def test_deferred_buffers_wait_for_seal_whoever_completes() -> None:
     views = [memoryview(data), memoryview(status)]
     status[0] = 0
     wb.seal(views)
-    assert [(p.address, len(p.buf)) for p in wb.take_due()] == [(0x2000, 4096), (0x3000, 1)]
+    assert [(p.address, len(p.buf)) for p in wb.take_due()] == [(0x2000, 4096), (0x3800, 1)]
 
 
 def test_a_read_takes_the_overlapping_writes_first() -> None:
@@ -82,3 +82,14 @@ def test_due_items_keep_their_order_and_none_is_lost(plan: list[tuple[int, bool,
     rest = wb.take_due()
     assert sorted(map(id, sent + rest)) == sorted(map(id, added))
     assert not wb
+
+
+def test_writes_that_continue_each_other_go_as_one() -> None:
+    wb = WriteBacks()
+    t = _ctx(wb, "t")
+    for i in range(3):  # three completion entries in a row, then the used index elsewhere
+        wb.add(_Pending(0x9000 + 16 * i, bytes([i]) * 16, True, t))
+    wb.add(_Pending(0xA000, b"ix", True, t))
+    due = wb.take_due()
+    assert [(p.address, bytes(p.buf)) for p in due] == [
+        (0x9000, b"\0" * 16 + b"\1" * 16 + b"\2" * 16), (0xA000, b"ix")]

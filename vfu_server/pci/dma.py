@@ -198,9 +198,10 @@ class GuestMemory:
              deferred: bool = False) -> memoryview:
         """A view of ``[iova, iova + length)``, which must lie inside one region: zero-copy
         for a map with an fd; for one without, the data read with DMA_READ (``write``: a
-        buffer written back with DMA_WRITE, see :mod:`.msgdma`; ``update``: the caller
-        changes part of it in place and is done with it before its next await; ``deferred``:
-        filled elsewhere, written back once :meth:`seal` says so)."""
+        buffer written back with DMA_WRITE, see :mod:`.msgdma`, which starts as zeros: write
+        all of it, or say ``update``: the caller changes part of it in place, and is done with
+        it before its next await, so it is read first; ``deferred``: filled elsewhere, written
+        back once :meth:`seal` says so)."""
         if length < 0 or iova < 0:
             raise DmaError(f"bad DMA range {iova:#x}+{length:#x}")
         image = self.config_image

@@ -50,10 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vfu_server.dma")
 
-#: A writable view up to this size is a structure (completion entry, used ring element,
-#: doorbell shadow): it is read first, since the device may update part of it, and it counts
-#: as complete when the step ends. Larger ones are data buffers that a backend fills, unless
-#: the device says otherwise (``GuestMemory.view(update=True)``: a ring it updates in place).
+#: A writable view up to this size is a structure (completion entry, doorbell shadow) that the
+#: device writes whole at once: it counts as complete when taken. Larger ones are data buffers
+#: that a backend fills. A writable view starts as zeros, unless the device says it updates
+#: part of it in place (``GuestMemory.view(update=True)``): then it is read first.
 STRUCT_MAX = 256
 
 
@@ -143,11 +143,27 @@ class WriteBacks:
             else:
                 keep.append(item)
         self.items = keep
-        return [item for item in due if len(item.buf)]
+        return _coalesce([item for item in due if len(item.buf)])
 
     def clear(self) -> None:
         self.items.clear()
         self._by_buf.clear()
+
+
+def _coalesce(items: list[_Pending]) -> list[_Pending]:
+    """Merge writes that continue each other into one request (a run of completion entries,
+    used ring elements after the used index): each request is a round trip on the client's
+    main loop."""
+    out: list[_Pending] = []
+    for item in items:
+        last = out[-1] if out else None
+        if last is not None and last.address + len(last.buf) == item.address:
+            merged = bytearray(last.buf)
+            merged += item.buf
+            out[-1] = _Pending(last.address, merged, True, last.owner)
+        else:
+            out.append(item)
+    return out
 
 
 class DmaContext:
@@ -181,8 +197,11 @@ class DmaContext:
         if deferred:
             buf = bytearray(length)
             self.writes.add(_Pending(address, buf, False, self, deferred=True))
-        elif update or length <= STRUCT_MAX:
+        elif update:
             buf = bytearray(self.read(address, length))
+            self.writes.add(_Pending(address, buf, True, self))
+        elif length <= STRUCT_MAX:
+            buf = bytearray(length)  # a structure the device writes whole, at once
             self.writes.add(_Pending(address, buf, True, self))
         else:
             buf = bytearray(length)
