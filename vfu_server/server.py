@@ -72,6 +72,10 @@ _HANDLERS: dict[int, str] = {}
 #: scheduler pass (which lets the device's tasks see their eventfds and lets shutdown in).
 MAX_HOLD_NS = 1_000_000
 
+#: How long a server-to-client DMA_READ/DMA_WRITE may wait for its reply (QEMU answers in
+#: milliseconds; its own requests to us time out after 5 s).
+DMA_REQUEST_TIMEOUT = 30.0
+
 
 class DeviceStartError(Exception):
     """The device could not get ready (e.g. its NBD server is unreachable); one line for users."""
@@ -380,9 +384,14 @@ class Connection:
             # a round trip now could only deadlock (QEMU serves it on the loop that waits).
             raise VfioUserError(f"{command.name} while the client waits for a reply", errno.EDEADLK)
         try:
-            return await self.request(command, payload)
+            # A client that never answers must not wedge the device for good.
+            with trio.fail_after(DMA_REQUEST_TIMEOUT):
+                return await self.request(command, payload)
         except RemoteError as exc:
             raise VfioUserError(f"client refused {command.name}: {os.strerror(exc.errno)}", exc.errno) from None
+        except trio.TooSlowError:
+            raise VfioUserError(f"client did not answer {command.name} within {DMA_REQUEST_TIMEOUT:g} s",
+                                errno.ETIMEDOUT) from None
 
     def _message_mode_started(self) -> None:
         if not self.warned_messages:
