@@ -76,6 +76,12 @@ MAX_HOLD_NS = 1_000_000
 #: milliseconds; its own requests to us time out after 5 s).
 DMA_REQUEST_TIMEOUT = 30.0
 
+#: The most one DMA_READ/DMA_WRITE asks for, below the session's max_data_xfer_size: QEMU sends
+#: its reply with one non-blocking write and drops what its socket buffer (~208 KiB) does not
+#: take (digest §13, pitfall 23); a 1 MiB DMA_READ reply left the stream cut mid-message and
+#: the device waiting for the rest.
+DMA_CHUNK = 64 * 1024
+
 
 class DeviceStartError(Exception):
     """The device could not get ready (e.g. its NBD server is unreachable); one line for users."""
@@ -375,7 +381,7 @@ class Connection:
 
     def _dma_chunks(self, address: int, count: int) -> list[tuple[int, int]]:
         assert self.session is not None
-        step = self.session.max_data_xfer_size
+        step = min(self.session.max_data_xfer_size, DMA_CHUNK)
         return [(address + pos, min(step, count - pos)) for pos in range(0, count, step)]
 
     async def _dma_request(self, command: Command, payload: bytes) -> Message:

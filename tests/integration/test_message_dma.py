@@ -103,6 +103,23 @@ async def test_copy_through_messages_is_chunked_at_the_clients_limit() -> None:
             assert "memory-backend-memfd" in srv.stderr()
 
 
+async def test_requests_stay_below_what_qemu_can_send_in_one_write() -> None:
+    # A client with a 1 MiB limit still gets requests of at most 64 KiB: QEMU drops the part
+    # of a reply its socket buffer does not take.
+    with trio.fail_after(TIMEOUT):
+        async with running_server("example") as srv, \
+                await Client.connect(srv.socket_path, max_data_xfer_size=1 << 20) as c, \
+                ram_of(1 << 20) as ram:
+            await c.dma_map(ram, with_fd=False)
+            await c.enable_bus_master()
+            (v, *_) = await c.enable_msix(1)
+            data = os.urandom(200 << 10)
+            ram.write(0, data)
+            assert await copy_and_wait(c, v, 0, 0x40000, len(data)) == 1
+            assert ram.read(0x40000, len(data)) == data
+            assert max(c.dma_sizes) == 64 << 10
+
+
 async def test_copy_between_shared_and_message_memory() -> None:
     with trio.fail_after(TIMEOUT):
         async with example_on_both_kinds(bus_master=True) as (c, shared, private, v):
