@@ -20,6 +20,9 @@ check in one boot), then ``python:INTERPRETER`` (run them with another venv's py
 another CPython build) and ``NAME=VALUE`` environment settings, as on a shell command line
 (``--variant 'no C=VFU_FASTIO=0'``).
 ``--devices nvme`` leaves the virtio-blk pair out (and the other way round).
+``--ram private`` gives the guest plain private RAM: the project's devices then reach it
+through DMA_READ/DMA_WRITE messages (QEMU's own devices do not care), which shows what the
+message path costs against a ``--ram shared`` run.
 
 The accelerator is the harness's (``VFU_QEMU_ACCEL``, TCG by default): under TCG the absolute
 numbers mostly measure the emulated CPU, the ratios are what to look at.
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="one NVMe and one virtio-blk of ours with these server options (and leading "
                          "NAME=VALUE environment settings), in the same boot; repeatable")
     ap.add_argument("--devices", default="nvme,virtio-blk", help="which pairs: nvme, virtio-blk or both")
+    ap.add_argument("--ram", choices=("shared", "private"), default="shared",
+                    help="guest RAM: a shared memfd (the servers map it) or plain private memory "
+                         "(the servers reach it through DMA_READ/DMA_WRITE messages)")
     args = ap.parse_args(argv)
     from vfu_server.guest.runner import (
         VfuDevice,
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [k for k in KINDS if k[0] in args.devices.split(",")]
     if not kinds:
         ap.error(f"--devices {args.devices!r}: expected nvme, virtio-blk or both")
-    print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
+    print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU, {args.ram} guest RAM")
     tmp = Path(tempfile.mkdtemp(prefix="vfu-bench-guest-"))
     try:
         loadgen = build_loadgen(tmp)
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                 devices.append(builtin_virtio_blk(img))
         script = guest_script(sizes, jobs, args.seconds, args.rounds)
         result = run_guest(script, devices, memory_mib=args.memory, timeout=args.timeout,
-                           extra_files={"/usr/local/bin/loadgen": loadgen})
+                           extra_files={"/usr/local/bin/loadgen": loadgen}, shared_ram=args.ram == "shared")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if os.environ.get("VFU_BENCH_DEBUG"):

@@ -82,6 +82,16 @@ _HANDLERS: dict[int, str] = {}
 #: scheduler pass (which lets the device's tasks see their eventfds and lets shutdown in).
 MAX_HOLD_NS = 1_000_000
 
+#: How long a server-to-client DMA_READ/DMA_WRITE may wait for its reply (QEMU answers in
+#: milliseconds; its own requests to us time out after 5 s).
+DMA_REQUEST_TIMEOUT = 30.0
+
+#: The most one DMA_READ/DMA_WRITE asks for, below the session's max_data_xfer_size: QEMU sends
+#: its reply with one non-blocking write and drops what its socket buffer (~208 KiB) does not
+#: take (digest §13, pitfall 23); a 1 MiB DMA_READ reply left the stream cut mid-message and
+#: the device waiting for the rest.
+DMA_CHUNK = 64 * 1024
+
 
 class DeviceStartError(Exception):
     """The device could not get ready (e.g. its NBD server is unreachable); one line for users."""
@@ -422,7 +432,7 @@ class Connection:
 
     def _dma_chunks(self, address: int, count: int) -> list[tuple[int, int]]:
         assert self.session is not None
-        step = self.session.max_data_xfer_size
+        step = min(self.session.max_data_xfer_size, DMA_CHUNK)
         return [(address + pos, min(step, count - pos)) for pos in range(0, count, step)]
 
     async def _dma_request(self, command: Command, payload: bytes) -> Message:
@@ -431,9 +441,14 @@ class Connection:
             # a round trip now could only deadlock (QEMU serves it on the loop that waits).
             raise VfioUserError(f"{command.name} while the client waits for a reply", errno.EDEADLK)
         try:
-            return await self.request(command, payload)
+            # A client that never answers must not wedge the device for good.
+            with trio.fail_after(DMA_REQUEST_TIMEOUT):
+                return await self.request(command, payload)
         except RemoteError as exc:
             raise VfioUserError(f"client refused {command.name}: {os.strerror(exc.errno)}", exc.errno) from None
+        except trio.TooSlowError:
+            raise VfioUserError(f"client did not answer {command.name} within {DMA_REQUEST_TIMEOUT:g} s",
+                                errno.ETIMEDOUT) from None
 
     def _message_mode_started(self) -> None:
         if not self.warned_messages:

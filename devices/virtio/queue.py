@@ -267,7 +267,9 @@ class SplitQueue:
                 raise VirtqueueError(f"queue {self.index}: readable descriptor after a writable one")
             if length:
                 try:
-                    views = self.dma.views(addr, length, write=write)
+                    # deferred: guest memory without an fd sees the buffer when push() says
+                    # the request is done, whichever task filled it.
+                    views = self.dma.views(addr, length, write=write, deferred=write)
                 except DmaError as exc:
                     raise VirtqueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x}: {exc}") from None
                 if write:
@@ -301,6 +303,8 @@ class SplitQueue:
         self.inflight -= 1
         if self.inflight == 0:
             self.idle.set()
+        if chain.writable:
+            self.dma.seal(chain.writable)
         if self.active:
             self._used.append((chain.head, written))
 
@@ -325,6 +329,8 @@ class SplitQueue:
             return False
         s = self.state
         size = s.size
+        if self.dma.message_mode:
+            return self._flush_by_messages()
         used = self._view(s.used_ring, 6 + 8 * size, write=True)
         old = s.next_used
         idx = (old + self._used_elsewhere) & 0xFFFF
@@ -338,6 +344,29 @@ class SplitQueue:
         _store16(used, 2, idx)
         s.next_used = idx
         return self._needs_interrupt(old, idx)
+
+    def _flush_by_messages(self) -> bool:
+        """:meth:`flush` for a ring the device reaches through DMA_WRITE messages: the new
+        elements and the index, written as they are (no read of the whole ring first; the
+        writes go out in this order, elements before the index)."""
+        s = self.state
+        size = s.size
+        old = s.next_used
+        idx = (old + self._used_elsewhere) & 0xFFFF
+        self._used_elsewhere = 0
+        for head, length in self._used:
+            self._used_write(4 + 8 * (idx % size), _USED_ELEM.pack(head, length))
+            idx = (idx + 1) & 0xFFFF
+        self._used.clear()
+        self._used_write(2, _U16.pack(idx))
+        s.next_used = idx
+        return self._needs_interrupt(old, idx)
+
+    def _used_write(self, offset: int, data: bytes) -> None:
+        try:
+            self.dma.write(self.state.used_ring + offset, data)
+        except DmaError as exc:
+            raise VirtqueueError(f"queue {self.index}: ring not accessible: {exc}") from None
 
     def _needs_interrupt(self, old: int, new: int) -> bool:
         s = self.state
@@ -377,11 +406,17 @@ class SplitQueue:
         if not (self.active and self.accepting):
             return False
         s = self.state
-        used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
-        if s.event_idx_enabled:
-            _store16(used, 4 + 8 * s.size, (s.next_avail + beyond) & 0xFFFF)
-        elif self._notify_suppressed:
-            _store16(used, 0, 0)
+        if self.dma.message_mode:
+            if s.event_idx_enabled:
+                self._used_write(4 + 8 * s.size, _U16.pack((s.next_avail + beyond) & 0xFFFF))
+            elif self._notify_suppressed:
+                self._used_write(0, _U16.pack(0))
+        else:
+            used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
+            if s.event_idx_enabled:
+                _store16(used, 4 + 8 * s.size, (s.next_avail + beyond) & 0xFFFF)
+            elif self._notify_suppressed:
+                _store16(used, 0, 0)
         self._notify_suppressed = False
         _mb()
         return self.pending() > beyond
@@ -395,9 +430,15 @@ class SplitQueue:
         if not (self.active and self.accepting):
             return
         s = self.state
-        used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
-        if s.event_idx_enabled:
-            _store16(used, 4 + 8 * s.size, (s.next_avail - 1) & 0xFFFF)
+        if self.dma.message_mode:
+            if s.event_idx_enabled:
+                self._used_write(4 + 8 * s.size, _U16.pack((s.next_avail - 1) & 0xFFFF))
+            else:
+                self._used_write(0, _U16.pack(USED_F_NO_NOTIFY))
         else:
-            _store16(used, 0, USED_F_NO_NOTIFY)
+            used = self._view(s.used_ring, 6 + 8 * s.size, write=True)
+            if s.event_idx_enabled:
+                _store16(used, 4 + 8 * s.size, (s.next_avail - 1) & 0xFFFF)
+            else:
+                _store16(used, 0, USED_F_NO_NOTIFY)
         self._notify_suppressed = True

@@ -11,17 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_nvme_guest import BAD_DMESG as NVME_BAD_DMESG
 
 from vfu_server.guest import GuestKit, VfuDevice, run_guest
 
 MIB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# What a driver prints when the device and it disagree (timeouts, aborts, resets, I/O errors).
-BAD_DMESG = (
-    r"nvme.*(timeout|abort|will reset|fail|error|bogus|invalid|not ready|is down|I/O)"
-    r"|virtio.*(error|fail|reset)|blk_update_request|Buffer I/O error|I/O error|EXT4-fs error"
-)
+# The NVMe test's list of driver complaints, and virtio-blk's and ext4's.
+BAD_DMESG = NVME_BAD_DMESG + r"|virtio.*(error|reset|broken)|I/O error|EXT4-fs error"
 
 SCRIPT = r"""
 vfu_wait_dev /dev/nvme0n1 120 || { dmesg | tail -40; exit 10; }
@@ -71,6 +68,7 @@ def e2fsprogs_files() -> dict[str, str]:
 
 
 @pytest.mark.guest
+@pytest.mark.timeout(1000)
 def test_nvme_and_virtio_blk_on_plain_guest_ram(guest_kit: GuestKit, tmp_path: Path) -> None:
     nvme_img, blk_img = tmp_path / "nvme.img", tmp_path / "blk.img"
     nvme_img.write_bytes(os.urandom(32 * MIB))

@@ -27,12 +27,12 @@ from server_helpers import (
     RawConn,
 )
 
-from vfu_server.client import Client, GuestRam
+from vfu_server.client import Client, EventFd, GuestRam
 from vfu_server.protocol import messages as m
 from vfu_server.protocol.codec import encode
 from vfu_server.protocol.constants import Command, DmaMapFlags
 from vfu_server.testing.nvme import SubmissionEntry, nvme_session
-from vfu_server.testing.process import running_server
+from vfu_server.testing.process import ServerProcess, running_server
 from vfu_server.testing.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, init_device
 
 TIMEOUT = 60
@@ -44,6 +44,35 @@ WARNING = "guest RAM came without an fd"
 async def ram_of(size: int, base: int = 0) -> AsyncIterator[GuestRam]:
     with GuestRam(size, base) as ram:
         yield ram
+
+
+@asynccontextmanager
+async def example_on_private_ram(size: int) -> AsyncIterator[tuple[ServerProcess, Client, GuestRam, EventFd]]:
+    """``vfu-server example`` with ``size`` bytes of RAM mapped without an fd at 0, bus master
+    on, MSI-X vector 0: (server, client, RAM, vector)."""
+    async with running_server("example") as srv, \
+            await Client.connect(srv.socket_path, max_data_xfer_size=LIMIT) as c, \
+            ram_of(size) as ram:
+        await c.dma_map(ram, with_fd=False)
+        await c.enable_bus_master()
+        (v, *_) = await c.enable_msix(1)
+        yield srv, c, ram, v
+
+
+@asynccontextmanager
+async def example_on_both_kinds(*, bus_master: bool) -> AsyncIterator[tuple[Client, GuestRam, GuestRam, EventFd]]:
+    """``vfu-server example`` with 64 KiB of shared RAM at 0x100000 and 64 KiB mapped without
+    an fd at 0x200000: (client, shared, private, MSI-X vector 0)."""
+    async with running_server("example") as srv, \
+            await Client.connect(srv.socket_path, max_data_xfer_size=LIMIT) as c, \
+            ram_of(1 << 16, base=0x100000) as shared, ram_of(1 << 16, base=0x200000) as private:
+        await c.dma_map(shared)
+        await c.dma_map(private, with_fd=False)
+        if bus_master:
+            await c.enable_bus_master()
+        (v, *_) = await c.enable_msix(1)
+        yield c, shared, private, v
+        assert srv.process.returncode is None
 
 
 async def start_copy(c: Client, src: int, dst: int, length: int) -> None:
@@ -60,12 +89,7 @@ async def copy_and_wait(c: Client, vector, src: int, dst: int, length: int) -> i
 
 async def test_copy_through_messages_is_chunked_at_the_clients_limit() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running_server("example") as srv, \
-                await Client.connect(srv.socket_path, max_data_xfer_size=LIMIT) as c, \
-                ram_of(1 << 20) as ram:
-            await c.dma_map(ram, with_fd=False)
-            await c.enable_bus_master()
-            (v, *_) = await c.enable_msix(1)
+        async with example_on_private_ram(1 << 20) as (srv, c, ram, v):
             data = os.urandom(3 * LIMIT + 100)
             ram.write(0x1000 + 7, data)
             assert await copy_and_wait(c, v, 0x1000 + 7, 0x80000 + 3, len(data)) == 1
@@ -79,15 +103,26 @@ async def test_copy_through_messages_is_chunked_at_the_clients_limit() -> None:
             assert "memory-backend-memfd" in srv.stderr()
 
 
-async def test_copy_between_shared_and_message_memory() -> None:
+async def test_requests_stay_below_what_qemu_can_send_in_one_write() -> None:
+    # A client with a 1 MiB limit still gets requests of at most 64 KiB: QEMU drops the part
+    # of a reply its socket buffer does not take.
     with trio.fail_after(TIMEOUT):
         async with running_server("example") as srv, \
-                await Client.connect(srv.socket_path, max_data_xfer_size=LIMIT) as c, \
-                ram_of(1 << 16, base=0x100000) as shared, ram_of(1 << 16, base=0x200000) as private:
-            await c.dma_map(shared)
-            await c.dma_map(private, with_fd=False)
+                await Client.connect(srv.socket_path, max_data_xfer_size=1 << 20) as c, \
+                ram_of(1 << 20) as ram:
+            await c.dma_map(ram, with_fd=False)
             await c.enable_bus_master()
             (v, *_) = await c.enable_msix(1)
+            data = os.urandom(200 << 10)
+            ram.write(0, data)
+            assert await copy_and_wait(c, v, 0, 0x40000, len(data)) == 1
+            assert ram.read(0x40000, len(data)) == data
+            assert max(c.dma_sizes) == 64 << 10
+
+
+async def test_copy_between_shared_and_message_memory() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with example_on_both_kinds(bus_master=True) as (c, shared, private, v):
             data = os.urandom(5000)
             shared.write(0x100000, data)
             assert await copy_and_wait(c, v, 0x100000, 0x200010, len(data)) == 1
@@ -100,12 +135,7 @@ async def test_copy_between_shared_and_message_memory() -> None:
 
 async def test_bus_master_enable_clear_refuses_every_dma() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running_server("example") as srv, \
-                await Client.connect(srv.socket_path, max_data_xfer_size=LIMIT) as c, \
-                ram_of(1 << 16, base=0x100000) as shared, ram_of(1 << 16, base=0x200000) as private:
-            await c.dma_map(shared)
-            await c.dma_map(private, with_fd=False)
-            (v, *_) = await c.enable_msix(1)
+        async with example_on_both_kinds(bus_master=False) as (c, shared, private, v):
             assert not await c.config_read(0x04, 2) & 0x4
             shared.write(0x100000, b"S" * 64)
             private.write(0x200000, b"P" * 64)
@@ -122,7 +152,6 @@ async def test_bus_master_enable_clear_refuses_every_dma() -> None:
             before = c.server_requests
             assert await copy_and_wait(c, v, 0x200000, 0x200000 + 0x1000, 64) == 3
             assert c.server_requests == before
-            assert srv.process.returncode is None
 
 
 async def test_nvme_with_bus_master_clear_fails_its_dma() -> None:
@@ -142,12 +171,7 @@ async def test_nvme_with_bus_master_clear_fails_its_dma() -> None:
 
 async def test_a_client_that_refuses_dma_requests() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running_server("example") as srv, \
-                await Client.connect(srv.socket_path, max_data_xfer_size=LIMIT) as c, \
-                ram_of(1 << 16) as ram:
-            await c.dma_map(ram, with_fd=False)
-            await c.enable_bus_master()
-            (v, *_) = await c.enable_msix(1)
+        async with example_on_private_ram(1 << 16) as (srv, c, ram, v):
             ram.write(0, b"x" * 100)
             c.refuse_dma = errno.EFAULT
             assert await copy_and_wait(c, v, 0, 0x1000, 100) == 3

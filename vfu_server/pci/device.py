@@ -20,6 +20,13 @@ a socket. docs/device-guide.md builds a complete device step by step.
 Callbacks run on the server's event loop and must not block. Work that takes time (block I/O,
 a packet backend) runs in tasks started with :meth:`spawn`, which live as long as the device,
 across client connections.
+
+Guest RAM that the client maps without an fd (QEMU without shared memory) is reached through
+DMA_READ/DMA_WRITE messages, transparently: ``self.dma`` looks the same, BAR write callbacks
+and :meth:`spawn` tasks may use it (they run under :mod:`.msgdma`, which waits for the round
+trips outside any reply). Tasks started on a nursery of the device's own must go through
+``self.dma.executor.run_task`` (or ``executor.start_soon``) to get the same. A writable view of
+such memory starts as zeros: write all of it, or pass ``update=True``.
 """
 
 from __future__ import annotations

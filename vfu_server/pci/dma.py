@@ -169,6 +169,7 @@ class GuestMemory:
         self._starts.clear()
         self._last = None
         self._fdless = 0
+        self.executor.writes.clear()  # nowhere to send them any more
 
     def _counts(self, region: DmaRegion) -> bool:
         return region.view is None and region.writable and not (
@@ -203,11 +204,14 @@ class GuestMemory:
                 return region
         raise DmaError(f"guest address {iova:#x} is not mapped")
 
-    def view(self, iova: int, length: int, *, write: bool = False, update: bool = False) -> memoryview:
+    def view(self, iova: int, length: int, *, write: bool = False, update: bool = False,
+             deferred: bool = False) -> memoryview:
         """A view of ``[iova, iova + length)``, which must lie inside one region: zero-copy
         for a map with an fd; for one without, the data read with DMA_READ (``write``: a
-        buffer written back with DMA_WRITE, see :mod:`.msgdma`; ``update``: the caller
-        changes part of it in place and is done with it before its next await)."""
+        buffer written back with DMA_WRITE, see :mod:`.msgdma`, which starts as zeros: write
+        all of it, or say ``update``: the caller changes part of it in place, and is done with
+        it before its next await, so it is read first; ``deferred``: filled elsewhere, written
+        back once :meth:`seal` says so)."""
         if length < 0 or iova < 0:
             raise DmaError(f"bad DMA range {iova:#x}+{length:#x}")
         image = self.config_image
@@ -224,7 +228,7 @@ class GuestMemory:
                 self.dirty_hook(iova, length)
         if region.view is None:
             ctx = self._message_context(iova)
-            return ctx.bounce(iova, length, update) if write else memoryview(ctx.read(iova, length))
+            return ctx.bounce(iova, length, update, deferred) if write else memoryview(ctx.read(iova, length))
         return region.view[start : start + length]
 
     def _message_context(self, iova: int) -> DmaContext:
@@ -245,18 +249,24 @@ class GuestMemory:
         if ctx is not None and ctx.writes and ctx.glet is getcurrent():
             ctx.flush_sync()
 
-    def views(self, iova: int, length: int, *, write: bool = False) -> list[memoryview]:
+    def seal(self, views: list[memoryview]) -> None:
+        """The device finished a request whose buffers it took with ``view(deferred=True)``:
+        they may go to the guest now (before the request's completion does)."""
+        if self.executor.writes:
+            self.executor.writes.seal(views)
+
+    def views(self, iova: int, length: int, *, write: bool = False, deferred: bool = False) -> list[memoryview]:
         """Like :meth:`view`, split at region boundaries."""
         if iova >= 0 and length > 0:
             # Fast path: the range lies inside the last region used (nearly every access).
             last = self._last
             if last is not None and last.iova <= iova and iova + length <= last.iova + last.size:
-                return [self.view(iova, length, write=write)]
+                return [self.view(iova, length, write=write, deferred=deferred)]
         out = []
         while length > 0:
             region = self._find(iova)
             chunk = min(length, region.end - iova)
-            out.append(self.view(iova, chunk, write=write))
+            out.append(self.view(iova, chunk, write=write, deferred=deferred))
             iova += chunk
             length -= chunk
         return out

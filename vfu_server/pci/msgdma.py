@@ -18,12 +18,13 @@ Rules that keep this correct:
   is atomic. A step that waits for a message holds the executor; other device tasks' steps and
   BAR writes that arrive meanwhile wait their turn (the writes in order), so no step ever sees
   another half-done.
-* **Data before completions.** A writable view of message memory is a bounce buffer written
-  back with DMA_WRITE, in the order the views were taken: when the step ends (up to the last
-  buffer already complete: small structures such as completion entries, and explicit
-  :meth:`GuestMemory.write` data), before any interrupt is raised, and when the task ends. A
-  data buffer that a backend fills across an await is written back by the completion after
-  it, so the guest never sees a completion before its data.
+* **Data before completions, writes before reads.** A writable view of message memory is a
+  bounce buffer written back with DMA_WRITE, in the order the views were taken: when the step
+  ends (up to the last buffer already complete: small structures such as completion entries,
+  and explicit :meth:`GuestMemory.write` data), before the next read (PCIe does not let a read
+  pass a write), before any interrupt is raised, and when the task ends. A data buffer that a
+  backend fills across an await is written back by the completion after it, so the guest
+  never sees a completion before its data.
 
 With every DMA map carrying an fd none of this runs: device tasks step their coroutines
 directly and BAR writes call the device directly (:attr:`GuestMemory.message_mode` is False).
@@ -49,10 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vfu_server.dma")
 
-#: A writable view up to this size is a structure (completion entry, used ring element,
-#: doorbell shadow): it is read first, since the device may update part of it, and it counts
-#: as complete when the step ends. Larger ones are data buffers that a backend fills, unless
-#: the device says otherwise (``GuestMemory.view(update=True)``: a ring it updates in place).
+#: A writable view up to this size is a structure (completion entry, doorbell shadow) that the
+#: device writes whole at once: it counts as complete when taken. Larger ones are data buffers
+#: that a backend fills. A writable view starts as zeros, unless the device says it updates
+#: part of it in place (``GuestMemory.view(update=True)``): then it is read first.
 STRUCT_MAX = 256
 
 
@@ -78,25 +79,103 @@ class _Done:
 
 
 class _Pending:
-    """A write-back: ``buf`` goes to ``address`` with DMA_WRITE; ``sealed`` once its content is
-    final (a structure, or explicit write data)."""
+    """A write-back: ``buf`` goes to ``address`` with DMA_WRITE once ``sealed`` (its content is
+    final). ``owner`` took the view; ``deferred``: only :meth:`WriteBacks.seal` seals it."""
 
-    __slots__ = ("address", "buf", "sealed")
+    __slots__ = ("address", "buf", "deferred", "owner", "sealed")
 
-    def __init__(self, address: int, buf: bytearray | bytes, sealed: bool) -> None:
-        self.address, self.buf, self.sealed = address, buf, sealed
+    def __init__(self, address: int, buf: bytearray | bytes, sealed: bool, owner: DmaContext,
+                 deferred: bool = False) -> None:
+        self.address, self.buf, self.sealed, self.owner, self.deferred = address, buf, sealed, owner, deferred
+
+
+class WriteBacks:
+    """The device's write-backs not yet sent, in the order the device made them.
+
+    Due at a flush: the sealed ones, and the ones taken before a sealed one of the same owner
+    (a task's data buffers before its completion entry). A small view is a structure filled
+    at once (sealed when taken); a task's other views are sealed when it ends. A deferred view
+    (a virtqueue chain's buffer, taken by the task that walks the ring and filled by another)
+    is sealed by the device when it completes the request.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[_Pending] = []
+        self._by_buf: dict[int, _Pending] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def add(self, item: _Pending) -> None:
+        self.items.append(item)
+        if item.deferred:
+            self._by_buf[id(item.buf)] = item
+
+    def seal_owner(self, owner: DmaContext) -> None:
+        for item in self.items:
+            if item.owner is owner and not item.deferred:
+                item.sealed = True
+
+    def seal(self, views: list[memoryview]) -> None:
+        """The device is done with ``views`` (deferred bounce buffers): they go back whole
+        (the bytes past what it wrote are undefined for the driver: zeros)."""
+        for view in views:
+            item = self._by_buf.get(id(view.obj))
+            if item is not None:
+                item.sealed = True
+
+    def has_due(self) -> bool:
+        return any(item.sealed for item in self.items)
+
+    def take_due(self, address: int = 0, length: int = 0) -> list[_Pending]:
+        """Remove and return what is due, plus anything overlapping ``[address, +length)``."""
+        last: dict[int, int] = {}
+        for i, item in enumerate(self.items):
+            if item.sealed:
+                last[id(item.owner)] = i
+        end = address + length
+        due, keep = [], []
+        for i, item in enumerate(self.items):
+            if item.sealed or (not item.deferred and last.get(id(item.owner), -1) > i) or (
+                    length and item.address < end and address < item.address + len(item.buf)):
+                due.append(item)
+                self._by_buf.pop(id(item.buf), None)
+            else:
+                keep.append(item)
+        self.items = keep
+        return _coalesce([item for item in due if len(item.buf)])
+
+    def clear(self) -> None:
+        self.items.clear()
+        self._by_buf.clear()
+
+
+def _coalesce(items: list[_Pending]) -> list[_Pending]:
+    """Merge writes that continue each other into one request (a run of completion entries,
+    used ring elements after the used index): each request is a round trip on the client's
+    main loop."""
+    out: list[_Pending] = []
+    for item in items:
+        last = out[-1] if out else None
+        if last is not None and last.address + len(last.buf) == item.address:
+            merged = bytearray(last.buf)
+            merged += item.buf
+            out[-1] = _Pending(last.address, merged, True, last.owner)
+        else:
+            out.append(item)
+    return out
 
 
 class DmaContext:
     """One task's (or one deferred callback's) message-DMA state: its greenlet while a step
-    runs, and its write-backs not yet sent."""
+    runs, and the device's write-backs."""
 
     __slots__ = ("glet", "name", "writes")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, writes: WriteBacks) -> None:
         self.name = name
         self.glet: greenlet | None = None
-        self.writes: list[_Pending] = []
+        self.writes = writes
 
     # -- called from device code, inside the greenlet ---------------------------------------
 
@@ -106,44 +185,39 @@ class DmaContext:
         return glet.parent.switch(op)
 
     def read(self, address: int, length: int) -> bytes:
-        if self.writes and self._overlaps(address, length):
-            self.flush_sync(everything=True)  # the device reads back what it wrote
+        if self.writes:
+            # PCIe ordering: a read does not pass the writes before it. Event indexes depend
+            # on it (write the index, then read the tail again: the driver, which writes the
+            # tail and then reads the index, must not slip between), and so does a device that
+            # reads back what it wrote.
+            self._send(self.writes.take_due(address, length))
         return self.suspend(_Op(address, length, None))
 
-    def bounce(self, address: int, length: int, update: bool = False) -> memoryview:
-        if update or length <= STRUCT_MAX:
+    def bounce(self, address: int, length: int, update: bool = False, deferred: bool = False) -> memoryview:
+        if deferred:
+            buf = bytearray(length)
+            self.writes.add(_Pending(address, buf, False, self, deferred=True))
+        elif update:
             buf = bytearray(self.read(address, length))
-            self.writes.append(_Pending(address, buf, True))
+            self.writes.add(_Pending(address, buf, True, self))
+        elif length <= STRUCT_MAX:
+            buf = bytearray(length)  # a structure the device writes whole, at once
+            self.writes.add(_Pending(address, buf, True, self))
         else:
             buf = bytearray(length)
-            self.writes.append(_Pending(address, buf, False))
+            self.writes.add(_Pending(address, buf, False, self))
         return memoryview(buf)
 
     def write(self, address: int, data: bytes) -> None:
-        self.writes.append(_Pending(address, data, True))
+        self.writes.add(_Pending(address, data, True, self))
 
-    def flush_sync(self, everything: bool = False) -> None:
+    def flush_sync(self) -> None:
         """Send the write-backs that are due, from inside the greenlet (before an interrupt)."""
-        for item in self._take(everything):
+        self._send(self.writes.take_due())
+
+    def _send(self, items: list[_Pending]) -> None:
+        for item in items:
             self.suspend(_Op(item.address, len(item.buf), bytes(item.buf)))
-
-    def _overlaps(self, address: int, length: int) -> bool:
-        end = address + length
-        return any(w.address < end and address < w.address + len(w.buf) for w in self.writes)
-
-    def _take(self, everything: bool) -> list[_Pending]:
-        writes = self.writes
-        if everything:
-            self.writes = []
-            return writes
-        last = -1
-        for i, w in enumerate(writes):
-            if w.sealed:
-                last = i
-        if last < 0:
-            return []
-        due, self.writes = writes[: last + 1], writes[last + 1 :]
-        return due
 
 
 @types.coroutine
@@ -174,6 +248,7 @@ class DmaExecutor:
     def __init__(self, mem: GuestMemory) -> None:
         self.mem = mem
         self.holder: DmaContext | None = None
+        self.writes = WriteBacks()
         self._free: trio.Event | None = None
         self._queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._draining = False
@@ -240,8 +315,11 @@ class DmaExecutor:
                 return result
             op = result
 
-    async def _flush(self, ctx: DmaContext, everything: bool) -> None:
-        for item in ctx._take(everything):
+    async def _flush(self, ctx: DmaContext, finished: bool) -> None:
+        """Send what is due (a finished task's own buffers are all complete)."""
+        if finished:
+            self.writes.seal_owner(ctx)
+        for item in self.writes.take_due():
             try:
                 await self._do(_Op(item.address, len(item.buf), bytes(item.buf)))
             except DmaError as exc:
@@ -255,7 +333,7 @@ class DmaExecutor:
     async def run_task(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run ``fn(*args)`` so that any synchronous code it calls may use message DMA."""
         coro = fn(*args)
-        ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)))
+        ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)), self.writes)
         mem = self.mem
         send, throw = coro.send, coro.throw
         value: Any = None
@@ -264,7 +342,7 @@ class DmaExecutor:
             while True:
                 # Attributes, not the message_mode property: this runs once per await of
                 # every device task, on the shared-memory fast path too.
-                if (mem._fdless and mem.port is not None) or ctx.writes:
+                if mem._fdless and mem.port is not None:
                     trap, finished = await self._message_step(ctx, coro, value, exc)
                     if finished:
                         return trap
@@ -292,7 +370,7 @@ class DmaExecutor:
             done = await self._drive(ctx, glet, (coro, value, exc))
             ctx.glet = None
             with trio.CancelScope(shield=True):
-                await self._flush(ctx, everything=done.finished or done.exc is not None)
+                await self._flush(ctx, finished=done.finished or done.exc is not None)
         finally:
             self._release()
         if done.exc is not None:
@@ -317,7 +395,7 @@ class DmaExecutor:
         without waiting for a message; otherwise finish it in a device task, after whatever
         is already waiting, and return None at once so that the reply goes out."""
         if self.holder is None and not self._queue:
-            ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)))
+            ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)), self.writes)
             glet = greenlet(_run_call)
             glet.gr_context = contextvars.copy_context()
             ctx.glet = glet
@@ -327,7 +405,8 @@ class DmaExecutor:
             finally:
                 self.mem.context = None
             if isinstance(result, _Done):
-                if ctx.writes:
+                self.writes.seal_owner(ctx)
+                if self.writes.has_due():
                     self.holder = ctx  # its write-backs go before anything else steps
                     self._start_drain(ctx, glet, _Done())
                 if result.exc is not None:
@@ -357,7 +436,7 @@ class DmaExecutor:
                     self._release()
             while self._queue:
                 fn, args = self._queue.popleft()
-                ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)))
+                ctx = DmaContext(getattr(fn, "__qualname__", repr(fn)), self.writes)
                 await self._acquire(ctx)
                 try:
                     glet = greenlet(_run_call)
@@ -380,7 +459,7 @@ class DmaExecutor:
             else:
                 done = await self._drive(ctx, glet, first)
             ctx.glet = None
-            await self._flush(ctx, everything=True)
+            await self._flush(ctx, finished=True)
         if done.exc is not None:
             if isinstance(done.exc, VfioUserError):
                 log.info("%s (finished in a task for message DMA) failed: %s", ctx.name, done.exc.message)
