@@ -314,11 +314,23 @@ def _refusal_before_hold(host: HandoverHost, hello: dict[str, Any]) -> HandoverE
     return None
 
 
+def _import_migration_code(cls: type[PciDevice]) -> None:
+    """What a first save or load would import (the format module, the device's
+    ``migration_imports``): 30-120 ms of imports that must neither stall the event loop nor
+    count in the pause. Run in a worker thread; touches no device state."""
+    import importlib
+
+    from .migration import session  # noqa: F401
+
+    cls.get_migration_formats()
+    for name in cls.migration_imports:
+        importlib.import_module(name)
+
+
 def _warm_up(device: PciDevice, formats: Sequence[tuple[StateFormat, int | None]]) -> None:
-    """Save (and load-check) the device's state once in each format before the pause: the
-    first save or load imports and builds what a format needs (tens of milliseconds, a
-    device's migration code is imported on first use), which must not count in the pause.
-    A running device's state is only read here (as PRE_COPY does)."""
+    """Save (and load-check) the device's state once in each format before the pause, so
+    that what a format builds on first use does not count in the pause. A running device's
+    state is only read here (as PRE_COPY does)."""
     from .migration.session import LoadSession, SaveSession
 
     try:
@@ -358,6 +370,10 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     ``hello``), or stay exactly as we were. Never raises: every failure is a rollback."""
     link = Link(sock, buffered)
     server, device = host.server, host.server.device
+    try:
+        await trio.to_thread.run_sync(_import_migration_code, type(device))
+    except Exception as exc:  # the refusal below or the handover itself will say what is wrong
+        log.info("handover: importing migration code: %s", exc)
     refusal = _refusal_before_hold(host, hello)
     fmt_choice: tuple[StateFormat, int] | None = None
     if refusal is None:
@@ -597,6 +613,7 @@ class Successor:
             sock.close()
             raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
                                   f"cannot connect to {self.control_path}: {exc.strerror}") from None
+        _import_migration_code(type(device))
         _warm_up(device, [(f, None) for f in type(device).get_migration_formats()])
         link = Link(sock)
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}

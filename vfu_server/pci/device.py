@@ -78,6 +78,9 @@ class PciDevice:
     #: format then costs a server nothing at start-up). A device with formats must implement
     #: :meth:`save_state` and :meth:`load_state`.
     migration_formats: ClassVar[Any] = None
+    #: modules the device's migration code imports on first use (beyond its format module): a
+    #: live handover imports them in a worker thread ahead of its pause
+    migration_imports: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def get_migration_formats(cls) -> Any:
