@@ -230,7 +230,7 @@ def profile_difference(device: PciDevice, theirs: str | None) -> str | None:
     mine = profile_hex(device)
     if mine == theirs:
         return None
-    if theirs is None or mine is None:
+    if not isinstance(theirs, str) or mine is None:
         return "one side has no profile"
     from .migration.generic import PROFILE, profile_from_record
 
@@ -374,13 +374,15 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         await trio.to_thread.run_sync(_import_migration_code, type(device))
     except Exception as exc:  # the refusal below or the handover itself will say what is wrong
         log.info("handover: importing migration code: %s", exc)
-    refusal = _refusal_before_hold(host, hello)
     fmt_choice: tuple[StateFormat, int] | None = None
-    if refusal is None:
-        try:
+    try:
+        refusal = _refusal_before_hold(host, hello)
+        if refusal is None:
             fmt_choice = choose_format(type(device).get_migration_formats(), hello.get("formats"), hello.get("insist"))
-        except HandoverError as exc:
-            refusal = exc
+    except HandoverError as exc:
+        refusal = exc
+    except Exception as exc:  # a hello no check foresaw: refused, never a dead server
+        refusal = HandoverError(errno.EINVAL, f"bad handover request: {type(exc).__name__}: {exc}")
     if refusal is not None:
         log.warning("handover refused: %s", refusal.reason)
         with trio.move_on_after(1):

@@ -875,9 +875,17 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
 
                             if msg["cmd"] == "handover":
                                 # The connection now belongs to the handover, whatever its outcome.
-                                await handover.give(host, sock, msg, buf)
+                                try:
+                                    await handover.give(host, sock, msg, buf)
+                                except Exception:  # give() rolls back itself; the server goes on
+                                    log.exception("handover failed")
                                 return
-                            reply = await handover.snapshot(host, msg)
+                            try:
+                                reply = await handover.snapshot(host, msg)
+                            except Exception as exc:
+                                log.exception("snapshot failed")
+                                reply = {"ok": False, "errno": errno.EIO, "error": "EIO",
+                                         "reason": f"{type(exc).__name__}: {exc}"}
                         elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}
