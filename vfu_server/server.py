@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -51,7 +52,13 @@ from .protocol.constants import (
     Command,
     DmaUnmapFlags,
 )
-from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
+from .protocol.errors import (
+    MalformedMessage,
+    ProtocolError,
+    RemoteError,
+    ReplyTooLarge,
+    VfioUserError,
+)
 from .protocol.negotiation import ServerOffer, Session
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
@@ -142,6 +149,10 @@ class Connection:
         self._last_pass = 0  # perf_counter_ns() after the last wait in the scheduler
         #: batches the busy look found / batches received after sleeping (logged at disconnect)
         self.batches_found = self.batches_waited = 0
+        #: an async handler is being awaited: the connection reads nothing meanwhile, so no
+        #: server request may wait for a reply (see _dma_request)
+        self.handler_waiting = False
+        self.warned_messages = False
         self.handlers: dict[int, Callable[[Message], Reply | Awaitable[Reply]]] = {
             cmd: getattr(self, name) for cmd, name in _HANDLERS.items()
         }
@@ -258,8 +269,12 @@ class Connection:
                     out = bytearray()
                 reply = self._dispatch(msg)
                 if reply is not None and not isinstance(reply, tuple):
-                    with trio.CancelScope(shield=True):
-                        reply = await reply
+                    self._hold_server_requests()
+                    try:
+                        with trio.CancelScope(shield=True):
+                            reply = await reply
+                    finally:
+                        self.handler_waiting = False
                 if reply is None:
                     continue
                 data, fds = reply
@@ -275,6 +290,13 @@ class Connection:
                 msg.close_fds()
         if out:
             await self._send(out)
+
+    def _hold_server_requests(self) -> None:
+        """Nothing is read while a handler is awaited: fail the device's message DMA meanwhile
+        (waiting ones at once) rather than deadlock against the client."""
+        self.handler_waiting = True
+        if len(self._pending):
+            self._pending.close()
 
     async def _send(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Send a reply (or several); waits, shielded, only when the socket is full."""
@@ -375,25 +397,50 @@ class Connection:
         return reply
 
     async def dma_read(self, address: int, count: int) -> bytes:
-        """Read guest memory through DMA_READ messages (for maps that came without an fd)."""
-        assert self.session is not None
+        """Read guest memory through DMA_READ messages (for maps that came without an fd), in
+        requests of at most the session's ``max_data_xfer_size``. From device tasks only."""
         out = bytearray()
-        step = self.session.max_data_xfer_size
-        while count > 0:
-            n = min(step, count)
-            reply = await self.request(Command.DMA_READ, m.DmaAccess(address, n).pack())
-            out += m.DmaAccess.unpack(reply.payload, with_data=True).data
-            address += n
-            count -= n
+        for addr, n in self._dma_chunks(address, count):
+            reply = await self._dma_request(Command.DMA_READ, m.DmaAccess(addr, n).pack())
+            got = m.DmaAccess.unpack(reply.payload, with_data=True)
+            if got.address != addr or got.count != n:
+                raise VfioUserError(f"DMA_READ reply for {got.address:#x}+{got.count} to a request for {addr:#x}+{n}", errno.EIO)
+            out += got.data
         return bytes(out)
 
     async def dma_write(self, address: int, data: bytes) -> None:
+        """Write guest memory through DMA_WRITE messages; see :meth:`dma_read`."""
+        pos = 0
+        for addr, n in self._dma_chunks(address, len(data)):
+            reply = await self._dma_request(Command.DMA_WRITE, m.DmaAccess(addr, n, data[pos : pos + n]).pack())
+            got = m.DmaAccess.unpack(reply.payload, with_data=False)
+            if got.address != addr or got.count != n:
+                raise VfioUserError(f"DMA_WRITE reply for {got.address:#x}+{got.count} to a request for {addr:#x}+{n}", errno.EIO)
+            pos += n
+
+    def _dma_chunks(self, address: int, count: int) -> list[tuple[int, int]]:
         assert self.session is not None
         step = self.session.max_data_xfer_size
-        for pos in range(0, len(data), step):
-            chunk = data[pos : pos + step]
-            # QEMU reads data at message byte 28 and wants size >= 32 + count: pad 4 bytes.
-            await self.request(Command.DMA_WRITE, m.DmaAccess(address + pos, len(chunk), chunk + b"\0" * 4).pack())
+        return [(address + pos, min(step, count - pos)) for pos in range(0, count, step)]
+
+    async def _dma_request(self, command: Command, payload: bytes) -> Message:
+        if self.handler_waiting:
+            # The client waits for our reply to a request whose handler waits for the device:
+            # a round trip now could only deadlock (QEMU serves it on the loop that waits).
+            raise VfioUserError(f"{command.name} while the client waits for a reply", errno.EDEADLK)
+        try:
+            return await self.request(command, payload)
+        except RemoteError as exc:
+            raise VfioUserError(f"client refused {command.name}: {os.strerror(exc.errno)}", exc.errno) from None
+
+    def _message_mode_started(self) -> None:
+        if not self.warned_messages:
+            self.warned_messages = True
+            log.warning(
+                "client %d: guest RAM came without an fd, so the device reaches it with DMA_READ/"
+                "DMA_WRITE messages, which is far slower; for shared memory start QEMU with "
+                "-object memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem",
+                self.number)
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -404,6 +451,11 @@ class Connection:
         request = m.Version.unpack(msg.payload)
         reply, session = self.server.offer.negotiate(request)
         self.session = session
+        dma = self.device.dma
+        dma.port = self
+        dma.on_message_mode = self._message_mode_started
+        if dma.message_mode:
+            self._message_mode_started()
         log.info(
             "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
             self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
@@ -530,10 +582,22 @@ class Connection:
         handler = getattr(self.device, "device_feature", None)
         if handler is None:
             raise VfioUserError(f"feature {req.index} not supported", errno.ENOTTY)
-        result = handler(req)
-        if isinstance(result, Awaitable):
-            result = await result
-        return m.DeviceFeature(req.flags, result or b"", argsz=req.argsz).pack()
+        echo = req.is_set or req.is_probe
+        if echo and req.argsz < len(msg.payload):
+            # The reply repeats the request, and argsz is the most the client takes back.
+            raise VfioUserError(f"DEVICE_FEATURE argsz {req.argsz} < {len(msg.payload)}, the size of the "
+                                "reply that echoes this request", errno.EINVAL)
+        try:
+            result = handler(req)
+            if isinstance(result, Awaitable):
+                result = await result
+        except ReplyTooLarge as exc:
+            log.debug("DEVICE_FEATURE %#x: %s; replying with argsz %d only", req.index, exc.message, exc.needed)
+            return m.DeviceFeature(req.flags, argsz=exc.needed).pack()
+        if echo:
+            # "The reply payload must be the same as the request payload for setting or probing."
+            return bytes(msg.payload)
+        return m.DeviceFeature.get_reply(req.flags, result or b"", req.argsz)
 
     @handles(Command.MIG_DATA_READ)
     async def _mig_data_read(self, msg: Message) -> bytes:
@@ -542,22 +606,37 @@ class Connection:
         if reader is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
         assert self.session is not None
-        limit = min(req.size, self.session.max_data_xfer_size)
-        data = reader(limit)
+        if req.argsz < 8 + req.size:
+            raise VfioUserError(f"MIG_DATA_READ argsz {req.argsz} < 8 + size {req.size}: the reply "
+                                "would not fit", errno.EINVAL)
+        limit = self.session.max_data_xfer_size
+        if req.size > limit:
+            # Refused rather than cut short: a reply shorter than asked means "no more data" to
+            # the reader, and data cannot be sent past the limit the client negotiated. So the
+            # only reply that never lies about the stream's end is this error.
+            raise VfioUserError(f"MIG_DATA_READ size {req.size} > max_data_xfer_size {limit}", errno.EINVAL)
+        data = reader(req.size)
         if isinstance(data, Awaitable):
             data = await data
-        return m.MigData(len(data), data, argsz=req.argsz).pack()
+        # argsz and size count the data; the message carries all ``size`` bytes asked for, the
+        # rest zeros, as libvfio-user's server sends it: its client reads exactly that much.
+        return m.MigData(len(data), data).pack().ljust(8 + req.size, b"\0")
 
     @handles(Command.MIG_DATA_WRITE)
-    async def _mig_data_write(self, msg: Message) -> bytes:
+    async def _mig_data_write(self, msg: Message) -> None:
         req = m.MigData.unpack(msg.payload, with_data=True)
         writer = getattr(self.device, "migration_data_write", None)
         if writer is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
+        assert self.session is not None
+        if req.size > self.session.max_data_xfer_size:
+            raise VfioUserError(f"MIG_DATA_WRITE size {req.size} > max_data_xfer_size "
+                                f"{self.session.max_data_xfer_size}", errno.EINVAL)
         result = writer(req.data)
         if isinstance(result, Awaitable):
             await result
-        return m.MigData(req.size, argsz=req.argsz).pack()[:8]
+        # "There is no reply payload for this message."
+        return None
 
 
 class Server:
@@ -665,6 +744,7 @@ class Server:
 
     async def client_gone(self) -> None:
         device = self.device
+        device.dma.port = None
         if device.migration is not None:
             device.migration.client_gone()
         device.dma.clear()
