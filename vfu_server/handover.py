@@ -673,7 +673,12 @@ class Successor:
             for _, fds in received.values():
                 _close([fd for fd in fds if fd >= 0])
             link.close()
-        device.migration.sync_running()  # the device runs from the handed-over state
+        # The device runs from the handed-over state once its connection serves (message DMA
+        # goes through it); without a client, at once.
+        if taken.adopted is not None:
+            taken.adopted.on_serving = device.migration.sync_running
+        else:
+            device.migration.sync_running()
         self.taken = taken
         log.info("took over %s (format %s)", device.name, taken.format.get("name"))
         return taken
@@ -786,8 +791,6 @@ class Successor:
         if client is not None:
             irqs, irq_fds = take("irqs")
             device.irqs.adopt(irqs, irq_fds)
-            if adopted is not None and adopted.session is not None:
-                device.client_connected()
         return Taken(listener, control, adopted, socks.get("socket_path"), socks.get("control_path"), fmt)
 
 

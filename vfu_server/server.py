@@ -128,6 +128,9 @@ class Adopted:
     next_id: int = 0x8000
     unread: bytes = b""
     unread_fds: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: called once the connection serves the session: the device may run (and reach guest
+    #: memory through the connection) from then on
+    on_serving: Callable[[], None] | None = None
 
 
 class Connection:
@@ -450,19 +453,24 @@ class Connection:
             raise VfioUserError("VERSION sent twice", errno.EINVAL)
         request = m.Version.unpack(msg.payload)
         reply, session = self.server.offer.negotiate(request)
+        log.info(
+            "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
+            self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
+            session.write_multiple,
+        )
+        self.session_started(session)
+        return reply.pack()
+
+    def session_started(self, session: Session) -> None:
+        """The session is negotiated: by VERSION, or taken over from a predecessor (a live
+        handover, whose DMA maps are already in place)."""
         self.session = session
         dma = self.device.dma
         dma.port = self
         dma.on_message_mode = self._message_mode_started
         if dma.message_mode:
             self._message_mode_started()
-        log.info(
-            "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
-            self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
-            session.write_multiple,
-        )
         self.device.client_connected()
-        return reply.pack()
 
     @handles(Command.DMA_MAP)
     def _dma_map(self, msg: Message) -> None:
@@ -687,9 +695,12 @@ class Server:
         self._connections += 1
         conn = Connection(self, sock, self._connections)
         if adopted is not None:
-            conn.session = adopted.session
             conn._next_id = adopted.next_id
             conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
+            if adopted.session is not None:
+                conn.session_started(adopted.session)
+            if adopted.on_serving is not None:
+                adopted.on_serving()
         self.connection = conn
         try:
             await conn.run()
