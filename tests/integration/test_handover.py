@@ -733,3 +733,33 @@ async def test_a_device_hook_that_raises_fails_the_handover_not_the_server(tmp_p
             await client.write32(0, 4, 0x2222)
             assert await client.read32(0, 4) == 0x2222
             assert srv.process.returncode is None
+
+
+async def test_guest_ram_without_an_fd_is_still_reached_through_messages_after_a_handover(tmp_path: Path) -> None:
+    # The map carries no fd: the successor gets the table entry alone and reaches the RAM with
+    # DMA_READ/DMA_WRITE through the connection it took over.
+    from server_helpers import CTRL, DST_HI, DST_LO, LEN, SRC_HI, SRC_LO, STATUS
+    ctl = str(tmp_path / "ctl")
+    with trio.fail_after(120), GuestRam(1 << 20) as ram:
+        async with running_server("example", "--control-socket", ctl) as srv, \
+                await Client.connect(srv.socket_path, max_data_xfer_size=4096) as client:
+            await client.dma_map(ram, with_fd=False)
+            await client.enable_bus_master()
+            (vector, *_) = await client.enable_msix(1)
+
+            async def copy(src: int, dst: int, data: bytes) -> None:
+                ram.write(src, data)
+                for reg, value in ((SRC_LO, src), (SRC_HI, 0), (DST_LO, dst), (DST_HI, 0), (LEN, len(data)), (CTRL, 1)):
+                    await client.write32(0, reg, value)
+                await vector.wait()
+                assert await client.read32(0, STATUS) == 1  # done
+                assert ram.read(dst, len(data)) == data
+
+            await copy(0x1000, 0x40000, os.urandom(10000))
+            succ = await hand_over(srv, ctl)
+            try:
+                before = client.dma_bytes
+                await copy(0x2000, 0x60000, os.urandom(10000))
+                assert client.dma_bytes == before + 20000  # through messages, no byte twice
+            finally:
+                await succ.terminate()
