@@ -397,16 +397,22 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     _warm_up(device, [fmt_choice])
     clock = time.perf_counter
     marks = [clock()]
-    hold = server.start_hold()
+    hold = server.start_hold(stop_reading=False)  # no other handover or snapshot from here
     committed = False
     quiesced = False
     try:
+        # Quiesce first, while the connection still reads: in-flight work that reaches guest
+        # memory through DMA_READ/DMA_WRITE needs the client's replies to complete. What the
+        # client sends meanwhile only updates registers, which the saved state then holds.
+        with trio.fail_after(timeout):
+            quiesced = True
+            await device.migration.quiesce()
+        marks.append(clock())
+        server.stop_reading()
         with trio.fail_after(timeout):
             await hold.parked.wait()
-        marks.append(clock())
-        with trio.fail_after(timeout):
+            # A device reset handled before the boundary resumes the device: stop it again.
             await device.migration.quiesce()
-            quiesced = True
         marks.append(clock())
         busy = _migration_busy(device)  # a client's migration may have started meanwhile
         if busy:
@@ -442,7 +448,7 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         committed = True
         marks.append(clock())
         steps = [f"{(b - a) * 1000:.1f}" for a, b in itertools.pairwise(marks)]
-        log.warning("handed over to the successor after a pause of %.1f ms (park %s, quiesce %s, send %s, "
+        log.warning("handed over to the successor after a pause of %.1f ms (quiesce %s, park %s, send %s, "
                     "successor load %s, go/ack %s ms); exiting", (marks[-1] - marks[0]) * 1000, *steps)
     except Exception as exc:
         # Whatever went wrong (a device hook that raised included), this server goes on.

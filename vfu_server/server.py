@@ -708,17 +708,23 @@ class Server:
             if conn.channel.closed:
                 self.connection = None
 
-    def start_hold(self) -> Hold:
+    def start_hold(self, *, stop_reading: bool = True) -> Hold:
         """Live handover, step 1: stop taking messages at the next message boundary (the batch
         being handled completes; bytes already read stay in the decoder) and stop accepting.
-        ``await hold.parked.wait()`` until the server stands still."""
+        ``await hold.parked.wait()`` until the server stands still. ``stop_reading=False``
+        only reserves the server (no other handover or snapshot starts) until
+        :meth:`stop_reading`."""
         if self.hold is not None:
             raise VfioUserError("a handover is already in progress", errno.EBUSY)
         self.hold = Hold()
+        if stop_reading:
+            self.stop_reading()
+        return self.hold
+
+    def stop_reading(self) -> None:
         self._accept_scope.cancel()
         if self.connection is not None:
             self.connection.receive_scope.cancel()
-        return self.hold
 
     def end_hold(self, handed_over: bool) -> None:
         """Live handover, last step: resume where the server stopped (rollback), or leave
