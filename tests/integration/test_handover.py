@@ -763,3 +763,23 @@ async def test_guest_ram_without_an_fd_is_still_reached_through_messages_after_a
                 assert client.dma_bytes == before + 20000  # through messages, no byte twice
             finally:
                 await succ.terminate()
+
+
+async def test_nvme_io_through_messages_in_flight_during_a_handover(tmp_path: Path) -> None:
+    # Guest RAM without an fd: the commands in flight when the handover starts wait for the
+    # client's DMA_READ/DMA_WRITE replies, which the predecessor still reads while it quiesces.
+    ctl = str(tmp_path / "ctl")
+    with trio.fail_after(180), GuestRam(48 << 20) as ram:
+        async with running_server("nvme", "--size", "16M", "--control-socket", ctl) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            await client.dma_map(ram, with_fd=False)
+            drv = NvmeTestDriver(client, ram)
+            await drv.start(map_ram=False)
+            q = await drv.create_io_queue_pair(1, entries=64)
+            io = ExactlyOnce(drv, q, depth=8)
+            succ = await handovers_during_io(lambda until: io.run(64, until), srv, ctl, [("--size", "16M")], 0.1)
+            try:
+                assert client.dma_bytes > 0
+                await still_serving(io, 16)
+            finally:
+                await succ[0].terminate()
