@@ -408,18 +408,24 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
             quiesced = True
             await device.migration.quiesce()
         marks.append(clock())
-        server.stop_reading()
         with trio.fail_after(timeout):
-            await hold.parked.wait()
-            # A device reset handled before the boundary resumes the device: stop it again.
-            await device.migration.quiesce()
+            while True:
+                server.stop_reading()
+                await hold.parked.wait()
+                # A device reset handled before the boundary resumes the device: stop it again.
+                await device.migration.quiesce()
+                conn = server.connection
+                if conn is None or not len(conn._pending):
+                    break
+                # A request of the device's (DMA_READ/DMA_WRITE) waits for the client's reply,
+                # which only the connection can read: let it read until that came, then park.
+                hold = server.rehold()
+                while len(conn._pending) and not conn.channel.closed:
+                    await trio.sleep(0.0005)
         marks.append(clock())
         busy = _migration_busy(device)  # a client's migration may have started meanwhile
         if busy:
             raise HandoverError(errno.EBUSY, busy)
-        conn = server.connection
-        if conn is not None and len(conn._pending):
-            raise HandoverError(errno.EBUSY, "a server-initiated request is waiting for the client")
         fmt, minor = fmt_choice
         log.info("handover: format %s minor %d", fmt.name, minor)
         with trio.fail_after(timeout):

@@ -175,14 +175,12 @@ class Connection:
             # used to pay for two (this one and a shield around the batch).
             batch: list[Message] | None = []
             while True:
-                if self.server.hold is not None and not self.server.stopping:
-                    # A live handover holds the server (vfu_server.handover): nothing more is
-                    # read until it is released (rollback) or the successor took over.
-                    if await self.server.hold.park():
-                        return  # handed over: the successor owns the session now
-                    if self.server.stopping:
-                        break  # a signal came during the handover: shut down (below)
-                    self.receive_scope = trio.CancelScope()
+                # A live handover holds the server (vfu_server.handover): nothing more is read
+                # until it is released (rollback) or the successor took over (return).
+                if self.server.hold is not None and not self.server.stopping and await self.server.hold.park():
+                    return
+                if self.server.stopping:
+                    break  # shut down (below)
                 with self.receive_scope:
                     while True:
                         batch = await self._receive()
@@ -191,8 +189,11 @@ class Connection:
                         # A batch is applied completely even if shutdown starts meanwhile:
                         # _handle_batch reaches no checkpoint outside a shield.
                         await self._handle_batch(batch)
-                if batch is None or self.server.hold is None or self.server.stopping:
+                if batch is None or self.server.stopping:
                     break
+                # Cancelled for a handover (over already, if it failed before we got here):
+                # a fresh scope, then park or read on.
+                self.receive_scope = trio.CancelScope()
             if batch is None:
                 log.info("client %d disconnected (%d batches found by looking, %d after sleeping)",
                          self.number, self.batches_found, self.batches_waited)
@@ -686,9 +687,9 @@ class Server:
             with trio.CancelScope() as self._accept_scope:
                 sock, _ = await listener.accept()
             if self._accept_scope.cancelled_caught:
-                if self.hold is not None and not self.stopping:
-                    continue  # a handover holds the server: park (above)
-                return
+                if self.stopping or self.handed_over:
+                    return
+                continue  # cancelled for a handover: park (above), or accept on if it is over
             await self.serve_socket(sock)
 
     async def serve_socket(self, sock: trio.socket.SocketType, *, adopted: Adopted | None = None) -> None:
@@ -719,6 +720,14 @@ class Server:
         self.hold = Hold()
         if stop_reading:
             self.stop_reading()
+        return self.hold
+
+    def rehold(self) -> Hold:
+        """Let a parked server read again while it stays reserved (a request of the device's
+        waits for the client's reply); :meth:`stop_reading` parks it again, on the new hold."""
+        old, self.hold = self.hold, Hold()
+        if old is not None:
+            old.release(False)
         return self.hold
 
     def stop_reading(self) -> None:
