@@ -485,6 +485,10 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         else:
             if quiesced:
                 device.migration.sync_running()
+                if server.connection is None:
+                    # No client: back to what the device was told when its last one left (a
+                    # controller kept for the next client stays stopped until it writes).
+                    await _no_client(device)
             server.end_hold(False)
 
 
@@ -691,6 +695,7 @@ class Successor:
             taken.adopted.on_serving = device.migration.sync_running
         else:
             device.migration.sync_running()
+            await _no_client(device)
         self.taken = taken
         log.info("took over %s (format %s)", device.name, taken.format.get("name"))
         return taken
@@ -804,6 +809,16 @@ class Successor:
             irqs, irq_fds = take("irqs")
             device.irqs.adopt(irqs, irq_fds)
         return Taken(listener, control, adopted, socks.get("socket_path"), socks.get("control_path"), fmt)
+
+
+async def _no_client(device: PciDevice) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            result = device.client_disconnected()
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("device error in client_disconnected")
 
 
 def _unix_socket(fd: int) -> trio.socket.SocketType:

@@ -783,3 +783,33 @@ async def test_nvme_io_through_messages_in_flight_during_a_handover(tmp_path: Pa
                 await still_serving(io, 16)
             finally:
                 await succ[0].terminate()
+
+
+async def test_a_controller_kept_for_the_next_client_is_handed_over_and_driven_by_it(tmp_path: Path) -> None:
+    # The client left; the controller (enabled, with its queue) waits for the next one. A
+    # handover without a client, and one that is refused, leave it waiting (not running on
+    # unmapped memory); the next client drives the same queue on the successor.
+    ctl = str(tmp_path / "ctl")
+    with trio.fail_after(120), GuestRam(8 << 20) as ram:
+        async with running_server("nvme", "--size", "1M", "--control-socket", ctl) as srv:
+            async with await Client.connect(srv.socket_path) as client:
+                drv = NvmeTestDriver(client, ram)
+                await drv.start()
+                q = await drv.create_io_queue_pair(1, entries=8)
+                data = os.urandom(512)
+                await drv.write(q, 0, data)
+            await refused("nvme", ctl, "--size", "2M")
+            succ = await hand_over(srv, ctl, "--size", "1M")
+            try:
+                async with await Client.connect(succ.socket_path) as client:
+                    again = NvmeTestDriver(client, ram)
+                    assert await again.csts() & 1
+                    await client.dma_map(ram)
+                    await client.enable_bus_master()
+                    again.vectors = await client.enable_msix(8)
+                    again.admin_q, again.queues = drv.admin_q, drv.queues
+                    assert await again.read(q, 0, 512) == data
+                assert "Traceback" not in srv.stderr() + succ.stderr()
+                assert "fatal" not in (srv.stderr() + succ.stderr()).lower()
+            finally:
+                await succ.terminate()
