@@ -813,3 +813,21 @@ async def test_a_controller_kept_for_the_next_client_is_handed_over_and_driven_b
                 assert "fatal" not in (srv.stderr() + succ.stderr()).lower()
             finally:
                 await succ.terminate()
+
+
+async def test_a_successor_that_hangs_after_go_is_killed_before_the_predecessor_resumes() -> None:
+    # After go the successor may serve as soon as it has acknowledged: one that neither
+    # acknowledges nor closes is killed (its pid from SO_PEERCRED) before the predecessor
+    # reads the client socket again, so two servers never read it.
+    with trio.fail_after(120):
+        async with nvme_with_control("--size", "16M") as (srv, ctl, drv, q):
+            io = ExactlyOnce(drv, q)
+            await io.run(32)
+            async with misbehaving("noack", "nvme", ctl, "--size", "16M", "--handover-timeout", "1") as proc:
+                assert await read_line(proc.stdout) == b"go\n"
+                with trio.fail_after(30):
+                    await proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+            await still_serving(io)
+            assert "no ack from the successor" in srv.stderr()
+            assert srv.process.returncode is None
