@@ -231,7 +231,7 @@ def profile_difference(device: PciDevice, theirs: str | None) -> str | None:
     mine = profile_hex(device)
     if mine == theirs:
         return None
-    if theirs is None or mine is None:
+    if not isinstance(theirs, str) or mine is None:
         return "one side has no profile"
     from .migration.generic import PROFILE, profile_from_record
 
@@ -315,11 +315,23 @@ def _refusal_before_hold(host: HandoverHost, hello: dict[str, Any]) -> HandoverE
     return None
 
 
+def _import_migration_code(cls: type[PciDevice]) -> None:
+    """What a first save or load would import (the format module, the device's
+    ``migration_imports``): 30-120 ms of imports that must neither stall the event loop nor
+    count in the pause. Run in a worker thread; touches no device state."""
+    import importlib
+
+    from .migration import session  # noqa: F401
+
+    migration_formats_of(cls)
+    for name in cls.migration_imports:
+        importlib.import_module(name)
+
+
 def _warm_up(device: PciDevice, formats: Sequence[tuple[StateFormat, int | None]]) -> None:
-    """Save (and load-check) the device's state once in each format before the pause: the
-    first save or load imports and builds what a format needs (tens of milliseconds, a
-    device's migration code is imported on first use), which must not count in the pause.
-    A running device's state is only read here (as PRE_COPY does)."""
+    """Save (and load-check) the device's state once in each format before the pause, so
+    that what a format builds on first use does not count in the pause. A running device's
+    state is only read here (as PRE_COPY does)."""
     from .migration.session import LoadSession, SaveSession
 
     try:
@@ -359,13 +371,19 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     ``hello``), or stay exactly as we were. Never raises: every failure is a rollback."""
     link = Link(sock, buffered)
     server, device = host.server, host.server.device.device
-    refusal = _refusal_before_hold(host, hello)
+    try:
+        await trio.to_thread.run_sync(_import_migration_code, type(device))
+    except Exception as exc:  # the refusal below or the handover itself will say what is wrong
+        log.info("handover: importing migration code: %s", exc)
     fmt_choice: tuple[StateFormat, int] | None = None
-    if refusal is None:
-        try:
+    try:
+        refusal = _refusal_before_hold(host, hello)
+        if refusal is None:
             fmt_choice = choose_format(migration_formats_of(type(device)), hello.get("formats"), hello.get("insist"))
-        except HandoverError as exc:
-            refusal = exc
+    except HandoverError as exc:
+        refusal = exc
+    except Exception as exc:  # a hello no check foresaw: refused, never a dead server
+        refusal = HandoverError(errno.EINVAL, f"bad handover request: {type(exc).__name__}: {exc}")
     if refusal is not None:
         log.warning("handover refused: %s", refusal.reason)
         with trio.move_on_after(1):
@@ -380,23 +398,35 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     _warm_up(device, [fmt_choice])
     clock = time.perf_counter
     marks = [clock()]
-    hold = server.start_hold()
+    hold = server.start_hold(stop_reading=False)  # no other handover or snapshot from here
     committed = False
     quiesced = False
     try:
+        # Quiesce first, while the connection still reads: in-flight work that reaches guest
+        # memory through DMA_READ/DMA_WRITE needs the client's replies to complete. What the
+        # client sends meanwhile only updates registers, which the saved state then holds.
         with trio.fail_after(timeout):
-            await hold.parked.wait()
+            quiesced = True
+            await device.migration.quiesce()
         marks.append(clock())
         with trio.fail_after(timeout):
-            await device.migration.quiesce()
-            quiesced = True
+            while True:
+                server.stop_reading()
+                await hold.parked.wait()
+                # A device reset handled before the boundary resumes the device: stop it again.
+                await device.migration.quiesce()
+                conn = server.connection
+                if conn is None or not len(conn._pending):
+                    break
+                # A request of the device's (DMA_READ/DMA_WRITE) waits for the client's reply,
+                # which only the connection can read: let it read until that came, then park.
+                hold = server.rehold()
+                while len(conn._pending) and not conn.channel.closed:
+                    await trio.sleep(0.0005)
         marks.append(clock())
         busy = _migration_busy(device)  # a client's migration may have started meanwhile
         if busy:
             raise HandoverError(errno.EBUSY, busy)
-        conn = server.connection
-        if conn is not None and len(conn._pending):
-            raise HandoverError(errno.EBUSY, "a server-initiated request is waiting for the client")
         fmt, minor = fmt_choice
         log.info("handover: format %s minor %d", fmt.name, minor)
         with trio.fail_after(timeout):
@@ -425,7 +455,7 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         committed = True
         marks.append(clock())
         steps = [f"{(b - a) * 1000:.1f}" for a, b in itertools.pairwise(marks)]
-        log.warning("handed over to the successor after a pause of %.1f ms (park %s, quiesce %s, send %s, "
+        log.warning("handed over to the successor after a pause of %.1f ms (quiesce %s, park %s, send %s, "
                     "successor load %s, go/ack %s ms); exiting", (marks[-1] - marks[0]) * 1000, *steps)
     except Exception as exc:
         # Whatever went wrong (a device hook that raised included), this server goes on.
@@ -456,6 +486,10 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         else:
             if quiesced:
                 device.migration.sync_running()
+                if server.connection is None:
+                    # No client: back to what the device was told when its last one left (a
+                    # controller kept for the next client stays stopped until it writes).
+                    await _no_client(device)
             server.end_hold(False)
 
 
@@ -588,6 +622,9 @@ class Successor:
         """The received state stream before it is loaded (tests override it to damage it)."""
         return stream
 
+    def before_ack(self) -> None:
+        """Called between ``go`` and ``ack`` (tests override it to hang there)."""
+
     async def take_over(self, device: PciDevice, server: Server) -> Taken:
         if device.migration is None:
             raise HandoverRefused(errno.ENOTSUP, f"{device.name} has no migration formats: it cannot take over")
@@ -598,6 +635,7 @@ class Successor:
             sock.close()
             raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
                                   f"cannot connect to {self.control_path}: {exc.strerror}") from None
+        _import_migration_code(type(device))
         _warm_up(device, [(f, None) for f in migration_formats_of(type(device))])
         link = Link(sock)
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}
@@ -642,6 +680,7 @@ class Successor:
                     raise HandoverRefused(int(go.get("errno") or errno.ECANCELED),
                                           str(go.get("reason", f"expected go, got {go.get('msg')!r}")))
                 # Answer before touching the client: the predecessor may roll back until then.
+                self.before_ack()
                 await link.send({"msg": "ack"})
         except trio.TooSlowError:
             raise HandoverRefused(errno.ETIMEDOUT, "the predecessor did not answer in time") from None
@@ -655,7 +694,13 @@ class Successor:
             for _, fds in received.values():
                 _close([fd for fd in fds if fd >= 0])
             link.close()
-        device.migration.sync_running()  # the device runs from the handed-over state
+        # The device runs from the handed-over state once its connection serves (message DMA
+        # goes through it); without a client, at once.
+        if taken.adopted is not None:
+            taken.adopted.on_serving = device.migration.sync_running
+        else:
+            device.migration.sync_running()
+            await _no_client(device)
         self.taken = taken
         log.info("took over %s (format %s)", device.name, taken.format.get("name"))
         return taken
@@ -768,9 +813,17 @@ class Successor:
         if client is not None:
             irqs, irq_fds = take("irqs")
             device.irqs.adopt(irqs, irq_fds)
-            if adopted is not None and adopted.session is not None:
-                device.client_connected()
         return Taken(listener, control, adopted, socks.get("socket_path"), socks.get("control_path"), fmt)
+
+
+async def _no_client(device: PciDevice) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            result = device.client_disconnected()
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("device error in client_disconnected")
 
 
 def _unix_socket(fd: int) -> trio.socket.SocketType:

@@ -140,6 +140,9 @@ class Adopted:
     next_id: int = 0x8000
     unread: bytes = b""
     unread_fds: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: called once the connection serves the session: the device may run (and reach guest
+    #: memory through the connection) from then on
+    on_serving: Callable[[], None] | None = None
 
 
 class Connection:
@@ -184,14 +187,12 @@ class Connection:
             # used to pay for two (this one and a shield around the batch).
             batch: list[Message] | None = []
             while True:
-                if self.server.hold is not None and not self.server.stopping:
-                    # A live handover holds the server (vfu_server.handover): nothing more is
-                    # read until it is released (rollback) or the successor took over.
-                    if await self.server.hold.park():
-                        return  # handed over: the successor owns the session now
-                    if self.server.stopping:
-                        break  # a signal came during the handover: shut down (below)
-                    self.receive_scope = trio.CancelScope()
+                # A live handover holds the server (vfu_server.handover): nothing more is read
+                # until it is released (rollback) or the successor took over (return).
+                if self.server.hold is not None and not self.server.stopping and await self.server.hold.park():
+                    return
+                if self.server.stopping:
+                    break  # shut down (below)
                 with self.receive_scope:
                     while True:
                         batch = await self._receive()
@@ -200,8 +201,11 @@ class Connection:
                         # A batch is applied completely even if shutdown starts meanwhile:
                         # _handle_batch reaches no checkpoint outside a shield.
                         await self._handle_batch(batch)
-                if batch is None or self.server.hold is None or self.server.stopping:
+                if batch is None or self.server.stopping:
                     break
+                # Cancelled for a handover (over already, if it failed before we got here):
+                # a fresh scope, then park or read on.
+                self.receive_scope = trio.CancelScope()
             if batch is None:
                 log.info("client %d disconnected (%d batches found by looking, %d after sleeping)",
                          self.number, self.batches_found, self.batches_waited)
@@ -467,19 +471,24 @@ class Connection:
             raise VfioUserError("VERSION sent twice", errno.EINVAL)
         request = m.Version.unpack(msg.payload)
         reply, session = self.server.offer.negotiate(request)
+        log.info(
+            "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
+            self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
+            session.write_multiple,
+        )
+        self.session_started(session)
+        return reply.pack()
+
+    def session_started(self, session: Session) -> None:
+        """The session is negotiated: by VERSION, or taken over from a predecessor (a live
+        handover, whose DMA maps are already in place)."""
         self.session = session
         dma = self.device.dma
         dma.port = self
         dma.on_message_mode = self._message_mode_started
         if dma.message_mode:
             self._message_mode_started()
-        log.info(
-            "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
-            self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
-            session.write_multiple,
-        )
         self.device.client_connected()
-        return reply.pack()
 
     @handles(Command.DMA_MAP)
     def _dma_map(self, msg: Message) -> None:
@@ -697,18 +706,21 @@ class Server:
             with trio.CancelScope() as self._accept_scope:
                 sock, _ = await listener.accept()
             if self._accept_scope.cancelled_caught:
-                if self.hold is not None and not self.stopping:
-                    continue  # a handover holds the server: park (above)
-                return
+                if self.stopping or self.handed_over:
+                    return
+                continue  # cancelled for a handover: park (above), or accept on if it is over
             await self.serve_socket(sock)
 
     async def serve_socket(self, sock: trio.socket.SocketType, *, adopted: Adopted | None = None) -> None:
         self._connections += 1
         conn = Connection(self, sock, self._connections)
         if adopted is not None:
-            conn.session = adopted.session
             conn._next_id = adopted.next_id
             conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
+            if adopted.session is not None:
+                conn.session_started(adopted.session)
+            if adopted.on_serving is not None:
+                adopted.on_serving()
         self.connection = conn
         systemd.status(f"client {conn.number} connected")
         try:
@@ -719,17 +731,31 @@ class Server:
                 if not self.stopping:
                     systemd.status(f"client {conn.number} gone; waiting for a client")
 
-    def start_hold(self) -> Hold:
+    def start_hold(self, *, stop_reading: bool = True) -> Hold:
         """Live handover, step 1: stop taking messages at the next message boundary (the batch
         being handled completes; bytes already read stay in the decoder) and stop accepting.
-        ``await hold.parked.wait()`` until the server stands still."""
+        ``await hold.parked.wait()`` until the server stands still. ``stop_reading=False``
+        only reserves the server (no other handover or snapshot starts) until
+        :meth:`stop_reading`."""
         if self.hold is not None:
             raise VfioUserError("a handover is already in progress", errno.EBUSY)
         self.hold = Hold()
+        if stop_reading:
+            self.stop_reading()
+        return self.hold
+
+    def rehold(self) -> Hold:
+        """Let a parked server read again while it stays reserved (a request of the device's
+        waits for the client's reply); :meth:`stop_reading` parks it again, on the new hold."""
+        old, self.hold = self.hold, Hold()
+        if old is not None:
+            old.release(False)
+        return self.hold
+
+    def stop_reading(self) -> None:
         self._accept_scope.cancel()
         if self.connection is not None:
             self.connection.receive_scope.cancel()
-        return self.hold
 
     def end_hold(self, handed_over: bool) -> None:
         """Live handover, last step: resume where the server stopped (rollback), or leave
@@ -981,7 +1007,10 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
                             from . import handover
 
                             # The connection now belongs to the handover, whatever its outcome.
-                            await handover.give(host, sock, msg, buf)
+                            try:
+                                await handover.give(host, sock, msg, buf)
+                            except Exception:  # give() rolls back itself; the server goes on
+                                log.exception("handover failed")
                             return
                         # Each area's commands are a step of their own: None means not mine.
                         reply = iostats.handle_control(device, msg)
@@ -992,7 +1021,12 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
                         elif isinstance(msg, dict) and msg.get("cmd") == "snapshot" and host is not None:
                             from . import handover
 
-                            reply = await handover.snapshot(host, msg)
+                            try:
+                                reply = await handover.snapshot(host, msg)
+                            except Exception as exc:
+                                log.exception("snapshot failed")
+                                reply = {"ok": False, "errno": errno.EIO, "error": "EIO",
+                                         "reason": f"{type(exc).__name__}: {exc}"}
                         elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfu_devices.example_format import EXAMPLE_FORMATS
-from vfu_server.handover import HandoverError, Link, choose_format
+from vfu_server.handover import HandoverError, Link, choose_format, give
 from vfu_server.pci.irq import Interrupts
 from vfu_server.protocol.codec import MessageDecoder, encode
 from vfu_server.protocol.constants import Command, IrqIndex
@@ -159,3 +159,36 @@ def test_irq_table_round_trip_and_refusal() -> None:
         with pytest.raises(OSError):
             os.fstat(fd)
     src.close()
+
+
+hellos = st.one_of(
+    st.dictionaries(st.sampled_from(["cmd", "protocol", "device", "formats", "insist", "profile", "timeout", "x"]),
+                    json_values, max_size=8),
+    st.fixed_dictionaries({
+        "cmd": st.just("handover"), "protocol": st.sampled_from([1, 2, "1", None]),
+        "device": st.sampled_from(["example", "nvme", 3]),
+        "formats": st.just(offer(OPAQUE, STANDARD)) | json_values,
+        "insist": st.none() | json_values, "profile": st.text(max_size=8) | st.integers() | st.none(),
+        "timeout": st.floats(allow_nan=True) | st.integers(-5, 100) | st.text(max_size=3)}))
+
+
+@settings(max_examples=150, deadline=None)
+@given(hello=hellos)
+def test_any_hello_is_refused_cleanly_and_the_device_stays_as_it_was(hello) -> None:
+    # A predecessor (the example device, not started: no client) answers whatever a local
+    # process sends on its control socket with one refusal line; nothing is held or changed.
+    from devices.example import DmaCopyEngine
+    from vfu_server.server import HandoverHost, Server
+
+    async def main() -> None:
+        server = Server(DmaCopyEngine())
+        a, b = socket.socketpair()
+        with trio.fail_after(10):
+            await give(HandoverHost(server, None, None, None, None), trio.socket.from_stdlib_socket(a), hello)
+        b.settimeout(5)
+        reply = b.recv(65536)
+        b.close()
+        assert reply.endswith(b"\n") and b'"ok":false' in reply, reply
+        assert server.hold is None and not server.handed_over
+
+    trio.run(main)

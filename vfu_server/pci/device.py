@@ -100,6 +100,9 @@ class PciDevice:
     fault_domain: ClassVar[Any] = None
     #: the device's fault rules (a :class:`vfu_server.faults.FaultSet`), None without a domain
     faults: Any = None
+    #: modules the device's migration code imports on first use (beyond its format module): a
+    #: live handover imports them in a worker thread ahead of its pause
+    migration_imports: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -411,7 +414,7 @@ _OVERRIDABLE = (
     "client_disconnected", "describe", "rom_bytes", "quiesce", "resume", "save_state",
     "load_state", "reset_state", "migration_arc", "migration_profile", "handover_refusal",
     "decode_device_abi", "handover_export", "handover_adopt", "handover_released", "fault_domain",
-    "power_cut",
+    "power_cut", "migration_imports",
 )
 
 
