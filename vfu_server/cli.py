@@ -2,6 +2,10 @@
 
 Foreground only, as the vfio-user spec asks of device programs. Prints ``listening on PATH``
 on stdout once clients can connect. Bad arguments: one line on stderr, exit code 2.
+
+``vfu-server DEVICE --take-over CTL [options]`` takes a running device over from the server
+whose control socket is CTL, client included (docs/handover.md); it prints ``listening on
+PATH`` once it serves, or ``vfu-server: handover refused: REASON`` and exits 1.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     pre, _ = first.parse_known_args(argv)
     if pre.device is None or pre.device.startswith("-"):
         if "-h" in argv or "--help" in argv:
-            print(f"usage: {PROG} DEVICE (--socket-path PATH | --fd N) [options]\n"
+            print(f"usage: {PROG} DEVICE (--socket-path PATH | --fd N | --take-over CTL) [options]\n"
                   f"devices: {', '.join(sorted(registry.available()))} or module.path:ClassName\n"
                   f"{PROG} DEVICE --help shows a device's options; {PROG} --list-devices lists devices")
             return 0

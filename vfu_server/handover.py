@@ -22,12 +22,14 @@ import array
 import base64
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import os
 import signal
 import socket
 import struct
+import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -228,7 +230,7 @@ def profile_difference(device: PciDevice, theirs: str | None) -> str | None:
     mine = profile_hex(device)
     if mine == theirs:
         return None
-    if theirs is None or mine is None:
+    if not isinstance(theirs, str) or mine is None:
         return "one side has no profile"
     from .migration.generic import PROFILE, profile_from_record
 
@@ -312,6 +314,37 @@ def _refusal_before_hold(host: HandoverHost, hello: dict[str, Any]) -> HandoverE
     return None
 
 
+def _import_migration_code(cls: type[PciDevice]) -> None:
+    """What a first save or load would import (the format module, the device's
+    ``migration_imports``): 30-120 ms of imports that must neither stall the event loop nor
+    count in the pause. Run in a worker thread; touches no device state."""
+    import importlib
+
+    from .migration import session  # noqa: F401
+
+    cls.get_migration_formats()
+    for name in cls.migration_imports:
+        importlib.import_module(name)
+
+
+def _warm_up(device: PciDevice, formats: Sequence[tuple[StateFormat, int | None]]) -> None:
+    """Save (and load-check) the device's state once in each format before the pause, so
+    that what a format builds on first use does not count in the pause. A running device's
+    state is only read here (as PRE_COPY does)."""
+    from .migration.session import LoadSession, SaveSession
+
+    try:
+        state = device.save_state()
+        for fmt, minor in formats:
+            save = SaveSession(fmt, minor=minor)
+            save.stop_copy(state)
+            load = LoadSession([fmt], expect=fmt)
+            load.write(save.read(save.pending_bytes))
+            load.finish()
+    except Exception as exc:  # a device bug here must not stop the handover; it shows later
+        log.info("handover warm-up: %s", exc)
+
+
 def _migration_busy(device: PciDevice) -> str | None:
     mig = device.migration
     assert mig is not None
@@ -337,13 +370,19 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
     ``hello``), or stay exactly as we were. Never raises: every failure is a rollback."""
     link = Link(sock, buffered)
     server, device = host.server, host.server.device
-    refusal = _refusal_before_hold(host, hello)
+    try:
+        await trio.to_thread.run_sync(_import_migration_code, type(device))
+    except Exception as exc:  # the refusal below or the handover itself will say what is wrong
+        log.info("handover: importing migration code: %s", exc)
     fmt_choice: tuple[StateFormat, int] | None = None
-    if refusal is None:
-        try:
+    try:
+        refusal = _refusal_before_hold(host, hello)
+        if refusal is None:
             fmt_choice = choose_format(type(device).get_migration_formats(), hello.get("formats"), hello.get("insist"))
-        except HandoverError as exc:
-            refusal = exc
+    except HandoverError as exc:
+        refusal = exc
+    except Exception as exc:  # a hello no check foresaw: refused, never a dead server
+        refusal = HandoverError(errno.EINVAL, f"bad handover request: {type(exc).__name__}: {exc}")
     if refusal is not None:
         log.warning("handover refused: %s", refusal.reason)
         with trio.move_on_after(1):
@@ -355,30 +394,49 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         return
     assert fmt_choice is not None and device.migration is not None
     timeout = _timeout(hello)
-    hold = server.start_hold()
+    _warm_up(device, [fmt_choice])
+    clock = time.perf_counter
+    marks = [clock()]
+    hold = server.start_hold(stop_reading=False)  # no other handover or snapshot from here
     committed = False
     quiesced = False
     try:
+        # Quiesce first, while the connection still reads: in-flight work that reaches guest
+        # memory through DMA_READ/DMA_WRITE needs the client's replies to complete. What the
+        # client sends meanwhile only updates registers, which the saved state then holds.
         with trio.fail_after(timeout):
-            await hold.parked.wait()
-        with trio.fail_after(timeout):
-            await device.migration.quiesce()
             quiesced = True
+            await device.migration.quiesce()
+        marks.append(clock())
+        with trio.fail_after(timeout):
+            while True:
+                server.stop_reading()
+                await hold.parked.wait()
+                # A device reset handled before the boundary resumes the device: stop it again.
+                await device.migration.quiesce()
+                conn = server.connection
+                if conn is None or not len(conn._pending):
+                    break
+                # A request of the device's (DMA_READ/DMA_WRITE) waits for the client's reply,
+                # which only the connection can read: let it read until that came, then park.
+                hold = server.rehold()
+                while len(conn._pending) and not conn.channel.closed:
+                    await trio.sleep(0.0005)
+        marks.append(clock())
         busy = _migration_busy(device)  # a client's migration may have started meanwhile
         if busy:
             raise HandoverError(errno.EBUSY, busy)
-        conn = server.connection
-        if conn is not None and len(conn._pending):
-            raise HandoverError(errno.EBUSY, "a server-initiated request is waiting for the client")
         fmt, minor = fmt_choice
         log.info("handover: format %s minor %d", fmt.name, minor)
         with trio.fail_after(timeout):
             await link.send({"ok": True, "msg": "accept", "format": _descriptor(fmt, minor)})
             for obj, fds in _messages(host, fmt, minor):
                 await link.send(obj, fds)
+        marks.append(clock())
         with trio.fail_after(timeout):
             answer, fds = await link.receive()
         _close(fds)
+        marks.append(clock())
         if answer.get("msg") != "ready":
             raise HandoverError(int(answer.get("errno") or errno.ECANCELED),
                                 f"successor: {answer.get('reason', answer.get('msg'))}")
@@ -394,18 +452,27 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         if answer.get("msg") != "ack":
             raise HandoverError(errno.EPROTO, f"expected ack, got {answer.get('msg')!r}")
         committed = True
-        log.warning("handed over to the successor; exiting")
-    except trio.TooSlowError:
-        log.warning("handover failed: timed out after %.1f s; resuming", timeout)
-    except HandoverError as exc:
-        log.warning("handover failed: %s; resuming", exc.reason)
+        marks.append(clock())
+        steps = [f"{(b - a) * 1000:.1f}" for a, b in itertools.pairwise(marks)]
+        log.warning("handed over to the successor after a pause of %.1f ms (quiesce %s, park %s, send %s, "
+                    "successor load %s, go/ack %s ms); exiting", (marks[-1] - marks[0]) * 1000, *steps)
+    except Exception as exc:
+        # Whatever went wrong (a device hook that raised included), this server goes on.
+        if isinstance(exc, trio.TooSlowError):
+            failure = HandoverError(errno.ETIMEDOUT, f"timed out after {timeout:.1f} s")
+        elif isinstance(exc, HandoverError):
+            failure = exc
+        elif isinstance(exc, OSError):
+            failure = HandoverError(exc.errno or errno.EIO, f"control connection: {exc.strerror or exc}")
+        else:
+            log.error("handover: device or server error", exc_info=exc)
+            failure = HandoverError(errno.EIO, f"{type(exc).__name__}: {exc}")
+        log.warning("handover failed: %s; resuming", failure.reason)
         with trio.move_on_after(0.5):
             try:
-                await link.send(exc.reply())
+                await link.send(failure.reply())
             except OSError:
                 pass
-    except OSError as exc:
-        log.warning("handover failed: %s; resuming", exc)
     finally:
         link.close()
         if committed:
@@ -418,6 +485,10 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         else:
             if quiesced:
                 device.migration.sync_running()
+                if server.connection is None:
+                    # No client: back to what the device was told when its last one left (a
+                    # controller kept for the next client stays stopped until it writes).
+                    await _no_client(device)
             server.end_hold(False)
 
 
@@ -560,6 +631,8 @@ class Successor:
             sock.close()
             raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
                                   f"cannot connect to {self.control_path}: {exc.strerror}") from None
+        _import_migration_code(type(device))
+        _warm_up(device, [(f, None) for f in type(device).get_migration_formats()])
         link = Link(sock)
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}
         try:
@@ -586,9 +659,9 @@ class Successor:
                     received[kind] = (msg, fds)
             try:
                 taken = await self._install(device, received)
-            except (HandoverError, MigrationError, ValueError, KeyError, TypeError, OSError) as exc:
+            except Exception as exc:  # anything the predecessor sent that does not load
                 code = getattr(exc, "errno", None) or errno.EINVAL
-                reason = getattr(exc, "reason", None) or str(exc)
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 with trio.move_on_after(1):
                     try:
                         await link.send({"msg": "abort", "errno": code, "reason": reason})
@@ -616,7 +689,13 @@ class Successor:
             for _, fds in received.values():
                 _close([fd for fd in fds if fd >= 0])
             link.close()
-        device.migration.sync_running()  # the device runs from the handed-over state
+        # The device runs from the handed-over state once its connection serves (message DMA
+        # goes through it); without a client, at once.
+        if taken.adopted is not None:
+            taken.adopted.on_serving = device.migration.sync_running
+        else:
+            device.migration.sync_running()
+            await _no_client(device)
         self.taken = taken
         log.info("took over %s (format %s)", device.name, taken.format.get("name"))
         return taken
@@ -729,9 +808,17 @@ class Successor:
         if client is not None:
             irqs, irq_fds = take("irqs")
             device.irqs.adopt(irqs, irq_fds)
-            if adopted is not None and adopted.session is not None:
-                device.client_connected()
         return Taken(listener, control, adopted, socks.get("socket_path"), socks.get("control_path"), fmt)
+
+
+async def _no_client(device: PciDevice) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            result = device.client_disconnected()
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("device error in client_disconnected")
 
 
 def _unix_socket(fd: int) -> trio.socket.SocketType:
@@ -747,12 +834,13 @@ def _unix_socket(fd: int) -> trio.socket.SocketType:
 # -- snapshot --------------------------------------------------------------------------------------
 
 
-async def snapshot(device: PciDevice, msg: dict[str, Any]) -> dict[str, Any]:
+async def snapshot(host: HandoverHost, msg: dict[str, Any]) -> dict[str, Any]:
     """The control socket's ``snapshot``: the live device's state in a format (``"format"``,
     default the selected outgoing one), base64 in ``"stream"``. The device pauses as briefly
     as a handover's quiesce; the client stays attached."""
     from .migration.session import SaveSession
 
+    server, device = host.server, host.server.device
     reply: dict[str, Any] = {"id": msg["id"]} if "id" in msg else {}
     mig = device.migration
     try:
@@ -761,6 +849,8 @@ async def snapshot(device: PciDevice, msg: dict[str, Any]) -> dict[str, Any]:
         busy = _migration_busy(device)
         if busy:
             raise HandoverError(errno.EBUSY, busy)
+        if server.hold is not None:
+            raise HandoverError(errno.EBUSY, "a handover or another snapshot is in progress")
         ctl = mig.controller
         if msg.get("format"):
             try:
@@ -770,11 +860,14 @@ async def snapshot(device: PciDevice, msg: dict[str, Any]) -> dict[str, Any]:
                 raise HandoverError(exc.errno, exc.reason) from None
         else:
             fmt, minor = ctl.selected, ctl.selected.minor_max if ctl.selected_minor is None else ctl.selected_minor
-        await mig.quiesce()
+        # Held like a handover, so that neither can resume the device under the other.
+        server.start_hold()
         try:
+            await mig.quiesce()
             state = device.save_state()
         finally:
             mig.sync_running()
+            server.end_hold(False)
         save = SaveSession(fmt, minor=minor)
         save.stop_copy(state)
         stream = save.read(save.pending_bytes)

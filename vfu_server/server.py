@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -51,7 +52,13 @@ from .protocol.constants import (
     Command,
     DmaUnmapFlags,
 )
-from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
+from .protocol.errors import (
+    MalformedMessage,
+    ProtocolError,
+    RemoteError,
+    ReplyTooLarge,
+    VfioUserError,
+)
 from .protocol.negotiation import ServerOffer, Session
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
@@ -121,6 +128,9 @@ class Adopted:
     next_id: int = 0x8000
     unread: bytes = b""
     unread_fds: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: called once the connection serves the session: the device may run (and reach guest
+    #: memory through the connection) from then on
+    on_serving: Callable[[], None] | None = None
 
 
 class Connection:
@@ -142,6 +152,10 @@ class Connection:
         self._last_pass = 0  # perf_counter_ns() after the last wait in the scheduler
         #: batches the busy look found / batches received after sleeping (logged at disconnect)
         self.batches_found = self.batches_waited = 0
+        #: an async handler is being awaited: the connection reads nothing meanwhile, so no
+        #: server request may wait for a reply (see _dma_request)
+        self.handler_waiting = False
+        self.warned_messages = False
         self.handlers: dict[int, Callable[[Message], Reply | Awaitable[Reply]]] = {
             cmd: getattr(self, name) for cmd, name in _HANDLERS.items()
         }
@@ -161,12 +175,12 @@ class Connection:
             # used to pay for two (this one and a shield around the batch).
             batch: list[Message] | None = []
             while True:
-                if self.server.hold is not None and not self.server.stopping:
-                    # A live handover holds the server (vfu_server.handover): nothing more is
-                    # read until it is released (rollback) or the successor took over.
-                    if await self.server.hold.park():
-                        return  # handed over: the successor owns the session now
-                    self.receive_scope = trio.CancelScope()
+                # A live handover holds the server (vfu_server.handover): nothing more is read
+                # until it is released (rollback) or the successor took over (return).
+                if self.server.hold is not None and not self.server.stopping and await self.server.hold.park():
+                    return
+                if self.server.stopping:
+                    break  # shut down (below)
                 with self.receive_scope:
                     while True:
                         batch = await self._receive()
@@ -175,8 +189,11 @@ class Connection:
                         # A batch is applied completely even if shutdown starts meanwhile:
                         # _handle_batch reaches no checkpoint outside a shield.
                         await self._handle_batch(batch)
-                if batch is None or self.server.hold is None or self.server.stopping:
+                if batch is None or self.server.stopping:
                     break
+                # Cancelled for a handover (over already, if it failed before we got here):
+                # a fresh scope, then park or read on.
+                self.receive_scope = trio.CancelScope()
             if batch is None:
                 log.info("client %d disconnected (%d batches found by looking, %d after sleeping)",
                          self.number, self.batches_found, self.batches_waited)
@@ -256,8 +273,12 @@ class Connection:
                     out = bytearray()
                 reply = self._dispatch(msg)
                 if reply is not None and not isinstance(reply, tuple):
-                    with trio.CancelScope(shield=True):
-                        reply = await reply
+                    self._hold_server_requests()
+                    try:
+                        with trio.CancelScope(shield=True):
+                            reply = await reply
+                    finally:
+                        self.handler_waiting = False
                 if reply is None:
                     continue
                 data, fds = reply
@@ -273,6 +294,13 @@ class Connection:
                 msg.close_fds()
         if out:
             await self._send(out)
+
+    def _hold_server_requests(self) -> None:
+        """Nothing is read while a handler is awaited: fail the device's message DMA meanwhile
+        (waiting ones at once) rather than deadlock against the client."""
+        self.handler_waiting = True
+        if len(self._pending):
+            self._pending.close()
 
     async def _send(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Send a reply (or several); waits, shielded, only when the socket is full."""
@@ -373,25 +401,50 @@ class Connection:
         return reply
 
     async def dma_read(self, address: int, count: int) -> bytes:
-        """Read guest memory through DMA_READ messages (for maps that came without an fd)."""
-        assert self.session is not None
+        """Read guest memory through DMA_READ messages (for maps that came without an fd), in
+        requests of at most the session's ``max_data_xfer_size``. From device tasks only."""
         out = bytearray()
-        step = self.session.max_data_xfer_size
-        while count > 0:
-            n = min(step, count)
-            reply = await self.request(Command.DMA_READ, m.DmaAccess(address, n).pack())
-            out += m.DmaAccess.unpack(reply.payload, with_data=True).data
-            address += n
-            count -= n
+        for addr, n in self._dma_chunks(address, count):
+            reply = await self._dma_request(Command.DMA_READ, m.DmaAccess(addr, n).pack())
+            got = m.DmaAccess.unpack(reply.payload, with_data=True)
+            if got.address != addr or got.count != n:
+                raise VfioUserError(f"DMA_READ reply for {got.address:#x}+{got.count} to a request for {addr:#x}+{n}", errno.EIO)
+            out += got.data
         return bytes(out)
 
     async def dma_write(self, address: int, data: bytes) -> None:
+        """Write guest memory through DMA_WRITE messages; see :meth:`dma_read`."""
+        pos = 0
+        for addr, n in self._dma_chunks(address, len(data)):
+            reply = await self._dma_request(Command.DMA_WRITE, m.DmaAccess(addr, n, data[pos : pos + n]).pack())
+            got = m.DmaAccess.unpack(reply.payload, with_data=False)
+            if got.address != addr or got.count != n:
+                raise VfioUserError(f"DMA_WRITE reply for {got.address:#x}+{got.count} to a request for {addr:#x}+{n}", errno.EIO)
+            pos += n
+
+    def _dma_chunks(self, address: int, count: int) -> list[tuple[int, int]]:
         assert self.session is not None
         step = self.session.max_data_xfer_size
-        for pos in range(0, len(data), step):
-            chunk = data[pos : pos + step]
-            # QEMU reads data at message byte 28 and wants size >= 32 + count: pad 4 bytes.
-            await self.request(Command.DMA_WRITE, m.DmaAccess(address + pos, len(chunk), chunk + b"\0" * 4).pack())
+        return [(address + pos, min(step, count - pos)) for pos in range(0, count, step)]
+
+    async def _dma_request(self, command: Command, payload: bytes) -> Message:
+        if self.handler_waiting:
+            # The client waits for our reply to a request whose handler waits for the device:
+            # a round trip now could only deadlock (QEMU serves it on the loop that waits).
+            raise VfioUserError(f"{command.name} while the client waits for a reply", errno.EDEADLK)
+        try:
+            return await self.request(command, payload)
+        except RemoteError as exc:
+            raise VfioUserError(f"client refused {command.name}: {os.strerror(exc.errno)}", exc.errno) from None
+
+    def _message_mode_started(self) -> None:
+        if not self.warned_messages:
+            self.warned_messages = True
+            log.warning(
+                "client %d: guest RAM came without an fd, so the device reaches it with DMA_READ/"
+                "DMA_WRITE messages, which is far slower; for shared memory start QEMU with "
+                "-object memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem",
+                self.number)
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -401,14 +454,24 @@ class Connection:
             raise VfioUserError("VERSION sent twice", errno.EINVAL)
         request = m.Version.unpack(msg.payload)
         reply, session = self.server.offer.negotiate(request)
-        self.session = session
         log.info(
             "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
             self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
             session.write_multiple,
         )
-        self.device.client_connected()
+        self.session_started(session)
         return reply.pack()
+
+    def session_started(self, session: Session) -> None:
+        """The session is negotiated: by VERSION, or taken over from a predecessor (a live
+        handover, whose DMA maps are already in place)."""
+        self.session = session
+        dma = self.device.dma
+        dma.port = self
+        dma.on_message_mode = self._message_mode_started
+        if dma.message_mode:
+            self._message_mode_started()
+        self.device.client_connected()
 
     @handles(Command.DMA_MAP)
     def _dma_map(self, msg: Message) -> None:
@@ -528,10 +591,22 @@ class Connection:
         handler = getattr(self.device, "device_feature", None)
         if handler is None:
             raise VfioUserError(f"feature {req.index} not supported", errno.ENOTTY)
-        result = handler(req)
-        if isinstance(result, Awaitable):
-            result = await result
-        return m.DeviceFeature(req.flags, result or b"", argsz=req.argsz).pack()
+        echo = req.is_set or req.is_probe
+        if echo and req.argsz < len(msg.payload):
+            # The reply repeats the request, and argsz is the most the client takes back.
+            raise VfioUserError(f"DEVICE_FEATURE argsz {req.argsz} < {len(msg.payload)}, the size of the "
+                                "reply that echoes this request", errno.EINVAL)
+        try:
+            result = handler(req)
+            if isinstance(result, Awaitable):
+                result = await result
+        except ReplyTooLarge as exc:
+            log.debug("DEVICE_FEATURE %#x: %s; replying with argsz %d only", req.index, exc.message, exc.needed)
+            return m.DeviceFeature(req.flags, argsz=exc.needed).pack()
+        if echo:
+            # "The reply payload must be the same as the request payload for setting or probing."
+            return bytes(msg.payload)
+        return m.DeviceFeature.get_reply(req.flags, result or b"", req.argsz)
 
     @handles(Command.MIG_DATA_READ)
     async def _mig_data_read(self, msg: Message) -> bytes:
@@ -540,22 +615,37 @@ class Connection:
         if reader is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
         assert self.session is not None
-        limit = min(req.size, self.session.max_data_xfer_size)
-        data = reader(limit)
+        if req.argsz < 8 + req.size:
+            raise VfioUserError(f"MIG_DATA_READ argsz {req.argsz} < 8 + size {req.size}: the reply "
+                                "would not fit", errno.EINVAL)
+        limit = self.session.max_data_xfer_size
+        if req.size > limit:
+            # Refused rather than cut short: a reply shorter than asked means "no more data" to
+            # the reader, and data cannot be sent past the limit the client negotiated. So the
+            # only reply that never lies about the stream's end is this error.
+            raise VfioUserError(f"MIG_DATA_READ size {req.size} > max_data_xfer_size {limit}", errno.EINVAL)
+        data = reader(req.size)
         if isinstance(data, Awaitable):
             data = await data
-        return m.MigData(len(data), data, argsz=req.argsz).pack()
+        # argsz and size count the data; the message carries all ``size`` bytes asked for, the
+        # rest zeros, as libvfio-user's server sends it: its client reads exactly that much.
+        return m.MigData(len(data), data).pack().ljust(8 + req.size, b"\0")
 
     @handles(Command.MIG_DATA_WRITE)
-    async def _mig_data_write(self, msg: Message) -> bytes:
+    async def _mig_data_write(self, msg: Message) -> None:
         req = m.MigData.unpack(msg.payload, with_data=True)
         writer = getattr(self.device, "migration_data_write", None)
         if writer is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
+        assert self.session is not None
+        if req.size > self.session.max_data_xfer_size:
+            raise VfioUserError(f"MIG_DATA_WRITE size {req.size} > max_data_xfer_size "
+                                f"{self.session.max_data_xfer_size}", errno.EINVAL)
         result = writer(req.data)
         if isinstance(result, Awaitable):
             await result
-        return m.MigData(req.size, argsz=req.argsz).pack()[:8]
+        # "There is no reply payload for this message."
+        return None
 
 
 class Server:
@@ -597,18 +687,21 @@ class Server:
             with trio.CancelScope() as self._accept_scope:
                 sock, _ = await listener.accept()
             if self._accept_scope.cancelled_caught:
-                if self.hold is not None and not self.stopping:
-                    continue  # a handover holds the server: park (above)
-                return
+                if self.stopping or self.handed_over:
+                    return
+                continue  # cancelled for a handover: park (above), or accept on if it is over
             await self.serve_socket(sock)
 
     async def serve_socket(self, sock: trio.socket.SocketType, *, adopted: Adopted | None = None) -> None:
         self._connections += 1
         conn = Connection(self, sock, self._connections)
         if adopted is not None:
-            conn.session = adopted.session
             conn._next_id = adopted.next_id
             conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
+            if adopted.session is not None:
+                conn.session_started(adopted.session)
+            if adopted.on_serving is not None:
+                adopted.on_serving()
         self.connection = conn
         try:
             await conn.run()
@@ -616,17 +709,31 @@ class Server:
             if conn.channel.closed:
                 self.connection = None
 
-    def start_hold(self) -> Hold:
+    def start_hold(self, *, stop_reading: bool = True) -> Hold:
         """Live handover, step 1: stop taking messages at the next message boundary (the batch
         being handled completes; bytes already read stay in the decoder) and stop accepting.
-        ``await hold.parked.wait()`` until the server stands still."""
+        ``await hold.parked.wait()`` until the server stands still. ``stop_reading=False``
+        only reserves the server (no other handover or snapshot starts) until
+        :meth:`stop_reading`."""
         if self.hold is not None:
             raise VfioUserError("a handover is already in progress", errno.EBUSY)
         self.hold = Hold()
+        if stop_reading:
+            self.stop_reading()
+        return self.hold
+
+    def rehold(self) -> Hold:
+        """Let a parked server read again while it stays reserved (a request of the device's
+        waits for the client's reply); :meth:`stop_reading` parks it again, on the new hold."""
+        old, self.hold = self.hold, Hold()
+        if old is not None:
+            old.release(False)
+        return self.hold
+
+    def stop_reading(self) -> None:
         self._accept_scope.cancel()
         if self.connection is not None:
             self.connection.receive_scope.cancel()
-        return self.hold
 
     def end_hold(self, handed_over: bool) -> None:
         """Live handover, last step: resume where the server stopped (rollback), or leave
@@ -663,6 +770,7 @@ class Server:
 
     async def client_gone(self) -> None:
         device = self.device
+        device.dma.port = None
         if device.migration is not None:
             device.migration.client_gone()
         device.dma.clear()
@@ -873,9 +981,17 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
 
                             if msg["cmd"] == "handover":
                                 # The connection now belongs to the handover, whatever its outcome.
-                                await handover.give(host, sock, msg, buf)
+                                try:
+                                    await handover.give(host, sock, msg, buf)
+                                except Exception:  # give() rolls back itself; the server goes on
+                                    log.exception("handover failed")
                                 return
-                            reply = await handover.snapshot(device, msg)
+                            try:
+                                reply = await handover.snapshot(host, msg)
+                            except Exception as exc:
+                                log.exception("snapshot failed")
+                                reply = {"ok": False, "errno": errno.EIO, "error": "EIO",
+                                         "reason": f"{type(exc).__name__}: {exc}"}
                         elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}

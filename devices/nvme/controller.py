@@ -125,6 +125,7 @@ class NvmeController(PciDevice):
     """NVMe 1.4 controller (NVM command set) on block backends: files, NBD or RAM."""
 
     cli_name = "nvme"
+    migration_imports = ("devices.nvme.migration",)
     identity = PciIdentity(vendor_id=0x1234, device_id=0xFE10, class_code=0x010802, revision=1,
                            subsystem_vendor_id=0x1234, subsystem_id=0x0010)
     bar0 = MemoryBar(BAR0_SIZE, is64=True)
@@ -206,6 +207,9 @@ class NvmeController(PciDevice):
         self._frozen = False
         self._resumed = trio.Event()
         self._resumed.set()
+        #: paused because the client went away (not for a migration); the next register write
+        #: from a client resumes it
+        self._detached = False
 
     # -- command line -----------------------------------------------------------------------
 
@@ -286,8 +290,8 @@ class NvmeController(PciDevice):
             self.fastio = FastIo(self, module) if module is not None else None
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
-                nursery.start_soon(self._control_loop)
-                nursery.start_soon(self._interrupt_loop)
+                nursery.start_soon(self.dma.executor.run_task, self._control_loop)
+                nursery.start_soon(self.dma.executor.run_task, self._interrupt_loop)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()
@@ -307,11 +311,14 @@ class NvmeController(PciDevice):
             self._clear_controller(keep_admin_regs=False)
 
     async def client_disconnected(self) -> None:  # type: ignore[override]
-        # Guest memory is gone with the client: stop touching it; a new client starts afresh.
-        if self._ready.is_set():
-            async with self._control_lock:
-                await self._quiesce()
-                self._clear_controller(keep_admin_regs=False)
+        # The spec's Client Disconnection: "the device state should otherwise be retained".
+        # Guest memory went with the client, so stop touching it the way a migration stops the
+        # controller (completions that cannot be posted are held, as state), and keep the rest
+        # (registers, queues, features, AERs) for the next client, as the virtio devices do.
+        # It runs again on that client's first register write: by then it has mapped memory.
+        if self._ready.is_set() and not self._paused:
+            await self.quiesce()
+            self._detached = True
 
     # -- migration (formats in .migration_format, state mapping in .migration) -----------------
 
@@ -346,10 +353,10 @@ class NvmeController(PciDevice):
         """Running again (after a load, a cancelled migration or a reset): fetch from every SQ
         the state holds, post held completions, and re-signal CQs with unconsumed entries (the
         host may have missed an interrupt across the switch-over; a spurious one is harmless)."""
-        self._paused = self._frozen = False
+        self._paused = self._frozen = self._detached = False
         self._resumed.set()
         if self._tasks is not None:
-            self._tasks.start_soon(self._resume_queues)
+            self._tasks.start_soon(self.dma.executor.run_task, self._resume_queues)
 
     async def _resume_queues(self) -> None:
         async with self._control_lock:
@@ -449,6 +456,8 @@ class NvmeController(PciDevice):
 
     @bar0.writer
     def write_register(self, offset: int, size: int, value: int) -> None:
+        if self._detached and (self.migration is None or self.migration.running):
+            self.resume()
         if offset >= REG_DOORBELLS:
             if size == 4 and offset % 4 == 0:
                 self._doorbell((offset - REG_DOORBELLS) // 4, value & 0xFFFF)
@@ -696,7 +705,7 @@ class NvmeController(PciDevice):
         rt = SqRuntime(qid, poll=AdaptivePoll(self.poll_ns if qid else 0))
         self.sq_rt[qid] = rt
         assert self._session is not None
-        self._session.start_soon(self._sq_loop, rt, name=f"nvme-sq{qid}")
+        self._session.start_soon(self.dma.executor.run_task, self._sq_loop, rt, name=f"nvme-sq{qid}")
 
     async def stop_sq(self, qid: int) -> None:
         """Stop fetching from SQ ``qid`` and wait until its commands have completed."""
@@ -739,7 +748,9 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
-                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy:
+                    # No polling through DMA_READ messages: each look would be a round trip
+                    # on the client's main loop.
+                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy and not self.dma.message_mode:
                         # While we look, the host need not ring: an event index one behind
                         # the tail is crossed only after a whole lap of the queue.
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)
@@ -824,7 +835,7 @@ class NvmeController(PciDevice):
             rt.inflight.inc()
             self.inflight.inc()
             assert self._session is not None
-            self._session.start_soon(self._execute_io_task, sq, rt, cmd)
+            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd)
 
     def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
         """Complete an I/O command right here when the backend can do it without blocking.

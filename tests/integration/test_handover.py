@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,12 +31,13 @@ from vfu_server.client import Client, GuestRam
 from vfu_server.handover import HandoverRefused, Successor
 from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
 from vfu_server.testing.nvme import IO_READ, IO_WRITE, NvmeTestDriver, QueuePair, SubmissionEntry
-from vfu_server.testing.process import ServerProcess, running_server
+from vfu_server.testing.process import ServerProcess, running_server, spawn_server
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 _CQE = struct.Struct("<IIHHHH")
 BLOCK = 4096  # one command's data: 8 LBAs of 512 bytes
+BLOCKS = 3000  # of the 16 MiB disks
 
 
 def pattern(seq: int) -> bytes:
@@ -69,7 +72,7 @@ class ExactlyOnce:
             kind, opcode = "read", IO_READ
             drv.ram.write(buf, bytes(BLOCK))
         else:
-            block = self.next_block
+            block = self.next_block % BLOCKS  # a long run rewrites the disk (same pattern)
             self.next_block += 1
             kind, opcode = "write", IO_WRITE
             drv.ram.write(buf, pattern(block))
@@ -103,12 +106,14 @@ class ExactlyOnce:
             if q.cq_head == q.entries:
                 q.cq_head, q.phase = 0, q.phase ^ 1
 
-    async def run(self, total: int) -> None:
+    async def run(self, total: int, until: trio.Event | None = None) -> None:
+        """At least ``total`` commands, and on until ``until`` is set."""
         drv, q = self.drv, self.q
         irq = drv.vectors[q.vector]
-        while self.completed < total:
+        while self.completed < total or (until is not None and not until.is_set()) or self.inflight:
             new = 0
-            while len(self.inflight) < self.depth and self.submitted < total:
+            while len(self.inflight) < self.depth and (
+                    self.submitted < total or (until is not None and not until.is_set())):
                 await self.submit_one()
                 new += 1
             if new:
@@ -121,7 +126,7 @@ class ExactlyOnce:
 
     async def verify_all(self) -> None:
         """Every block written holds its pattern (read back one at a time)."""
-        for block in range(self.next_block):
+        for block in range(min(self.next_block, BLOCKS)):
             data = await self.drv.read(self.q, block * 8, BLOCK)
             assert data == pattern(block), f"block {block} lost its data"
 
@@ -142,11 +147,13 @@ async def nvme_with_control(*args: str) -> AsyncIterator[tuple[ServerProcess, st
                 raise
 
 
-async def handovers_during_io(load: Callable[[], Awaitable[None]], predecessor: ServerProcess, ctl: str,
+async def handovers_during_io(load: Callable[[trio.Event], Awaitable[None]], predecessor: ServerProcess, ctl: str,
                               successors: list[tuple[str, ...]], delay: float,
                               env: dict[str, str] | None = None) -> list[ServerProcess]:
-    """Run ``load`` while handing over, ``delay`` s after it started, to each successor in turn."""
+    """Run ``load`` while handing over, ``delay`` s after it started, to each successor in
+    turn; ``load`` keeps its queue full until the event it gets is set (after the last)."""
     done: list[ServerProcess] = []
+    finished = trio.Event()
 
     async def handovers() -> None:
         current = predecessor
@@ -158,10 +165,12 @@ async def handovers_during_io(load: Callable[[], Awaitable[None]], predecessor: 
                 exc.add_note(f"--- predecessor stderr ---\n{current.stderr()[-3000:]}")
                 raise
             done.append(current)
+        await trio.sleep(delay)
+        finished.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handovers)
-        await load()
+        await load(finished)
     return done
 
 
@@ -174,7 +183,7 @@ def nvme_handover_example(delay: float, poll_us: str, fmt: str, file_backed: boo
                     io = ExactlyOnce(drv, q)
                     b_args = (*backing, "--poll-us", poll_us, *(("--migration-format", fmt) if fmt else ()))
                     c_args = (*backing, "--poll-us", "1000") + (("--backing-io", "uring") if file_backed else ())
-                    succ = await handovers_during_io(lambda: io.run(400), srv, ctl, [b_args, c_args], delay)
+                    succ = await handovers_during_io(lambda until: io.run(200, until), srv, ctl, [b_args, c_args], delay)
                     try:
                         assert not io.inflight
                         await io.verify_all()
@@ -218,28 +227,27 @@ def virtio_blk_example(delay: float, fastio: str, ram: bool) -> None:
                 async with running_server("virtio-blk", "--control-socket", ctl, *backing) as srv, \
                         await Client.connect(srv.socket_path) as client:
                     await client.dma_map(gram)
-                    _dev, (q,) = await init_device(client, gram, queues=(0,), size=128)
+                    _dev, (q,) = await init_device(client, gram, queues=(0,), size=128, slot_size=8192)
                     written: list[int] = []
                     next_block = 0
                     inflight: dict[int, tuple[str, int]] = {}
                     done = 0
-                    total = 400
+                    total = 200
 
-                    async def load() -> None:
+                    async def load(until: trio.Event) -> None:
                         nonlocal next_block, done
-                        while done < total:
+                        while done < total or not until.is_set() or inflight:
                             new = 0
-                            while len(inflight) < 32 and done + len(inflight) < total:
+                            while len(inflight) < 32 and (done + len(inflight) < total or not until.is_set()):
                                 if written and (done + len(inflight)) % 3 == 2:
                                     block = written[(done * 7) % len(written)]
                                     req = q.add([blk_hdr(T_IN, block * 8)], [BLOCK, 1])
                                     inflight[req.head] = ("read", block)
                                 else:
-                                    block = next_block
+                                    block = next_block % BLOCKS
                                     next_block += 1
                                     req = q.add([blk_hdr(T_OUT, block * 8), pattern(block)], [1])
                                     inflight[req.head] = ("write", block)
-                                reqs[req.head] = req
                                 new += 1
                             if new:
                                 await q.kick()
@@ -254,11 +262,10 @@ def virtio_blk_example(delay: float, fastio: str, ram: bool) -> None:
                                     assert req.data(0) == pattern(block), f"read of block {block}: other data"
                                 done += 1
 
-                    reqs: dict[int, object] = {}
                     env = {"VFU_FASTIO": fastio}
                     succ = await handovers_during_io(load, srv, ctl, [backing, backing], delay, env=env)
                     try:
-                        for block in range(next_block):
+                        for block in range(min(next_block, BLOCKS)):
                             q.add([blk_hdr(T_IN, block * 8)], [BLOCK, 1])
                             await q.kick()
                             (got,) = await q.wait_used(1)
@@ -468,6 +475,16 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
             _dev, (rx, tx, _ctrl) = await setup_net(client)
             fill_rx(rx, 64)
             await rx.kick()
+            # Frames that come before the device's receive path runs are dropped, as a NIC
+            # without a link does: wait until one gets through.
+            with trio.fail_after(20):
+                while True:
+                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
+                    with trio.move_on_after(0.2):
+                        await rx.wait_used(1)
+                        break
+            fill_rx(rx, len(rx.free))
+            await rx.kick()
             sent = [frame(GUEST_MAC, b"\x02" * 6, n) for n in range(40)]
             for f in sent[:20]:
                 await peer.send(f)
@@ -475,8 +492,15 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
             try:
                 for f in sent[20:]:
                     await peer.send(f)
-                got = [r.data(0)[12 : 12 + len(sent[0])] for r in await rx.wait_used(40, timeout=30)]
-                assert got == sent  # none lost, none twice, in order
+                got: list[bytes] = []
+                with trio.move_on_after(30):
+                    while len(got) < 40:
+                        for r in await rx.wait_used(1, timeout=30):
+                            data = r.data(0)[12 : 12 + len(sent[0])]
+                            if data[14:18] != struct.pack("<I", 1000):  # a late probe
+                                got.append(data)
+                assert got == sent, (f"{len(got)} frames\n--- predecessor ---\n{srv.stderr()[-2000:]}\n"
+                                     f"--- successor ---\n{succ.stderr()[-2000:]}")  # none lost or twice, in order
                 # Transmit through the successor reaches the same peer connection.
                 out = frame(b"\x02" * 6, GUEST_MAC, 99)
                 tx.add([bytes(12) + out])
@@ -558,3 +582,234 @@ async def test_snapshot_of_a_live_device_while_the_client_stays(tmp_path: Path) 
                                              capture_stdout=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             assert b"nvme" in inspect.stdout.lower()
             await still_serving(io)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="TAP in a netns needs root and iproute2")
+async def test_virtio_net_tap_handover_during_a_ping_stream(tmp_path: Path) -> None:
+    from test_virtio_net import GUEST_MAC, HDR, fill_rx, host_side, icmp_echo, setup_net
+
+    ns = f"wt16ho-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    ctl = str(tmp_path / "ctl")
+    args = ("--tap", "vfutap0", "--mac", GUEST_MAC.hex(":"))
+    inside = ("ip", "netns", "exec", ns)
+    srv = succ = None
+    try:
+        with trio.fail_after(120):
+            srv = await spawn_server("virtio-net", ("--socket-path", str(tmp_path / "net.sock"), *args,
+                                                    "--control-socket", ctl), prefix=inside)
+            host_mac = host_side(ns, 75)
+            async with await Client.connect(srv.socket_path) as client:
+                _dev, (rx, tx, _cq) = await setup_net(client)
+                fill_rx(rx, 128)
+                await rx.kick()
+                replies: set[int] = set()
+                handed, pinged = trio.Event(), trio.Event()
+                sent = 0
+                # Frames that come before the device's receive path runs are dropped: ping
+                # (sequence numbers from 60000) until a reply gets through.
+                warm = 60000
+                with trio.fail_after(20):
+                    while not replies:
+                        warm += 1
+                        tx.add([HDR + icmp_echo(GUEST_MAC, host_mac, bytes([10, 75, 0, 2]),
+                                                bytes([10, 75, 0, 1]), warm, bytes(200))])
+                        await tx.kick()
+                        with trio.move_on_after(0.2):
+                            for r in await rx.wait_used(1):
+                                f = r.data(0)[12 : r.written]
+                                if f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0:
+                                    replies.add(struct.unpack("!H", f[40:42])[0])
+                        tx.reap()
+                replies.clear()
+                fill_rx(rx, len(rx.free))
+                await rx.kick()
+
+                async def pings() -> None:
+                    # A ping every 20 ms from before the handover until 20 after it.
+                    nonlocal sent
+                    after = 0
+                    while after < 20:
+                        sent += 1
+                        tx.add([HDR + icmp_echo(GUEST_MAC, host_mac, bytes([10, 75, 0, 2]),
+                                                bytes([10, 75, 0, 1]), sent, sent.to_bytes(2, "big") * 100)])
+                        await tx.kick()
+                        tx.reap()
+                        after += handed.is_set()
+                        await trio.sleep(0.02)
+                    pinged.set()
+
+                async def collect() -> None:
+                    while not pinged.is_set() or len(replies) < sent:
+                        for r in await rx.wait_used(1, timeout=30):
+                            f = r.data(0)[12 : r.written]
+                            if f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0:
+                                seq = struct.unpack("!H", f[40:42])[0]
+                                if seq > 60000:
+                                    continue  # a late reply to the warm-up
+                                assert seq not in replies, f"echo reply {seq} twice"
+                                replies.add(seq)
+                        fill_rx(rx, len(rx.free) // 2)
+                        await rx.kick()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pings)
+                    nursery.start_soon(collect)
+                    await trio.sleep(0.4)
+                    succ = await hand_over(srv, ctl, *args, "--poll-us", "50", prefix=inside)
+                    handed.set()
+                assert sent > 40 and replies == set(range(1, sent + 1))
+    finally:
+        for p in (succ, srv):
+            if p is not None:
+                await p.terminate()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+async def test_nvme_on_nbd_hands_over_with_io_in_flight() -> None:
+    # The successor opens its own connection to the same export: the predecessor's acknowledged
+    # writes are the NBD server's, so they read back through the new connection.
+    from test_block_nbd import nbdkit
+
+    with tempfile.TemporaryDirectory(prefix="nbd-") as d:
+        nbd = nbdkit(Path(d), "memory", str(16 << 20))
+        try:
+            with trio.fail_after(180):
+                async with nvme_with_control("--backing", nbd.uri) as (srv, ctl, drv, q):
+                    io = ExactlyOnce(drv, q)
+                    succ = await handovers_during_io(lambda until: io.run(200, until), srv, ctl,
+                                                     [("--backing", nbd.uri, "--poll-us", "0")], 0.1)
+                    try:
+                        await io.verify_all()
+                    finally:
+                        await succ[0].terminate()
+        finally:
+            nbd.kill()
+
+
+async def test_a_third_party_device_hands_over_the_bar_memory_its_client_mapped(tmp_path: Path) -> None:
+    ctl = str(tmp_path / "ctl")
+    env = {"PYTHONPATH": str(HERE)}
+    with trio.fail_after(120):
+        async with running_server("handover_devices:MmapExample", "--control-socket", ctl, env=env) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            mapping, _info = await client.mmap_region(4)
+            mapping[0:4] = b"old!"
+            await client.write32(0, 4, 0xBEEF)
+            succ = await hand_over(srv, ctl, env=env)
+            try:
+                # The successor serves the very memory the client still has mapped.
+                assert await client.region_read(4, 0, 4) == b"old!"
+                mapping[4:8] = b"new!"
+                assert await client.region_read(4, 4, 4) == b"new!"
+                await client.region_write(4, 8, b"back")
+                assert mapping[8:12] == b"back"
+                assert await client.read32(0, 4) == 0xBEEF
+            finally:
+                mapping.close()
+                await succ.terminate()
+
+
+async def test_a_device_without_migration_formats_cannot_take_over(tmp_path: Path) -> None:
+    proc = await trio.run_process(
+        [sys.executable, "-m", "vfu_server", "mmap_test_device:MmapDevice", "--take-over", str(tmp_path / "ctl")],
+        capture_stdout=True, capture_stderr=True, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(HERE)))})
+    assert proc.returncode == 2
+    assert b"has no migration formats" in proc.stderr
+
+
+async def test_a_device_hook_that_raises_fails_the_handover_not_the_server(tmp_path: Path) -> None:
+    ctl = str(tmp_path / "ctl")
+    env = {"PYTHONPATH": str(HERE)}
+    with trio.fail_after(120):
+        async with running_server("handover_devices:BrokenExport", "--control-socket", ctl, env=env) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            await client.write32(0, 4, 0x1111)
+            with pytest.raises(ServerStartFailed) as info:
+                await start_successor("handover_devices:BrokenExport", ctl, env=env)
+            assert "RuntimeError: bug in handover_export" in info.value.stderr
+            assert await client.read32(0, 4) == 0x1111
+            await client.write32(0, 4, 0x2222)
+            assert await client.read32(0, 4) == 0x2222
+            assert srv.process.returncode is None
+
+
+async def test_guest_ram_without_an_fd_is_still_reached_through_messages_after_a_handover(tmp_path: Path) -> None:
+    # The map carries no fd: the successor gets the table entry alone and reaches the RAM with
+    # DMA_READ/DMA_WRITE through the connection it took over.
+    from server_helpers import CTRL, DST_HI, DST_LO, LEN, SRC_HI, SRC_LO, STATUS
+    ctl = str(tmp_path / "ctl")
+    with trio.fail_after(120), GuestRam(1 << 20) as ram:
+        async with running_server("example", "--control-socket", ctl) as srv, \
+                await Client.connect(srv.socket_path, max_data_xfer_size=4096) as client:
+            await client.dma_map(ram, with_fd=False)
+            await client.enable_bus_master()
+            (vector, *_) = await client.enable_msix(1)
+
+            async def copy(src: int, dst: int, data: bytes) -> None:
+                ram.write(src, data)
+                for reg, value in ((SRC_LO, src), (SRC_HI, 0), (DST_LO, dst), (DST_HI, 0), (LEN, len(data)), (CTRL, 1)):
+                    await client.write32(0, reg, value)
+                await vector.wait()
+                assert await client.read32(0, STATUS) == 1  # done
+                assert ram.read(dst, len(data)) == data
+
+            await copy(0x1000, 0x40000, os.urandom(10000))
+            succ = await hand_over(srv, ctl)
+            try:
+                before = client.dma_bytes
+                await copy(0x2000, 0x60000, os.urandom(10000))
+                assert client.dma_bytes == before + 20000  # through messages, no byte twice
+            finally:
+                await succ.terminate()
+
+
+async def test_nvme_io_through_messages_in_flight_during_a_handover(tmp_path: Path) -> None:
+    # Guest RAM without an fd: the commands in flight when the handover starts wait for the
+    # client's DMA_READ/DMA_WRITE replies, which the predecessor still reads while it quiesces.
+    ctl = str(tmp_path / "ctl")
+    with trio.fail_after(180), GuestRam(48 << 20) as ram:
+        async with running_server("nvme", "--size", "16M", "--control-socket", ctl) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            await client.dma_map(ram, with_fd=False)
+            drv = NvmeTestDriver(client, ram)
+            await drv.start(map_ram=False)
+            q = await drv.create_io_queue_pair(1, entries=64)
+            io = ExactlyOnce(drv, q, depth=8)
+            succ = await handovers_during_io(lambda until: io.run(64, until), srv, ctl, [("--size", "16M")], 0.1)
+            try:
+                assert client.dma_bytes > 0
+                await still_serving(io, 16)
+            finally:
+                await succ[0].terminate()
+
+
+async def test_a_controller_kept_for_the_next_client_is_handed_over_and_driven_by_it(tmp_path: Path) -> None:
+    # The client left; the controller (enabled, with its queue) waits for the next one. A
+    # handover without a client, and one that is refused, leave it waiting (not running on
+    # unmapped memory); the next client drives the same queue on the successor.
+    ctl = str(tmp_path / "ctl")
+    with trio.fail_after(120), GuestRam(8 << 20) as ram:
+        async with running_server("nvme", "--size", "1M", "--control-socket", ctl) as srv:
+            async with await Client.connect(srv.socket_path) as client:
+                drv = NvmeTestDriver(client, ram)
+                await drv.start()
+                q = await drv.create_io_queue_pair(1, entries=8)
+                data = os.urandom(512)
+                await drv.write(q, 0, data)
+            await refused("nvme", ctl, "--size", "2M")
+            succ = await hand_over(srv, ctl, "--size", "1M")
+            try:
+                async with await Client.connect(succ.socket_path) as client:
+                    again = NvmeTestDriver(client, ram)
+                    assert await again.csts() & 1
+                    await client.dma_map(ram)
+                    await client.enable_bus_master()
+                    again.vectors = await client.enable_msix(8)
+                    again.admin_q, again.queues = drv.admin_q, drv.queues
+                    assert await again.read(q, 0, 512) == data
+                assert "Traceback" not in srv.stderr() + succ.stderr()
+                assert "fatal" not in (srv.stderr() + succ.stderr()).lower()
+            finally:
+                await succ.terminate()

@@ -151,12 +151,16 @@ def _online(args: argparse.Namespace) -> int:
     from ..migrate import Progress, load, migrate, save
     from ..protocol.errors import VfioUserError
 
+    def note(text: str) -> None:
+        print(text, file=sys.stderr)
+
     async def run() -> int:
         if args.cmd == "run":
             async with await Client.connect(args.src) as src, await Client.connect(args.dst) as dst:
                 def show(p: Progress) -> None:
                     _bar(p.phase, p.bytes)
-                stats = await migrate(src, dst, fmt=args.format, precopy=not args.no_precopy, progress=show)
+                stats = await migrate(src, dst, fmt=args.format, precopy=not args.no_precopy, progress=show,
+                                      note=note)
             print(file=sys.stderr)
             print(json.dumps({
                 "format": stats.format, "uuid": stats.format_uuid, "bytes": stats.total_bytes,
@@ -166,7 +170,7 @@ def _online(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "save":
             async with await Client.connect(args.src) as src:
-                data = await save(src, fmt=args.format)
+                data = await save(src, fmt=args.format, note=note)
             with open(args.file, "wb") as f:
                 f.write(data)
             _bar("saved", len(data), len(data))
@@ -175,7 +179,7 @@ def _online(args: argparse.Namespace) -> int:
         with open(args.file, "rb") as f:
             data = f.read()
         async with await Client.connect(args.dst) as dst:
-            await load(dst, data)
+            await load(dst, data, note=note)
         _bar("loaded", len(data), len(data))
         print(file=sys.stderr)
         return 0

@@ -78,6 +78,9 @@ class PciDevice:
     #: format then costs a server nothing at start-up). A device with formats must implement
     #: :meth:`save_state` and :meth:`load_state`.
     migration_formats: ClassVar[Any] = None
+    #: modules the device's migration code imports on first use (beyond its format module): a
+    #: live handover imports them in a worker thread ahead of its pause
+    migration_imports: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def get_migration_formats(cls) -> Any:
@@ -125,6 +128,10 @@ class PciDevice:
             msix_vectors=self.msix.vectors if self.msix else 0,
         )
         self.dma = GuestMemory()
+        self.dma.config_image = self.config.data
+        self.dma.window_filter = self._own_window
+        self.dma.executor.spawn = self._spawn_unwrapped
+        self.irqs.before_signal = self.dma.before_interrupt
         self.extra_regions: dict[int, ExtraRegion] = {}
         self._nursery: trio.Nursery | None = None
         self._pending_reset: str | None = None
@@ -286,11 +293,21 @@ class PciDevice:
         server that dies (the next guest reset aborts the VM)."""
         if self._nursery is None:
             raise RuntimeError("device is not attached to a running server")
-        self._nursery.start_soon(self._guarded, fn, args, name=name or getattr(fn, "__name__", None))
+        self._nursery.start_soon(self._guarded, fn, args, True, name=name or getattr(fn, "__name__", None))
 
-    async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    def _spawn_unwrapped(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        """:meth:`spawn` for the message-DMA executor's own tasks (which take its lock themselves)."""
+        if self._nursery is None:
+            raise RuntimeError("device is not attached to a running server")
+        self._nursery.start_soon(self._guarded, fn, args, False, name=name)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], dma_task: bool) -> None:
         try:
-            await fn(*args)
+            if dma_task:
+                # Synchronous code in the task may reach guest memory without an fd.
+                await self.dma.executor.run_task(fn, *args)
+            else:
+                await fn(*args)
         except Exception:
             self.log.exception("device task %s failed", getattr(fn, "__qualname__", fn))
         except BaseExceptionGroup as group:
@@ -300,6 +317,21 @@ class PciDevice:
                 self.log.error("device task %s failed", getattr(fn, "__qualname__", fn), exc_info=rest)
             if cancelled is not None:
                 raise cancelled from None
+
+    def _own_window(self, iova: int, size: int) -> bool:
+        """Whether ``[iova, iova + size)`` lies in one of our memory BARs as programmed (QEMU
+        DMA-maps a device's mmapped BAR windows to it, without an fd; they are no guest RAM)."""
+        data = self.config.data
+        for i, bar in enumerate(self.bars):
+            if bar is None or bar.kind.io:
+                continue
+            low = struct.unpack_from("<I", data, 0x10 + 4 * i)[0]
+            addr = low & ~0xF
+            if low & 0x4 and i < 5:
+                addr |= struct.unpack_from("<I", data, 0x14 + 4 * i)[0] << 32
+            if addr and addr <= iova and iova + size <= addr + bar.size:
+                return True
+        return False
 
     @property
     def bus_master(self) -> bool:
@@ -457,6 +489,9 @@ class PciDevice:
                 raise VfioUserError(str(exc), errno.EINVAL) from None
             return
         if 0 <= index <= 5:
+            if self.dma.message_mode:
+                # The device may reach guest RAM through messages: never wait for one here.
+                return self.dma.executor.call(self._bar_write, index, offset, data)
             self._bar_write(index, offset, data)
             return
         if index == PciRegion.ROM:

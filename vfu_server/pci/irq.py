@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,8 @@ class Interrupts:
         }
         self.intx_asserted = False
         self.intx_resample_fd: int | None = None
+        #: called before an interrupt goes out (the device's message-DMA write-backs go first)
+        self.before_signal: Callable[[], None] | None = None
 
     def info(self, index: int) -> IrqInfo:
         line = self.lines.get(index)  # type: ignore[call-overload]
@@ -173,6 +176,8 @@ class Interrupts:
 
     def signal(self, index: IrqIndex, vector: int = 0) -> bool:
         """Raise ``vector`` of ``index``. Returns whether an eventfd was written."""
+        if self.before_signal is not None:
+            self.before_signal()
         line = self.lines[index]
         if not 0 <= vector < line.count:
             return False
@@ -181,6 +186,8 @@ class Interrupts:
     def set_intx(self, asserted: bool) -> None:
         """Drive the INTx line level; a rising edge signals the trigger fd (with automask)."""
         rising = asserted and not self.intx_asserted
+        if rising and self.before_signal is not None:
+            self.before_signal()
         self.intx_asserted = asserted
         line = self.lines[IrqIndex.INTX]
         if line.count and rising:

@@ -23,17 +23,19 @@ __all__ = ["ServerStartFailed", "hand_over", "start_successor"]
 
 
 async def start_successor(device: str, control: str, *args: str, env: dict[str, str] | None = None,
-                          ready_timeout: float = 60.0) -> ServerProcess:
+                          ready_timeout: float = 60.0, prefix: tuple[str, ...] = ()) -> ServerProcess:
     """Start ``vfu-server DEVICE --take-over CONTROL *args`` and wait until it serves (its
-    ``listening on PATH``); its ``socket_path`` is the PATH it took over. The caller stops it."""
-    return await spawn_server(device, ("--take-over", control, *args), ready_timeout=ready_timeout, env=env)
+    ``listening on PATH``); its ``socket_path`` is the PATH it took over. The caller stops it.
+    ``prefix``: a command to run it under (``ip netns exec NS``)."""
+    return await spawn_server(device, ("--take-over", control, *args), ready_timeout=ready_timeout, env=env,
+                              prefix=prefix)
 
 
 async def hand_over(predecessor: ServerProcess, control: str, *args: str, env: dict[str, str] | None = None,
-                    exit_timeout: float = 30.0) -> ServerProcess:
+                    exit_timeout: float = 30.0, prefix: tuple[str, ...] = ()) -> ServerProcess:
     """Replace ``predecessor`` by a successor with ``args`` (the same device), and check that
     the predecessor then exits 0 by itself."""
-    successor = await start_successor(predecessor.device, control, *args, env=env)
+    successor = await start_successor(predecessor.device, control, *args, env=env, prefix=prefix)
     with trio.move_on_after(exit_timeout):
         await predecessor.process.wait()
     if predecessor.process.returncode != 0:

@@ -64,13 +64,15 @@ def _server_env(env: dict[str, str] | None) -> dict[str, str]:
 
 
 async def spawn_server(device: str, args: tuple[str, ...] | list[str], *, socket_path: str = "",
-                       ready_timeout: float = 20.0, env: dict[str, str] | None = None) -> ServerProcess:
+                       ready_timeout: float = 20.0, env: dict[str, str] | None = None,
+                       prefix: tuple[str, ...] = ()) -> ServerProcess:
     """Start ``python -m vfu_server DEVICE *args`` and wait for ``listening on``. A process
     that does not get there is killed (if still running) and raised as :class:`ServerStartFailed`
-    with its exit code and stderr. The caller stops the process it gets."""
+    with its exit code and stderr. The caller stops the process it gets. ``prefix``: a command
+    to run it under (``ip netns exec NS``)."""
     workdir = tempfile.mkdtemp(prefix="vfu-test-")
     stderr_path = Path(workdir) / "server.stderr"
-    cmd = [sys.executable, "-m", "vfu_server", device, *args]
+    cmd = [*prefix, sys.executable, "-m", "vfu_server", device, *args]
     with open(stderr_path, "wb") as err:
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=_server_env(env))
     server = ServerProcess(device, socket_path, proc, stderr_path)
