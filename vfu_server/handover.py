@@ -621,6 +621,9 @@ class Successor:
         """The received state stream before it is loaded (tests override it to damage it)."""
         return stream
 
+    def before_ack(self) -> None:
+        """Called between ``go`` and ``ack`` (tests override it to hang there)."""
+
     async def take_over(self, device: PciDevice, server: Server) -> Taken:
         if device.migration is None:
             raise HandoverRefused(errno.ENOTSUP, f"{device.name} has no migration formats: it cannot take over")
@@ -676,6 +679,7 @@ class Successor:
                     raise HandoverRefused(int(go.get("errno") or errno.ECANCELED),
                                           str(go.get("reason", f"expected go, got {go.get('msg')!r}")))
                 # Answer before touching the client: the predecessor may roll back until then.
+                self.before_ack()
                 await link.send({"msg": "ack"})
         except trio.TooSlowError:
             raise HandoverRefused(errno.ETIMEDOUT, "the predecessor did not answer in time") from None

@@ -5,7 +5,8 @@
 MODE ``corrupt`` flips one byte of the received state stream before loading it (the load must
 refuse it); ``stall`` prints ``received`` once everything arrived and then hangs before
 ``ready`` (the test kills it, or lets the predecessor time out); ``vanish`` closes the control
-connection once everything arrived, as a crash would.
+connection once everything arrived, as a crash would; ``noack`` prints ``go`` and hangs before
+it acknowledges (the predecessor must kill it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ class Vanish(Successor):
         os._exit(3)  # as a crash: no abort message, the kernel closes every fd
 
 
-MODES = {"corrupt": Corrupt, "stall": Stall, "vanish": Vanish}
+class NoAck(Successor):
+    def before_ack(self) -> None:
+        print("go", flush=True)
+        while True:  # hung after go: the predecessor must kill it before it serves again
+            time.sleep(3600)
+
+
+MODES = {"corrupt": Corrupt, "stall": Stall, "vanish": Vanish, "noack": NoAck}
 
 if __name__ == "__main__":
     mode, argv = sys.argv[1], sys.argv[2:]

@@ -813,3 +813,66 @@ async def test_a_controller_kept_for_the_next_client_is_handed_over_and_driven_b
                 assert "fatal" not in (srv.stderr() + succ.stderr()).lower()
             finally:
                 await succ.terminate()
+
+
+async def test_a_successor_that_hangs_after_go_is_killed_before_the_predecessor_resumes() -> None:
+    # After go the successor may serve as soon as it has acknowledged: one that neither
+    # acknowledges nor closes is killed (its pid from SO_PEERCRED) before the predecessor
+    # reads the client socket again, so two servers never read it.
+    with trio.fail_after(120):
+        async with nvme_with_control("--size", "16M") as (srv, ctl, drv, q):
+            io = ExactlyOnce(drv, q)
+            await io.run(32)
+            async with misbehaving("noack", "nvme", ctl, "--size", "16M", "--handover-timeout", "1") as proc:
+                assert await read_line(proc.stdout) == b"go\n"
+                with trio.fail_after(30):
+                    await proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+            await still_serving(io)
+            assert "no ack from the successor" in srv.stderr()
+            assert srv.process.returncode is None
+
+
+async def test_frames_waiting_for_the_guest_survive_a_failed_handover_in_order(tmp_path: Path) -> None:
+    # The guest has no receive buffers: frames wait in the predecessor. A handover takes them
+    # (to carry them over), the successor is killed half-way, and the rolled-back predecessor
+    # still delivers every one of them, once and in order, when buffers come.
+    from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
+
+    ctl = str(tmp_path / "ctl")
+    path = str(tmp_path / "peer.sock")
+    args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
+    with trio.fail_after(120):
+        async with running_server("virtio-net", *args, "--control-socket", ctl) as srv, \
+                await Client.connect(srv.socket_path) as client:
+            peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            await peer.connect(path)
+            _dev, (rx, _tx, _ctrl) = await setup_net(client)
+            with trio.fail_after(20):  # the receive path runs: one probe gets through
+                while True:
+                    fill_rx(rx, 1)
+                    await rx.kick()
+                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
+                    with trio.move_on_after(0.2):
+                        await rx.wait_used(1)
+                        break
+            sent = [frame(GUEST_MAC, b"\x02" * 6, n) for n in range(20)]
+            for f in sent:
+                await peer.send(f)
+            await trio.sleep(0.2)  # taken from the socket, waiting for receive buffers
+            async with misbehaving("stall", "virtio-net", ctl, *args) as proc:
+                assert await read_line(proc.stdout) == b"received\n"
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+            fill_rx(rx, 32)
+            await rx.kick()
+            got: list[bytes] = []
+            with trio.move_on_after(20):
+                while len(got) < 20:
+                    for r in await rx.wait_used(1, timeout=20):
+                        data = r.data(0)[12 : 12 + len(sent[0])]
+                        if data[14:18] != struct.pack("<I", 1000):
+                            got.append(data)
+            assert got == sent, f"{len(got)} frames\n{srv.stderr()[-2000:]}"
+            assert srv.process.returncode is None
+            peer.close()
