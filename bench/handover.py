@@ -39,6 +39,7 @@ import bisect
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -359,6 +360,7 @@ async def one_run(device: str, fmt: str, handovers: int, qd: int) -> Run:
                     await current.wait()
                 if current.returncode is None:
                     current.kill()
+            shutil.rmtree(tmp, ignore_errors=True)  # the 64 MiB disk and the servers' logs
     return run
 
 
