@@ -26,8 +26,9 @@ first answer, and whatever the successor's start-up (a Python interpreter loadin
 takes away from the old server on a host with few CPUs. The table shows its median and maximum
 over the handovers. Beside it, *I/O gap*: the same measure over windows of the same length
 without a handover (the loop's own jitter on this machine), *completions/s* outside handovers,
-and *handover ms*: from starting the successor to its ``listening on`` (the pause is part of
-it). The migration numbers to compare with are bench/migration.py's (downtime of a v2
+*server pause*: what the predecessor logs as its pause (from holding the device until the
+successor's ack; the client's pause adds the successor's first answer and scheduling), and
+*handover ms*: from starting the successor to its ``listening on`` (the pause is part of it). The migration numbers to compare with are bench/migration.py's (downtime of a v2
 migration between two servers with the same client).
 """
 
@@ -37,6 +38,8 @@ import argparse
 import bisect
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -52,6 +55,8 @@ import trio
 
 from .common import REPO, machine_line, median, server_env, table
 
+#: what a predecessor logs when it has handed over (vfu_server.handover)
+SERVER_PAUSE = re.compile(r"handed over to the successor after a pause of ([0-9.]+) ms")
 DEVICES = ["nvme", "virtio-blk", "virtio-net", "virtio-rng", "example"]
 FORMATS = ["standard", "opaque"]
 DISK = 64 << 20
@@ -67,6 +72,8 @@ class Run:
     completions: list[float] = field(default_factory=list)
     windows: list[tuple[float, float]] = field(default_factory=list)
     handover_ms: list[float] = field(default_factory=list)
+    #: the pause as the predecessor logged it (hold until the successor's ack), where it did
+    server_pause_ms: list[float] = field(default_factory=list)
 
     def pauses(self) -> list[float]:
         return [longest_gap(self.completions, a, b) for a, b in self.windows]
@@ -334,6 +341,9 @@ async def one_run(device: str, fmt: str, handovers: int, qd: int) -> Run:
                         raise RuntimeError(f"{device}: predecessor {i - 1} exited with rc={rc}:\n"
                                            f"{(tmp / f'server-{i - 1}.err').read_text()[-3000:]}")
                     t1 = time.perf_counter()
+                    logged = SERVER_PAUSE.search((tmp / f"server-{i - 1}.err").read_text(errors="replace"))
+                    if logged:
+                        run.server_pause_ms.append(float(logged.group(1)))
                     current = successor
                     run.windows.append((t0, t1))
                     run.handover_ms.append((serving - t0) * 1e3)
@@ -350,6 +360,7 @@ async def one_run(device: str, fmt: str, handovers: int, qd: int) -> Run:
                     await current.wait()
                 if current.returncode is None:
                     current.kill()
+            shutil.rmtree(tmp, ignore_errors=True)  # the 64 MiB disk and the servers' logs
     return run
 
 
@@ -384,13 +395,15 @@ def main(argv: list[str] | None = None) -> None:
             quiet = [g * 1e3 for g in run.quiet_gaps()]
             worst = max(pauses, default=float("nan"))
             rows.append([device, fmt, len(pauses), median(pauses), worst, median(quiet),
-                         max(quiet, default=float("nan")), _rate(run), median(run.handover_ms)])
+                         max(quiet, default=float("nan")), median(run.server_pause_ms),
+                         max(run.server_pause_ms, default=float("nan")), _rate(run), median(run.handover_ms)])
             print(f"  {device} {fmt}: pause median {median(pauses):.1f} ms, max {worst:.1f} ms, "
                   f"{len(run.completions)} completions", flush=True)
     print()
     print(table(f"Handover pause the client sees (QD {args.qd}; ms)",
                 ["device", "format", "handovers", "pause median", "pause max", "I/O gap median",
-                 "I/O gap max", "completions/s", "handover ms (median)"], rows))
+                 "I/O gap max", "server pause median", "server pause max", "completions/s",
+                 "handover ms (median)"], rows))
 
 
 if __name__ == "__main__":

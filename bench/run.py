@@ -1,6 +1,6 @@
 """Run one benchmark (or all): ``python bench/run.py NAME [ARGS...]``.
 
-Names: roundtrip, footprint, devices, migration, guest, guest_net, all (every one, the guests last).
+Names: roundtrip, footprint, devices, migration, handover, guest, guest_net, all (every one, the guests last).
 The same scripts run as ``.venv/bin/python -m bench.NAME``.
 """
 
@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ["roundtrip", "footprint", "devices", "migration", "guest", "guest_net"]
+NAMES = ["roundtrip", "footprint", "devices", "migration", "handover", "guest", "guest_net"]
 
 
 def main(argv: list[str]) -> int:

@@ -498,15 +498,25 @@ def check_soak(out: SoakOutcome) -> None:
     assert not bad_dmesg(output), "\n".join(bad_dmesg(output))
 
 
+#: what a predecessor logs when it has handed over (vfu_server.handover)
+_PAUSE = re.compile(r"handed over to the successor after a pause of ([0-9.]+) ms")
+
+
 def summary(out: SoakOutcome) -> str:
     """A few lines on what the soak did, for the test's output."""
     rec = records(out.guest.output)
     lines = [f"{out.rounds_done} rounds in {out.guest.duration:.0f} s"]
     for name, chain in out.chains.items():
         secs = sorted(h.seconds for h in chain.handovers)
+        first = out.guest.servers.get(name)
+        logs = [first.stderr if first else "", *(stderr for _, _, stderr in chain.logs())]
+        pauses = sorted(float(m) for log in logs for m in _PAUSE.findall(log))
         if secs:
             lines.append(f"{name}: {len(secs)} handovers, successor start to serving median "
                          f"{secs[len(secs) // 2] * 1e3:.0f} ms, max {secs[-1] * 1e3:.0f} ms")
+        if pauses:
+            lines.append(f"{name}: pause the predecessors logged: median {pauses[len(pauses) // 2]:.1f} ms, "
+                         f"max {pauses[-1]:.1f} ms ({len(pauses)} handovers)")
     lines += [f"{key}: {' '.join(f'{k}={v}' for k, v in values.items() if k != 'name')}"
               for key, values in rec.items()]
     sent, received = ping_stats(out.guest.output)

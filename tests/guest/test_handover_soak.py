@@ -11,6 +11,7 @@ workload and the end-of-soak checks are in ``soak.py``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def successor_options(name: str, i: int) -> tuple[list[str], dict[str, str]]:
     """What generation `i` of server `name` runs with: every option it may change differs
     from its predecessor's in some rounds, and the formats alternate."""
     args = ["--migration-format", "standard" if i % 2 else "opaque",
-            "--socket-poll-us", SOCKET_POLL_US[i % len(SOCKET_POLL_US)]]
+            "--socket-poll-us", SOCKET_POLL_US[i % len(SOCKET_POLL_US)], "--log-level", "info"]
     env: dict[str, str] = {}
     if name in ("nvme", "vblk"):
         args += ["--poll-us", POLL_US[i % len(POLL_US)],
@@ -60,10 +61,17 @@ def test_handover_soak(guest_kit: GuestKit, tmp_path: Path) -> None:
         assert formats == {"standard", "opaque"}, name
         # The harness's first server exited 0 once its first successor served.
         assert out.guest.servers[name].returncode == 0, (name, out.guest.servers[name].stderr[-2000:])
-        for command, rc, stderr in chain.logs():
+        for handover, (command, rc, stderr) in zip(chain.handovers, chain.logs(), strict=True):
             assert "Traceback" not in stderr and "internal error" not in stderr, f"{command}:\n{stderr}"
             # each successor but the last exited 0 when the next one took over; the last on SIGTERM
             assert rc == 0, f"{command}: rc={rc}\n{stderr[-2000:]}"
+            # the format asked for is the one the state came in, and the options took effect
+            took = re.search(r"took over .* \(format (\S+)\)", stderr)
+            assert took is not None, f"{command}:\n{stderr[-2000:]}"
+            wanted = handover.args[handover.args.index("--migration-format") + 1]
+            assert took.group(1).startswith("opaque") == (wanted == "opaque"), (wanted, took.group(0))
+            if "uring" in handover.args:
+                assert "I/O through io_uring" in stderr or "io_uring unavailable" in stderr, stderr
     uses = {tuple(h.args) + tuple(h.env.items()) for h in out.chains["nvme"].handovers}
     assert any("uring" in u for u in uses) and any(("VFU_FASTIO", "0") in u for u in uses)
     out.guest.assert_no_qemu_warnings()
