@@ -141,7 +141,7 @@ class NvmeController(PciDevice):
     """NVMe 1.4 controller (NVM command set) on block backends: files, NBD or RAM."""
 
     cli_name = "nvme"
-    migration_imports = ("devices.nvme.migration",)
+    migration_imports = ("vfu_devices.nvme.migration",)
     identity = PciIdentity(vendor_id=0x1234, device_id=0xFE10, class_code=0x010802, revision=1,
                            subsystem_vendor_id=0x1234, subsystem_id=0x0010)
     bar0 = MemoryBar(BAR0_SIZE, is64=True)

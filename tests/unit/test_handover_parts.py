@@ -177,7 +177,7 @@ hellos = st.one_of(
 def test_any_hello_is_refused_cleanly_and_the_device_stays_as_it_was(hello) -> None:
     # A predecessor (the example device, not started: no client) answers whatever a local
     # process sends on its control socket with one refusal line; nothing is held or changed.
-    from devices.example import DmaCopyEngine
+    from vfu_devices.example import DmaCopyEngine
     from vfu_server.server import HandoverHost, Server
 
     async def main() -> None:
