@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from server_helpers import MAGIC, MAGIC_VALUE, SCRATCH
 
 from vfu_server.client import Client
 from vfu_server.protocol import messages as m
-from vfu_server.protocol.codec import HEADER, MessageDecoder, encode
+from vfu_server.protocol.codec import HEADER, Message, MessageDecoder, encode
 from vfu_server.protocol.constants import Command, DmaUnmapFlags, IrqSetFlags
 from vfu_server.protocol.errors import ProtocolError
 from vfu_server.protocol.negotiation import client_offer
@@ -63,8 +64,12 @@ def shared_server():
     assert "Traceback" not in stderr, stderr
 
 
-async def _send_and_drain(path: str, data: bytes, fds: list[int] | None = None) -> list:
+async def _send_and_drain(path: str, data: bytes, fds: list[int] | None = None, *, then: bytes = b"",
+                          when: Callable[[Message], bool] | None = None) -> list:
+    """Send ``data``, then (once a received message satisfies ``when``) ``then``, close the
+    sending side and return every message the server sent until it closed."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    received = bytearray()
     try:
         await sock.connect(path)
         try:
@@ -73,10 +78,17 @@ async def _send_and_drain(path: str, data: bytes, fds: list[int] | None = None) 
                 sent = await sock.sendmsg([data], anc)
                 data = data[sent:]
             await _sendall(sock, data)
+            if when is not None:
+                seen = MessageDecoder(1 << 22)
+                while not any(when(msg) for msg in seen):
+                    chunk = await sock.recv(65536)
+                    assert chunk, "server closed before the awaited message"
+                    received += chunk
+                    seen.feed(chunk)
+                await _sendall(sock, then)
             sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server already dropped us: acceptable
-        received = bytearray()
         while True:
             try:
                 chunk = await sock.recv(65536)
@@ -238,7 +250,13 @@ def test_valid_sequence_replies_exactly(shared_server) -> None:
 
     async def case() -> None:
         with trio.fail_after(CASE_TIMEOUT):
-            received = await _send_and_drain(path, VERSION + b"".join(VALID_MESSAGES))
+            # The rest (the unmaps first) goes only once the copy's DMA_READ arrived: sent at
+            # once, the unmaps could be handled before the copy's task ran, and the copy would
+            # then fail on an unmapped address without asking.
+            copy = next(i for i, x in enumerate(VALID_MESSAGES) if HEADER.unpack_from(x)[0] == 11)
+            received = await _send_and_drain(path, VERSION + b"".join(VALID_MESSAGES[: copy + 1]),
+                                             then=b"".join(VALID_MESSAGES[copy + 1 :]),
+                                             when=lambda m: not m.is_reply)
             # The copy (id 11) reads guest RAM mapped without an fd: the server asks for it
             # with a DMA_READ in the spec's layout (this client never answers), and the copy
             # waits in a device task instead of holding the replies up.
