@@ -16,6 +16,7 @@ import trio
 
 from . import registry
 from .pci.polling import DEFAULT_NICE, DEFAULT_SOCKET_POLL_US, MAX_NICE, MAX_POLL_US
+from .sandbox import MODES, SandboxError
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
 
 PROG = "vfu-server"
@@ -40,6 +41,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lower the server's CPU priority by N at start, so that its polling gives way "
                              f"to the VM's vCPU threads (0..{MAX_NICE}; 0: keep the inherited priority; "
                              f"default {DEFAULT_NICE})")
+    parser.add_argument("--sandbox", choices=MODES, metavar="MODE",
+                        help="confine the server once started: on (default where the kernel allows; "
+                             "given explicitly, refuse to start without it), log (report, do not "
+                             "refuse), off (debugging)")
+    parser.add_argument("--user", metavar="USER",
+                        help="when started as root: run as USER (groups, gid, uid) once started")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         except MigrationError as exc:
             parser.error(f"--migration-format: {exc.reason}")
     control_path = getattr(args, "control_socket", None)
+    from . import sandbox
+
+    try:
+        confinement = sandbox.configure(args.sandbox, args.user)
+    except SandboxError as exc:
+        parser.error(str(exc))
+    if confinement.mode == "off":
+        logging.getLogger("vfu_server").warning(
+            "--sandbox off: the server is not confined and can do whatever its user can")
     if not 0 <= args.socket_poll_us <= MAX_POLL_US:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     if not 0 <= args.nice <= MAX_NICE:
@@ -137,10 +153,16 @@ def main(argv: list[str] | None = None) -> int:
             control = open_unix_listener(control_path)
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
+    async def confine() -> None:
+        line = await sandbox.apply(confinement, device.sandbox_needs(), (args.socket_path, control_path))
+        sys.stderr.write(f"{PROG} {pre.device}: {line}\n")
+        sys.stderr.flush()
+
     try:
         trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
                                socket_path_to_remove=args.socket_path, control=control,
-                               control_path=control_path, socket_poll_us=args.socket_poll_us))
+                               control_path=control_path, socket_poll_us=args.socket_poll_us,
+                               before_serving=confine))
     except DeviceStartError as exc:
         sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
         return 1

@@ -51,6 +51,7 @@ from .protocol.constants import (
 )
 from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
 from .protocol.negotiation import ServerOffer, Session
+from .sandbox import refusal as sandbox_refusal
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
 
@@ -301,7 +302,11 @@ class Connection:
             log.log(level, "%s id=%d failed: %s (errno %d)", command_name(msg.command), msg.id, exc.message, exc.errno)
             error = exc.errno or errno.EINVAL
         else:
-            log.error("device error while handling %s id=%d", command_name(msg.command), msg.id, exc_info=exc)
+            refused = sandbox_refusal(exc)
+            if refused is not None:  # expected of a confined server: one line, no traceback
+                log.warning("%s id=%d: %s", command_name(msg.command), msg.id, refused)
+            else:
+                log.error("device error while handling %s id=%d", command_name(msg.command), msg.id, exc_info=exc)
             error = errno.EIO
         if msg.no_reply:
             return None
@@ -621,6 +626,7 @@ async def serve(
     connected: trio.socket.SocketType | None = None,
     on_listening: Callable[[], None] | None = None,
     socket_poll_us: int = 0,
+    before_serving: Callable[[], Awaitable[None]] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
@@ -631,6 +637,9 @@ async def serve(
 
     On a signal: the batch being handled completes, the device flushes its backends
     (:meth:`PciDevice.shutdown`), the socket file is removed, and this returns normally.
+
+    ``before_serving`` runs once the device is ready and before any client is served (the
+    command line applies ``--sandbox`` there); an exception from it is a start-up error.
     """
     import signal
 
@@ -651,6 +660,12 @@ async def serve(
                 except Exception as exc:
                     start_error = exc
                     device_tasks.cancel_scope.cancel()
+                if start_error is None and before_serving is not None:
+                    try:
+                        await before_serving()
+                    except Exception as exc:
+                        start_error = exc
+                        device_tasks.cancel_scope.cancel()
                 if start_error is None:
                     if control is not None:
                         device_tasks.start_soon(serve_control, device, control)

@@ -43,6 +43,7 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import VfioUserError
 from ..protocol.messages import DeviceFeature, MsixMappableCap, RegionInfo, SparseMmapCap
+from ..sandbox import SandboxNeeds
 from .bar import Bar, BarBacking
 from .capabilities import Capability, Msi, Msix
 from .config import CMD_MASTER, ConfigSpace, PciIdentity
@@ -164,6 +165,12 @@ class PciDevice:
 
     async def shutdown(self) -> None:
         """The server is exiting: finish in-flight work and flush backends."""
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the device still does once started beyond serving its client (``--sandbox``):
+        sockets it opens again (a backend that reconnects), files it reads or removes.
+        Called after :meth:`run` reported ready. None by default."""
+        return SandboxNeeds()
 
     def client_connected(self) -> None:
         """A client negotiated a session."""
