@@ -29,6 +29,7 @@ from vfu_server.block.spec import BACKING_IO, BackendSpec
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
+from vfu_server.sandbox import SandboxNeeds
 
 from ..fastio import RegionTable, backend_fast_io
 from ..fastio import load_module_async as load_fastio
@@ -147,6 +148,9 @@ class VirtioBlk(VirtioPciDevice):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": self.backend.describe() if self.backend else None}
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        return self.backend.sandbox_needs() if self.backend is not None else SandboxNeeds()
 
     # -- configuration ---------------------------------------------------------------------
 

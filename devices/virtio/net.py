@@ -35,6 +35,7 @@ import trio
 
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
+from vfu_server.sandbox import SandboxNeeds
 
 from .netbackend import NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
@@ -160,6 +161,9 @@ class VirtioNet(VirtioPciDevice):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": self.backend.describe(), "mac": self.mac.hex(":")}
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        return self.backend.sandbox_needs()
 
     # -- configuration -----------------------------------------------------------------
 

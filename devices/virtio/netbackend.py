@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from vfu_server.sandbox import SandboxNeeds
+
 Deliver = Callable[[bytes], Awaitable[None]]
 Link = Callable[[bool], None]
 
@@ -62,6 +64,11 @@ class NetBackend:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the backend still opens once the server is confined: nothing for a TAP,
+        whose descriptor is open before."""
+        return SandboxNeeds()
 
 
 class TapBackend(NetBackend):
@@ -227,3 +234,7 @@ class SocketBackend(NetBackend):
 
     def describe(self) -> str:
         return f"{'listen' if self.listen else 'peer'}:{self.path}"
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        # Listening: the socket file is removed at exit. Connecting: a new socket per peer.
+        return SandboxNeeds.removes(self.path) if self.listen else SandboxNeeds.unix_connect()

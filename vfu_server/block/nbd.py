@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from ..sandbox import SandboxNeeds
 from .base import BlockBackend, byte_views, iov_length, iov_slice
 from .errors import BackendSpecError, BlockError, BlockIOError
 
@@ -234,6 +235,13 @@ class NbdBackend(BlockBackend):
         self._closed = False
         self._reader_scope = trio.CancelScope()
         self._reader_done = trio.Event()
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        # The connection is made before the sandbox; a new one to the same place (a reconnect)
+        # is the one socket a confined NBD device may still open.
+        if self.target.socket_path is not None:
+            return SandboxNeeds.unix_connect()
+        return SandboxNeeds.tcp_connect(self.target.port)
 
     # -- construction ------------------------------------------------------------------------
 

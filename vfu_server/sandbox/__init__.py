@@ -384,10 +384,13 @@ def refusal(exc: BaseException) -> str | None:
     EACCES under an applied sandbox), naming the code that tried; else None."""
     if _active is None or _active.mode == "off" or not isinstance(exc, PermissionError):
         return None
+    import sysconfig
     import traceback
 
     where = ""
-    frames = traceback.extract_tb(exc.__traceback__)
+    stdlib = sysconfig.get_path("stdlib") + "/"
+    # The innermost frame that is not the standard library's: the code that tried.
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(stdlib)]
     if frames:
         f = frames[-1]
         where = f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or f.name).strip()})"

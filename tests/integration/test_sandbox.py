@@ -1,0 +1,169 @@
+"""``--sandbox``: a device server taken over by a hostile guest gains nothing, and keeps serving.
+
+Every other integration test runs its servers with the sandbox on as well (the default); the
+tests here attack it on purpose (tests/integration/hostile_device.py) and check what
+``/proc/PID/status`` says about the running server.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfu_server.client import Client
+from vfu_server.protocol.errors import RemoteError
+from vfu_server.sandbox import landlock
+from vfu_server.testing import running_server
+
+HOSTILE = "tests.integration.hostile_device:Hostile"
+# register offset -> what the device tries
+ATTEMPTS = {0x00: "/etc/shadow", 0x04: "planted", 0x08: "os.execv", 0x0C: "socket", 0x10: "os.fork",
+            0x14: "PTRACE_ATTACH"}
+THREAD_REFUSED, THREAD_ESCAPED = 1, 2
+
+needs_landlock = pytest.mark.skipif(landlock.abi_version() == 0, reason="this kernel has no Landlock")
+
+
+def status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+@pytest.fixture
+def target(tmp_path):
+    """A directory the device may try to plant a file in and a TCP listener it may try to reach."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    env = {"VFU_HOSTILE_DIR": str(tmp_path), "VFU_HOSTILE_PORT": str(listener.getsockname()[1])}
+    yield env, listener
+    listener.close()
+
+
+def was_connected(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+        return True
+    except BlockingIOError:
+        return False
+
+
+@needs_landlock
+async def test_every_escape_is_refused_logged_and_the_server_keeps_serving(target, tmp_path):
+    env, listener = target
+    async with running_server(HOSTILE, env=env) as server:
+        st = status(server.process.pid)
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
+        if os.geteuid() == 0:
+            assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0, st
+        async with await Client.connect(server.socket_path) as dev:
+            for offset in ATTEMPTS:
+                with pytest.raises(RemoteError) as info:
+                    await dev.write32(0, offset, 1)
+                assert info.value.errno == errno.EIO
+                assert await dev.read32(0, 8) == 0xC0FFEE  # still serving, after each attempt
+            await dev.write32(0, 0x18, 1)  # the same from a worker thread
+            with trio.fail_after(10):
+                while (result := await dev.read32(0, 4)) == 0:
+                    await trio.sleep(0.02)
+            assert result == THREAD_REFUSED
+            assert await dev.read32(0, 0) == 0, "no attempt may succeed"
+        async with await Client.connect(server.socket_path) as dev:  # and a new client is served
+            assert await dev.config_read(0, 4) == 0xBAD61234
+        assert await server.terminate() == 0
+    log = server.stderr()
+    assert "sandbox: landlock ABI" in log and "seccomp" in log, log
+    refusals = [line for line in log.splitlines() if "refused by the sandbox" in line]
+    assert len(refusals) == len(ATTEMPTS) + 1, log
+    for what, line in zip(ATTEMPTS.values(), refusals, strict=False):
+        assert what in line, (what, line)
+    assert "Traceback" not in log and "ESCAPED" not in log, log
+    assert not (tmp_path / "planted").exists()
+    assert not was_connected(listener)
+    assert not os.path.exists(server.socket_path), "removed at exit, from inside the sandbox"
+
+
+async def test_without_the_sandbox_the_same_device_escapes(target, tmp_path):
+    """The control: what the tests above see refused does succeed in an unconfined server
+    (only the attempts that do no harm to the test run)."""
+    env, listener = target
+    async with running_server(HOSTILE, "--sandbox", "off", env=env) as server:
+        assert status(server.process.pid)["Seccomp"] == "0"
+        async with await Client.connect(server.socket_path) as dev:
+            await dev.write32(0, 0x04, 1)
+            await dev.write32(0, 0x0C, 1)
+            await dev.write32(0, 0x10, 1)
+            if os.geteuid() == 0:
+                await dev.write32(0, 0x00, 1)
+            assert await dev.read32(0, 0) == (4 if os.geteuid() == 0 else 3)
+    assert (tmp_path / "planted").exists()
+    assert was_connected(listener)
+    assert "--sandbox off" in server.stderr()
+
+
+async def test_log_mode_reports_instead_of_refusing(target, tmp_path):
+    env, _ = target
+    async with running_server(HOSTILE, "--sandbox", "log", env=env) as server:
+        st = status(server.process.pid)
+        assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1"
+        async with await Client.connect(server.socket_path) as dev:
+            await dev.write32(0, 0x10, 1)  # fork: logged by the kernel, not refused
+            await dev.write32(0, 0x04, 1)  # Landlock is not enforced in log mode
+            assert await dev.read32(0, 0) == 2
+    assert "(log only)" in server.stderr() and "landlock not enforced" in server.stderr()
+
+
+def run_server(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vfu_server", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(Path(__file__).resolve().parents[2]))
+
+
+def test_bad_sandbox_arguments_are_one_line_errors(tmp_path):
+    sock = str(tmp_path / "s.sock")
+    out = run_server("example", "--socket-path", sock, "--sandbox", "sometimes")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "--sandbox" in out.stderr
+    out = run_server("example", "--socket-path", sock, "--user", "no-such-user-vfu")
+    assert out.returncode == 2 and out.stderr.strip().endswith("--user no-such-user-vfu: no such user"), out.stderr
+    assert not os.path.exists(sock)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs a server started as root")
+async def test_user_drops_to_that_user_and_serves(request):
+    nobody = pwd.getpwnam("nobody")
+    # The socket directory must let the user reach and remove its socket at exit (pytest's
+    # tmp_path is under a directory only root may enter).
+    sockdir = Path(tempfile.mkdtemp(prefix="vfu-sandbox-user-"))
+    request.addfinalizer(lambda: shutil.rmtree(sockdir, ignore_errors=True))
+    os.chown(sockdir, nobody.pw_uid, nobody.pw_gid)
+    sock = str(sockdir / "ex.sock")
+    async with running_server("example", "--user", "nobody", socket_path=sock) as server:
+        st = status(server.process.pid)
+        assert st["Uid"].split() == [str(nobody.pw_uid)] * 4, st
+        assert st["Gid"].split() == [str(nobody.pw_gid)] * 4, st
+        assert st["Groups"] == "" and int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0, st
+        async with await Client.connect(sock) as dev:
+            assert await dev.config_read(0, 4) == 0xFE011234
+        assert await server.terminate() == 0, server.stderr()
+    assert "user nobody" in server.stderr()
+    assert not os.path.exists(sock)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root --user is allowed")
+def test_user_is_refused_unless_root(tmp_path):
+    out = run_server("example", "--socket-path", str(tmp_path / "s.sock"), "--user", "nobody")
+    assert out.returncode == 2 and "only a server started as root" in out.stderr
