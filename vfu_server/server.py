@@ -32,6 +32,7 @@ and eventfds are released and the device keeps its state for the next client.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -71,6 +72,10 @@ _HANDLERS: dict[int, str] = {}
 #: The longest a connection looks for messages, or handles the ones its look found, without a
 #: scheduler pass (which lets the device's tasks see their eventfds and lets shutdown in).
 MAX_HOLD_NS = 1_000_000
+
+
+#: Control-socket clients served at once; one more gets an EBUSY line and is closed.
+MAX_CONTROL_CLIENTS = 8
 
 
 class DeviceStartError(Exception):
@@ -754,7 +759,23 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> 
                     except trio.BrokenResourceError:
                         return
 
+    clients = 0
+
+    async def counted(sock: trio.socket.SocketType) -> None:
+        nonlocal clients
+        clients += 1
+        try:
+            await one(sock)
+        finally:
+            clients -= 1
+
     async with trio.open_nursery() as nursery:
         while True:
             sock, _ = await listener.accept()
-            nursery.start_soon(one, sock)
+            if clients >= MAX_CONTROL_CLIENTS:
+                # Each client may hold a line buffer of up to 1 MiB: their number is bounded too.
+                with contextlib.suppress(OSError), trio.move_on_after(1):
+                    await sock.send(b'{"ok": false, "errno": 16, "error": "EBUSY", "reason": "too many control clients"}\n')
+                sock.close()
+                continue
+            nursery.start_soon(counted, sock)

@@ -167,3 +167,41 @@ async def test_user_drops_to_that_user_and_serves(request):
 def test_user_is_refused_unless_root(tmp_path):
     out = run_server("example", "--socket-path", str(tmp_path / "s.sock"), "--user", "nobody")
     assert out.returncode == 2 and "only a server started as root" in out.stderr
+
+
+# -- resource limits ----------------------------------------------------------------------------
+
+
+async def test_resource_limits_and_bounded_control_clients(tmp_path):
+    from vfu_server.server import MAX_CONTROL_CLIENTS
+
+    ctl = str(tmp_path / "dev.ctl")
+    async with running_server("example", "--control-socket", ctl) as server:
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        nofile = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()
+        assert nofile[3] == nofile[4] and int(nofile[3]) <= 4096, nofile  # soft == hard: cannot be raised
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file size")).split()
+        assert core[4:6] == ["0", "0"], core  # no core file full of guest memory
+        held = [await trio.open_unix_socket(ctl) for _ in range(MAX_CONTROL_CLIENTS)]
+        try:
+            for stream in held:  # each is being served
+                await stream.send_all(b'{"cmd": "status"}\n')
+                assert b'"ok": true' in await stream.receive_some(65536)
+            extra = await trio.open_unix_socket(ctl)
+            async with extra:
+                reply = await extra.receive_some(65536)
+                assert b'"EBUSY"' in reply and await extra.receive_some(100) == b""
+        finally:
+            for stream in held:
+                await stream.aclose()
+        # Once they are gone, a new control client is served again.
+        with trio.fail_after(10):
+            while True:
+                stream = await trio.open_unix_socket(ctl)
+                async with stream:
+                    await stream.send_all(b'{"cmd": "status"}\n')
+                    if b'"ok": true' in await stream.receive_some(65536):
+                        break
+                await trio.sleep(0.05)
+        async with await Client.connect(server.socket_path) as dev:
+            assert await dev.config_read(0, 4) == 0xFE011234
