@@ -205,3 +205,52 @@ async def test_resource_limits_and_bounded_control_clients(tmp_path):
                 await trio.sleep(0.05)
         async with await Client.connect(server.socket_path) as dev:
             assert await dev.config_read(0, 4) == 0xFE011234
+
+
+# -- live handover: fds leave a sandboxed server over a socket it already has -----------------
+
+HANDOVER_CHILD = r"""
+import os, socket, sys, trio
+from vfu_server import sandbox
+
+async def main():
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.bind(sys.argv[1]); control.listen(1)
+    device = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    device.bind(sys.argv[2]); device.listen(1)
+    line = await sandbox.apply(sandbox.configure(None), own_sockets=sys.argv[1:3])
+    print(line, flush=True)
+    conn, _ = await trio.to_thread.run_sync(control.accept)
+    state = os.memfd_create("device-state")  # made after the sandbox, as a handover would
+    os.write(state, b"queues and registers")
+    socket.send_fds(conn, [b"take them"], [device.fileno(), state])
+    conn.close()
+
+trio.run(main)
+"""
+
+
+@needs_landlock
+async def test_a_sandboxed_server_can_hand_its_fds_over(tmp_path):
+    control, device = str(tmp_path / "ctl"), str(tmp_path / "dev")
+    proc = await trio.lowlevel.open_process([sys.executable, "-c", HANDOVER_CHILD, control, device],
+                                            stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        line = await proc.stdout.receive_some(4096)
+        assert line.startswith(b"sandbox: landlock"), line
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(control)
+            msg, fds, _, _ = await trio.to_thread.run_sync(socket.recv_fds, conn, 100, 4)
+        assert msg == b"take them" and len(fds) == 2
+        listener = socket.socket(fileno=fds[0])
+        with listener, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(device)  # the successor serves the predecessor's listening socket
+            listener.accept()[0].close()
+        assert os.pread(fds[1], 100, 0) == b"queues and registers"
+        os.close(fds[1])
+        assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
