@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import NoReturn
 
 import trio
@@ -154,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
     async def confine() -> None:
+        t0 = time.perf_counter()
         line = await sandbox.apply(confinement, device.sandbox_needs(), (args.socket_path, control_path))
-        sys.stderr.write(f"{PROG} {pre.device}: {line}\n")
+        took = (time.perf_counter() - t0) * 1000
+        sys.stderr.write(f"{PROG} {pre.device}: {line} ({took:.1f} ms)\n")
         sys.stderr.flush()
 
     try:

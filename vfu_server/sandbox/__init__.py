@@ -174,17 +174,25 @@ def code_paths() -> set[str]:
         p = sysconfig.get_path(key)
         if p:
             found.add(p)
-    found.update(p for p in sys.path if p)
+    # The sys.path entry each loaded module came from: its siblings are what may be imported
+    # later. Entries nothing came from (the working directory of ``python -m``) stay closed.
+    roots = sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True)
     for module in list(sys.modules.values()):
         f = getattr(module, "__file__", None)
         if f:
-            found.add(os.path.dirname(f))
+            f = os.path.abspath(f)
+            found.add(next((r for r in roots if f.startswith(r.rstrip("/") + "/")), os.path.dirname(f)))
+    # Shared objects: their directories, for libraries loaded on demand (libgcc_s at a thread's
+    # exit, NSS modules); not the interpreter's own directory (nothing runs from there again).
+    executable = os.path.realpath(sys.executable)
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(None, 5)
                 if len(fields) == 6 and fields[5].startswith("/"):
-                    found.add(os.path.dirname(fields[5].rstrip("\n").removesuffix(" (deleted)")))
+                    mapped = fields[5].rstrip("\n").removesuffix(" (deleted)")
+                    if mapped != executable:
+                        found.add(os.path.dirname(mapped))
     except OSError:
         pass
     found.add(os.path.dirname(cbuild.cache_dir("x")))
