@@ -98,10 +98,9 @@ class Filter:
     program: bytes  # struct sock_filter[]
     rules: int  # system calls with a rule (for the start-up line)
     log_only: bool
-
-    @property
-    def instructions(self) -> int:
-        return len(self.program) // 8
+    #: A second, unlogged filter: clone3 -> ENOSYS (None in log mode). It is expected at every
+    #: thread start, so it must not fill the audit log as the refusals in ``program`` do.
+    clone3_program: bytes | None = None
 
 
 def build(socket_families: Iterable[int] = (), log_only: bool = False) -> Filter:
@@ -111,9 +110,6 @@ def build(socket_families: Iterable[int] = (), log_only: bool = False) -> Filter
     call and lets it through), which is ``--sandbox log``.
     """
     deny = RET_LOG if log_only else RET_ERRNO | errno.EPERM
-    # clone3 cannot be checked (its flags are behind a pointer): ENOSYS makes glibc fall back
-    # to clone, whose flags the filter can read.
-    no_clone3 = RET_LOG if log_only else RET_ERRNO | errno.ENOSYS
     # (code, jt, jf, k) with symbolic jump targets resolved below
     prog: list[tuple[int, object, object, int]] = [
         (_LD_W_ABS, 0, 0, _ARCH),
@@ -121,7 +117,6 @@ def build(socket_families: Iterable[int] = (), log_only: bool = False) -> Filter
         (_LD_W_ABS, 0, 0, _NR),
         (_JGE_K, "deny", 0, X32_SYSCALL_BIT),
         (_JEQ_K, "clone", 0, NR_CLONE),
-        (_JEQ_K, "clone3", 0, NR_CLONE3),
         (_JEQ_K, "socket", 0, NR_SOCKET),
     ]
     for nr in sorted(set(DENIED.values())):
@@ -135,8 +130,6 @@ def build(socket_families: Iterable[int] = (), log_only: bool = False) -> Filter
     prog.append((_RET_K, 0, 0, RET_ALLOW))
     label("deny")
     prog.append((_RET_K, 0, 0, deny))
-    label("clone3")
-    prog.append((_RET_K, 0, 0, no_clone3))
     # BPF jumps only forward: the argument checks end in returns of their own.
     label("clone")
     prog.append((_LD_W_ABS, 0, 0, _ARG0))
@@ -151,6 +144,24 @@ def build(socket_families: Iterable[int] = (), log_only: bool = False) -> Filter
     label("socket_ok")
     prog.append((_RET_K, 0, 0, RET_ALLOW))
 
+    return Filter(_assemble(prog, labels), len(DENIED) + 3, log_only,
+                  None if log_only else _assemble(_NO_CLONE3, {}))
+
+
+# clone3 cannot be checked (its flags are behind a pointer): ENOSYS makes glibc fall back to
+# clone, whose flags the filter reads. In log mode clone3 passes unreported (thread starts
+# would flood the log), so a process started through it is not seen there.
+_NO_CLONE3: list[tuple[int, object, object, int]] = [
+    (_LD_W_ABS, 0, 0, _ARCH),
+    (_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+    (_LD_W_ABS, 0, 0, _NR),
+    (_JEQ_K, 0, 1, NR_CLONE3),
+    (_RET_K, 0, 0, RET_ERRNO | errno.ENOSYS),
+    (_RET_K, 0, 0, RET_ALLOW),
+]
+
+
+def _assemble(prog: list[tuple[int, object, object, int]], labels: dict[str, int]) -> bytes:
     out = bytearray()
     for i, (code, jt, jf, k) in enumerate(prog):
         offsets = []
@@ -163,7 +174,7 @@ def build(socket_families: Iterable[int] = (), log_only: bool = False) -> Filter
             else:
                 offsets.append(int(target))  # type: ignore[call-overload]
         out += struct.pack("<HBBI", code, offsets[0], offsets[1], k)
-    return Filter(bytes(out), len(DENIED) + 3, log_only)
+    return bytes(out)
 
 
 class _SockFprog(ctypes.Structure):
@@ -171,12 +182,18 @@ class _SockFprog(ctypes.Structure):
 
 
 def install(flt: Filter) -> None:
-    """Install ``flt`` in every thread of the process (TSYNC), logging refusals to the audit
-    log as well. The caller has set no_new_privs (TSYNC passes it on to the other threads)."""
-    buf = ctypes.create_string_buffer(flt.program, len(flt.program))
-    fprog = _SockFprog(flt.instructions, ctypes.cast(buf, ctypes.c_void_p))
-    rc = _linux.syscall(_linux.NR_SECCOMP, ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
-                        ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_LOG), ctypes.byref(fprog))
+    """Install ``flt`` in every thread of the process (TSYNC); its refusals go to the kernel's
+    audit log as well. The caller has set no_new_privs (TSYNC passes it on to other threads)."""
+    if flt.clone3_program is not None:
+        _install(flt.clone3_program, SECCOMP_FILTER_FLAG_TSYNC)
+    _install(flt.program, SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_LOG)
+
+
+def _install(program: bytes, flags: int) -> None:
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    rc = _linux.syscall(_linux.NR_SECCOMP, ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags),
+                        ctypes.byref(fprog))
     if rc > 0:
         raise OSError(errno.ESRCH, f"thread {rc} could not take the seccomp filter")
 
