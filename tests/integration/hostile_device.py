@@ -97,3 +97,16 @@ class Hostile(PciDevice):
                 self.thread_result = THREAD_REFUSED
 
         self.spawn(attempt)
+
+
+class OwnThread(PciDevice):
+    """Starts a thread of its own (not trio's) before it is ready: Landlock cannot reach it
+    (a domain is per thread), so the server must refuse to start rather than leave it open."""
+
+    identity = PciIdentity(vendor_id=0x1234, device_id=0xBAD7)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        import threading
+
+        threading.Thread(target=threading.Event().wait, daemon=True, name="device-own").start()
+        task_status.started()

@@ -127,9 +127,20 @@ async def test_log_mode_reports_instead_of_refusing(target, tmp_path):
     assert "(log only)" in server.stderr() and "landlock not enforced" in server.stderr()
 
 
-def run_server(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vfu_server", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(Path(__file__).resolve().parents[2]))
+def run_server(*args: str, timeout: float = 60, check_listening: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a server to its end; ``check_listening``: one that serves is stopped (SIGTERM) once
+    it says ``listening`` (its return code is then the clean exit's 0)."""
+    cmd = [sys.executable, "-m", "vfu_server", *args]
+    cwd = str(Path(__file__).resolve().parents[2])
+    if not check_listening:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.startswith("listening on"):
+            proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(cmd, proc.returncode, line + out, err)
 
 
 def test_bad_sandbox_arguments_are_one_line_errors(tmp_path):
@@ -140,6 +151,18 @@ def test_bad_sandbox_arguments_are_one_line_errors(tmp_path):
     out = run_server("example", "--socket-path", sock, "--user", "no-such-user-vfu")
     assert out.returncode == 2 and out.stderr.strip().endswith("--user no-such-user-vfu: no such user"), out.stderr
     assert not os.path.exists(sock)
+
+
+@needs_landlock
+def test_a_thread_the_sandbox_cannot_reach_stops_the_start(tmp_path):
+    sock = tmp_path / "s.sock"
+    out = run_server("tests.integration.hostile_device:OwnThread", "--socket-path", str(sock))
+    assert out.returncode == 1 and out.stdout == "", out
+    assert "thread(s) that are not trio's could not be confined" in out.stderr.strip().splitlines()[-1]
+    assert not sock.exists()
+    unconfined = run_server("tests.integration.hostile_device:OwnThread", "--socket-path", str(sock),
+                            "--sandbox", "off", timeout=5, check_listening=True)
+    assert unconfined.returncode == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--user needs a server started as root")

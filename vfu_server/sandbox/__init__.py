@@ -354,7 +354,9 @@ async def apply(cfg: SandboxConfig, needs: SandboxNeeds = SandboxNeeds(),
         if others:
             missed = await _confine_other_threads(others, per_thread)
             if missed:
-                raise SandboxError(f"{len(missed)} thread(s) that are not trio's could not be confined")
+                raise SandboxError(f"{len(missed)} thread(s) that are not trio's could not be confined "
+                                   "(a device starts its threads after it reports ready, or through "
+                                   "trio.to_thread)")
     except (OSError, SandboxError) as exc:
         if ruleset is not None:
             ruleset.close()
