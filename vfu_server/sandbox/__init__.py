@@ -315,8 +315,7 @@ async def apply(cfg: SandboxConfig, needs: SandboxNeeds = SandboxNeeds(),
         if cfg.user is not None:
             _drop_user(cfg, sockets)
             parts.append(f"user {cfg.user}")
-        return "sandbox: off" + (f" ({', '.join(parts)})" if parts else "") + \
-            " -- this server can do whatever its user can"
+        return "sandbox: off" + (f", {', '.join(parts)}" if parts else "")  # the command line warned
     parts.append(_limit_resources())
 
     ruleset = None
