@@ -372,7 +372,7 @@ async def apply(cfg: SandboxConfig, needs: SandboxNeeds = SandboxNeeds(),
         try:
             seccomp.install(flt)
             fams = seccomp.family_names(needs.socket_families)
-            parts.insert(1, f"seccomp {flt.rules} rules" + (" (log only)" if flt.log_only else "")
+            parts.insert(1, f"seccomp {flt.rules} rules" + (" (log only, to the kernel log)" if flt.log_only else "")
                          + (f", sockets {'/'.join(fams)}" if fams else ""))
         except OSError as exc:
             fail("seccomp", exc)
