@@ -289,3 +289,52 @@ async def test_a_sandboxed_server_can_hand_its_fds_over(tmp_path):
             proc.kill()
         await proc.wait()
         await proc.stdout.aclose()
+
+
+# -- every backend starts confined, with only what it declared -------------------------------
+
+from server_helpers import assert_uring_in_use  # noqa: E402
+from test_block_nbd import qemu_nbd, short_tmp  # noqa: E402,F401  (short_tmp is a fixture)
+
+# (device, arguments with {disk}/{nbd}/{peer} filled in, what the start-up line must say)
+BACKENDS = {
+    "nvme-file": ("nvme", ["--backing", "{disk}"], ["seccomp 90 rules, nofile"]),
+    "nvme-uring": ("nvme", ["--backing", "{disk}", "--backing-io", "uring", "--log-level", "info"],
+                   ["seccomp 90 rules, nofile"]),
+    "virtio-blk-ram": ("virtio-blk", ["--size", "16M"], ["seccomp 90 rules, nofile"]),
+    "nvme-nbd-unix": ("nvme", ["--backing", "{nbd_unix}"], ["sockets UNIX"]),
+    "virtio-blk-nbd-tcp": ("virtio-blk", ["--backing", "{nbd_tcp}"], ["tcp 53,", "sockets INET/INET6/NETLINK"]),
+    "virtio-net-listen": ("virtio-net", ["--peer", "{peer}", "--listen"], ["seccomp 90 rules, nofile"]),
+    "virtio-net-peer": ("virtio-net", ["--peer", "{peer}"], ["sockets UNIX"]),
+}
+
+
+@needs_landlock
+@pytest.mark.parametrize("name", list(BACKENDS))
+async def test_every_backend_starts_confined_and_serves(name, short_tmp):  # noqa: F811
+    device, args, expected = BACKENDS[name]
+    disk = short_tmp / "disk.raw"
+    disk.write_bytes(bytes(16 << 20))
+    fill = {"disk": str(disk), "peer": str(short_tmp / "peer.sock")}
+    if "nbd" in name:
+        nbd = qemu_nbd(short_tmp, "unix" if "unix" in name else "tcp")
+        request_cleanup = nbd.kill
+        fill["nbd_unix" if "unix" in name else "nbd_tcp"] = nbd.uri
+    else:
+        request_cleanup = None
+    try:
+        async with running_server(device, *(a.format(**fill) for a in args)) as server:
+            st = status(server.process.pid)
+            assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", st
+            async with await Client.connect(server.socket_path) as dev:
+                assert await dev.config_read(0, 2) == 0x1AF4 if device.startswith("virtio") else 0x1B36
+            assert await server.terminate() == 0, server.stderr()
+        line = next(x for x in server.stderr().splitlines() if "sandbox:" in x)
+        assert "landlock ABI" in line and "no_new_privs" in line, line
+        for text in expected:
+            assert text in line, (text, line)
+        if "uring" in name:
+            assert_uring_in_use(server.stderr())  # the ring made at start-up works in the sandbox
+    finally:
+        if request_cleanup is not None:
+            request_cleanup()
