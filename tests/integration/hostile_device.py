@@ -41,7 +41,8 @@ class Hostile(PciDevice):
     @bar0.writer
     def write_register(self, offset: int, size: int, value: int) -> None:
         attempt = {0: self.read_shadow, 4: self.create_file, 8: self.exec_shell, 0xC: self.connect_tcp,
-                   0x10: self.fork, 0x14: self.ptrace_parent, 0x18: self.read_shadow_in_thread}[offset]
+                   0x10: self.fork, 0x14: self.ptrace_parent, 0x18: self.read_shadow_in_thread,
+                   0x1C: self.signal_parent}[offset]
         attempt()
 
     def escape(self, what: str) -> None:
@@ -86,6 +87,10 @@ class Hostile(PciDevice):
             raise OSError(err, f"ptrace(PTRACE_ATTACH, {parent}): {os.strerror(err)}")
         libc.ptrace(PTRACE_DETACH, parent, None, None)
         self.escape("ptraced the parent")
+
+    def signal_parent(self) -> None:
+        os.kill(os.getppid(), 0)  # signal 0: the permission check alone, harmless if it passes
+        self.escape("may signal the parent")
 
     def read_shadow_in_thread(self) -> None:
         async def attempt() -> None:

@@ -30,6 +30,8 @@ HOSTILE = "tests.integration.hostile_device:Hostile"
 # register offset -> what the device tries
 ATTEMPTS = {0x00: "/etc/shadow", 0x04: "planted", 0x08: "os.execv", 0x0C: "socket", 0x10: "os.fork",
             0x14: "PTRACE_ATTACH"}
+if landlock.abi_version() >= 6:  # signals scoped to the sandbox
+    ATTEMPTS[0x1C] = "os.kill"
 THREAD_REFUSED, THREAD_ESCAPED = 1, 2
 
 needs_landlock = pytest.mark.skipif(landlock.abi_version() == 0, reason="this kernel has no Landlock")
@@ -108,9 +110,10 @@ async def test_without_the_sandbox_the_same_device_escapes(target, tmp_path):
             await dev.write32(0, 0x04, 1)
             await dev.write32(0, 0x0C, 1)
             await dev.write32(0, 0x10, 1)
+            await dev.write32(0, 0x1C, 1)
             if os.geteuid() == 0:
                 await dev.write32(0, 0x00, 1)
-            assert await dev.read32(0, 0) == (4 if os.geteuid() == 0 else 3)
+            assert await dev.read32(0, 0) == (5 if os.geteuid() == 0 else 4)
     assert (tmp_path / "planted").exists()
     assert was_connected(listener)
     assert "--sandbox off" in server.stderr()
