@@ -32,10 +32,14 @@ from __future__ import annotations
 import sys
 
 from vfu_server import cbuild
+from vfu_server.iostats import C_STRUCT
 
 MODULE_NAME = "_vfu_fastio"
 
-STRUCTS = """
+# struct vfu_iostat (vfu_server/iostats.py): a queue's counters, which C updates per request
+# when ``stats`` is set (kind 0 read, 1 write; latency from the run's start or the previous
+# request's completion to this one's).
+STRUCTS = C_STRUCT + """
 struct vfu_region { uint64_t iova; uint64_t len; uintptr_t host; int writable; };
 struct vfu_ns { int read_fd; int write_fd; uint32_t lba_shift; uint64_t nsze; };
 struct vfu_fastio {
@@ -48,6 +52,7 @@ struct vfu_fastio {
     int write_cache;
     uint64_t bytes_read, bytes_written, read_cmds, write_cmds;
     int stop;
+    struct vfu_iostat *stats;
 };
 struct vfu_sq {
     uint64_t sq_base; uint32_t sq_size, sq_head, sq_tail; uint32_t sqid;
@@ -61,6 +66,7 @@ struct vfu_blk {
     uint64_t max_bytes;
     uint64_t bytes_read, bytes_written;
     int stop;
+    struct vfu_iostat *stats;
 };
 struct vfu_vq {
     uint64_t desc, avail, used;
@@ -85,6 +91,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef RWF_NOWAIT
@@ -102,6 +109,36 @@ static const int VFU_STOP_DATA = 5;     /* its data pointer is for Python */
 static const int VFU_STOP_IO = 6;       /* EAGAIN, an error or a short transfer */
 
 #define MAX_IOV 64
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* the vDSO: no system call */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* One completed request into a queue's counters; *t0 moves on to now. The bucket is the
+   number of boundaries <= ns, as Python's bisect_right. */
+static void count_one(struct vfu_iostat *s, int kind, uint64_t bytes, uint64_t *t0)
+{
+    uint64_t t = now_ns(), ns = t - *t0;
+    unsigned lo = 0, hi = s->nbounds;
+
+    *t0 = t;
+    s->ops[kind]++;
+    s->bytes[kind] += bytes;
+    if (!hi)
+        return;
+    s->lat_ns[kind] += ns;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (s->bounds[mid] <= ns)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    s->hist[kind][lo]++;
+}
 #define OPC_WRITE 0x01
 #define OPC_READ 0x02
 
@@ -189,8 +226,8 @@ static int prp_iov(const struct vfu_fastio *c, uint64_t prp1, uint64_t prp2, uin
 static uint32_t le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-/* One command; 0 done, else the stop reason. */
-static int run_one(struct vfu_fastio *c, const uint8_t *sqe)
+/* One command; 0 done (*len_out its bytes), else the stop reason. */
+static int run_one(struct vfu_fastio *c, const uint8_t *sqe, uint64_t *len_out)
 {
     uint8_t opc = sqe[0], flags = sqe[1];
     uint32_t nsid = le32(sqe + 4), cdw12 = le32(sqe + 48);
@@ -225,6 +262,7 @@ static int run_one(struct vfu_fastio *c, const uint8_t *sqe)
         done = pwritev2(ns->write_fd, iov, n, (off_t)(slba << ns->lba_shift), 0);
     if (done < 0 || (uint64_t)done != len)
         return VFU_STOP_IO;
+    *len_out = len;
     if (opc == OPC_READ) {
         c->bytes_read += len;
         c->read_cmds++;
@@ -253,10 +291,12 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
         return 0;
     }
     c->stop = VFU_STOP_EMPTY;
+    uint64_t t0 = c->stats ? now_ns() : 0;
     while (q->sq_head != q->sq_tail) {
         const uint8_t *entry;
         uint8_t sqe[64], *cqe;
         uint32_t dw2, dw3;
+        uint64_t len = 0;
         int stop;
 
         if (count == max) {
@@ -269,7 +309,7 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
         }
         entry = (const uint8_t *)(sq + (uintptr_t)q->sq_head * 64);
         memcpy(sqe, entry, 64);  /* one snapshot: the guest could rewrite the entry meanwhile */
-        stop = run_one(c, sqe);
+        stop = run_one(c, sqe, &len);
         if (stop) {
             c->stop = stop;
             break;
@@ -287,6 +327,8 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
             q->cq_tail = 0;
             q->cq_phase ^= 1;
         }
+        if (c->stats)
+            count_one(c->stats, sqe[0] == OPC_READ ? 0 : 1, len, &t0);
         count++;
     }
     return count;
@@ -304,7 +346,7 @@ static uint16_t load16(uintptr_t p) { return __atomic_load_n((const uint16_t *)p
 
 /* The chain at head: 0 and the request done, else a stop reason (nothing consumed). */
 static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_t head,
-                   uint32_t *written)
+                   uint32_t *written, int *kind, uint64_t *bytes)
 {
     struct iovec iov[MAX_IOV];
     uint8_t desc[16], hdr[16];
@@ -396,6 +438,8 @@ static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_
     if (done < 0 || (uint64_t)done != total)
         return VFU_STOP_IO;
     *(volatile uint8_t *)status = 0;  /* VIRTIO_BLK_S_OK */
+    *kind = rtype == BLK_T_IN ? 0 : 1;
+    *bytes = total;
     if (rtype == BLK_T_IN) {
         c->bytes_read += total;
         *written = (uint32_t)total + 1;
@@ -431,10 +475,12 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
         return 0;
     }
     c->stop = VFU_STOP_EMPTY;
+    uint64_t t0 = c->stats ? now_ns() : 0;
     while ((uint16_t)q->next_avail != avail_idx) {
         uint16_t head;
         uint32_t written = 0, elem[2];
-        int stop;
+        uint64_t bytes = 0;
+        int stop, kind = 0;
 
         if (count == max) {
             c->stop = VFU_STOP_LIMIT;
@@ -445,7 +491,7 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
             c->stop = VFU_STOP_COMMAND;
             break;
         }
-        stop = blk_one(c, q, desc, head, &written);
+        stop = blk_one(c, q, desc, head, &written, &kind, &bytes);
         if (stop) {
             c->stop = stop;
             break;
@@ -455,6 +501,8 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
         memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % size)), elem, 8);
         q->next_avail = (q->next_avail + 1) & 0xFFFF;
         q->next_used = (q->next_used + 1) & 0xFFFF;
+        if (c->stats)
+            count_one(c->stats, kind, bytes, &t0);
         count++;
     }
     return count;

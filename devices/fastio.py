@@ -48,16 +48,19 @@ class RegionTable:
         self.ffi = ffi
         self.dma = dma
         self.generation = -1
+        self.master = False
         self.table = ffi.new("struct vfu_region[]", 1)
         self.count = 0
 
     def sync(self) -> bool:
         """Bring the table up to date; True if it changed (point the C context at it)."""
         dma = self.dma
-        if dma.generation == self.generation:
+        master = dma.master
+        if dma.generation == self.generation and master == self.master:
             return False
         ffi = self.ffi
-        mapped = [r for r in dma.regions if r.view is not None]
+        # Bus Master Enable clear: C sees no memory at all, so Python meets (and reports) it.
+        mapped = [r for r in dma.regions if r.view is not None] if master else []
         table = ffi.new("struct vfu_region[]", max(1, len(mapped)))
         for entry, region in zip(table, mapped, strict=False):
             # The address only: a held buffer export would keep DMA_UNMAP from closing the
@@ -69,7 +72,7 @@ class RegionTable:
                 ffi.release(buf)
             entry.iova, entry.len, entry.writable = region.iova, region.size, region.writable
         self.table, self.count = table, len(mapped)
-        self.generation = dma.generation
+        self.generation, self.master = dma.generation, master
         return True
 
 

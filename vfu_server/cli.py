@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -30,9 +30,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
+    # Neither: the sockets systemd passed (socket activation, vfu_server/systemd.py).
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="Unix socket to listen on (created 0600)")
     where.add_argument("--fd", type=int, metavar="N", help="inherited socket fd (listening or connected)")
+    where.add_argument("--take-over", metavar="CTL",
+                       help="live handover: take the device, its client and its sockets over from the server "
+                            "whose control socket is CTL (docs/handover.md)")
+    parser.add_argument("--handover-timeout", type=float, default=10.0, metavar="S",
+                        help="with --take-over: how long either side waits at each step (default 10)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--trace", action="store_true", help="log one decoded line per message, both directions")
     parser.add_argument("--socket-poll-us", type=int, default=DEFAULT_SOCKET_POLL_US, metavar="US",
@@ -42,6 +48,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lower the server's CPU priority by N at start, so that its polling gives way "
                              f"to the VM's vCPU threads (0..{MAX_NICE}; 0: keep the inherited priority; "
                              f"default {DEFAULT_NICE})")
+    parser.add_argument("--metrics", metavar="ADDR:PORT",
+                        help="serve the device's I/O statistics for Prometheus at http://ADDR:PORT/metrics")
     parser.add_argument("--sandbox", choices=MODES, metavar="MODE",
                         help="confine the server once started: on (default where the kernel allows; "
                              "given explicitly, refuse to start without it), log (report, do not "
@@ -50,8 +58,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="when started as root: run as USER (groups, gid, uid) once started")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
+    """``successor_class``: the :class:`vfu_server.handover.Successor` subclass ``--take-over``
+    uses (tests give one that damages the stream or stalls)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:
+        from . import top
+
+        return top.main(argv[1:])
     if "--list-devices" in argv:
         for name, spec in sorted(registry.available().items()):
             print(f"{name}\t{spec}")
@@ -62,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if pre.device is None or pre.device.startswith("-"):
         if "-h" in argv or "--help" in argv:
             print(f"usage: {PROG} DEVICE (--socket-path PATH | --fd N) [options]\n"
+                  f"       {PROG} top CTL... (live I/O statistics of servers, by control socket)\n"
                   f"devices: {', '.join(sorted(registry.available()))} or module.path:ClassName\n"
                   f"{PROG} DEVICE --help shows a device's options; {PROG} --list-devices lists devices")
             return 0
@@ -98,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     # A child logger's own level wins over the root's: trace lines appear exactly with --trace.
     logging.getLogger("vfu_server.trace").setLevel(logging.INFO if args.trace else logging.WARNING)
 
+    if args.take_over is not None:
+        if device_cls.migration_formats is None:
+            parser.error(f"--take-over: {pre.device} has no migration formats, so it cannot take over a device")
+        if getattr(args, "control_socket", None):
+            parser.error("--take-over takes over the predecessor's control socket; drop --control-socket")
+        if not 0.1 <= args.handover_timeout <= 60:
+            parser.error("--handover-timeout must be 0.1..60")
     try:
         device = device_cls.from_args(args)
     except (ValueError, OSError) as exc:
@@ -123,8 +145,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     if not 0 <= args.nice <= MAX_NICE:
         parser.error(f"--nice must be 0..{MAX_NICE}")
+    from . import systemd
+
+    activated = None
+    if args.socket_path is None and args.fd is None and args.take_over is None:
+        try:
+            activated = systemd.activated_sockets()
+        except systemd.ActivationError as exc:
+            parser.error(f"socket activation: {exc}")
+        if activated is None:
+            parser.error("one of the arguments --socket-path --fd --take-over is required (or socket activation)")
+    listener = connected = None
+    where = ""
     try:
-        if args.socket_path is not None:
+        if args.take_over is not None:
+            pass  # everything comes from the predecessor
+        elif activated is not None:
+            assert activated.vfio_user is not None
+            listener, connected = trio.socket.from_stdlib_socket(activated.vfio_user), None
+            where = f"fd {activated.vfio_user.fileno()} (socket activation)"
+        elif args.socket_path is not None:
             listener = open_unix_listener(args.socket_path)
             where, connected = args.socket_path, None
         else:
@@ -143,30 +183,102 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
                                                      args.nice, exc.strerror)
 
-    def ready() -> None:
-        print(f"listening on {where}", flush=True)
+    successor = None
+    if args.take_over is not None:
+        from .handover import Successor
 
+        successor = (successor_class or Successor)(args.take_over, insist=getattr(args, "migration_format", None),
+                              timeout=args.handover_timeout)
+    notifier = systemd.install()
+
+    def ready() -> None:
+        if successor is not None:
+            taken = successor.taken
+            path = taken.socket_path if taken is not None else None
+            print(f"listening on {path or 'the handed-over socket'}", flush=True)
+            return
+        print(f"listening on {where}", flush=True)
+        if notifier is not None:
+            notifier.ready(f"serving {pre.device} on {where}; waiting for a client")
+
+    from .handover import HandoverRefused
     from .server import DeviceStartError, serve
 
     control = None
-    if control_path:
+    if activated is not None and activated.control is not None:
+        if control_path:
+            parser.error("--control-socket: systemd passed a control socket already")
+        if device_cls.migration_formats is None:
+            parser.error(f"socket activation: {pre.device} has no control socket")
+        control = trio.socket.from_stdlib_socket(activated.control)
+    elif control_path:
         try:
             control = open_unix_listener(control_path)
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
-    async def confine() -> None:
+    async def confine(socket_path: str | None, control_path: str | None) -> None:
         t0 = time.perf_counter()
-        line = await sandbox.apply(confinement, device.sandbox_needs(), (args.socket_path, control_path))
+        line = await sandbox.apply(confinement, device.sandbox_needs() | sandbox_extra(), (socket_path, control_path))
         took = (time.perf_counter() - t0) * 1000
         sys.stderr.write(f"{PROG} {pre.device}: {line} ({took:.1f} ms)\n")
         sys.stderr.flush()
 
-    try:
-        trio.run(lambda: serve(device, listener=listener, connected=connected, on_listening=ready,
-                               socket_path_to_remove=args.socket_path, control=control,
-                               control_path=control_path, socket_poll_us=args.socket_poll_us,
-                               before_serving=confine))
-    except DeviceStartError as exc:
-        sys.stderr.write(f"{PROG} {pre.device}: error: {exc}\n")
+    def sandbox_extra() -> sandbox.SandboxNeeds:
+        # A server with a control socket can hand its device over, and must then be able to
+        # kill a successor that stops answering (handover's fence): no signal scoping. An
+        # abstract $NOTIFY_SOCKET (systemd) is reached through the notifier's socket.
+        extra = sandbox.SandboxNeeds()
+        if control is not None or successor is not None:
+            extra = extra | sandbox.SandboxNeeds(signal_others=True)
+        if notifier is not None and notifier.address.startswith("\0"):
+            extra = extra | sandbox.SandboxNeeds(abstract_unix=True)
+        return extra
+
+
+    metrics_listener = None
+    if args.metrics:
+        if getattr(device, "iostats", None) is None:
+            parser.error(f"--metrics: {pre.device} keeps no I/O statistics")
+        from .metrics import MetricsAddressError, open_listener
+
+        try:
+            metrics_listener = open_listener(args.metrics)
+        except MetricsAddressError as exc:
+            parser.error(str(exc))
+
+    async def run_server() -> DeviceStartError | HandoverRefused | None:
+        async with trio.open_nursery() as nursery:
+            if metrics_listener is not None:
+                from .metrics import serve_metrics
+
+                nursery.start_soon(serve_metrics, device, metrics_listener)
+            interval = systemd.watchdog_interval()
+            if notifier is not None and interval is not None:
+                nursery.start_soon(systemd.watchdog_task, notifier, interval)
+            try:
+                await serve(device, listener=listener, connected=connected, on_listening=ready,
+                            socket_path_to_remove=args.socket_path, control=control,
+                            control_path=control_path, socket_poll_us=args.socket_poll_us,
+                            successor=successor,
+                            on_stopping=notifier.stopping if notifier is not None else None,
+                            before_serving=confine)
+            except (DeviceStartError, HandoverRefused) as exc:
+                return exc
+            finally:
+                nursery.cancel_scope.cancel()
+        return None
+
+    error = trio.run(run_server)
+    if error is None and getattr(device, "iostats", None) is not None:
+        # The last word on the device's I/O, for the journal (the control socket is gone).
+        import json
+
+        logging.getLogger("vfu_server").info("I/O statistics at exit: %s",
+                                             json.dumps(device.iostats.snapshot(), separators=(",", ":")))
+    if isinstance(error, HandoverRefused):
+        sys.stderr.write(f"{PROG}: handover refused: {error.reason}\n")
+        return 1
+    if error is not None:
+        sys.stderr.write(f"{PROG} {pre.device}: error: {error}\n")
         return 1
     return 0

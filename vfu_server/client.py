@@ -10,7 +10,9 @@ It does what QEMU's ``vfio-user-pci`` does, and the migration commands QEMU 11.1
         await client.write32(0, 0x04, 0xCAFE)        # BAR0 register write (posted or waited)
         await vectors[0].wait()                      # an interrupt arrived
 
-Server-to-client DMA_READ/DMA_WRITE requests are served from the mapped :class:`GuestRam`.
+Server-to-client DMA_READ/DMA_WRITE requests (the spec's layout: address u64, count u64, data at
+message byte 32) are served from the mapped :class:`GuestRam`, whether it was mapped with its fd
+or without one (``dma_map(ram, with_fd=False)``, the way QEMU maps guest RAM that is not shared).
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class _Mapping:
     size: int
     ram: GuestRam
     offset: int
+    flags: int = DmaMapFlags.READ | DmaMapFlags.WRITE
 
 
 class Client:
@@ -167,7 +170,17 @@ class Client:
         self._reader_done = trio.Event()
         self.closed_reason: str | None = None
         self.server_requests = 0
+        #: the largest DMA_READ/DMA_WRITE this client serves (it offers this in VERSION)
+        self.max_data_xfer_size = max_data_xfer_size
+        #: an errno to refuse every server DMA request with (tests of a client that says no)
+        self.refuse_dma: int | None = None
+        #: bytes moved and request sizes of the server's DMA_READ/DMA_WRITE served so far
+        self.dma_bytes = 0
+        self.dma_sizes: list[int] = []
         self._eventfds: list[EventFd] = []
+        self._offered_xfer = max_data_xfer_size
+        #: The socket path given to :meth:`connect` (None for a socket passed in).
+        self.path: str | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -180,6 +193,7 @@ class Client:
             sock.close()
             raise
         self = cls(sock, max_data_xfer_size)
+        self.path = path
         self._offer = client_offer(write_multiple=write_multiple, max_data_xfer_size=max_data_xfer_size)
         return self
 
@@ -214,7 +228,9 @@ class Client:
         self._eventfds.clear()
 
     async def negotiate(self, offer: m.Version | None = None) -> Session:
-        reply = await self.request(Command.VERSION, (offer or client_offer()).pack())
+        offer = offer or client_offer()
+        self._offered_xfer = int(offer.capabilities.get("max_data_xfer_size", 1 << 20))
+        reply = await self.request(Command.VERSION, offer.pack())
         self.session = accept_server_reply(m.Version.unpack(reply.payload))
         return self.session
 
@@ -239,31 +255,45 @@ class Client:
         self._reader_done.set()
 
     async def _serve_request(self, msg: Message) -> None:
-        """Answer the server's DMA_READ/DMA_WRITE from our mapped memory (QEMU's layout)."""
+        """Answer the server's DMA_READ/DMA_WRITE from our mapped memory, as QEMU does: no
+        more than our ``max_data_xfer_size`` per request, writes only to writable maps."""
         self.server_requests += 1
         try:
+            if self.refuse_dma is not None:
+                raise VfioUserError("client refuses DMA requests", self.refuse_dma)
             if msg.command == Command.DMA_READ:
                 req = m.DmaAccess.unpack(msg.payload, with_data=False)
+                self._check_dma_size(req.count)
                 data = self._dma_access(req.address, req.count)
-                payload = m.DmaAccess(req.address, req.count, data + b"\0" * 4).pack()
+                payload = m.DmaAccess(req.address, req.count, data).pack()
             elif msg.command == Command.DMA_WRITE:
                 req = m.DmaAccess.unpack(msg.payload, with_data=True)
+                self._check_dma_size(req.count)
                 self._dma_access(req.address, req.count, req.data)
-                payload = b""
+                payload = m.DmaAccess(req.address, req.count).pack()
             else:
                 raise VfioUserError(f"client does not serve command {msg.command}", errno.ENOSYS)
+            self.dma_bytes += req.count
+            self.dma_sizes.append(req.count)
         except VfioUserError as exc:
             msg.close_fds()
             if not msg.no_reply:
-                await self.channel.send(encode(msg.id, msg.command, reply=True, error=exc.errno))
+                await self.channel.send(encode(msg.id, msg.command, reply=True, error=exc.errno or errno.EINVAL))
             return
         msg.close_fds()
         if not msg.no_reply:
             await self.channel.send(encode(msg.id, msg.command, payload, reply=True))
 
+    def _check_dma_size(self, count: int) -> None:
+        if count > self.max_data_xfer_size:
+            raise VfioUserError(f"DMA request of {count} bytes > max_data_xfer_size {self.max_data_xfer_size}",
+                                errno.EINVAL)
+
     def _dma_access(self, address: int, count: int, data: bytes | None = None) -> bytes:
         for mp in self._maps:
             if mp.iova <= address and address + count <= mp.iova + mp.size:
+                if data is not None and not mp.flags & DmaMapFlags.WRITE:
+                    raise VfioUserError(f"DMA_WRITE to read-only map at {address:#x}", errno.EPERM)
                 addr = mp.ram.base + mp.offset + (address - mp.iova)
                 if data is None:
                     return mp.ram.read(addr, count)
@@ -318,7 +348,7 @@ class Client:
         size = ram.size - offset if size is None else size
         fds = [ram.fd] if with_fd else []
         await self.request(Command.DMA_MAP, m.DmaMap(flags, offset if with_fd else 0, iova, size).pack(), fds)
-        self._maps.append(_Mapping(iova, size, ram, offset))
+        self._maps.append(_Mapping(iova, size, ram, offset, int(flags)))
 
     async def dma_unmap(self, iova: int, size: int) -> None:
         await self.request(Command.DMA_UNMAP, m.DmaUnmap(0, iova, size).pack())
@@ -462,15 +492,36 @@ class Client:
 
     async def feature(self, index: int, *, get: bool = False, set: bool = False, probe: bool = False,
                       data: bytes = b"", argsz: int | None = None) -> bytes:
+        """DEVICE_FEATURE; returns the reply's data (for GET, the feature's data). A GET reply
+        whose ``argsz`` says it needs more room than offered is asked for again with that much,
+        as the spec's "Message sizes" rule intends."""
         flags = index | (FeatureFlags.GET if get else 0) | (FeatureFlags.SET if set else 0) | (
             FeatureFlags.PROBE if probe else 0)
-        payload = m.DeviceFeature(flags, data, argsz=argsz or 8 + max(len(data), 64)).pack()
-        reply = await self.request(Command.DEVICE_FEATURE, payload)
-        return m.DeviceFeature.unpack(reply.payload).data
+        room = argsz or 8 + max(len(data), 64)
+        for _ in range(4):
+            payload = m.DeviceFeature(flags, data, argsz=room).pack()
+            reply = await self.request(Command.DEVICE_FEATURE, payload)
+            back = m.DeviceFeature.unpack(reply.payload)
+            if not get or probe or back.argsz <= room or len(reply.payload) >= back.argsz:
+                return back.data
+            room = back.argsz
+        raise ProtocolError(f"DEVICE_FEATURE {index:#x}: reply argsz keeps growing")
+
+    @property
+    def max_transfer(self) -> int:
+        """The most data one MIG_DATA_READ/WRITE may carry: both sides' ``max_data_xfer_size``
+        (libvfio-user checks the client's, this project's server the smaller of the two)."""
+        offered = self._offered_xfer
+        server = self.session.max_data_xfer_size if self.session else offered
+        return min(offered, server)
 
     async def mig_data_read(self, size: int) -> bytes:
-        reply = await self.request(Command.MIG_DATA_READ, m.MigData(size).pack())
-        return m.MigData.unpack(reply.payload, with_data=True).data
+        """One MIG_DATA_READ; fewer bytes than ``size`` back means the stream has no more."""
+        reply = await self.request(Command.MIG_DATA_READ, m.MigData.read_request(size))
+        back = m.MigData.unpack(reply.payload, with_data=True)
+        if back.size > size:
+            raise ProtocolError(f"MIG_DATA_READ returned {back.size} bytes, {size} asked")
+        return back.data
 
     async def mig_data_write(self, data: bytes) -> None:
         await self.request(Command.MIG_DATA_WRITE, m.MigData(len(data), data).pack())

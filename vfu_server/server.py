@@ -35,12 +35,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
 
+from . import iostats, systemd
 from .pci.device import PciDevice
 from .pci.polling import MAX_POLL_US, AdaptivePoll
 from .protocol import messages as m
@@ -50,7 +54,13 @@ from .protocol.constants import (
     Command,
     DmaUnmapFlags,
 )
-from .protocol.errors import MalformedMessage, ProtocolError, RemoteError, VfioUserError
+from .protocol.errors import (
+    MalformedMessage,
+    ProtocolError,
+    RemoteError,
+    ReplyTooLarge,
+    VfioUserError,
+)
 from .protocol.negotiation import ServerOffer, Session
 from .sandbox import refusal as sandbox_refusal
 from .transport.channel import MessageChannel
@@ -97,6 +107,36 @@ def handles(command: Command) -> Callable[[Callable[..., Any]], Callable[..., An
     return deco
 
 
+class Hold:
+    """A live handover holding the server still (see :meth:`Server.start_hold`)."""
+
+    def __init__(self) -> None:
+        self.parked = trio.Event()
+        self._released = trio.Event()
+        self._handed_over = False
+
+    async def park(self) -> bool:
+        """Wait here (not reading) until released; True when the successor took over."""
+        self.parked.set()
+        await self._released.wait()
+        return self._handed_over
+
+    def release(self, handed_over: bool) -> None:
+        self._handed_over = handed_over
+        self._released.set()
+
+
+@dataclass
+class Adopted:
+    """A client session taken over from another server process (vfu_server.handover)."""
+
+    sock: trio.socket.SocketType
+    session: Session | None
+    next_id: int = 0x8000
+    unread: bytes = b""
+    unread_fds: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
 class Connection:
     """One client session."""
 
@@ -116,6 +156,10 @@ class Connection:
         self._last_pass = 0  # perf_counter_ns() after the last wait in the scheduler
         #: batches the busy look found / batches received after sleeping (logged at disconnect)
         self.batches_found = self.batches_waited = 0
+        #: an async handler is being awaited: the connection reads nothing meanwhile, so no
+        #: server request may wait for a reply (see _dma_request)
+        self.handler_waiting = False
+        self.warned_messages = False
         self.handlers: dict[int, Callable[[Message], Reply | Awaitable[Reply]]] = {
             cmd: getattr(self, name) for cmd, name in _HANDLERS.items()
         }
@@ -134,14 +178,25 @@ class Connection:
             # CancelScope costs ~10 us on the development VM, and a REGION_READ round trip
             # used to pay for two (this one and a shield around the batch).
             batch: list[Message] | None = []
-            with self.receive_scope:
-                while True:
-                    batch = await self._receive()
-                    if batch is None:
-                        break
-                    # A batch is applied completely even if shutdown starts meanwhile:
-                    # _handle_batch reaches no checkpoint outside a shield.
-                    await self._handle_batch(batch)
+            while True:
+                if self.server.hold is not None and not self.server.stopping:
+                    # A live handover holds the server (vfu_server.handover): nothing more is
+                    # read until it is released (rollback) or the successor took over.
+                    if await self.server.hold.park():
+                        return  # handed over: the successor owns the session now
+                    if self.server.stopping:
+                        break  # a signal came during the handover: shut down (below)
+                    self.receive_scope = trio.CancelScope()
+                with self.receive_scope:
+                    while True:
+                        batch = await self._receive()
+                        if batch is None:
+                            break
+                        # A batch is applied completely even if shutdown starts meanwhile:
+                        # _handle_batch reaches no checkpoint outside a shield.
+                        await self._handle_batch(batch)
+                if batch is None or self.server.hold is None or self.server.stopping:
+                    break
             if batch is None:
                 log.info("client %d disconnected (%d batches found by looking, %d after sleeping)",
                          self.number, self.batches_found, self.batches_waited)
@@ -221,8 +276,12 @@ class Connection:
                     out = bytearray()
                 reply = self._dispatch(msg)
                 if reply is not None and not isinstance(reply, tuple):
-                    with trio.CancelScope(shield=True):
-                        reply = await reply
+                    self._hold_server_requests()
+                    try:
+                        with trio.CancelScope(shield=True):
+                            reply = await reply
+                    finally:
+                        self.handler_waiting = False
                 if reply is None:
                     continue
                 data, fds = reply
@@ -238,6 +297,13 @@ class Connection:
                 msg.close_fds()
         if out:
             await self._send(out)
+
+    def _hold_server_requests(self) -> None:
+        """Nothing is read while a handler is awaited: fail the device's message DMA meanwhile
+        (waiting ones at once) rather than deadlock against the client."""
+        self.handler_waiting = True
+        if len(self._pending):
+            self._pending.close()
 
     async def _send(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Send a reply (or several); waits, shielded, only when the socket is full."""
@@ -342,25 +408,50 @@ class Connection:
         return reply
 
     async def dma_read(self, address: int, count: int) -> bytes:
-        """Read guest memory through DMA_READ messages (for maps that came without an fd)."""
-        assert self.session is not None
+        """Read guest memory through DMA_READ messages (for maps that came without an fd), in
+        requests of at most the session's ``max_data_xfer_size``. From device tasks only."""
         out = bytearray()
-        step = self.session.max_data_xfer_size
-        while count > 0:
-            n = min(step, count)
-            reply = await self.request(Command.DMA_READ, m.DmaAccess(address, n).pack())
-            out += m.DmaAccess.unpack(reply.payload, with_data=True).data
-            address += n
-            count -= n
+        for addr, n in self._dma_chunks(address, count):
+            reply = await self._dma_request(Command.DMA_READ, m.DmaAccess(addr, n).pack())
+            got = m.DmaAccess.unpack(reply.payload, with_data=True)
+            if got.address != addr or got.count != n:
+                raise VfioUserError(f"DMA_READ reply for {got.address:#x}+{got.count} to a request for {addr:#x}+{n}", errno.EIO)
+            out += got.data
         return bytes(out)
 
     async def dma_write(self, address: int, data: bytes) -> None:
+        """Write guest memory through DMA_WRITE messages; see :meth:`dma_read`."""
+        pos = 0
+        for addr, n in self._dma_chunks(address, len(data)):
+            reply = await self._dma_request(Command.DMA_WRITE, m.DmaAccess(addr, n, data[pos : pos + n]).pack())
+            got = m.DmaAccess.unpack(reply.payload, with_data=False)
+            if got.address != addr or got.count != n:
+                raise VfioUserError(f"DMA_WRITE reply for {got.address:#x}+{got.count} to a request for {addr:#x}+{n}", errno.EIO)
+            pos += n
+
+    def _dma_chunks(self, address: int, count: int) -> list[tuple[int, int]]:
         assert self.session is not None
         step = self.session.max_data_xfer_size
-        for pos in range(0, len(data), step):
-            chunk = data[pos : pos + step]
-            # QEMU reads data at message byte 28 and wants size >= 32 + count: pad 4 bytes.
-            await self.request(Command.DMA_WRITE, m.DmaAccess(address + pos, len(chunk), chunk + b"\0" * 4).pack())
+        return [(address + pos, min(step, count - pos)) for pos in range(0, count, step)]
+
+    async def _dma_request(self, command: Command, payload: bytes) -> Message:
+        if self.handler_waiting:
+            # The client waits for our reply to a request whose handler waits for the device:
+            # a round trip now could only deadlock (QEMU serves it on the loop that waits).
+            raise VfioUserError(f"{command.name} while the client waits for a reply", errno.EDEADLK)
+        try:
+            return await self.request(command, payload)
+        except RemoteError as exc:
+            raise VfioUserError(f"client refused {command.name}: {os.strerror(exc.errno)}", exc.errno) from None
+
+    def _message_mode_started(self) -> None:
+        if not self.warned_messages:
+            self.warned_messages = True
+            log.warning(
+                "client %d: guest RAM came without an fd, so the device reaches it with DMA_READ/"
+                "DMA_WRITE messages, which is far slower; for shared memory start QEMU with "
+                "-object memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem",
+                self.number)
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -371,6 +462,11 @@ class Connection:
         request = m.Version.unpack(msg.payload)
         reply, session = self.server.offer.negotiate(request)
         self.session = session
+        dma = self.device.dma
+        dma.port = self
+        dma.on_message_mode = self._message_mode_started
+        if dma.message_mode:
+            self._message_mode_started()
         log.info(
             "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
             self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
@@ -497,10 +593,22 @@ class Connection:
         handler = getattr(self.device, "device_feature", None)
         if handler is None:
             raise VfioUserError(f"feature {req.index} not supported", errno.ENOTTY)
-        result = handler(req)
-        if isinstance(result, Awaitable):
-            result = await result
-        return m.DeviceFeature(req.flags, result or b"", argsz=req.argsz).pack()
+        echo = req.is_set or req.is_probe
+        if echo and req.argsz < len(msg.payload):
+            # The reply repeats the request, and argsz is the most the client takes back.
+            raise VfioUserError(f"DEVICE_FEATURE argsz {req.argsz} < {len(msg.payload)}, the size of the "
+                                "reply that echoes this request", errno.EINVAL)
+        try:
+            result = handler(req)
+            if isinstance(result, Awaitable):
+                result = await result
+        except ReplyTooLarge as exc:
+            log.debug("DEVICE_FEATURE %#x: %s; replying with argsz %d only", req.index, exc.message, exc.needed)
+            return m.DeviceFeature(req.flags, argsz=exc.needed).pack()
+        if echo:
+            # "The reply payload must be the same as the request payload for setting or probing."
+            return bytes(msg.payload)
+        return m.DeviceFeature.get_reply(req.flags, result or b"", req.argsz)
 
     @handles(Command.MIG_DATA_READ)
     async def _mig_data_read(self, msg: Message) -> bytes:
@@ -509,22 +617,37 @@ class Connection:
         if reader is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
         assert self.session is not None
-        limit = min(req.size, self.session.max_data_xfer_size)
-        data = reader(limit)
+        if req.argsz < 8 + req.size:
+            raise VfioUserError(f"MIG_DATA_READ argsz {req.argsz} < 8 + size {req.size}: the reply "
+                                "would not fit", errno.EINVAL)
+        limit = self.session.max_data_xfer_size
+        if req.size > limit:
+            # Refused rather than cut short: a reply shorter than asked means "no more data" to
+            # the reader, and data cannot be sent past the limit the client negotiated. So the
+            # only reply that never lies about the stream's end is this error.
+            raise VfioUserError(f"MIG_DATA_READ size {req.size} > max_data_xfer_size {limit}", errno.EINVAL)
+        data = reader(req.size)
         if isinstance(data, Awaitable):
             data = await data
-        return m.MigData(len(data), data, argsz=req.argsz).pack()
+        # argsz and size count the data; the message carries all ``size`` bytes asked for, the
+        # rest zeros, as libvfio-user's server sends it: its client reads exactly that much.
+        return m.MigData(len(data), data).pack().ljust(8 + req.size, b"\0")
 
     @handles(Command.MIG_DATA_WRITE)
-    async def _mig_data_write(self, msg: Message) -> bytes:
+    async def _mig_data_write(self, msg: Message) -> None:
         req = m.MigData.unpack(msg.payload, with_data=True)
         writer = getattr(self.device, "migration_data_write", None)
         if writer is None:
             raise VfioUserError("device does not support migration", errno.ENOTTY)
+        assert self.session is not None
+        if req.size > self.session.max_data_xfer_size:
+            raise VfioUserError(f"MIG_DATA_WRITE size {req.size} > max_data_xfer_size "
+                                f"{self.session.max_data_xfer_size}", errno.EINVAL)
         result = writer(req.data)
         if isinstance(result, Awaitable):
             await result
-        return m.MigData(req.size, argsz=req.argsz).pack()[:8]
+        # "There is no reply payload for this message."
+        return None
 
 
 class Server:
@@ -542,28 +665,75 @@ class Server:
         self._connections = 0
         self.stopping = False
         self._accept_scope = trio.CancelScope()
+        #: set while a live handover holds the server at a message boundary
+        self.hold: Hold | None = None
+        #: the successor took over: leave the socket paths to it on exit
+        self.handed_over = False
+        #: called once the successor took over (serve() ends its signal watcher with it)
+        self.on_handed_over: list[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def serve_listener(self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept clients one at a time, until :meth:`stop`."""
+    async def serve_listener(self, listener: trio.socket.SocketType, *, first: Adopted | None = None,
+                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients one at a time, until :meth:`stop`. ``first``: a session taken over
+        from another process, served before the next accept."""
         task_status.started()
-        while not self.stopping:
+        if first is not None:
+            await self.serve_socket(first.sock, adopted=first)
+        while not self.stopping and not self.handed_over:
+            if self.hold is not None:
+                if await self.hold.park():
+                    return
+                continue
             with trio.CancelScope() as self._accept_scope:
                 sock, _ = await listener.accept()
             if self._accept_scope.cancelled_caught:
+                if self.hold is not None and not self.stopping:
+                    continue  # a handover holds the server: park (above)
                 return
             await self.serve_socket(sock)
 
-    async def serve_socket(self, sock: trio.socket.SocketType) -> None:
+    async def serve_socket(self, sock: trio.socket.SocketType, *, adopted: Adopted | None = None) -> None:
         self._connections += 1
         conn = Connection(self, sock, self._connections)
+        if adopted is not None:
+            conn.session = adopted.session
+            conn._next_id = adopted.next_id
+            conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
         self.connection = conn
+        systemd.status(f"client {conn.number} connected")
         try:
             await conn.run()
         finally:
             if conn.channel.closed:
                 self.connection = None
+                if not self.stopping:
+                    systemd.status(f"client {conn.number} gone; waiting for a client")
+
+    def start_hold(self) -> Hold:
+        """Live handover, step 1: stop taking messages at the next message boundary (the batch
+        being handled completes; bytes already read stay in the decoder) and stop accepting.
+        ``await hold.parked.wait()`` until the server stands still."""
+        if self.hold is not None:
+            raise VfioUserError("a handover is already in progress", errno.EBUSY)
+        self.hold = Hold()
+        self._accept_scope.cancel()
+        if self.connection is not None:
+            self.connection.receive_scope.cancel()
+        return self.hold
+
+    def end_hold(self, handed_over: bool) -> None:
+        """Live handover, last step: resume where the server stopped (rollback), or leave
+        everything to the successor (``handed_over``: the server then ends)."""
+        hold, self.hold = self.hold, None
+        if handed_over:
+            self.handed_over = True
+            self._accept_scope.cancel()
+            for callback in self.on_handed_over:
+                callback()
+        if hold is not None:
+            hold.release(handed_over)
 
     def stop(self) -> None:
         """Shutdown, step 1: stop accepting and stop reading requests (the message being
@@ -577,11 +747,18 @@ class Server:
         """Shutdown, step 3 (after the device drained): close the session."""
         conn, self.connection = self.connection, None
         if conn is not None:
+            if self.handed_over:
+                # Our copies only: the session, its maps and eventfds live on in the successor,
+                # and the device must not see a disconnect it would act on.
+                conn._pending.close()
+                conn.channel.close()
+                return
             with trio.CancelScope(shield=True):
                 await conn.close()
 
     async def client_gone(self) -> None:
         device = self.device
+        device.dma.port = None
         if device.migration is not None:
             device.migration.client_gone()
         device.dma.clear()
@@ -631,7 +808,9 @@ async def serve(
     connected: trio.socket.SocketType | None = None,
     on_listening: Callable[[], None] | None = None,
     socket_poll_us: int = 0,
-    before_serving: Callable[[], Awaitable[None]] | None = None,
+    successor: Any = None,
+    on_stopping: Callable[[], None] | None = None,
+    before_serving: Callable[[str | None, str | None], Awaitable[None]] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
@@ -643,8 +822,16 @@ async def serve(
     On a signal: the batch being handled completes, the device flushes its backends
     (:meth:`PciDevice.shutdown`), the socket file is removed, and this returns normally.
 
-    ``before_serving`` runs once the device is ready and before any client is served (the
-    command line applies ``--sandbox`` there); an exception from it is a start-up error.
+    ``successor``: a :class:`vfu_server.handover.Successor`. Once the device is ready it takes
+    over the sockets, the session and the state of the server running at its control socket
+    (which raises :class:`~vfu_server.handover.HandoverRefused` if that fails); this server
+    then serves them. After a handover to a successor this returns normally without removing
+    socket files, which now belong to the successor.
+
+    ``before_serving(socket_path, control_path)`` runs once the device is ready (and a
+    successor has taken over) and before any client is served, with the socket files this
+    server will remove at exit (the command line applies ``--sandbox`` there); an exception
+    from it is a start-up error.
     """
     import signal
 
@@ -654,29 +841,55 @@ async def serve(
         listener = open_unix_listener(socket_path)
         socket_path_to_remove = socket_path
     server = Server(device, socket_poll_us=socket_poll_us)
+    handover_error: Exception | None = None
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             # Cancelled when the signal watcher is no longer needed (an inherited connection ended).
             signal_task = trio.CancelScope()
+            server.on_handed_over.append(signal_task.cancel)
             start_error: Exception | None = None
+            adopted: Adopted | None = None
             async with trio.open_nursery() as device_tasks:
                 try:
                     await device.start(device_tasks)
                 except Exception as exc:
                     start_error = exc
                     device_tasks.cancel_scope.cancel()
-                if start_error is None and before_serving is not None:
+                if start_error is None and successor is not None:
                     try:
-                        await before_serving()
+                        taken = await successor.take_over(device, server)
                     except Exception as exc:
-                        start_error = exc
+                        handover_error = exc
                         device_tasks.cancel_scope.cancel()
-                if start_error is None:
+                    else:
+                        listener, connected, adopted = taken.listener, None, taken.adopted
+                        if listener is None and adopted is not None:
+                            connected = adopted.sock
+                        control, control_path = taken.control, taken.control_path
+                        socket_path_to_remove = taken.socket_path
+                if start_error is None and handover_error is None and before_serving is not None:
+                    try:
+                        await before_serving(socket_path_to_remove, control_path)
+                    except Exception as exc:
+                        if successor is None:
+                            start_error = exc
+                            device_tasks.cancel_scope.cancel()
+                        else:  # the predecessor is gone: the device has no other server now
+                            log.error("%s; serving the taken-over device anyway", exc)
+                if start_error is None and handover_error is None:
                     if control is not None:
-                        device_tasks.start_soon(serve_control, device, control)
+                        device_tasks.start_soon(serve_control, device, control, HandoverHost(
+                            server, listener, control, socket_path_to_remove, control_path))
                     async with trio.open_nursery() as clients:
                         if listener is not None:
-                            await clients.start(server.serve_listener, listener)
+                            await clients.start(partial(server.serve_listener, listener, first=adopted))
+                        elif adopted is not None:
+
+                            async def adopted_client() -> None:
+                                await server.serve_socket(adopted.sock, adopted=adopted)
+                                signal_task.cancel()
+
+                            clients.start_soon(adopted_client)
                         else:
                             assert connected is not None
 
@@ -692,6 +905,8 @@ async def serve(
                         async def wait_signal() -> None:
                             async for signum in signals:
                                 log.info("received %s: shutting down", signal.Signals(signum).name)
+                                if on_stopping is not None:
+                                    on_stopping()
                                 server.stop()
                                 return
 
@@ -703,8 +918,9 @@ async def serve(
                     # Every client task has returned: on a signal the session is still open, so
                     # in-flight work can complete into guest memory and raise its interrupts.
                     signal_task.cancel()
-                    with trio.CancelScope(shield=True), trio.move_on_after(30):
-                        await device.shutdown()
+                    if not server.handed_over:
+                        with trio.CancelScope(shield=True), trio.move_on_after(30):
+                            await device.shutdown()
                     await server.finish()
                     device_tasks.cancel_scope.cancel()
     finally:
@@ -712,16 +928,33 @@ async def serve(
             listener.close()
         if control is not None:
             control.close()
-            remove_socket(control_path)
-        remove_socket(socket_path_to_remove)
+            if not server.handed_over:
+                remove_socket(control_path)
+        if not server.handed_over:
+            remove_socket(socket_path_to_remove)
         device.close()
     if start_error is not None:
         raise DeviceStartError(f"{device.name}: {start_error}") from start_error
+    if handover_error is not None:
+        raise handover_error
 
 
-async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> None:
+@dataclass
+class HandoverHost:
+    """What a live handover (``{"cmd": "handover"}`` on the control socket) hands on."""
+
+    server: Server
+    listener: trio.socket.SocketType | None
+    control: trio.socket.SocketType | None
+    socket_path: str | None
+    control_path: str | None
+
+
+async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
+                        host: HandoverHost | None = None) -> None:
     """The out-of-band control socket: one JSON object per line in, one per line out
-    (docs/migration-format.md). Any number of control clients, each served in its own task."""
+    (docs/migration-format.md). Any number of control clients, each served in its own task.
+    ``handover`` and ``snapshot`` (docs/handover.md) are answered by :mod:`vfu_server.handover`."""
 
     async def one(sock: trio.socket.SocketType) -> None:
         import json
@@ -749,7 +982,21 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType) -> 
                     except ValueError as exc:
                         reply = {"ok": False, "errno": errno.EINVAL, "error": "EINVAL", "reason": f"not JSON: {exc}"}
                     else:
-                        if device.migration is None:
+                        if isinstance(msg, dict) and msg.get("cmd") == "handover" and host is not None:
+                            from . import handover
+
+                            # The connection now belongs to the handover, whatever its outcome.
+                            await handover.give(host, sock, msg, buf)
+                            return
+                        # Each area's commands are a step of their own: None means not mine.
+                        reply = iostats.handle_control(device, msg)
+                        if reply is not None:
+                            pass
+                        elif isinstance(msg, dict) and msg.get("cmd") == "snapshot" and host is not None:
+                            from . import handover
+
+                            reply = await handover.snapshot(host, msg)
+                        elif device.migration is None:
                             reply = {"ok": False, "errno": errno.ENOTSUP, "error": "ENOTSUP",
                                      "reason": "device is not migratable"}
                         else:

@@ -1,4 +1,5 @@
-"""NVMe numbers from the Base 2.x and NVM Command Set specifications (PCIe transport)."""
+"""NVMe numbers from the Base and NVM Command Set specifications (PCIe transport); the controller
+reports version 1.4 (:data:`NVME_VERSION_1_4`)."""
 
 from __future__ import annotations
 

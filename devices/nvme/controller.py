@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -42,7 +43,19 @@ from vfu_server.block import (
     parse_backend_spec,
     parse_size,
 )
+from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
+from vfu_server.iostats import (
+    BLOCK_KINDS,
+    DISCARD,
+    FLUSH,
+    OTHER,
+    READ,
+    WRITE,
+    WRITE_ZEROES,
+    IoStats,
+    QueueStats,
+)
 from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
@@ -70,6 +83,7 @@ from .constants import (
     SHST_NORMAL,
     SHST_OCCURRING,
     AsyncEventType,
+    IoOpcode,
     Status,
 )
 from .errors import NvmeError
@@ -181,6 +195,9 @@ class NvmeController(PciDevice):
         self.io = IoCommands(self)
         #: plain Reads and Writes in C (.fastio), when the helper could be built
         self.fastio: FastIo | None = None
+        #: I/O statistics per SQ ("sq1", ...; the control socket's ``stats``)
+        self.iostats = IoStats(BLOCK_KINDS)
+        self._qstats: dict[int, QueueStats] = {}
         # runtime (not state): rebuilt on enable
         self.sq_rt: dict[int, SqRuntime] = {}
         self.cq_rt: dict[int, CqRuntime] = {}
@@ -206,6 +223,9 @@ class NvmeController(PciDevice):
         self._frozen = False
         self._resumed = trio.Event()
         self._resumed.set()
+        #: paused because the client went away (not for a migration); the next register write
+        #: from a client resumes it
+        self._detached = False
 
     # -- command line -----------------------------------------------------------------------
 
@@ -289,8 +309,8 @@ class NvmeController(PciDevice):
             self.fastio = FastIo(self, module) if module is not None else None
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
-                nursery.start_soon(self._control_loop)
-                nursery.start_soon(self._interrupt_loop)
+                nursery.start_soon(self.dma.executor.run_task, self._control_loop)
+                nursery.start_soon(self.dma.executor.run_task, self._interrupt_loop)
                 self._ready.set()
                 task_status.started()
                 await trio.sleep_forever()
@@ -310,11 +330,14 @@ class NvmeController(PciDevice):
             self._clear_controller(keep_admin_regs=False)
 
     async def client_disconnected(self) -> None:  # type: ignore[override]
-        # Guest memory is gone with the client: stop touching it; a new client starts afresh.
-        if self._ready.is_set():
-            async with self._control_lock:
-                await self._quiesce()
-                self._clear_controller(keep_admin_regs=False)
+        # The spec's Client Disconnection: "the device state should otherwise be retained".
+        # Guest memory went with the client, so stop touching it the way a migration stops the
+        # controller (completions that cannot be posted are held, as state), and keep the rest
+        # (registers, queues, features, AERs) for the next client, as the virtio devices do.
+        # It runs again on that client's first register write: by then it has mapped memory.
+        if self._ready.is_set() and not self._paused:
+            await self.quiesce()
+            self._detached = True
 
     # -- migration (formats in .migration_format, state mapping in .migration) -----------------
 
@@ -349,10 +372,10 @@ class NvmeController(PciDevice):
         """Running again (after a load, a cancelled migration or a reset): fetch from every SQ
         the state holds, post held completions, and re-signal CQs with unconsumed entries (the
         host may have missed an interrupt across the switch-over; a spurious one is harmless)."""
-        self._paused = self._frozen = False
+        self._paused = self._frozen = self._detached = False
         self._resumed.set()
         if self._tasks is not None:
-            self._tasks.start_soon(self._resume_queues)
+            self._tasks.start_soon(self.dma.executor.run_task, self._resume_queues)
 
     async def _resume_queues(self) -> None:
         async with self._control_lock:
@@ -385,6 +408,22 @@ class NvmeController(PciDevice):
 
         return nvme_migration.profile(self, super().migration_profile())
 
+    # -- live handover: RAM namespaces move as memfds; files and NBD the successor reopens --
+
+    def _backends(self) -> list[BlockBackend | None]:
+        return [ns.backend for _, ns in sorted(self.namespaces.items())]
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        return export_ram_disks(self._backends())
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        adopt_ram_disks(self._backends(), data, fds)
+
+    def decode_device_abi(self, abi: bytes) -> Any:
+        from .migration_format import decode_device_abi
+
+        return decode_device_abi(abi)
+
     def save_state(self) -> NvmeMigState:
         from . import migration as nvme_migration
 
@@ -407,7 +446,11 @@ class NvmeController(PciDevice):
         self.cq_rt.clear()
         self.inflight = InflightCounter()
         self._clear_controller(keep_admin_regs=False)
-        self._cc_changed = trio.Event()
+        # Drop a CC change that is still pending, but never the Event the control loop waits
+        # on: replaced, it would leave the loop deaf to every later CC write (a controller
+        # loaded disabled could then never be enabled).
+        if self._cc_changed.is_set():
+            self._cc_changed = trio.Event()
 
     # -- registers -----------------------------------------------------------------------------
 
@@ -432,6 +475,8 @@ class NvmeController(PciDevice):
 
     @bar0.writer
     def write_register(self, offset: int, size: int, value: int) -> None:
+        if self._detached and (self.migration is None or self.migration.running):
+            self.resume()
         if offset >= REG_DOORBELLS:
             if size == 4 and offset % 4 == 0:
                 self._doorbell((offset - REG_DOORBELLS) // 4, value & 0xFFFF)
@@ -679,7 +724,7 @@ class NvmeController(PciDevice):
         rt = SqRuntime(qid, poll=AdaptivePoll(self.poll_ns if qid else 0))
         self.sq_rt[qid] = rt
         assert self._session is not None
-        self._session.start_soon(self._sq_loop, rt, name=f"nvme-sq{qid}")
+        self._session.start_soon(self.dma.executor.run_task, self._sq_loop, rt, name=f"nvme-sq{qid}")
 
     async def stop_sq(self, qid: int) -> None:
         """Stop fetching from SQ ``qid`` and wait until its commands have completed."""
@@ -722,7 +767,9 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
-                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy:
+                    # No polling through DMA_READ messages: each look would be a round trip
+                    # on the client's main loop.
+                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy and not self.dma.message_mode:
                         # While we look, the host need not ring: an event index one behind
                         # the tail is crossed only after a whole lap of the queue.
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)
@@ -803,13 +850,33 @@ class NvmeController(PciDevice):
 
     def _start_io(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
         """An I/O command just fetched: completed inline, or else given its own task."""
-        if not self._execute_inline(sq, cmd):
+        t0 = perf_counter_ns()
+        if not self._execute_inline(sq, cmd, t0):
             rt.inflight.inc()
             self.inflight.inc()
+            self.queue_stats(sq.qid).in_flight += 1
             assert self._session is not None
-            self._session.start_soon(self._execute_io_task, sq, rt, cmd)
+            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd, t0)
 
-    def _execute_inline(self, sq: SubmissionQueueState, cmd: Command) -> bool:
+    def queue_stats(self, qid: int) -> QueueStats:
+        q = self._qstats.get(qid)
+        if q is None:
+            q = self._qstats[qid] = self.iostats.queue(f"sq{qid}")
+        return q
+
+    def _count(self, qid: int, cmd: Command, status: int, t0: int) -> None:
+        """One I/O command completed, into its SQ's statistics."""
+        q = self._qstats.get(qid) or self.queue_stats(qid)
+        kind = _KIND.get(cmd.opcode, OTHER)
+        nbytes = 0
+        if not status:
+            if kind <= WRITE:
+                nbytes = ((cmd.cdw12 & 0xFFFF) + 1) << self.namespaces[cmd.nsid].lba_shift
+        else:
+            q.error(f"{status:#06x}")
+        q.record(kind, nbytes, perf_counter_ns() - t0)
+
+    def _execute_inline(self, sq: SubmissionQueueState, cmd: Command, t0: int) -> bool:
         """Complete an I/O command right here when the backend can do it without blocking.
 
         The interrupt for it is deferred: the SQ loop signals once for the whole batch before
@@ -825,6 +892,7 @@ class NvmeController(PciDevice):
             self.complete(sq.qid, cmd.cid, status, 0)
         finally:
             self._defer_irq = False
+        self._count(sq.qid, cmd, status, t0)
         return True
 
     def _flush_deferred(self) -> None:
@@ -833,24 +901,30 @@ class NvmeController(PciDevice):
             self._irq_deferred = False
             self._flush_interrupts()
 
-    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command) -> None:
+    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int) -> None:
+        status: int | None = None
         try:
-            await self._execute(sq, rt, cmd, self.io.execute)
+            status = await self._execute(sq, rt, cmd, self.io.execute)
         finally:
             rt.inflight.dec()
             self.inflight.dec()
+            self.queue_stats(sq.qid).in_flight -= 1
+            if status is not None:
+                self._count(sq.qid, cmd, status, t0)
 
     async def _execute(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command,
-                       handler: Callable[[Command], Awaitable[int | None]]) -> None:
+                       handler: Callable[[Command], Awaitable[int | None]]) -> int | None:
+        """Run a command and post its completion; its status (None: it completes later)."""
         status, dw0 = 0, 0
         try:
             result = await handler(cmd)
             if result is None:  # completes later (Asynchronous Event Request)
-                return
+                return None
             dw0 = result
         except Exception as exc:
             status = self._status_of(exc, sq, cmd)
         self.complete(sq.qid, cmd.cid, status, dw0)
+        return status
 
     def _status_of(self, exc: Exception, sq: SubmissionQueueState, cmd: Command) -> int:
         """The completion status for a command that raised ``exc`` (logged as an error)."""
@@ -1037,6 +1111,10 @@ class NvmeController(PciDevice):
 
     def now_ms(self) -> int:
         return int(time.monotonic() * 1000)
+
+
+_KIND = {int(IoOpcode.READ): READ, int(IoOpcode.WRITE): WRITE, int(IoOpcode.FLUSH): FLUSH,
+         int(IoOpcode.DATASET_MANAGEMENT): DISCARD, int(IoOpcode.WRITE_ZEROES): WRITE_ZEROES}
 
 
 def _merge(old: int, reg: int, width: int, offset: int, size: int, value: int) -> int | None:

@@ -44,6 +44,8 @@ class FastIo:
         self.regions = RegionTable(self.ffi, ctrl.dma)
         self._ns = self.ffi.new("struct vfu_ns[]", 1)
         self._ns_key: tuple[Any, ...] | None = None
+        #: each SQ's struct vfu_iostat, which C counts into (vfu_server/iostats.py)
+        self._stats: dict[int, Any] = {}
 
     # -- what C is allowed to see ----------------------------------------------------------
 
@@ -93,6 +95,7 @@ class FastIo:
         c.page_size = ctrl.page_size
         c.write_cache = ctrl.state.features.volatile_write_cache
         c.bytes_read = c.bytes_written = c.read_cmds = c.write_cmds = 0
+        c.stats = self._stats.get(sq.qid) or self._stats_of(sq.qid)
         q.sq_base, q.sq_size, q.sq_head, q.sq_tail, q.sqid = sq.base, sq.size, sq.head, sq.tail, sq.qid
         q.cq_base, q.cq_size, q.cq_head, q.cq_tail, q.cq_phase = cq.base, cq.size, cq.head, cq.tail, cq.phase
         n: int = self.lib.vfu_fastio_run(c, q, limit)
@@ -105,6 +108,10 @@ class FastIo:
             smart.host_read_commands += c.read_cmds
             smart.host_write_commands += c.write_cmds
         return n
+
+    def _stats_of(self, qid: int) -> Any:
+        stats = self._stats[qid] = self.ctrl.queue_stats(qid).attach_c(self.ffi)
+        return stats
 
     @property
     def stop_reason(self) -> int:

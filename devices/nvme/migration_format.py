@@ -4,8 +4,9 @@
 :class:`NvmeMigState` as schema-checked TLV; only vfu-server's NVMe controller reads it.
 
 ``nvme-ctrl/std/1`` (UUID a035903e-a033-5eaf-812b-d1b8c0ea4232): documented records,
-docs/migration-format.md section 5.3; the I/O queues are carried as TP4159 NVMe Controller
-State v0 (NVMe Base 2.1, Fig. 358), verbatim.
+docs/migration-format.md section 5.3; the I/O queues are carried as the NVMe Controller State
+v0 of NVMe Base 2.1 (TP4159, Figs. 359-361), verbatim, without the Controller State header of
+Fig. 358.
 
 Both formats encode and decode the same plain-data tree, :class:`NvmeMigState`, captured after
 the controller quiesced (no fetched but uncompleted command except outstanding AERs and

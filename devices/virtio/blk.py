@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import struct
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -25,7 +26,19 @@ from vfu_server.block import (
     parse_backend_spec,
 )
 from vfu_server.block.base import iov_slice
+from vfu_server.block.memory import adopt_ram_disks, export_ram_disks
 from vfu_server.block.spec import BACKING_IO, BackendSpec
+from vfu_server.iostats import (
+    BLOCK_KINDS,
+    DISCARD,
+    FLUSH,
+    OTHER,
+    READ,
+    WRITE,
+    WRITE_ZEROES,
+    IoStats,
+    QueueStats,
+)
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
@@ -86,6 +99,9 @@ class VirtioBlk(VirtioPciDevice):
         super().__init__(num_queues=num_queues, device_features=features, poll_us=poll_us)
         self.serial = serial.encode()[:ID_BYTES]
         self._fast: _BlkFastPath | None = None
+        #: I/O statistics per request queue ("q0", ...; the control socket's ``stats``)
+        self.iostats = IoStats(BLOCK_KINDS)
+        self._qstats: dict[int, QueueStats] = {}
 
     # -- command line --------------------------------------------------------------------
 
@@ -135,6 +151,12 @@ class VirtioBlk(VirtioPciDevice):
             self.config_changed()
             task_status.started()
             await trio.sleep_forever()
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        return export_ram_disks([self.backend])
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        adopt_ram_disks([self.backend], data, fds)
 
     async def shutdown(self) -> None:
         await self.drain()
@@ -199,7 +221,7 @@ class VirtioBlk(VirtioPciDevice):
             return 0
         assert self.backend is not None
         try:
-            return fast.run(queue, io, self.backend.size)
+            return fast.run(queue, io, self.backend.size, self.queue_stats(queue.index))
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
             self._fast = None
@@ -209,6 +231,7 @@ class VirtioBlk(VirtioPciDevice):
         """Reads the page cache holds and writes small enough to be done inline anyway
         complete here, in the queue loop, without a task (``readv_nowait``/``writev_nowait``
         of the backend, where it has them). Everything else: None, :meth:`process` does it."""
+        t0 = perf_counter_ns()
         backend = self.backend
         readable, writable = chain.readable, chain.writable
         if backend is None or chain.read_len < _HDR.size or not writable:
@@ -253,11 +276,40 @@ class VirtioBlk(VirtioPciDevice):
             self.log.warning("request type %d at sector %d failed: %s", rtype, sector, exc)
             status = S_IOERR
         status_view[0] = status
+        self._count(queue, rtype, status, written if rtype == T_IN else chain.read_len - _HDR.size, t0)
         return written + 1
 
     async def process(self, queue: SplitQueue, chain: DescriptorChain) -> int:
         if chain.read_len < _HDR.size or chain.write_len < 1:
             raise VirtqueueError(f"queue {queue.index}: virtio-blk request without header or status byte")
+        t0 = perf_counter_ns()
+        stats = self.queue_stats(queue.index)
+        stats.in_flight += 1
+        try:
+            status, written, nbytes, rtype = await self._process(queue, chain)
+        finally:
+            stats.in_flight -= 1
+        self._count(queue, rtype, status, nbytes, t0)
+        return written + 1
+
+    def queue_stats(self, index: int) -> QueueStats:
+        q = self._qstats.get(index)
+        if q is None:
+            q = self._qstats[index] = self.iostats.queue(f"q{index}")
+        return q
+
+    def _count(self, queue: SplitQueue, rtype: int, status: int, nbytes: int, t0: int) -> None:
+        q = self._qstats.get(queue.index) or self.queue_stats(queue.index)
+        kind = _KIND.get(rtype, OTHER)
+        if status:
+            q.error(_STATUS_NAMES.get(status, str(status)))
+            nbytes = 0
+        elif kind > WRITE:
+            nbytes = 0
+        q.record(kind, nbytes, perf_counter_ns() - t0)
+
+    async def _process(self, queue: SplitQueue, chain: DescriptorChain) -> tuple[int, int, int, int]:
+        """One request: (status, bytes written into the chain, bytes moved, request type)."""
         rtype, _, sector = _HDR.unpack(chain.read_bytes(_HDR.size))
         data_in = iov_slice(chain.writable, 0, chain.write_len - 1)
         status_view = iov_slice(chain.writable, chain.write_len - 1, 1)[0]
@@ -291,7 +343,7 @@ class VirtioBlk(VirtioPciDevice):
             self.log.warning("request type %d at sector %d failed: %s", rtype, sector, exc)
             status = S_IOERR
         status_view[0] = status
-        return written + 1
+        return status, written, written if rtype == T_IN else chain.read_len - _HDR.size, rtype
 
     def _check(self, sector: int, length: int, write: bool = False) -> int:
         b = self.backend
@@ -322,6 +374,10 @@ class VirtioBlk(VirtioPciDevice):
         return S_OK
 
 
+_KIND = {T_IN: READ, T_OUT: WRITE, T_FLUSH: FLUSH, T_DISCARD: DISCARD, T_WRITE_ZEROES: WRITE_ZEROES}
+_STATUS_NAMES = {S_IOERR: "IOERR", S_UNSUPP: "UNSUPP"}
+
+
 def _store(views: list[memoryview], data: bytes) -> int:
     pos = 0
     for v in views:
@@ -340,8 +396,13 @@ class _BlkFastPath:
         self.vq = self.ffi.new("struct vfu_vq *")
         self.regions = RegionTable(self.ffi, dma)
 
-    def run(self, queue: SplitQueue, io: tuple[int, int, int], capacity: int, limit: int = 64) -> int:
+    def run(self, queue: SplitQueue, io: tuple[int, int, int], capacity: int,
+            stats: QueueStats | None = None, limit: int = 64) -> int:
         c, v, s = self.ctx, self.vq, queue.state
+        if stats is None:
+            c.stats = self.ffi.NULL
+        else:
+            c.stats = stats.c if stats.c is not None else stats.attach_c(self.ffi)
         if self.regions.sync():
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.read_fd, c.write_fd, c.max_bytes = io

@@ -251,7 +251,8 @@ def _mac_table(uni: tuple[bytes, ...], multi: tuple[bytes, ...]) -> bytes:
 
 
 def transport_parts(prof: VirtioProfile, t: TransportMig) -> list[bytes]:
-    out = [part(P_DEV_FEATURES, b"", _feat(prof.device_features)),
+    # VIRTIO 1.4 marks DEV_FEATURES VIRTIO_DEV_PART_F_OPTIONAL: it only repeats the profile.
+    out = [part(P_DEV_FEATURES, b"", _feat(prof.device_features), flags=PART_OPTIONAL),
            part(P_DRV_FEATURES, b"", _feat(t.driver_features))]
     for off, value in ((CFG_DEVICE_FEATURE_SELECT, t.device_feature_select),
                        (CFG_DRIVER_FEATURE_SELECT, t.driver_feature_select),

@@ -24,6 +24,7 @@ queue pairs.
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import os
 import re
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from vfu_server.iostats import IoStats, QueueStats
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 from vfu_server.sandbox import SandboxNeeds
@@ -104,9 +106,20 @@ class VirtioNet(VirtioPciDevice):
         self.default_mac = mac or bytes([0x52, 0x54, 0x00, *os.urandom(3)])
         self.link_up = False
         self.rx_dropped = 0
+        #: packets and bytes per queue ("rx0", "tx0", ...): kind 0 received, 1 sent; frames
+        #: without a header and a virtio-net header (what the wire carried)
+        self.iostats = IoStats(("rx", "tx"), latency=False)
+        self._qstats: dict[int, QueueStats] = {}
         self._rx_send: trio.MemorySendChannel[bytes] | None = None
         #: receive queues the pump filled since it last published them, by index
         self._rx_filled: dict[int, SplitQueue] = {}
+        # Frames on their way to the guest, which a live handover carries over: the one the
+        # pump is placing, the ones queued for it, the one the backend holds while stopped.
+        self._rx_receive: trio.MemoryReceiveChannel[bytes] | None = None
+        self._rx_current: bytes | None = None
+        self._rx_held: bytes | None = None
+        self._rx_exported: list[bytes] = []  # taken out of the queue by an export, until rollback
+        self._rx_adopted: list[bytes] = []  # a predecessor's frames, placed before any of ours
         #: set while running; cleared while quiesced for migration (frames stay in the backend)
         self._rx_open = trio.Event()
         self._rx_open.set()
@@ -119,6 +132,12 @@ class VirtioNet(VirtioPciDevice):
         #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
         self._mergeable = False
         self._reset_filters()
+
+    def queue_stats(self, index: int) -> QueueStats:
+        q = self._qstats.get(index)
+        if q is None:
+            q = self._qstats[index] = self.iostats.queue(f"{'tx' if index % 2 else 'rx'}{index // 2}")
+        return q
 
     def _reset_filters(self) -> None:
         self.mac = self.default_mac
@@ -153,8 +172,10 @@ class VirtioNet(VirtioPciDevice):
         mac = parse_mac(args.mac) if args.mac else None
         if not 1 <= args.queue_pairs <= MAX_PAIRS:
             raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
-        backend: NetBackend = (TapBackend(args.tap, offloads=args.offloads) if args.tap
-                               else SocketBackend(args.peer, args.listen))
+        # A successor (--take-over) gets its TAP or peer sockets from its predecessor.
+        adopt = getattr(args, "take_over", None) is not None
+        backend: NetBackend = (TapBackend(args.tap, offloads=args.offloads, adopt=adopt) if args.tap
+                               else SocketBackend(args.peer, args.listen, adopt=adopt))
         if not 0 <= args.poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
         return cls(backend, mac, args.queue_pairs, args.poll_us)
@@ -216,7 +237,11 @@ class VirtioNet(VirtioPciDevice):
         # fills the guest's buffers for all of it with one used-index update and one
         # interrupt instead of one per frame.
         if not self._rx_open.is_set():
-            await self._rx_open.wait()
+            self._rx_held = frame
+            try:
+                await self._rx_open.wait()
+            finally:
+                self._rx_held = None
         send = self._rx_send
         if send is None or not self._wanted(frame, self._hdr):
             self.rx_dropped += 1
@@ -274,9 +299,51 @@ class VirtioNet(VirtioPciDevice):
     async def quiesce_device(self) -> None:
         self._rx_open = trio.Event()  # frames not yet taken stay in the backend (socket, TAP)
 
+    # -- live handover: the TAP or peer sockets and the frames on their way move over ------
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        self.backend.pause_reading()  # from now on frames stay in the TAP or socket
+        data, fds = self.backend.export()
+        frames = [] if self._rx_current is None else [self._rx_current]
+        receive = self._rx_receive
+        while receive is not None:
+            try:
+                self._rx_exported.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        frames += self._rx_exported
+        if self._rx_held is not None:
+            frames.append(self._rx_held)
+        return {"backend": data, "frames": [base64.b64encode(f).decode() for f in frames]}, fds
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        try:
+            frames = [base64.b64decode(f, validate=True) for f in data.get("frames", [])]
+        except (ValueError, TypeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"handed-over frames: {exc}") from None
+        self.backend.adopt(data.get("backend", {}), fds)
+        self.backend.pause_reading()  # until the device runs: a refused successor reads nothing
+        self._rx_adopted = frames
+
+    def handover_released(self) -> None:
+        self.backend.released = True
+
     def resume_device(self) -> None:
         if self.vstate.status & Status.DRIVER_OK:
             self._apply_offloads(self.features)  # a destination's TAP starts without them
+        # A handover that was rolled back: the frames its export took go back in front.
+        exported, self._rx_exported = self._rx_exported, []
+        for frame in exported:
+            if self._rx_send is None:
+                self.rx_dropped += 1
+                continue
+            try:
+                self._rx_send.send_nowait(frame)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.rx_dropped += 1
+        self.backend.resume_reading()
         self._rx_open.set()
         seen, self._link_seen = self._link_seen, None
         if seen is not None and seen != self.link_up and self.vstate.status & Status.DRIVER_OK:
@@ -299,7 +366,9 @@ class VirtioNet(VirtioPciDevice):
     async def _rx_pump(self) -> None:
         send, receive = trio.open_memory_channel[bytes](64)
         self._rx_send = send
+        self._rx_receive = receive
         self._rx_filled.clear()
+        adopted, self._rx_adopted = self._rx_adopted, []
         try:
             hdr = self._hdr
             # Every receive queue a burst filled gets one used-index update and one interrupt
@@ -307,23 +376,30 @@ class VirtioNet(VirtioPciDevice):
             # frames queued meanwhile are taken without a scheduler pass each (a burst is at
             # most the channel's 64 frames).
             while True:
-                try:
-                    frame = receive.receive_nowait()
-                except trio.WouldBlock:
-                    self._publish_rx()
-                    frame = await receive.receive()
+                if adopted:
+                    frame = adopted.pop(0)
+                else:
+                    try:
+                        frame = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        self._publish_rx()
+                        frame = await receive.receive()
+                self._rx_current = frame
                 q = self.queues[2 * self._steer(frame, hdr)]
                 self._rx_filled[q.index] = q
                 if self._mergeable:
                     await self._receive_merged(q, frame)
                 else:
                     await self._receive_whole(q, frame, hdr)
+                self._rx_current = None
         except trio.EndOfChannel:
             pass
         finally:
+            self._rx_current = None
             self._publish_rx()
             if self._rx_send is send:
                 self._rx_send = None
+                self._rx_receive = None
             receive.close()
 
     def _publish_rx(self) -> None:
@@ -344,9 +420,11 @@ class VirtioNet(VirtioPciDevice):
             else:
                 written = chain.write_bytes(RX_HDR + frame)
             q.push(chain, written)
+            (self._qstats.get(q.index) or self.queue_stats(q.index)).record(0, len(frame) - hdr, 0)
         else:
             self.rx_dropped += 1
             q.push(chain, 0)
+            self.queue_stats(q.index).error("dropped")
 
     async def _receive_merged(self, q: SplitQueue, packet: bytes) -> None:
         """MRG_RXBUF: a TAP packet (header included) over as many receive buffers as it needs,
@@ -364,6 +442,7 @@ class VirtioNet(VirtioPciDevice):
             q.unpop(len(chains))
             if len(chains) >= q.state.size:
                 self.rx_dropped += 1
+                self.queue_stats(q.index).error("dropped")
                 return
             self._publish_rx()
             await self._sleep_until_kicked(q, beyond=len(chains))
@@ -374,6 +453,7 @@ class VirtioNet(VirtioPciDevice):
             pos += n
             q.push(chain, n)
         self._fix_header(chains[0], len(chains))
+        (self._qstats.get(q.index) or self.queue_stats(q.index)).record(0, need - HDR_LEN, 0)
 
     def _fix_header(self, first: DescriptorChain, buffers: int) -> None:
         """Over the TAP's header (checksum state, segment size) in the first buffer:
@@ -400,6 +480,9 @@ class VirtioNet(VirtioPciDevice):
             # A vnet_hdr TAP takes the guest's header as it is: the kernel checks it and does
             # the checksum and segmentation it asks for (a bad one fails the write: dropped).
             await self.backend.send(data if self._hdr else data[HDR_LEN:])
+            (self._qstats.get(queue.index) or self.queue_stats(queue.index)).record(1, length - HDR_LEN, 0)
+        else:
+            self.queue_stats(queue.index).error("malformed")
         return 0
 
     # -- control queue -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import socket
 import struct
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -49,6 +50,36 @@ class NetBackend:
     #: frames carry a virtio_net_hdr_v1 in front, both ways (checksum and segmentation offloads)
     vnet_hdr = False
 
+    def __init__(self) -> None:
+        # Set while frames may be read: a live handover stops reading (a frame read by a
+        # process that is about to exit, or by a successor that is refused, would be lost).
+        self._reading = trio.Event()
+        self._reading.set()
+        #: the successor of a live handover took this backend over: tear nothing down that
+        #: it now uses (a --listen socket path)
+        self.released = False
+
+    def pause_reading(self) -> None:
+        if self._reading.is_set():
+            self._reading = trio.Event()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    async def _may_read(self) -> None:
+        if not self._reading.is_set():
+            await self._reading.wait()
+
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        """What a live handover's successor needs to go on (plain data, fds that stay ours)."""
+        raise ValueError(f"{type(self).__name__} cannot be handed over")
+
+    def adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        """Take over a predecessor's :meth:`export` (fds become ours; closed here on error)."""
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"{type(self).__name__} cannot take a backend over")
+
     async def run(self, deliver: Deliver, link: Link) -> None:
         raise NotImplementedError
 
@@ -77,11 +108,19 @@ class TapBackend(NetBackend):
     With ``offloads`` (the default) the TAP carries virtio-net headers, as QEMU's ``-netdev
     tap`` does, when the kernel allows it; otherwise bare frames."""
 
-    def __init__(self, name: str, offloads: bool = True) -> None:
+    def __init__(self, name: str, offloads: bool = True, *, adopt: bool = False) -> None:
+        """``adopt``: open nothing; the TAP comes from a live handover's predecessor
+        (:meth:`adopt`), which then has the virtio-net headers exactly when ``offloads``."""
+        super().__init__()
         if not 0 < len(name.encode()) < 16:
             raise ValueError(f"bad TAP name {name!r}")
         self.name = name
         self.fd = -1
+        self._adopted: trio.Event | None = None
+        if adopt:
+            self.vnet_hdr = offloads
+            self._adopted = trio.Event()
+            return
         if offloads:
             try:
                 self._open(IFF_VNET_HDR)
@@ -110,10 +149,35 @@ class TapBackend(NetBackend):
             | (TUN_F_TSO_ECN if ecn else 0)
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
 
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        return {"kind": "tap", "name": self.name, "vnet_hdr": self.vnet_hdr}, [self.fd]
+
+    def adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        try:
+            if data.get("kind") != "tap" or len(fds) != 1:
+                raise ValueError(f"the predecessor's network backend is {data.get('kind')!r}, this one a TAP")
+            if data.get("name") != self.name:
+                raise ValueError(f"the predecessor's TAP is {data.get('name')!r}, not {self.name!r}")
+            if bool(data.get("vnet_hdr")) != self.vnet_hdr:
+                raise ValueError("the predecessor's TAP " + ("has no" if self.vnet_hdr else "has")
+                                 + " virtio-net headers (--offloads differs)")
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = fds[0]
+        if self._adopted is not None:
+            self._adopted.set()
+
     async def run(self, deliver: Deliver, link: Link) -> None:
+        if self._adopted is not None:
+            await self._adopted.wait()
         link(True)
         while True:
             await trio.lowlevel.wait_readable(self.fd)
+            await self._may_read()
             for _ in range(BURST):
                 try:
                     frame = os.read(self.fd, MAX_FRAME)
@@ -152,12 +216,18 @@ class SocketBackend(NetBackend):
     ``path``, retrying until the listener exists and after it goes away.
     """
 
-    def __init__(self, path: str, listen: bool) -> None:
+    def __init__(self, path: str, listen: bool, *, adopt: bool = False) -> None:
+        """``adopt``: bind or connect nothing; the sockets come from a live handover's
+        predecessor (:meth:`adopt`)."""
+        super().__init__()
         self.path = path
         self.listen = listen
         self.sock: trio.socket.SocketType | None = None
         self._listener: trio.socket.SocketType | None = None
-        if listen:
+        self._adopted: trio.Event | None = trio.Event() if adopt else None
+        #: a connected peer handed over with the backend, used before connecting or accepting
+        self._handed: trio.socket.SocketType | None = None
+        if listen and not adopt:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -184,9 +254,40 @@ class SocketBackend(NetBackend):
                 sock.close()
                 await trio.sleep(0.1)
 
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        fds = [s.fileno() for s in (self._listener, self.sock) if s is not None]
+        return {"kind": "peer", "path": self.path, "listen": self.listen, "listener": self._listener is not None,
+                "connected": self.sock is not None}, fds
+
+    def adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        try:
+            if data.get("kind") != "peer":
+                raise ValueError(f"the predecessor's network backend is {data.get('kind')!r}, this one a --peer")
+            if data.get("path") != self.path or bool(data.get("listen")) != self.listen:
+                raise ValueError(f"the predecessor's peer is {'listen:' if data.get('listen') else ''}"
+                                 f"{data.get('path')}, this one {'listen:' if self.listen else ''}{self.path}")
+            if len(fds) != bool(data.get("listener")) + bool(data.get("connected")):
+                raise ValueError("peer socket fds do not match their description")
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        it = iter(fds)
+        if data.get("listener"):
+            self._listener = trio.socket.from_stdlib_socket(socket.socket(fileno=next(it)))
+        if data.get("connected"):
+            self._handed = trio.socket.from_stdlib_socket(socket.socket(fileno=next(it)))
+        if self._adopted is not None:
+            self._adopted.set()
+
     async def run(self, deliver: Deliver, link: Link) -> None:
+        if self._adopted is not None:
+            await self._adopted.wait()
         while True:
-            sock = await self._connect()
+            if self._handed is not None:
+                sock, self._handed = self._handed, None
+            else:
+                sock = await self._connect()
             self.sock = sock
             link(True)
             try:
@@ -198,14 +299,14 @@ class SocketBackend(NetBackend):
                 sock.close()
                 link(False)
 
-    @staticmethod
-    async def _receive(sock: trio.socket.SocketType, deliver: Deliver) -> None:
+    async def _receive(self, sock: trio.socket.SocketType, deliver: Deliver) -> None:
         """Frames until the peer leaves. Whatever the socket holds is read as one burst
         (``read`` on a SOCK_SEQPACKET fd is one datagram), so that the device can hand it to
         the guest with one interrupt; a wait comes only when the socket is empty."""
         fd = sock.fileno()
         while True:
             await trio.lowlevel.wait_readable(sock)
+            await self._may_read()
             for _ in range(BURST):
                 try:
                     frame = os.read(fd, MAX_FRAME)
@@ -227,10 +328,11 @@ class SocketBackend(NetBackend):
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            if not self.released:  # else the successor listens there now
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
 
     def describe(self) -> str:
         return f"{'listen' if self.listen else 'peer'}:{self.path}"

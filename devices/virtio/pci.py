@@ -504,7 +504,7 @@ class VirtioPciDevice(PciDevice):
         assert self._queue_nursery is not None
         q.state.event_idx_enabled = self.has(F_EVENT_IDX)
         q.indirect_ok = self.has(F_INDIRECT_DESC)
-        self._queue_nursery.start_soon(self._queue_main, q, name=f"{self.name}.q{q.index}")
+        self._queue_nursery.start_soon(self.dma.executor.run_task, self._queue_main, q, name=f"{self.name}.q{q.index}")
 
     async def _queue_main(self, q: SplitQueue) -> None:
         try:
@@ -561,7 +561,7 @@ class VirtioPciDevice(PciDevice):
                     await trio.lowlevel.checkpoint()
                     self.notify_queue(q)
 
-            nursery.start_soon(flusher)
+            nursery.start_soon(self.dma.executor.run_task, flusher)
             inline = self.process_nowait
             while True:
                 # One pass: requests the device can finish without waiting complete right
@@ -583,7 +583,7 @@ class VirtioPciDevice(PciDevice):
                     if slots.value == 0:
                         self.notify_queue(q)
                     await slots.acquire()
-                    nursery.start_soon(one, chain)
+                    self.dma.executor.start_soon(nursery, one, chain)
                 self.notify_queue(q)
                 if budget > 0:
                     await self._sleep_until_kicked(q)
@@ -593,7 +593,9 @@ class VirtioPciDevice(PciDevice):
     async def _sleep_until_kicked(self, q: SplitQueue, beyond: int = 0) -> None:
         """Until the driver makes chains available (more than ``beyond`` of them)."""
         poll = q.poll
-        if poll.max_ns and not poll.driver_busy:
+        # No polling through DMA_READ messages: each look would be a round trip on the
+        # client's main loop.
+        if poll.max_ns and not poll.driver_busy and not self.dma.message_mode:
             # Look at the avail ring for a while first, with kicks suppressed meanwhile.
             q.suppress_notification()
             if await poll.poll(lambda: q.pending() > beyond, lambda: not (q.active and q.accepting)):
@@ -662,6 +664,11 @@ class VirtioPciDevice(PciDevice):
         from .migration_format import encode_virtio_profile
 
         return replace(super().migration_profile(), device_abi=encode_virtio_profile(self.virtio_profile()))
+
+    def decode_device_abi(self, abi: bytes) -> Any:
+        from .migration_format import decode_virtio_profile
+
+        return decode_virtio_profile(abi)
 
     def save_device_state(self) -> dict[str, Any]:
         """Device-specific part of :class:`VirtioDevState` (``blk=`` / ``net=``)."""

@@ -195,7 +195,8 @@ class SplitQueue:
 
     def _view(self, addr: int, length: int, write: bool = False) -> memoryview:
         try:
-            return self.dma.view(addr, length, write=write)
+            # update: a ring written in place (guest memory without an fd reads it first)
+            return self.dma.view(addr, length, write=write, update=write)
         except DmaError as exc:
             raise VirtqueueError(f"queue {self.index}: ring not accessible: {exc}") from None
 

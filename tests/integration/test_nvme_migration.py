@@ -22,7 +22,7 @@ from vfu_server.client import Client, GuestRam
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import RemoteError
-from vfu_server.testing import migration_pair
+from vfu_server.testing import migration_pair, running_server
 from vfu_server.testing.fuzz import mutate_stream, server_processes
 from vfu_server.testing.nvme import (
     ADMIN_CREATE_CQ,
@@ -281,10 +281,9 @@ async def test_profile_mismatch_is_refused_cleanly(backing, tmp_path, dst_args, 
             await mg.migrate(src, dst, fmt=fmt, while_precopy=count_writes)
         assert info.value.errno == errno.EINVAL
         await _assert_clean(dst)
-        if fmt == "standard":
-            # Refused on the PRE_COPY PROFILE: the source is still running its guest.
-            assert await mg.get_state(src) == MigState.PRE_COPY
-        await mg.set_state(src, MigState.RUNNING)
+        # Refused (for the standard format on the PRE_COPY PROFILE, while the source still ran
+        # its guest): migrate() takes the source back to RUNNING.
+        assert await mg.get_state(src) == MigState.RUNNING
         assert await drv.read(1, 0, 4096) == pattern(0, 8), "the source carries on"
 
 
@@ -394,3 +393,40 @@ def test_mutated_streams_never_hurt_the_destination(nvme_streams_and_dst, data):
                 assert await dst.read32(0, 0) & 0xFFFF == 1023
 
     trio.run(one_example)
+
+
+async def test_state_loaded_with_vfu_migrate_survives_the_loader(backing, tmp_path):
+    """Issue 17 point 9: ``vfu-migrate load`` then, from a later client, ``vfu-migrate save``
+    round-trips an enabled controller with queues and features. The loader's disconnect must
+    not clear them (spec, Client Disconnection: "the device state should otherwise be
+    retained")."""
+    import sys
+
+    args = ("--backing", str(backing), "--size", str(SIZE))
+    saved, again = tmp_path / "saved.bin", tmp_path / "again.bin"
+
+    async def vfu_migrate(*argv: str) -> None:
+        proc = await trio.run_process([sys.executable, "-m", "vfu_server.migration.cli", *argv],
+                                      capture_stdout=True, capture_stderr=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+
+    with trio.fail_after(60):
+        async with running_server("nvme", *args) as a, running_server("nvme", *args) as b:
+            with GuestRam(8 << 20) as ram:
+                async with await Client.connect(a.socket_path) as client:
+                    drv = NvmeTestDriver(client, ram)
+                    await drv.start(msix_vectors=VECTORS)
+                    await drv.create_io_queue_pair(1, 16)
+                    await drv.create_io_queue_pair(2, 32, vector=2)
+                    assert (await drv.set_feature(0x0F, 30000)).ok  # keep-alive timer
+                    assert (await drv.set_feature(0x08, 1 << 8 | 4)).ok  # interrupt coalescing
+                    saved.write_bytes(await mg.save(client, fmt="standard"))
+            await vfu_migrate("load", "--to", b.socket_path, str(saved))
+            await vfu_migrate("save", "--from", b.socket_path, str(again), "--format", "standard")
+    _, before = NVME_FORMATS.decode(saved.read_bytes())
+    _, after = NVME_FORMATS.decode(again.read_bytes())
+    assert after.regs.cc & 1 and after.regs.csts & 1
+    assert [q.qid for q in after.sqs] == [0, 1, 2] and [q.qid for q in after.cqs] == [0, 1, 2]
+    assert after.features.keep_alive_timer == 30000
+    assert (after.regs, after.sqs, after.cqs, after.features) == (before.regs, before.sqs, before.cqs,
+                                                                  before.features)

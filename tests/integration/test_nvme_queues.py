@@ -21,6 +21,7 @@ from vfu_server.testing.nvme import (
     ADMIN_IDENTIFY,
     IO_READ,
     IO_WRITE,
+    REG_CC,
     NvmeTestDriver,
     SubmissionEntry,
     nvme_session,
@@ -334,13 +335,34 @@ async def test_sigterm_completes_in_flight_and_flushes(tmp_path: Path) -> None:
     assert image.read_bytes()[: 32 * 4096] == b"\x5a" * (32 * 4096)
 
 
-async def test_client_reconnect_starts_fresh() -> None:
-    async with running_server("nvme", "--size", "1M") as srv:
-        for _ in range(2):
+async def test_client_reconnect_keeps_the_controller() -> None:
+    """Spec, Client Disconnection: "all client memory regions are unmapped and cleaned up ...
+    the device state should otherwise be retained" and "when a client reconnects, it will
+    re-establish IRQ and client memory mappings". The next client finds the controller enabled
+    with its queues and features, drives the same queue once it has mapped the memory, and can
+    still start afresh by disabling the controller, as a new driver's probe does."""
+    with GuestRam(8 << 20) as ram:
+        async with running_server("nvme", "--size", "1M") as srv:
             async with await Client.connect(srv.socket_path) as client:
-                drv = NvmeTestDriver(client, GuestRam(8 << 20))
-                await drv.start(enable=False)
-                assert await drv.csts() == 0
-                await drv.enable()
+                drv = NvmeTestDriver(client, ram)
+                await drv.start()
                 q = await drv.create_io_queue_pair(1, entries=8)
-                await drv.write(q, 0, os.urandom(512))
+                assert (await drv.set_feature(0x0F, 30000)).ok  # keep-alive timer
+                data = os.urandom(512)
+                await drv.write(q, 0, data)
+                cc = await drv.read32(REG_CC)
+            async with await Client.connect(srv.socket_path) as client:
+                again = NvmeTestDriver(client, ram)
+                assert await again.csts() & 1 and await again.read32(REG_CC) == cc
+                await client.dma_map(ram)
+                await client.enable_bus_master()
+                again.vectors = await client.enable_msix(8)
+                again.admin_q, again.queues = drv.admin_q, drv.queues
+                assert await again.read(q, 0, 512) == data
+                assert (await again.get_feature(0x0F)).dw0 == 30000
+                await again.disable()
+                await again.enable()
+                assert (await again.get_feature(0x0F)).dw0 == 0
+                q = await again.create_io_queue_pair(1, entries=8)
+                assert await again.read(q, 0, 512) == data
+            assert "Traceback" not in srv.stderr()

@@ -71,7 +71,7 @@ def test_parse_nbd_uri(uri: str, target: NbdTarget) -> None:
         ("nbd+unix:///x", "socket=PATH"),
         ("nbd+unix://host/x?socket=/s", "no host"),
         ("nbd+unix:///x?socket=/s&foo=1", "unexpected query"),
-        ("nbds://h/x", "TLS"),
+        ("nbd://h/x?tls-psk-file=/k", "need nbds"),
         ("nbd+ssh://h/x", "scheme"),
     ],
 )
@@ -95,13 +95,24 @@ def test_parse_backend_spec_kinds(tmp_path: Path) -> None:
     )
 
 
+def test_nbd_uris_with_tls() -> None:
+    uri = "nbds://h/x?tls-certificates=/etc/pki/vfu"
+    spec = parse_backend_spec(uri)
+    assert spec.kind == "nbd" and spec.nbd is not None and spec.nbd.tls and spec.nbd.uri == uri
+    psk = "nbds+unix://alice@/x?socket=/run/n.sock&tls-psk-file=/etc/vfu/keys.psk"
+    assert parse_backend_spec(psk).nbd == NbdTarget("x", socket_path="/run/n.sock", tls=True)
+    with pytest.raises(BackendSpecError, match="need nbds"):
+        parse_backend_spec("nbd://h/x?tls-certificates=/d")
+    with pytest.raises(BackendSpecError, match="unknown"):
+        parse_backend_spec("nbds://h/x?tls-pretty-please=1")
+
+
 @pytest.mark.parametrize(
     ("backing", "size", "why"),
     [
         (None, None, "--size is required"),
         (None, "12Q", "bad size"),
         ("http://h/disk", None, "unsupported backing"),
-        ("nbds://h/x", None, "TLS"),
     ],
 )
 def test_parse_backend_spec_rejects(backing: str | None, size: str | None, why: str) -> None:

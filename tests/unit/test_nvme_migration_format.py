@@ -136,6 +136,48 @@ def test_unknown_mandatory_record_is_refused_by_type():
     assert info.value.errno == errno.EINVAL and "0x01ff" in info.value.reason
 
 
+def _swap_first(recs, a, b):
+    """``recs`` with the first record of type ``a`` and the first of type ``b`` exchanged."""
+    recs = list(recs)
+    i = next(n for n, r in enumerate(recs) if r.type == a)
+    j = next(n for n, r in enumerate(recs) if r.type == b)
+    recs[i], recs[j] = recs[j], recs[i]
+    return recs
+
+
+ORDER_VIOLATIONS = {
+    # 4 rule 6: "records in the order of the format's table"; DBBUF is 8th, NVMECS_V0 7th.
+    "dbbuf-before-nvmecs": lambda recs: _swap_first(recs, 0x0113, 0x7001),
+    "pci-config-first": lambda recs: _swap_first(recs, 0x0001, 0x0002),
+    "features-descending": lambda recs: [
+        *[r for r in recs if r.type < 0x0120],
+        *sorted((r for r in recs if r.type == 0x0120), key=lambda r: -r.instance),
+        *[r for r in recs if r.type > 0x0120]],
+    "feature-twice": lambda recs: [*recs[:recs.index(next(r for r in recs if r.type == 0x0120)) + 1],
+                                   next(r for r in recs if r.type == 0x0120),
+                                   *recs[recs.index(next(r for r in recs if r.type == 0x0120)) + 1:]],
+}
+
+
+@pytest.mark.parametrize("case", ORDER_VIOLATIONS)
+def test_order_violations_are_refused(case):
+    """Section 2.6 and 4 rule 6: a stream whose records are out of the table's order, or whose
+    instances of a type are not strictly ascending, is refused (EINVAL)."""
+    recs = NVME_STANDARD.to_records(sample_state(), 0)
+    assert len([r for r in recs if r.type == 0x0120]) >= 2, "the sample needs two FEATURE records"
+    with pytest.raises(MigrationError) as info:
+        NVME_STANDARD.decode(_encode_records(ORDER_VIOLATIONS[case](recs)))
+    assert info.value.errno == errno.EINVAL, info.value
+
+
+def test_unknown_optional_records_may_sit_anywhere_after_profile():
+    s = sample_state()
+    recs = NVME_STANDARD.to_records(s, 0)
+    recs.insert(1, Record(0x0160, b"\x01", REC_OPTIONAL))
+    recs.insert(5, Record(0x8123, bytes(16), REC_OPTIONAL))
+    assert NVME_STANDARD.decode(_encode_records(recs, minor=1)) == s
+
+
 def test_fields_are_append_only():
     s = sample_state()
     recs = [Record(r.type, r.payload + bytes(8)) if r.type == CTRL_REGS.type_id else r

@@ -505,42 +505,78 @@ def test_write_multi_rejects() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# DMA_READ / DMA_WRITE (QEMU's layout: u32 count, data at message byte 28)
+# DMA_READ / DMA_WRITE (the spec's layout: address u64, count u64, data at message byte 32)
 
 
-def test_dma_read_request_and_qemu_reply_layout() -> None:
-    req = m.DmaAccess(0x1000, 8).pack()
-    assert req == struct.pack("<QI", 0x1000, 8)
-    # QEMU's reply: size 32 + count; data at message byte 28, then 4 bytes of padding.
-    data = bytes(range(1, 9))
-    qemu_reply = struct.pack("<HHIII", 5, Command.DMA_READ, 32 + 8, 1, 0) + struct.pack("<QI", 0x1000, 8) + data + bytes(4)
-    assert qemu_reply[28:36] == data
-    back = m.DmaAccess.unpack(qemu_reply[16:], with_data=True)
-    assert back == m.DmaAccess(0x1000, 8, data)
+def test_dma_read_request_and_reply_bytes_as_qemu_11_1_3_sent_them() -> None:
+    # The request: header + address + count, 32 bytes, no data.
+    req = encode(0x8000, Command.DMA_READ, m.DmaAccess(0x10000000, 8).pack())
+    assert req == (struct.pack("<HHIII", 0x8000, Command.DMA_READ, 32, 0, 0)
+                   + bytes.fromhex("00000010 00000000 08000000 00000000"))
+    # QEMU 11.1.3's reply to an 8-byte read at 0x10000000 (digest §6.10): 32 + 8 bytes, the
+    # data at message byte 32.
+    reply = (struct.pack("<HHIII", 0x8000, Command.DMA_READ, 40, 1, 0)
+             + bytes.fromhex("00000010 00000000 08000000 00000000 44332211 88776655"))
+    back = m.DmaAccess.unpack(reply[16:], with_data=True)
+    assert back == m.DmaAccess(0x10000000, 8, bytes.fromhex("4433221188776655"))
+    assert reply[32:] == back.data
 
 
-def test_dma_write_request_layout() -> None:
+def test_dma_write_request_and_reply_layout() -> None:
     data = b"ABCDEFGH"
-    # The server pads 4 bytes so QEMU's check size >= 32 + count holds.
-    payload = m.DmaAccess(0xFEE0_0000, len(data), data + bytes(4)).pack()
-    msg = encode(0x8000, Command.DMA_WRITE, payload)
+    msg = encode(0x8001, Command.DMA_WRITE, m.DmaAccess(0xFEE0_0000, len(data), data).pack())
     assert len(msg) == 32 + len(data)
-    assert struct.unpack_from("<QI", msg, 16) == (0xFEE0_0000, 8)
-    assert msg[28:36] == data
-    assert m.DmaAccess.unpack(payload, with_data=True).data == data
+    assert struct.unpack_from("<QQ", msg, 16) == (0xFEE0_0000, 8)
+    assert msg[32:] == data
+    assert m.DmaAccess.unpack(msg[16:], with_data=True).data == data
+    # The reply echoes address and count, without the data.
+    reply = m.DmaAccess(0xFEE0_0000, 8).pack()
+    assert reply == struct.pack("<QQ", 0xFEE0_0000, 8)
+    assert m.DmaAccess.unpack(reply, with_data=False) == m.DmaAccess(0xFEE0_0000, 8)
 
 
-def test_dma_access_rejects_short() -> None:
+def test_dma_access_rejects_the_old_28_byte_layout_and_bad_counts() -> None:
     with pytest.raises(MalformedMessage):
-        m.DmaAccess.unpack(bytes(11), with_data=False)
+        m.DmaAccess.unpack(bytes(15), with_data=False)
+    # u32 count, data at byte 12 of the payload: what this project used to send.
     with pytest.raises(MalformedMessage):
-        m.DmaAccess.unpack(struct.pack("<QI", 0, 8) + bytes(7), with_data=True)
+        m.DmaAccess.unpack(struct.pack("<QI", 0, 8), with_data=False)
+    with pytest.raises(MalformedMessage):
+        m.DmaAccess.unpack(struct.pack("<QI", 0, 8) + bytes(8), with_data=True)
+    # Data must be exactly ``count`` bytes where it belongs, and absent where it does not.
+    with pytest.raises(MalformedMessage):
+        m.DmaAccess.unpack(struct.pack("<QQ", 0, 8) + bytes(7), with_data=True)
+    with pytest.raises(MalformedMessage):
+        m.DmaAccess.unpack(struct.pack("<QQ", 0, 8) + bytes(9), with_data=True)
+    with pytest.raises(MalformedMessage):
+        m.DmaAccess.unpack(struct.pack("<QQ", 0, 8) + bytes(8), with_data=False)
+    with pytest.raises(MalformedMessage):
+        m.DmaAccess.unpack(struct.pack("<QQ", (1 << 64) - 4, 8), with_data=False)
 
 
-@given(u64, st.binary(max_size=64))
-def test_dma_access_round_trip(address: int, data: bytes) -> None:
-    a = m.DmaAccess(address, len(data), data)
-    assert m.DmaAccess.unpack(a.pack(), with_data=True) == a
+@st.composite
+def _dma_access(draw: st.DrawFn) -> m.DmaAccess:
+    data = draw(st.binary(max_size=64))
+    address = draw(st.integers(0, (1 << 64) - len(data)))
+    return m.DmaAccess(address, len(data), data)
+
+
+@given(_dma_access())
+def test_dma_access_round_trip(a: m.DmaAccess) -> None:
+    raw = a.pack()
+    assert len(raw) == 16 + a.count
+    assert m.DmaAccess.unpack(raw, with_data=True) == a
+    head = m.DmaAccess(a.address, a.count)
+    assert m.DmaAccess.unpack(head.pack(), with_data=False) == head
+
+
+@given(st.binary(max_size=80), st.booleans())
+def test_dma_access_unpack_never_crashes(raw: bytes, with_data: bool) -> None:
+    try:
+        a = m.DmaAccess.unpack(raw, with_data)
+    except MalformedMessage:
+        return
+    assert a.pack() == raw
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,6 +604,15 @@ def test_device_feature_round_trip(index: int, kind: int, data: bytes) -> None:
     assert m.DeviceFeature.unpack(f.pack()) == f
 
 
+def test_device_feature_get_reply_sizes() -> None:
+    """GET: "the data is added in the data section and its length is added to argsz"; a reply
+    larger than the request's argsz carries only argsz (the needed size) and flags."""
+    flags = 0xF100 | FeatureFlags.GET
+    assert m.DeviceFeature.get_reply(flags, b"x" * 24, 200) == struct.pack("<II", 32, flags) + b"x" * 24
+    assert m.DeviceFeature.get_reply(flags, b"x" * 24, 32) == struct.pack("<II", 32, flags) + b"x" * 24
+    assert m.DeviceFeature.get_reply(flags, b"x" * 24, 31) == struct.pack("<II", 32, flags)
+
+
 def test_device_feature_rejects() -> None:
     with pytest.raises(MalformedMessage):
         m.DeviceFeature.unpack(struct.pack("<II", 8, 1 | FeatureFlags.GET | FeatureFlags.SET))
@@ -578,9 +623,11 @@ def test_device_feature_rejects() -> None:
 
 
 def test_mig_data_layout() -> None:
-    req = m.MigData(4096).pack()
-    assert req == struct.pack("<II", 8, 4096)
-    assert m.MigData.unpack(req, with_data=False) == m.MigData(4096, b"", 8)
+    """MIG_DATA_READ request: "*argsz* is the maximum size of the reply payload", so a request
+    for 4,096 bytes says 8 + 4,096 (libvfio-user refuses less)."""
+    req = m.MigData.read_request(4096)
+    assert req == struct.pack("<II", 8 + 4096, 4096)
+    assert m.MigData.unpack(req, with_data=False) == m.MigData(4096, b"", 8 + 4096)
     w = m.MigData(3, b"abc")
     raw = w.pack()
     assert raw == struct.pack("<II", 11, 3) + b"abc"

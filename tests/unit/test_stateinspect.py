@@ -122,3 +122,92 @@ def test_independent_reader_fuzz(name, pos, val, junk):
 
 def test_vectors_cover_every_example_format():
     assert {EXPECTED["vectors"][n]["format"] for n in NAMES} == {f.name for f in EXAMPLE_FORMATS}
+
+
+def _standard_records():
+    """Records of every device family's standard format, from the vectors' sample states."""
+    from devices.nvme.migration_format import NVME_STANDARD
+    from devices.nvme.migration_format import sample_state as nvme_sample
+    from devices.virtio.migration_format import BLK_STANDARD, NET_STANDARD, RNG_STANDARD
+    from devices.virtio.migration_format import sample_state as virtio_sample
+    from vfu_server.migration.example_format import sample_state as example_sample
+
+    yield EXAMPLE_STANDARD, EXAMPLE_STANDARD.to_records(example_sample(), 0)
+    yield NVME_STANDARD, NVME_STANDARD.to_records(nvme_sample(), 0)
+    for fmt, kind in ((BLK_STANDARD, "blk"), (NET_STANDARD, "net"), (RNG_STANDARD, "rng")):
+        yield fmt, fmt.to_records(virtio_sample(kind), 0)
+
+
+def _violations(records):
+    """Streams section 2.6 and section 4 rules 6-7 say a reader refuses, by name."""
+    from vfu_server.migration.envelope import REC_OPTIONAL, Record
+
+    recs = list(records)
+    yield "profile-not-first", [recs[1], recs[0], *recs[2:]]
+    yield "two-types-swapped", [*recs[:2], recs[3], recs[2], *recs[4:]]
+    yield "unknown-mandatory", [*recs[:-1], Record(0x06FF, b"x"), recs[-1]]
+    yield "vendor-mandatory", [*recs, Record(0x8123, bytes(16))]
+    yield "repeated-record", [*recs[:3], recs[2], *recs[3:]]
+    yield "unknown-optional-is-fine", [recs[0], Record(0x06FF, b"x", REC_OPTIONAL), *recs[1:]]
+
+
+def test_both_readers_refuse_the_same_order_violations():
+    from vfu_server.migration.envelope import encode_envelope
+    from vfu_server.migration.errors import MigrationError
+
+    for fmt, records in _standard_records():
+        for case, recs in _violations(records):
+            data = encode_envelope(fmt.uuid, fmt.major, 0, recs, final=True)
+            ok = case.endswith("-is-fine")
+            if ok:
+                inspect_stream(data)
+                fmt.decode(data)
+                continue
+            with pytest.raises(Bad):
+                inspect_stream(data)
+            with pytest.raises(MigrationError) as info:
+                fmt.decode(data)
+            assert info.value.errno == 22, (fmt.name, case, info.value)
+
+
+def test_nvme_dbbuf_before_nvmecs_is_refused_by_both_readers():
+    from devices.nvme.migration_format import NVME_STANDARD, sample_state
+    from vfu_server.migration.envelope import encode_envelope
+    from vfu_server.migration.errors import MigrationError
+
+    recs = NVME_STANDARD.to_records(sample_state(), 0)
+    i = next(n for n, r in enumerate(recs) if r.type == 0x7001)
+    assert recs[i + 1].type == 0x0113
+    recs[i], recs[i + 1] = recs[i + 1], recs[i]
+    data = encode_envelope(NVME_STANDARD.uuid, 1, 0, recs, final=True)
+    with pytest.raises(Bad, match="out of the format's order"):
+        inspect_stream(data)
+    with pytest.raises(MigrationError, match="against the format's order"):
+        NVME_STANDARD.decode(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_both_readers_agree_on_any_record_order(data):
+    """Any order of a standard stream's records: both readers accept it exactly when it is the
+    order section 4 rule 6 prescribes (every record here is known and distinct, so only the
+    writer's own order passes), and refuse it otherwise."""
+    from vfu_server.migration.envelope import encode_envelope
+    from vfu_server.migration.errors import MigrationError
+
+    fmt, records = data.draw(st.sampled_from(list(_standard_records())))
+    order = data.draw(st.permutations(range(len(records))))
+    stream = encode_envelope(fmt.uuid, fmt.major, 0, [records[i] for i in order], final=True)
+    expected = list(order) == sorted(order)
+    try:
+        inspect_stream(stream)
+        independent = True
+    except Bad:
+        independent = False
+    try:
+        fmt.decode(stream)
+        main = True
+    except MigrationError as exc:
+        assert exc.errno == 22, exc
+        main = False
+    assert independent == main == expected, (fmt.name, order)

@@ -251,3 +251,20 @@ def test_round_trips(kind):
     state = vm.sample_state(kind)
     for fmt in (STD[kind], OPQ[kind]):
         assert fmt.decode(fmt.encode(state)) == state
+
+
+@pytest.mark.parametrize("kind", sorted(STD))
+def test_dev_features_part_is_optional_as_virtio_1_4_says(kind):
+    """VIRTIO 1.4 marks the DEV_FEATURES part VIRTIO_DEV_PART_F_OPTIONAL; it is written so, and
+    a stream from before (flags 0, the vectors up to this change) still loads."""
+    env, _ = decode_envelope(STD[kind].encode(vm.sample_state(kind)), [STD[kind]])
+    first = env.records[_parts(list(env.records))[0]]
+    assert _part_type(first) == vm.P_DEV_FEATURES and first.payload[2] == vm.PART_OPTIONAL
+
+    def clear_flag(records: list[Record]) -> list[Record]:
+        i = _parts(records)[0]
+        r = records[i]
+        records[i] = Record(r.type, r.payload[:2] + b"\0" + r.payload[3:], r.flags, r.instance, r.version)
+        return records
+
+    assert STD[kind].decode(_rewrite(kind, clear_flag)) == vm.sample_state(kind)

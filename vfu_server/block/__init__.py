@@ -1,8 +1,8 @@
 """Block backends: the storage that NVMe and virtio-blk devices read and write.
 
 ``async with open_backend("disk.raw", size="1G") as backend:`` gives a :class:`BlockBackend`
-backed by a raw file, an NBD export (``nbd://host:port/export``,
-``nbd+unix:///export?socket=/path``) or, with no backing, RAM.
+backed by a raw file, an NBD export through libnbd (``nbd://host:port/export``,
+``nbd+unix:///export?socket=/path``, ``nbds://...`` with TLS) or, with no backing, RAM.
 """
 
 from .base import BlockBackend

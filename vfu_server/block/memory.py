@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +19,11 @@ _PAGE = mmap.PAGESIZE
 
 
 class MemoryBackend(BlockBackend):
-    """A zero-initialised disk of ``size`` bytes held in an anonymous mmap.
+    """A zero-initialised disk of ``size`` bytes held in a memfd.
 
-    An anonymous mapping rather than a bytearray so that an untouched multi-gigabyte disk
+    A mapping rather than a bytearray so that an untouched multi-gigabyte disk
     costs no RAM, and so that discard can hand whole pages back to the kernel with
-    ``MADV_DONTNEED`` (they read back as zeroes).  Contents vanish on close.
+    ``MADV_REMOVE`` (they read back as zeroes).  Contents vanish on close.
     """
 
     def __init__(self, size: int, read_only: bool = False, block_size: int = 512) -> None:
@@ -33,10 +34,33 @@ class MemoryBackend(BlockBackend):
         self.size = size
         self.block_size = block_size
         self.read_only = read_only
-        # MAP_PRIVATE: for the default shared anonymous mapping MADV_DONTNEED would keep the
-        # data (it lives in shmem), for a private one it guarantees zero-filled pages.
-        self._map: mmap.mmap | None = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        # A memfd rather than anonymous memory: a live handover passes the disk to the
+        # successor process as this fd (docs/handover.md). Untouched pages still cost nothing.
+        self.fd: int | None = os.memfd_create("vfu-ramdisk", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map: mmap.mmap | None = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        except OSError:
+            os.close(self.fd)
+            raise
         self._view = memoryview(self._map)
+
+    def adopt_fd(self, fd: int) -> None:
+        """Use another process's disk (its :attr:`fd`, from a live handover) instead of ours,
+        which is dropped. Takes ownership of ``fd``; it must be a disk of the same size."""
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise ValueError(f"handed-over RAM disk has {os.fstat(fd).st_size} bytes, expected {self.size}")
+            new = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._map is not None:
+            self._view.release()
+            self._map.close()
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self._map, self._view = fd, new, memoryview(new)
 
     def _mem(self) -> memoryview:
         if self._map is None:
@@ -84,7 +108,8 @@ class MemoryBackend(BlockBackend):
             # Hand the whole pages inside the range back to the kernel (they read back as
             # zeroes and cost no RAM); only the ragged edges need a memset.
             assert self._map is not None
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            # MADV_REMOVE frees the shared memfd's pages (MADV_DONTNEED would keep the data).
+            self._map.madvise(mmap.MADV_REMOVE, first, last - first)
             self._zero(mem, offset, first)
             self._zero(mem, last, end)
         else:
@@ -105,7 +130,40 @@ class MemoryBackend(BlockBackend):
             self._view.release()
             self._map.close()
             self._map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         await trio.lowlevel.checkpoint()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "memory", "size": self.size, "read_only": self.read_only}
+
+
+def export_ram_disks(backends: Sequence[BlockBackend | None]) -> tuple[dict[str, Any], list[int]]:
+    """A device's RAM disks for a live handover: ``{"ram_disks": [position, ...]}`` and their
+    memfds in that order (file and NBD backends are reopened by the successor itself)."""
+    positions = [i for i, b in enumerate(backends) if isinstance(b, MemoryBackend) and b.fd is not None]
+    return {"ram_disks": positions}, [backends[i].fd for i in positions]  # type: ignore[union-attr]
+
+
+def adopt_ram_disks(backends: Sequence[BlockBackend | None], data: dict[str, Any], fds: list[int]) -> None:
+    """The successor's side of :func:`export_ram_disks`: each listed RAM disk of ours takes the
+    predecessor's memfd. Takes ownership of ``fds`` (closed here on error)."""
+    positions = data.get("ram_disks", [])
+    try:
+        if not isinstance(positions, list) or len(positions) != len(fds):
+            raise ValueError(f"{len(fds)} RAM disk fds for {positions!r}")
+        for pos in positions:
+            if not isinstance(pos, int) or not 0 <= pos < len(backends) or not isinstance(backends[pos], MemoryBackend):
+                raise ValueError(f"the predecessor's RAM disk {pos!r} is not a RAM disk here")
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for i, (pos, fd) in enumerate(zip(positions, fds, strict=True)):
+        try:
+            backends[pos].adopt_fd(fd)  # type: ignore[union-attr]
+        except BaseException:
+            for rest in fds[i + 1 :]:
+                os.close(rest)
+            raise

@@ -14,6 +14,7 @@ from .errors import BackendSpecError
 from .file import FileBackend
 from .memory import MemoryBackend
 from .nbd import NbdBackend, NbdTarget, parse_nbd_uri
+from .nbd import load as load_libnbd
 
 __all__ = ["BACKING_IO", "BackendSpec", "open_backend", "open_file_backend", "parse_backend_spec", "parse_size"]
 
@@ -84,7 +85,11 @@ def _parse_backing(backing: str | None, nbytes: int | None, read_only: bool) -> 
         return BackendSpec("memory", size=nbytes, read_only=read_only)
     scheme = _SCHEME_RE.match(backing)
     if scheme and scheme.group(1).lower().split("+")[0] in ("nbd", "nbds"):
-        return BackendSpec("nbd", nbytes, read_only, nbd=parse_nbd_uri(backing))
+        target = parse_nbd_uri(backing)
+        if load_libnbd() is None:
+            raise BackendSpecError(f"backing {backing!r}: NBD needs libnbd (Debian's python3-libnbd, "
+                                   "linked into .venv by ./run)")
+        return BackendSpec("nbd", nbytes, read_only, nbd=target)
     if _URI_RE.match(backing):
         scheme = backing.split(":", 1)[0]
         raise BackendSpecError(

@@ -293,6 +293,7 @@ def run_guest(
     append: str = "",
     qemu_args: Sequence[str] = (),
     check: bool = True,
+    shared_ram: bool = True,
 ) -> GuestResult:
     """Boot the guest with `devices`, run `script` (busybox sh) in it, return what happened.
 
@@ -300,6 +301,8 @@ def run_guest(
     are appended to the initramfs as a second archive. With `check` (the default) a guest that
     does not report ``rc=0`` raises GuestError carrying the serial tail, QEMU's and every
     server's stderr; a timeout, a QEMU or server start failure always raises.
+    ``shared_ram=False`` gives the guest plain anonymous RAM (qemu-configs/ram-private.args):
+    the servers then reach it through DMA_READ/DMA_WRITE messages only.
     """
     kit = kit or provision()
     start = time.monotonic()
@@ -331,6 +334,7 @@ def run_guest(
                     "APPEND": f"{DEFAULT_APPEND} {append}".strip(),
                 },
             ),
+            *load_args("ram-shared" if shared_ram else "ram-private", {"MEMORY": str(memory_mib)}),
         ]
         counters: dict[str, int] = {}
         for chassis, dev in enumerate(devices, 1):

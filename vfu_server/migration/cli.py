@@ -4,10 +4,13 @@
     vfu-migrate convert FAMILY IN OUT --to FORMAT     re-encode a saved stream in another format
     vfu-migrate run --from SRC.sock --to DST.sock [--format F]   migrate a device between servers
     vfu-migrate save --from SOCK FILE [--format F]    save a device's state to a file
+    vfu-migrate save --control CTL FILE [--format F]  snapshot a live device (client stays attached)
     vfu-migrate load --to SOCK FILE                   load a saved state into a device
 
 ``run``/``save``/``load`` talk vfio-user to servers that no VMM is attached to (a server
-serves one client at a time); they show progress on stderr.
+serves one client at a time); they show progress on stderr. ``save --control`` asks a running
+server's control socket instead (its ``snapshot`` command, docs/handover.md): the device pauses
+for a moment, as for a handover, and its client never notices.
 
 ``convert`` is the project's point in miniature: an opaque stream from one
 build becomes a standard stream any implementation can load (or back).
@@ -68,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", help="format name, kind (opaque/standard) or UUID")
     p.add_argument("--no-precopy", action="store_true")
     p = sub.add_parser("save", help="save a device's state")
-    p.add_argument("--from", dest="src", required=True, metavar="SOCKET")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="src", metavar="SOCKET", help="a server no client is attached to")
+    src.add_argument("--control", metavar="CTL", help="a live server's control socket (a snapshot)")
     p.add_argument("file")
     p.add_argument("--format")
     p = sub.add_parser("load", help="load a saved state into a device")
     p.add_argument("--to", dest="dst", required=True, metavar="SOCKET")
     p.add_argument("file")
     args = ap.parse_args(argv)
+    if args.cmd == "save" and args.control:
+        return _snapshot(args.control, args.file, args.format)
     if args.cmd in ("run", "save", "load"):
         return _online(args)
     try:
@@ -107,6 +114,36 @@ def _bar(phase: str, done: int, total: int | None = None, width: int = 30) -> No
     print(f"\r{phase:<10} {text}", end="", file=sys.stderr, flush=True)
 
 
+def _snapshot(control: str, path: str, fmt: str | None) -> int:
+    """``save --control``: the control socket's ``snapshot`` into ``path``."""
+    import base64
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)
+            sock.connect(control)
+            sock.sendall(json.dumps({"cmd": "snapshot", **({"format": fmt} if fmt else {})}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise OSError(errno.EPIPE, "the server closed the control connection")
+                buf += chunk
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            print(f"vfu-migrate: snapshot refused: {reply.get('reason')}", file=sys.stderr)
+            return 1
+        data = base64.b64decode(reply["stream"])
+        with open(path, "wb") as f:
+            f.write(data)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"vfu-migrate: {control}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"format": reply["format"], "bytes": len(data), "file": path}))
+    return 0
+
+
 def _online(args: argparse.Namespace) -> int:
     import trio
 
@@ -114,12 +151,16 @@ def _online(args: argparse.Namespace) -> int:
     from ..migrate import Progress, load, migrate, save
     from ..protocol.errors import VfioUserError
 
+    def note(text: str) -> None:
+        print(text, file=sys.stderr)
+
     async def run() -> int:
         if args.cmd == "run":
             async with await Client.connect(args.src) as src, await Client.connect(args.dst) as dst:
                 def show(p: Progress) -> None:
                     _bar(p.phase, p.bytes)
-                stats = await migrate(src, dst, fmt=args.format, precopy=not args.no_precopy, progress=show)
+                stats = await migrate(src, dst, fmt=args.format, precopy=not args.no_precopy, progress=show,
+                                      note=note)
             print(file=sys.stderr)
             print(json.dumps({
                 "format": stats.format, "uuid": stats.format_uuid, "bytes": stats.total_bytes,
@@ -129,7 +170,7 @@ def _online(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "save":
             async with await Client.connect(args.src) as src:
-                data = await save(src, fmt=args.format)
+                data = await save(src, fmt=args.format, note=note)
             with open(args.file, "wb") as f:
                 f.write(data)
             _bar("saved", len(data), len(data))
@@ -138,7 +179,7 @@ def _online(args: argparse.Namespace) -> int:
         with open(args.file, "rb") as f:
             data = f.read()
         async with await Client.connect(args.dst) as dst:
-            await load(dst, data)
+            await load(dst, data, note=note)
         _bar("loaded", len(data), len(data))
         print(file=sys.stderr)
         return 0

@@ -35,6 +35,7 @@ __all__ = [
     "FEATURE_MIG_DEVICE_STATE",
     "FEATURE_MIG_FORMATS",
     "FEATURE_MIG_FORMAT_SELECT",
+    "FEATURE_MIG_LAST_ERROR",
     "FEATURE_MIG_PROFILE",
     "MigratableDevice",
     "MigrationController",
@@ -46,6 +47,9 @@ FEATURE_MIG_DEVICE_STATE = 2
 FEATURE_MIG_FORMATS = 0xF100
 FEATURE_MIG_FORMAT_SELECT = 0xF101
 FEATURE_MIG_PROFILE = 0xF102
+#: GET: why the device last refused migration data or a state change (docs/migration-format.md
+#: 7.2): ``{i32 errno; u32 length}`` + the UTF-8 reason; errno 0 when nothing was refused.
+FEATURE_MIG_LAST_ERROR = 0xF103
 
 FEAT_MASK = 0xFFFF
 FEAT_GET = 1 << 16
@@ -54,6 +58,8 @@ FEAT_PROBE = 1 << 18
 
 _MIG_STATE = struct.Struct("<Ii")  # device_state, data_fd (unused by vfio-user: -1)
 _SELECT = struct.Struct("<16sHH")  # uuid, minor, flags
+_LAST_ERROR = struct.Struct("<iI")  # errno, reason length
+MAX_REASON = 1024
 SELECT_INCOMING = 1 << 0  # flags: apply as expect-incoming (destination) instead
 MINOR_MAX = 0xFFFF  # "the highest minor this side supports"
 _FMT_LIST_HDR = struct.Struct("<HHI")  # count, entry_size, reserved
@@ -161,13 +167,15 @@ class MigrationController:
     def read_data(self, size: int) -> bytes:
         """MIG_DATA_READ: fewer bytes than asked means no more data (for now)."""
         if self.state not in SAVING_GROUP or self.save is None:
-            raise MigrationError(errno.EINVAL, f"MIG_DATA_READ in {self.state.name}")
+            self.last_error = MigrationError(errno.EINVAL, f"MIG_DATA_READ in {self.state.name}")
+            raise self.last_error
         return self.save.read(size)
 
     def write_data(self, data: bytes) -> None:
         """MIG_DATA_WRITE: only in RESUMING; format errors surface immediately."""
         if self.state is not MigState.RESUMING or self.load is None:
-            raise MigrationError(errno.EINVAL, f"MIG_DATA_WRITE in {self.state.name}")
+            self.last_error = MigrationError(errno.EINVAL, f"MIG_DATA_WRITE in {self.state.name}")
+            raise self.last_error
         try:
             self.load.write(data)
         except MigrationError as exc:
@@ -220,6 +228,7 @@ class MigrationController:
             FEATURE_MIG_FORMATS: (True, False),
             FEATURE_MIG_FORMAT_SELECT: (True, True),
             FEATURE_MIG_PROFILE: (True, False),
+            FEATURE_MIG_LAST_ERROR: (True, False),
         }
         if idx not in ops:
             raise MigrationError(errno.EINVAL, f"device feature {idx:#x} not supported")
@@ -254,6 +263,8 @@ class MigrationController:
             else:
                 self.select_outgoing(key, None if minor == MINOR_MAX else minor)
             return bytes(data[:_SELECT.size])
+        if idx == FEATURE_MIG_LAST_ERROR:
+            return self.last_error_blob()
         # FEATURE_MIG_PROFILE
         prof = self._local_profile()
         return profile_to_record(prof).payload if prof is not None else b""
@@ -267,6 +278,13 @@ class MigrationController:
             out += _FMT_ENTRY.pack(f.uuid.bytes, f.major, f.minor_min, f.minor_max,
                                    FMT_KIND[f.kind], fl, f.name.encode()[:40])
         return bytes(out)
+
+    def last_error_blob(self) -> bytes:
+        """0xF103 GET payload: the last refusal's errno and reason (errno 0: none)."""
+        if self.last_error is None:
+            return _LAST_ERROR.pack(0, 0)
+        reason = self.last_error.reason.encode()[:MAX_REASON]
+        return _LAST_ERROR.pack(self.last_error.errno, len(reason)) + reason
 
     def selection_blob(self) -> bytes:
         """0xF101 GET payload: the latched outgoing selection."""

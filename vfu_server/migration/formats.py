@@ -240,6 +240,8 @@ class StandardFormat(StateFormat):
         super().__init__(name, major=major, minor_max=minor_max, minor_min=minor_min,
                          aliases=aliases, description=description, state_type=state_type)
         self.layouts = {r.type_id: r for r in records}
+        #: the position of each record type in the format's table (docs/migration-format.md)
+        self.rank = {r.type_id: i for i, r in enumerate(records)}
         for r in records:
             if r.type_id >= VENDOR_FIRST and not r.optional:
                 raise ValueError(f"{name}: vendor record {r.name} must be OPTIONAL")
@@ -263,12 +265,30 @@ class StandardFormat(StateFormat):
         return out
 
     def _check_order(self, records: Sequence[Record]) -> None:
+        """docs/migration-format.md 4, rule 6: PROFILE first; the known records in the order of
+        the format's table, a type's records together with their instances strictly ascending.
+        Unknown OPTIONAL records were dropped before this and take no part in the order."""
         if REC_PROFILE in self.layouts and (not records or records[0].type != REC_PROFILE):
             raise MigrationFormatError(errno.EINVAL, f"{self.name}: PROFILE must come first")
+        last: Record | None = None
         for r in records:
             if r.type >= VENDOR_FIRST and not r.flags & REC_OPTIONAL:
                 raise MigrationFormatError(
                     errno.EINVAL, f"{self.name}: vendor record {r.type:#06x} not OPTIONAL")
+            if last is not None and r.type in self.rank and last.type in self.rank:
+                if self.rank[r.type] < self.rank[last.type]:
+                    raise MigrationFormatError(
+                        errno.EINVAL, f"{self.name}: record {self._label(r.type)} after "
+                        f"{self._label(last.type)}, against the format's order")
+                if r.type == last.type and r.instance <= last.instance:
+                    raise MigrationFormatError(
+                        errno.EINVAL, f"{self.name}: {self._label(r.type)} instances not "
+                        "strictly ascending")
+            last = r
+
+    def _label(self, type_id: int) -> str:
+        layout = self.layouts.get(type_id)
+        return f"{type_id:#06x} {layout.name}" if layout else f"{type_id:#06x}"
 
     def from_records(self, records: Sequence[Record], env: Envelope) -> Any:
         self._check_order(records)

@@ -115,6 +115,19 @@ class BarBacking:
         elif bar.read_fn is None and bar.write_fn is None:
             self.memory = bytearray(bar.size)
 
+    def adopt_fd(self, fd: int) -> None:
+        """Use another process's BAR memfd (a live handover: the client has it mapped, so it
+        must stay the same memory) instead of ours. Takes ownership of ``fd``."""
+        try:
+            if os.fstat(fd).st_size != self.bar.size:
+                raise ValueError(f"handed-over BAR memfd of {os.fstat(fd).st_size} bytes, expected {self.bar.size}")
+            memory = mmap.mmap(fd, self.bar.size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.close()
+        self.fd, self.memory = fd, memory
+
     def in_mmap_area(self, offset: int, size: int) -> bool:
         return any(o <= offset and offset + size <= o + n for o, n in self.bar.mmap_areas)
 

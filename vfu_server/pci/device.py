@@ -28,6 +28,7 @@ import errno
 import importlib
 import inspect
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
@@ -125,6 +126,10 @@ class PciDevice:
             msix_vectors=self.msix.vectors if self.msix else 0,
         )
         self.dma = GuestMemory()
+        self.dma.config_image = self.config.data
+        self.dma.window_filter = self._own_window
+        self.dma.executor.spawn = self._spawn_unwrapped
+        self.irqs.before_signal = self.dma.before_interrupt
         self.extra_regions: dict[int, ExtraRegion] = {}
         self._nursery: trio.Nursery | None = None
         self._pending_reset: str | None = None
@@ -223,6 +228,39 @@ class PciDevice:
 
         load_pci_state(self, state.pci, state.msix, state.intx)
 
+    # -- live handover hooks (vfu_server.handover, docs/handover.md) ------------------------
+
+    def handover_refusal(self) -> str | None:
+        """Why this device cannot hand over right now (a one-line reason), or None. The
+        state must be all in :meth:`save_state`; a device that keeps more (state no format
+        holds) returns a reason, and every handover is refused cleanly."""
+        return None
+
+    def decode_device_abi(self, abi: bytes) -> Any:
+        """The profile's ``device_abi`` bytes as a (dataclass) value, so that a refused
+        handover can say which guest-visible setting differs. Default: the bytes."""
+        return abi
+
+    def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        """Predecessor side, device quiesced: resources a successor cannot simply reopen (a
+        TAP fd, a connected peer socket, a RAM disk), as plain data and fds. The fds stay
+        ours (the successor gets copies) until :meth:`handover_released`."""
+        return {}, []
+
+    def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        """Successor side, before the state is loaded: take over what the predecessor's
+        :meth:`handover_export` gave. The fds become ours (close the ones not kept; raise
+        ValueError, after closing them, to refuse)."""
+        for fd in fds:
+            os.close(fd)
+        if data or fds:
+            raise ValueError(f"{self.name} cannot adopt device resources {sorted(data)}")
+
+    def handover_released(self) -> None:
+        """Predecessor side: the successor took over. Closing our copies is fine (the process
+        exits), but nothing shared may be torn down (unlinking a socket path the successor
+        now listens on)."""
+
     async def device_feature(self, req: DeviceFeature) -> bytes:
         if self.migration is None:
             raise VfioUserError(f"device feature {req.index:#x} not supported", errno.ENOTTY)
@@ -259,11 +297,21 @@ class PciDevice:
         server that dies (the next guest reset aborts the VM)."""
         if self._nursery is None:
             raise RuntimeError("device is not attached to a running server")
-        self._nursery.start_soon(self._guarded, fn, args, name=name or getattr(fn, "__name__", None))
+        self._nursery.start_soon(self._guarded, fn, args, True, name=name or getattr(fn, "__name__", None))
 
-    async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    def _spawn_unwrapped(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        """:meth:`spawn` for the message-DMA executor's own tasks (which take its lock themselves)."""
+        if self._nursery is None:
+            raise RuntimeError("device is not attached to a running server")
+        self._nursery.start_soon(self._guarded, fn, args, False, name=name)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], dma_task: bool) -> None:
         try:
-            await fn(*args)
+            if dma_task:
+                # Synchronous code in the task may reach guest memory without an fd.
+                await self.dma.executor.run_task(fn, *args)
+            else:
+                await fn(*args)
         except Exception:
             self.log.exception("device task %s failed", getattr(fn, "__qualname__", fn))
         except BaseExceptionGroup as group:
@@ -273,6 +321,21 @@ class PciDevice:
                 self.log.error("device task %s failed", getattr(fn, "__qualname__", fn), exc_info=rest)
             if cancelled is not None:
                 raise cancelled from None
+
+    def _own_window(self, iova: int, size: int) -> bool:
+        """Whether ``[iova, iova + size)`` lies in one of our memory BARs as programmed (QEMU
+        DMA-maps a device's mmapped BAR windows to it, without an fd; they are no guest RAM)."""
+        data = self.config.data
+        for i, bar in enumerate(self.bars):
+            if bar is None or bar.kind.io:
+                continue
+            low = struct.unpack_from("<I", data, 0x10 + 4 * i)[0]
+            addr = low & ~0xF
+            if low & 0x4 and i < 5:
+                addr |= struct.unpack_from("<I", data, 0x14 + 4 * i)[0] << 32
+            if addr and addr <= iova and iova + size <= addr + bar.size:
+                return True
+        return False
 
     @property
     def bus_master(self) -> bool:
@@ -430,6 +493,9 @@ class PciDevice:
                 raise VfioUserError(str(exc), errno.EINVAL) from None
             return
         if 0 <= index <= 5:
+            if self.dma.message_mode:
+                # The device may reach guest RAM through messages: never wait for one here.
+                return self.dma.executor.call(self._bar_write, index, offset, data)
             self._bar_write(index, offset, data)
             return
         if index == PciRegion.ROM:

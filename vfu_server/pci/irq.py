@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..protocol.constants import IrqIndex, IrqInfoFlags, IrqSetFlags
 from ..protocol.errors import VfioUserError
@@ -68,6 +70,8 @@ class Interrupts:
         }
         self.intx_asserted = False
         self.intx_resample_fd: int | None = None
+        #: called before an interrupt goes out (the device's message-DMA write-backs go first)
+        self.before_signal: Callable[[], None] | None = None
 
     def info(self, index: int) -> IrqInfo:
         line = self.lines.get(index)  # type: ignore[call-overload]
@@ -172,6 +176,8 @@ class Interrupts:
 
     def signal(self, index: IrqIndex, vector: int = 0) -> bool:
         """Raise ``vector`` of ``index``. Returns whether an eventfd was written."""
+        if self.before_signal is not None:
+            self.before_signal()
         line = self.lines[index]
         if not 0 <= vector < line.count:
             return False
@@ -180,6 +186,8 @@ class Interrupts:
     def set_intx(self, asserted: bool) -> None:
         """Drive the INTx line level; a rising edge signals the trigger fd (with automask)."""
         rising = asserted and not self.intx_asserted
+        if rising and self.before_signal is not None:
+            self.before_signal()
         self.intx_asserted = asserted
         line = self.lines[IrqIndex.INTX]
         if line.count and rising:
@@ -187,6 +195,67 @@ class Interrupts:
 
     def pending_bits(self, index: IrqIndex) -> list[bool]:
         return list(self.lines[index].pending)
+
+    # -- live handover -------------------------------------------------------------------------
+
+    def export(self) -> tuple[dict[str, Any], list[int]]:
+        """The client's interrupt set-up as plain data, and the fds it names in order (every
+        index, vectors ascending, then the INTx resample fd). The fds stay ours; a handover
+        sends copies."""
+        lines: dict[str, Any] = {}
+        fds: list[int] = []
+        for index, line in self.lines.items():
+            lines[str(int(index))] = {"count": line.count, "fds": [fd is not None for fd in line.fds],
+                                      "masked": list(line.masked), "pending": list(line.pending),
+                                      "signals": line.signals}
+            fds += [fd for fd in line.fds if fd is not None]
+        if self.intx_resample_fd is not None:
+            fds.append(self.intx_resample_fd)
+        return {"lines": lines, "intx_asserted": self.intx_asserted,
+                "resample": self.intx_resample_fd is not None}, fds
+
+    def adopt(self, data: dict[str, Any], fds: list[int]) -> None:
+        """Take over an :meth:`export` of another process (with the fds it names, which become
+        ours: closed here on error). The vector counts must be this device's."""
+        try:
+            lines = data["lines"]
+            pos = 0
+            staged: list[tuple[IrqLine, list[int | None], list[bool], list[bool], int]] = []
+            for index, line in self.lines.items():
+                d = lines[str(int(index))]
+                if d["count"] != line.count or not (len(d["fds"]) == len(d["masked"]) == len(d["pending"]) == line.count):
+                    raise ValueError(f"IRQ index {int(index)}: {d['count']} vectors, this device has {line.count}")
+                mine: list[int | None] = []
+                for present in d["fds"]:
+                    if present:
+                        if pos >= len(fds):
+                            raise ValueError("fewer IRQ fds than the table names")
+                        mine.append(fds[pos])
+                        pos += 1
+                    else:
+                        mine.append(None)
+                staged.append((line, mine, [bool(x) for x in d["masked"]], [bool(x) for x in d["pending"]],
+                               int(d["signals"])))
+            resample = None
+            if data.get("resample"):
+                if pos >= len(fds):
+                    raise ValueError("the INTx resample fd is missing")
+                resample = fds[pos]
+                pos += 1
+            if pos != len(fds):
+                raise ValueError(f"{len(fds) - pos} IRQ fds more than the table names")
+        except (KeyError, TypeError, ValueError) as exc:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise ValueError(f"IRQ table: {exc}") from None
+        self.close()
+        for line, mine, masked, pending, signals in staged:
+            line.fds, line.masked, line.pending, line.signals = mine, masked, pending, signals
+        self.intx_resample_fd = resample
+        self.intx_asserted = bool(data.get("intx_asserted"))
 
     def close(self) -> None:
         """The client went away: close every fd, forget masks (device line levels persist)."""

@@ -35,7 +35,7 @@ from ..protocol.constants import (
     Feature,
     RegionFlags,
 )
-from ..protocol.errors import VfioUserError
+from ..protocol.errors import ReplyTooLarge, VfioUserError
 from ..protocol.messages import DeviceFeature, RegionInfo, TypeCap
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class DeviceMigration:
         try:
             return self.controller.device_feature(req.flags, req.data)
         except MigrationError as exc:
-            code = errno.ENOTTY if "not supported" in exc.reason and index not in (1, 2, 0xF100, 0xF101, 0xF102) else exc.errno
+            code = errno.ENOTTY if "not supported" in exc.reason and index not in (1, 2, 0xF100, 0xF101, 0xF102, 0xF103) else exc.errno
             raise VfioUserError(exc.reason, code) from None
         finally:
             self.sync_running()
@@ -237,6 +237,12 @@ class DeviceMigration:
         if len(req.data) < _LOG_REPORT.size:
             raise VfioUserError("DMA_LOGGING_REPORT payload too short", errno.EINVAL)
         iova, length, page_size = _LOG_REPORT.unpack_from(req.data)
+        if page_size and not page_size & (page_size - 1):
+            # Checked before the report, which clears what it reports: a reply too large for the
+            # client's buffer goes back without the bitmap, and the client asks again for it.
+            needed = 8 + _LOG_REPORT.size + ((length + page_size - 1) // page_size + 63) // 64 * 8
+            if req.argsz < needed:
+                raise ReplyTooLarge(f"DMA_LOGGING_REPORT needs argsz {needed}", needed)
         return req.data[: _LOG_REPORT.size] + self.dirty.report(iova, length, page_size)
 
     def client_gone(self) -> None:

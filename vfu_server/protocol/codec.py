@@ -180,6 +180,25 @@ class MessageDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def unread(self) -> tuple[bytes, list[tuple[int, list[int]]]]:
+        """Bytes received but not yet decoded (a partial message), with the fds that came
+        with them as ``(end, fds)``: ``end`` counts from the first unread byte. The decoder
+        keeps its own copies; a live handover sends these to the successor."""
+        return bytes(self._buf), [(end - self._pos, list(fds)) for end, fds in self._fd_marks]
+
+    def restore(self, data: bytes, marks: Sequence[tuple[int, list[int]]]) -> None:
+        """Start from another decoder's :meth:`unread` state (an empty decoder only)."""
+        if self._buf or self._fd_marks:
+            raise ValueError("restore() into a decoder that already holds data")
+        self._buf = bytearray(data)
+        self._pos = 0
+        self._end = len(data)
+        for end, fds in marks:
+            if not 0 <= end <= len(data):
+                _close_all(fds)
+                raise ValueError(f"fd mark at {end} outside {len(data)} unread bytes")
+            self._fd_marks.append((end, list(fds)))
+
     def close(self) -> None:
         """Close fds that were received but never handed out."""
         while self._fd_marks:

@@ -145,6 +145,8 @@ class Feature(IntEnum):
     # vfu-server's own in-band migration-format extension (docs/migration-format.md).
     MIG_FORMATS = 0xF100
     MIG_FORMAT_SELECT = 0xF101
+    MIG_PROFILE = 0xF102
+    MIG_LAST_ERROR = 0xF103
 
 
 class MigrationFlags(IntFlag):

@@ -48,6 +48,18 @@ class NotSupported(VfioUserError):
     errno = _errno.ENOTSUP
 
 
+class ReplyTooLarge(VfioUserError):
+    """The reply does not fit in the request's ``argsz``. Not an error reply: the spec's "Message
+    sizes" rule sends the fixed part only, with ``argsz`` set to :attr:`needed`, so the client can
+    ask again with a buffer that large."""
+
+    errno = _errno.E2BIG
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 class DmaError(VfioUserError):
     """A guest (or client) address is not mapped, not writable, or out of range."""
 

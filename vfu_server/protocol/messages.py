@@ -4,8 +4,8 @@ Payloads start right after the 16-byte header. All integers are little-endian. `
 raises :class:`~vfu_server.protocol.errors.MalformedMessage` (errno EINVAL) on anything short,
 oversized or inconsistent, so a handler can trust the values it gets.
 
-The layouts follow QEMU's ``hw/vfio-user/protocol.h``, which is what real clients send. Where
-QEMU and the spec text disagree (DMA_READ/DMA_WRITE), QEMU's layout wins and the docstring says so.
+The layouts follow QEMU's ``hw/vfio-user/protocol.h``, which is what real clients send, and
+QEMU's ``docs/interop/vfio-user.rst``; where they differ the docstring says so.
 """
 
 from __future__ import annotations
@@ -499,17 +499,19 @@ def pack_write_multi(writes: Sequence[tuple[int, int, bytes]]) -> bytes:
 # --------------------------------------------------------------------------------------------
 # DMA_READ / DMA_WRITE (server -> client)
 
-DMA_RW = struct.Struct("<QI")  # address u64, count u32; data at payload offset 12
-DMA_RW_DATA = 12
+DMA_RW = struct.Struct("<QQ")  # address u64, count u64; data at payload offset 16
+DMA_RW_DATA = DMA_RW.size
 
 
 @dataclass(frozen=True, slots=True)
 class DmaAccess:
-    """DMA_READ / DMA_WRITE in QEMU's layout (``VFIOUserDMARW``): ``address u64, count u32``,
-    data from payload byte 12 (message byte 28).
+    """DMA_READ / DMA_WRITE in the spec's layout: ``address u64, count u64``, data from payload
+    byte 16 (message byte 32).
 
-    The spec text and libvfio-user put a u64 count and data at byte 32; QEMU 11.1, the client
-    that matters, reads and writes data at byte 28, so a server must use this layout.
+    A DMA_READ request carries no data and its reply carries ``count`` bytes; a DMA_WRITE
+    request carries ``count`` bytes and its reply echoes address and count with no data.
+    QEMU 11.1.3 and libvfio-user both speak this layout (QEMU refuses a shorter, 28-byte
+    request with EINVAL and reads only the count's low 32 bits).
     """
 
     address: int
@@ -521,12 +523,21 @@ class DmaAccess:
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, with_data: bool) -> DmaAccess:
+        """``with_data``: exactly ``count`` data bytes must follow (a DMA_WRITE request, a
+        DMA_READ reply); without, none may (a DMA_READ request, a DMA_WRITE reply)."""
         _need(buf, DMA_RW.size, "DMA access")
         address, count = DMA_RW.unpack_from(buf)
-        data = b""
+        extra = len(buf) - DMA_RW_DATA
         if with_data:
-            _need(buf, DMA_RW_DATA + count, "DMA access data")
-            data = bytes(buf[DMA_RW_DATA : DMA_RW_DATA + count])
+            if extra != count:
+                raise MalformedMessage(f"DMA access: count {count} but {extra} data bytes")
+            data = bytes(buf[DMA_RW_DATA:])
+        else:
+            if extra:
+                raise MalformedMessage(f"DMA access: {extra} unexpected bytes after address and count")
+            data = b""
+        if address + count > 1 << 64:
+            raise MalformedMessage(f"DMA access {address:#x}+{count:#x} overflows 64 bits")
         return cls(address, count, data)
 
 
@@ -566,6 +577,16 @@ class DeviceFeature:
         return self._S.pack(argsz, self.flags) + self.data
 
     @classmethod
+    def get_reply(cls, flags: int, data: bytes, room: int) -> bytes:
+        """A GET reply: ``argsz`` is 8 + the data ("its length is added to argsz"). When that
+        exceeds ``room`` (the request's argsz), only ``argsz`` and ``flags`` go back, so the
+        client learns the size it needs (the spec's "Message sizes" rule)."""
+        needed = cls._S.size + len(data)
+        if needed > room:
+            return cls._S.pack(needed, flags)
+        return cls._S.pack(needed, flags) + data
+
+    @classmethod
     def unpack(cls, buf: bytes | memoryview) -> DeviceFeature:
         _need(buf, cls._S.size, "DEVICE_FEATURE")
         argsz, flags = cls._S.unpack_from(buf)
@@ -580,7 +601,12 @@ class DeviceFeature:
 @dataclass(frozen=True, slots=True)
 class MigData:
     """MIG_DATA_READ / MIG_DATA_WRITE: ``argsz u32, size u32``, then ``size`` bytes (write
-    request and read reply)."""
+    request and read reply).
+
+    ``pack`` sets ``argsz`` to 8 + the data carried, which is what a read reply and a write
+    request need; a read request carries no data but must say how large a reply it takes
+    (:meth:`read_request`). A write reply has no payload at all.
+    """
 
     size: int
     data: bytes = b""
@@ -591,6 +617,12 @@ class MigData:
     def pack(self) -> bytes:
         argsz = self.argsz or self._S.size + len(self.data)
         return self._S.pack(argsz, self.size) + self.data
+
+    @classmethod
+    def read_request(cls, size: int) -> bytes:
+        """A MIG_DATA_READ request for ``size`` bytes. Its ``argsz`` "is the maximum size of the
+        reply payload", so 8 + ``size``: libvfio-user refuses anything smaller."""
+        return cls._S.pack(cls._S.size + size, size)
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, with_data: bool) -> MigData:

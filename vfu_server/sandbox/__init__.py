@@ -57,18 +57,25 @@ class SandboxNeeds:
 
     ``socket_families``: ``socket()`` of these address families (a backend that reconnects);
     ``tcp_connect_ports``: TCP ports it connects to; ``read_paths``: files or directories it
-    reads; ``remove_in``: directories it removes its own files from (a socket it bound).
+    reads; ``remove_in``: directories it removes its own files from (a socket it bound);
+    ``signal_others``: it signals processes outside its sandbox (a live handover's fence kills
+    a successor that stopped answering); ``abstract_unix``: it sends to abstract Unix sockets
+    outside the sandbox (an abstract ``$NOTIFY_SOCKET``). The last two turn Landlock's
+    scoping (ABI 6+) off for signals or abstract sockets.
     """
 
     socket_families: frozenset[int] = frozenset()
     tcp_connect_ports: frozenset[int] = frozenset()
     read_paths: frozenset[str] = frozenset()
     remove_in: frozenset[str] = frozenset()
+    signal_others: bool = False
+    abstract_unix: bool = False
 
     def __or__(self, other: SandboxNeeds) -> SandboxNeeds:
         return SandboxNeeds(self.socket_families | other.socket_families,
                             self.tcp_connect_ports | other.tcp_connect_ports,
-                            self.read_paths | other.read_paths, self.remove_in | other.remove_in)
+                            self.read_paths | other.read_paths, self.remove_in | other.remove_in,
+                            self.signal_others or other.signal_others, self.abstract_unix or other.abstract_unix)
 
     @staticmethod
     def union(needs: Iterable[SandboxNeeds]) -> SandboxNeeds:
@@ -327,7 +334,9 @@ async def apply(cfg: SandboxConfig, needs: SandboxNeeds = SandboxNeeds(),
         for d in {os.path.dirname(s) for s in sockets} | set(needs.remove_in):
             paths[d] = paths.get(d, 0) | landlock.REMOVE_FILE
         try:
-            ruleset = landlock.build(cfg.landlock_abi, paths, tuple(needs.tcp_connect_ports))
+            scoped = (0 if needs.signal_others else landlock.SCOPE_SIGNAL) | \
+                (0 if needs.abstract_unix else landlock.SCOPE_ABSTRACT_UNIX_SOCKET)
+            ruleset = landlock.build(cfg.landlock_abi, paths, tuple(needs.tcp_connect_ports), scoped)
         except OSError as exc:
             fail("landlock", exc)
     flt = None
@@ -362,7 +371,11 @@ async def apply(cfg: SandboxConfig, needs: SandboxNeeds = SandboxNeeds(),
         raise SandboxError(f"sandbox: {exc}") from exc
     if ruleset is not None:
         ports = f", tcp {','.join(map(str, ruleset.ports))}" if ruleset.ports else ""
-        parts.insert(0, f"landlock ABI {ruleset.abi} ({len(ruleset.paths)} paths{ports})")
+        unscoped = [what for bit, what in ((landlock.SCOPE_SIGNAL, "signals"),
+                                           (landlock.SCOPE_ABSTRACT_UNIX_SOCKET, "abstract sockets"))
+                    if ruleset.abi >= 6 and not ruleset.scoped & bit]
+        scope = f", not scoped: {' and '.join(unscoped)}" if unscoped else ""
+        parts.insert(0, f"landlock ABI {ruleset.abi} ({len(ruleset.paths)} paths{ports}{scope})")
         ruleset.close()
     elif cfg.mode == "log":
         parts.insert(0, "landlock not enforced (log mode)")

@@ -112,13 +112,14 @@ class Ruleset:
             self.fd = -1
 
 
-def build(abi: int, paths: dict[str, int], tcp_connect_ports: tuple[int, ...] = ()) -> Ruleset:
+def build(abi: int, paths: dict[str, int], tcp_connect_ports: tuple[int, ...] = (),
+          scoped: int = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) -> Ruleset:
     """A ruleset that handles everything ``abi`` knows and allows ``paths`` (path -> rights;
     directory rights are trimmed for files; missing paths are skipped) and TCP connections to
-    ``tcp_connect_ports`` (ABI 4+)."""
+    ``tcp_connect_ports`` (ABI 4+), scoped to the sandbox for ``scoped`` (ABI 6+)."""
     handled_fs = fs_rights(abi)
     attr = _RulesetAttr(handled_fs, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
-                        SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+                        scoped if abi >= 6 else 0)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     fd = _linux.syscall(_linux.NR_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
                         ctypes.c_uint32(0))

@@ -10,11 +10,16 @@ import struct
 import uuid
 from typing import Any
 
-from .reader import _NS, DECODERS, ENVELOPE_HOOKS, FORMATS, RECORDS, Bad, _fields
+from .reader import _NS, DECODERS, ENVELOPE_HOOKS, FORMATS, ORDER, RECORDS, Bad, _fields
 
 FORMATS[uuid.uuid5(_NS, "opaque/vfu-nvme")] = "opaque/vfu-nvme"
+# Section 5.3's table: PROFILE, PCI_CONFIG, MSIX, INTX, CTRL_REGS, ADMIN_QUEUES, NVMECS_V0,
+# DBBUF, FEATURE, AER, ERROR_LOG, SMART, NAMESPACE, PENDING_CQE.
+ORDER["nvme-ctrl/std/1"] = [0x0001, 0x0002, 0x0003, 0x0004, 0x0110, 0x0111, 0x7001, 0x0113,
+                            0x0120, 0x0130, 0x0131, 0x0132, 0x0140, 0x0150]
+ORDER["opaque/vfu-nvme"] = [0x8001]
 
-# TP4159 I/O queue state entries (NVMe Base 2.1 Fig. 358), 24 bytes each.
+# TP4159 I/O queue state entries (NVMe Base 2.1 Figs. 360 and 361), 24 bytes each.
 _SQ = [("prp1", "Q"), ("qsize", "H"), ("qid", "H"), ("cqid", "H"), ("attr", "H"), ("head", "H"),
        ("tail", "H"), ("reserved0", "I")]
 _CQ = [("prp1", "Q"), ("qsize", "H"), ("qid", "H"), ("head", "H"), ("tail", "H"), ("attr", "I"),

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FORMATS", "RECORDS", "Bad", "crc32c", "inspect_stream"]
+__all__ = ["FORMATS", "ORDER", "RECORDS", "Bad", "crc32c", "inspect_stream"]
 
 
 class Bad(Exception):
@@ -71,6 +71,13 @@ RECORDS: dict[int, tuple[str, list[tuple[str, str]], bool]] = {
                               ("ctrl", "I"), ("status", "I"), ("irq_count", "I"),
                               ("reserved0", "I")], False),
     0x8001: ("OPAQUE_BLOB", [], False),
+}
+#: Each known format's records in the order of its table (spec sections 5.2-5.4, 6.2): a
+#: record of a type not listed here that is not OPTIONAL is refused, and the listed ones must
+#: come in this order, PROFILE first, each type's instances strictly ascending (section 4 rule 6).
+ORDER: dict[str, list[int]] = {
+    "example/std/1": [0x0001, 0x0002, 0x0003, 0x0004, 0x0300],
+    "opaque/vfu-example": [0x8001],
 }
 #: Format modules (e.g. nvme.py) register here: whole-payload decoders by record type, and
 #: per-format passes over a decoded envelope (e.g. to decode PROFILE.device_abi).
@@ -253,6 +260,7 @@ def _one(data: bytes, start: int) -> tuple[dict[str, Any], int]:
                 raise Bad("more than one PROFILE record")
             if has_crc and pcrc != (prof[0]["_crc"] if prof else 0):
                 raise Bad("profile_crc32c does not match the PROFILE record")
+            _check_order(env)
             for r in env["records"]:
                 del r["_rtype"], r["_crc"]
             if env["format"] in ENVELOPE_HOOKS:
@@ -265,6 +273,34 @@ def _one(data: bytes, start: int) -> tuple[dict[str, Any], int]:
             "fields": _decode_checked(rtype, name, payload), "_rtype": rtype, "_crc": crc32c(payload),
         })
         pos = end
+
+
+def _check_order(env: dict[str, Any]) -> None:
+    """Section 2.6 and 4 rules 6-7 for a format this reader knows: no unknown mandatory record,
+    PROFILE first, the known records in table order with strictly ascending instances.
+    Unknown OPTIONAL records are skipped and do not count for the order."""
+    table = ORDER.get(env["format"])
+    if table is None:
+        return  # a format this reader does not know: shown record by record, unjudged
+    rank = {t: i for i, t in enumerate(table)}
+    last: tuple[int, int] | None = None
+    for r in env["records"]:
+        t = r["_rtype"]
+        if t not in rank:
+            if "OPTIONAL" not in r["flags"]:
+                raise Bad(f"{env['format']}: unknown mandatory record type {t:#06x}")
+            continue
+        if last is None and 0x0001 in rank and t != 0x0001:
+            raise Bad(f"{env['format']}: PROFILE is not the first record")
+        if last is not None:
+            if rank[t] < rank[last[0]]:
+                raise Bad(f"{env['format']}: record {t:#06x} after {last[0]:#06x}, out of the "
+                          "format's order")
+            if t == last[0] and r["instance"] <= last[1]:
+                raise Bad(f"{env['format']}: record {t:#06x} instances not strictly ascending")
+        last = (t, r["instance"])
+    if last is None and 0x0001 in rank:
+        raise Bad(f"{env['format']}: no PROFILE record")
 
 
 def inspect_stream(data: bytes) -> list[dict[str, Any]]:

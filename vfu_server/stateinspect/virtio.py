@@ -12,11 +12,18 @@ import struct
 import uuid
 from typing import Any
 
-from .reader import _NS, DECODERS, ENVELOPE_HOOKS, FORMATS, RECORDS, Bad, _fields
+from .reader import _NS, DECODERS, ENVELOPE_HOOKS, FORMATS, ORDER, RECORDS, Bad, _fields
 
 for _name in ("virtio-rng/std/1", "opaque/vfu-virtio-blk", "opaque/vfu-virtio-net",
               "opaque/vfu-virtio-rng"):
     FORMATS[uuid.uuid5(_NS, _name)] = _name
+# Section 5.4's table: the transport records, then each device's own.
+_TRANSPORT = [0x0001, 0x0002, 0x0003, 0x0004, 0x7100, 0x0210, 0x0211]
+ORDER["virtio-net/std/1"] = [*_TRANSPORT, 0x0220]
+ORDER["virtio-blk/std/1"] = [*_TRANSPORT, 0x0230, 0x0231, 0x0232]
+ORDER["virtio-rng/std/1"] = _TRANSPORT
+for _name in ("opaque/vfu-virtio-blk", "opaque/vfu-virtio-net", "opaque/vfu-virtio-rng"):
+    ORDER[_name] = [0x8001]
 
 RECORDS.update({
     0x0210: ("VQ_RUNTIME", [("last_avail_idx", "H"), ("used_idx", "H"), ("avail_wrap", "B"),

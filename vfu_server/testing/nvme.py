@@ -176,9 +176,11 @@ class NvmeTestDriver:
     # -- bring-up ------------------------------------------------------------------------------
 
     async def start(self, *, admin_entries: int = 32, msix_vectors: int = 8, map_ram: bool = True,
-                    enable: bool = True) -> None:
+                    enable: bool = True, with_fd: bool = True) -> None:
+        """``with_fd=False``: map the RAM as QEMU maps guest RAM that is not shared, so the
+        device reaches it through DMA_READ/DMA_WRITE messages that the client serves."""
         if map_ram:
-            await self.client.dma_map(self.ram)
+            await self.client.dma_map(self.ram, with_fd=with_fd)
         await self.client.enable_bus_master()
         if msix_vectors:
             self.vectors = await self.client.enable_msix(msix_vectors)
@@ -455,13 +457,16 @@ PSDT_SGL = 1 << 6  # flags byte value selecting SGLs for the data pointer
 
 @asynccontextmanager
 async def nvme_session(*args: str, ram_size: int = 32 << 20, msix_vectors: int = 8,
-                       enable: bool = True) -> AsyncIterator[tuple[NvmeTestDriver, ServerProcess]]:
-    """``vfu-server nvme *args`` in a process, connected, RAM mapped, controller enabled."""
+                       enable: bool = True, with_fd: bool = True, max_data_xfer_size: int = 1 << 20,
+                       ) -> AsyncIterator[tuple[NvmeTestDriver, ServerProcess]]:
+    """``vfu-server nvme *args`` in a process, connected, RAM mapped (``with_fd=False``: for
+    message DMA), controller enabled."""
     with GuestRam(ram_size) as ram:
-        async with running_server("nvme", *args) as server, await Client.connect(server.socket_path) as client:
+        async with running_server("nvme", *args) as server, await Client.connect(
+                server.socket_path, max_data_xfer_size=max_data_xfer_size) as client:
             drv = NvmeTestDriver(client, ram)
             try:
-                await drv.start(msix_vectors=msix_vectors, enable=enable)
+                await drv.start(msix_vectors=msix_vectors, enable=enable, with_fd=with_fd)
                 yield drv, server
             except BaseException as exc:
                 exc.add_note(f"--- server stderr ---\n{server.stderr()[-4000:]}")

@@ -47,6 +47,56 @@ class ServerProcess:
             await self.process.wait()
 
 
+class ServerStartFailed(RuntimeError):
+    """A server process did not get to ``listening on``: its exit code and stderr."""
+
+    def __init__(self, message: str, returncode: int | None, stderr: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+def _server_env(env: dict[str, str] | None) -> dict[str, str]:
+    full_env = {**os.environ, **(env or {})}
+    repo_root = str(Path(__file__).resolve().parents[2])
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, full_env.get("PYTHONPATH")) if p)
+    return full_env
+
+
+async def spawn_server(device: str, args: tuple[str, ...] | list[str], *, socket_path: str = "",
+                       ready_timeout: float = 20.0, env: dict[str, str] | None = None,
+                       prefix: tuple[str, ...] = ()) -> ServerProcess:
+    """Start ``python -m vfu_server DEVICE *args`` and wait for ``listening on``. A process
+    that does not get there is killed (if still running) and raised as :class:`ServerStartFailed`
+    with its exit code and stderr. The caller stops the process it gets. ``prefix``: a command
+    to run it under (``ip netns exec NS``)."""
+    workdir = tempfile.mkdtemp(prefix="vfu-test-")
+    stderr_path = Path(workdir) / "server.stderr"
+    cmd = [*prefix, sys.executable, "-m", "vfu_server", device, *args]
+    with open(stderr_path, "wb") as err:
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=_server_env(env))
+    server = ServerProcess(device, socket_path, proc, stderr_path)
+    assert proc.stdout is not None
+    line = b""
+    with trio.move_on_after(ready_timeout):
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(1)
+            if not chunk:
+                break
+            line += chunk
+    if not line.startswith(b"listening on"):
+        if proc.returncode is None:
+            with trio.move_on_after(2):
+                await proc.wait()  # a refusal exits by itself; give it the moment it needs
+        await server.kill()
+        await proc.stdout.aclose()
+        raise ServerStartFailed(f"{' '.join(cmd)} did not start (stdout {line!r}, rc {proc.returncode}):\n"
+                                f"{server.stderr()}", proc.returncode, server.stderr())
+    if not socket_path:
+        server.socket_path = line[len(b"listening on "):].decode().strip()
+    return server
+
+
 @asynccontextmanager
 async def running_server(
     device: str,
@@ -58,35 +108,16 @@ async def running_server(
     """Start ``python -m vfu_server DEVICE --socket-path PATH *args`` and wait for
     ``listening on``. Always stops the process on exit; the error message of a failed start
     includes the server's stderr."""
-    workdir = tempfile.mkdtemp(prefix="vfu-test-")
-    path = socket_path or os.path.join(workdir, f"{device.replace(':', '_').replace('/', '_')}.sock")
-    stderr_path = Path(workdir) / "server.stderr"
-    cmd = [sys.executable, "-m", "vfu_server", device, "--socket-path", path, *args]
-    full_env = {**os.environ, **(env or {})}
-    repo_root = str(Path(__file__).resolve().parents[2])
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, full_env.get("PYTHONPATH")) if p)
-    with open(stderr_path, "wb") as err:
-        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=full_env)
-    server = ServerProcess(device, path, proc, stderr_path)
+    path = socket_path or os.path.join(tempfile.mkdtemp(prefix="vfu-test-"),
+                                       f"{device.replace(':', '_').replace('/', '_')}.sock")
+    server = await spawn_server(device, ("--socket-path", path, *args), socket_path=path,
+                                ready_timeout=ready_timeout, env=env)
     try:
-        assert proc.stdout is not None
-        line = b""
-        with trio.move_on_after(ready_timeout):
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some(1)
-                if not chunk:
-                    break
-                line += chunk
-        if not line.startswith(b"listening on"):
-            await server.kill()
-            raise RuntimeError(
-                f"{' '.join(cmd)} did not start (stdout {line!r}, rc {proc.returncode}):\n{server.stderr()}"
-            )
         yield server
     finally:
         await server.terminate()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
+        if server.process.stdout is not None:
+            await server.process.stdout.aclose()
 
 
 @asynccontextmanager
