@@ -334,7 +334,7 @@ async def test_every_backend_starts_confined_and_serves(name, short_tmp):  # noq
             st = status(server.process.pid)
             assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", st
             async with await Client.connect(server.socket_path) as dev:
-                assert await dev.config_read(0, 2) == 0x1AF4 if device.startswith("virtio") else 0x1B36
+                assert await dev.config_read(0, 2) == (0x1AF4 if device.startswith("virtio") else 0x1234)
             if "nbd" in name:
                 # A server on libnbd does not exit on SIGTERM yet, sandbox or not (its final
                 # disconnect waits for ever); not this test's subject.
@@ -350,3 +350,53 @@ async def test_every_backend_starts_confined_and_serves(name, short_tmp):  # noq
     finally:
         if request_cleanup is not None:
             request_cleanup()
+
+
+# -- the handover fence: a sandboxed predecessor kills a successor that went silent after go -----
+
+SILENT_AFTER_GO = r"""
+import sys, time
+from vfu_server import cli, handover
+
+send = handover.Link.send
+
+async def send_but_never_ack(self, obj, fds=()):
+    if obj.get("msg") == "ack":
+        print("got go", flush=True)
+        while True:  # holds every fd, never answers: the predecessor must fence it off
+            time.sleep(3600)
+    await send(self, obj, fds)
+
+handover.Link.send = send_but_never_ack
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@needs_landlock
+async def test_a_sandboxed_predecessor_can_fence_off_a_silent_successor(tmp_path):
+    ctl = str(tmp_path / "dev.ctl")
+    repo = str(Path(__file__).resolve().parents[2])
+    with trio.fail_after(120):
+        async with running_server("nvme", "--size", "16M", "--control-socket", ctl) as pred:
+            successor = await trio.lowlevel.open_process(
+                [sys.executable, "-c", SILENT_AFTER_GO, "nvme", "--take-over", ctl, "--size", "16M",
+                 "--handover-timeout", "1"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
+            try:
+                line = b""
+                while not line.endswith(b"\n"):  # a pipe may deliver the line in pieces
+                    chunk = await successor.stdout.receive_some(100)
+                    assert chunk, "the successor ended before it got go"
+                    line += chunk
+                assert line == b"got go\n"
+                assert await successor.wait() == -9, "killed by the predecessor's fence (SIGKILL)"
+            finally:
+                if successor.returncode is None:
+                    successor.kill()
+                    await successor.wait()
+                await successor.stdout.aclose()
+            async with await Client.connect(pred.socket_path) as dev:  # and it serves again
+                assert await dev.config_read(0, 2) == 0x1234  # the NVMe controller's vendor id
+            assert pred.process.returncode is None
+    log = pred.stderr()
+    assert "not scoped: signals" in log and "killing successor" in log, log
