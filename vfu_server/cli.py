@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             control = open_unix_listener(control_path)
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
+
     async def confine(socket_path: str | None, control_path: str | None) -> None:
         t0 = time.perf_counter()
         line = await sandbox.apply(confinement, device.sandbox_needs() | sandbox_extra(), (socket_path, control_path))
@@ -233,7 +234,6 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         if notifier is not None and notifier.address.startswith("\0"):
             extra = extra | sandbox.SandboxNeeds(abstract_unix=True)
         return extra
-
 
     metrics_listener = None
     if args.metrics:
