@@ -110,6 +110,15 @@ class Server:
     proc: subprocess.Popen[bytes]
     socket_path: str
     started_in: float  # seconds from spawn to the 'listening on' line
+    stderr_path: str = ""
+
+    def stderr_line(self, start: str) -> str:
+        """The first line of the server's stderr that contains ``start`` ("" if none)."""
+        try:
+            text = Path(self.stderr_path).read_text(errors="replace")
+        except OSError:
+            return ""
+        return next((line for line in text.splitlines() if start in line), "")
 
     @property
     def pid(self) -> int:
@@ -196,7 +205,7 @@ def running_server(device: str, *args: str, env: dict[str, str] | None = None,
         started = time.perf_counter() - t0
         if not line.startswith(b"listening on"):
             raise RuntimeError(f"{device} did not start: {line!r}\n{Path(err_path).read_text()}")
-        yield Server(proc, path, started)
+        yield Server(proc, path, started, err_path)
     finally:
         stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,13 @@ Idle RSS: ``/proc/<pid>/statm`` (and PSS from ``smaps_rollup``) one second after
 with no client connected.
 
 ``--importtime DEVICE`` prints the 20 slowest imports (``python -X importtime``) instead.
+
+What the sandbox costs (``--sandbox`` is on by default): the same starts with ``--sandbox off``
+interleaved with the default ones, and per I/O, with the sandbox on and off in alternating
+rounds: a 4-byte REGION_READ round trip against ``example`` (every message passes the seccomp
+filter three times: recvmsg, sendmsg, epoll) and NVMe 4 KiB random reads at queue depth 1 on a
+page-cached file (C load loop, the server's CPU per I/O from /proc). ``--no-sandbox-cost``
+skips this part.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import trio
 
 from .common import (
     REPO,
@@ -82,13 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--starts", type=int, default=15)
     ap.add_argument("--devices", default="example,nvme,virtio-blk")
     ap.add_argument("--importtime", metavar="DEVICE")
+    ap.add_argument("--no-sandbox-cost", action="store_true", help="skip what the sandbox costs")
+    ap.add_argument("--rounds", type=int, default=3, help="sandbox on/off rounds of the per-I/O part")
     args = ap.parse_args(argv)
     if args.importtime:
         importtime(args.importtime)
         return
     print(machine_line())
     devices = available(args.devices.split(","))
-    starts: dict[str, list[float]] = {d: [] for d in ["python -c pass", "python -c 'import trio'", *devices]}
+    unconfined = [] if args.no_sandbox_cost else [f"{d} --sandbox off" for d in devices]
+    starts: dict[str, list[float]] = {d: [] for d in ["python -c pass", "python -c 'import trio'", *devices,
+                                                      *unconfined]}
     rss: dict[str, list[tuple[int, int | None]]] = {d: [] for d in devices}
     for _ in range(args.starts):
         starts["python -c pass"].append(_time_cmd([sys.executable, "-c", "pass"]))
@@ -99,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
                 if len(rss[d]) < 3:
                     time.sleep(1.0)
                     rss[d].append((rss_bytes(srv.pid), pss_bytes(srv.pid)))
+            if unconfined:
+                with running_server(d, *DEVICE_ARGS.get(d, []), "--sandbox", "off") as srv:
+                    starts[f"{d} --sandbox off"].append(srv.started_in)
     rows = []
     for name, ts in starts.items():
         r = rss.get(name)
@@ -113,6 +129,54 @@ def main(argv: list[str] | None = None) -> None:
     print(table(f"Start-up and idle memory ({args.starts} starts each, interleaved)",
                 ["process", "start median ms", "start max ms", "idle RSS MiB", "idle PSS MiB",
                  "target (<300 ms, <40 MiB)"], rows))
+    if not args.no_sandbox_cost:
+        sandbox_cost(devices, args.rounds)
+
+
+def sandbox_cost(devices: list[str], rounds: int) -> None:
+    """Per-I/O cost of the sandbox: the same measurements with it on and off, alternating."""
+    from .devices import _available_drivers, nvme_jobs
+    from .roundtrip import server_pingpong
+
+    modes = {"on (default)": (), "off": ("--sandbox", "off")}
+    lat: dict[str, list[float]] = {m: [] for m in modes}
+    msg_cpu: dict[str, list[float]] = {m: [] for m in modes}
+    iops: dict[str, list[float]] = {m: [] for m in modes}
+    io_cpu: dict[str, list[float]] = {m: [] for m in modes}
+    driver = _available_drivers(["c"])[0]
+    job = [("4K randread QD1", "read", 4096, 1, True)]
+    tmp = tempfile.mkdtemp(prefix="vfu-bench-")
+    disk = os.path.join(tmp, "disk.raw")
+    with open(disk, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    lines = []
+    try:
+        for _ in range(rounds):
+            for mode, extra in modes.items():
+                with running_server("example", *extra) as srv:
+                    lats, cpu = server_pingpong(srv.socket_path, srv.pid, 20000, 2000)
+                    lat[mode].append(median(lats) / 1000)
+                    msg_cpu[mode].append(cpu / 20000 * 1e6)
+                    if not lines and mode.startswith("on"):
+                        lines.append(srv.stderr_line("sandbox:"))
+                if "nvme" in devices:
+                    with running_server("nvme", "--backing", disk, *extra) as srv:
+                        r = trio.run(nvme_jobs, srv.socket_path, srv.pid, 64 << 20, 1.0, job, True, driver)
+                        res = r["4K randread QD1"]
+                        iops[mode].append(res.iops)
+                        io_cpu[mode].append(res.server_cpu / res.ios * 1e6)
+    finally:
+        os.unlink(disk)
+        os.rmdir(tmp)
+    rows = [[mode, median(lat[mode]), median(msg_cpu[mode]),
+             median(iops[mode]) if iops[mode] else float("nan"),
+             median(io_cpu[mode]) if io_cpu[mode] else float("nan")] for mode in modes]
+    print()
+    if lines and lines[0]:
+        print(lines[0])
+    print(table(f"What the sandbox costs per I/O (medians of {rounds} rounds, on and off alternating)",
+                ["--sandbox", "REGION_READ round trip us", "server CPU us/message",
+                 f"NVMe 4K randread QD1 IOPS ({driver} driver)", "server CPU us/IO"], rows))
 
 
 if __name__ == "__main__":

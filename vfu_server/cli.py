@@ -14,12 +14,14 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 import trio
 
 from . import registry
 from .pci.polling import DEFAULT_NICE, DEFAULT_SOCKET_POLL_US, MAX_NICE, MAX_POLL_US
+from .sandbox import MODES, SandboxError
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
 
 PROG = "vfu-server"
@@ -52,6 +54,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              f"default {DEFAULT_NICE})")
     parser.add_argument("--metrics", metavar="ADDR:PORT",
                         help="serve the device's I/O statistics for Prometheus at http://ADDR:PORT/metrics")
+    parser.add_argument("--sandbox", choices=MODES, metavar="MODE",
+                        help="confine the server once started: on (default where the kernel allows; "
+                             "given explicitly, refuse to start without it), log (report, do not "
+                             "refuse), off (debugging)")
+    parser.add_argument("--user", metavar="USER",
+                        help="when started as root: run as USER (groups, gid, uid) once started")
 
 
 def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
@@ -147,6 +155,15 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         except MigrationError as exc:
             parser.error(f"--migration-format: {exc.reason}")
     control_path = getattr(args, "control_socket", None)
+    from . import sandbox
+
+    try:
+        confinement = sandbox.configure(args.sandbox, args.user)
+    except SandboxError as exc:
+        parser.error(str(exc))
+    if confinement.mode == "off":
+        logging.getLogger("vfu_server").warning(
+            "--sandbox off: the server is not confined and can do whatever its user can")
     if not 0 <= args.socket_poll_us <= MAX_POLL_US:
         parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
     if not 0 <= args.nice <= MAX_NICE:
@@ -223,6 +240,24 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         except SocketPathError as exc:
             parser.error(f"--control-socket: {exc}")
 
+    async def confine(socket_path: str | None, control_path: str | None) -> None:
+        t0 = time.perf_counter()
+        line = await sandbox.apply(confinement, device.sandbox_needs() | sandbox_extra(), (socket_path, control_path))
+        took = (time.perf_counter() - t0) * 1000
+        sys.stderr.write(f"{PROG} {pre.device}: {line} ({took:.1f} ms)\n")
+        sys.stderr.flush()
+
+    def sandbox_extra() -> sandbox.SandboxNeeds:
+        # A server with a control socket can hand its device over, and must then be able to
+        # kill a successor that stops answering (handover's fence): no signal scoping. An
+        # abstract $NOTIFY_SOCKET (systemd) is reached through the notifier's socket.
+        extra = sandbox.SandboxNeeds()
+        if control is not None or successor is not None:
+            extra = extra | sandbox.SandboxNeeds(signal_others=True)
+        if notifier is not None and notifier.address.startswith("\0"):
+            extra = extra | sandbox.SandboxNeeds(abstract_unix=True)
+        return extra
+
     metrics_listener = None
     if args.metrics:
         if getattr(device, "iostats", None) is None:
@@ -248,7 +283,8 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
                             socket_path_to_remove=args.socket_path, control=control,
                             control_path=control_path, socket_poll_us=args.socket_poll_us,
                             successor=successor,
-                            on_stopping=notifier.stopping if notifier is not None else None)
+                            on_stopping=notifier.stopping if notifier is not None else None,
+                            before_serving=confine)
             except (DeviceStartError, HandoverRefused) as exc:
                 return exc
             finally:

@@ -32,6 +32,7 @@ and eventfds are released and the device keeps its state for the next client.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -62,6 +63,7 @@ from .protocol.errors import (
     VfioUserError,
 )
 from .protocol.negotiation import ServerOffer, Session
+from .sandbox import refusal as sandbox_refusal
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
 
@@ -91,6 +93,10 @@ DMA_REQUEST_TIMEOUT = 30.0
 #: take (digest §13, pitfall 23); a 1 MiB DMA_READ reply left the stream cut mid-message and
 #: the device waiting for the rest.
 DMA_CHUNK = 64 * 1024
+
+
+#: Control-socket clients served at once; one more gets an EBUSY line and is closed.
+MAX_CONTROL_CLIENTS = 8
 
 
 class DeviceStartError(Exception):
@@ -382,7 +388,11 @@ class Connection:
             log.log(level, "%s id=%d failed: %s (errno %d)", command_name(msg.command), msg.id, exc.message, exc.errno)
             error = exc.errno or errno.EINVAL
         else:
-            log.error("device error while handling %s id=%d", command_name(msg.command), msg.id, exc_info=exc)
+            refused = sandbox_refusal(exc)
+            if refused is not None:  # expected of a confined server: one line, no traceback
+                log.warning("%s id=%d: %s", command_name(msg.command), msg.id, refused)
+            else:
+                log.error("device error while handling %s id=%d", command_name(msg.command), msg.id, exc_info=exc)
             error = errno.EIO
         if msg.no_reply:
             return None
@@ -844,6 +854,7 @@ async def serve(
     socket_poll_us: int = 0,
     successor: Any = None,
     on_stopping: Callable[[], None] | None = None,
+    before_serving: Callable[[str | None, str | None], Awaitable[None]] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
@@ -860,6 +871,11 @@ async def serve(
     (which raises :class:`~vfu_server.handover.HandoverRefused` if that fails); this server
     then serves them. After a handover to a successor this returns normally without removing
     socket files, which now belong to the successor.
+
+    ``before_serving(socket_path, control_path)`` runs once the device is ready (and a
+    successor has taken over) and before any client is served, with the socket files this
+    server will remove at exit (the command line applies ``--sandbox`` there); an exception
+    from it is a start-up error.
     """
     import signal
 
@@ -895,6 +911,15 @@ async def serve(
                             connected = adopted.sock
                         control, control_path = taken.control, taken.control_path
                         socket_path_to_remove = taken.socket_path
+                if start_error is None and handover_error is None and before_serving is not None:
+                    try:
+                        await before_serving(socket_path_to_remove, control_path)
+                    except Exception as exc:
+                        if successor is None:
+                            start_error = exc
+                            device_tasks.cancel_scope.cancel()
+                        else:  # the predecessor is gone: the device has no other server now
+                            log.error("%s; serving the taken-over device anyway", exc)
                 if start_error is None and handover_error is None:
                     if control is not None:
                         device_tasks.start_soon(serve_control, device, control, HandoverHost(
@@ -1037,7 +1062,23 @@ async def serve_control(device: PciDevice, listener: trio.socket.SocketType,
                     except trio.BrokenResourceError:
                         return
 
+    clients = 0
+
+    async def counted(sock: trio.socket.SocketType) -> None:
+        nonlocal clients
+        clients += 1
+        try:
+            await one(sock)
+        finally:
+            clients -= 1
+
     async with trio.open_nursery() as nursery:
         while True:
             sock, _ = await listener.accept()
-            nursery.start_soon(one, sock)
+            if clients >= MAX_CONTROL_CLIENTS:
+                # Each client may hold a line buffer of up to 1 MiB: their number is bounded too.
+                with contextlib.suppress(OSError), trio.move_on_after(1):
+                    await sock.send(b'{"ok": false, "errno": 16, "error": "EBUSY", "reason": "too many control clients"}\n')
+                sock.close()
+                continue
+            nursery.start_soon(counted, sock)

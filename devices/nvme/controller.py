@@ -61,6 +61,7 @@ from vfu_server.iostats import (
 from vfu_server.pci.polling import DEFAULT_POLL_US, MAX_POLL_US, AdaptivePoll
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import DmaError
+from vfu_server.sandbox import SandboxNeeds
 
 from ..fastio import load_module_async as load_fastio
 from . import identify
@@ -306,6 +307,9 @@ class NvmeController(PciDevice):
         d = super().describe()
         d["namespaces"] = [ns.backend.describe() for ns in self.namespaces.values()]
         return d
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        return SandboxNeeds.union(ns.backend.sandbox_needs() for ns in self.namespaces.values())
 
     # -- lifecycle ------------------------------------------------------------------------------
 

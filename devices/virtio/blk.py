@@ -45,6 +45,7 @@ from vfu_server.iostats import (
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
+from vfu_server.sandbox import SandboxNeeds
 
 from ..fastio import RegionTable, backend_fast_io
 from ..fastio import load_module_async as load_fastio
@@ -258,6 +259,9 @@ class VirtioBlk(VirtioPciDevice):
         self.log.warning("power cut: %d bytes of volatile cache lost, %d kept", result["lost_bytes"],
                          result["kept_bytes"])
         return result
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        return self.backend.sandbox_needs() if self.backend is not None else SandboxNeeds()
 
     # -- configuration ---------------------------------------------------------------------
 

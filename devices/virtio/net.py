@@ -38,6 +38,7 @@ from vfu_server.faults import FaultDomain, FaultSet, Rule, flip_bits
 from vfu_server.iostats import IoStats, QueueStats
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
+from vfu_server.sandbox import SandboxNeeds
 
 from .netbackend import NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
@@ -191,6 +192,9 @@ class VirtioNet(VirtioPciDevice):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": self.backend.describe(), "mac": self.mac.hex(":")}
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        return self.backend.sandbox_needs()
 
     # -- configuration -----------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import trio
 
+from vfu_server.sandbox import SandboxNeeds
+
 Deliver = Callable[[bytes], Awaitable[None]]
 Link = Callable[[bool], None]
 
@@ -93,6 +95,11 @@ class NetBackend:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the backend still opens once the server is confined: nothing for a TAP,
+        whose descriptor is open before."""
+        return SandboxNeeds()
 
 
 class TapBackend(NetBackend):
@@ -329,3 +336,7 @@ class SocketBackend(NetBackend):
 
     def describe(self) -> str:
         return f"{'listen' if self.listen else 'peer'}:{self.path}"
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        # Listening: the socket file is removed at exit. Connecting: a new socket per peer.
+        return SandboxNeeds.removes(self.path) if self.listen else SandboxNeeds.unix_connect()

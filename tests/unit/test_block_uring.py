@@ -151,6 +151,23 @@ async def test_errors_and_read_only(tmp_path: Path) -> None:
         await b2.readv(0, [memoryview(bytearray(512))])  # closed
 
 
+IORING_OP_OPENAT, IORING_OP_SOCKET = 18, 45
+
+
+@needs_uring
+async def test_the_ring_runs_only_the_operations_the_backend_uses(tmp_path: Path) -> None:
+    """Seccomp does not see a ring's operations: the ring itself refuses everything else."""
+    path = tmp_path / "r.raw"
+    async with UringFileBackend(path, size=MiB) as b:
+        ring = b._ring
+        assert ring is not None
+        for op in (IORING_OP_SOCKET, IORING_OP_OPENAT):
+            assert await b._run(op, -1, [], 0, 0, False) == -errno.EACCES
+        assert await b._run(ring.lib.VFU_OP_NOP, -1, [], 0, 0, False) == 0
+        await b.writev(0, [memoryview(pattern(4096))])
+        assert await read(b, 0, 4096) == pattern(4096)
+
+
 @needs_uring
 async def test_reads_past_eof_of_shrunk_file_are_zero(tmp_path: Path) -> None:
     path = tmp_path / "s.raw"

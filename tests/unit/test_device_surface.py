@@ -18,7 +18,7 @@ AUTHOR_SURFACE = {
     "migration_arc",
     "migration_profile",
     "handover_refusal", "decode_device_abi", "handover_export", "handover_adopt",
-    "handover_released", "migration_imports",
+    "handover_released", "migration_imports", "sandbox_needs",
     # services
     "name", "spawn", "interrupt", "set_intx", "request_reset", "bus_master", "pci_state",
     "load_pci_state",

@@ -8,6 +8,11 @@ time (a packager can build ``HELPER.make_builder()`` instead).
 The C part is deliberately small: set the ring up (with the completion eventfd registered), fill
 one SQE, publish pending SQEs and enter the kernel, copy CQEs out. Everything with policy --
 batching, waiting, errors, fallbacks -- is Python.
+
+The ring is restricted before it is enabled (``IORING_REGISTER_RESTRICTIONS``, Linux 5.10+): it
+runs NOP, READV, WRITEV and FSYNC without SQE flags and takes no more registrations. Seccomp
+does not see what a ring does, so under ``--sandbox`` an unrestricted ring would be a way
+around the filter (IORING_OP_SOCKET, CONNECT, OPENAT, ...) for code that got hold of it.
 """
 
 from __future__ import annotations
@@ -99,6 +104,23 @@ void vfu_ring_close(struct vfu_ring *r)
     r->fd = -1;
 }
 
+/* Only what the backend submits, and no registrations once enabled (see the module docstring). */
+static int restrict_ring(int fd)
+{
+    static const uint8_t ops[] = {IORING_OP_NOP, IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC};
+    struct io_uring_restriction res[sizeof ops];
+    unsigned i;
+
+    memset(res, 0, sizeof res);
+    for (i = 0; i < sizeof ops; i++) {
+        res[i].opcode = IORING_RESTRICTION_SQE_OP;
+        res[i].sqe_op = ops[i];
+    }
+    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_RESTRICTIONS, res, sizeof ops) < 0)
+        return -1;
+    return (int)syscall(__NR_io_uring_register, fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+}
+
 int vfu_ring_setup(struct vfu_ring *r, unsigned entries, int eventfd)
 {
     struct io_uring_params p;
@@ -107,6 +129,7 @@ int vfu_ring_setup(struct vfu_ring *r, unsigned entries, int eventfd)
 
     memset(r, 0, sizeof *r);
     memset(&p, 0, sizeof p);
+    p.flags = IORING_SETUP_R_DISABLED;
     r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
     if (r->fd < 0) {
         err = errno;
@@ -157,6 +180,8 @@ int vfu_ring_setup(struct vfu_ring *r, unsigned entries, int eventfd)
         if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_EVENTFD, &efd, 1) < 0)
             goto fail;
     }
+    if (restrict_ring(r->fd) < 0)
+        goto fail;
     return 0;
 fail:
     err = errno;

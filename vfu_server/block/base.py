@@ -11,6 +11,7 @@ import abc
 from collections.abc import Sequence
 from typing import Any, Self
 
+from ..sandbox import SandboxNeeds
 from .errors import BlockRangeError, BlockReadOnlyError
 
 __all__ = ["BlockBackend", "byte_views", "iov_length", "iov_slice"]
@@ -52,6 +53,11 @@ class BlockBackend(abc.ABC):
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every write that has completed so far durable."""
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the backend still opens once the server is confined (``--sandbox``): nothing
+        for a file or RAM, whose descriptors are open before."""
+        return SandboxNeeds()
 
     @abc.abstractmethod
     async def discard(self, offset: int, length: int) -> None:

@@ -50,6 +50,7 @@ from ..protocol.constants import (
     PciRegion,
 )
 from ..protocol.messages import RegionInfo
+from ..sandbox import SandboxNeeds
 from .bar import Bar, BarBacking
 from .capabilities import Capability, Msi, Msix
 from .config import CMD_MASTER, ConfigSpace, PciIdentity
@@ -184,6 +185,12 @@ class PciDevice:
 
     async def shutdown(self) -> None:
         """The server is exiting: finish in-flight work and flush backends."""
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What the device still does once started beyond serving its client (``--sandbox``):
+        sockets it opens again (a backend that reconnects), files it reads or removes.
+        Called after :meth:`run` reported ready. None by default."""
+        return SandboxNeeds()
 
     def client_connected(self) -> None:
         """A client negotiated a session."""
@@ -414,7 +421,7 @@ _OVERRIDABLE = (
     "client_disconnected", "describe", "rom_bytes", "quiesce", "resume", "save_state",
     "load_state", "reset_state", "migration_arc", "migration_profile", "handover_refusal",
     "decode_device_abi", "handover_export", "handover_adopt", "handover_released", "fault_domain",
-    "power_cut", "migration_imports",
+    "power_cut", "migration_imports", "sandbox_needs",
 )
 
 

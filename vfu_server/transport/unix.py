@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
@@ -70,12 +70,18 @@ def inherited_socket(fd: int) -> tuple[trio.socket.SocketType, bool]:
 
 
 def remove_socket(path: str | None) -> None:
+    """Remove the socket file at exit; a failure (a --user that may not write the directory)
+    is a warning, never a crash on the way out."""
     if path is None:
         return
-    with contextlib.suppress(FileNotFoundError):
+    try:
         st = os.lstat(path)
         if stat.S_ISSOCK(st.st_mode):
             os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logging.getLogger("vfu_server").warning("cannot remove socket %s: %s", path, exc.strerror)
 
 
 def is_disconnect(exc: OSError) -> bool:
