@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import struct
 import time
@@ -182,6 +183,9 @@ class NvmeController(PciDevice):
         self._disable_seen = False
         #: OCP Error Injection entries as the host set them, with the rule each became (.ocp)
         self.ocp_injections: list[tuple[bytes, int | None]] = []
+        #: why the last quiesce could not make the namespaces' writes visible to another
+        #: client of their storage (None: it did): a live handover is refused then
+        self._writes_not_visible: str | None = None
         if not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
         #: the longest an I/O SQ that ran dry polls its shadow doorbell (0: never), see
@@ -373,10 +377,12 @@ class NvmeController(PciDevice):
         Outstanding AERs stay outstanding: they are state (AER record).
 
         Commands a fault rule delays or hangs run now (a command held until the reset after a
-        ``fatal`` or ``reset`` rule is dropped), and what a volatile cache (--volatile-cache)
-        holds is written back to the backend: a live handover's successor, or a migration's
-        destination on shared storage, reads the backend and must see every write the guest
-        saw complete (docs/faults.md)."""
+        ``fatal`` or ``reset`` rule is dropped), then every write the guest saw complete is
+        made visible to another client of the backend (``make_writes_visible``: what a
+        volatile cache, --volatile-cache, holds is written back, an NBD export is flushed): a
+        live handover's successor, or a migration's destination on shared storage, opens the
+        backend anew and must read them (docs/faults.md, docs/handover.md). If that fails,
+        a handover is refused (:meth:`handover_export`)."""
         self._paused = True
         if self._resumed.is_set():
             self._resumed = trio.Event()
@@ -399,12 +405,13 @@ class NvmeController(PciDevice):
             self.sq_rt.clear()
             self._frozen = True
             self._flush_interrupts()
+            self._writes_not_visible = None
             for ns in self.namespaces.values():
-                if isinstance(ns.backend, VolatileCache):
-                    try:
-                        await ns.backend.write_back()
-                    except BlockError as exc:  # still cached: a handover refuses (_uncached)
-                        log.error("namespace %d: writing back the volatile cache failed: %s", ns.nsid, exc)
+                try:
+                    await ns.backend.make_writes_visible()
+                except BlockError as exc:
+                    log.error("namespace %d: making its writes visible to other clients failed: %s", ns.nsid, exc)
+                    self._writes_not_visible = f"namespace {ns.nsid}: {exc}"
 
     def resume(self) -> None:
         """Running again (after a load, a cancelled migration or a reset): fetch from every SQ
@@ -452,6 +459,11 @@ class NvmeController(PciDevice):
         return [ns.backend for _, ns in sorted(self.namespaces.items())]
 
     def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        if self._writes_not_visible is not None:
+            from vfu_server.handover import HandoverError
+
+            raise HandoverError(errno.EIO, "the successor might not read every write the guest saw complete: "
+                                           + self._writes_not_visible)
         return export_ram_disks(self._backends())
 
     def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:

@@ -134,6 +134,9 @@ class VirtioBlk(VirtioPciDevice):
         self.volatile_cache = volatile_cache
         if self.backend is not None:
             self.backend = self._cached(self.backend)
+        #: why the last quiesce could not make the backend's writes visible to another client
+        #: of its storage (None: it did): a live handover is refused then
+        self._writes_not_visible: str | None = None
 
     # -- command line --------------------------------------------------------------------
 
@@ -190,6 +193,11 @@ class VirtioBlk(VirtioPciDevice):
             await trio.sleep_forever()
 
     def handover_export(self) -> tuple[dict[str, Any], list[int]]:
+        if self._writes_not_visible is not None:
+            from vfu_server.handover import HandoverError
+
+            raise HandoverError(errno.EIO, "the successor might not read every write the guest saw complete: "
+                                           + self._writes_not_visible)
         return export_ram_disks([self.backend])
 
     def handover_adopt(self, data: dict[str, Any], fds: list[int]) -> None:
@@ -216,15 +224,19 @@ class VirtioBlk(VirtioPciDevice):
             scope.cancel()
 
     async def quiesce(self) -> None:
-        """Migration or live handover: after the requests in flight, what a volatile cache
-        holds goes to the backend, where the successor (or a destination on shared storage)
-        reads it: a write the guest saw complete is never left behind."""
+        """Migration or live handover: after the requests in flight, every write the guest saw
+        complete is made visible to another client of the backend (``make_writes_visible``:
+        what a volatile cache holds goes to the backend, an NBD export is flushed), where the
+        successor (or a destination on shared storage) reads it: a write the guest saw
+        complete is never left behind. If that fails, a handover is refused."""
         await super().quiesce()
-        if isinstance(self.backend, VolatileCache):
+        self._writes_not_visible = None
+        if self.backend is not None:
             try:
-                await self.backend.write_back()
-            except BlockError as exc:  # still cached: a handover refuses (_uncached)
-                self.log.error("writing back the volatile cache failed: %s", exc)
+                await self.backend.make_writes_visible()
+            except BlockError as exc:
+                self.log.error("making the backend's writes visible to other clients failed: %s", exc)
+                self._writes_not_visible = str(exc)
 
     async def _hold(self, rule: Rule, seconds: float | None) -> bool:
         """Wait out a rule's delay (``seconds``), its removal (hang, ``seconds`` None), or

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -634,3 +635,182 @@ async def test_a_device_on_nbd_exits_promptly_on_sigterm_and_after_a_handover(sh
         for lba, data in written.items():
             f.seek(lba * 512)
             assert f.read(len(data)) == data, f"acknowledged write at LBA {lba} is not in the image"
+
+
+# -- a handover makes the predecessor's writes visible to the successor's connection -----------
+
+HERE = Path(__file__).resolve().parent
+
+
+def per_connection_cache(tmp: Path, *extra: str) -> tuple[Server, Path]:
+    """nbdkit on nbd_per_connection_cache.py: no multi-conn, and each connection's writes
+    reach the image (and the other connections) only when it flushes or leaves. The second
+    value is the plugin's call log (``METHOD HANDLE ...`` lines)."""
+    image, log = tmp / "pc.img", tmp / "pc.log"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    srv = nbdkit(tmp, "sh", str(HERE / "nbd_per_connection_cache.py"), f"image={image}", f"log={log}",
+                 *extra, name="pc")
+    srv.image = image
+    return srv, log
+
+
+def connection_calls(log: Path) -> tuple[list[str], list[list[str]]]:
+    """The handles in the order their connections opened, and every call as its words."""
+    calls = [line.split() for line in log.read_text().splitlines()]
+    return [c[1] for c in calls if c[0] == "open"], calls
+
+
+def first(calls: list[list[str]], handle: str, methods: tuple[str, ...]) -> int:
+    return next((i for i, c in enumerate(calls) if c[0] in methods and c[1] == handle), len(calls))
+
+
+class BlkDevice:
+    """The two block devices behind one small driver interface: write, read (bytes at LBA)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    async def start(self, client: object, ram: object) -> None:
+        if self.kind == "nvme":
+            from vfu_server.testing.nvme import NvmeTestDriver
+
+            self.drv = NvmeTestDriver(client, ram)  # type: ignore[arg-type]
+            await self.drv.start()
+            await self.drv.create_io_queue_pair(1)
+        else:
+            from vfu_server.testing.virtio import init_device
+
+            await client.dma_map(ram)  # type: ignore[attr-defined]
+            _dev, (self.q,) = await init_device(client, ram, queues=(0,), size=16, slot_size=16384)  # type: ignore[arg-type]
+
+    async def write(self, lba: int, data: bytes) -> None:
+        if self.kind == "nvme":
+            await self.drv.write(1, lba, data)
+            return
+        req = self.q.add([struct.pack("<IIQ", 1, 0, lba), data], [1])
+        await self.q.kick()
+        (got,) = await self.q.wait_used(1, timeout=30)
+        assert got.head == req.head and got.data(0)[0] == 0, f"write at LBA {lba} failed"
+
+    async def read(self, lba: int, length: int) -> bytes:
+        if self.kind == "nvme":
+            return await self.drv.read(1, lba, length)
+        req = self.q.add([struct.pack("<IIQ", 0, 0, lba)], [length, 1])
+        await self.q.kick()
+        (got,) = await self.q.wait_used(1, timeout=30)
+        assert got.head == req.head and got.data(1)[0] == 0, f"read at LBA {lba} failed"
+        return bytes(got.data(0))
+
+
+@pytest.mark.parametrize("device", ["nvme", "virtio-blk"])
+async def test_handover_flushes_before_the_successor_reads_on_a_server_without_multi_conn(
+        short_tmp: Path, device: str) -> None:
+    """A server without multi-conn may keep each connection's writes from the others until it
+    flushes. The predecessor flushes when it quiesces for the handover, before it sends the
+    state, so the successor's own connection reads every write the guest saw complete, at
+    once (not only once the predecessor has closed its connection, after the commit). The
+    plugin delays each flush by 2 s: a flush left to the predecessor's close would still be
+    on its way when the successor reads."""
+    from vfu_server.client import Client, GuestRam
+    from vfu_server.testing import running_server
+    from vfu_server.testing.handover import start_successor
+
+    srv, log = per_connection_cache(short_tmp, "flush_delay=2")
+    ctl = str(short_tmp / "ctl")
+    written = {i * 64: pattern(8192, seed=i) for i in range(6)}
+    successor = None
+    try:
+        with trio.fail_after(120), GuestRam(16 << 20) as ram:
+            async with running_server(device, "--control-socket", ctl, "--backing", srv.uri) as pred, \
+                    await Client.connect(pred.socket_path) as client:
+                blk = BlkDevice(device)
+                await blk.start(client, ram)
+                for lba, data in written.items():
+                    await blk.write(lba, data)
+                successor = await start_successor(device, ctl, "--backing", srv.uri)
+                # Read through the successor at once: the predecessor may still be on its way out.
+                for lba, data in written.items():
+                    assert await blk.read(lba, len(data)) == data, f"the successor read stale data at LBA {lba}"
+                with trio.move_on_after(30):
+                    await pred.process.wait()
+                assert pred.process.returncode == 0, pred.stderr()[-3000:]
+        handles, calls = connection_calls(log)
+        assert len(handles) == 2, f"one connection each without multi-conn, got {handles}"
+        theirs, ours = handles
+        flushed = first(calls, theirs, ("flush",))
+        assert flushed < len(calls) and int(calls[flushed][2]) > 0, "the predecessor's writes were never flushed"
+        assert flushed < first(calls, ours, ("pread", "pwrite")), \
+            "the successor used its connection before the predecessor flushed:\n" + log.read_text()
+        assert "Traceback" not in pred.stderr() + successor.stderr()
+    finally:
+        if successor is not None:
+            await successor.terminate()
+        srv.kill()
+
+
+async def test_handover_is_refused_when_the_flush_fails(short_tmp: Path) -> None:
+    """A flush that fails at the handover's quiesce refuses the handover: the predecessor
+    rolls back and goes on serving, with every acknowledged write; once flushes work again,
+    the next handover goes through and the successor reads them all."""
+    from vfu_server.client import Client, GuestRam
+    from vfu_server.testing import running_server
+    from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
+    from vfu_server.testing.nvme import NvmeTestDriver
+
+    failing = short_tmp / "flushes-fail"
+    srv, _log = per_connection_cache(short_tmp, f"flush_fails_if={failing}")
+    ctl = str(short_tmp / "ctl")
+    successor = None
+    try:
+        with trio.fail_after(120), GuestRam(16 << 20) as ram:
+            async with running_server("nvme", "--control-socket", ctl, "--backing", srv.uri) as pred, \
+                    await Client.connect(pred.socket_path) as client:
+                drv = NvmeTestDriver(client, ram)
+                await drv.start()
+                await drv.create_io_queue_pair(1)
+                await drv.write(1, 8, pattern(4096))
+                failing.touch()
+                with pytest.raises(ServerStartFailed) as info:
+                    await start_successor("nvme", ctl, "--backing", srv.uri)
+                last = info.value.stderr.strip().splitlines()[-1]
+                assert "handover refused" in last and "might not read every write" in last, last
+                assert pred.process.returncode is None
+                assert await drv.read(1, 8, 4096) == pattern(4096)
+                await drv.write(1, 16, pattern(4096, seed=9))
+                failing.unlink()
+                successor = await hand_over(pred, ctl, "--backing", srv.uri)
+                assert await drv.read(1, 8, 4096) == pattern(4096)
+                assert await drv.read(1, 16, 4096) == pattern(4096, seed=9)
+    finally:
+        if successor is not None:
+            await successor.terminate()
+        srv.kill()
+
+
+async def test_make_writes_visible_flushes_only_after_a_write(short_tmp: Path) -> None:
+    """NbdBackend.make_writes_visible: a flush when a write, zeroing or trim ended since the
+    last flush, none otherwise (a successor's quiesce, a snapshot of an idle device)."""
+    srv, log = per_connection_cache(short_tmp)
+    try:
+        with trio.fail_after(60):
+            async with NbdBackend.open(srv.uri) as b:
+                assert b.connections == 1  # no multi-conn
+
+                def flushes() -> int:
+                    return sum(c[0] == "flush" for c in connection_calls(log)[1])
+
+                await b.make_writes_visible()
+                assert flushes() == 0
+                await b.writev(0, [memoryview(pattern(4096))])
+                await b.make_writes_visible()
+                assert flushes() == 1
+                await b.make_writes_visible()
+                await read(b, 0, 4096)
+                await b.make_writes_visible()
+                assert flushes() == 1
+                await b.write_zeroes(8192, 4096)
+                await b.make_writes_visible()
+                assert flushes() == 2
+    finally:
+        srv.kill()

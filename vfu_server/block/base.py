@@ -54,6 +54,17 @@ class BlockBackend(abc.ABC):
     async def flush(self) -> None:
         """Make every write that has completed so far durable."""
 
+    async def make_writes_visible(self) -> None:
+        """Make every write that has completed so far visible to *another client* of the same
+        storage: a live handover's successor, or a migration's destination on shared storage,
+        which open it anew while this process still holds it. Devices call it when they
+        quiesce, once nothing is in flight. Raises :class:`BlockIOError` when it cannot (a
+        handover is then refused).
+
+        Nothing to do by default: a file's other openers share its page cache, and a RAM
+        disk's memfd itself moves. An NBD export needs a flush (:class:`NbdBackend`)."""
+        return None
+
     def sandbox_needs(self) -> SandboxNeeds:
         """What the backend still opens once the server is confined (``--sandbox``): nothing
         for a file or RAM, whose descriptors are open before."""

@@ -163,12 +163,19 @@ class VolatileCache(BlockBackend):
 
     async def write_back(self) -> None:
         """Write everything cached to the backend, without flushing the backend: the data is
-        then where another process opening the backend sees it (a migration's or a live
-        handover's quiesce), though no more durable than an uncached write."""
+        then no more durable than an uncached write (see :meth:`make_writes_visible`)."""
         async with self._lock:
             if self._dirty:
                 moving, self._dirty = self._dirty, {}
                 await self._write_back(moving)
+
+    async def make_writes_visible(self) -> None:
+        """A migration's or a live handover's quiesce: what is cached goes to the backend
+        (not flushed, so it is no more durable than an uncached write), then the backend makes
+        it visible to other clients (an NBD flush). On an error what was not written back
+        stays cached."""
+        await self.write_back()
+        await self.inner.make_writes_visible()
 
     async def _evict(self) -> None:
         """Over the limit: write the oldest half back (not flushed), as a full cache must."""

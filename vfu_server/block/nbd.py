@@ -23,6 +23,12 @@ guest's views only once they succeeded, and writes send a copy: a cancelled requ
 never write into guest memory the device has handed back, and an in-flight command never
 keeps DMA_UNMAP from closing a mapping. (The copy is about 1 us per 4 KiB here.)
 
+Other clients: a live handover's successor opens connections of its own while this one is
+still connected. A write's reply does not make it visible there; a flush does (with
+multi-conn, by the protocol's promise; without, it is what empties a per-connection cache), so
+:meth:`NbdBackend.make_writes_visible` flushes when the device quiesces, before the state is
+taken.
+
 Failure: a server that goes away fails every command in flight on that connection and every
 later one with :class:`BlockIOError` (EIO or libnbd's errno); a write is reported done only
 when the server acknowledged it. Nothing raises into the device's nursery.
@@ -315,6 +321,10 @@ class NbdBackend(BlockBackend):
         self.can_trim = bool(first.can_trim())
         self._next = 0
         self._closed = False
+        #: modifying commands (write, zero, trim) that have ended, successfully or not
+        self._writes_ended = 0
+        #: how many of them the last successful flush covers (those ended when it was sent)
+        self._writes_flushed = 0
 
     # -- construction --------------------------------------------------------------------------
 
@@ -387,6 +397,14 @@ class NbdBackend(BlockBackend):
         op = conn.issue(lambda cb: start(conn.h, cb))
         await conn.wait(op)
 
+    async def _run_write(self, start: Callable[[Any, Callable[[Any], int]], Any]) -> None:
+        """:meth:`_run` for a command that modifies the export: counted once it ended (a
+        failed one may have written part of its range), for :meth:`make_writes_visible`."""
+        try:
+            await self._run(start)
+        finally:
+            self._writes_ended += 1
+
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         views = byte_views(bufs)
         length = iov_length(views)
@@ -410,7 +428,7 @@ class NbdBackend(BlockBackend):
         while pos < length:
             n = min(length - pos, self.max_payload)
             chunk = data[pos : pos + n] if n != length else data
-            await self._run(lambda h, cb, o=offset + pos, c=chunk: h.aio_pwrite(c, o, completion=cb, flags=flags))
+            await self._run_write(lambda h, cb, o=offset + pos, c=chunk: h.aio_pwrite(c, o, completion=cb, flags=flags))
             pos += n
         if fua and not self.can_fua:
             await self.flush()
@@ -420,7 +438,24 @@ class NbdBackend(BlockBackend):
             self._conn()  # raises when no connection is left
             return
         # With multi-conn, a flush on one connection covers writes completed on every one.
+        covered = self._writes_ended
         await self._run(lambda h, cb: h.aio_flush(completion=cb))
+        self._writes_flushed = max(self._writes_flushed, covered)
+
+    async def make_writes_visible(self) -> None:
+        """A flush, when a write ended since the last one. A write's reply alone does not make
+        it visible on another connection (a successor's): with multi-conn
+        (NBD_FLAG_CAN_MULTI_CONN) the NBD protocol makes the effects of a flush visible on
+        every connection once its reply came; without multi-conn it promises nothing across
+        connections (the server may cache per connection), and a flush is still what puts
+        this connection's writes where the others read. A server that offers no flush has no
+        cache to empty: nothing to do. Raises when the flush fails or no connection is left."""
+        if self.read_only or self._writes_ended == self._writes_flushed:
+            return
+        if not self.can_flush:
+            self._writes_flushed = self._writes_ended
+            return
+        await self.flush()
 
     async def _zero(self, offset: int, length: int, *, punch: bool) -> None:
         self._check_writable()
@@ -429,7 +464,7 @@ class NbdBackend(BlockBackend):
         while length:
             n = min(length, _MAX_LENGTH_ONLY if self.can_zero else self.max_payload)
             if self.can_zero:
-                await self._run(lambda h, cb, o=offset, n=n: h.aio_zero(n, o, completion=cb, flags=flags))
+                await self._run_write(lambda h, cb, o=offset, n=n: h.aio_zero(n, o, completion=cb, flags=flags))
             else:
                 await self.writev(offset, [memoryview(bytes(n))])
             offset += n
@@ -448,7 +483,7 @@ class NbdBackend(BlockBackend):
         self._check_writable()
         self._check_range(offset, length)
         if self.can_trim:
-            await self._run(lambda h, cb: h.aio_trim(length, offset, completion=cb))
+            await self._run_write(lambda h, cb: h.aio_trim(length, offset, completion=cb))
 
     @property
     def connected(self) -> bool:
