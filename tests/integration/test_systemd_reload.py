@@ -8,11 +8,10 @@ import os
 import signal
 
 import trio
+from test_systemd import NotifySocket
 
 from vfu_server.client import Client
 from vfu_server.testing import running_server
-
-from test_systemd import NotifySocket
 
 
 def alive(pid: int) -> bool:
