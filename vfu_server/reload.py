@@ -33,13 +33,14 @@ from typing import Any
 
 import trio
 
+from . import _reload_launcher
+from ._reload_launcher import LAUNCHER_FD_ENV, STATUS_FD_ENV, SUCCESSOR_TIMEOUT
+
+__all__ = ["SUCCESSOR_TIMEOUT", "Reloader", "report", "successor_argv", "successor_env", "take_status_fd"]
+
 log = logging.getLogger("vfu_server.reload")
 
-STATUS_FD_ENV = "VFU_RELOAD_STATUS_FD"
-LAUNCHER_FD_ENV = "VFU_RELOAD_LAUNCHER_FD"
 TEST_ARGS_ENV = "VFU_RELOAD_TEST_ARGS"
-#: how long the launcher waits for a successor's word
-SUCCESSOR_TIMEOUT = 120.0
 
 #: options naming where the server listens: the successor takes its sockets over instead
 _SOCKET_OPTIONS = ("--socket-path", "--fd", "--take-over", "--control-socket")
@@ -124,7 +125,8 @@ class Reloader:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = successor_env()
         env[LAUNCHER_FD_ENV] = str(theirs.fileno())
-        self.launcher = subprocess.Popen([sys.executable, "-m", "vfu_server.reload"], env=env,
+        # -I: the launcher needs the standard library only (and no module of this directory).
+        self.launcher = subprocess.Popen([sys.executable, "-I", _reload_launcher.__file__], env=env,
                                          stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                                          start_new_session=True)
         theirs.close()
@@ -178,65 +180,3 @@ class Reloader:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
-
-
-# -- the launcher -----------------------------------------------------------------------------------
-
-
-def _launch(request: dict[str, Any]) -> dict[str, Any]:
-    r, w = os.pipe()
-    env = dict(request["env"])
-    env[STATUS_FD_ENV] = str(w)
-    try:
-        proc = subprocess.Popen(request["argv"], env=env, stdin=subprocess.DEVNULL, pass_fds=(w,),
-                                start_new_session=True)
-    except OSError as exc:
-        os.close(r)
-        os.close(w)
-        return {"ok": False, "reason": f"cannot start the successor: {exc}"}
-    os.close(w)
-    data = b""
-    deadline = time.monotonic() + SUCCESSOR_TIMEOUT
-    with os.fdopen(r, "rb", buffering=0) as status:
-        import select
-
-        while b"\n" not in data and time.monotonic() < deadline:
-            ready, _, _ = select.select([status], [], [], 1.0)
-            if ready:
-                chunk = status.read(4096)
-                if not chunk:
-                    break
-                data += chunk
-    line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
-    if line == "ready":
-        return {"ok": True, "pid": proc.pid}
-    try:
-        rc = proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
-        line = line or f"no word from it in {SUCCESSOR_TIMEOUT:.0f} s; killed"
-    if line.startswith("failed: "):
-        line = line[len("failed: "):]
-    return {"ok": False, "reason": line or f"it exited with code {rc} without saying why"}
-
-
-def launcher_main() -> int:
-    sock = socket.socket(fileno=int(os.environ.pop(LAUNCHER_FD_ENV)))
-    buf = b""
-    while True:
-        while b"\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return 0  # the server ended
-            buf += chunk
-        line, buf = buf.split(b"\n", 1)
-        reply = _launch(json.loads(line))
-        try:
-            sock.sendall((json.dumps(reply) + "\n").encode())
-        except OSError:
-            return 0
-
-
-if __name__ == "__main__":
-    sys.exit(launcher_main())
