@@ -5,10 +5,14 @@ Notifications go to a datagram socket the test owns (as systemd's would)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
+import pytest
 import trio
-from test_systemd import NotifySocket
+from test_systemd import REPO, NotifySocket
 
 from vfu_server.client import Client
 from vfu_server.testing import running_server
@@ -125,3 +129,46 @@ async def test_sighup_without_a_control_socket_does_nothing(tmp_path):
             assert not any("RELOADING" in m for m in notify.drain())
             assert srv.process.returncode is None
         assert srv.process.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate (Debian's systemd package) is not installed")
+async def test_a_socket_activated_server_reloads_and_its_successor_keeps_the_sockets(tmp_path):
+    """The service's own shape: both sockets from systemd, no socket options on the command line;
+    the successor takes over from the control socket's path and gets no LISTEN_* variables."""
+    sock, ctl = str(tmp_path / "nvme.sock"), str(tmp_path / "nvme.ctl")
+    notify = await NotifySocket(tmp_path / "notify").bind()
+    cmd = ["systemd-socket-activate", "-l", sock, "-l", ctl, "--fdname=vfio-user:control",
+           "-E", f"NOTIFY_SOCKET={notify.path}", "-E", f"PYTHONPATH={REPO}",
+           sys.executable, "-m", "vfu_server", "nvme", "--size", "16M"]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                                env={**os.environ, "PYTHONPATH": REPO})
+    new_pid = None
+    try:
+        with trio.fail_after(120):
+            while not (os.path.exists(sock) and os.path.exists(ctl)):
+                await trio.sleep(0.05)
+            async with await Client.connect(sock) as dev:
+                first = await dev.config_read(0, 4)
+                await notify.until("READY")
+                proc.send_signal(signal.SIGHUP)
+                await notify.until("RELOADING")
+                ready = await notify.until("READY")
+                new_pid = int(ready["MAINPID"])
+                assert new_pid != proc.pid, ready
+                assert await proc.wait() == 0
+                assert await dev.config_read(0, 4) == first
+            os.kill(new_pid, signal.SIGTERM)
+            await wait_gone(new_pid)
+        # The sockets belong to the service manager: neither server removed them.
+        assert os.path.exists(sock) and os.path.exists(ctl)
+    except BaseException as exc:
+        exc.add_note((tmp_path / "stderr").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if new_pid is not None and alive(new_pid):
+            os.kill(new_pid, signal.SIGKILL)
