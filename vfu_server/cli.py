@@ -6,6 +6,9 @@ on stdout once clients can connect. Bad arguments: one line on stderr, exit code
 ``vfu-server DEVICE --take-over CTL [options]`` takes a running device over from the server
 whose control socket is CTL, client included (docs/handover.md); it prints ``listening on
 PATH`` once it serves, or ``vfu-server: handover refused: REASON`` and exits 1.
+
+SIGHUP (``systemctl reload``): a server with a control socket starts such a successor itself,
+with its own options (vfu_server/reload.py); without one, SIGHUP is logged and ignored.
 """
 
 from __future__ import annotations
