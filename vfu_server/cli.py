@@ -6,6 +6,9 @@ on stdout once clients can connect. Bad arguments: one line on stderr, exit code
 ``vfu-server DEVICE --take-over CTL [options]`` takes a running device over from the server
 whose control socket is CTL, client included (docs/handover.md); it prints ``listening on
 PATH`` once it serves, or ``vfu-server: handover refused: REASON`` and exits 1.
+
+SIGHUP (``systemctl reload``): a server with a control socket starts such a successor itself,
+with its own options (vfu_server/reload.py); without one, SIGHUP is logged and ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import registry
+from . import registry, reload
 from .pci.polling import DEFAULT_NICE, DEFAULT_SOCKET_POLL_US, MAX_NICE, MAX_POLL_US
 from .sandbox import MODES, SandboxError
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
@@ -30,6 +33,7 @@ PROG = "vfu-server"
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
+        reload.report(f"failed: {self.prog}: error: {message}")
         raise SystemExit(2)
 
 
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     """``successor_class``: the :class:`vfu_server.handover.Successor` subclass ``--take-over``
     uses (tests give one that damages the stream or stalls)."""
     argv = sys.argv[1:] if argv is None else argv
+    reload.take_status_fd()
     if argv[:1] == ["top"]:
         from . import top
 
@@ -219,6 +224,11 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             taken = successor.taken
             path = taken.socket_path if taken is not None else None
             print(f"listening on {path or 'the handed-over socket'}", flush=True)
+            if notifier is not None:
+                # This process is the service's main process now (NotifyAccess=all lets a
+                # successor started by `systemctl reload` say so).
+                notifier.ready(f"serving {pre.device} (taken over)")
+            reload.report("ready")
             return
         print(f"listening on {where}", flush=True)
         if notifier is not None:
@@ -269,8 +279,53 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         except MetricsAddressError as exc:
             parser.error(str(exc))
 
+    # A server that can hand its device over reloads on SIGHUP; its launcher must start
+    # before the sandbox forbids starting programs.
+    reloader = None
+    if control is not None or successor is not None:
+        reloader = reload.Reloader(argv, notifier)
+        try:
+            reloader.start()
+        except OSError as exc:
+            logging.getLogger("vfu_server").warning("cannot start the reload launcher (%s): "
+                                                     "SIGHUP will not reload", exc)
+            reloader = None
+
+    def current_control() -> trio.socket.SocketType | None:
+        if successor is not None:
+            return successor.taken.control if successor.taken is not None else None
+        return control
+
+    async def watch_sighup(hups: Any, nursery: trio.Nursery) -> None:
+        rlog = logging.getLogger("vfu_server.reload")
+        async for _ in hups:
+            ctl = current_control()
+            if reloader is None or ctl is None:
+                rlog.warning("SIGHUP: a reload needs a control socket (--control-socket or socket "
+                             "activation); ignored")
+            elif reloader.busy:
+                rlog.warning("SIGHUP: a reload is already running; ignored")
+            elif reloader.succeeded.is_set():
+                rlog.warning("SIGHUP: the successor serves already; ignored")
+            else:
+                try:
+                    path = ctl.getsockname()
+                except OSError:
+                    path = ""
+                if not isinstance(path, str) or not path.startswith("/"):
+                    rlog.warning("SIGHUP: the control socket has no path to take over from; ignored")
+                    continue
+                nursery.start_soon(reloader.reload, path)
+
     async def run_server() -> DeviceStartError | HandoverRefused | None:
+        import signal
+
+        with trio.open_signal_receiver(signal.SIGHUP) as hups:
+            return await serve_until_done(hups)
+
+    async def serve_until_done(hups: Any) -> DeviceStartError | HandoverRefused | None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_sighup, hups, nursery)
             if metrics_listener is not None:
                 from .metrics import serve_metrics
 
@@ -285,13 +340,22 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
                             successor=successor,
                             on_stopping=notifier.stopping if notifier is not None else None,
                             before_serving=confine)
+                if reloader is not None and reloader.busy:
+                    # Handed over to a reload's successor: wait until it told systemd that it
+                    # is the main process now, so that this one's exit is no failure.
+                    with trio.move_on_after(reload.SUCCESSOR_TIMEOUT):
+                        await reloader.succeeded.wait()
             except (DeviceStartError, HandoverRefused) as exc:
                 return exc
             finally:
                 nursery.cancel_scope.cancel()
         return None
 
-    error = trio.run(run_server)
+    try:
+        error = trio.run(run_server)
+    finally:
+        if reloader is not None:
+            reloader.close()
     if error is None and getattr(device, "iostats", None) is not None:
         # The last word on the device's I/O, for the journal (the control socket is gone).
         import json
@@ -300,8 +364,10 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
                                              json.dumps(device.iostats.snapshot(), separators=(",", ":")))
     if isinstance(error, HandoverRefused):
         sys.stderr.write(f"{PROG}: handover refused: {error.reason}\n")
+        reload.report(f"failed: handover refused: {error.reason}")
         return 1
     if error is not None:
         sys.stderr.write(f"{PROG} {pre.device}: error: {error}\n")
+        reload.report(f"failed: {error}")
         return 1
     return 0

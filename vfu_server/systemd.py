@@ -4,7 +4,9 @@
   abstract socket), one ``KEY=value`` per line: ``READY=1`` once the server really serves (its
   listening socket bound and its device started), ``STATUS=`` lines as clients come and go,
   ``STOPPING=1`` when a signal starts the shutdown, and ``RELOADING=1`` ... ``READY=1`` around a
-  live handover (:meth:`Notifier.reloading`, for the handover code to call).
+  live handover (:meth:`Notifier.reloading`). ``systemctl reload`` (SIGHUP) is
+  :mod:`vfu_server.reload`: ``RELOADING=1`` from this process, then ``MAINPID=`` and ``READY=1``
+  from its successor, or ``READY=1`` again from this one when the reload failed.
 * **Watchdog**: when ``$WATCHDOG_USEC`` is set (and ``$WATCHDOG_PID``, if set, is ours),
   :func:`watchdog_task` sends ``WATCHDOG=1`` at half the interval *from the event loop*, so a
   loop that is stuck stops the pings and systemd restarts the service.
