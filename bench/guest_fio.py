@@ -67,6 +67,7 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple], seconds: float, round
         "find_disk() { for d in /sys/block/nvme*n1 /sys/block/vd*; do "
         "[ \"$(cat $d/size 2>/dev/null)\" = \"$1\" ] && echo /dev/${d##*/} && return; done; }",
         "fio --version || { echo 'fio does not run'; exit 3; }",
+        "cd /tmp",  # fio leaves its hooks' output files in the working directory
     ]
     for key, sectors in sizes.items():
         var = key.replace("-", "_")
@@ -75,17 +76,20 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple], seconds: float, round
     keys = list(sizes)
     for name, rw, bs, qd, numjobs, extra in jobs:
         for r in range(rounds):
+            # One fio per job and round, the disks one after another (stonewall): fio's start
+            # (60 shared objects under TCG) cost ~1 s per run. Markers for the host's CPU
+            # readings go straight to the serial port, around each disk's part.
+            opts = ["--direct=1", "--ioengine=libaio", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+                    f"--numjobs={numjobs}", "--thread", "--group_reporting", "--time_based",
+                    f"--runtime={seconds:g}", "--norandommap", "--randrepeat=0", "--percentile_list=50:99",
+                    "--output-format=terse", "--terse-version=3", *extra]
             for key in keys[r % len(keys):] + keys[: r % len(keys)]:
-                var = key.replace("-", "_")
-                tag = f"{key}/{name.replace(' ', '_')}"
-                opts = " ".join([f"--name={tag}", f"--filename=${var}", "--direct=1", "--ioengine=libaio",
-                                 f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={numjobs}", "--thread",
-                                 "--group_reporting", "--time_based", f"--runtime={seconds:g}", "--norandommap",
-                                 "--randrepeat=0", "--percentile_list=50:99", "--output-format=terse",
-                                 "--terse-version=3", *extra])
-                lines.append(f'echo "mark start {tag}"')
-                lines.append(f'fio {opts} || echo "fio failed {tag}"')
-                lines.append(f'echo "mark end {tag}"')
+                # fio writes each hook's output to NAME.prerun.txt: no "/" in a name
+                tag = f"{key}@{name.replace(' ', '_')}@{r}"
+                opts += [f"--name={tag}", f"--filename=${key.replace('-', '_')}", "--stonewall",
+                         f"--exec_prerun='echo mark start {tag} | tee /dev/ttyS0'",  # fio sends stdout to a file
+                         f"--exec_postrun='echo mark end {tag} | tee /dev/ttyS0'"]
+            lines.append(f'fio {" ".join(opts)} || echo "fio failed {name}"')
     return "\n".join(lines) + "\n"
 
 
@@ -114,18 +118,19 @@ def parse_terse(line: str, bs: int) -> dict[str, float] | None:
 
 
 class CpuWatch:
-    """Server CPU seconds between the guest's ``mark start``/``mark end`` lines."""
+    """Server CPU seconds between the guest's first ``mark start TAG`` and last ``mark end TAG``
+    (fio runs a hook once per thread of a job)."""
 
     def __init__(self, disks: dict[str, Disk]) -> None:
         self.disks = disks
-        self.started: dict[str, float] = {}
-        self.spent: dict[str, list[float]] = {}  # tag -> per run
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
 
     def __call__(self, line: str) -> None:
         if not line.startswith("mark "):
             return
         _, what, tag = [*line.split(), "", ""][:3]
-        disk = self.disks.get(tag.partition("/")[0])
+        disk = self.disks.get(tag.partition("@")[0])
         if disk is None or disk.pid is None:
             return
         try:
@@ -133,9 +138,14 @@ class CpuWatch:
         except OSError:
             return
         if what == "start":
-            self.started[tag] = now
-        elif what == "end" and tag in self.started:
-            self.spent.setdefault(tag, []).append(now - self.started.pop(tag))
+            self.first.setdefault(tag, now)
+        elif what == "end":
+            self.last[tag] = now
+
+    def spent(self, tag: str) -> float:
+        if tag in self.first and tag in self.last:
+            return self.last[tag] - self.first[tag]
+        return NAN
 
 
 def find_server(marker: str) -> int | None:
@@ -239,6 +249,7 @@ def run(args: argparse.Namespace, variants: list[Variant], kinds: list[str],
         def on_line(line: str) -> None:
             line = line.removeprefix(OUTPUT_PREFIX)  # what the script printed
             if line.startswith("mark ") and any(d.ours and d.pid is None for d in disks.values()):
+                # started by the runner just before QEMU
                 for n, d in enumerate(disks.values()):
                     if d.ours and d.pid is None:
                         d.pid = find_server(f"VFU{n:04d}")
@@ -268,23 +279,22 @@ def run(args: argparse.Namespace, variants: list[Variant], kinds: list[str],
 def collect(output: str, jobs: list[tuple], watch: CpuWatch) -> dict[tuple[str, str], dict[str, float]]:
     """Per (disk key, job name): medians over the rounds of FIELDS."""
     bs_of = {name.replace(" ", "_"): bs for name, _, bs, *_ in jobs}
-    runs: dict[str, list[dict[str, float]]] = {}
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for line in output.splitlines():
         if not line.startswith("3;"):
             continue
         tag = line.split(";")[2]
-        job = tag.partition("/")[2]
+        key, job, _round = [*tag.split("@"), "", ""][:3]
         r = parse_terse(line, bs_of.get(job, 4096))
-        if r is not None:
-            runs.setdefault(tag, []).append(r)
-    out = {}
-    for tag, rs in runs.items():
-        cpu = watch.spent.get(tag, [])
-        for r, c in zip(rs, cpu, strict=False):
-            r["cpu_us"] = c / r["ios"] * 1e6 if r["ios"] else NAN
-        key, _, job = tag.partition("/")
-        out[(key, job.replace("_", " "))] = {f: median([r.get(f, NAN) for r in rs]) for f in FIELDS}
-    return out
+        if r is None:
+            continue
+        r["cpu_us"] = watch.spent(tag) / r["ios"] * 1e6 if r["ios"] else NAN
+        runs.setdefault((key, job.replace("_", " ")), []).append(r)
+    return {k: {f: median([r[f] for r in rs]) for f in FIELDS} for k, rs in runs.items()}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else NAN
 
 
 def report(found: dict[tuple[str, str], dict[str, float]], disks: dict[str, Disk], jobs: list[tuple],
@@ -298,10 +308,10 @@ def report(found: dict[tuple[str, str], dict[str, float]], disks: dict[str, Disk
         peers = [d for d in disks.values() if not d.ours and d.family == ours.family and d.key != ceiling]
         for name, *_ in jobs:
             a = found.get((ours.key, name), none)
-            ratios = [a["iops"] / found.get((p.key, name), none)["iops"] for p in peers]
+            ratios = [_ratio(a["iops"], found.get((p.key, name), none)["iops"]) for p in peers]
             c = found.get((ceiling, name), none)
             rows.append([f"{ours.family}, {ours.label}", name, a["iops"], a["mbps"], a["p50"], a["p99"], a["cpu_us"],
-                         " / ".join(f"{x:.2f}x" for x in ratios), a["iops"] / c["iops"],
+                         " / ".join(f"{x:.2f}x" for x in ratios), _ratio(a["iops"], c["iops"]),
                          min(ratios, default=NAN)])
     rows.sort(key=lambda r: (r[-1] if r[-1] == r[-1] else 99))
     print()
@@ -317,7 +327,7 @@ def report(found: dict[tuple[str, str], dict[str, float]], disks: dict[str, Disk
             p = found.get((d.key, name), none)
             c = found.get((ceiling, name), none)
             peer_rows.append([d.label, name, p["iops"], p["mbps"], p["p50"], p["p99"], p["cpu_us"],
-                              p["iops"] / c["iops"]])
+                              _ratio(p["iops"], c["iops"])])
     print(table(title + ": the peers and the ceiling",
                 ["disk", "job", "IOPS", "MB/s", "p50 us", "p99 us", "server CPU us/IO", "ratio to ceiling"],
                 peer_rows))
