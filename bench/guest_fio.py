@@ -73,6 +73,9 @@ def guest_script(sizes: dict[str, int], jobs: list[tuple], seconds: float, round
         var = key.replace("-", "_")
         lines.append(f'{var}=$(find_disk {sectors}); echo "disk {key} $' + "{" + var + "}\"")
         lines.append(f'[ -n "${var}" ] || {{ echo "missing disk {key}"; exit 3; }}')
+        # "write through" means the guest sends no FLUSH: a write+fsync job is then plain writes
+        lines.append(f'q=/sys/block/${{{var}#/dev/}}/queue; echo "queue {key} write_cache=\'$(cat $q/write_cache)\' '
+                     f'max_sectors_kb=$(cat $q/max_sectors_kb) max_segments=$(cat $q/max_segments)"')
     keys = list(sizes)
     for name, rw, bs, qd, numjobs, extra in jobs:
         for r in range(rounds):
@@ -270,6 +273,8 @@ def run(args: argparse.Namespace, variants: list[Variant], kinds: list[str],
         print(result.output)
     found = collect(result.output, jobs, watch)
     report(found, disks, jobs, args)
+    print("guest queues:", *(ln.removeprefix("queue ") for ln in result.output.splitlines()
+                              if ln.startswith("queue ")), sep="\n  ")
     problems = [ln for ln in result.output.splitlines() if ln.startswith(("fio failed", "missing", "fio does not"))]
     if problems:
         warn("problems:\n  " + "\n  ".join(problems))
