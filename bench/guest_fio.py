@@ -256,9 +256,10 @@ def run(args: argparse.Namespace, variants: list[Variant], kinds: list[str],
             line = line.removeprefix(OUTPUT_PREFIX)  # what the script printed
             if line.startswith("mark ") and any(d.ours and d.pid is None for d in disks.values()):
                 # started by the runner just before QEMU
-                for n, d in enumerate(disks.values()):
+                for d in disks.values():
                     if d.ours and d.pid is None:
-                        d.pid = find_server(f"VFU{n:04d}")
+                        # its image path is unique to this run (other benchmarks use the same serials)
+                        d.pid = find_server(str(tmp / f"{d.key}.img"))
             watch(line)
 
         script = guest_script(sizes, jobs, args.seconds, args.rounds)
