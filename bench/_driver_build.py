@@ -10,7 +10,8 @@ so, like Linux's ``nvme_dbbuf_update_and_check_event``), reaps completions by ph
 sleeps on the vector's eventfd when there is nothing to reap.
 
 ``vbb_run`` is the same for one split virtqueue of a virtio-blk device: one indirect chain
-per request (header, data, status byte), the kick only when ``avail_event`` (EVENT_IDX) or
+per request (header, data as one descriptor or, with ``seg``, one per page in an order no
+device can merge, as a guest's scattered pages arrive, status byte), the kick only when ``avail_event`` (EVENT_IDX) or
 ``VIRTQ_USED_F_NO_NOTIFY`` says so, like Linux's ``virtqueue_kick_prepare``, ``used_event``
 set to what was reaped before sleeping.
 
@@ -84,6 +85,7 @@ struct vbb {
     uint16_t avail_idx, last_used, kicked_at;
     uint32_t type;                   /* VIRTIO_BLK_T_IN 0 / T_OUT 1 */
     uint32_t bytes;
+    uint32_t seg;                    /* 0: one data descriptor; else one per seg bytes */
     uint64_t ios_in_disk;
     uint64_t header[256], data[256], status[256], table[256];
 };
@@ -282,10 +284,21 @@ static void add_request(struct vbb *b, uint16_t slot)
     memcpy(h + 8, &sector, 8);
     *at(j, b->status[slot]) = 0xFF;
     uint8_t *t = at(j, b->table[slot]);
+    uint16_t dflags = b->type == 0 ? 3 : 1;                                  /* NEXT (|WRITE) */
+    uint32_t n = 1;
     put_desc(t, b->header[slot], 16, 1, 1);                                  /* NEXT */
-    put_desc(t + 16, b->data[slot], b->bytes, b->type == 0 ? 3 : 1, 2);      /* NEXT (|WRITE) */
-    put_desc(t + 32, b->status[slot], 1, 2, 0);                              /* WRITE */
-    put_desc(at(j, b->desc + 16ULL * slot), b->table[slot], 48, 4, 0);       /* INDIRECT */
+    if (!b->seg || b->seg >= b->bytes) {
+        put_desc(t + 16, b->data[slot], b->bytes, dflags, 2);
+    } else {
+        /* As a guest's scattered pages: one descriptor per segment, last one first, so that
+           no two neighbours are contiguous and the device cannot merge them. */
+        uint32_t nseg = b->bytes / b->seg;
+        for (uint32_t i = 0; i < nseg; i++, n++)
+            put_desc(t + 16 * n, b->data[slot] + (uint64_t)(nseg - 1 - i) * b->seg, b->seg, dflags, n + 1);
+        n--;
+    }
+    put_desc(t + 16 * (n + 1), b->status[slot], 1, 2, 0);                    /* WRITE */
+    put_desc(at(j, b->desc + 16ULL * slot), b->table[slot], 16 * (n + 2), 4, 0);  /* INDIRECT */
     uint16_t *ring = (uint16_t *)at(j, b->avail + 4);
     ring[b->avail_idx % b->size] = slot;
     b->avail_idx++;

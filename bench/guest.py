@@ -1,6 +1,11 @@
 """In the guest: the project's NVMe and virtio-blk against QEMU's built-in ones, same boot.
 
     .venv/bin/python -m bench.guest [--seconds 3] [--size 64] [--jobs ...] [--poll-us 0,500]
+                                    [--rounds 3] [--load fio|loadgen]
+
+With ``--load fio`` (the default) the load is Debian's fio and the peers are QEMU's devices,
+qemu-storage-daemon's vhost-user-blk and a null-co ceiling: see :mod:`bench.guest_fio`. What
+follows is ``--load loadgen``, the project's own small load generator of earlier sessions.
 
 Builds ``bench/loadgen.c`` on the host (``gcc -static -O2 -pthread``), adds it to the guest's
 initramfs through the harness's ``extra_files``, boots QEMU 11.1 once with four disks -- vfu
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ram", choices=("shared", "private"), default="shared",
                     help="guest RAM: a shared memfd (the servers map it) or plain private memory "
                          "(the servers reach it through DMA_READ/DMA_WRITE messages)")
+    ap.add_argument("--load", choices=("fio", "loadgen"), default="fio",
+                    help="fio (default: every peer, bench/guest_fio.py) or loadgen (bench/loadgen.c, ours and "
+                         "QEMU's devices only, the jobs of earlier sessions)")
     args = ap.parse_args(argv)
     from vfu_server.guest.runner import (
         VfuDevice,
@@ -162,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
         run_guest,
     )
 
-    jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
     variants: list[Variant] = []
     try:
         for v in args.poll_us.split(",") if args.poll_us else []:
@@ -177,7 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     kinds = [k for k in KINDS if k[0] in args.devices.split(",")]
     if not kinds:
         ap.error(f"--devices {args.devices!r}: expected nvme, virtio-blk or both")
+    if args.load == "fio":
+        if args.ram != "shared":
+            ap.error("--ram private needs --load loadgen (qemu-storage-daemon's vhost-user-blk, a peer "
+                     "of the fio run, needs shared guest RAM)")
+        from . import guest_fio
+
+        if args.memory == 512:
+            args.memory = 768  # fio's library closure lives in the initramfs
+        guest_fio.run(args, variants, [k for k, _ in kinds])
+        return
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU, {args.ram} guest RAM")
+    jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="vfu-bench-guest-"))
     try:
         loadgen = build_loadgen(tmp)

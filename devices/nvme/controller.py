@@ -133,7 +133,10 @@ BAR0_SIZE = 0x4000
 MAX_QUEUES_LIMIT = (MSIX_TABLE_OFFSET - REG_DOORBELLS) // 8 - 1  # doorbells must fit below the table
 MPSMAX = 4  # 64 KiB pages
 TIMEOUT_UNITS = 20  # CAP.TO, 500 ms units: 10 s
-MDTS = 5  # 2^5 minimum pages = 128 KiB
+# 2^7 minimum pages = 512 KiB, as QEMU's nvme; Linux sends at most 128 segments anyway. It
+# was 5 (128 KiB) until issue 18: a guest's 1 MiB read was then eight commands, not two.
+MDTS = 7
+MDTS_MAX = 8  # 1 MiB: a PRP list of it fits one page, which the C fast path wants
 IO_INFLIGHT_PER_SQ = 256
 QUIESCE_TIMEOUT = 10.0
 INLINE_BATCH = 32  # commands an SQ doorbell write may run before it hands over to the SQ task
@@ -170,8 +173,11 @@ class NvmeController(PciDevice):
         max_queue_entries: int = 1024,
         poll_us: int = DEFAULT_POLL_US,
         volatile_cache: int | None = None,
+        mdts: int = MDTS,
     ) -> None:
         super().__init__()
+        if not 1 <= mdts <= MDTS_MAX:
+            raise ValueError(f"--mdts must be 1..{MDTS_MAX}")
         #: bytes of volatile write cache over each namespace (None: writes go to the backend)
         self.volatile_cache = volatile_cache
         self.faults = FaultSet(NVME_FAULTS)
@@ -203,12 +209,12 @@ class NvmeController(PciDevice):
             serial=serial,
             model=model,
             firmware=firmware,
-            mdts=MDTS,
+            mdts=mdts,
             max_queues=max_queues,
             max_queue_entries=max_queue_entries,
             namespace_count=len(self.sources),
         )
-        self.mdts_bytes = (1 << MDTS) * 4096
+        self.mdts_bytes = (1 << mdts) * 4096
         self.state = NvmeState(
             namespaces=[NamespaceState(i + 1, self.lba_format) for i in range(len(self.sources))]
         )
@@ -267,6 +273,9 @@ class NvmeController(PciDevice):
                             help=f"I/O queue pairs (1..{MAX_QUEUES_LIMIT})")
         parser.add_argument("--max-queue-entries", type=int, default=1024, metavar="N",
                             help="entries per queue (CAP.MQES + 1)")
+        parser.add_argument("--mdts", type=int, default=MDTS, metavar="N",
+                            help=f"largest transfer: 2^N 4 KiB pages (1..{MDTS_MAX}; default %(default)s, 512 KiB; "
+                                 "the guest sees it, so a handover successor of a server of before 2026-12 needs --mdts 5)")
         parser.add_argument("--read-only", action="store_true")
         parser.add_argument("--backing-io", choices=BACKING_IO, default="sync",
                             help="how file backings do their I/O: sync (preadv/pwritev inline from the page cache, a worker thread where that would block; default) or uring (io_uring; sync where the kernel or build refuses it)")
@@ -305,7 +314,7 @@ class NvmeController(PciDevice):
         return cls(sources, lba_size=args.lba_size, serial=args.serial, model=args.model,
                    firmware=args.firmware, max_queues=args.max_queues,
                    max_queue_entries=args.max_queue_entries, poll_us=args.poll_us,
-                   volatile_cache=cache)
+                   volatile_cache=cache, mdts=args.mdts)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -100,3 +100,36 @@ def test_result_output_drops_kernel_lines() -> None:
     r = GuestResult(0, serial, "", 0, {}, [], 1.0)
     assert r.output == "a=1\n\nb=2 c\n"
     assert r.values() == {"a": "1", "b": "2"}
+
+
+def test_watch_serial_hands_over_complete_lines(tmp_path: Path) -> None:
+    """run_guest(watch=...): each complete line of a real process's output, as it is written."""
+    import subprocess
+    import time
+
+    from vfu_server.guest.runner import _watch_serial
+
+    log = tmp_path / "serial.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["sh", "-c", "printf 'one\\r\\ntw'; sleep 0.2; printf 'o\\nthree'"], stdout=out)
+    seen: list[str] = []
+    _watch_serial(proc, log, seen.append, time.monotonic() + 60)
+    assert proc.returncode == 0
+    assert seen == ["one", "two"]  # "three" never got its newline
+
+
+def test_watch_serial_gives_up_at_the_deadline(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from vfu_server.guest.runner import _watch_serial
+
+    log = tmp_path / "serial.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["sleep", "60"], stdout=out)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            _watch_serial(proc, log, lambda line: None, time.monotonic() + 0.1)
+    finally:
+        proc.kill()
+        proc.wait()

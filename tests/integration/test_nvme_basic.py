@@ -80,7 +80,7 @@ async def test_identify_controller_and_namespace() -> None:
         assert ctrl[4:24].rstrip() == b"SER123"
         assert ctrl[24:64].rstrip() == b"Test Model"
         assert ctrl[64:72].rstrip() == b"9.9"
-        assert ctrl[77] == 5  # MDTS
+        assert ctrl[77] == 7  # MDTS: 512 KiB, as QEMU's nvme
         assert struct.unpack_from("<I", ctrl, 516)[0] == 1  # NN
         assert ctrl[512] == 0x66 and ctrl[513] == 0x44
         ns = await drv.identify(0, nsid=1)
@@ -120,8 +120,10 @@ async def test_read_write_against_backing_file(image: Path) -> None:
         assert c.ok, c
         assert drv.ram.read(buf, 128 * 1024) == big
         # MDTS exceeded
-        c = await drv.io(q, IO_READ, slba=0, nlb=511, buf=drv.buffer(256 * 1024), length=256 * 1024)
+        c = await drv.io(q, IO_READ, slba=0, nlb=1024, buf=drv.buffer(1024 * 512 + 512), length=1024 * 512 + 512)
         assert c.code == Status.INVALID_FIELD
+        c = await drv.io(q, IO_READ, slba=0, nlb=1023, buf=drv.buffer(512 * 1024), length=512 * 1024)
+        assert c.ok, c
         # LBA out of range
         c = await drv.io(q, IO_WRITE, slba=DISK // 512 - 1, nlb=1, buf=drv.buffer(1024), length=1024)
         assert c.code == Status.LBA_OUT_OF_RANGE

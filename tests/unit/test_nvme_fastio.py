@@ -100,7 +100,7 @@ def commands(draw: st.DrawFn) -> tuple[Command, list[int], int]:
     the PRP list to place at PRP2 and where to place it (0: nowhere)."""
     opcode = draw(st.sampled_from([0x02, 0x01]))
     blocks = DISK // 512
-    nlb = draw(st.sampled_from([1, 8, 9, 16, 64, 255, 256, 257, 300]) | st.integers(1, 256))  # MDTS: 256
+    nlb = draw(st.sampled_from([1, 8, 9, 16, 64, 255, 256, 257, 300, 1024, 1025]) | st.integers(1, 256))  # MDTS: 1024
     slba = draw(st.integers(0, blocks - nlb))
     length = nlb * 512
     prp1 = draw(DATA_PAGES) + draw(st.sampled_from([0, 0, 512, 4092]) | st.integers(0, PAGE // 4 - 1).map(lambda d: 4 * d))

@@ -15,9 +15,12 @@ size       inline       trio.to_thread hop
 4 MiB      ~0.8-1.0 ms  ~1.1-1.4 ms
 =========  ===========  ===================
 
-So a thread hop costs ~25x a cached 4 KiB read.  Inline is only wrong when the syscall would
-block: a read that misses the page cache (a disk round trip stalls every queue of the device)
-or a copy so large it hogs the loop.  Reads therefore try ``preadv(..., RWF_NOWAIT)`` inline,
+So a thread hop costs ~25x a cached 4 KiB read, and more than the copy itself at every size.
+Inline is only wrong when the syscall would block: a read that misses the page cache (a disk
+round trip stalls every queue of the device) or a copy so large it hogs the loop.  The limit,
+``inline_max``, is 1280 KiB: the largest request Linux sends by default (``max_sectors_kb``).
+It was 256 KiB until 2026-12; then every 1 MiB request, the size of a sequential stream, paid
+a thread hop and the devices' C paths could not take it (docs/performance.md, issue 18).  Reads therefore try ``preadv(..., RWF_NOWAIT)`` inline,
 which fails with EAGAIN instead of waiting for the disk, and only then fall back to a thread.
 Buffered writes cannot use RWF_NOWAIT on ext4 (EOPNOTSUPP), so writes up to ``inline_max`` are
 done inline (they land in the page cache) and larger ones go to a thread.  Everything that
@@ -50,9 +53,10 @@ from .errors import BackendSpecError, BlockIOError
 
 __all__ = ["FileBackend"]
 
-# Above this many bytes the memcpy costs about as much as a thread hop (table above), so the
-# event loop is better off handing the copy to a worker.
-INLINE_MAX = 256 * 1024
+# Above this many bytes the event loop is better off handing the copy to a worker: it would be
+# held for more than ~0.4 ms (table above). Linux's default max_sectors_kb, so that no request a
+# guest sends by default pays a thread hop on a page-cache hit.
+INLINE_MAX = 1280 * 1024
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

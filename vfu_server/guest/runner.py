@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +281,27 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _watch_serial(qemu: subprocess.Popen[bytes], path: Path, watch: Callable[[str], None], deadline: float) -> None:
+    """Wait for QEMU like ``qemu.wait`` until ``deadline``, handing each complete serial line
+    to ``watch`` meanwhile."""
+    pending = b""
+    with open(path, "rb") as f:
+        while True:
+            try:
+                qemu.wait(0.02)
+                done = True
+            except subprocess.TimeoutExpired:
+                done = False
+            pending += f.read()
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                watch(line.decode(errors="replace").rstrip("\r"))
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(qemu.args, 0)
+
+
 @_sigterm_unwinds()
 def run_guest(
     script: str,
@@ -294,6 +315,7 @@ def run_guest(
     qemu_args: Sequence[str] = (),
     check: bool = True,
     shared_ram: bool = True,
+    watch: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Boot the guest with `devices`, run `script` (busybox sh) in it, return what happened.
 
@@ -303,6 +325,8 @@ def run_guest(
     server's stderr; a timeout, a QEMU or server start failure always raises.
     ``shared_ram=False`` gives the guest plain anonymous RAM (qemu-configs/ram-private.args):
     the servers then reach it through DMA_READ/DMA_WRITE messages only.
+    ``watch`` is called with each line of the serial console as it arrives (within ~20 ms), on
+    this thread, e.g. to sample host processes when the guest says a job starts.
     """
     kit = kit or provision()
     start = time.monotonic()
@@ -361,7 +385,10 @@ def run_guest(
             )
         remaining = timeout - (time.monotonic() - start)
         try:
-            qemu.wait(max(remaining, 1.0))
+            if watch is None:
+                qemu.wait(max(remaining, 1.0))
+            else:
+                _watch_serial(qemu, tmp / "serial.log", watch, time.monotonic() + max(remaining, 1.0))
         except subprocess.TimeoutExpired:
             timed_out = True
             failure = f"guest did not finish within {timeout:.0f}s"
