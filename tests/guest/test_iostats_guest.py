@@ -1,6 +1,7 @@
-"""I/O statistics under the Linux NVMe and virtio-blk drivers: a known dd workload (O_DIRECT, one
-request per block) and the server's counters agree exactly with the guest's own
-``/sys/block/DEV/stat``; the Prometheus exposition scraped meanwhile parses."""
+"""I/O statistics under the Linux NVMe and virtio-blk drivers: fio in the guest writes and reads a
+known number of I/Os (O_DIRECT, psync, one request per I/O) and the server's counters agree
+exactly with the guest's own ``/sys/block/DEV/stat``; the Prometheus exposition scraped meanwhile
+parses."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from vfu_server.guest import GuestKit, VfuDevice, run_guest_async
+from vfu_server.guest.tools import fio_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DISK = 32 << 20
@@ -22,9 +24,10 @@ N = 256  # I/Os of each kind the workload makes
 SCRIPT = r"""
 vfu_wait_dev /dev/__DEV__ 30 || { dmesg | tail -40; exit 10; }
 echo "before=$(cat /sys/block/__DEV__/stat | tr -s ' ' ',' | sed 's/^,//')"
-dd if=/dev/urandom of=/tmp/data bs=4096 count=__N__ 2>/dev/null
-dd if=/tmp/data of=/dev/__DEV__ bs=4096 count=__N__ seek=512 oflag=direct 2>/dev/null && echo write=ok
-dd if=/dev/__DEV__ of=/dev/null bs=32768 count=__N__ iflag=direct 2>/dev/null && echo read=ok
+fio --name=w --filename=/dev/__DEV__ --rw=randwrite --bs=4k --direct=1 --ioengine=psync \
+    --offset=2M --size=8M --number_ios=__N__ --randrepeat=1 --output=/dev/null && echo write=ok
+fio --name=r --filename=/dev/__DEV__ --rw=randread --bs=32k --direct=1 --ioengine=psync \
+    --offset=2M --size=8M --number_ios=__N__ --randrepeat=1 --output=/dev/null && echo read=ok
 echo "after=$(cat /sys/block/__DEV__/stat | tr -s ' ' ',' | sed 's/^,//')"
 """
 
@@ -75,12 +78,13 @@ async def test_stats_agree_with_the_guest(guest_kit: GuestKit, tmp_path: Path, d
 
         nursery.start_soon(scraper)
         script = SCRIPT.replace("__DEV__", dev).replace("__N__", str(N))
-        result = await run_guest_async(script, [server], kit=guest_kit, timeout=400)
+        result = await run_guest_async(script, [server], kit=guest_kit, timeout=400, memory_mib=768,
+                                       extra_files={k: str(v) for k, v in fio_files().items()})
         nursery.cancel_scope.cancel()
     facts = result.values()
     assert facts.get("write") == "ok" and facts.get("read") == "ok", result.output
     before, after = _stat(facts["before"]), _stat(facts["after"])
-    # The workload is what we think it is: one request per dd block.
+    # The workload is what we think it is: one request per fio I/O.
     assert after["writes"] - before["writes"] == N and after["reads"] - before["reads"] == N
 
     stderr = result.servers["vu0"].stderr
