@@ -53,6 +53,8 @@ from pathlib import Path
 
 import trio
 
+from vfu_server.testing.process import first_line
+
 from .common import REPO, machine_line, median, server_env, table
 
 #: what a predecessor logs when it has handed over (vfu_server.handover)
@@ -104,14 +106,7 @@ async def _spawn(argv: list[str], err: Path, timeout: float = 60.0) -> trio.Proc
     with open(err, "wb") as errf:
         proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=errf,
                                                 stdin=subprocess.DEVNULL, env=server_env(), cwd=REPO)
-    assert proc.stdout is not None
-    line = b""
-    with trio.move_on_after(timeout):
-        while not line.endswith(b"\n"):
-            chunk = await proc.stdout.receive_some(256)
-            if not chunk:
-                break
-            line += chunk
+    line = await first_line(proc, timeout)
     if not line.startswith(b"listening on"):
         proc.kill()
         await proc.wait()

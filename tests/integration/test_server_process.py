@@ -19,6 +19,7 @@ from vfu_server.client import Client
 from vfu_server.pci.polling import DEFAULT_NICE, MAX_NICE
 from vfu_server.protocol.negotiation import client_offer
 from vfu_server.testing import running_server
+from vfu_server.testing.process import first_line
 
 REPO = str(Path(__file__).resolve().parents[2])
 TIMEOUT = 30
@@ -363,12 +364,7 @@ async def test_the_rest_of_the_server_runs_while_messages_keep_coming(tmp_path) 
             flood = await trio.lowlevel.open_process([sys.executable, "-c", FLOOD, srv.socket_path],
                                                      stdout=subprocess.PIPE, env=env())
             try:
-                said = b""
-                while not said.endswith(b"\n"):  # a pipe may deliver the line in pieces
-                    chunk = await flood.stdout.receive_some(64)
-                    assert chunk, f"flood client ended after {said!r}"
-                    said += chunk
-                assert said == b"flooding\n"
+                assert await first_line(flood, TIMEOUT) == b"flooding\n"  # however the pipe splits it
                 await trio.sleep(0.5)
                 # Answered in ~10 ms; without the scheduler passes, not while the flood lasts.
                 with trio.fail_after(3):
