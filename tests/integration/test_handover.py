@@ -461,6 +461,30 @@ async def test_a_successor_that_never_confirms_times_out_and_the_predecessor_res
 # -- other devices, snapshot ---------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def listening_peer(ctl: str, args: tuple[str, ...], path: str) -> AsyncIterator[tuple[ServerProcess, Client, trio.socket.SocketType]]:
+    """A virtio-net server with ``--peer PATH --listen`` (so a successor can take the listening
+    socket over) and a control socket: (server, client, the test's peer connected to it)."""
+    async with running_server("virtio-net", *args, "--control-socket", ctl) as srv, \
+            await Client.connect(srv.socket_path) as client:
+        peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        await peer.connect(path)
+        yield srv, client, peer
+
+
+async def frames_received(rx: object, count: int, length: int, timeout: float) -> list[bytes]:
+    """Up to ``count`` frames of ``length`` bytes from the receive queue, in order, within
+    ``timeout`` seconds; the link probes (sequence number 1000) are left out."""
+    got: list[bytes] = []
+    with trio.move_on_after(timeout):
+        while len(got) < count:
+            for r in await rx.wait_used(1, timeout=timeout):  # type: ignore[attr-defined]
+                data = r.data(0)[12 : 12 + length]
+                if data[14:18] != struct.pack("<I", 1000):  # a late probe
+                    got.append(data)
+    return got
+
+
 async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path: Path) -> None:
     from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
 
@@ -468,10 +492,7 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
     path = str(tmp_path / "peer.sock")
     args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
     with trio.fail_after(120):
-        async with running_server("virtio-net", *args, "--control-socket", ctl) as srv, \
-                await Client.connect(srv.socket_path) as client:
-            peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            await peer.connect(path)
+        async with listening_peer(ctl, args, path) as (srv, client, peer):
             _dev, (rx, tx, _ctrl) = await setup_net(client)
             fill_rx(rx, 64)
             await rx.kick()
@@ -492,13 +513,7 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
             try:
                 for f in sent[20:]:
                     await peer.send(f)
-                got: list[bytes] = []
-                with trio.move_on_after(30):
-                    while len(got) < 40:
-                        for r in await rx.wait_used(1, timeout=30):
-                            data = r.data(0)[12 : 12 + len(sent[0])]
-                            if data[14:18] != struct.pack("<I", 1000):  # a late probe
-                                got.append(data)
+                got = await frames_received(rx, 40, len(sent[0]), 30)
                 assert got == sent, (f"{len(got)} frames\n--- predecessor ---\n{srv.stderr()[-2000:]}\n"
                                      f"--- successor ---\n{succ.stderr()[-2000:]}")  # none lost or twice, in order
                 # Transmit through the successor reaches the same peer connection.
@@ -843,10 +858,7 @@ async def test_frames_waiting_for_the_guest_survive_a_failed_handover_in_order(t
     path = str(tmp_path / "peer.sock")
     args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
     with trio.fail_after(120):
-        async with running_server("virtio-net", *args, "--control-socket", ctl) as srv, \
-                await Client.connect(srv.socket_path) as client:
-            peer = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            await peer.connect(path)
+        async with listening_peer(ctl, args, path) as (srv, client, peer):
             _dev, (rx, _tx, _ctrl) = await setup_net(client)
             with trio.fail_after(20):  # the receive path runs: one probe gets through
                 while True:
@@ -866,13 +878,7 @@ async def test_frames_waiting_for_the_guest_survive_a_failed_handover_in_order(t
                 await proc.wait()
             fill_rx(rx, 32)
             await rx.kick()
-            got: list[bytes] = []
-            with trio.move_on_after(20):
-                while len(got) < 20:
-                    for r in await rx.wait_used(1, timeout=20):
-                        data = r.data(0)[12 : 12 + len(sent[0])]
-                        if data[14:18] != struct.pack("<I", 1000):
-                            got.append(data)
+            got = await frames_received(rx, 20, len(sent[0]), 20)
             assert got == sent, f"{len(got)} frames\n{srv.stderr()[-2000:]}"
             assert srv.process.returncode is None
             peer.close()
