@@ -590,23 +590,17 @@ async def test_a_device_on_nbd_exits_promptly_on_sigterm_and_after_a_handover(sh
     """NVMe on qemu-nbd: a server exits at once on SIGTERM, and a predecessor at once after
     handing over (each close flushes through its own connections), and every acknowledged
     write is in qemu-nbd's image."""
-    from vfu_server.client import Client, GuestRam
-    from vfu_server.testing import running_server
+    from test_handover import nvme_with_control
+
     from vfu_server.testing.handover import hand_over
-    from vfu_server.testing.nvme import NvmeTestDriver
 
     srv = qemu_nbd(short_tmp, "unix")
     assert srv.image is not None
-    ctl = str(short_tmp / "ctl")
     written: dict[int, bytes] = {}
     successor = None
     try:
-        with trio.fail_after(120), GuestRam(16 << 20) as ram:
-            async with running_server("nvme", "--control-socket", ctl, "--backing", srv.uri) as pred, \
-                    await Client.connect(pred.socket_path) as client:
-                drv = NvmeTestDriver(client, ram)
-                await drv.start()
-                await drv.create_io_queue_pair(1)
+        with trio.fail_after(120):
+            async with nvme_with_control("--backing", srv.uri) as (pred, ctl, drv, _q):
                 for i in range(8):
                     written[i * 64] = pattern(8192, seed=i)
                     await drv.write(1, i * 64, written[i * 64])
@@ -753,22 +747,16 @@ async def test_handover_is_refused_when_the_flush_fails(short_tmp: Path) -> None
     """A flush that fails at the handover's quiesce refuses the handover: the predecessor
     rolls back and goes on serving, with every acknowledged write; once flushes work again,
     the next handover goes through and the successor reads them all."""
-    from vfu_server.client import Client, GuestRam
-    from vfu_server.testing import running_server
+    from test_handover import nvme_with_control
+
     from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
-    from vfu_server.testing.nvme import NvmeTestDriver
 
     failing = short_tmp / "flushes-fail"
     srv, _log = per_connection_cache(short_tmp, f"flush_fails_if={failing}")
-    ctl = str(short_tmp / "ctl")
     successor = None
     try:
-        with trio.fail_after(120), GuestRam(16 << 20) as ram:
-            async with running_server("nvme", "--control-socket", ctl, "--backing", srv.uri) as pred, \
-                    await Client.connect(pred.socket_path) as client:
-                drv = NvmeTestDriver(client, ram)
-                await drv.start()
-                await drv.create_io_queue_pair(1)
+        with trio.fail_after(120):
+            async with nvme_with_control("--backing", srv.uri) as (pred, ctl, drv, _q):
                 await drv.write(1, 8, pattern(4096))
                 failing.touch()
                 with pytest.raises(ServerStartFailed) as info:
