@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="fio (default: every peer, bench/guest_fio.py) or loadgen (bench/loadgen.c, ours and "
                          "QEMU's devices only, the jobs of earlier sessions)")
     args = ap.parse_args(argv)
-    from vfu_server.guest.runner import (
+    from vfu_guest.runner import (
         VfuDevice,
         builtin_nvme,
         builtin_virtio_blk,

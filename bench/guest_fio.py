@@ -6,7 +6,7 @@ apart:
 * ours: the project's NVMe and virtio-blk (one pair per ``--variant``);
 * QEMU's ``nvme`` and ``virtio-blk-pci`` (in QEMU's process, its default ``aio=threads``);
 * qemu-storage-daemon's vhost-user-blk export of a raw file (the out-of-process virtio-blk a
-  user would pick today; qemu-utils of the kit's QEMU, :mod:`vfu_server.guest.tools`);
+  user would pick today; qemu-utils of the kit's QEMU, :mod:`vfu_guest.tools`);
 * the ceiling: QEMU's ``virtio-blk-pci`` on ``null-co`` (no storage): how many I/Os the guest
   itself can issue under TCG.
 
@@ -171,7 +171,7 @@ def find_server(marker: str) -> int | None:
 
 
 def start_storage_daemon(image: Path, sock: Path) -> subprocess.Popen[bytes]:
-    from vfu_server.guest.tools import storage_daemon
+    from vfu_guest.tools import storage_daemon
 
     qsd = storage_daemon(log=True)
     # As QEMU's own -drive: a raw file, page cache on, aio=threads.
@@ -193,8 +193,8 @@ def start_storage_daemon(image: Path, sock: Path) -> subprocess.Popen[bytes]:
 
 def run(args: argparse.Namespace, variants: list[Variant], kinds: list[str],
         warn: Callable[[str], None] = print) -> None:
-    from vfu_server.guest.initramfs import OUTPUT_PREFIX
-    from vfu_server.guest.runner import (
+    from vfu_guest.initramfs import OUTPUT_PREFIX
+    from vfu_guest.runner import (
         QemuDevice,
         VfuDevice,
         builtin_nvme,
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, variants: list[Variant], kinds: list[str],
         qemu_accel,
         run_guest,
     )
-    from vfu_server.guest.tools import fio_files
+    from vfu_guest.tools import fio_files
 
     jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU, load: fio")

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.guest_net needs root, iproute2 and /dev/net/tun (a network namespace and TAP interfaces)",
               file=sys.stderr)
         return 1
-    from vfu_server.guest.runner import VfuDevice, builtin_virtio_net, qemu_accel, run_guest
+    from vfu_guest.runner import VfuDevice, builtin_virtio_net, qemu_accel, run_guest
 
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
     tag = uuid.uuid4().hex[:6]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import GuestKit, ProvisionError, provision
+from vfu_guest import GuestKit, ProvisionError, provision
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SKIP_GUEST = bool(os.environ.get("VFU_SKIP_GUEST"))

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfu_server.guest import GuestKit, GuestResult, VfuDevice, run_guest
+from vfu_guest import GuestKit, GuestResult, VfuDevice, run_guest
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]

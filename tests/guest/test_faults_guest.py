@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import GuestKit, VfuDevice, run_guest
+from vfu_guest import GuestKit, VfuDevice, run_guest
 
 MIB = 1 << 20
 DISK = 16 * MIB
@@ -197,7 +197,7 @@ def test_power_cut_under_ext4(guest_kit: GuestKit, tmp_path: Path) -> None:
     e2fsck -f finds it consistent."""
     import threading
 
-    from vfu_server.guest.runner import GuestError
+    from vfu_guest.runner import GuestError
 
     e2fs = {f"/opt/e2fs/{tool}": f"/sbin/{tool}" for tool in ("mke2fs", "e2fsck")}  # not busybox's
     for lib in E2FS_LIBS:

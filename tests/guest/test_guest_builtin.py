@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import (
+from vfu_guest import (
     GuestError,
     GuestKit,
     builtin_nvme,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import GuestKit, VfuDevice, run_guest
-from vfu_server.guest.checks import DMA_WINDOW, EXAMPLE_APPEND
+from vfu_guest import GuestKit, VfuDevice, run_guest
+from vfu_guest.checks import DMA_WINDOW, EXAMPLE_APPEND
 
 EDU = f"{Path(__file__).parents[2] / 'docs' / 'examples' / 'edu.py'}:Edu"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import GuestError, GuestKit, VfuDevice, run_guest
-from vfu_server.guest.checks import EXAMPLE_APPEND, EXAMPLE_SCRIPT, check_example
+from vfu_guest import GuestError, GuestKit, VfuDevice, run_guest
+from vfu_guest.checks import EXAMPLE_APPEND, EXAMPLE_SCRIPT, check_example
 
 
 @pytest.mark.guest
@@ -48,7 +48,7 @@ def test_server_start_failure_is_reported_and_cleaned_up(
 
 
 SIGTERMED = """
-from vfu_server.guest import VfuDevice, run_guest
+from vfu_guest import VfuDevice, run_guest
 run_guest("echo booted-and-waiting; sleep 600", [VfuDevice("example")], timeout=700)
 """
 

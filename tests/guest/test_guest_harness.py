@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import initramfs
-from vfu_server.guest.aptenv import _sources_from_deb822, _sources_from_list
-from vfu_server.guest.qemuconfig import configs_dir, load_args, parse_args_text, placeholders
-from vfu_server.guest.runner import GuestResult
+from vfu_guest import initramfs
+from vfu_guest.aptenv import _sources_from_deb822, _sources_from_list
+from vfu_guest.qemuconfig import configs_dir, load_args, parse_args_text, placeholders
+from vfu_guest.runner import GuestResult
 
 
 def _entries(archive: bytes) -> dict[str, tuple[int, bytes]]:
@@ -107,7 +107,7 @@ def test_watch_serial_hands_over_complete_lines(tmp_path: Path) -> None:
     import subprocess
     import time
 
-    from vfu_server.guest.runner import _watch_serial
+    from vfu_guest.runner import _watch_serial
 
     log = tmp_path / "serial.log"
     with open(log, "wb") as out:
@@ -122,7 +122,7 @@ def test_watch_serial_gives_up_at_the_deadline(tmp_path: Path) -> None:
     import subprocess
     import time
 
-    from vfu_server.guest.runner import _watch_serial
+    from vfu_guest.runner import _watch_serial
 
     log = tmp_path / "serial.log"
     with open(log, "wb") as out:

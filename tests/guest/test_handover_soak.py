@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from soak import ServerChain, check_soak, run_soak, summary
 
-from vfu_server.guest import GuestKit
+from vfu_guest import GuestKit
 
 ROUNDS = 20
 POLL_US = ("0", "1000", "200", "50")

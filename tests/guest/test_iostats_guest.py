@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from vfu_server.guest import GuestKit, VfuDevice, run_guest_async
-from vfu_server.guest.tools import fio_files
+from vfu_guest import GuestKit, VfuDevice, run_guest_async
+from vfu_guest.tools import fio_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DISK = 32 << 20

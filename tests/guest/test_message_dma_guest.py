@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_nvme_guest import BAD_DMESG as NVME_BAD_DMESG
 
-from vfu_server.guest import GuestKit, VfuDevice, run_guest
+from vfu_guest import GuestKit, VfuDevice, run_guest
 
 MIB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vfu_server.guest import GuestKit, GuestResult, VfuDevice, run_guest
+from vfu_guest import GuestKit, GuestResult, VfuDevice, run_guest
 
 MIB = 1 << 20
 DISK = 32 * MIB

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from vfu_server.guest import GuestKit, VfuDevice, run_guest_async
+from vfu_guest import GuestKit, VfuDevice, run_guest_async
 
 SIZE = 4 << 20
 SINK = r"""

@@ -1,4 +1,4 @@
-"""``python -m vfu_server.guest demo`` (what ``./run demo`` runs).
+"""``python -m vfu_guest demo`` (what ``./run demo`` runs).
 
 Provisions QEMU and the guest if needed, starts the project's device servers as separate
 processes, boots Linux with them attached over vfio-user and shows what the guest saw. Which

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vfu_server.guest {provision,info,demo}``."""
+"""Command line: ``python -m vfu_guest {provision,info,demo}``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .provision import cache_dir, current_kit, provision
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vfu_server.guest", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vfu_guest", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("provision", help="fetch QEMU 11.1 and build the test guest (cached)")
     p.add_argument("--refresh", action="store_true", help="re-read Debian's package lists")
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             kit = provision(refresh=args.refresh, log=not args.quiet)
         except ProvisionError as exc:
-            print(f"vfu_server.guest provision: error: {exc}", file=sys.stderr)
+            print(f"vfu_guest provision: error: {exc}", file=sys.stderr)
             return 1
         if not args.quiet:
             print(kit.summary())
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         kit = current_kit()
         if kit is None:
             print(
-                f"not provisioned (cache: {cache_dir()}); run: python -m vfu_server.guest provision",
+                f"not provisioned (cache: {cache_dir()}); run: python -m vfu_guest provision",
                 file=sys.stderr,
             )
             return 1
