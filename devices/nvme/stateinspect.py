@@ -1,56 +1,32 @@
 """``nvme-ctrl/std/1`` for the independent reader, written from docs/migration-format.md 5.3.
 
-Registered into :mod:`vfu_server.stateinspect.reader` (RECORDS names, DECODERS, ENVELOPE_HOOKS) when the reader is
-imported (entry point ``vfu_server.stateinspect`` in pyproject.toml). Standard library only, like the reader.
+Registered into :mod:`vfu_server.stateinspect.reader` (register_format, register_records) when the
+reader is imported (entry point ``vfu_server.stateinspect`` in pyproject.toml). Standard library
+only, like the reader.
 """
 
 from __future__ import annotations
 
 import struct
-import uuid
 from typing import Any
 
 from vfu_server.stateinspect.reader import (
-    _NS,
-    DECODERS,
-    ENVELOPE_HOOKS,
-    FORMATS,
-    ORDER,
-    RECORDS,
+    OPAQUE_RECORDS,
+    PCI_RECORDS,
     Bad,
-    _fields,
+    decode_array,
+    decode_fields,
+    profile_hook,
+    register_format,
+    register_records,
+    split_fixed,
 )
-
-FORMATS[uuid.uuid5(_NS, "opaque/vfu-nvme")] = "opaque/vfu-nvme"
-# Section 5.3's table: PROFILE, PCI_CONFIG, MSIX, INTX, CTRL_REGS, ADMIN_QUEUES, NVMECS_V0,
-# DBBUF, FEATURE, AER, ERROR_LOG, SMART, NAMESPACE, PENDING_CQE.
-ORDER["nvme-ctrl/std/1"] = [0x0001, 0x0002, 0x0003, 0x0004, 0x0110, 0x0111, 0x7001, 0x0113,
-                            0x0120, 0x0130, 0x0131, 0x0132, 0x0140, 0x0150]
-ORDER["opaque/vfu-nvme"] = [0x8001]
 
 # TP4159 I/O queue state entries (NVMe Base 2.1 Figs. 360 and 361), 24 bytes each.
 _SQ = [("prp1", "Q"), ("qsize", "H"), ("qid", "H"), ("cqid", "H"), ("attr", "H"), ("head", "H"),
        ("tail", "H"), ("reserved0", "I")]
 _CQ = [("prp1", "Q"), ("qsize", "H"), ("qid", "H"), ("head", "H"), ("tail", "H"), ("attr", "I"),
        ("reserved0", "I")]
-
-
-def _variable(name: str, payload: bytes) -> tuple[bytes, bytes]:
-    """Split a payload with a variable part: u16 fixed_len, u16 reserved, fixed, tail."""
-    if len(payload) < 4:
-        raise Bad(f"{name}: payload too short")
-    flen, rsvd = struct.unpack_from("<HH", payload)
-    if rsvd or 4 + flen > len(payload):
-        raise Bad(f"{name}: bad fixed_len/reserved")
-    return payload[4:4 + flen], payload[4 + flen:]
-
-
-def _array(name: str, spec: list, data: bytes, count: int, size: int) -> list[dict[str, Any]]:
-    if count and size == 0:
-        raise Bad(f"{name}: entry size 0")
-    if count * size > len(data):
-        raise Bad(f"{name}: {count} entries of {size} bytes overrun the record")
-    return [_fields(spec, data[i * size:(i + 1) * size]) for i in range(count)]
 
 
 def _sq(e: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +49,7 @@ def _cq(e: dict[str, Any]) -> dict[str, Any]:
 def _admin_queues(p: bytes) -> dict[str, Any]:
     if len(p) < 48:
         raise Bad("ADMIN_QUEUES shorter than two 24-byte entries")
-    return {"sq": _sq(_fields(_SQ, p[:24])), "cq": _cq(_fields(_CQ, p[24:48]))}
+    return {"sq": _sq(decode_fields(_SQ, p[:24])), "cq": _cq(decode_fields(_CQ, p[24:48]))}
 
 
 def _nvmecs(p: bytes) -> dict[str, Any]:
@@ -85,8 +61,8 @@ def _nvmecs(p: bytes) -> dict[str, Any]:
     if len(p) != 8 + 24 * (nsq + ncq):
         raise Bad("NVMECS_V0 length does not match NIOSQ/NIOCQ")
     return {"ver": ver, "niosq": nsq, "niocq": ncq,
-            "sqs": [_sq(e) for e in _array("NVMECS_V0", _SQ, p[8:], nsq, 24)],
-            "cqs": [_cq(e) for e in _array("NVMECS_V0", _CQ, p[8 + 24 * nsq:], ncq, 24)]}
+            "sqs": [_sq(e) for e in decode_array("NVMECS_V0", _SQ, p[8:], nsq, 24)],
+            "cqs": [_cq(e) for e in decode_array("NVMECS_V0", _CQ, p[8 + 24 * nsq:], ncq, 24)]}
 
 
 _FEATURE_NAMES = {0x01: "arbitration", 0x02: "power_management", 0x04: "temperature_threshold",
@@ -97,9 +73,9 @@ _FEATURE_NAMES = {0x01: "arbitration", 0x02: "power_management", 0x04: "temperat
 
 
 def _feature(p: bytes) -> dict[str, Any]:
-    fixed, tail = _variable("FEATURE", p)
-    out = _fields([("fid", "B"), ("sel", "B"), ("reserved0", "H"), ("value", "I"),
-                   ("data_len", "I")], fixed)
+    fixed, tail = split_fixed("FEATURE", p)
+    out = decode_fields([("fid", "B"), ("sel", "B"), ("reserved0", "H"), ("value", "I"),
+                         ("data_len", "I")], fixed)
     n = out.get("data_len", 0)
     if n > len(tail):
         raise Bad("FEATURE data overruns the record")
@@ -107,13 +83,13 @@ def _feature(p: bytes) -> dict[str, Any]:
     fid = out.get("fid")
     out["feature"] = _FEATURE_NAMES.get(fid, "unknown")
     if fid == 0x04:
-        out["thresholds"] = _array("FEATURE", [("sensor", "B"), ("kind", "B"), ("threshold", "H")],
-                                   data, n // 4, 4)
+        out["thresholds"] = decode_array("FEATURE", [("sensor", "B"), ("kind", "B"), ("threshold", "H")],
+                                         data, n // 4, 4)
     elif fid == 0x07:
         out["nsqa"], out["ncqa"] = out["value"] & 0xFFFF, out["value"] >> 16
     elif fid == 0x09:
-        out["vectors"] = _array("FEATURE", [("vector", "H"), ("cd", "B"), ("reserved0", "B")],
-                                data, n // 4, 4)
+        out["vectors"] = decode_array("FEATURE", [("vector", "H"), ("cd", "B"), ("reserved0", "B")],
+                                      data, n // 4, 4)
     elif fid == 0x0E and n >= 8:
         out["timestamp_ms"] = int.from_bytes(data[:6], "little")
         out["timestamp_attributes"] = data[6]
@@ -123,24 +99,24 @@ def _feature(p: bytes) -> dict[str, Any]:
 
 
 def _aer(p: bytes) -> dict[str, Any]:
-    fixed, tail = _variable("AER", p)
-    out = _fields([("outstanding_count", "H"), ("event_count", "H"), ("event_size", "H"),
-                   ("changed_ns_count", "H"), ("masked_types", "I"), ("reserved0", "I")], fixed)
+    fixed, tail = split_fixed("AER", p)
+    out = decode_fields([("outstanding_count", "H"), ("event_count", "H"), ("event_size", "H"),
+                         ("changed_ns_count", "H"), ("masked_types", "I"), ("reserved0", "I")], fixed)
     no, ne = out.get("outstanding_count", 0), out.get("event_count", 0)
     es, nc = out.get("event_size", 4), out.get("changed_ns_count", 0)
     if 2 * no + ne * es + 4 * nc > len(tail):
         raise Bad("AER lists overrun the record")
     out["outstanding_cids"] = list(struct.unpack_from(f"<{no}H", tail))
-    out["events"] = _array("AER", [("type", "B"), ("info", "B"), ("log_page", "B"),
-                                   ("reserved0", "B")], tail[2 * no:], ne, es)
+    out["events"] = decode_array("AER", [("type", "B"), ("info", "B"), ("log_page", "B"),
+                                         ("reserved0", "B")], tail[2 * no:], ne, es)
     out["changed_namespaces"] = list(struct.unpack_from(f"<{nc}I", tail, 2 * no + ne * es))
     return out
 
 
 def _error_log(p: bytes) -> dict[str, Any]:
-    fixed, tail = _variable("ERROR_LOG", p)
-    out = _fields([("count", "H"), ("entry_size", "H"), ("reserved0", "I")], fixed)
-    out["entries"] = _array("ERROR_LOG", [
+    fixed, tail = split_fixed("ERROR_LOG", p)
+    out = decode_fields([("count", "H"), ("entry_size", "H"), ("reserved0", "I")], fixed)
+    out["entries"] = decode_array("ERROR_LOG", [
         ("error_count", "Q"), ("sqid", "H"), ("cid", "H"), ("status", "H"), ("reserved0", "H"),
         ("lba", "Q"), ("nsid", "I"), ("reserved1", "I")], tail, out.get("count", 0),
         out.get("entry_size", 32))
@@ -148,11 +124,11 @@ def _error_log(p: bytes) -> dict[str, Any]:
 
 
 def _pending(p: bytes) -> dict[str, Any]:
-    fixed, tail = _variable("PENDING_CQE", p)
-    out = _fields([("cqid", "H"), ("count", "H"), ("entry_size", "H"), ("reserved0", "H")], fixed)
-    entries = _array("PENDING_CQE", [("dw0", "I"), ("dw1", "I"), ("sqhd", "H"), ("sqid", "H"),
-                                     ("cid", "H"), ("status", "H")],
-                     tail, out.get("count", 0), out.get("entry_size", 16))
+    fixed, tail = split_fixed("PENDING_CQE", p)
+    out = decode_fields([("cqid", "H"), ("count", "H"), ("entry_size", "H"), ("reserved0", "H")], fixed)
+    entries = decode_array("PENDING_CQE", [("dw0", "I"), ("dw1", "I"), ("sqhd", "H"), ("sqid", "H"),
+                                           ("cid", "H"), ("status", "H")],
+                           tail, out.get("count", 0), out.get("entry_size", 16))
     for e in entries:
         e["status_field"] = e["status"] >> 1  # bit 0 is the phase tag, written when posted
     out["entries"] = entries
@@ -165,7 +141,7 @@ _SMART = [(n, "Q") for n in (
     "error_count")]
 
 
-RECORDS.update({
+register_records({
     0x0110: ("CTRL_REGS", [("cc", "I"), ("csts", "I"), ("aqa", "I"), ("intms", "I"), ("asq", "Q"),
                            ("acq", "Q")], False),
     0x0111: ("ADMIN_QUEUES", [], False),
@@ -181,9 +157,8 @@ RECORDS.update({
                            ("nguid", "16s"), ("eui64", "8s"), ("uuid", "16s"),
                            ("backend_hash", "32s")], False),
     0x0150: ("PENDING_CQE", [], True),
-})
-DECODERS.update({0x0111: _admin_queues, 0x7001: _nvmecs, 0x0120: _feature, 0x0130: _aer,
-                 0x0131: _error_log, 0x0150: _pending})
+}, {0x0111: _admin_queues, 0x7001: _nvmecs, 0x0120: _feature, 0x0130: _aer,
+    0x0131: _error_log, 0x0150: _pending})
 
 _ABI = [("cap", "Q"), ("vs", "I"), ("mqes", "H"), ("mdts", "B"), ("num_lba_formats", "B"),
         ("nn", "I"), ("oacs", "H"), ("oncs", "H"), ("sgls", "I"), ("max_io_queue_pairs", "H"),
@@ -203,22 +178,21 @@ def decode_ctrl_profile(abi: bytes) -> dict[str, Any]:
         raise Bad(f"device_abi type {kind:#06x} is not CTRL_PROFILE")
     if 4 + flen > len(abi):
         raise Bad("CTRL_PROFILE fixed_len overruns")
-    out = _fields(_ABI, abi[4:4 + flen])
+    out = decode_fields(_ABI, abi[4:4 + flen])
     for text in ("serial", "model", "firmware"):
         if text in out:
             out[text] = bytes.fromhex(out[text]).decode("ascii", "replace").rstrip(" ")
     if "lbads" in out:
         out["lba_data_sizes"] = [1 << b for b in bytes.fromhex(out["lbads"])[:out["num_lba_formats"]]]
         del out["lbads"]
-    out["namespaces"] = _array("CTRL_PROFILE", _ABI_NS, abi[4 + flen:], out.get("ns_count", 0),
-                               out.get("ns_entry_size", 56))
+    out["namespaces"] = decode_array("CTRL_PROFILE", _ABI_NS, abi[4 + flen:], out.get("ns_count", 0),
+                                     out.get("ns_entry_size", 56))
     return out
 
 
-def _profile_hook(env: dict[str, Any]) -> None:
-    for r in env["records"]:
-        if r["name"] == "PROFILE" and r["fields"] is not None:
-            r["fields"]["ctrl_profile"] = decode_ctrl_profile(bytes.fromhex(r["fields"]["device_abi"]))
-
-
-ENVELOPE_HOOKS["nvme-ctrl/std/1"] = _profile_hook
+# Section 5.3's table: PROFILE, PCI_CONFIG, MSIX, INTX, CTRL_REGS, ADMIN_QUEUES, NVMECS_V0,
+# DBBUF, FEATURE, AER, ERROR_LOG, SMART, NAMESPACE, PENDING_CQE.
+register_format("nvme-ctrl/std/1", [*PCI_RECORDS, 0x0110, 0x0111, 0x7001, 0x0113, 0x0120, 0x0130,
+                                    0x0131, 0x0132, 0x0140, 0x0150],
+                envelope_hook=profile_hook("ctrl_profile", decode_ctrl_profile))
+register_format("opaque/vfu-nvme", OPAQUE_RECORDS)

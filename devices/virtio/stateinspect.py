@@ -1,40 +1,30 @@
 """``virtio-{blk,net,rng}/std/1`` for the independent reader, written from
 docs/migration-format.md 5.4.
 
-Registered into :mod:`vfu_server.stateinspect.reader` (FORMATS, RECORDS, DECODERS, ENVELOPE_HOOKS) when the reader is
-imported (entry point ``vfu_server.stateinspect`` in pyproject.toml). Standard library only, like the reader.
+Registered into :mod:`vfu_server.stateinspect.reader` (register_format, register_records) when the
+reader is imported (entry point ``vfu_server.stateinspect`` in pyproject.toml). Standard library
+only, like the reader.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import uuid
 from typing import Any
 
 from vfu_server.stateinspect.reader import (
-    _NS,
-    DECODERS,
-    ENVELOPE_HOOKS,
-    FORMATS,
-    ORDER,
-    RECORDS,
+    OPAQUE_RECORDS,
+    PCI_RECORDS,
     Bad,
-    _fields,
+    decode_fields,
+    profile_hook,
+    register_format,
+    register_records,
+    split_fixed,
 )
 
-for _name in ("virtio-rng/std/1", "opaque/vfu-virtio-blk", "opaque/vfu-virtio-net",
-              "opaque/vfu-virtio-rng"):
-    FORMATS[uuid.uuid5(_NS, _name)] = _name
-# Section 5.4's table: the transport records, then each device's own.
-_TRANSPORT = [0x0001, 0x0002, 0x0003, 0x0004, 0x7100, 0x0210, 0x0211]
-ORDER["virtio-net/std/1"] = [*_TRANSPORT, 0x0220]
-ORDER["virtio-blk/std/1"] = [*_TRANSPORT, 0x0230, 0x0231, 0x0232]
-ORDER["virtio-rng/std/1"] = _TRANSPORT
-for _name in ("opaque/vfu-virtio-blk", "opaque/vfu-virtio-net", "opaque/vfu-virtio-rng"):
-    ORDER[_name] = [0x8001]
-
-RECORDS.update({
+_BLK_INFLIGHT = [("count", "H"), ("reserved0", "H")]
+_RECORDS = {
     0x0210: ("VQ_RUNTIME", [("last_avail_idx", "H"), ("used_idx", "H"), ("avail_wrap", "B"),
                             ("used_wrap", "B"), ("signalled_used", "H"), ("signalled_valid", "B"),
                             ("reset_pending", "B"), ("reserved0", "H"), ("inuse", "I")], False),
@@ -42,10 +32,10 @@ RECORDS.update({
     0x0220: ("NET_EXTRA", [("link_up", "B"), ("reserved0", "B"), ("announce_pending", "H"),
                            ("reserved1", "I"), ("guest_offloads", "Q")], False),
     0x0230: ("BLK_CONFIG", [("writeback", "B"), ("reserved0", "B"), ("reserved1", "H")], False),
-    0x0231: ("BLK_INFLIGHT", [("count", "H"), ("reserved0", "H")], True),
+    0x0231: ("BLK_INFLIGHT", _BLK_INFLIGHT, True),
     0x0232: ("BLK_ID", [("id", "20s")], False),
     0x7100: ("VIRTIO_PARTS", [], False),
-})
+}
 
 _PART_NAMES = {0x100: "DEV_FEATURES", 0x101: "DRV_FEATURES", 0x102: "PCI_COMMON_CFG",
                0x103: "DEVICE_STATUS", 0x104: "VQ_CFG", 0x105: "VQ_NOTIFY_CFG",
@@ -127,12 +117,12 @@ def decode_part(p: bytes) -> dict[str, Any]:
         out["status_bits"] = [_STATUS.get(b, f"bit{b}") for b in range(8) if value[0] >> b & 1]
     elif ptype == 0x104:
         out["vq"] = int.from_bytes(sel[:2], "little")
-        out.update(_fields([("queue_size", "H"), ("vector", "H"), ("enabled", "H"),
+        out.update(decode_fields([("queue_size", "H"), ("vector", "H"), ("enabled", "H"),
                             ("reserved0", "H"), ("desc", "Q"), ("driver", "Q"), ("device", "Q")],
                            value))
     elif ptype == 0x105:
         out["vq"] = int.from_bytes(sel[:2], "little")
-        out.update(_fields([("queue_notify_off", "H"), ("queue_notif_config_data", "H")], value))
+        out.update(decode_fields([("queue_notify_off", "H"), ("queue_notif_config_data", "H")], value))
     elif ptype == 0x200:
         key = (sel[0], sel[1])
         out["class"], out["command"] = key
@@ -144,21 +134,14 @@ def decode_part(p: bytes) -> dict[str, Any]:
 
 
 def _inflight(p: bytes) -> dict[str, Any]:
-    if len(p) < 4:
-        raise Bad("BLK_INFLIGHT: payload too short")
-    flen, rsvd = struct.unpack_from("<HH", p)
-    if rsvd or 4 + flen > len(p):
-        raise Bad("BLK_INFLIGHT: bad fixed_len/reserved")
-    out = _fields(RECORDS[0x0231][1], p[4:4 + flen])
-    tail = p[4 + flen:]
+    fixed, tail = split_fixed("BLK_INFLIGHT", p)
+    out = decode_fields(_BLK_INFLIGHT, fixed)
     n = out.get("count", 0)
     if 2 * n > len(tail):
         raise Bad("BLK_INFLIGHT: heads overrun the record")
     out["heads"] = list(struct.unpack_from(f"<{n}H", tail))
     return out
 
-
-DECODERS.update({0x7100: decode_part, 0x0231: _inflight})
 
 _CAPS = ("common", "notify", "isr", "device")
 _VPROF = ([("device_id", "H"), ("num_queues", "H"), ("queue_size_max", "H"), ("reserved0", "H"),
@@ -172,13 +155,8 @@ _VPROF = ([("device_id", "H"), ("num_queues", "H"), ("queue_size_max", "H"), ("r
 
 def decode_virtio_profile(abi: bytes) -> dict[str, Any]:
     """PROFILE.device_abi of the virtio formats (the VIRTIO_PROFILE layout, 0x0201)."""
-    if len(abi) < 4:
-        raise Bad("VIRTIO_PROFILE too short")
-    flen, rsvd = struct.unpack_from("<HH", abi)
-    if rsvd or 4 + flen > len(abi):
-        raise Bad("VIRTIO_PROFILE: bad fixed_len/reserved")
-    out = _fields(_VPROF, abi[4:4 + flen])
-    tail = abi[4 + flen:]
+    fixed, tail = split_fixed("VIRTIO_PROFILE", abi)
+    out = decode_fields(_VPROF, fixed)
     n = out.get("device_cfg_len", 0)
     if n > len(tail):
         raise Bad("VIRTIO_PROFILE: device_cfg_len overruns the profile")
@@ -190,12 +168,14 @@ def decode_virtio_profile(abi: bytes) -> dict[str, Any]:
     return out
 
 
-def _profile_hook(env: dict[str, Any]) -> None:
-    for r in env["records"]:
-        if r["name"] == "PROFILE" and r["fields"] is not None:
-            r["fields"]["virtio_profile"] = decode_virtio_profile(
-                bytes.fromhex(r["fields"]["device_abi"]))
-
-
-for _name in ("virtio-blk/std/1", "virtio-net/std/1", "virtio-rng/std/1"):
-    ENVELOPE_HOOKS[_name] = _profile_hook
+register_records(_RECORDS, {0x7100: decode_part, 0x0231: _inflight})
+# Section 5.4's table: the transport records (virtio-pci/std/1, which no stream names as its
+# format), then each device's own.
+_TRANSPORT = [*PCI_RECORDS, 0x7100, 0x0210, 0x0211]
+register_format("virtio-pci/std/1")
+_hook = profile_hook("virtio_profile", decode_virtio_profile)
+register_format("virtio-net/std/1", [*_TRANSPORT, 0x0220], envelope_hook=_hook)
+register_format("virtio-blk/std/1", [*_TRANSPORT, 0x0230, 0x0231, 0x0232], envelope_hook=_hook)
+register_format("virtio-rng/std/1", _TRANSPORT, envelope_hook=_hook)
+for _name in ("opaque/vfu-virtio-blk", "opaque/vfu-virtio-net", "opaque/vfu-virtio-rng"):
+    register_format(_name, OPAQUE_RECORDS)

@@ -29,7 +29,8 @@ def test_stateinspect_imports_only_the_stdlib():
     pkg = pathlib.Path(cli.__file__).parent
     repo = pkg.parents[1]
     # The device families' decoders live next to their devices; they may use the reader only.
-    plugins = [repo / "devices" / "nvme" / "stateinspect.py", repo / "devices" / "virtio" / "stateinspect.py"]
+    plugins = [repo / "devices" / "nvme" / "stateinspect.py", repo / "devices" / "virtio" / "stateinspect.py",
+               repo / "devices" / "example_stateinspect.py"]
     for src in [*pkg.glob("*.py"), *plugins]:
         tree = ast.parse(src.read_text())
         for node in ast.walk(tree):
@@ -46,7 +47,8 @@ def test_vfu_state_loads_the_decoders_not_the_devices():
     code = ("import sys; from vfu_server.stateinspect import cli; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('vfu_devices'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["vfu_devices", "vfu_devices.nvme", "vfu_devices.nvme.stateinspect",
+    assert out.stdout.split() == ["vfu_devices", "vfu_devices.example_stateinspect", "vfu_devices.nvme",
+                                  "vfu_devices.nvme.stateinspect",
                                   "vfu_devices.virtio", "vfu_devices.virtio.stateinspect"]
 
 
@@ -226,3 +228,24 @@ def test_both_readers_agree_on_any_record_order(data):
         assert exc.errno == 22, exc
         main = False
     assert independent == main == expected, (fmt.name, order)
+
+
+def test_reader_names_no_device_family():
+    """The catalogue comes from the families' entry points; the reader holds only what every
+    PCI device shares (spec section 5.1) and the opaque record."""
+    src = (pathlib.Path(cli.__file__).parent / "reader.py").read_text()
+    strings = [n.value for n in ast.walk(ast.parse(src))
+               if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    for family in ("nvme", "virtio", "example", "EXAMPLE_REGS"):
+        assert not [s for s in strings if family in s], family
+
+
+def test_catalogue_is_the_spec_uuid_table():
+    """What the families register is section 6.1's table, name for name and UUID for UUID."""
+    import re
+
+    from vfu_server.stateinspect.reader import FORMATS
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "migration-format.md").read_text()
+    table = re.findall(r"^\| ([a-z0-9/.-]+) \| (?:standard|opaque) \| ([0-9a-f-]{36}) \|$", doc, re.M)
+    assert {name: uid for uid, name in ((str(u), n) for u, n in FORMATS.items())} == dict(table)

@@ -12,7 +12,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FORMATS", "ORDER", "RECORDS", "Bad", "crc32c", "inspect_stream"]
+__all__ = [
+    "FORMATS", "OPAQUE_RECORDS", "ORDER", "PCI_RECORDS", "RECORDS", "Bad", "crc32c", "decode_array",
+    "decode_fields", "format_uuid", "inspect_stream", "profile_hook", "register_format",
+    "register_records", "split_fixed",
+]
 
 
 class Bad(Exception):
@@ -36,14 +40,14 @@ def crc32c(data: bytes) -> int:
 
 
 _NS = uuid.UUID("2fb9b70f-431a-5772-82bf-db124779cf01")
-#: Format catalogue (spec section 6): name by UUID.
-FORMATS = {uuid.uuid5(_NS, n): n for n in (
-    "example/std/1", "opaque/vfu-example", "nvme-ctrl/std/1", "virtio-blk/std/1",
-    "virtio-net/std/1", "virtio-pci/std/1", "opaque/pyvfu-nvme", "opaque/pyvfu-virtio-blk",
-    "opaque/pyvfu-virtio-net",
-)}
+#: Format catalogue (spec section 6): name by UUID. Empty here: the reader names no device
+#: family; each registers its formats (``register_format``) through a ``vfu_server.stateinspect``
+#: entry point, loaded at the end of this module.
+FORMATS: dict[uuid.UUID, str] = {}
 
-# Record catalogue (spec section 5): type -> (name, [(field, struct code)], has_tail)
+Field = tuple[str, str]
+# Record catalogue (spec section 5): type -> (name, [(field, struct code)], has_tail). The reader
+# knows the records every PCI device shares (section 5.1); families add theirs (register_records).
 _PROFILE_FIELDS = (
     [("vendor_id", "H"), ("device_id", "H"), ("subsys_vendor_id", "H"), ("subsys_id", "H"),
      ("class_code", "I"), ("revision", "B"), ("reserved0", "B"), ("msix_vectors", "H"),
@@ -61,28 +65,53 @@ _PCI_FIELDS = (
     + [("rom_bar", "I"), ("pcie_devctl", "H"), ("pcie_devctl2", "H"), ("pcie_lnkctl", "H"),
        ("msix_control", "H")]
 )
-RECORDS: dict[int, tuple[str, list[tuple[str, str]], bool]] = {
+_MSIX_VECTOR = [("addr", "Q"), ("data", "I"), ("ctrl", "I")]
+RECORDS: dict[int, tuple[str, list[Field], bool]] = {
     0x0001: ("PROFILE", _PROFILE_FIELDS, True),
     0x0002: ("PCI_CONFIG", _PCI_FIELDS, False),
     0x0003: ("MSIX", [("num_vectors", "H"), ("entry_size", "H"), ("pba_len", "H"),
                       ("reserved0", "H")], True),
     0x0004: ("INTX", [("level", "B"), ("reserved0", "B"), ("reserved1", "H")], False),
-    0x0300: ("EXAMPLE_REGS", [("scratch", "I"), ("len", "I"), ("src", "Q"), ("dst", "Q"),
-                              ("ctrl", "I"), ("status", "I"), ("irq_count", "I"),
-                              ("reserved0", "I")], False),
     0x8001: ("OPAQUE_BLOB", [], False),
 }
+#: The records every standard format starts with (section 5.1), in their order.
+PCI_RECORDS = (0x0001, 0x0002, 0x0003, 0x0004)
+#: The record of every opaque format (section 6.2).
+OPAQUE_RECORDS = (0x8001,)
 #: Each known format's records in the order of its table (spec sections 5.2-5.4, 6.2): a
 #: record of a type not listed here that is not OPTIONAL is refused, and the listed ones must
 #: come in this order, PROFILE first, each type's instances strictly ascending (section 4 rule 6).
-ORDER: dict[str, list[int]] = {
-    "example/std/1": [0x0001, 0x0002, 0x0003, 0x0004, 0x0300],
-    "opaque/vfu-example": [0x8001],
-}
-#: Format modules (e.g. nvme.py) register here: whole-payload decoders by record type, and
-#: per-format passes over a decoded envelope (e.g. to decode PROFILE.device_abi).
+ORDER: dict[str, list[int]] = {}
+#: Whole-payload decoders by record type, and per-format passes over a decoded envelope (e.g. to
+#: decode PROFILE.device_abi), registered by the families.
 DECODERS: dict[int, Callable[[bytes], dict[str, Any]]] = {}
 ENVELOPE_HOOKS: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+
+def format_uuid(name: str) -> uuid.UUID:
+    """A format's UUID from its name (spec section 6: UUIDv5 in the DEVSTATE namespace)."""
+    return uuid.uuid5(_NS, name)
+
+
+def register_format(name: str, order: list[int] | tuple[int, ...] | None = None, *,
+                    envelope_hook: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Name a format in the catalogue. With `order` (its table's record types) the reader also
+    judges its streams' record order; `envelope_hook` runs over each decoded envelope of it."""
+    FORMATS[format_uuid(name)] = name
+    if order is not None:
+        ORDER[name] = list(order)
+    if envelope_hook is not None:
+        ENVELOPE_HOOKS[name] = envelope_hook
+
+
+def register_records(records: dict[int, tuple[str, list[Field], bool]],
+                     decoders: dict[int, Callable[[bytes], dict[str, Any]]] | None = None) -> None:
+    """A family's record types: fixed layouts (name, fields, has_tail) and, for those a field
+    list cannot describe, whole-payload decoders."""
+    RECORDS.update(records)
+    DECODERS.update(decoders or {})
+
+
 HEADER_FLAGS = {0: "PRECOPY_PART", 1: "FINAL", 2: "HAS_CRC"}
 RECORD_FLAGS = {0: "OPTIONAL", 1: "PER_INSTANCE"}
 
@@ -91,7 +120,9 @@ def flag_names(v: int, names: dict[int, str]) -> list[str]:
     return [names.get(b, f"bit{b}") for b in range(32) if v >> b & 1]
 
 
-def _fields(spec: list[tuple[str, str]], data: bytes) -> dict[str, Any]:
+def decode_fields(spec: list[Field], data: bytes) -> dict[str, Any]:
+    """A fixed layout's fields; a layout cut short after a whole field is an older writer's
+    (the absent fields take the reader's defaults), one cut inside a field is bad."""
     out: dict[str, Any] = {}
     off = 0
     for name, code in spec:
@@ -104,6 +135,37 @@ def _fields(spec: list[tuple[str, str]], data: bytes) -> dict[str, Any]:
         out[name] = v.hex() if isinstance(v, bytes) else v
         off += size
     return out
+
+
+def split_fixed(name: str, payload: bytes) -> tuple[bytes, bytes]:
+    """A payload with a variable part (section 4 rule 4): u16 fixed_len, u16 reserved (zero), then
+    the fixed part and the tail."""
+    if len(payload) < 4:
+        raise Bad(f"{name}: payload too short")
+    flen, rsvd = struct.unpack_from("<HH", payload)
+    if rsvd or 4 + flen > len(payload):
+        raise Bad(f"{name}: bad fixed_len/reserved")
+    return payload[4:4 + flen], payload[4 + flen:]
+
+
+def decode_array(name: str, spec: list[Field], data: bytes, count: int,
+                 size: int) -> list[dict[str, Any]]:
+    """`count` entries of `size` bytes each (a size beyond the layout is a newer writer's)."""
+    if count and size == 0:
+        raise Bad(f"{name}: entry size 0")
+    if count * size > len(data):
+        raise Bad(f"{name}: {count} entries of {size} bytes overrun the record")
+    return [decode_fields(spec, data[i * size:(i + 1) * size]) for i in range(count)]
+
+
+def profile_hook(key: str, decode: Callable[[bytes], dict[str, Any]]
+                 ) -> Callable[[dict[str, Any]], None]:
+    """An envelope hook that decodes PROFILE.device_abi with `decode` into the field `key`."""
+    def hook(env: dict[str, Any]) -> None:
+        for r in env["records"]:
+            if r["name"] == "PROFILE" and r["fields"] is not None:
+                r["fields"][key] = decode(bytes.fromhex(r["fields"]["device_abi"]))
+    return hook
 
 
 def _tlv(data: bytes, pos: int, depth: int = 0) -> tuple[Any, int]:
@@ -168,17 +230,8 @@ def _decode_record(rtype: int, payload: bytes) -> dict[str, Any] | None:
             raise Bad("OPAQUE_BLOB has bytes after its TLV tree")
         return {"family_uuid": str(uuid.UUID(bytes=fam)), "schema_version": ver,
                 "schema_crc": f"{crc:#010x}", "tree": tree}
-    rest = b""
-    if tail:
-        if len(payload) < 4:
-            raise Bad(f"{name}: payload too short")
-        flen, rsvd = struct.unpack_from("<HH", payload)
-        if rsvd or 4 + flen > len(payload):
-            raise Bad(f"{name}: bad fixed_len/reserved")
-        fixed, rest = payload[4:4 + flen], payload[4 + flen:]
-    else:
-        fixed = payload
-    out = _fields(spec, fixed)
+    fixed, rest = split_fixed(name, payload) if tail else (payload, b"")
+    out = decode_fields(spec, fixed)
     if rtype == 0x0001:
         cl, al = out.get("capabilities_len", 0), out.get("device_abi_len", 0)
         if cl + al > len(rest):
@@ -190,10 +243,7 @@ def _decode_record(rtype: int, payload: bytes) -> dict[str, Any] | None:
         n, es, pl = out.get("num_vectors", 0), out.get("entry_size", 16), out.get("pba_len", 0)
         if n * es + pl > len(rest) or (n and es == 0):
             raise Bad("MSIX: table and PBA overrun the record")
-        out["vectors"] = [
-            _fields([("addr", "Q"), ("data", "I"), ("ctrl", "I")], rest[i * es:(i + 1) * es])
-            for i in range(n)
-        ]
+        out["vectors"] = decode_array("MSIX", _MSIX_VECTOR, rest, n, es)
         out["pba"] = rest[n * es:n * es + pl].hex()
     return out
 
@@ -322,9 +372,9 @@ def inspect_stream(data: bytes) -> list[dict[str, Any]]:
 
 
 def _load_format_decoders() -> None:
-    """Import the device families' decoders (``vfu_server.stateinspect`` entry points, e.g. the
-    NVMe and virtio ones next to their devices), which register into the tables above. The
-    reader itself names no device family beyond the catalogue of spec section 6."""
+    """Import the device families' decoders (``vfu_server.stateinspect`` entry points, each
+    next to its devices), which register into the tables above. The
+    reader itself names no device family: its catalogue is what these register."""
     import importlib
     from importlib.metadata import entry_points
 
