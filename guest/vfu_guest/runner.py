@@ -339,57 +339,13 @@ def run_guest(
     failure: str | None = None
     servers: dict[str, ServerLog] = {}
     try:
-        script_file = tmp / "script.sh"
-        script_file.write_text(script)
-        initrd = kit.initramfs
-        if extra_files:
-            initrd = tmp / "initrd.gz"
-            initrd.write_bytes(kit.initramfs.read_bytes() + initramfs.extra_archive(extra_files))
-        qemu_argv = [
-            str(kit.qemu),
-            *load_args(
-                "base",
-                {
-                    "ACCEL": qemu_accel(),
-                    "MEMORY": str(memory_mib),
-                    "KERNEL": str(kit.kernel),
-                    "INITRD": str(initrd),
-                    "SCRIPT": str(script_file),
-                    "APPEND": f"{DEFAULT_APPEND} {append}".strip(),
-                },
-            ),
-            *load_args("ram-shared" if shared_ram else "ram-private", {"MEMORY": str(memory_mib)}),
-        ]
-        counters: dict[str, int] = {}
-        for chassis, dev in enumerate(devices, 1):
-            prefix = "vu" if isinstance(dev, VfuDevice) else dev.config.replace("-", "")
-            number = counters.get(prefix, 0)
-            counters[prefix] = number + 1
-            dev_id = dev.id or f"{prefix}{number}"
-            params: dict[str, str] = {"ID": dev_id, "CHASSIS": str(chassis)}
-            if isinstance(dev, VfuDevice):
-                sock = run.start_server(dev, dev_id)
-                params["SOCKET"] = str(sock)
-                config = dev.config
-            else:
-                params.update(dev.params)
-                config = dev.config
-            missing = placeholders(config) - params.keys()
-            if missing:
-                raise ValueError(f"qemu-configs/{config}.args needs {sorted(missing)}")
-            qemu_argv += load_args(config, params)
+        qemu_argv += _base_args(kit, tmp, script, memory_mib, append, shared_ram, extra_files)
+        # In place: a device that fails to start leaves the arguments so far for the diagnostics.
+        _add_device_args(qemu_argv, devices, run)
         qemu_argv += list(qemu_args)
-        with open(tmp / "serial.log", "wb") as out, open(tmp / "qemu.err", "wb") as err:
-            qemu = subprocess.Popen(
-                qemu_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-            )
-        remaining = timeout - (time.monotonic() - start)
-        try:
-            if watch is None:
-                qemu.wait(max(remaining, 1.0))
-            else:
-                _watch_serial(qemu, tmp / "serial.log", watch, time.monotonic() + max(remaining, 1.0))
-        except subprocess.TimeoutExpired:
+        qemu = _start_qemu(qemu_argv, tmp)
+        remaining = max(timeout - (time.monotonic() - start), 1.0)
+        if not _wait_guest(qemu, tmp / "serial.log", watch, remaining):
             timed_out = True
             failure = f"guest did not finish within {timeout:.0f}s"
     except BaseException as exc:
@@ -415,14 +371,92 @@ def run_guest(
         duration=time.monotonic() - start,
         timed_out=timed_out,
     )
+    failure = _judge(result, failure, check)
+    if failure is not None:
+        kept = f" (files kept in {tmp})" if keep else ""
+        raise GuestError(f"{failure}{kept}\n{result.diagnostics()}", result)
+    return result
+
+
+def _base_args(kit: GuestKit, tmp: Path, script: str, memory_mib: int, append: str,
+               shared_ram: bool, extra_files: Mapping[str, str | os.PathLike[str]] | None
+               ) -> list[str]:
+    """QEMU, the machine, the kernel and an initramfs that runs `script` (qemu-configs/base.args
+    and the RAM backend), before any device."""
+    script_file = tmp / "script.sh"
+    script_file.write_text(script)
+    initrd = kit.initramfs
+    if extra_files:
+        initrd = tmp / "initrd.gz"
+        initrd.write_bytes(kit.initramfs.read_bytes() + initramfs.extra_archive(extra_files))
+    return [
+        str(kit.qemu),
+        *load_args(
+            "base",
+            {
+                "ACCEL": qemu_accel(),
+                "MEMORY": str(memory_mib),
+                "KERNEL": str(kit.kernel),
+                "INITRD": str(initrd),
+                "SCRIPT": str(script_file),
+                "APPEND": f"{DEFAULT_APPEND} {append}".strip(),
+            },
+        ),
+        *load_args("ram-shared" if shared_ram else "ram-private", {"MEMORY": str(memory_mib)}),
+    ]
+
+
+def _add_device_args(qemu_argv: list[str], devices: Sequence[VfuDevice | QemuDevice], run: _Run) -> None:
+    """Each device's arguments, one root-port chassis each; a VfuDevice's server is started
+    first (QEMU connects once, at start-up, and never reconnects)."""
+    counters: dict[str, int] = {}
+    for chassis, dev in enumerate(devices, 1):
+        prefix = "vu" if isinstance(dev, VfuDevice) else dev.config.replace("-", "")
+        number = counters.get(prefix, 0)
+        counters[prefix] = number + 1
+        dev_id = dev.id or f"{prefix}{number}"
+        params: dict[str, str] = {"ID": dev_id, "CHASSIS": str(chassis)}
+        if isinstance(dev, VfuDevice):
+            params["SOCKET"] = str(run.start_server(dev, dev_id))
+        else:
+            params.update(dev.params)
+        missing = placeholders(dev.config) - params.keys()
+        if missing:
+            raise ValueError(f"qemu-configs/{dev.config}.args needs {sorted(missing)}")
+        qemu_argv += load_args(dev.config, params)
+
+
+def _start_qemu(qemu_argv: list[str], tmp: Path) -> subprocess.Popen[bytes]:
+    """QEMU in a session of its own (so _kill_group reaches its helpers), the serial console to
+    tmp/serial.log and stderr to tmp/qemu.err."""
+    with open(tmp / "serial.log", "wb") as out, open(tmp / "qemu.err", "wb") as err:
+        return subprocess.Popen(
+            qemu_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+        )
+
+
+def _wait_guest(qemu: subprocess.Popen[bytes], serial: Path, watch: Callable[[str], None] | None,
+                timeout: float) -> bool:
+    """Wait up to `timeout` s for QEMU to exit (the guest powers off when its script ends),
+    passing serial lines to `watch` meanwhile; False if it did not."""
+    try:
+        if watch is None:
+            qemu.wait(timeout)
+        else:
+            _watch_serial(qemu, serial, watch, time.monotonic() + timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _judge(result: GuestResult, failure: str | None, check: bool) -> str | None:
+    """What run_guest raises for, if anything: a failure on the way, no result from the guest
+    (always), or with `check` a script that did not end with rc=0."""
     if failure is None and result.rc is None:
         failure = "guest did not report a result (crash, panic or QEMU failure)"
     elif failure is None and check and result.rc != 0:
         failure = f"guest script failed with rc={result.rc}"
-    if failure is not None and (check or result.rc is None):
-        kept = f" (files kept in {tmp})" if keep else ""
-        raise GuestError(f"{failure}{kept}\n{result.diagnostics()}", result)
-    return result
+    return failure if failure is not None and (check or result.rc is None) else None
 
 
 async def run_guest_async(
