@@ -18,11 +18,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import trio
 
 from . import registry, reload
+from .pci.migration import is_migratable
 from .pci.polling import DEFAULT_NICE, DEFAULT_SOCKET_POLL_US, MAX_NICE, MAX_POLL_US
 from .sandbox import MODES, SandboxError
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
@@ -71,6 +73,64 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     uses (tests give one that damages the stream or stalls)."""
     argv = sys.argv[1:] if argv is None else argv
     reload.take_status_fd()
+    done = _other_commands(argv)
+    if done is not None:
+        return done
+    name, device_cls, parser = _device_parser(argv)
+    if is_migratable(device_cls) and "--list-migration-formats" in argv:
+        import json
+
+        from .pci.migration import migration_formats_of
+
+        print(json.dumps(migration_formats_of(device_cls).descriptors(), indent=2))
+        return 0
+    args = parser.parse_args(argv)
+    _set_up_logging(args)
+    device = _configured_device(parser, args, name, device_cls)
+    from . import sandbox
+
+    try:
+        confinement = sandbox.configure(args.sandbox, args.user)
+    except SandboxError as exc:
+        parser.error(str(exc))
+    if confinement.mode == "off":
+        logging.getLogger("vfu_server").warning(
+            "--sandbox off: the server is not confined and can do whatever its user can")
+    if not 0 <= args.socket_poll_us <= MAX_POLL_US:
+        parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
+    if not 0 <= args.nice <= MAX_NICE:
+        parser.error(f"--nice must be 0..{MAX_NICE}")
+    activated, listener, connected, where = _client_sockets(parser, args)
+    if args.nice:
+        # Before trio starts: Linux keeps a nice value per thread, and threads started later
+        # (trio's worker threads) inherit it.
+        try:
+            os.nice(args.nice)
+        except OSError as exc:
+            logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
+                                                     args.nice, exc.strerror)
+
+    successor = None
+    if args.take_over is not None:
+        from .handover import Successor
+
+        successor = (successor_class or Successor)(args.take_over, insist=getattr(args, "migration_format", None),
+                              timeout=args.handover_timeout)
+    from . import systemd
+
+    notifier = systemd.install()
+    control = _control_socket(parser, args, name, device_cls, activated)
+    return _serve_device(
+        _Serving(argv=argv, name=name, args=args, device=device, confinement=confinement,
+                 listener=listener, connected=connected, where=where, successor=successor,
+                 notifier=notifier, control=control),
+        parser,
+    )
+
+
+def _other_commands(argv: list[str]) -> int | None:
+    """``vfu-server top``, ``--list-devices`` and the help without a device: their exit code,
+    or None when argv names a device to serve."""
     if argv[:1] == ["top"]:
         from . import top
 
@@ -90,6 +150,15 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
                   f"{PROG} DEVICE --help shows a device's options; {PROG} --list-devices lists devices")
             return 0
         first.error("missing DEVICE (try --list-devices)")
+    return None
+
+
+def _device_parser(argv: list[str]) -> tuple[str, Any, OneLineParser]:
+    """The device argv names, its class and the parser of its whole command line: the common
+    options, the device's own, and the fault and migration ones where the device has them."""
+    first = OneLineParser(prog=PROG, add_help=False)
+    first.add_argument("device", nargs="?")
+    pre, _ = first.parse_known_args(argv)
     try:
         device_cls = registry.load(pre.device)
     except registry.UnknownDevice as exc:
@@ -98,8 +167,6 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     parser.add_argument("device")
     _common(parser)
     device_cls.add_arguments(parser)
-    from .pci.migration import is_migratable
-
     if getattr(device_cls, "fault_domain", None) is not None:
         parser.add_argument("--fault", action="append", default=[], metavar="RULE",
                             help="inject a fault: MATCH...,ACTION, e.g. op=read,lba=8,status=ure "
@@ -116,15 +183,10 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
                          help="print the device's migration formats as JSON and exit")
         mig.add_argument("--control-socket", metavar="PATH",
                          help="JSON-lines control socket: list-formats, select-outgoing, status, ...")
-    if is_migratable(device_cls) and "--list-migration-formats" in argv:
-        import json
+    return pre.device, device_cls, parser
 
-        from .pci.migration import migration_formats_of
 
-        print(json.dumps(migration_formats_of(device_cls).descriptors(), indent=2))
-        return 0
-    args = parser.parse_args(argv)
-
+def _set_up_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -133,9 +195,13 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     # A child logger's own level wins over the root's: trace lines appear exactly with --trace.
     logging.getLogger("vfu_server.trace").setLevel(logging.INFO if args.trace else logging.WARNING)
 
+
+def _configured_device(parser: OneLineParser, args: argparse.Namespace, name: str, device_cls: Any) -> Any:
+    """The device built from its options, with its --fault rules and --migration-format; a
+    --take-over the device cannot do is refused first."""
     if args.take_over is not None:
         if not is_migratable(device_cls):
-            parser.error(f"--take-over: {pre.device} has no migration formats, so it cannot take over a device")
+            parser.error(f"--take-over: {name} has no migration formats, so it cannot take over a device")
         if getattr(args, "control_socket", None):
             parser.error("--take-over takes over the predecessor's control socket; drop --control-socket")
         if not 0.1 <= args.handover_timeout <= 60:
@@ -159,20 +225,12 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             device.migration.controller.select_outgoing(args.migration_format)
         except MigrationError as exc:
             parser.error(f"--migration-format: {exc.reason}")
-    control_path = getattr(args, "control_socket", None)
-    from . import sandbox
+    return device
 
-    try:
-        confinement = sandbox.configure(args.sandbox, args.user)
-    except SandboxError as exc:
-        parser.error(str(exc))
-    if confinement.mode == "off":
-        logging.getLogger("vfu_server").warning(
-            "--sandbox off: the server is not confined and can do whatever its user can")
-    if not 0 <= args.socket_poll_us <= MAX_POLL_US:
-        parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
-    if not 0 <= args.nice <= MAX_NICE:
-        parser.error(f"--nice must be 0..{MAX_NICE}")
+
+def _client_sockets(parser: OneLineParser, args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """Where clients come from: (systemd's sockets or None, listener, connected, where). With
+    --take-over everything comes from the predecessor, so all three are None."""
     from . import systemd
 
     activated = None
@@ -201,23 +259,53 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             where = f"fd {args.fd}"
     except SocketPathError as exc:
         parser.error(str(exc))
+    return activated, listener, connected, where
 
-    if args.nice:
-        # Before trio starts: Linux keeps a nice value per thread, and threads started later
-        # (trio's worker threads) inherit it.
+
+def _control_socket(parser: OneLineParser, args: argparse.Namespace, name: str, device_cls: Any,
+                    activated: Any) -> trio.socket.SocketType | None:
+    """The control socket: the one systemd passed, or --control-socket's, or none."""
+    control_path = getattr(args, "control_socket", None)
+    control = None
+    if activated is not None and activated.control is not None:
+        if control_path:
+            parser.error("--control-socket: systemd passed a control socket already")
+        if not is_migratable(device_cls) and getattr(device_cls, "fault_domain", None) is None:
+            parser.error(f"socket activation: {name} has no control socket")
+        control = trio.socket.from_stdlib_socket(activated.control)
+    elif control_path:
         try:
-            os.nice(args.nice)
-        except OSError as exc:
-            logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
-                                                     args.nice, exc.strerror)
+            control = open_unix_listener(control_path)
+        except SocketPathError as exc:
+            parser.error(f"--control-socket: {exc}")
+    return control
 
-    successor = None
-    if args.take_over is not None:
-        from .handover import Successor
 
-        successor = (successor_class or Successor)(args.take_over, insist=getattr(args, "migration_format", None),
-                              timeout=args.handover_timeout)
-    notifier = systemd.install()
+@dataclass
+class _Serving:
+    """What main has made ready for serving: the parsed command line, the device and its
+    sockets."""
+
+    argv: list[str]
+    name: str
+    args: argparse.Namespace
+    device: Any
+    confinement: Any
+    listener: Any
+    connected: Any
+    where: str
+    successor: Any
+    notifier: Any
+    control: trio.socket.SocketType | None
+
+
+def _serve_device(run: _Serving, parser: OneLineParser) -> int:
+    """Serve until a signal, a handover or a failure; the exit code."""
+    from . import sandbox, systemd
+
+    args, device, successor, control = run.args, run.device, run.successor, run.control
+    notifier = run.notifier
+    control_path = getattr(args, "control_socket", None)
 
     def ready() -> None:
         if successor is not None:
@@ -227,34 +315,21 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             if notifier is not None:
                 # This process is the service's main process now (NotifyAccess=all lets a
                 # successor started by `systemctl reload` say so).
-                notifier.ready(f"serving {pre.device} (taken over)")
+                notifier.ready(f"serving {run.name} (taken over)")
             reload.report("ready")
             return
-        print(f"listening on {where}", flush=True)
+        print(f"listening on {run.where}", flush=True)
         if notifier is not None:
-            notifier.ready(f"serving {pre.device} on {where}; waiting for a client")
+            notifier.ready(f"serving {run.name} on {run.where}; waiting for a client")
 
     from .handover import HandoverRefused
     from .server import DeviceStartError, serve
 
-    control = None
-    if activated is not None and activated.control is not None:
-        if control_path:
-            parser.error("--control-socket: systemd passed a control socket already")
-        if not is_migratable(device_cls) and getattr(device_cls, "fault_domain", None) is None:
-            parser.error(f"socket activation: {pre.device} has no control socket")
-        control = trio.socket.from_stdlib_socket(activated.control)
-    elif control_path:
-        try:
-            control = open_unix_listener(control_path)
-        except SocketPathError as exc:
-            parser.error(f"--control-socket: {exc}")
-
     async def confine(socket_path: str | None, control_path: str | None) -> None:
         t0 = time.perf_counter()
-        line = await sandbox.apply(confinement, device.sandbox_needs() | sandbox_extra(), (socket_path, control_path))
+        line = await sandbox.apply(run.confinement, device.sandbox_needs() | sandbox_extra(), (socket_path, control_path))
         took = (time.perf_counter() - t0) * 1000
-        sys.stderr.write(f"{PROG} {pre.device}: {line} ({took:.1f} ms)\n")
+        sys.stderr.write(f"{PROG} {run.name}: {line} ({took:.1f} ms)\n")
         sys.stderr.flush()
 
     def sandbox_extra() -> sandbox.SandboxNeeds:
@@ -268,54 +343,8 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             extra = extra | sandbox.SandboxNeeds(abstract_unix=True)
         return extra
 
-    metrics_listener = None
-    if args.metrics:
-        if getattr(device, "iostats", None) is None:
-            parser.error(f"--metrics: {pre.device} keeps no I/O statistics")
-        from .metrics import MetricsAddressError, open_listener
-
-        try:
-            metrics_listener = open_listener(args.metrics)
-        except MetricsAddressError as exc:
-            parser.error(str(exc))
-
-    # A server that can hand its device over reloads on SIGHUP; its launcher must start
-    # before the sandbox forbids starting programs.
-    reloader = None
-    if control is not None or successor is not None:
-        reloader = reload.Reloader(argv, notifier)
-        try:
-            reloader.start()
-        except OSError as exc:
-            logging.getLogger("vfu_server").warning("cannot start the reload launcher (%s): "
-                                                     "SIGHUP will not reload", exc)
-            reloader = None
-
-    def current_control() -> trio.socket.SocketType | None:
-        if successor is not None:
-            return successor.taken.control if successor.taken is not None else None
-        return control
-
-    async def watch_sighup(hups: Any, nursery: trio.Nursery) -> None:
-        rlog = logging.getLogger("vfu_server.reload")
-        async for _ in hups:
-            ctl = current_control()
-            if reloader is None or ctl is None:
-                rlog.warning("SIGHUP: a reload needs a control socket (--control-socket or socket "
-                             "activation); ignored")
-            elif reloader.busy:
-                rlog.warning("SIGHUP: a reload is already running; ignored")
-            elif reloader.succeeded.is_set():
-                rlog.warning("SIGHUP: the successor serves already; ignored")
-            else:
-                try:
-                    path = ctl.getsockname()
-                except OSError:
-                    path = ""
-                if not isinstance(path, str) or not path.startswith("/"):
-                    rlog.warning("SIGHUP: the control socket has no path to take over from; ignored")
-                    continue
-                nursery.start_soon(reloader.reload, path)
+    metrics_listener = _metrics_listener(parser, args, run.name, device)
+    reloader = _start_reloader(run)
 
     async def run_server() -> DeviceStartError | HandoverRefused | None:
         import signal
@@ -325,7 +354,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
 
     async def serve_until_done(hups: Any) -> DeviceStartError | HandoverRefused | None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_sighup, hups, nursery)
+            nursery.start_soon(_watch_sighup, hups, nursery, reloader, run)
             if metrics_listener is not None:
                 from .metrics import serve_metrics
 
@@ -334,7 +363,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
             if notifier is not None and interval is not None:
                 nursery.start_soon(systemd.watchdog_task, notifier, interval)
             try:
-                await serve(device, listener=listener, connected=connected, on_listening=ready,
+                await serve(device, listener=run.listener, connected=run.connected, on_listening=ready,
                             socket_path_to_remove=args.socket_path, control=control,
                             control_path=control_path, socket_poll_us=args.socket_poll_us,
                             successor=successor,
@@ -356,6 +385,72 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     finally:
         if reloader is not None:
             reloader.close()
+    return _exit_code(error, run)
+
+
+def _metrics_listener(parser: OneLineParser, args: argparse.Namespace, name: str, device: Any) -> Any:
+    """--metrics' listening socket, or None without it."""
+    if not args.metrics:
+        return None
+    if getattr(device, "iostats", None) is None:
+        parser.error(f"--metrics: {name} keeps no I/O statistics")
+    from .metrics import MetricsAddressError, open_listener
+
+    try:
+        return open_listener(args.metrics)
+    except MetricsAddressError as exc:
+        parser.error(str(exc))
+
+
+def _start_reloader(run: _Serving) -> reload.Reloader | None:
+    """A server that can hand its device over reloads on SIGHUP; its launcher must start
+    before the sandbox forbids starting programs."""
+    if run.control is None and run.successor is None:
+        return None
+    reloader = reload.Reloader(run.argv, run.notifier)
+    try:
+        reloader.start()
+    except OSError as exc:
+        logging.getLogger("vfu_server").warning("cannot start the reload launcher (%s): "
+                                                 "SIGHUP will not reload", exc)
+        return None
+    return reloader
+
+
+def _current_control(run: _Serving) -> trio.socket.SocketType | None:
+    if run.successor is not None:
+        return run.successor.taken.control if run.successor.taken is not None else None
+    return run.control
+
+
+async def _watch_sighup(hups: Any, nursery: trio.Nursery, reloader: reload.Reloader | None,
+                        run: _Serving) -> None:
+    rlog = logging.getLogger("vfu_server.reload")
+    async for _ in hups:
+        ctl = _current_control(run)
+        if reloader is None or ctl is None:
+            rlog.warning("SIGHUP: a reload needs a control socket (--control-socket or socket "
+                         "activation); ignored")
+        elif reloader.busy:
+            rlog.warning("SIGHUP: a reload is already running; ignored")
+        elif reloader.succeeded.is_set():
+            rlog.warning("SIGHUP: the successor serves already; ignored")
+        else:
+            try:
+                path = ctl.getsockname()
+            except OSError:
+                path = ""
+            if not isinstance(path, str) or not path.startswith("/"):
+                rlog.warning("SIGHUP: the control socket has no path to take over from; ignored")
+                continue
+            nursery.start_soon(reloader.reload, path)
+
+
+def _exit_code(error: BaseException | None, run: _Serving) -> int:
+    """The exit code after serving; the I/O statistics at exit, or the failure, reported."""
+    from .handover import HandoverRefused
+
+    device = run.device
     if error is None and getattr(device, "iostats", None) is not None:
         # The last word on the device's I/O, for the journal (the control socket is gone).
         import json
@@ -367,7 +462,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
         reload.report(f"failed: handover refused: {error.reason}")
         return 1
     if error is not None:
-        sys.stderr.write(f"{PROG} {pre.device}: error: {error}\n")
+        sys.stderr.write(f"{PROG} {run.name}: error: {error}\n")
         reload.report(f"failed: {error}")
         return 1
     return 0
