@@ -23,36 +23,24 @@ from vfu_server.migration.generic import PciProfile
 from . import identify
 from .constants import NVME_VERSION_1_4
 from .migration_format import (
-    AerEvent,
     AerState,
     CqPending,
-    CqState,
     CtrlProfile,
     CtrlRegs,
-    Dbbuf,
-    ErrorEntry,
     FeatureState,
     NamespaceMig,
     NsProfile,
     NvmeMigState,
     PendingCqe,
-    SmartState,
-    SqState,
     TempThreshold,
     VectorConfig,
     encode_device_abi,
 )
 from .queues import CqRuntime, PendingCompletion
 from .state import (
-    AsyncEvent,
     AsyncEventState,
-    CompletionQueueState,
-    ErrorLogEntry,
     Features,
     Registers,
-    ShadowDoorbells,
-    SmartCounters,
-    SubmissionQueueState,
 )
 
 if TYPE_CHECKING:
@@ -134,23 +122,20 @@ def snapshot(ctrl: NvmeController) -> NvmeMigState:
         if rt.waiting and qid in s.cqs:
             pending.append(CqPending(qid, tuple(PendingCqe(p.sqid, p.cid, p.status & 0x7FFF,
                                                            p.dw0 & 0xFFFFFFFF) for p in rt.waiting)))
-    smart = SmartState(**{k: getattr(s.smart, k) for k in SmartState.__dataclass_fields__})
     return NvmeMigState(
         profile=ctrl.migration_profile(),
         **ctrl.pci_state(),
         regs=CtrlRegs(r.cc, r.csts, r.aqa, r.intms, r.asq, r.acq),
-        sqs=tuple(SqState(q.qid, q.base, q.size, q.cqid, q.priority, q.head, q.tail)
-                  for q in sorted(s.sqs.values(), key=lambda q: q.qid)),
-        cqs=tuple(CqState(q.qid, q.base, q.size, q.vector, q.irq_enabled, q.head, q.tail, q.phase)
-                  for q in sorted(s.cqs.values(), key=lambda q: q.qid)),
-        dbbuf=Dbbuf(s.shadow.doorbells, s.shadow.event_idx),
+        # Copies: the live objects go on changing once the controller runs again.
+        sqs=tuple(replace(q) for q in sorted(s.sqs.values(), key=lambda q: q.qid)),
+        cqs=tuple(replace(q) for q in sorted(s.cqs.values(), key=lambda q: q.qid)),
+        dbbuf=replace(s.shadow),
         features=features,
         aer=AerState(tuple(s.aer.outstanding),
-                     tuple(AerEvent(e.event_type, e.info, e.log_page) for e in s.aer.pending),
+                     tuple(replace(e) for e in s.aer.pending),
                      tuple(sorted(s.aer.masked_types)), tuple(s.aer.changed_namespaces)),
-        error_log=tuple(ErrorEntry(e.error_count, e.sqid, e.cid, e.status, e.lba, e.nsid)
-                        for e in s.error_log),
-        smart=replace(smart, power_on_seconds=ctrl.power_on_seconds()),
+        error_log=tuple(replace(e) for e in s.error_log),
+        smart=replace(s.smart, power_on_seconds=ctrl.power_on_seconds()),
         namespaces=tuple(namespaces),
         pending=tuple(pending),
     )
@@ -163,11 +148,10 @@ def apply(ctrl: NvmeController, st: NvmeMigState) -> None:
     r = st.regs
     s.regs = Registers(vs=NVME_VERSION_1_4, intms=r.intms, cc=r.cc, csts=r.csts, aqa=r.aqa,
                        asq=r.asq, acq=r.acq)
-    s.sqs = {q.qid: SubmissionQueueState(q.qid, q.base, q.size, q.cqid, q.priority, q.head, q.tail)
-             for q in st.sqs}
-    s.cqs = {q.qid: CompletionQueueState(q.qid, q.base, q.size, q.vector, q.irq_enabled, q.head,
-                                         q.tail, q.phase) for q in st.cqs}
-    s.shadow = ShadowDoorbells(st.dbbuf.doorbells, st.dbbuf.event_idx)
+    # Copies: the loaded tree stays as it was decoded while the controller changes its own.
+    s.sqs = {q.qid: replace(q) for q in st.sqs}
+    s.cqs = {q.qid: replace(q) for q in st.cqs}
+    s.shadow = replace(st.dbbuf)
     f = st.features
     s.features = Features(
         arbitration=f.arbitration, power_state=f.power_state,
@@ -181,11 +165,11 @@ def apply(ctrl: NvmeController, st: NvmeMigState) -> None:
         timestamp_ms=f.timestamp_ms, timestamp_set_at_ms=ctrl.now_ms(), timestamp_set=f.timestamp_set,
     )
     s.aer = AsyncEventState(list(st.aer.outstanding),
-                            [AsyncEvent(e.event_type, e.info, e.log_page) for e in st.aer.pending],
+                            [replace(e) for e in st.aer.pending],
                             set(st.aer.masked_types), list(st.aer.changed_namespaces))
-    s.smart = SmartCounters(**{k: getattr(st.smart, k) for k in SmartState.__dataclass_fields__})
+    s.smart = replace(st.smart)
     ctrl._power_on_anchor = time.monotonic()
-    s.error_log = [ErrorLogEntry(e.error_count, e.sqid, e.cid, e.status, e.lba, e.nsid) for e in st.error_log]
+    s.error_log = [replace(e) for e in st.error_log]
     by_nsid = {ns.nsid: ns for ns in st.namespaces}
     for i, ns_state in enumerate(s.namespaces):
         loaded = by_nsid[ns_state.nsid]

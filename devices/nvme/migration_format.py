@@ -21,7 +21,7 @@ import errno
 import itertools
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from vfu_server.migration.envelope import Record
 from vfu_server.migration.errors import MigrationFormatError
@@ -52,6 +52,15 @@ from vfu_server.migration.generic import (
     profile_to_record,
 )
 from vfu_server.migration.records import RecordLayout, StructLayout
+
+# The records that are plain copies of the controller's live state are its classes (one
+# definition each); the names below are the format's, which its opaque schema also uses.
+from .state import AsyncEvent as AerEvent
+from .state import CompletionQueueState as CqState
+from .state import ErrorLogEntry as ErrorEntry
+from .state import ShadowDoorbells as Dbbuf
+from .state import SmartCounters as SmartState
+from .state import SubmissionQueueState as SqState
 
 __all__ = [
     "NVME_FORMATS",
@@ -87,6 +96,11 @@ MAX_CHANGED_NS = 1024
 MAX_ERROR_LOG = 256
 PAGE = 4096
 _U16, _U32, _U48, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 48) - 1, (1 << 64) - 1
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    """A record class's field names (not its class attributes, such as opaque_name)."""
+    return tuple(f.name for f in fields(cls))
 
 
 # -- the state tree -------------------------------------------------------------------------------
@@ -140,35 +154,6 @@ class CtrlRegs:
 
 
 @dataclass(frozen=True)
-class SqState:
-    qid: int
-    base: int
-    size: int  # entries (1-based)
-    cqid: int
-    priority: int = 0
-    head: int = 0
-    tail: int = 0
-
-
-@dataclass(frozen=True)
-class CqState:
-    qid: int
-    base: int
-    size: int
-    vector: int
-    irq_enabled: bool = True
-    head: int = 0
-    tail: int = 0
-    phase: int = 1  # the phase tag the controller writes next
-
-
-@dataclass(frozen=True)
-class Dbbuf:
-    doorbells: int = 0  # shadow doorbell page, 0 = Doorbell Buffer Config not used
-    event_idx: int = 0
-
-
-@dataclass(frozen=True)
 class TempThreshold:
     sensor: int  # 0 composite, 1..8 sensors
     kind: int  # 0 over, 1 under
@@ -200,42 +185,11 @@ class FeatureState:
 
 
 @dataclass(frozen=True)
-class AerEvent:
-    event_type: int
-    info: int
-    log_page: int
-
-
-@dataclass(frozen=True)
 class AerState:
     outstanding: tuple[int, ...] = ()  # CIDs of outstanding AERs, oldest first
     pending: tuple[AerEvent, ...] = ()  # queued events, oldest first
     masked_types: tuple[int, ...] = ()  # ascending
     changed_namespaces: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class ErrorEntry:
-    error_count: int
-    sqid: int
-    cid: int
-    status: int
-    lba: int = 0
-    nsid: int = 0
-
-
-@dataclass(frozen=True)
-class SmartState:
-    bytes_read: int = 0
-    bytes_written: int = 0
-    host_read_commands: int = 0
-    host_write_commands: int = 0
-    busy_time_minutes: int = 0
-    power_cycles: int = 1
-    power_on_seconds: int = 0
-    unsafe_shutdowns: int = 0
-    media_errors: int = 0
-    error_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -457,7 +411,7 @@ def validate(s: NvmeMigState) -> CtrlProfile:
         _need(0 <= e.error_count <= _U64 and 0 <= e.sqid <= _U16 and 0 <= e.cid <= _U16
               and 0 <= e.status <= _U16 and 0 <= e.lba <= _U64 and 0 <= e.nsid <= _U32,
               "error log entry out of range")
-    for name in SmartState.__dataclass_fields__:
+    for name in _names(SmartState):
         _need(0 <= getattr(s.smart, name) <= _U64, f"SMART {name} out of range")
     _need(tuple(n.nsid for n in s.namespaces) == tuple(n.nsid for n in abi.namespaces),
           "namespaces differ from the profile's")
@@ -538,7 +492,7 @@ ERROR_ENTRY = StructLayout([
     ("error_count", "Q"), ("sqid", "H"), ("cid", "H"), ("status", "H"), ("reserved0", "H"),
     ("lba", "Q"), ("nsid", "I"), ("reserved1", "I"),
 ], "ERROR_LOG.entry")
-SMART = RecordLayout(0x0132, "SMART", [(name, "Q") for name in SmartState.__dataclass_fields__],
+SMART = RecordLayout(0x0132, "SMART", [(name, "Q") for name in _names(SmartState)],
                      optional=True)
 NAMESPACE = RecordLayout(0x0140, "NAMESPACE", [
     ("nsid", "I"), ("flbas", "B"), ("lbads", "B"), ("attached", "B", 1), ("write_protected", "B"),
@@ -711,7 +665,7 @@ def _load(rs: RecordSet, minor: int) -> NvmeMigState:
     intx_rec = rs.maybe(INTX)
     intx = intx_from_record(intx_rec[0]) if intx_rec else IntxState()
     rv, _ = rs.one(CTRL_REGS)
-    regs = CtrlRegs(**{k: rv[k] for k in CtrlRegs.__dataclass_fields__})
+    regs = CtrlRegs(**{k: rv[k] for k in _names(CtrlRegs)})
     sqs: list[SqState] = []
     cqs: list[CqState] = []
     admin = rs.maybe(ADMIN_QUEUES)
@@ -757,10 +711,10 @@ def _load(rs: RecordSet, minor: int) -> NvmeMigState:
     error_log: tuple[ErrorEntry, ...] = ()
     if err is not None:
         ev, etail = err
-        error_log = tuple(ErrorEntry(**{k: e[k] for k in ErrorEntry.__dataclass_fields__})
+        error_log = tuple(ErrorEntry(**{k: e[k] for k in _names(ErrorEntry)})
                           for e in ERROR_ENTRY.unpack_array(etail, ev["count"], ev["entry_size"]))
     sm = rs.maybe(SMART)
-    smart = SmartState(**{k: sm[0][k] for k in SmartState.__dataclass_fields__}) if sm else SmartState()
+    smart = SmartState(**{k: sm[0][k] for k in _names(SmartState)}) if sm else SmartState()
     namespaces = []
     for inst, v, _ in rs.all(NAMESPACE):
         _need(inst == v["nsid"], f"NAMESPACE instance {inst} carries NSID {v['nsid']}")

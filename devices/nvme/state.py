@@ -4,11 +4,16 @@ Everything the guest can observe or that must survive a migration lives here, in
 :class:`NvmeState` tree of ints, bools, bytes, lists and dicts: no trio objects, no backends,
 no views. Runtime machinery (tasks, events, in-flight counts) lives beside it in the controller
 and is rebuilt from this state.
+
+The records of the migration formats that are plain copies of a part of this tree are these
+classes themselves (migration_format.py imports them under the format's names); their
+``opaque_name`` is the name ``opaque/vfu-nvme``'s schema has always given them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .constants import NVME_VERSION_1_4
 
@@ -28,6 +33,8 @@ class Registers:
 
 @dataclass
 class SubmissionQueueState:
+    opaque_name: ClassVar[str] = "SqState"
+
     qid: int
     base: int
     size: int  # entries (1-based)
@@ -39,6 +46,8 @@ class SubmissionQueueState:
 
 @dataclass
 class CompletionQueueState:
+    opaque_name: ClassVar[str] = "CqState"
+
     qid: int
     base: int
     size: int
@@ -52,6 +61,8 @@ class CompletionQueueState:
 @dataclass
 class ShadowDoorbells:
     """Doorbell Buffer Config: shadow doorbell and EventIdx pages (0: not configured)."""
+
+    opaque_name: ClassVar[str] = "Dbbuf"
 
     doorbells: int = 0
     event_idx: int = 0
@@ -86,6 +97,8 @@ class Features:
 
 @dataclass
 class AsyncEvent:
+    opaque_name: ClassVar[str] = "AerEvent"
+
     event_type: int
     info: int
     log_page: int
@@ -107,6 +120,8 @@ class AsyncEventState:
 
 @dataclass
 class SmartCounters:
+    opaque_name: ClassVar[str] = "SmartState"
+
     bytes_read: int = 0
     bytes_written: int = 0
     host_read_commands: int = 0
@@ -121,6 +136,8 @@ class SmartCounters:
 
 @dataclass
 class ErrorLogEntry:
+    opaque_name: ClassVar[str] = "ErrorEntry"
+
     error_count: int
     sqid: int
     cid: int

@@ -24,6 +24,11 @@ dataclasses.  A schema fingerprint (CRC-32C of a canonical description of the
 type tree) travels with the data: a producer whose dataclasses changed shape
 is refused instead of being mis-read.  Depth, counts and integer ranges are
 bounded.
+
+A struct is described by its class name, or by its ``opaque_name`` class attribute when it
+has one: a class that took another's place in a tree (e.g. a device's live state class
+serving as the record its format used to copy it into) keeps the fingerprint, and so the
+streams, unchanged.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def schema_text(tp: Any) -> str:
         return "int" if arg is int else f"int:{arg.__name__}"
     if kind == "struct":
         inner = ",".join(f"{n}:{schema_text(t)}" for n, t in _hints(arg))
-        return f"{arg.__name__}{{{inner}}}"
+        return f"{getattr(arg, 'opaque_name', arg.__name__)}{{{inner}}}"
     return kind
 
 
