@@ -33,22 +33,13 @@ from vfu_server.migration.formats import (
 )
 from vfu_server.migration.generic import (
     GENERIC_LAYOUTS,
-    INTX,
-    MSIX,
-    PCI_CONFIG,
-    PROFILE,
     IntxState,
     MsixState,
     PciConfigState,
     PciProfile,
-    intx_from_record,
-    intx_to_record,
-    msix_from_record,
-    msix_to_record,
-    pci_config_from_record,
-    pci_config_to_record,
-    profile_from_record,
-    profile_to_record,
+    generic_records,
+    pci_parts_from_records,
+    profile_of_records,
 )
 from vfu_server.migration.records import RecordLayout
 
@@ -102,26 +93,16 @@ def example_device_abi(num_msix: int) -> bytes:
 
 
 def _save(state: ExampleState, minor: int) -> Iterator[Record]:
-    yield profile_to_record(state.profile)
-    yield pci_config_to_record(state.pci)
-    yield msix_to_record(state.msix)
-    yield intx_to_record(state.intx)
+    yield from generic_records(state)
     yield EXAMPLE_REGS.pack(state.regs)
 
 
 def _load(rs: RecordSet, minor: int) -> ExampleState:
-    profile = profile_from_record(*rs.one(PROFILE))
-    pci = pci_config_from_record(rs.one(PCI_CONFIG)[0])
-    msix = msix_from_record(*rs.one(MSIX), expect_vectors=profile.msix_vectors)
-    intx_rec = rs.maybe(INTX)
-    intx = intx_from_record(intx_rec[0]) if intx_rec else IntxState()
+    profile = profile_of_records(rs)
+    pci, msix, intx = pci_parts_from_records(rs, profile)
     regs_v, _ = rs.one(EXAMPLE_REGS)
     regs = ExampleRegs(**{k: regs_v[k] for k in ExampleRegs.__dataclass_fields__})
     return ExampleState(profile, pci, msix, intx, regs)
-
-
-def _profile_only(rs: RecordSet) -> PciProfile:
-    return profile_from_record(*rs.one(PROFILE))
 
 
 EXAMPLE_STANDARD = StandardFormat(
@@ -133,7 +114,7 @@ EXAMPLE_STANDARD = StandardFormat(
     load=_load,
     state_type=ExampleState,
     profile=lambda s: s.profile,
-    profile_from_records=_profile_only,
+    profile_from_records=profile_of_records,
     description="Example DMA engine, documented records (docs/migration-format.md)",
 )
 

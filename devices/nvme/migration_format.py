@@ -34,22 +34,13 @@ from vfu_server.migration.formats import (
 )
 from vfu_server.migration.generic import (
     GENERIC_LAYOUTS,
-    INTX,
-    MSIX,
-    PCI_CONFIG,
-    PROFILE,
     IntxState,
     MsixState,
     PciConfigState,
     PciProfile,
-    intx_from_record,
-    intx_to_record,
-    msix_from_record,
-    msix_to_record,
-    pci_config_from_record,
-    pci_config_to_record,
-    profile_from_record,
-    profile_to_record,
+    generic_records,
+    pci_parts_from_records,
+    profile_of_records,
 )
 from vfu_server.migration.records import RecordLayout, StructLayout
 
@@ -613,10 +604,7 @@ def _features_from(rs: RecordSet) -> FeatureState:
 
 
 def _save(s: NvmeMigState, minor: int) -> Iterator[Record]:
-    yield profile_to_record(s.profile)
-    yield pci_config_to_record(s.pci)
-    yield msix_to_record(s.msix)
-    yield intx_to_record(s.intx)
+    yield from generic_records(s)
     r = s.regs
     yield CTRL_REGS.pack(r)
     sqs = {q.qid: q for q in s.sqs}
@@ -658,12 +646,9 @@ def _save(s: NvmeMigState, minor: int) -> Iterator[Record]:
 
 
 def _load(rs: RecordSet, minor: int) -> NvmeMigState:
-    profile = profile_from_record(*rs.one(PROFILE))
+    profile = profile_of_records(rs)
     decode_device_abi(profile.device_abi)  # a foreign ABI is refused before anything else
-    pci = pci_config_from_record(rs.one(PCI_CONFIG)[0])
-    msix = msix_from_record(*rs.one(MSIX), expect_vectors=profile.msix_vectors)
-    intx_rec = rs.maybe(INTX)
-    intx = intx_from_record(intx_rec[0]) if intx_rec else IntxState()
+    pci, msix, intx = pci_parts_from_records(rs, profile)
     rv, _ = rs.one(CTRL_REGS)
     regs = CtrlRegs(**{k: rv[k] for k in _names(CtrlRegs)})
     sqs: list[SqState] = []
@@ -737,10 +722,6 @@ def _load(rs: RecordSet, minor: int) -> NvmeMigState:
     return state
 
 
-def _profile_only(rs: RecordSet) -> PciProfile:
-    return profile_from_record(*rs.one(PROFILE))
-
-
 NVME_STANDARD = StandardFormat(
     "nvme-ctrl/std/1",
     major=1,
@@ -750,7 +731,7 @@ NVME_STANDARD = StandardFormat(
     load=_load,
     state_type=NvmeMigState,
     profile=lambda s: s.profile,
-    profile_from_records=_profile_only,
+    profile_from_records=profile_of_records,
     description="NVMe controller, documented records with TP4159 queue state (docs/migration-format.md 5.3)",
 )
 

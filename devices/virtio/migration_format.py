@@ -43,22 +43,13 @@ from vfu_server.migration import (
 )
 from vfu_server.migration.generic import (
     GENERIC_LAYOUTS,
-    INTX,
-    MSIX,
-    PCI_CONFIG,
-    PROFILE,
     IntxState,
     MsixState,
     PciConfigState,
     PciProfile,
-    intx_from_record,
-    intx_to_record,
-    msix_from_record,
-    msix_to_record,
-    pci_config_from_record,
-    pci_config_to_record,
-    profile_from_record,
-    profile_to_record,
+    generic_records,
+    pci_parts_from_records,
+    profile_of_records,
 )
 
 __all__ = [
@@ -394,10 +385,7 @@ TRANSPORT_LAYOUTS = (*GENERIC_LAYOUTS, VIRTIO_PARTS, VQ_RUNTIME, ISR_GEN)
 def _save(state: VirtioDevState, minor: int) -> Iterator[Record]:
     prof = decode_virtio_profile(state.profile.device_abi)
     t = state.transport
-    yield profile_to_record(state.profile)
-    yield pci_config_to_record(state.pci)
-    yield msix_to_record(state.msix)
-    yield intx_to_record(state.intx)
+    yield from generic_records(state)
     parts = transport_parts(prof, t)
     if state.net is not None:
         parts += net_parts(state.net)
@@ -426,14 +414,11 @@ def _macs(data: bytes, pos: int) -> tuple[tuple[bytes, ...], int]:
 
 
 def _load(kind: str, rs: RecordSet) -> VirtioDevState:
-    profile = profile_from_record(*rs.one(PROFILE))
+    profile = profile_of_records(rs)
     prof = decode_virtio_profile(profile.device_abi)
     if prof.device_id != _DEVICE_IDS[kind]:
         raise _bad(f"virtio device id {prof.device_id} in a {kind} stream")
-    pci = pci_config_from_record(rs.one(PCI_CONFIG)[0])
-    msix = msix_from_record(*rs.one(MSIX), expect_vectors=profile.msix_vectors)
-    intx_rec = rs.maybe(INTX)
-    intx = intx_from_record(intx_rec[0]) if intx_rec else IntxState()
+    pci, msix, intx = pci_parts_from_records(rs, profile)
     rs.all(VIRTIO_PARTS)  # instances strictly ascending
     parts = _parse_parts([r.payload for r in rs.records if r.type == VIRTIO_PARTS.type_id],
                          kind == "net")
@@ -529,7 +514,7 @@ def _standard(kind: str, extra: tuple[RecordLayout, ...]) -> StandardFormat:
         name, major=1, minor_max=0, records=(*TRANSPORT_LAYOUTS, *extra),
         save=_save, load=lambda rs, minor: _load(kind, rs), state_type=VirtioDevState,
         profile=lambda s: s.profile,
-        profile_from_records=lambda rs: profile_from_record(*rs.one(PROFILE)),
+        profile_from_records=profile_of_records,
         description=f"virtio-{kind}: VIRTIO 1.4 device parts + ring positions "
                     "(docs/migration-format.md 5.4)")
 

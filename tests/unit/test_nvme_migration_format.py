@@ -241,3 +241,20 @@ def test_queue_state_dataclasses_are_what_tp4159_carries():
                                                              "head", "tail"]
     assert [f.name for f in dataclasses.fields(CqState)] == ["qid", "base", "size", "vector",
                                                              "irq_enabled", "head", "tail", "phase"]
+
+
+def test_the_format_records_are_the_live_state_classes():
+    """One definition per record: the format copies nothing it could name, and the opaque
+    schema keeps the names its streams were written with."""
+    from vfu_devices.nvme import migration_format as mf
+    from vfu_devices.nvme import state
+    from vfu_server.migration.opaque import schema_text
+
+    pairs = {mf.SqState: state.SubmissionQueueState, mf.CqState: state.CompletionQueueState,
+             mf.Dbbuf: state.ShadowDoorbells, mf.AerEvent: state.AsyncEvent,
+             mf.ErrorEntry: state.ErrorLogEntry, mf.SmartState: state.SmartCounters}
+    text = schema_text(mf.NvmeMigState)
+    for fmt_cls, live_cls in pairs.items():
+        assert fmt_cls is live_cls
+        assert f"{live_cls.opaque_name}{{" in text
+        assert f"{live_cls.__name__}{{" not in text

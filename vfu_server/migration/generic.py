@@ -12,14 +12,19 @@ the single source the encoder and decoder use.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .envelope import REC_PROFILE, Record
 from .errors import MigrationFormatError
 from .records import RecordLayout, StructLayout
 
+if TYPE_CHECKING:
+    from .formats import RecordSet
+
 __all__ = [
+    "GENERIC_LAYOUTS",
     "INTX",
     "MSIX",
     "PCI_CONFIG",
@@ -29,13 +34,17 @@ __all__ = [
     "MsixVector",
     "PciConfigState",
     "PciProfile",
+    "PciState",
+    "generic_records",
     "intx_from_record",
     "intx_to_record",
     "msix_from_record",
     "msix_to_record",
     "pci_config_from_record",
     "pci_config_to_record",
+    "pci_parts_from_records",
     "profile_from_record",
+    "profile_of_records",
     "profile_to_record",
 ]
 
@@ -210,3 +219,39 @@ def intx_from_record(values: dict[str, Any]) -> IntxState:
 
 
 GENERIC_LAYOUTS = (PROFILE, PCI_CONFIG, MSIX, INTX)
+
+
+class PciState(Protocol):
+    """What a device's state tree holds of the generic records (every standard format's)."""
+
+    @property
+    def profile(self) -> PciProfile: ...
+    @property
+    def pci(self) -> PciConfigState: ...
+    @property
+    def msix(self) -> MsixState: ...
+    @property
+    def intx(self) -> IntxState: ...
+
+
+def generic_records(state: PciState) -> Iterator[Record]:
+    """The records a standard format starts with: PROFILE, PCI_CONFIG, MSIX, INTX."""
+    yield profile_to_record(state.profile)
+    yield pci_config_to_record(state.pci)
+    yield msix_to_record(state.msix)
+    yield intx_to_record(state.intx)
+
+
+def profile_of_records(rs: RecordSet) -> PciProfile:
+    """The stream's PROFILE (the format checks its device_abi before anything else)."""
+    return profile_from_record(*rs.one(PROFILE))
+
+
+def pci_parts_from_records(rs: RecordSet, profile: PciProfile
+                           ) -> tuple[PciConfigState, MsixState, IntxState]:
+    """PCI_CONFIG, MSIX (as many vectors as `profile` says) and INTX (optional: level 0)."""
+    pci = pci_config_from_record(rs.one(PCI_CONFIG)[0])
+    msix = msix_from_record(*rs.one(MSIX), expect_vectors=profile.msix_vectors)
+    intx_rec = rs.maybe(INTX)
+    intx = intx_from_record(intx_rec[0]) if intx_rec else IntxState()
+    return pci, msix, intx
