@@ -37,6 +37,7 @@ from vfu_server.migration.generic import (
     MsixState,
     PciConfigState,
     PciProfile,
+    PciState,
     generic_records,
     pci_parts_from_records,
     profile_of_records,
@@ -70,11 +71,7 @@ class ExampleRegs:
 
 
 @dataclass(frozen=True)
-class ExampleState:
-    profile: PciProfile
-    pci: PciConfigState = field(default_factory=PciConfigState)
-    msix: MsixState = field(default_factory=MsixState)
-    intx: IntxState = field(default_factory=IntxState)
+class ExampleState(PciState):
     regs: ExampleRegs = field(default_factory=ExampleRegs)
 
 

@@ -38,6 +38,7 @@ from vfu_server.migration.generic import (
     MsixState,
     PciConfigState,
     PciProfile,
+    PciState,
     generic_records,
     pci_parts_from_records,
     profile_of_records,
@@ -211,11 +212,7 @@ class CqPending:
 
 
 @dataclass(frozen=True)
-class NvmeMigState:
-    profile: PciProfile
-    pci: PciConfigState = field(default_factory=PciConfigState)
-    msix: MsixState = field(default_factory=MsixState)
-    intx: IntxState = field(default_factory=IntxState)
+class NvmeMigState(PciState):
     regs: CtrlRegs = field(default_factory=CtrlRegs)
     sqs: tuple[SqState, ...] = ()  # qid ascending, the admin SQ (0) included
     cqs: tuple[CqState, ...] = ()

@@ -47,6 +47,7 @@ from vfu_server.migration.generic import (
     MsixState,
     PciConfigState,
     PciProfile,
+    PciState,
     generic_records,
     pci_parts_from_records,
     profile_of_records,
@@ -123,11 +124,7 @@ class NetMig:
 
 
 @dataclass(frozen=True)
-class VirtioDevState:
-    profile: PciProfile
-    pci: PciConfigState = field(default_factory=PciConfigState)
-    msix: MsixState = field(default_factory=MsixState)
-    intx: IntxState = field(default_factory=IntxState)
+class VirtioDevState(PciState):
     transport: TransportMig = field(default_factory=TransportMig)
     blk: BlkMig | None = None
     net: NetMig | None = None

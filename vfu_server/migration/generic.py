@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .envelope import REC_PROFILE, Record
 from .errors import MigrationFormatError
@@ -221,17 +221,16 @@ def intx_from_record(values: dict[str, Any]) -> IntxState:
 GENERIC_LAYOUTS = (PROFILE, PCI_CONFIG, MSIX, INTX)
 
 
-class PciState(Protocol):
-    """What a device's state tree holds of the generic records (every standard format's)."""
+@dataclass(frozen=True)
+class PciState:
+    """The part of a device's state tree that the generic records carry: a device's state
+    dataclass derives from it (frozen, its own fields after these, with defaults), and its
+    standard format writes them with generic_records."""
 
-    @property
-    def profile(self) -> PciProfile: ...
-    @property
-    def pci(self) -> PciConfigState: ...
-    @property
-    def msix(self) -> MsixState: ...
-    @property
-    def intx(self) -> IntxState: ...
+    profile: PciProfile
+    pci: PciConfigState = field(default_factory=PciConfigState)
+    msix: MsixState = field(default_factory=MsixState)
+    intx: IntxState = field(default_factory=IntxState)
 
 
 def generic_records(state: PciState) -> Iterator[Record]:
