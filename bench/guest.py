@@ -7,7 +7,7 @@ With ``--load fio`` (the default) the load is Debian's fio and the peers are QEM
 qemu-storage-daemon's vhost-user-blk and a null-co ceiling: see :mod:`bench.guest_fio`. What
 follows is ``--load loadgen``, the project's own small load generator of earlier sessions.
 
-Builds ``bench/loadgen.c`` on the host (``gcc -static -O2 -pthread``), adds it to the guest's
+Builds ``bench/loadgen.c`` on the host (``vfu_guest.static.build_static``), adds it to the guest's
 initramfs through the harness's ``extra_files``, boots QEMU 11.1 once with four disks -- vfu
 NVMe, QEMU ``nvme``, vfu virtio-blk, QEMU ``virtio-blk-pci``, each on its own image file of a
 distinct size so that the guest script can tell them apart -- and runs every job on every disk
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -72,10 +71,9 @@ def _key(dev: str, index: int, count: int) -> str:
 
 
 def build_loadgen(out_dir: Path) -> Path:
-    exe = out_dir / "loadgen"
-    subprocess.run(["gcc", "-static", "-O2", "-pthread", "-o", str(exe), str(REPO / "bench" / "loadgen.c")],
-                   check=True)
-    return exe
+    from vfu_guest.static import build_static
+
+    return build_static(REPO / "bench" / "loadgen.c", out_dir / "loadgen")
 
 
 def guest_script(sizes: dict[str, int], jobs: list[tuple[str, str, int, int]], seconds: float,

@@ -10,7 +10,8 @@
  *
  *   loadgen name=N dev=D op=O bs=B qd=Q secs=S ios=I iops=X mbps=Y lat_us=L errors=E
  *
- * Build: gcc -static -O2 -pthread -o loadgen loadgen.c
+ * Build: gcc -static -O2 -Wall -pthread -I guest/vfu_guest/include -o loadgen bench/loadgen.c
+ *        (python: vfu_guest.static.build_static)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,6 +25,8 @@
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "vfu_guest_tool.h" /* now(), xorshift() */
 
 enum { RANDREAD, RANDWRITE, SEQREAD, SEQWRITE };
 
@@ -45,22 +48,6 @@ struct worker {
 };
 
 static uint64_t seq_cursor;
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static uint64_t xorshift(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
-}
 
 static void *run(void *arg)
 {

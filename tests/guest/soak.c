@@ -24,7 +24,8 @@
  *     word: a lost, repeated or reordered byte range breaks the sequence.
  *       soak tcp-rx name=N bytes=B bad_at=-1|OFFSET errors=E
  *
- * Build: gcc -static -O2 -pthread -o soak soak.c
+ * Build: gcc -static -O2 -Wall -pthread -I guest/vfu_guest/include -o soak tests/guest/soak.c
+ *        (python: vfu_guest.static.build_static)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -40,25 +41,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "vfu_guest_tool.h" /* now(), xorshift() */
+
 #define BLOCK 4096
 #define MAX_RUN 16
 #define MAGIC 0x6b616f732d756676ULL /* "vfu-soak" */
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static uint64_t xorshift(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
-}
 
 static uint64_t fnv1a(const unsigned char *p, size_t n)
 {

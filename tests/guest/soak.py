@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfu_guest import GuestKit, GuestResult, VfuDevice, run_guest
+from vfu_guest.static import build_static
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -54,12 +55,7 @@ BAD_DMESG = re.compile(
 
 
 def build_soak(out_dir: Path) -> Path:
-    exe = out_dir / "soak"
-    subprocess.run(
-        ["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(exe), str(HERE / "soak.c")],
-        check=True,
-    )
-    return exe
+    return build_static(HERE / "soak.c", out_dir / "soak")
 
 
 def guest_script(disks: Sequence[tuple[str, str]], *, threads: int = 4,

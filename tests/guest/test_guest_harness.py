@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from vfu_guest import initramfs
 from vfu_guest.aptenv import _sources_from_deb822, _sources_from_list
 from vfu_guest.qemuconfig import configs_dir, load_args, parse_args_text, placeholders
 from vfu_guest.runner import GuestResult
+from vfu_guest.static import build_static
 
 
 def _entries(archive: bytes) -> dict[str, tuple[int, bytes]]:
@@ -133,3 +136,18 @@ def test_watch_serial_gives_up_at_the_deadline(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc on this host")
+def test_static_tools_share_the_guest_tool_header(tmp_path: Path) -> None:
+    """A guest tool built by build_static finds vfu_guest_tool.h and links; the header's
+    helpers behave (a clock that advances, a PRNG that does not repeat at once)."""
+    src = tmp_path / "tool.c"
+    src.write_text(
+        '#include <stdio.h>\n#include "vfu_guest_tool.h"\n'
+        "int main(void) { uint64_t s = 88172645463325252ULL; double t0 = now();\n"
+        "  uint64_t a = xorshift(&s), b = xorshift(&s);\n"
+        '  printf("%d %d\\n", a != b && a && b, now() >= t0); return 0; }\n'
+    )
+    exe = build_static(src, tmp_path / "tool")
+    assert subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout == "1 1\n"
