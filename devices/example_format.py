@@ -110,8 +110,6 @@ EXAMPLE_STANDARD = StandardFormat(
     save=_save,
     load=_load,
     state_type=ExampleState,
-    profile=lambda s: s.profile,
-    profile_from_records=profile_of_records,
     description="Example DMA engine, documented records (docs/migration-format.md)",
 )
 
@@ -119,7 +117,6 @@ EXAMPLE_OPAQUE = OpaqueFormat(
     "opaque/vfu-example",
     state_type=ExampleState,
     schema_version=1,
-    profile=lambda s: s.profile,
     description="vfu-server's example device, implementation-private TLV",
 )
 

@@ -430,7 +430,6 @@ NVME_OPAQUE = _NvmeOpaque(
     "opaque/vfu-nvme",
     state_type=NvmeMigState,
     schema_version=1,
-    profile=lambda s: s.profile,
     description="vfu-server's NVMe controller, implementation-private TLV of NvmeMigState",
 )
 
@@ -727,8 +726,6 @@ NVME_STANDARD = StandardFormat(
     save=_save,
     load=_load,
     state_type=NvmeMigState,
-    profile=lambda s: s.profile,
-    profile_from_records=profile_of_records,
     description="NVMe controller, documented records with TP4159 queue state (docs/migration-format.md 5.3)",
 )
 

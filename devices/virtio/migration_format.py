@@ -510,16 +510,14 @@ def _standard(kind: str, extra: tuple[RecordLayout, ...]) -> StandardFormat:
     return StandardFormat(
         name, major=1, minor_max=0, records=(*TRANSPORT_LAYOUTS, *extra),
         save=_save, load=lambda rs, minor: _load(kind, rs), state_type=VirtioDevState,
-        profile=lambda s: s.profile,
-        profile_from_records=profile_of_records,
+            profile_from_records=profile_of_records,
         description=f"virtio-{kind}: VIRTIO 1.4 device parts + ring positions "
                     "(docs/migration-format.md 5.4)")
 
 
 def _opaque(kind: str) -> OpaqueFormat:
     return OpaqueFormat(f"opaque/vfu-virtio-{kind}", state_type=VirtioDevState, schema_version=1,
-                        profile=lambda s: s.profile,
-                        description=f"vfu-server's virtio-{kind}, implementation-private TLV")
+                                            description=f"vfu-server's virtio-{kind}, implementation-private TLV")
 
 
 BLK_STANDARD = _standard("blk", (BLK_CONFIG, BLK_INFLIGHT, BLK_ID))

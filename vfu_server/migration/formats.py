@@ -34,6 +34,7 @@ from .envelope import (
     encode_envelope,
 )
 from .errors import MigrationError, MigrationFormatError
+from .generic import PciProfile, PciState, profile_of_records
 from .records import RecordLayout
 
 __all__ = [
@@ -57,6 +58,10 @@ NAMESPACE = uuid.UUID("2fb9b70f-431a-5772-82bf-db124779cf01")
 PRODUCER_UUID = uuid.uuid5(NAMESPACE, "producer/vfu-server")
 REC_OPAQUE_BLOB = 0x8001
 _OPAQUE_HDR = struct.Struct("<16sII")
+
+
+def _pci_profile(state: PciState) -> PciProfile:
+    return state.profile
 
 
 def format_uuid(name: str) -> uuid.UUID:
@@ -89,7 +94,10 @@ class StateFormat:
         self.aliases = tuple(aliases)
         self.description = description
         self.state_type = state_type
-        self._profile: Callable[[Any], Any] | None = None
+        # A state tree with the generic head (generic.PciState) has its profile where every
+        # format finds it; others name it (profile=...) or have none.
+        self._pci_state = isinstance(state_type, type) and issubclass(state_type, PciState)
+        self._profile: Callable[[Any], Any] | None = _pci_profile if self._pci_state else None
 
     # ---- to implement
     @property
@@ -247,8 +255,9 @@ class StandardFormat(StateFormat):
                 raise ValueError(f"{name}: vendor record {r.name} must be OPTIONAL")
         self._save = save
         self._load = load
-        self._profile = profile
-        self._profile_from_records = profile_from_records
+        self._profile = profile or self._profile
+        self._profile_from_records = profile_from_records or (
+            profile_of_records if self._pci_state else None)
 
     @property
     def known_record_types(self) -> frozenset[int]:
@@ -349,7 +358,7 @@ class OpaqueFormat(StateFormat):
                  profile: Callable[[Any], Any] | None = None) -> None:
         super().__init__(name, major=1, aliases=aliases, description=description,
                          state_type=state_type)
-        self._profile = profile
+        self._profile = profile or self._profile
         self.schema_version = schema_version
         self.schema_crc = opaque.schema_fingerprint(state_type)
 
