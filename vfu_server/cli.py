@@ -87,29 +87,10 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     args = parser.parse_args(argv)
     _set_up_logging(args)
     device = _configured_device(parser, args, name, device_cls)
-    from . import sandbox
-
-    try:
-        confinement = sandbox.configure(args.sandbox, args.user)
-    except SandboxError as exc:
-        parser.error(str(exc))
-    if confinement.mode == "off":
-        logging.getLogger("vfu_server").warning(
-            "--sandbox off: the server is not confined and can do whatever its user can")
-    if not 0 <= args.socket_poll_us <= MAX_POLL_US:
-        parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
-    if not 0 <= args.nice <= MAX_NICE:
-        parser.error(f"--nice must be 0..{MAX_NICE}")
+    confinement = _confinement(parser, args)
     activated, listener, connected, where = _client_sockets(parser, args)
     if args.nice:
-        # Before trio starts: Linux keeps a nice value per thread, and threads started later
-        # (trio's worker threads) inherit it.
-        try:
-            os.nice(args.nice)
-        except OSError as exc:
-            logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
-                                                     args.nice, exc.strerror)
-
+        _lower_priority(args.nice)
     successor = None
     if args.take_over is not None:
         from .handover import Successor
@@ -226,6 +207,35 @@ def _configured_device(parser: OneLineParser, args: argparse.Namespace, name: st
         except MigrationError as exc:
             parser.error(f"--migration-format: {exc.reason}")
     return device
+
+
+def _confinement(parser: OneLineParser, args: argparse.Namespace) -> Any:
+    """The sandbox's configuration (applied once the device is ready), and the range checks of
+    the polling and priority options."""
+    from . import sandbox
+
+    try:
+        confinement = sandbox.configure(args.sandbox, args.user)
+    except SandboxError as exc:
+        parser.error(str(exc))
+    if confinement.mode == "off":
+        logging.getLogger("vfu_server").warning(
+            "--sandbox off: the server is not confined and can do whatever its user can")
+    if not 0 <= args.socket_poll_us <= MAX_POLL_US:
+        parser.error(f"--socket-poll-us must be 0..{MAX_POLL_US}")
+    if not 0 <= args.nice <= MAX_NICE:
+        parser.error(f"--nice must be 0..{MAX_NICE}")
+    return confinement
+
+
+def _lower_priority(nice: int) -> None:
+    # Before trio starts: Linux keeps a nice value per thread, and threads started later
+    # (trio's worker threads) inherit it.
+    try:
+        os.nice(nice)
+    except OSError as exc:
+        logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
+                                                 nice, exc.strerror)
 
 
 def _client_sockets(parser: OneLineParser, args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
