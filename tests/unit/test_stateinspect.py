@@ -249,3 +249,37 @@ def test_catalogue_is_the_spec_uuid_table():
     doc = (pathlib.Path(__file__).parents[2] / "docs" / "migration-format.md").read_text()
     table = re.findall(r"^\| ([a-z0-9/.-]+) \| (?:standard|opaque) \| ([0-9a-f-]{36}) \|$", doc, re.M)
     assert {name: uid for uid, name in ((str(u), n) for u, n in FORMATS.items())} == dict(table)
+
+
+def test_a_family_cannot_take_another_ones_record_type():
+    from vfu_server.stateinspect import reader
+
+    before = dict(reader.RECORDS)
+    with pytest.raises(ValueError, match="0x0001 is PROFILE already"):
+        reader.register_records({0x0001: ("MINE", [("x", "I")], False)})
+    with pytest.raises(ValueError, match="0x0111 has a decoder already"):
+        reader.register_records({}, {0x0111: lambda p: {}})
+    # The same definition again (a module imported twice) is no conflict.
+    reader.register_records({0x0300: reader.RECORDS[0x0300]})
+    assert before == reader.RECORDS
+
+
+def test_a_broken_family_leaves_the_reader_working():
+    """An entry point whose module fails to import is a warning; the others still decode."""
+    code = (
+        "import importlib.metadata as md, warnings, sys\n"
+        "real = md.entry_points\n"
+        "def eps(**kw):\n"
+        "    out = list(real(**kw))\n"
+        "    return out + [md.EntryPoint('broken', 'no_such_module_s9', 'vfu_server.stateinspect')]\n"
+        "md.entry_points = eps\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from vfu_server.stateinspect import reader\n"
+        "print([str(x.message) for x in w])\n"
+        "print(sorted(reader.ORDER))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    warned, order = out.stdout.splitlines()
+    assert "the broken decoders (no_such_module_s9) are not loaded: ModuleNotFoundError" in warned
+    assert "nvme-ctrl/std/1" in order and "example/std/1" in order

@@ -107,7 +107,14 @@ def register_format(name: str, order: list[int] | tuple[int, ...] | None = None,
 def register_records(records: dict[int, tuple[str, list[Field], bool]],
                      decoders: dict[int, Callable[[bytes], dict[str, Any]]] | None = None) -> None:
     """A family's record types: fixed layouts (name, fields, has_tail) and, for those a field
-    list cannot describe, whole-payload decoders."""
+    list cannot describe, whole-payload decoders. A type registered already with another
+    definition is refused (ValueError): two families cannot both own one record type."""
+    for rtype, spec in records.items():
+        if RECORDS.get(rtype, spec) != spec:
+            raise ValueError(f"record type {rtype:#06x} is {RECORDS[rtype][0]} already")
+    for rtype, fn in (decoders or {}).items():
+        if DECODERS.get(rtype, fn) is not fn:
+            raise ValueError(f"record type {rtype:#06x} has a decoder already")
     RECORDS.update(records)
     DECODERS.update(decoders or {})
 
@@ -376,10 +383,16 @@ def _load_format_decoders() -> None:
     next to its devices), which register into the tables above. The
     reader itself names no device family: its catalogue is what these register."""
     import importlib
+    import warnings
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="vfu_server.stateinspect"):
-        importlib.import_module(ep.value)
+        try:
+            importlib.import_module(ep.value)
+        except Exception as exc:
+            # One broken family must not take the reader down: its formats show as unknown.
+            warnings.warn(f"vfu-state: the {ep.name} decoders ({ep.value}) are not loaded: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=1)
 
 
 _load_format_decoders()
