@@ -31,6 +31,7 @@ import trio
 
 from .protocol import messages as m
 from .protocol.codec import Message, encode
+from .protocol.connection import RequestIds
 from .protocol.constants import (
     Command,
     DmaMapFlags,
@@ -201,8 +202,9 @@ class Client:
     def __init__(self, sock: trio.socket.SocketType, max_data_xfer_size: int = 1 << 20) -> None:
         self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16)
         self.session: Session | None = None
-        self._next_id = 0
-        self._pending = PendingReplies()
+        # Every id is the client's (the server numbers its own requests from 0x8000 in its
+        # own space); which ids and which reply matches are the sans-IO core's rules.
+        self._pending = PendingReplies(RequestIds(0, 0x10000))
         self._maps: list[_Mapping] = []
         self._cancel = trio.CancelScope()
         self._reader_done = trio.Event()
@@ -341,14 +343,6 @@ class Client:
 
     # -- raw requests -------------------------------------------------------------------------
 
-    def _alloc_id(self) -> int:
-        for _ in range(0x10000):
-            msg_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            if msg_id not in self._pending:
-                return msg_id
-        raise RuntimeError("no free message id")
-
     async def request(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *, check: bool = True) -> Message:
         """Send a request and wait for its reply. Raises :class:`RemoteError` on an error reply."""
         if self._reader_done.is_set():
@@ -356,8 +350,7 @@ class Client:
         # Cancellation is checked before the id is taken: a request cancelled later may have
         # gone out, so its id stays taken until its reply (or the connection's end) comes.
         await trio.lowlevel.checkpoint_if_cancelled()
-        msg_id = self._alloc_id()
-        waiter = self._pending.expect(msg_id)
+        msg_id, waiter = self._pending.expect_next()
         rest = self.channel.send_now(encode(msg_id, command, payload), fds)
         if rest is not None:
             await self.channel.send_rest(rest)
@@ -372,7 +365,7 @@ class Client:
 
     async def post(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         """Send a request with NO_REPLY (posted)."""
-        await self.channel.send(encode(self._alloc_id(), command, payload, no_reply=True), fds)
+        await self.channel.send(encode(self._pending.ids.allocate_posted(), command, payload, no_reply=True), fds)
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (for tests of malformed input)."""
