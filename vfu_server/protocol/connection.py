@@ -72,13 +72,15 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 #: Commands whose handlers may wait (not on the MMIO hot path): the replies batched before
 #: them are sent first, so the client does not wait for them while the handler does.
 FLUSH_BEFORE: frozenset[int] = frozenset(
-    {Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.MIG_DATA_WRITE})
+    int(c) for c in (Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.MIG_DATA_WRITE))
 
 #: What a handler's successful result may be: a payload, a payload with fds to send, or None
 #: (an empty reply).
 Result = tuple[bytes, list[int]] | bytes | bytearray | None
 #: Bytes ready to send and the fds to send with them; None when the request said NO_REPLY.
 Encoded = tuple[bytes, list[int]] | None
+
+_VERSION = int(Command.VERSION)
 
 #: The server's own request ids: the upper half, so a trace tells them from the client's.
 SERVER_FIRST_ID = 0x8000
@@ -253,7 +255,9 @@ class ServerConnection:
     def __init__(self, offer: ServerOffer, supported: Iterable[int], max_message: int,
                  state: ConnectionState | None = None) -> None:
         self.offer = offer
-        self.supported = frozenset(supported) | {Command.VERSION}
+        self.supported = frozenset(int(c) for c in supported) | {_VERSION}
+        #: the requests this state serves (the fast path is one lookup here)
+        self.admitted: frozenset[int] = frozenset({_VERSION})
         self.decoder = MessageDecoder(max_message)
         self.outbox = Outbox()
         self.state = State.AWAITING_VERSION
@@ -271,6 +275,14 @@ class ServerConnection:
             self.state = TRANSITIONS[self.state, what]
         except KeyError:
             raise RuntimeError(f"no transition from {self.state.value} on {what!r}") from None
+        self.admitted = self._admits(self.state)
+
+    def _admits(self, state: State) -> frozenset[int]:
+        if state is State.AWAITING_VERSION:
+            return frozenset({_VERSION})
+        if state is State.SERVING:
+            return self.supported - {_VERSION}
+        return frozenset()
 
     def start_session(self, session: Session) -> None:
         """The session is agreed: by VERSION, or taken over with the connection."""
@@ -316,21 +328,17 @@ class ServerConnection:
 
     def check_request(self, msg: Message) -> VfioUserError | None:
         """Whether this state admits request ``msg``: None, or the error to answer it with."""
+        command = msg.command
+        if command in self.admitted:
+            return None
         state = self.state
-        if state is State.SERVING:
-            command = msg.command
-            if command in self.supported and command != Command.VERSION:
-                return None
-            if command == Command.VERSION:
-                return VfioUserError("VERSION sent twice", errno.EINVAL)
-        elif state is State.AWAITING_VERSION:
-            if msg.command == Command.VERSION:
-                return None
-            if msg.command in self.supported:
-                return VfioUserError(f"{command_name(msg.command)} before VERSION", errno.EINVAL)
-        else:
+        if state is State.CLOSED or state is State.ERROR:
             raise ProtocolError(f"request on a {state.value} connection", errno.EPIPE)
-        return VfioUserError(f"unsupported command {msg.command}", errno.ENOSYS)
+        if command not in self.supported:
+            return VfioUserError(f"unsupported command {command}", errno.ENOSYS)
+        if command == _VERSION:
+            return VfioUserError("VERSION sent twice", errno.EINVAL)
+        return VfioUserError(f"{command_name(command)} before VERSION", errno.EINVAL)
 
     def negotiate(self, msg: Message) -> tuple[bytes, Version, Session]:
         """Serve VERSION: the reply payload, the client's offer and the session (started)."""
