@@ -17,7 +17,7 @@ from vfu_server.protocol.connection import (
     SERVER_FIRST_ID,
     TRANSITIONS,
     ConnectionState,
-    Encoded,
+    Due,
     RequestIds,
     ServerConnection,
     State,
@@ -62,38 +62,40 @@ def new() -> ServerConnection:
     return ServerConnection(ServerOffer(), HANDLERS, MAX)
 
 
-def serve(core: ServerConnection, data: bytes, answers: list[tuple[Message, Encoded]] | None = None,
+def serve(core: ServerConnection, data: bytes, answers: list[tuple[Message, bool]] | None = None,
           sends: Sends | None = None) -> Sends:
     """What the trio layer does with one received batch, minus the I/O: every complete request
-    handled in order, the sends in the order they would go out (``answers``: each request
-    with what was made of it; ``sends``: where to put the sends, also when the stream breaks)."""
+    handled in order, the sends in the order they would go out (``answers``: each request,
+    and whether a reply was made for it; ``sends``: where to put the sends, also when the
+    stream breaks)."""
     core.receive_data(data)
     sends = [] if sends is None else sends
+    outbox = core.outbox
     try:
         while (msg := core.next_event()) is not None:
             try:
                 if msg.is_reply:
                     core.reply_received(msg)
                     continue
-                first = core.outbox.before(msg.command)
+                first = outbox.before(msg.command)
                 if first is not None:
                     sends.append((first, []))
+                batched = len(outbox.data)
+                due: Due = None
                 refused = core.check_request(msg)
-                encoded: Encoded
                 if refused is not None:
-                    encoded = core.error_reply(msg, refused)
+                    core.refuse(msg, refused)
                 else:
                     try:
                         if msg.command == Command.VERSION:
                             result: object = core.negotiate(msg)[0]
                         else:
                             result = HANDLERS[msg.command](msg)
-                        encoded = core.reply(msg, result)  # type: ignore[arg-type]
+                        due = core.respond(msg, result)  # type: ignore[arg-type]
                     except Exception as exc:
-                        encoded = core.error_reply(msg, exc)
+                        core.refuse(msg, exc)
                 if answers is not None:
-                    answers.append((msg, encoded))
-                due = core.outbox.add(encoded)
+                    answers.append((msg, due is not None or len(outbox.data) > batched))
                 if due:
                     sends += due
             finally:
@@ -101,13 +103,13 @@ def serve(core: ServerConnection, data: bytes, answers: list[tuple[Message, Enco
     finally:
         # The replies made before a broken stream still go out (the channel hands out the
         # messages before garbage first, and the error only on the next receive).
-        rest = core.outbox.take()
+        rest = outbox.take()
         if rest is not None:
             sends.append((rest, []))
     return sends
 
 
-def replies(sends: Sends) -> list[Message]:
+def replies(sends: Sends | list[tuple[bytes | bytearray, list[int]]]) -> list[Message]:
     dec = MessageDecoder(1 << 20)
     for data, fds in sends:
         dec.feed(data, fds)
@@ -170,10 +172,11 @@ def test_errors_carry_the_handlers_errno_and_device_bugs_are_eio() -> None:
     got = replies(serve(core, encode(1, Command.DMA_UNMAP, bytes(24)) + encode(2, Command.DEVICE_GET_INFO, bytes(16))))
     assert [(r.id, r.is_error, r.error, bytes(r.payload)) for r in got] == [
         (1, True, errno.EFAULT, b""), (2, True, errno.EIO, b"")]
-    assert core.error_reply(Message(3, Command.DMA_MAP, 0, 0, b""), VfioUserError("x", 0)) == (
-        encode(3, Command.DMA_MAP, reply=True, error=errno.EINVAL), [])
+    core.refuse(Message(3, Command.DMA_MAP, 0, 0, b""), VfioUserError("x", 0))
+    assert core.outbox.take() == encode(3, Command.DMA_MAP, reply=True, error=errno.EINVAL)
     with pytest.raises(ProtocolError):
-        core.error_reply(Message(4, Command.DMA_MAP, 0, 0, b""), ProtocolError("stream broken"))
+        core.refuse(Message(4, Command.DMA_MAP, 0, 0, b""), ProtocolError("stream broken"))
+    assert core.outbox.take() is None
 
 
 @pytest.mark.parametrize("ready", [False, True])
@@ -345,7 +348,7 @@ def test_arbitrary_fragmented_streams_raise_only_protocol_errors_and_honour_no_r
         stream: tuple[bytes, list[int]]) -> None:
     data, cuts = stream
     core = new()
-    answers: list[tuple[Message, Encoded]] = []
+    answers: list[tuple[Message, bool]] = []
     sent: Sends = []
     try:
         for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
@@ -358,15 +361,15 @@ def test_arbitrary_fragmented_streams_raise_only_protocol_errors_and_honour_no_r
             core.next_event()
     else:
         assert core.state in (State.AWAITING_VERSION, State.SERVING)
-    for msg, encoded in answers:
-        if msg.no_reply:
-            assert encoded is None, f"a reply to NO_REPLY {msg.describe()}"
-        else:
-            assert encoded is not None, f"no reply to {msg.describe()}"
-            (reply,) = replies([encoded])
-            assert reply.is_reply and reply.id == msg.id and reply.command == msg.command
+    for msg, replied in answers:
+        assert replied != msg.no_reply, f"{'a' if replied else 'no'} reply to {msg.describe()}"
     # What goes out is exactly the replies made, in order, nothing more.
-    assert [m.id for m in replies(sent)] == [m.id for m, e in answers if e is not None]
+    out = replies(sent)
+    assert [(m.id, m.command) for m in out] == [(m.id, m.command) for m, replied in answers if replied]
+    assert all(m.is_reply for m in out)
+    for _, fds in sent:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_client_ids_span_16_bits_and_posted_ids_are_not_kept() -> None:

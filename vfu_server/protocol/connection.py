@@ -3,7 +3,7 @@
 :class:`ServerConnection` knows what a vfio-user server must do with the messages of one client
 and nothing about sockets, tasks or devices: bytes and fds go in (:meth:`receive_data`),
 messages come out (:meth:`next_event`), and the answer to a request becomes the bytes to send
-(:meth:`reply`, :meth:`error_reply`) or nothing for NO_REPLY. The trio layer
+(:meth:`respond`, :meth:`refuse`) or nothing for NO_REPLY. The trio layer
 (``vfu_server/server.py``) moves the bytes and fds and runs the device's handlers; a test drives
 this class with bytes alone.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .codec import Message, MessageDecoder, command_name, encode
-from .constants import Command
+from .constants import Command, MsgFlags
 from .errors import ProtocolError, VfioUserError
 from .messages import Version
 from .negotiation import ServerOffer, Session
@@ -77,8 +77,10 @@ FLUSH_BEFORE: frozenset[int] = frozenset(
 #: What a handler's successful result may be: a payload, a payload with fds to send, or None
 #: (an empty reply).
 Result = tuple[bytes, list[int]] | bytes | bytearray | None
-#: Bytes ready to send and the fds to send with them; None when the request said NO_REPLY.
-Encoded = tuple[bytes, list[int]] | None
+#: Sends due now, in order (bytes, and the fds to attach to them); None when there are none.
+Due = list[tuple[bytes | bytearray, list[int]]] | None
+
+_NO_REPLY = int(MsgFlags.NO_REPLY)
 
 _VERSION = int(Command.VERSION)
 
@@ -156,39 +158,32 @@ class RequestIds(Generic[T]):
 
 
 class Outbox:
-    """Replies batched for one send, and the rule for what must go out before what."""
+    """Replies batched for one send, and the rule for what must go out before what.
+    :meth:`ServerConnection.respond` batches into :attr:`data`."""
 
     __slots__ = ("data",)
 
     def __init__(self) -> None:
         self.data = bytearray()
 
-    def before(self, command: int) -> bytes | None:
+    def before(self, command: int) -> bytearray | None:
         """What must be sent before the request ``command`` is handled, if anything."""
         if command in FLUSH_BEFORE and self.data:
             return self.take()
         return None
 
-    def add(self, encoded: Encoded) -> list[tuple[bytes, list[int]]] | None:
-        """Batch a reply. Returns the sends due now when it carries fds (the batch so far,
-        then the reply alone), else None."""
-        if encoded is None:
-            return None
-        data, fds = encoded
-        if not fds:
-            self.data += data
-            return None
-        due: list[tuple[bytes, list[int]]] = []
+    def alone(self, data: bytes, fds: list[int]) -> Due:
+        """A reply with fds: the batch so far goes first, then the reply by itself."""
         if self.data:
-            due.append((self.take(), []))
-        due.append((data, fds))
-        return due
+            return [(self.take(), []), (data, fds)]
+        return [(data, fds)]
 
-    def take(self) -> bytes | None:
-        """The batched replies, now or never; None when there are none."""
-        if not self.data:
+    def take(self) -> bytearray | None:
+        """The batched replies, now or never; None when there are none. The caller owns the
+        buffer (handed over, not copied: this runs once per received batch)."""
+        data = self.data
+        if not data:
             return None
-        data = bytes(self.data)
         self.data = bytearray()
         return data
 
@@ -357,37 +352,43 @@ class ServerConnection:
 
     # -- answering -----------------------------------------------------------------------------
 
-    @staticmethod
-    def reply(msg: Message, result: Result) -> Encoded:
-        """A handler's result as the reply to send, or None for NO_REPLY."""
-        if msg.flags & 0x10:  # NO_REPLY; a plain int test, this runs for every message
+    def respond(self, msg: Message, result: Result) -> Due:
+        """Answer ``msg`` with a handler's result: nothing for NO_REPLY, else its reply goes
+        into the outbox, or, with fds, is due now (:meth:`Outbox.alone`). Returns the sends
+        due now, or None. One call per message: this is the hot path's."""
+        if msg.flags & _NO_REPLY:  # a plain int test
             return None
         if result is None:
-            return encode(msg.id, msg.command, reply=True), []
-        if isinstance(result, tuple):
+            self.outbox.data += encode(msg.id, msg.command, reply=True)
+            return None
+        if type(result) is tuple:
             payload, fds = result
-            return encode(msg.id, msg.command, payload, reply=True), fds
-        return encode(msg.id, msg.command, result, reply=True), []
+            data = encode(msg.id, msg.command, payload, reply=True)
+            if fds:
+                return self.outbox.alone(data, fds)
+            self.outbox.data += data
+            return None
+        self.outbox.data += encode(msg.id, msg.command, result, reply=True)
+        return None
+
+    def refuse(self, msg: Message, exc: BaseException) -> None:
+        """Answer ``msg`` that failed with ``exc``: an error reply into the outbox, with the
+        errno of :meth:`error_errno`, or nothing for NO_REPLY (the client did not ask)."""
+        error = self.error_errno(exc)
+        if not msg.flags & _NO_REPLY:
+            self.outbox.data += encode(msg.id, msg.command, reply=True, error=error)
 
     @staticmethod
     def error_errno(exc: BaseException) -> int:
         """The errno a failed request is answered with: a :class:`VfioUserError`'s own, and
-        EIO for anything else (a device bug: the peer learns only that it failed)."""
+        EIO for anything else (a device bug: the peer learns only that it failed). A
+        :class:`ProtocolError` is re-raised: the stream itself is broken and no reply can fix
+        that."""
         if isinstance(exc, ProtocolError):
             raise exc
         if isinstance(exc, VfioUserError):
             return exc.errno or errno.EINVAL
         return errno.EIO
-
-    @classmethod
-    def error_reply(cls, msg: Message, exc: BaseException) -> Encoded:
-        """The error reply for ``msg`` failing with ``exc``, or None for NO_REPLY (the failure
-        then goes unanswered: the client did not ask). A :class:`ProtocolError` is re-raised:
-        the stream itself is broken and no reply can fix that."""
-        error = cls.error_errno(exc)
-        if msg.flags & 0x10:
-            return None
-        return encode(msg.id, msg.command, reply=True, error=error), []
 
     # -- requests of our own -------------------------------------------------------------------
 
