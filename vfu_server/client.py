@@ -31,7 +31,7 @@ import trio
 
 from .protocol import messages as m
 from .protocol.codec import Message, encode
-from .protocol.connection import RequestIds
+from .protocol.connection import ClientConnection
 from .protocol.constants import (
     Command,
     DmaMapFlags,
@@ -43,7 +43,7 @@ from .protocol.constants import (
     RegionFlags,
 )
 from .protocol.errors import DmaError, ProtocolError, RemoteError, VfioUserError
-from .protocol.negotiation import Session, accept_server_reply, client_offer
+from .protocol.negotiation import Session, client_offer
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
 
@@ -200,11 +200,10 @@ class Client:
     """One connection to a vfio-user server. Use :meth:`connect`."""
 
     def __init__(self, sock: trio.socket.SocketType, max_data_xfer_size: int = 1 << 20) -> None:
-        self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16)
-        self.session: Session | None = None
-        # Every id is the client's (the server numbers its own requests from 0x8000 in its
-        # own space); which ids and which reply matches are the sans-IO core's rules.
-        self._pending = PendingReplies(RequestIds(0, 0x10000))
+        #: the protocol rules and state (sans-IO, client role); the channel feeds its decoder
+        self.core = ClientConnection(max_data_xfer_size + 4096)
+        self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16, self.core.decoder)
+        self._pending = PendingReplies(self.core.requests)
         self._maps: list[_Mapping] = []
         self._cancel = trio.CancelScope()
         self._reader_done = trio.Event()
@@ -236,6 +235,10 @@ class Client:
         self.path = path
         self._offer = client_offer(write_multiple=write_multiple, max_data_xfer_size=max_data_xfer_size)
         return self
+
+    @property
+    def session(self) -> Session | None:
+        return self.core.session
 
     async def __aenter__(self) -> Client:
         self._nursery_manager = trio.open_nursery()
@@ -271,8 +274,7 @@ class Client:
         offer = offer or client_offer()
         self._offered_xfer = int(offer.capabilities.get("max_data_xfer_size", 1 << 20))
         reply = await self.request(Command.VERSION, offer.pack())
-        self.session = accept_server_reply(m.Version.unpack(reply.payload))
-        return self.session
+        return self.core.version_accepted(reply)
 
     async def _reader(self) -> None:
         with self._cancel:
@@ -286,7 +288,7 @@ class Client:
                         if msg.is_reply:
                             if not self._pending.deliver(msg):
                                 msg.close_fds()
-                                raise ProtocolError(f"unexpected reply id={msg.id}")
+                                raise self.core.unexpected_reply(msg)
                         else:
                             await self._serve_request(msg)
             except (ProtocolError, OSError, trio.ClosedResourceError) as exc:
@@ -316,13 +318,14 @@ class Client:
             self.dma_bytes += req.count
             self.dma_sizes.append(req.count)
         except VfioUserError as exc:
+            self.core.refuse(msg, exc)
+        else:
+            self.core.respond(msg, payload)
+        finally:
             msg.close_fds()
-            if not msg.no_reply:
-                await self.channel.send(encode(msg.id, msg.command, reply=True, error=exc.errno or errno.EINVAL))
-            return
-        msg.close_fds()
-        if not msg.no_reply:
-            await self.channel.send(encode(msg.id, msg.command, payload, reply=True))
+        answer = self.core.outbox.take()  # None for NO_REPLY
+        if answer is not None:
+            await self.channel.send(answer)
 
     def _check_dma_size(self, count: int) -> None:
         if count > self.max_data_xfer_size:
@@ -365,7 +368,7 @@ class Client:
 
     async def post(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         """Send a request with NO_REPLY (posted)."""
-        await self.channel.send(encode(self._pending.ids.allocate_posted(), command, payload, no_reply=True), fds)
+        await self.channel.send(self.core.post(command, payload), fds)
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (for tests of malformed input)."""

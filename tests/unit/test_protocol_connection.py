@@ -381,3 +381,28 @@ def test_client_ids_span_16_bits_and_posted_ids_are_not_kept() -> None:
         RequestIds(0x8000, 0x8001)
     with pytest.raises(ValueError):
         RequestIds(0x8000, 0x8000, next_id=5)
+
+
+def test_the_client_role_shares_the_rules() -> None:
+    from vfu_server.protocol.connection import ClientConnection
+
+    server, client = new(), ClientConnection(MAX)
+    _, data = client.send_request(Command.VERSION, client_offer().pack())
+    (reply,) = replies(serve(server, data))
+    assert client.requests.complete(reply) == (True, None)
+    session = client.version_accepted(reply)
+    assert client.state is State.SERVING and session.max_data_xfer_size > 0
+    with pytest.raises(VfioUserError):
+        client.version_accepted(reply)
+    # The server's requests are answered by the same rules: NO_REPLY means nothing.
+    client.respond(Message(0x8000, Command.DMA_READ, 0x10, 0, b""), b"data")
+    client.refuse(Message(0x8001, Command.DMA_READ, 0x10, 0, b""), VfioUserError("no", errno.EFAULT))
+    assert client.outbox.take() is None
+    client.refuse(Message(0x8002, Command.DMA_WRITE, 0, 0, b""), VfioUserError("no", errno.EPERM))
+    (refusal,) = replies([(client.outbox.take() or b"", [])])
+    assert (refusal.id, refusal.is_error, refusal.error) == (0x8002, True, errno.EPERM)
+    posted = client.post(Command.REGION_WRITE, bytes(20))
+    assert HEADER.unpack_from(posted)[3] & int(MsgFlags.NO_REPLY) and len(client.requests) == 0
+    with pytest.raises(ProtocolError):
+        raise client.unexpected_reply(Message(77, Command.REGION_READ, 1, 0, b""))
+    assert client.state is State.ERROR

@@ -45,7 +45,7 @@ from .codec import Message, MessageDecoder, command_name, encode
 from .constants import Command, MsgFlags
 from .errors import ProtocolError, VfioUserError
 from .messages import Version
-from .negotiation import ServerOffer, Session
+from .negotiation import ServerOffer, Session, accept_server_reply
 
 
 class State(enum.Enum):
@@ -240,28 +240,18 @@ class ConnectionState:
         return cls(state, session, next_id, in_flight, unread, marks)
 
 
-class ServerConnection:
-    """The server's side of one vfio-user connection, without I/O.
+class PeerConnection:
+    """What both ends of a connection do alike, without I/O: the states, decoding what comes
+    in, answering the peer's requests (NO_REPLY, errnos, batching), and ids for our own."""
 
-    ``supported``: the commands the dispatch table handles (VERSION is always handled here).
-    ``state``: continue a connection another process served (a live handover).
-    """
-
-    def __init__(self, offer: ServerOffer, supported: Iterable[int], max_message: int,
-                 state: ConnectionState | None = None) -> None:
-        self.offer = offer
-        self.supported = frozenset(int(c) for c in supported) | {_VERSION}
-        #: the requests this state serves (the fast path is one lookup here)
-        self.admitted: frozenset[int] = frozenset({_VERSION})
+    def __init__(self, max_message: int, requests: RequestIds[Any]) -> None:
         self.decoder = MessageDecoder(max_message)
         self.outbox = Outbox()
         self.state = State.AWAITING_VERSION
         self.session: Session | None = None
-        self.requests: RequestIds[Any] = RequestIds(SERVER_FIRST_ID, SERVER_ID_COUNT)
+        self.requests = requests
         #: the ProtocolError that broke the stream (state ERROR)
         self.error: ProtocolError | None = None
-        if state is not None:
-            self._restore(state)
 
     # -- the state machine ---------------------------------------------------------------------
 
@@ -270,14 +260,10 @@ class ServerConnection:
             self.state = TRANSITIONS[self.state, what]
         except KeyError:
             raise RuntimeError(f"no transition from {self.state.value} on {what!r}") from None
-        self.admitted = self._admits(self.state)
+        self._state_changed()
 
-    def _admits(self, state: State) -> frozenset[int]:
-        if state is State.AWAITING_VERSION:
-            return frozenset({_VERSION})
-        if state is State.SERVING:
-            return self.supported - {_VERSION}
-        return frozenset()
+    def _state_changed(self) -> None:
+        """A subclass's view of the new state (e.g. what it admits)."""
 
     def start_session(self, session: Session) -> None:
         """The session is agreed: by VERSION, or taken over with the connection."""
@@ -320,35 +306,6 @@ class ServerConnection:
             return self.decoder.next_message()
         except ProtocolError as exc:
             raise self.broken(exc) from None
-
-    def check_request(self, msg: Message) -> VfioUserError | None:
-        """Whether this state admits request ``msg``: None, or the error to answer it with."""
-        command = msg.command
-        if command in self.admitted:
-            return None
-        state = self.state
-        if state is State.CLOSED or state is State.ERROR:
-            raise ProtocolError(f"request on a {state.value} connection", errno.EPIPE)
-        if command not in self.supported:
-            return VfioUserError(f"unsupported command {command}", errno.ENOSYS)
-        if command == _VERSION:
-            return VfioUserError("VERSION sent twice", errno.EINVAL)
-        return VfioUserError(f"{command_name(command)} before VERSION", errno.EINVAL)
-
-    def negotiate(self, msg: Message) -> tuple[bytes, Version, Session]:
-        """Serve VERSION: the reply payload, the client's offer and the session (started)."""
-        if self.state is not State.AWAITING_VERSION:
-            raise VfioUserError("VERSION sent twice", errno.EINVAL)
-        request = Version.unpack(msg.payload)
-        reply, session = self.offer.negotiate(request)
-        self.start_session(session)
-        return reply.pack(), request, session
-
-    def reply_received(self, reply: Message) -> tuple[bool, Any]:
-        """Route a reply to the request of ours with its id: ``(True, token)``, or
-        ``(False, None)`` when none waits (QEMU never sends one: the caller logs and drops it,
-        its fds closed)."""
-        return self.requests.complete(reply)
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -397,6 +354,63 @@ class ServerConnection:
         msg_id = self.requests.allocate(token)
         return msg_id, encode(msg_id, command, payload)
 
+
+class ServerConnection(PeerConnection):
+    """The server's side of one vfio-user connection, without I/O.
+
+    ``supported``: the commands the dispatch table handles (VERSION is always handled here).
+    ``state``: continue a connection another process served (a live handover).
+    """
+
+    def __init__(self, offer: ServerOffer, supported: Iterable[int], max_message: int,
+                 state: ConnectionState | None = None) -> None:
+        super().__init__(max_message, RequestIds(SERVER_FIRST_ID, SERVER_ID_COUNT))
+        self.offer = offer
+        self.supported = frozenset(int(c) for c in supported) | {_VERSION}
+        #: the requests this state serves (the fast path is one lookup here)
+        self.admitted: frozenset[int] = frozenset({_VERSION})
+        if state is not None:
+            self._restore(state)
+
+    def _state_changed(self) -> None:
+        self.admitted = self._admits(self.state)
+
+    def _admits(self, state: State) -> frozenset[int]:
+        if state is State.AWAITING_VERSION:
+            return frozenset({_VERSION})
+        if state is State.SERVING:
+            return self.supported - {_VERSION}
+        return frozenset()
+
+    def check_request(self, msg: Message) -> VfioUserError | None:
+        """Whether this state admits request ``msg``: None, or the error to answer it with."""
+        command = msg.command
+        if command in self.admitted:
+            return None
+        state = self.state
+        if state is State.CLOSED or state is State.ERROR:
+            raise ProtocolError(f"request on a {state.value} connection", errno.EPIPE)
+        if command not in self.supported:
+            return VfioUserError(f"unsupported command {command}", errno.ENOSYS)
+        if command == _VERSION:
+            return VfioUserError("VERSION sent twice", errno.EINVAL)
+        return VfioUserError(f"{command_name(command)} before VERSION", errno.EINVAL)
+
+    def negotiate(self, msg: Message) -> tuple[bytes, Version, Session]:
+        """Serve VERSION: the reply payload, the client's offer and the session (started)."""
+        if self.state is not State.AWAITING_VERSION:
+            raise VfioUserError("VERSION sent twice", errno.EINVAL)
+        request = Version.unpack(msg.payload)
+        reply, session = self.offer.negotiate(request)
+        self.start_session(session)
+        return reply.pack(), request, session
+
+    def reply_received(self, reply: Message) -> tuple[bool, Any]:
+        """Route a reply to the request of ours with its id: ``(True, token)``, or
+        ``(False, None)`` when none waits (QEMU never sends one: the caller logs and drops it,
+        its fds closed)."""
+        return self.requests.complete(reply)
+
     # -- the state as data ---------------------------------------------------------------------
 
     def snapshot(self) -> ConnectionState:
@@ -417,3 +431,29 @@ class ServerConnection:
             self.start_session(state.session)
         elif state.state is not State.AWAITING_VERSION:
             raise ValueError(f"a {state.state.value} connection cannot be continued")
+
+
+class ClientConnection(PeerConnection):
+    """The client's side, without I/O: VERSION's reply accepted the way QEMU 11.1 does, every
+    16-bit id its own, a reply that matches no request of ours breaks the stream (a server
+    never sends one), and the server's requests (DMA_READ/DMA_WRITE) answered by the same
+    rules as the server answers ours."""
+
+    def __init__(self, max_message: int) -> None:
+        super().__init__(max_message, RequestIds(0, 0x10000))
+
+    def version_accepted(self, reply: Message) -> Session:
+        """The server's VERSION reply: the session (started), or :class:`VfioUserError`."""
+        if self.state is not State.AWAITING_VERSION:
+            raise VfioUserError(f"VERSION reply on a {self.state.value} connection", errno.EPROTO)
+        session = accept_server_reply(Version.unpack(reply.payload))
+        self.start_session(session)
+        return session
+
+    def post(self, command: int, payload: bytes | bytearray | memoryview = b"") -> bytes:
+        """A request that wants no reply (NO_REPLY): its bytes; its id is not kept."""
+        return encode(self.requests.allocate_posted(), command, payload, no_reply=True)
+
+    def unexpected_reply(self, reply: Message) -> ProtocolError:
+        """A reply no request of ours waits for: the stream is broken (state ERROR)."""
+        return self.broken(ProtocolError(f"unexpected reply id={reply.id}"))
