@@ -27,8 +27,16 @@ Requests of our own (DMA_READ/DMA_WRITE to the client) take ids from :class:`Req
 (0x8000-0xFFFF for the server, so that they never look like an echo of a client's id in a
 trace), and a reply is routed by id to whatever waits for it.
 
-Hot path: :meth:`check_request` is one state test and one set lookup; nothing here allocates
-an event object per message (the event is the decoded :class:`Message` itself).
+:class:`ClientConnection` is the same machine in the client role (:class:`PeerConnection`
+holds what both share): it accepts the server's VERSION reply, numbers every request itself,
+answers the server's DMA_READ/DMA_WRITE by the same NO_REPLY and errno rules, and treats a
+reply that matches none of its requests as a broken stream.
+
+Hot path: the server tests a state's admitted commands with one set lookup
+(:attr:`ServerConnection.admitted`) and answers a request with one call (:meth:`respond`
+encodes the reply and batches it); nothing here allocates an event object per message (the
+event is the decoded :class:`Message` itself). A REGION_READ round trip costs what it did
+before this module existed (docs/performance.md).
 """
 
 from __future__ import annotations
