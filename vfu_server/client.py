@@ -31,6 +31,7 @@ import trio
 
 from .protocol import messages as m
 from .protocol.codec import Message, encode
+from .protocol.connection import ClientConnection
 from .protocol.constants import (
     Command,
     DmaMapFlags,
@@ -42,7 +43,7 @@ from .protocol.constants import (
     RegionFlags,
 )
 from .protocol.errors import DmaError, ProtocolError, RemoteError, VfioUserError
-from .protocol.negotiation import Session, accept_server_reply, client_offer
+from .protocol.negotiation import Session, client_offer
 from .transport.channel import MessageChannel
 from .transport.pending import PendingReplies
 
@@ -199,10 +200,10 @@ class Client:
     """One connection to a vfio-user server. Use :meth:`connect`."""
 
     def __init__(self, sock: trio.socket.SocketType, max_data_xfer_size: int = 1 << 20) -> None:
-        self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16)
-        self.session: Session | None = None
-        self._next_id = 0
-        self._pending = PendingReplies()
+        #: the protocol rules and state (sans-IO, client role); the channel feeds its decoder
+        self.core = ClientConnection(max_data_xfer_size + 4096)
+        self.channel = MessageChannel(sock, max_data_xfer_size + 4096, 16, self.core.decoder)
+        self._pending = PendingReplies(self.core.requests)
         self._maps: list[_Mapping] = []
         self._cancel = trio.CancelScope()
         self._reader_done = trio.Event()
@@ -234,6 +235,10 @@ class Client:
         self.path = path
         self._offer = client_offer(write_multiple=write_multiple, max_data_xfer_size=max_data_xfer_size)
         return self
+
+    @property
+    def session(self) -> Session | None:
+        return self.core.session
 
     async def __aenter__(self) -> Client:
         self._nursery_manager = trio.open_nursery()
@@ -269,8 +274,7 @@ class Client:
         offer = offer or client_offer()
         self._offered_xfer = int(offer.capabilities.get("max_data_xfer_size", 1 << 20))
         reply = await self.request(Command.VERSION, offer.pack())
-        self.session = accept_server_reply(m.Version.unpack(reply.payload))
-        return self.session
+        return self.core.version_accepted(reply)
 
     async def _reader(self) -> None:
         with self._cancel:
@@ -284,7 +288,7 @@ class Client:
                         if msg.is_reply:
                             if not self._pending.deliver(msg):
                                 msg.close_fds()
-                                raise ProtocolError(f"unexpected reply id={msg.id}")
+                                raise self.core.unexpected_reply(msg)
                         else:
                             await self._serve_request(msg)
             except (ProtocolError, OSError, trio.ClosedResourceError) as exc:
@@ -314,13 +318,14 @@ class Client:
             self.dma_bytes += req.count
             self.dma_sizes.append(req.count)
         except VfioUserError as exc:
+            self.core.refuse(msg, exc)
+        else:
+            self.core.respond(msg, payload)
+        finally:
             msg.close_fds()
-            if not msg.no_reply:
-                await self.channel.send(encode(msg.id, msg.command, reply=True, error=exc.errno or errno.EINVAL))
-            return
-        msg.close_fds()
-        if not msg.no_reply:
-            await self.channel.send(encode(msg.id, msg.command, payload, reply=True))
+        answer = self.core.outbox.take()  # None for NO_REPLY
+        if answer is not None:
+            await self.channel.send(answer)
 
     def _check_dma_size(self, count: int) -> None:
         if count > self.max_data_xfer_size:
@@ -341,14 +346,6 @@ class Client:
 
     # -- raw requests -------------------------------------------------------------------------
 
-    def _alloc_id(self) -> int:
-        for _ in range(0x10000):
-            msg_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFF
-            if msg_id not in self._pending:
-                return msg_id
-        raise RuntimeError("no free message id")
-
     async def request(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *, check: bool = True) -> Message:
         """Send a request and wait for its reply. Raises :class:`RemoteError` on an error reply."""
         if self._reader_done.is_set():
@@ -356,8 +353,7 @@ class Client:
         # Cancellation is checked before the id is taken: a request cancelled later may have
         # gone out, so its id stays taken until its reply (or the connection's end) comes.
         await trio.lowlevel.checkpoint_if_cancelled()
-        msg_id = self._alloc_id()
-        waiter = self._pending.expect(msg_id)
+        msg_id, waiter = self._pending.expect_next()
         rest = self.channel.send_now(encode(msg_id, command, payload), fds)
         if rest is not None:
             await self.channel.send_rest(rest)
@@ -372,7 +368,7 @@ class Client:
 
     async def post(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         """Send a request with NO_REPLY (posted)."""
-        await self.channel.send(encode(self._alloc_id(), command, payload, no_reply=True), fds)
+        await self.channel.send(self.core.post(command, payload), fds)
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send arbitrary bytes (for tests of malformed input)."""

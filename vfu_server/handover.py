@@ -40,7 +40,8 @@ import trio
 
 from .migration.errors import MigrationError
 from .pci.migration import migration_formats_of
-from .protocol.negotiation import Session
+from .protocol.connection import ConnectionState
+from .protocol.errors import ProtocolError
 
 if TYPE_CHECKING:
     from .migration.formats import FormatSet, StateFormat
@@ -514,12 +515,8 @@ def _messages(host: HandoverHost, fmt: StateFormat, minor: int) -> list[tuple[di
                  "control_path": host.control_path}, sock_fds))
     # 2. the session and the client's bytes read but not handled
     if conn is not None:
-        unread, marks = conn.channel.decoder.unread()
-        out.append(({"msg": "session",
-                     "session": dataclasses.asdict(conn.session) if conn.session is not None else None,
-                     "next_id": conn._next_id, "unread": _b64(unread),
-                     "unread_fds": [[end, len(fds)] for end, fds in marks]},
-                    [fd for _, fds in marks for fd in fds]))
+        state, state_fds = conn.core.snapshot().to_dict()
+        out.append(({"msg": "session", **state}, state_fds))
         # 3. the DMA map table
         regions = device.dma.regions
         out.append(({"msg": "dma", "regions": [
@@ -772,17 +769,12 @@ class Successor:
         adopted = None
         if client is not None:
             sess, unread_fds = take("session")
-            session = Session(**sess["session"]) if sess.get("session") is not None else None
-            marks: list[tuple[int, list[int]]] = []
-            pos = 0
-            for end, n in sess.get("unread_fds", []):
-                marks.append((int(end), unread_fds[pos : pos + int(n)]))
-                pos += int(n)
-            if pos != len(unread_fds):
+            try:
+                conn_state = ConnectionState.from_dict(sess, unread_fds)
+            except ProtocolError as exc:
                 _close(unread_fds)
-                raise HandoverError(errno.EPROTO, "unread fds do not match their marks")
-            adopted = Adopted(client, session, int(sess.get("next_id", 0x8000)), _unb64(sess.get("unread", "")),
-                              marks)
+                raise HandoverError(errno.EPROTO, str(exc)) from None
+            adopted = Adopted(client, conn_state)
             dma, dma_fds = take("dma")
             it = iter(dma_fds)
             try:

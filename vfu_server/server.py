@@ -28,6 +28,10 @@ Robustness: a handler that raises :class:`VfioUserError` produces an error reply
 any other exception is a device bug, logged with its traceback and answered with EIO. A broken
 stream (:class:`ProtocolError`) drops only that client. When a client goes away, its DMA maps
 and eventfds are released and the device keeps its state for the next client.
+
+The protocol's rules (VERSION first, NO_REPLY, errnos, batching, our request ids) are the
+sans-IO :class:`~vfu_server.protocol.connection.ServerConnection`'s; :class:`Connection` moves
+bytes and fds, awaits the handlers that wait, and holds the device's dispatch table.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from .pci.device import PciDevice
 from .pci.endpoint import Endpoint
 from .pci.polling import MAX_POLL_US, AdaptivePoll
 from .protocol import messages as m
-from .protocol.codec import HEADER, Message, command_name, encode
+from .protocol.codec import HEADER, Message, command_name
+from .protocol.connection import FLUSH_BEFORE, ConnectionState, Due, Result, ServerConnection
 from .protocol.constants import (
     HEADER_SIZE,
     Command,
@@ -65,18 +70,12 @@ from .protocol.errors import (
 from .protocol.negotiation import ServerOffer, Session
 from .sandbox import refusal as sandbox_refusal
 from .transport.channel import MessageChannel
-from .transport.pending import PendingReplies
+from .transport.pending import PendingReplies, ReplyWaiter
 
 log = logging.getLogger("vfu_server.server")
 trace_log = logging.getLogger("vfu_server.trace")
 
-Reply = tuple[bytes, list[int]] | bytes | None
-# A reply ready to send and the fds to send with it; None when the request said NO_REPLY.
-Encoded = tuple[bytes, list[int]] | None
-
-# Commands whose handlers may await (they are not on the MMIO hot path).
-_ASYNC_COMMANDS = {Command.DEVICE_RESET, Command.DEVICE_FEATURE, Command.MIG_DATA_READ, Command.MIG_DATA_WRITE}
-
+Reply = Result
 
 _HANDLERS: dict[int, str] = {}
 
@@ -142,10 +141,8 @@ class Adopted:
     """A client session taken over from another server process (vfu_server.handover)."""
 
     sock: trio.socket.SocketType
-    session: Session | None
-    next_id: int = 0x8000
-    unread: bytes = b""
-    unread_fds: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: the protocol state: session, next request id, the bytes and fds read but not handled
+    state: ConnectionState = field(default_factory=ConnectionState)
     #: called once the connection serves the session: the device may run (and reach guest
     #: memory through the connection) from then on
     on_serving: Callable[[], None] | None = None
@@ -154,16 +151,17 @@ class Adopted:
 class Connection:
     """One client session."""
 
-    def __init__(self, server: Server, sock: trio.socket.SocketType, number: int) -> None:
+    def __init__(self, server: Server, sock: trio.socket.SocketType, number: int,
+                 state: ConnectionState | None = None) -> None:
         self.server = server
         self.device = server.device
         self.number = number
         # Large enough for a WRITE_MULTI of 200 entries and for max_data_xfer_size payloads.
         max_message = max(server.offer.max_data_xfer_size + 64, 64 * 1024)
-        self.channel = MessageChannel(sock, max_message, server.offer.max_msg_fds)
-        self.session: Session | None = None
-        self._next_id = 0x8000  # our own request ids; only need to be unique among our pending
-        self._pending = PendingReplies()
+        #: the protocol rules and state (sans-IO); the channel feeds its decoder
+        self.core = ServerConnection(server.offer, _HANDLERS, max_message, state)
+        self.channel = MessageChannel(sock, max_message, server.offer.max_msg_fds, self.core.decoder)
+        self._pending = PendingReplies(self.core.requests)
         self.tracing = trace_log.isEnabledFor(logging.INFO)
         self.receive_scope = trio.CancelScope()
         self.poll = AdaptivePoll(server.socket_poll_us * 1000)
@@ -177,6 +175,10 @@ class Connection:
         self.handlers: dict[int, Callable[[Message], Reply | Awaitable[Reply]]] = {
             cmd: getattr(self, name) for cmd, name in _HANDLERS.items()
         }
+
+    @property
+    def session(self) -> Session | None:
+        return self.core.session
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -213,6 +215,7 @@ class Connection:
                 # a fresh scope, then park or read on.
                 self.receive_scope = trio.CancelScope()
             if batch is None:
+                self.core.closed()
                 log.info("client %d disconnected (%d batches found by looking, %d after sleeping)",
                          self.number, self.batches_found, self.batches_waited)
                 await self.close()
@@ -223,6 +226,7 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await self._handle_batch(self.channel.receive_nowait())
         except ProtocolError as exc:
+            self.core.broken(exc)
             log.warning("client %d: dropping connection: %s", self.number, exc)
             await self.close()
         except OSError as exc:
@@ -278,7 +282,7 @@ class Connection:
         this reaches no checkpoint at all; each wait it does reach is shielded, so a batch is
         never cut short by cancellation.
         """
-        out = bytearray()
+        outbox = self.core.outbox
         try:
             for msg in batch:
                 if self.tracing:
@@ -286,32 +290,27 @@ class Connection:
                 if msg.is_reply:
                     self._route_reply(msg)
                     continue
-                if msg.command in _ASYNC_COMMANDS and out:
-                    await self._send(out)
-                    out = bytearray()
-                reply = self._dispatch(msg)
-                if reply is not None and not isinstance(reply, tuple):
-                    self._hold_server_requests()
-                    try:
-                        with trio.CancelScope(shield=True):
-                            reply = await reply
-                    finally:
-                        self.handler_waiting = False
-                if reply is None:
-                    continue
-                data, fds = reply
-                if fds:
-                    if out:
-                        await self._send(out)
-                        out = bytearray()
-                    await self._send(data, fds)
-                else:
-                    out += data
+                # Outbox.before's rule, inlined: a call per message is felt in the round trip.
+                if msg.command in FLUSH_BEFORE and outbox.data:
+                    await self._send(outbox.data)
+                    outbox.data = bytearray()
+                due = self._dispatch(msg)  # the reply is in the outbox, or due now
+                if due is not None:
+                    if not isinstance(due, list):
+                        self._hold_server_requests()
+                        try:
+                            with trio.CancelScope(shield=True):
+                                due = await due
+                        finally:
+                            self.handler_waiting = False
+                    if due is not None:
+                        for data, fds in due:
+                            await self._send(data, fds)
         finally:
             for msg in batch:
                 msg.close_fds()
-        if out:
-            await self._send(out)
+        if outbox.data:
+            await self._send(outbox.take())  # type: ignore[arg-type]
 
     def _hold_server_requests(self) -> None:
         """Nothing is read while a handler is awaited: fail the device's message DMA meanwhile
@@ -338,25 +337,27 @@ class Connection:
         except trio.TooSlowError:
             raise ProtocolError("client stopped reading replies") from None
 
-    def _dispatch(self, msg: Message) -> Encoded | Coroutine[Any, Any, Encoded]:
-        """Run ``msg``'s handler. Returns its encoded reply (``None`` for NO_REPLY), or, when
-        the handler has to wait (or a reset is due), a coroutine that finishes the job."""
-        handler = self.handlers.get(msg.command)
+    def _dispatch(self, msg: Message) -> Due | Coroutine[Any, Any, Due]:
+        """Run ``msg``'s handler and answer it through the core: returns the sends due now
+        (None when the reply went into the outbox or there is none), or, when the handler has
+        to wait (or a reset is due), a coroutine that finishes the job."""
+        core = self.core
+        # check_request's fast path, inlined: one set lookup, no call.
+        if msg.command not in core.admitted:
+            refused = core.check_request(msg)
+            if refused is not None:
+                return self._failed(msg, refused)
         try:
-            if handler is None:
-                raise VfioUserError(f"unsupported command {msg.command}", errno.ENOSYS)
-            if self.session is None and msg.command != Command.VERSION:
-                raise VfioUserError(f"{command_name(msg.command)} before VERSION", errno.EINVAL)
-            result = handler(msg)
+            result = self.handlers[msg.command](msg)
             if (result is not None and not isinstance(result, (bytes, tuple))) or self.device.reset_pending:
                 return self._finish(msg, result)
         except ProtocolError:
             raise
         except Exception as exc:
             return self._failed(msg, exc)
-        return self._reply(msg, result)
+        return core.respond(msg, result)
 
-    async def _finish(self, msg: Message, result: Any) -> Encoded:
+    async def _finish(self, msg: Message, result: Any) -> Due:
         try:
             if isinstance(result, Awaitable):
                 result = await result
@@ -368,35 +369,20 @@ class Connection:
             raise
         except Exception as exc:
             return self._failed(msg, exc)
-        return self._reply(msg, result)
+        return self.core.respond(msg, result)
 
-    @staticmethod
-    def _reply(msg: Message, result: Reply) -> Encoded:
-        if msg.no_reply:
-            return None
-        if result is None:
-            return encode(msg.id, msg.command, reply=True), []
-        if isinstance(result, tuple):
-            payload, fds = result
-            return encode(msg.id, msg.command, payload, reply=True), fds
-        return encode(msg.id, msg.command, result, reply=True), []
-
-    @staticmethod
-    def _failed(msg: Message, exc: Exception) -> Encoded:
+    def _failed(self, msg: Message, exc: Exception) -> None:
+        """Log a failed request the way its cause deserves; the reply is the core's."""
         if isinstance(exc, VfioUserError):
             level = logging.DEBUG if exc.errno == errno.ENOTTY else logging.INFO
             log.log(level, "%s id=%d failed: %s (errno %d)", command_name(msg.command), msg.id, exc.message, exc.errno)
-            error = exc.errno or errno.EINVAL
         else:
             refused = sandbox_refusal(exc)
             if refused is not None:  # expected of a confined server: one line, no traceback
                 log.warning("%s id=%d: %s", command_name(msg.command), msg.id, refused)
             else:
                 log.error("device error while handling %s id=%d", command_name(msg.command), msg.id, exc_info=exc)
-            error = errno.EIO
-        if msg.no_reply:
-            return None
-        return encode(msg.id, msg.command, reply=True, error=error), []
+        self.core.refuse(msg, exc)
 
     # -- server-initiated requests ----------------------------------------------------------
 
@@ -407,14 +393,9 @@ class Connection:
 
     async def request(self, command: Command, payload: bytes) -> Message:
         """Send a request to the client and wait for its reply (from a device task only)."""
-        if len(self._pending) >= 0x8000:
-            raise VfioUserError("every server request id is waiting for a reply", errno.EBUSY)
-        msg_id = self._next_id
-        while msg_id in self._pending:  # still taken by a request whose task was cancelled
-            msg_id = 0x8000 | ((msg_id + 1) & 0x7FFF)
-        self._next_id = 0x8000 | ((msg_id + 1) & 0x7FFF)
-        waiter = self._pending.expect(msg_id)
-        await self._send(encode(msg_id, command, payload))
+        waiter = ReplyWaiter()
+        _, data = self.core.send_request(command, payload, waiter)  # EBUSY when every id waits
+        await self._send(data)
         reply = await waiter.wait()
         if reply is None:
             raise VfioUserError("client went away during a server request", errno.ENOTCONN)
@@ -477,22 +458,18 @@ class Connection:
 
     @handles(Command.VERSION)
     def _version(self, msg: Message) -> bytes:
-        if self.session is not None:
-            raise VfioUserError("VERSION sent twice", errno.EINVAL)
-        request = m.Version.unpack(msg.payload)
-        reply, session = self.server.offer.negotiate(request)
+        reply, request, session = self.core.negotiate(msg)
         log.info(
             "client %d: protocol %d.%d, client caps %s, max_data_xfer_size %d, write_multiple %s",
             self.number, session.major, session.minor, request.capabilities, session.max_data_xfer_size,
             session.write_multiple,
         )
-        self.session_started(session)
-        return reply.pack()
+        self.session_started()
+        return reply
 
-    def session_started(self, session: Session) -> None:
+    def session_started(self) -> None:
         """The session is negotiated: by VERSION, or taken over from a predecessor (a live
         handover, whose DMA maps are already in place)."""
-        self.session = session
         dma = self.device.dma
         dma.port = self
         dma.on_message_mode = self._message_mode_started
@@ -573,8 +550,9 @@ class Connection:
         if len(payload) != 16:
             raise MalformedMessage(f"REGION_READ payload of {len(payload)} bytes, expected 16")
         offset, region, count = m.REGION_ACCESS.unpack_from(payload)
-        assert self.session is not None
-        if count > self.session.max_data_xfer_size:
+        session = self.core.session  # a property's call is felt on this path
+        assert session is not None
+        if count > session.max_data_xfer_size:
             raise VfioUserError(f"REGION_READ of {count} bytes > max_data_xfer_size", errno.E2BIG)
         data = self.device.region_read(region, offset, count)
         return m.REGION_ACCESS.pack(offset, region, count) + data
@@ -615,18 +593,14 @@ class Connection:
     @handles(Command.DEVICE_FEATURE)
     async def _feature(self, msg: Message) -> bytes:
         req = m.DeviceFeature.unpack(msg.payload)
-        handler = getattr(self.device, "device_feature", None)
-        if handler is None:
-            raise VfioUserError(f"feature {req.index} not supported", errno.ENOTTY)
         echo = req.is_set or req.is_probe
         if echo and req.argsz < len(msg.payload):
             # The reply repeats the request, and argsz is the most the client takes back.
             raise VfioUserError(f"DEVICE_FEATURE argsz {req.argsz} < {len(msg.payload)}, the size of the "
                                 "reply that echoes this request", errno.EINVAL)
         try:
-            result = handler(req)
-            if isinstance(result, Awaitable):
-                result = await result
+            # The endpoint answers ENOTTY itself for a device without migration.
+            result = await self.device.device_feature(req)
         except ReplyTooLarge as exc:
             log.debug("DEVICE_FEATURE %#x: %s; replying with argsz %d only", req.index, exc.message, exc.needed)
             return m.DeviceFeature(req.flags, argsz=exc.needed).pack()
@@ -638,9 +612,6 @@ class Connection:
     @handles(Command.MIG_DATA_READ)
     async def _mig_data_read(self, msg: Message) -> bytes:
         req = m.MigData.unpack(msg.payload, with_data=False)
-        reader = getattr(self.device, "migration_data_read", None)
-        if reader is None:
-            raise VfioUserError("device does not support migration", errno.ENOTTY)
         assert self.session is not None
         if req.argsz < 8 + req.size:
             raise VfioUserError(f"MIG_DATA_READ argsz {req.argsz} < 8 + size {req.size}: the reply "
@@ -651,9 +622,7 @@ class Connection:
             # the reader, and data cannot be sent past the limit the client negotiated. So the
             # only reply that never lies about the stream's end is this error.
             raise VfioUserError(f"MIG_DATA_READ size {req.size} > max_data_xfer_size {limit}", errno.EINVAL)
-        data = reader(req.size)
-        if isinstance(data, Awaitable):
-            data = await data
+        data = self.device.migration_data_read(req.size)  # ENOTTY without migration
         # argsz and size count the data; the message carries all ``size`` bytes asked for, the
         # rest zeros, as libvfio-user's server sends it: its client reads exactly that much.
         return m.MigData(len(data), data).pack().ljust(8 + req.size, b"\0")
@@ -661,16 +630,11 @@ class Connection:
     @handles(Command.MIG_DATA_WRITE)
     async def _mig_data_write(self, msg: Message) -> None:
         req = m.MigData.unpack(msg.payload, with_data=True)
-        writer = getattr(self.device, "migration_data_write", None)
-        if writer is None:
-            raise VfioUserError("device does not support migration", errno.ENOTTY)
         assert self.session is not None
         if req.size > self.session.max_data_xfer_size:
             raise VfioUserError(f"MIG_DATA_WRITE size {req.size} > max_data_xfer_size "
                                 f"{self.session.max_data_xfer_size}", errno.EINVAL)
-        result = writer(req.data)
-        if isinstance(result, Awaitable):
-            await result
+        self.device.migration_data_write(req.data)  # ENOTTY without migration
         # "There is no reply payload for this message."
         return None
 
@@ -723,12 +687,10 @@ class Server:
 
     async def serve_socket(self, sock: trio.socket.SocketType, *, adopted: Adopted | None = None) -> None:
         self._connections += 1
-        conn = Connection(self, sock, self._connections)
+        conn = Connection(self, sock, self._connections, adopted.state if adopted is not None else None)
         if adopted is not None:
-            conn._next_id = adopted.next_id
-            conn.channel.decoder.restore(adopted.unread, adopted.unread_fds)
-            if adopted.session is not None:
-                conn.session_started(adopted.session)
+            if conn.session is not None:
+                conn.session_started()
             if adopted.on_serving is not None:
                 adopted.on_serving()
         self.connection = conn
@@ -841,6 +803,51 @@ class Server:
         return text
 
 
+@dataclass
+class Endpoints:
+    """What :func:`serve` serves on and removes at exit; a successor replaces all of it with
+    what it took over."""
+
+    listener: trio.socket.SocketType | None = None
+    #: an inherited connected socket (no listener): serve it, then end
+    connected: trio.socket.SocketType | None = None
+    #: a session taken over from a predecessor
+    adopted: Adopted | None = None
+    control: trio.socket.SocketType | None = None
+    control_path: str | None = None
+    socket_path_to_remove: str | None = None
+
+    def take_over(self, taken: Any) -> None:
+        """Serve what a successor took over (a :class:`vfu_server.handover.Taken`)."""
+        self.listener, self.connected, self.adopted = taken.listener, None, taken.adopted
+        if self.listener is None and self.adopted is not None:
+            self.connected = self.adopted.sock
+        self.control, self.control_path = taken.control, taken.control_path
+        self.socket_path_to_remove = taken.socket_path
+
+    def close(self, server: Server) -> None:
+        """Close the sockets; remove their files unless a successor owns them now."""
+        from .transport.unix import remove_socket
+
+        if self.listener is not None:
+            self.listener.close()
+        if self.control is not None:
+            self.control.close()
+            if not server.handed_over:
+                remove_socket(self.control_path)
+        if not server.handed_over:
+            remove_socket(self.socket_path_to_remove)
+
+
+@dataclass
+class ServeHooks:
+    """The callbacks of :func:`serve` (see there)."""
+
+    on_listening: Callable[[], None] | None = None
+    on_stopping: Callable[[], None] | None = None
+    before_serving: Callable[[str | None, str | None], Awaitable[None]] | None = None
+
+
 async def serve(
     device: PciDevice,
     *,
@@ -879,108 +886,101 @@ async def serve(
     """
     import signal
 
-    from .transport.unix import open_unix_listener, remove_socket
+    from .transport.unix import open_unix_listener
 
     if socket_path is not None:
         listener = open_unix_listener(socket_path)
         socket_path_to_remove = socket_path
+    ends = Endpoints(listener, connected, None, control, control_path, socket_path_to_remove)
+    hooks = ServeHooks(on_listening, on_stopping, before_serving)
     server = Server(device, socket_poll_us=socket_poll_us)
+    start_error: Exception | None = None
     handover_error: Exception | None = None
     try:
+        # From the start: a signal during start-up or a handover waits for the serving to begin.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            # Cancelled when the signal watcher is no longer needed (an inherited connection ended).
-            signal_task = trio.CancelScope()
-            server.on_handed_over.append(signal_task.cancel)
-            start_error: Exception | None = None
-            adopted: Adopted | None = None
             async with trio.open_nursery() as device_tasks:
-                try:
-                    await server.device.start(device_tasks)
-                except Exception as exc:
-                    start_error = exc
-                    device_tasks.cancel_scope.cancel()
-                if start_error is None and successor is not None:
-                    try:
-                        taken = await successor.take_over(device, server)
-                    except Exception as exc:
-                        handover_error = exc
-                        device_tasks.cancel_scope.cancel()
-                    else:
-                        listener, connected, adopted = taken.listener, None, taken.adopted
-                        if listener is None and adopted is not None:
-                            connected = adopted.sock
-                        control, control_path = taken.control, taken.control_path
-                        socket_path_to_remove = taken.socket_path
-                if start_error is None and handover_error is None and before_serving is not None:
-                    try:
-                        await before_serving(socket_path_to_remove, control_path)
-                    except Exception as exc:
-                        if successor is None:
-                            start_error = exc
-                            device_tasks.cancel_scope.cancel()
-                        else:  # the predecessor is gone: the device has no other server now
-                            log.error("%s; serving the taken-over device anyway", exc)
+                start_error, handover_error = await _get_ready(device, server, device_tasks, ends, successor, hooks)
                 if start_error is None and handover_error is None:
-                    if control is not None:
-                        device_tasks.start_soon(serve_control, device, control, HandoverHost(
-                            server, listener, control, socket_path_to_remove, control_path))
-                    async with trio.open_nursery() as clients:
-                        if listener is not None:
-                            await clients.start(partial(server.serve_listener, listener, first=adopted))
-                        elif adopted is not None:
-
-                            async def adopted_client() -> None:
-                                await server.serve_socket(adopted.sock, adopted=adopted)
-                                signal_task.cancel()
-
-                            clients.start_soon(adopted_client)
-                        else:
-                            assert connected is not None
-
-                            async def one_client() -> None:
-                                await server.serve_socket(connected)
-                                signal_task.cancel()
-
-                            clients.start_soon(one_client)
-                        if on_listening is not None:
-                            on_listening()
-                        task_status.started(server)
-
-                        async def wait_signal() -> None:
-                            async for signum in signals:
-                                log.info("received %s: shutting down", signal.Signals(signum).name)
-                                if on_stopping is not None:
-                                    on_stopping()
-                                server.stop()
-                                return
-
-                        async def watch_signals() -> None:
-                            with signal_task:
-                                await wait_signal()
-
-                        clients.start_soon(watch_signals)
-                    # Every client task has returned: on a signal the session is still open, so
-                    # in-flight work can complete into guest memory and raise its interrupts.
-                    signal_task.cancel()
-                    if not server.handed_over:
-                        with trio.CancelScope(shield=True), trio.move_on_after(30):
-                            await device.shutdown()
+                    if ends.control is not None:
+                        device_tasks.start_soon(serve_control, device, ends.control, HandoverHost(
+                            server, ends.listener, ends.control, ends.socket_path_to_remove, ends.control_path))
+                    await _serve_until_stopped(device, server, ends, hooks, signals, task_status)
                     await server.finish()
-                    device_tasks.cancel_scope.cancel()
+                device_tasks.cancel_scope.cancel()
     finally:
-        if listener is not None:
-            listener.close()
-        if control is not None:
-            control.close()
-            if not server.handed_over:
-                remove_socket(control_path)
-        if not server.handed_over:
-            remove_socket(socket_path_to_remove)
+        ends.close(server)
         server.device.close()
     if start_error is not None:
         raise DeviceStartError(f"{device.name}: {start_error}") from start_error
     if handover_error is not None:
         raise handover_error
+
+
+async def _get_ready(device: PciDevice, server: Server, device_tasks: trio.Nursery, ends: Endpoints,
+                     successor: Any, hooks: ServeHooks) -> tuple[Exception | None, Exception | None]:
+    """Start the device, take over from a predecessor, run ``before_serving``: the start-up
+    error and the handover error, None each when that step went well."""
+    try:
+        await server.device.start(device_tasks)
+    except Exception as exc:
+        return exc, None
+    if successor is not None:
+        try:
+            ends.take_over(await successor.take_over(device, server))
+        except Exception as exc:
+            return None, exc
+    if hooks.before_serving is not None:
+        try:
+            await hooks.before_serving(ends.socket_path_to_remove, ends.control_path)
+        except Exception as exc:
+            if successor is None:
+                return exc, None
+            # The predecessor is gone: the device has no other server now.
+            log.error("%s; serving the taken-over device anyway", exc)
+    return None, None
+
+
+async def _serve_until_stopped(device: PciDevice, server: Server, ends: Endpoints, hooks: ServeHooks,
+                               signals: Any, task_status: Any) -> None:
+    """Serve clients until a signal (or the end of an inherited connection, or a handover),
+    then let the device drain with the session still open."""
+    import signal
+
+    # Cancelled when the signal watcher is no longer needed (an inherited connection ended).
+    signal_task = trio.CancelScope()
+    server.on_handed_over.append(signal_task.cancel)
+
+    async def one_connection(sock: trio.socket.SocketType, adopted: Adopted | None) -> None:
+        await server.serve_socket(sock, adopted=adopted)
+        signal_task.cancel()
+
+    async def watch_signals() -> None:
+        with signal_task:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                if hooks.on_stopping is not None:
+                    hooks.on_stopping()
+                server.stop()
+                return
+
+    async with trio.open_nursery() as clients:
+        if ends.listener is not None:
+            await clients.start(partial(server.serve_listener, ends.listener, first=ends.adopted))
+        else:
+            sock = ends.adopted.sock if ends.adopted is not None else ends.connected
+            assert sock is not None
+            clients.start_soon(one_connection, sock, ends.adopted)
+        if hooks.on_listening is not None:
+            hooks.on_listening()
+        task_status.started(server)
+        clients.start_soon(watch_signals)
+    # Every client task has returned: on a signal the session is still open, so in-flight work
+    # can complete into guest memory and raise its interrupts.
+    signal_task.cancel()
+    if not server.handed_over:
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            await device.shutdown()
 
 
 @dataclass

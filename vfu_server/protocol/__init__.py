@@ -1,4 +1,5 @@
-"""The sans-IO protocol core: message layouts, framing and errors. No sockets, no trio."""
+"""The sans-IO protocol core: message layouts, framing, errors, VERSION negotiation and the
+connection's rules as a state machine (:mod:`.connection`). No sockets, no trio."""
 
 from .codec import HEADER, Message, MessageDecoder, command_name, encode
 from .constants import *  # noqa: F403

@@ -42,12 +42,14 @@ class UnsentRest:
 class MessageChannel:
     """Owns one connected socket. Not safe for two concurrent senders (a lock serialises them)."""
 
-    def __init__(self, sock: trio.socket.SocketType, max_message: int, max_fds: int = 16) -> None:
+    def __init__(self, sock: trio.socket.SocketType, max_message: int, max_fds: int = 16,
+                 decoder: MessageDecoder | None = None) -> None:
         self.sock = sock
         # The stdlib socket trio wraps (non-blocking); None makes every call go through trio.
         raw = getattr(sock, "_sock", None)
         self._raw: socket.socket | None = raw if isinstance(raw, socket.socket) else None
-        self.decoder = MessageDecoder(max_message)
+        # A connection's sans-IO core may own the decoder (its unread bytes are protocol state).
+        self.decoder = decoder if decoder is not None else MessageDecoder(max_message)
         self.ancbufsize = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         self._send_lock = trio.StrictFIFOLock()
         # Receive buffer; the decoder copies out of it before the next receive.

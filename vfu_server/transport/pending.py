@@ -1,5 +1,7 @@
 """Requests of ours that wait for their reply, by message id (both ends use it: the client for
-every request, the server for DMA_READ/DMA_WRITE to the client).
+every request, the server for DMA_READ/DMA_WRITE to the client). Which ids and which reply
+matches are the sans-IO core's rules (:class:`~vfu_server.protocol.connection.RequestIds`);
+this module adds the waiting.
 
 The connection's reader task hands each reply to the request that waits for it. A
 ``trio.Event`` and a slot do that for ~0.5 us; a memory channel pair per request cost ~11 us
@@ -11,6 +13,7 @@ from __future__ import annotations
 import trio
 
 from ..protocol.codec import Message
+from ..protocol.connection import RequestIds
 
 
 class ReplyWaiter:
@@ -43,35 +46,45 @@ class ReplyWaiter:
 
 
 class PendingReplies:
-    """Waiters by message id. An id stays taken until its reply (or the close) arrives, also
-    when the waiting task was cancelled meanwhile, so that a late reply finds no other request."""
+    """Waiters by message id, on the sans-IO core's :class:`RequestIds` (which owns the ids:
+    their range, wrap-around, and that an id stays taken until its reply or the close arrives,
+    also when the waiting task was cancelled meanwhile, so that a late reply finds no other
+    request)."""
 
-    def __init__(self) -> None:
-        self._waiters: dict[int, ReplyWaiter] = {}
+    def __init__(self, ids: RequestIds[ReplyWaiter] | None = None) -> None:
+        self.ids: RequestIds[ReplyWaiter] = ids if ids is not None else RequestIds()
 
     def __contains__(self, msg_id: int) -> bool:
-        return msg_id in self._waiters
+        return msg_id in self.ids
 
     def __len__(self) -> int:
-        return len(self._waiters)
+        return len(self.ids)
 
     def expect(self, msg_id: int) -> ReplyWaiter:
-        if msg_id in self._waiters:
-            raise ValueError(f"a request with id {msg_id} is already waiting")
-        waiter = self._waiters[msg_id] = ReplyWaiter()
+        """Wait for the reply to a request whose id the caller chose."""
+        waiter = ReplyWaiter()
+        self.ids.claim(msg_id, waiter)
         return waiter
+
+    def expect_next(self) -> tuple[int, ReplyWaiter]:
+        """Take the next free id for a request and wait for its reply."""
+        waiter = ReplyWaiter()
+        return self.ids.allocate(waiter), waiter
 
     def deliver(self, reply: Message) -> bool:
         """Hand ``reply`` to its request; False when none waits for its id (then the caller
         decides: drop it, or treat the stream as broken)."""
-        waiter = self._waiters.pop(reply.id, None)
-        if waiter is None:
+        matched, waiter = self.ids.complete(reply)
+        if not matched:
             return False
-        waiter._resolve(reply)
+        if waiter is None:  # the id was taken over from another process: nobody waits here
+            reply.close_fds()
+        else:
+            waiter._resolve(reply)
         return True
 
     def close(self) -> None:
         """The connection is gone: every waiter wakes with ``None``."""
-        waiters, self._waiters = self._waiters, {}
-        for waiter in waiters.values():
-            waiter._resolve(None)
+        for waiter in self.ids.drain():
+            if waiter is not None:
+                waiter._resolve(None)
