@@ -5,7 +5,7 @@
 
 Jobs (each for ``--seconds``): 4 KiB random read and write at QD1 and QD32, 4 KiB random
 write each followed by a flush at QD1 (on the Python driver; the floor: pwritev + fdatasync), 128 KiB sequential
-read at QD1 and QD32, 1 MiB sequential read at QD1 and QD8 (virtio-blk only; NVMe's MDTS is
+read at QD1 and QD32 and write at QD1, 1 MiB sequential read at QD1 and QD8 and write at QD1 (virtio-blk only; NVMe's MDTS is
 128 KiB). The virtio-blk C loop hands its data over as a guest does, one descriptor per 4 KiB
 page in an order the device cannot merge (``--segment 0``: one descriptor per request, as
 before 2026-12-06), at most seg_max (254) of them: a 1 MiB request is 128 pieces of 8 KiB. The backing file is in the page cache (written just before), so these
@@ -59,8 +59,10 @@ JOBS = [  # name, op, block size, queue depth, random
     ("4K randwrite+flush QD1", "write+flush", 4 * KiB, 1, True),
     ("128K seqread QD1", "read", 128 * KiB, 1, False),
     ("128K seqread QD32", "read", 128 * KiB, 32, False),
+    ("128K seqwrite QD1", "write", 128 * KiB, 1, False),
     ("1M seqread QD1", "read", 1024 * KiB, 1, False),  # virtio-blk only: NVMe's MDTS is 128K
     ("1M seqread QD8", "read", 1024 * KiB, 8, False),
+    ("1M seqwrite QD1", "write", 1024 * KiB, 1, False),
 ]
 #: NVMe's largest transfer (MDTS); longer jobs are the guest's business (it splits them).
 NVME_MAX_BS = 128 * KiB
