@@ -627,16 +627,13 @@ class NvmeController(PciDevice):
             for _ in range(INLINE_BATCH):
                 if sq.head == self._sq_tail(sq):
                     shadow = self.state.shadow
-                    if shadow.enabled and rt.poll.window_ns and not rt.inflight.count:
+                    if shadow.enabled and rt.poll.window_ns:
                         return False  # the woken task polls the shadow tail for a while
                     if shadow.enabled:
                         write_event_idx(self.dma, shadow, sq.qid, False, sq.tail)
                         if self._sq_tail(sq) != sq.head:
                             continue
-                    if rt.inflight.count and shadow.enabled and rt.poll.max_ns:
-                        rt.wake_on_drain = True  # it polls once they completed (_sq_loop)
-                    else:
-                        rt.poll.ran_dry()
+                    rt.poll.ran_dry()
                     return True
                 if rt.inflight.count >= limit:
                     return False
@@ -839,16 +836,9 @@ class NvmeController(PciDevice):
                 if sq.head == self._sq_tail(sq):
                     self._flush_deferred()
                     shadow = self.state.shadow
-                    # Commands in flight in tasks (a Flush, a read the page cache missed): a
-                    # driver that waits for them sends nothing meanwhile, and looking would only
-                    # take a CPU their worker thread and the guest need (~0.5 ms of server CPU
-                    # per Flush at QD1). Sleep until the doorbell or the last of them completes;
-                    # the look starts then, when the driver's next command is due.
-                    busy = qid != 0 and rt.inflight.count > 0
                     # No polling through DMA_READ messages: each look would be a round trip
                     # on the client's main loop.
-                    if (shadow.enabled and rt.poll.max_ns and not busy and not rt.poll.driver_busy
-                            and not self.dma.message_mode):
+                    if shadow.enabled and rt.poll.max_ns and not rt.poll.driver_busy and not self.dma.message_mode:
                         # While we look, the host need not ring: an event index one behind
                         # the tail is crossed only after a whole lap of the queue.
                         write_event_idx(self.dma, shadow, qid, False, (sq.tail - 1) % sq.size)
@@ -864,11 +854,10 @@ class NvmeController(PciDevice):
                             rt.poll.woken()
                             continue
                     rt.idle = True
-                    rt.wake_on_drain = busy and shadow.enabled and rt.poll.max_ns > 0
                     try:
                         await rt.wake.wait()
                     finally:
-                        rt.idle = rt.wake_on_drain = False
+                        rt.idle = False
                     rt.wake = trio.Event()
                     rt.poll.woken()
                     continue
@@ -993,27 +982,8 @@ class NvmeController(PciDevice):
             rt.inflight.dec()
             self.inflight.dec()
             self.queue_stats(sq.qid).in_flight -= 1
-            self._wake_if_drained(rt)
             if status is not None:
                 self._count(sq.qid, cmd, status, t0)
-
-    def _wake_if_drained(self, rt: SqRuntime) -> None:
-        """An I/O task ended: wake the SQ task if it waits for the last one (it polls then)."""
-        if rt.wake_on_drain and not rt.inflight.count:
-            rt.wake_on_drain = False
-            rt.wake.set()
-
-    def _will_poll(self, sq: SubmissionQueueState, rt: SqRuntime) -> None:
-        """The last command in flight on ``sq`` is about to complete, and the SQ task, woken
-        then, polls: move the event index out of the host's way before it sees the completion,
-        or its next command would ring the doorbell anyway."""
-        shadow = self.state.shadow
-        if (rt.wake_on_drain and rt.inflight.count == 1 and shadow.enabled and rt.poll.window_ns
-                and not rt.poll.driver_busy and not self.dma.message_mode):
-            try:
-                write_event_idx(self.dma, shadow, sq.qid, False, (self._sq_tail(sq) - 1) % sq.size)
-            except DmaError:
-                pass  # the SQ task meets it when it polls
 
     # -- fault injection (vfu_server.faults, .faults) --------------------------------------------
 
@@ -1068,7 +1038,6 @@ class NvmeController(PciDevice):
         finally:
             rt.inflight.dec()
             self.inflight.dec()
-            self._wake_if_drained(rt)
             q = self.queue_stats(sq.qid)
             q.in_flight -= 1
             if status is not None:
@@ -1162,7 +1131,6 @@ class NvmeController(PciDevice):
                 self._log_error(sq.qid, cmd, status)
         except Exception as exc:
             status = self._status_of(exc, sq, cmd)
-        self._will_poll(sq, rt)
         self.complete(sq.qid, cmd.cid, status, dw0)
         return status
 

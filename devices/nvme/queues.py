@@ -63,9 +63,6 @@ class SqRuntime:
     inflight: InflightCounter = field(default_factory=InflightCounter)
     #: polling of the shadow tail once the SQ ran dry (I/O queues with shadow doorbells)
     poll: AdaptivePoll = field(default_factory=lambda: AdaptivePoll(0))
-    #: the parked SQ task did not poll because commands were in flight: the last of them to
-    #: complete wakes it, and it polls from then on (see NvmeController._sq_loop)
-    wake_on_drain: bool = False
 
 
 @dataclass(slots=True)

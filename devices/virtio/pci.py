@@ -571,16 +571,7 @@ class VirtioPciDevice(PciDevice):
                     await completed.wait()
                     completed = trio.Event()
                     await trio.lowlevel.checkpoint()
-                    drained = q.wake_on_drain and not q.inflight
-                    if drained:
-                        # The queue loop looks at the ring from now on: say so before the
-                        # driver sees the completion, or its next request would kick anyway.
-                        q.wake_on_drain = False
-                        if q.poll.window_ns and not q.poll.driver_busy:
-                            q.suppress_notification()
                     self.notify_queue(q)
-                    if drained:
-                        q.doorbell.ring()
 
             nursery.start_soon(self.dma.executor.run_task, flusher)
             inline = self.process_nowait
@@ -607,32 +598,13 @@ class VirtioPciDevice(PciDevice):
                     self.dma.executor.start_soon(nursery, one, chain)
                 self.notify_queue(q)
                 if budget > 0:
-                    await self._sleep_until_kicked(q, busy=q.inflight > 0)
+                    await self._sleep_until_kicked(q)
                 else:
                     await trio.lowlevel.checkpoint()
 
-    async def _sleep_until_kicked(self, q: SplitQueue, beyond: int = 0, busy: bool = False) -> None:
-        """Until the driver makes chains available (more than ``beyond`` of them).
-
-        ``busy``: requests of the queue are in flight in tasks (a FLUSH, a read the page
-        cache missed). A driver that waits for them sends nothing meanwhile, and looking would
-        only take a CPU their worker thread and the guest need (~0.5 ms of server CPU per FLUSH
-        at QD1), so the queue sleeps until a kick or until the last of them was published
-        (:meth:`serve_queue` rings the doorbell then); the look starts at that point, when the
-        driver's next request is due."""
+    async def _sleep_until_kicked(self, q: SplitQueue, beyond: int = 0) -> None:
+        """Until the driver makes chains available (more than ``beyond`` of them)."""
         poll = q.poll
-        if busy and poll.max_ns and not self.dma.message_mode:
-            q.wake_on_drain = True
-            try:
-                if q.enable_notification(beyond):
-                    await trio.lowlevel.checkpoint()
-                else:
-                    await q.doorbell.wait()
-            finally:
-                q.wake_on_drain = False
-            if q.pending() > beyond:
-                poll.arrived(q.driver_behind())
-            return
         # No polling through DMA_READ messages: each look would be a round trip on the
         # client's main loop.
         if poll.max_ns and not poll.driver_busy and not self.dma.message_mode:

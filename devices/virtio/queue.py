@@ -174,9 +174,6 @@ class SplitQueue:
         self._notify_suppressed = False
         #: how long to poll the avail ring after running dry (the transport sets the maximum)
         self.poll = AdaptivePoll(0)
-        #: the queue task sleeps without polling while requests are in flight: the one that
-        #: publishes the last of them rings the doorbell (VirtioPciDevice._sleep_until_kicked)
-        self.wake_on_drain = False
 
     # -- validation -----------------------------------------------------------------------
 
