@@ -24,7 +24,9 @@ a thread hop and the devices' C paths could not take it (docs/performance.md, is
 which fails with EAGAIN instead of waiting for the disk, and only then fall back to a thread.
 Buffered writes cannot use RWF_NOWAIT on ext4 (EOPNOTSUPP), so writes up to ``inline_max`` are
 done inline (they land in the page cache) and larger ones go to a thread.  Everything that
-waits for the disk by definition -- fdatasync, FUA writes, fallocate -- always uses a thread.
+waits for the disk by definition -- fdatasync, FUA writes, fallocate -- always uses a thread;
+a flush uses one of the backend's own (:class:`_Syncer`), a cheaper hand-off than
+``trio.to_thread``, and concurrent flushes share one fdatasync.
 
 Size rules
 ----------
