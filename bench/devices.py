@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.devices [--seconds 2] [--size 256M] [--io sync,uring]
                                       [--devices nvme,virtio-blk] [--driver c|python|python,c]
 
-Jobs (each for ``--seconds``): 4 KiB random read and write at QD1 and QD32, 128 KiB sequential
-read at QD1 and QD32, 1 MiB sequential read at QD1 and QD8 (virtio-blk only; NVMe's MDTS is
+Jobs (each for ``--seconds``): 4 KiB random read and write at QD1 and QD32, 4 KiB random
+write each followed by a flush at QD1 (on the Python driver; the floor: pwritev + fdatasync), 128 KiB sequential
+read at QD1 and QD32 and write at QD1, 1 MiB sequential read at QD1 and QD8 and write at QD1 (virtio-blk only; NVMe's MDTS is
 128 KiB). The virtio-blk C loop hands its data over as a guest does, one descriptor per 4 KiB
 page in an order the device cannot merge (``--segment 0``: one descriptor per request, as
 before 2026-12-06), at most seg_max (254) of them: a 1 MiB request is 128 pieces of 8 KiB. The backing file is in the page cache (written just before), so these
@@ -40,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -52,10 +54,15 @@ JOBS = [  # name, op, block size, queue depth, random
     ("4K randread QD32", "read", 4 * KiB, 32, True),
     ("4K randwrite QD1", "write", 4 * KiB, 1, True),
     ("4K randwrite QD32", "write", 4 * KiB, 32, True),
+    # each write followed by a flush, counted once both came back (fio's fsync=1): always on
+    # the Python driver, whose 20-25 us per I/O is small beside a flush
+    ("4K randwrite+flush QD1", "write+flush", 4 * KiB, 1, True),
     ("128K seqread QD1", "read", 128 * KiB, 1, False),
     ("128K seqread QD32", "read", 128 * KiB, 32, False),
+    ("128K seqwrite QD1", "write", 128 * KiB, 1, False),
     ("1M seqread QD1", "read", 1024 * KiB, 1, False),  # virtio-blk only: NVMe's MDTS is 128K
     ("1M seqread QD8", "read", 1024 * KiB, 8, False),
+    ("1M seqwrite QD1", "write", 1024 * KiB, 1, False),
 ]
 #: NVMe's largest transfer (MDTS); longer jobs are the guest's business (it splits them).
 NVME_MAX_BS = 128 * KiB
@@ -105,6 +112,7 @@ def floor_job(path: str, size: int, op: str, bs: int, rand: bool, seconds: float
     buf = memoryview(bytearray(bs))
     offs = Offsets(size, bs, rand)
     fn = os.preadv if op == "read" else os.pwritev
+    sync = op == "write+flush"
     n = 0
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -113,6 +121,8 @@ def floor_job(path: str, size: int, op: str, bs: int, rand: bool, seconds: float
         while True:
             for _ in range(64):
                 fn(fd, [buf], offs.next())
+                if sync:
+                    os.fdatasync(fd)
             n += 64
             if time.perf_counter() >= end:
                 break
@@ -127,7 +137,7 @@ def floor_job(path: str, size: int, op: str, bs: int, rand: bool, seconds: float
 async def nvme_jobs(path: str, pid: int, size: int, seconds: float, jobs: list[tuple],
                     shadow: bool = True, driver: str = "python") -> dict[str, Result]:
     from vfu_server.client import Client, GuestRam
-    from vfu_server.testing.nvme import IO_READ, IO_WRITE, NvmeTestDriver, SubmissionEntry
+    from vfu_server.testing.nvme import NvmeTestDriver
 
     out = {}
     async with await Client.connect(path) as client:
@@ -143,55 +153,71 @@ async def nvme_jobs(path: str, pid: int, size: int, seconds: float, jobs: list[t
             ram.write(buf, os.urandom(128 * KiB))
             slots.append((buf, drv.prps(buf, 128 * KiB)))
         jobs = [j for j in jobs if j[2] <= NVME_MAX_BS]
-        if driver == "c":
-            for name, op, bs, qd, rand in jobs:
+        for name, op, bs, qd, rand in jobs:
+            if driver == "c" and op != "write+flush":
                 out[name] = await _nvme_job_c(drv, q, pid, size, seconds, name, op, bs, qd, rand,
                                               [buf for buf, _ in slots])
-            return out
-        for name, op, bs, qd, rand in jobs:
-            offs = Offsets(size, bs, rand)
-            opcode = IO_READ if op == "read" else IO_WRITE
-            lba = 512
-            prp_cache = [drv.prps(buf, bs) for buf, _ in slots]
-
-            def entry(slot: int) -> SubmissionEntry:
-                slba = offs.next() // lba  # noqa: B023
-                p1, p2 = prp_cache[slot]  # noqa: B023
-                return SubmissionEntry(opcode, nsid=1, prp1=p1, prp2=p2, cdw10=slba & 0xFFFFFFFF,  # noqa: B023
-                                       cdw11=slba >> 32, cdw12=bs // lba - 1)  # noqa: B023
-
-            cid_slot: dict[int, int] = {}
-            free = list(range(qd))
-            n = 0
-            c0, s0 = time.process_time(), cpu_seconds(pid)
-            t0 = time.perf_counter()
-            end = t0 + seconds
-            stopping = False
-            vec = drv.vectors[q.vector]
-            while True:
-                if not stopping:
-                    while free:
-                        slot = free.pop()
-                        cid = await drv.submit(q, entry(slot), ring=False)
-                        cid_slot[cid] = slot
-                    await drv.ring_sq(q.qid, q.sq_tail)
-                await drv.reap(q)
-                if q.done:
-                    for cid, c in list(q.done.items()):
-                        if not c.ok:
-                            raise RuntimeError(f"NVMe {name}: status {c.status:#x}")
-                        free.append(cid_slot.pop(cid))
-                        n += 1
-                    q.done.clear()
-                    if time.perf_counter() >= end:
-                        stopping = True
-                    if stopping and not cid_slot:
-                        break
-                    continue
-                with trio.move_on_after(1.0):
-                    await vec.wait()
-            out[name] = Result(n, time.perf_counter() - t0, cpu_seconds(pid) - s0, time.process_time() - c0, bs)
+            else:
+                out[name] = await _nvme_job_py(drv, q, pid, size, seconds, name, op, bs, qd, rand,
+                                               [buf for buf, _ in slots])
     return out
+
+
+async def _nvme_job_py(drv: Any, q: Any, pid: int, size: int, seconds: float, name: str, op: str,
+                       bs: int, qd: int, rand: bool, buffers: list[int]) -> Result:
+    """One job through the Python test driver; ``write+flush``: each write's slot then sends a
+    Flush, and the I/O counts once that came back."""
+    from vfu_server.testing.nvme import IO_FLUSH, IO_READ, IO_WRITE, SubmissionEntry
+
+    offs = Offsets(size, bs, rand)
+    opcode = IO_READ if op == "read" else IO_WRITE
+    lba = 512
+    prp_cache = [drv.prps(buf, bs) for buf in buffers]
+
+    def entry(slot: int) -> SubmissionEntry:
+        slba = offs.next() // lba
+        p1, p2 = prp_cache[slot]
+        return SubmissionEntry(opcode, nsid=1, prp1=p1, prp2=p2, cdw10=slba & 0xFFFFFFFF,
+                               cdw11=slba >> 32, cdw12=bs // lba - 1)
+
+    cid_slot: dict[int, tuple[int, bool]] = {}  # cid -> (slot, is the flush)
+    free = list(range(qd))
+    flushes: list[int] = []
+    n = 0
+    c0, s0 = time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    stopping = False
+    vec = drv.vectors[q.vector]
+    while True:
+        if flushes or (free and not stopping):
+            for slot in flushes:
+                cid_slot[await drv.submit(q, SubmissionEntry(IO_FLUSH, nsid=1), ring=False)] = (slot, True)
+            flushes.clear()
+            while free and not stopping:
+                slot = free.pop()
+                cid_slot[await drv.submit(q, entry(slot), ring=False)] = (slot, False)
+            await drv.ring_sq(q.qid, q.sq_tail)
+        await drv.reap(q)
+        if q.done:
+            for cid, c in list(q.done.items()):
+                if not c.ok:
+                    raise RuntimeError(f"NVMe {name}: status {c.status:#x}")
+                slot, was_flush = cid_slot.pop(cid)
+                if op == "write+flush" and not was_flush:
+                    flushes.append(slot)
+                    continue
+                free.append(slot)
+                n += 1
+            q.done.clear()
+            if time.perf_counter() >= end:
+                stopping = True
+            if stopping and not cid_slot and not flushes:
+                break
+            continue
+        with trio.move_on_after(1.0):
+            await vec.wait()
+    return Result(n, time.perf_counter() - t0, cpu_seconds(pid) - s0, time.process_time() - c0, bs)
 
 
 @contextmanager
@@ -263,14 +289,8 @@ async def _nvme_job_c(drv: Any, q: Any, pid: int, size: int, seconds: float, nam
 async def virtio_jobs(path: str, pid: int, size: int, seconds: float, jobs: list[tuple],
                       driver: str = "python", segment: int = 4096) -> dict[str, Result]:
     from vfu_server.client import Client, GuestRam
-    from vfu_server.testing.virtio import (
-        VIRTIO_F_EVENT_IDX,
-        VIRTIO_F_INDIRECT_DESC,
-        Buf,
-        init_device,
-    )
+    from vfu_server.testing.virtio import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, init_device
 
-    T_IN, T_OUT = 0, 1
     out = {}
     async with await Client.connect(path) as client:
         buf_size = max(128 * KiB, *(bs for _, _, bs, _, _ in jobs))
@@ -282,43 +302,60 @@ async def virtio_jobs(path: str, pid: int, size: int, seconds: float, jobs: list
         data = [ram.alloc(buf_size) for _ in range(32)]
         for addr in data:
             ram.write(addr, os.urandom(buf_size))
-        if driver == "c":
-            for name, op, bs, qd, rand in jobs:
-                out[name] = await _virtio_job_c(q, pid, size, seconds, name, op, bs, qd, rand, data, segment)
-            return out
         for name, op, bs, qd, rand in jobs:
-            offs = Offsets(size, bs, rand)
-            head_buf: dict[int, int] = {}
-            free = list(range(qd))
-            n = 0
-            c0, s0 = time.process_time(), cpu_seconds(pid)
-            t0 = time.perf_counter()
-            end = t0 + seconds
-            stopping = False
-            while True:
-                if not stopping and free:
-                    while free:
-                        b = free.pop()
-                        hdr = struct.pack("<IIQ", T_IN if op == "read" else T_OUT, 0, offs.next() // 512)
-                        if op == "read":
-                            req = q.add([hdr], [Buf(data[b], bs), 1], indirect=True)
-                        else:
-                            req = q.add([hdr, Buf(data[b], bs)], [1], indirect=True)
-                        head_buf[req.head] = b
-                    await q.kick()
-                done = await q.wait_used(1)
-                for req in done:
-                    st = req.data(len(req.inbufs) - 1)[0]
-                    if st != 0:
-                        raise RuntimeError(f"virtio-blk {name}: status {st}")
-                    free.append(head_buf.pop(req.head))
-                    n += 1
-                if time.perf_counter() >= end:
-                    stopping = True
-                if stopping and not head_buf:
-                    break
-            out[name] = Result(n, time.perf_counter() - t0, cpu_seconds(pid) - s0, time.process_time() - c0, bs)
+            if driver == "c" and op != "write+flush":
+                out[name] = await _virtio_job_c(q, pid, size, seconds, name, op, bs, qd, rand, data, segment)
+            else:
+                out[name] = await _virtio_job_py(q, pid, size, seconds, name, op, bs, qd, rand, data)
     return out
+
+
+async def _virtio_job_py(q: Any, pid: int, size: int, seconds: float, name: str, op: str, bs: int,
+                         qd: int, rand: bool, data: list[int]) -> Result:
+    """One job through the Python test driver; ``write+flush``: each write's slot then sends a
+    FLUSH, and the I/O counts once that came back."""
+    from vfu_server.testing.virtio import Buf
+
+    T_IN, T_OUT, T_FLUSH = 0, 1, 4
+    offs = Offsets(size, bs, rand)
+    head_buf: dict[int, tuple[int, bool]] = {}  # head -> (slot, is the flush)
+    free = list(range(qd))
+    flushes: list[int] = []
+    n = 0
+    c0, s0 = time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    stopping = False
+    while True:
+        if flushes or (free and not stopping):
+            for b in flushes:
+                head_buf[q.add([struct.pack("<IIQ", T_FLUSH, 0, 0)], [1], indirect=True).head] = (b, True)
+            flushes.clear()
+            while free and not stopping:
+                b = free.pop()
+                hdr = struct.pack("<IIQ", T_IN if op == "read" else T_OUT, 0, offs.next() // 512)
+                if op == "read":
+                    req = q.add([hdr], [Buf(data[b], bs), 1], indirect=True)
+                else:
+                    req = q.add([hdr, Buf(data[b], bs)], [1], indirect=True)
+                head_buf[req.head] = (b, False)
+            await q.kick()
+        done = await q.wait_used(1)
+        for req in done:
+            st = req.data(len(req.inbufs) - 1)[0]
+            if st != 0:
+                raise RuntimeError(f"virtio-blk {name}: status {st}")
+            b, was_flush = head_buf.pop(req.head)
+            if op == "write+flush" and not was_flush:
+                flushes.append(b)
+                continue
+            free.append(b)
+            n += 1
+        if time.perf_counter() >= end:
+            stopping = True
+        if stopping and not head_buf and not flushes:
+            break
+    return Result(n, time.perf_counter() - t0, cpu_seconds(pid) - s0, time.process_time() - c0, bs)
 
 
 async def _virtio_job_c(q: Any, pid: int, size: int, seconds: float, name: str, op: str, bs: int,
@@ -377,8 +414,23 @@ def main(argv: list[str] | None = None) -> None:
                          "(default %(default)s; 0: one descriptor per request)")
     ap.add_argument("--server-args", default="", metavar="ARGS",
                     help="extra server options, e.g. '--poll-us 0' (polling counts as server CPU)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=[@DIR]",
+                    help="run the servers of another checkout too (LABEL=@DIR; LABEL= is this one), "
+                         "in rotating order per round, to compare them in one run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every server this many times (variants in rotating order); the table "
+                         "shows each job's median round by IOPS")
     args = ap.parse_args(argv)
     from vfu_server.block import parse_size
+
+    variants: list[tuple[str, Path | None]] = []
+    for spec in args.variant:
+        label, _, where = spec.partition("=")
+        if where and not (where.startswith("@") and Path(where[1:]).is_dir()):
+            ap.error(f"--variant {spec!r}: expected LABEL=@DIR with DIR a checkout")
+        variants.append((label, Path(where[1:]).resolve() if where else None))
+    if not variants:
+        variants = [("", None)]
 
     size = parse_size(args.size)
     jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
@@ -389,27 +441,39 @@ def main(argv: list[str] | None = None) -> None:
         chunk = os.urandom(1 << 20)
         for _ in range(size >> 20):
             f.write(chunk)
-    results: dict[str, dict[str, Result]] = {}
+    rounds: dict[str, dict[str, list[Result]]] = {}
     try:
-        results["floor: os.preadv/pwritev loop"] = {
-            name: floor_job(path, size, op, bs, rand, args.seconds) for name, op, bs, qd, rand in jobs if qd == 1}
         drivers = _available_drivers(args.driver.split(","))
-        for dev in args.devices.split(","):
-            for io in args.io.split(","):
-                for drv in drivers:
-                    io_args = [] if io == "sync" else ["--backing-io", io]  # sync: the default, also of older checkouts
-                    with running_server(dev, "--backing", path, *io_args, *args.server_args.split()) as srv:
-                        if dev == "nvme":
-                            res = trio.run(nvme_jobs, srv.socket_path, srv.pid, size, args.seconds, jobs,
-                                           not args.no_shadow, drv)
-                        else:
-                            res = trio.run(virtio_jobs, srv.socket_path, srv.pid, size, args.seconds, jobs, drv,
-                                           args.segment)
-                    label = f"{dev} ({io}, C driver)" if drv == "c" else f"{dev} ({io})"
-                    results[label] = res
+        for r in range(max(1, args.rounds)):
+            rounds.setdefault("floor: os.preadv/pwritev loop", {})
+            for name, op, bs, qd, rand in jobs:
+                if qd == 1:
+                    rounds["floor: os.preadv/pwritev loop"].setdefault(name, []).append(
+                        floor_job(path, size, op, bs, rand, args.seconds))
+            for dev in args.devices.split(","):
+                for io in args.io.split(","):
+                    for drv in drivers:
+                        for vlabel, tree in variants[r % len(variants):] + variants[: r % len(variants)]:
+                            io_args = [] if io == "sync" else ["--backing-io", io]  # sync: the default, also of older checkouts
+                            with running_server(dev, "--backing", path, *io_args, *args.server_args.split(),
+                                                tree=tree) as srv:
+                                if dev == "nvme":
+                                    res = trio.run(nvme_jobs, srv.socket_path, srv.pid, size, args.seconds, jobs,
+                                                   not args.no_shadow, drv)
+                                else:
+                                    res = trio.run(virtio_jobs, srv.socket_path, srv.pid, size, args.seconds,
+                                                   jobs, drv, args.segment)
+                            label = f"{dev} ({io}, C driver)" if drv == "c" else f"{dev} ({io})"
+                            if vlabel:
+                                label += f" [{vlabel}]"
+                            for name, result in res.items():
+                                rounds.setdefault(label, {}).setdefault(name, []).append(result)
     finally:
         os.unlink(path)
         os.rmdir(tmp)
+    # each job's median round by IOPS (with one round: that round)
+    results = {who: {name: sorted(rs, key=lambda x: x.iops)[len(rs) // 2] for name, rs in res.items()}
+               for who, res in rounds.items()}
     rows = []
     floor = results["floor: os.preadv/pwritev loop"]
     for who, res in results.items():

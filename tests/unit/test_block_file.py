@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vfu_server.block import BackendSpecError, BlockIOError, FileBackend
 from vfu_server.block import file as file_mod
@@ -212,3 +215,96 @@ async def test_io_errors_become_block_io_errors(tmp_path: Path) -> None:
         finally:
             b._fd = real_fd
             os.close(ro_fd)
+
+
+# -- flush: one fdatasync thread, concurrent flushes share an fdatasync ------------------------
+
+
+_REAL_FDATASYNC = os.fdatasync
+
+
+class SyncLog:
+    """Wraps os.fdatasync (the real one runs) to record when each call began and ended, on
+    one sequence shared with the test's own events."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: set[int] | None = None) -> None:
+        self.seq = 0
+        self.calls: list[tuple[int, int]] = []  # (began, ended)
+        self.fail = fail or set()  # call numbers that fail with EIO (after syncing)
+        real = _REAL_FDATASYNC  # not what an earlier example's monkeypatch left
+
+        def fdatasync(fd: int) -> None:
+            began = self.tick()
+            real(fd)
+            self.calls.append((began, self.tick()))
+            if len(self.calls) in self.fail:
+                raise OSError(errno.EIO, "injected")
+
+        monkeypatch.setattr(file_mod.os, "fdatasync", fdatasync)
+
+    def tick(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def covered(self, asked: int, answered: int) -> bool:
+        """Some fdatasync began after ``asked`` and ended before ``answered``."""
+        return any(asked < began and ended < answered for began, ended in self.calls)
+
+
+flush_plans = st.lists(st.lists(st.sampled_from(["write", "flush", "pause"]), min_size=1, max_size=6),
+                       min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(plans=flush_plans, fail=st.sets(st.integers(1, 6), max_size=2))
+def test_every_flush_waits_for_an_fdatasync_begun_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          plans: list[list[str]], fail: set[int]) -> None:
+    """Tasks write and flush concurrently: a flush that succeeds returns only after an
+    fdatasync that began after it was asked for (so after every write completed before it)
+    ended; one that fails raises BlockIOError with the errno, and the backend goes on."""
+    log = SyncLog(monkeypatch, fail)
+    path = tmp_path / "flush.raw"
+    if path.exists():
+        path.unlink()
+
+    async def main() -> None:
+        async with FileBackend(path, size=MiB) as b:
+
+            async def task(plan: list[str], n: int) -> None:
+                for step in plan:
+                    if step == "write":
+                        await b.writev(n * 4096, [memoryview(pattern(4096, n))])
+                    elif step == "pause":
+                        await trio.sleep(0)
+                    else:
+                        asked = log.tick()
+                        try:
+                            await b.flush()
+                        except BlockIOError as exc:
+                            assert exc.errno == errno.EIO
+                            continue
+                        assert log.covered(asked, log.tick()), (asked, log.calls)
+
+            async with trio.open_nursery() as nursery:
+                for n, plan in enumerate(plans):
+                    nursery.start_soon(task, plan, n)
+            log.fail = set()
+            await b.flush()  # still serving after failures
+        flushes = sum(p.count("flush") for p in plans)
+        assert len(log.calls) <= flushes + 2  # never more than one per flush (+1 final, +1 aclose)
+
+    trio.run(main)
+    assert not [t for t in threading.enumerate() if t.name == "vfu-fdatasync"], "aclose ends the thread"
+
+
+async def test_concurrent_flushes_share_an_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = SyncLog(monkeypatch)
+    async with FileBackend(tmp_path / "d.raw", size=MiB) as b:
+        await b.writev(0, [memoryview(pattern(4096))])
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(b.flush)
+        # All eight were asked before the first fdatasync began, or at worst before the
+        # second: one or two, not eight.
+        assert 1 <= len(log.calls) <= 2, log.calls
