@@ -86,9 +86,28 @@ async def test_power_cut_keeps_a_seeded_subset() -> None:
         await inner.readv(0, [memoryview(media)])
         kept = [blk for blk in range(64) if media[blk * 512] == blk + 1]
         assert cut["kept_bytes"] == len(kept) * 512 and 0 < len(kept) < 64
+        sectors = {blk // 8 for blk in kept}
+        assert kept == [blk for s in sorted(sectors) for blk in range(s * 8, s * 8 + 8)], \
+            "a 4 KiB sector is kept or lost whole"
         results.append(kept)
     assert results[0] == results[1], "the same seed keeps the same blocks"
     assert results[0] != list(range(len(results[0]))), "not simply the oldest writes"
+
+
+async def test_power_cut_tears_no_4k_sector_written_in_pieces() -> None:
+    """A 1 KiB write inside a sector that holds older cached blocks: the sector's blocks land
+    together or not at all, whatever the seed (ext4's superblock is such a write)."""
+    for seed in range(40):
+        inner = MemoryBackend(16 * 512)
+        cache = VolatileCache(inner)
+        await cache.writev(0, [memoryview(b"a" * 4096)])
+        await cache.writev(1024, [memoryview(b"b" * 1024)])
+        await cache.writev(4096 + 1024, [memoryview(b"c" * 1024)])
+        await cache.power_cut(keep=0.5, seed=seed)
+        media = bytearray(16 * 512)
+        await inner.readv(0, [memoryview(media)])
+        assert media[:4096] in (bytes(4096), b"a" * 1024 + b"b" * 1024 + b"a" * 2048), seed
+        assert media[4096:8192] in (bytes(4096), bytes(1024) + b"c" * 1024 + bytes(2048)), seed
 
 
 async def test_flush_during_power_cut_and_bad_keep() -> None:
