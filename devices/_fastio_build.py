@@ -1,4 +1,5 @@
-"""cffi build module of the devices' I/O fast paths: NVMe Read/Write and virtio-blk IN/OUT.
+"""cffi build module of the devices' I/O fast paths: NVMe Read/Write, virtio-blk IN/OUT and
+virtio-net transmit.
 
 Two C functions do for a run of requests what the devices' inline Python paths do for one, on
 a file namespace or disk in the page cache: ``vfu_fastio_run`` (NVMe, used by
@@ -25,6 +26,13 @@ inside one DMA region, device-writable ones writable, at most 1024 iovecs after 
 
 Both need the whole transfer done by one ``preadv2(RWF_NOWAIT)`` or ``pwritev2`` (a page-cache
 miss, EAGAIN, an error or a short transfer stops the run; a re-done read or write is harmless).
+
+virtio-net transmit (``vfu_net_tx_run``, used by :mod:`vfu_devices.virtio.net`) accepts a chain
+(direct, or one indirect table when negotiated) of readable descriptors only, every non-empty
+one inside one DMA region, ``min_len..max_len`` bytes in all, and sends it to the TAP with one
+``writev`` straight from guest memory (less the virtio-net header for a TAP without one). A
+failed write (EAGAIN included) stops the run with the frame not consumed: Python writes it
+again and waits or drops it, as for any frame of its own.
 """
 
 from __future__ import annotations
@@ -74,6 +82,17 @@ struct vfu_vq {
     uint32_t next_avail, next_used;
     int indirect_ok;
 };
+struct vfu_net {
+    const struct vfu_region *regions;
+    unsigned nregions;
+    int fd;
+    uint32_t skip;
+    uint32_t min_len, max_len;
+    uint64_t bytes, frames;
+    int stop;
+    int err;
+    struct vfu_iostat *stats;
+};
 """
 
 CDEF = STRUCTS + """
@@ -81,6 +100,7 @@ static const int VFU_STOP_EMPTY, VFU_STOP_LIMIT, VFU_STOP_CQ_FULL, VFU_STOP_RING
 static const int VFU_STOP_COMMAND, VFU_STOP_DATA, VFU_STOP_IO;
 unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max);
 unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max);
+unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
 """
 
 SOURCE = r"""
@@ -505,6 +525,138 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
         q->next_used = (q->next_used + 1) & 0xFFFF;
         if (c->stats)
             count_one(c->stats, kind, bytes, &t0);
+        count++;
+    }
+    return count;
+}
+
+#define NET_HDR_LEN 12  /* virtio_net_hdr_v1 */
+
+/* virtio-net transmit: a chain of readable descriptors (direct, or one indirect table when
+   negotiated) holding the 12-byte virtio_net_hdr_v1 and a frame, min_len..max_len bytes in
+   all, written to the TAP with one writev from guest memory, less the first ``skip`` bytes
+   (the header, for a TAP without IFF_VNET_HDR). 0 and the frame sent, else a stop reason
+   (nothing consumed). */
+static int net_tx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t table, uint32_t head, uint64_t *bytes)
+{
+    struct iovec iov[MAX_IOV];
+    uint8_t desc[16];
+    uint64_t addr, total = 0;
+    uint32_t len, limit = q->size, index = head, count = 0;
+    uint16_t dflags, next;
+    uintptr_t tab = table;
+    int n = 0, indirect = 0;
+
+    for (;;) {
+        if (++count > q->size)
+            return VFU_STOP_COMMAND;
+        memcpy(desc, (const void *)(tab + 16 * (uintptr_t)index), 16);
+        memcpy(&addr, desc, 8);
+        memcpy(&len, desc + 8, 4);
+        memcpy(&dflags, desc + 12, 2);
+        memcpy(&next, desc + 14, 2);
+        if (dflags & VQ_DESC_F_INDIRECT) {
+            if (indirect || !q->indirect_ok || count != 1 || (dflags & VQ_DESC_F_NEXT)
+                    || !len || len % 16 || len / 16 > q->size)
+                return VFU_STOP_COMMAND;
+            tab = xlate_in(c->regions, c->nregions, addr, len, 0);
+            if (!tab)
+                return VFU_STOP_DATA;
+            indirect = 1;
+            limit = len / 16;
+            index = 0;
+            count = 0;
+            continue;
+        }
+        if (dflags & VQ_DESC_F_WRITE)
+            return VFU_STOP_COMMAND;  /* nothing to write on transmit: Python's */
+        if (len) {
+            if (add_piece_in(c->regions, c->nregions, iov, &n, addr, len, 0))
+                return VFU_STOP_DATA;
+            total += len;
+        }
+        if (!(dflags & VQ_DESC_F_NEXT))
+            break;
+        if (next >= limit)
+            return VFU_STOP_COMMAND;
+        index = next;
+    }
+    if (total < c->min_len || total > c->max_len || total <= c->skip)
+        return VFU_STOP_COMMAND;
+    int first = 0;
+    for (uint32_t skip = c->skip; skip;) {  /* the header may span descriptors */
+        if (iov[first].iov_len > skip) {
+            iov[first].iov_base = (uint8_t *)iov[first].iov_base + skip;
+            iov[first].iov_len -= skip;
+            break;
+        }
+        skip -= iov[first++].iov_len;
+    }
+    ssize_t done = writev(c->fd, iov + first, n - first);
+    if (done < 0) {
+        c->err = errno;
+        return VFU_STOP_IO;  /* Python writes it again: waits (EAGAIN) or drops it */
+    }
+    *bytes = total;
+    return 0;
+}
+
+/* Frames from next_avail up to the avail index; used elements (length 0) go into the ring
+   from next_used on, and the caller publishes the used index. Both indexes are updated. */
+unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
+{
+    uintptr_t desc, avail, used;
+    unsigned count = 0;
+    uint32_t size = q->size;
+
+    c->err = 0;
+    if (!size || size > 32768 || (size & (size - 1))) {
+        c->stop = VFU_STOP_RINGS;
+        return 0;
+    }
+    desc = xlate_in(c->regions, c->nregions, q->desc, 16 * (uint64_t)size, 0);
+    avail = xlate_in(c->regions, c->nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
+    used = xlate_in(c->regions, c->nregions, q->used, 6 + 8 * (uint64_t)size, 1);
+    if (!desc || !avail || !used || (avail & 1) || (used & 3)) {
+        c->stop = VFU_STOP_RINGS;
+        return 0;
+    }
+    uint16_t avail_idx = load16(avail + 2);
+    if ((uint16_t)(avail_idx - q->next_avail) > size) {
+        c->stop = VFU_STOP_RINGS;
+        return 0;
+    }
+    c->stop = VFU_STOP_EMPTY;
+    uint64_t t0 = c->stats ? now_ns() : 0;
+    while ((uint16_t)q->next_avail != avail_idx) {
+        uint16_t head;
+        uint32_t elem[2];
+        uint64_t bytes = 0;
+        int stop;
+
+        if (count == max) {
+            c->stop = VFU_STOP_LIMIT;
+            break;
+        }
+        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % size)), 2);
+        if (head >= size) {
+            c->stop = VFU_STOP_COMMAND;
+            break;
+        }
+        stop = net_tx_one(c, q, desc, head, &bytes);
+        if (stop) {
+            c->stop = stop;
+            break;
+        }
+        elem[0] = head;
+        elem[1] = 0;
+        memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % size)), elem, 8);
+        q->next_avail = (q->next_avail + 1) & 0xFFFF;
+        q->next_used = (q->next_used + 1) & 0xFFFF;
+        c->bytes += bytes - NET_HDR_LEN;
+        c->frames++;
+        if (c->stats)
+            count_one(c->stats, 1, bytes - NET_HDR_LEN, &t0);
         count++;
     }
     return count;

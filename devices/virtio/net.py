@@ -40,6 +40,8 @@ from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 from vfu_server.sandbox import SandboxNeeds
 
+from ..fastio import RegionTable
+from ..fastio import load_module_async as load_fastio
 from .netbackend import NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
@@ -66,7 +68,7 @@ _RX, _TX = 0, 1
 #: what --fault rules can do to frames (docs/faults.md): op rx (to the guest) or tx (from it),
 #: queue is the queue pair
 NET_FAULTS = FaultDomain(name="virtio-net", ops={"rx": _RX, "tx": _TX}, matches=frozenset({"op", "queue"}),
-                         actions=frozenset({"drop", "dup", "delay", "corrupt"}))
+                         actions=frozenset({"drop", "dup", "delay", "corrupt"}), fast_ops=frozenset({_TX}))
 MAX_RX_FRAME = 1514 + 4  # without GUEST_TSO: an MTU-sized frame at most (+ VLAN tag)
 #: a TCP segment the guest takes whole (GUEST_TSO4/6): the kernel's GSO limit is 65536 bytes
 #: per packet; a VLAN tag on top
@@ -141,6 +143,8 @@ class VirtioNet(VirtioPciDevice):
         self._guest_csum = False
         #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
         self._mergeable = False
+        #: the C transmit path (devices/_fastio_build.py), once loaded; None: Python only
+        self._fast: _NetTxFast | None = None
         self._reset_filters()
 
     def queue_stats(self, index: int) -> QueueStats:
@@ -237,6 +241,8 @@ class VirtioNet(VirtioPciDevice):
 
     async def run(self) -> None:
         try:
+            module = await load_fastio()
+            self._fast = _NetTxFast(module, self.dma) if module is not None else None
             await self.backend.run(self._deliver, self._set_link)
         finally:
             self.backend.close()
@@ -400,12 +406,55 @@ class VirtioNet(VirtioPciDevice):
         return 2 * self.queue_pairs
 
     async def serve_queue(self, q: SplitQueue) -> None:
-        if q.index == self.ctrl_index or q.index % 2 == 1:
-            await super().serve_queue(q)  # transmit and control queues: one chain after another
+        if q.index == self.ctrl_index:
+            await super().serve_queue(q)  # one command after another
+        elif q.index % 2 == 1:
+            await self._tx_loop(q)
         elif q.index == 0:
             await self._rx_pump()
         else:
             await trio.sleep_forever()  # the pump of receiveq0 fills every receive queue
+
+    async def _tx_loop(self, q: SplitQueue) -> None:
+        """Frames in order, C first (:meth:`complete_fast`), Python for what C leaves; one
+        used-index update and interrupt per pass, at most a queue's worth per pass so that a
+        guest that keeps the queue full cannot starve the other tasks."""
+        while True:
+            budget = q.state.size
+            while budget > 0:
+                budget -= self.complete_fast(q)
+                if budget <= 0 or (chain := q.pop()) is None:
+                    break
+                budget -= 1
+                q.push(chain, await self.process(q, chain))
+                if self._fast is not None:
+                    self.notify_queue(q)  # C completes only with nothing of Python's unpublished
+            self.notify_queue(q)
+            if budget > 0:
+                await self._sleep_until_kicked(q)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def complete_fast(self, queue: SplitQueue) -> int:
+        """Transmit frames in C (one ``writev`` each from guest memory to the TAP) while
+        Python need not see them: no dirty-page logging, no fault rule that could match,
+        nothing of Python's waiting to be published."""
+        fast = self._fast
+        if fast is None or queue.index % 2 == 0 or queue.index == self.ctrl_index:
+            return 0
+        if self.dma.dirty_hook is not None or not queue.can_complete_elsewhere():
+            return 0
+        if self.faults.active and self.faults.could_match(NET_FAULTS.fast_ops, queue.index // 2):
+            return 0
+        fd = self.backend.fast_tx_fd()
+        if fd is None:
+            return 0
+        try:
+            return fast.run(queue, fd, HDR_LEN - self._hdr, self.queue_stats(queue.index))
+        except Exception:
+            self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
+            self._fast = None
+            return 0
 
     async def _rx_pump(self) -> None:
         send, receive = trio.open_memory_channel[bytes](64)
@@ -591,3 +640,33 @@ class VirtioNet(VirtioPciDevice):
             self.active_pairs = pairs
             return OK
         return ERR
+
+
+class _NetTxFast:
+    """The C side of :meth:`VirtioNet.complete_fast`: its context and the region table."""
+
+    def __init__(self, module: Any, dma: Any) -> None:
+        self.ffi, self.lib = module.ffi, module.lib
+        self.ctx = self.ffi.new("struct vfu_net *")
+        self.vq = self.ffi.new("struct vfu_vq *")
+        self.regions = RegionTable(self.ffi, dma)
+        self.ctx.min_len, self.ctx.max_len = HDR_LEN + ETH_HLEN, HDR_LEN + MAX_TX_FRAME
+
+    def run(self, queue: SplitQueue, fd: int, skip: int, stats: QueueStats, limit: int = 64) -> int:
+        c, v, s = self.ctx, self.vq, queue.state
+        c.stats = stats.c if stats.c is not None else stats.attach_c(self.ffi)
+        if self.regions.sync():
+            c.regions, c.nregions = self.regions.table, self.regions.count
+        c.fd, c.skip = fd, skip
+        v.desc, v.avail, v.used, v.size = s.desc_table, s.avail_ring, s.used_ring, s.size
+        v.next_avail = s.next_avail
+        v.next_used = (s.next_used + queue.pending_elsewhere) & 0xFFFF
+        v.indirect_ok = queue.indirect_ok
+        n: int = self.lib.vfu_net_tx_run(c, v, limit)
+        if n:
+            queue.completed_elsewhere(n, v.next_avail)
+        return n
+
+    @property
+    def stop_reason(self) -> int:
+        return int(self.ctx.stop)

@@ -90,6 +90,11 @@ class NetBackend:
     async def send(self, frame: bytes) -> None:
         raise NotImplementedError
 
+    def fast_tx_fd(self) -> int | None:
+        """A descriptor the device's C path may ``writev`` a frame to (the same frame
+        :meth:`send` would be given), or None: every frame goes through :meth:`send`."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -199,6 +204,9 @@ class TapBackend(NetBackend):
                 await trio.lowlevel.wait_writable(self.fd)
             except OSError:
                 return  # interface down: the frame is lost, as on a wire
+
+    def fast_tx_fd(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -315,6 +323,10 @@ class SocketBackend(NetBackend):
                 if not frame:
                     return  # the peer closed
                 await deliver(frame)
+
+    def fast_tx_fd(self) -> int | None:
+        # A datagram per writev, as per send(); no peer: Python drops the frame
+        return self.sock.fileno() if self.sock is not None else None
 
     async def send(self, frame: bytes) -> None:
         sock = self.sock
