@@ -33,6 +33,13 @@ one inside one DMA region, ``min_len..max_len`` bytes in all, and sends it to th
 ``writev`` straight from guest memory (less the virtio-net header for a TAP without one). A
 failed write (EAGAIN included) stops the run with the frame not consumed: Python writes it
 again and waits or drops it, as for any frame of its own.
+
+virtio-net receive (``vfu_net_rx_run``) reads packets from the TAP into a buffer of its own and
+copies each into the receive ring: with mergeable receive buffers over as many chains as it
+needs, else into one chain, every chain all device-writable descriptors inside one writable
+region. A packet it does not place (the device's filters other than promiscuous or its own
+MAC, a size out of bounds, too few or too small buffers, a chain it does not take) stays in
+the buffer for Python, which does with it what it does with any packet it reads.
 """
 
 from __future__ import annotations
@@ -92,6 +99,12 @@ struct vfu_net {
     int stop;
     int err;
     struct vfu_iostat *stats;
+    uint8_t *buf;
+    uint32_t buf_len;
+    uint32_t hdr, rx_limit;
+    int guest_csum, mergeable, promisc;
+    uint8_t mac[6];
+    uint32_t held;
 };
 """
 
@@ -101,6 +114,7 @@ static const int VFU_STOP_COMMAND, VFU_STOP_DATA, VFU_STOP_IO;
 unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max);
 unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max);
 unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
+unsigned vfu_net_rx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
 """
 
 SOURCE = r"""
@@ -474,29 +488,37 @@ static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_
 
 /* Requests from next_avail up to the avail index; used elements go into the ring from
    next_used on, and the caller publishes the used index. Both indexes are updated. */
+/* The rings of a split virtqueue in our address space and the avail index: 0, or
+   VFU_STOP_RINGS (a bad size, a ring not inside one region or misaligned, a bad index: Python
+   resets the device). */
+static int vq_open(const struct vfu_region *regions, unsigned nregions, const struct vfu_vq *q,
+                   uintptr_t *desc, uintptr_t *avail, uintptr_t *used, uint16_t *avail_idx)
+{
+    uint32_t size = q->size;
+
+    if (!size || size > 32768 || (size & (size - 1)))
+        return VFU_STOP_RINGS;
+    *desc = xlate_in(regions, nregions, q->desc, 16 * (uint64_t)size, 0);
+    *avail = xlate_in(regions, nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
+    *used = xlate_in(regions, nregions, q->used, 6 + 8 * (uint64_t)size, 1);
+    if (!*desc || !*avail || !*used || (*avail & 1) || (*used & 3))
+        return VFU_STOP_RINGS;
+    *avail_idx = load16(*avail + 2);
+    if ((uint16_t)(*avail_idx - q->next_avail) > size)
+        return VFU_STOP_RINGS;
+    return 0;
+}
+
 unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
 {
     uintptr_t desc, avail, used;
     unsigned count = 0;
     uint32_t size = q->size;
+    uint16_t avail_idx;
 
-    if (!size || size > 32768 || (size & (size - 1))) {
-        c->stop = VFU_STOP_RINGS;
+    c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
+    if (c->stop)
         return 0;
-    }
-    desc = xlate_in(c->regions, c->nregions, q->desc, 16 * (uint64_t)size, 0);
-    avail = xlate_in(c->regions, c->nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
-    used = xlate_in(c->regions, c->nregions, q->used, 6 + 8 * (uint64_t)size, 1);
-    if (!desc || !avail || !used || (avail & 1) || (used & 3)) {
-        c->stop = VFU_STOP_RINGS;
-        return 0;
-    }
-    uint16_t avail_idx = load16(avail + 2);
-    if ((uint16_t)(avail_idx - q->next_avail) > size) {
-        c->stop = VFU_STOP_RINGS;  /* a bad index: Python resets the device */
-        return 0;
-    }
-    c->stop = VFU_STOP_EMPTY;
     uint64_t t0 = c->stats ? now_ns() : 0;
     while ((uint16_t)q->next_avail != avail_idx) {
         uint16_t head;
@@ -532,21 +554,20 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
 
 #define NET_HDR_LEN 12  /* virtio_net_hdr_v1 */
 
-/* virtio-net transmit: a chain of readable descriptors (direct, or one indirect table when
-   negotiated) holding the 12-byte virtio_net_hdr_v1 and a frame, min_len..max_len bytes in
-   all, written to the TAP with one writev from guest memory, less the first ``skip`` bytes
-   (the header, for a TAP without IFF_VNET_HDR). 0 and the frame sent, else a stop reason
-   (nothing consumed). */
-static int net_tx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t table, uint32_t head, uint64_t *bytes)
+/* The descriptors of the chain at head into iov (direct, or one indirect table when
+   negotiated), every non-empty one inside one region and all device-writable (``write``) or
+   all device-readable: 0 and *total their bytes, else a stop reason. */
+static int net_walk(const struct vfu_net *c, const struct vfu_vq *q, uintptr_t table, uint32_t head, int write,
+                    struct iovec *iov, int *n, uint64_t *total)
 {
-    struct iovec iov[MAX_IOV];
     uint8_t desc[16];
-    uint64_t addr, total = 0;
+    uint64_t addr;
     uint32_t len, limit = q->size, index = head, count = 0;
     uint16_t dflags, next;
     uintptr_t tab = table;
-    int n = 0, indirect = 0;
+    int indirect = 0;
 
+    *total = 0;
     for (;;) {
         if (++count > q->size)
             return VFU_STOP_COMMAND;
@@ -568,19 +589,33 @@ static int net_tx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t table, uint
             count = 0;
             continue;
         }
-        if (dflags & VQ_DESC_F_WRITE)
-            return VFU_STOP_COMMAND;  /* nothing to write on transmit: Python's */
+        if (!(dflags & VQ_DESC_F_WRITE) != !write)
+            return VFU_STOP_COMMAND;  /* mixed: Python's */
         if (len) {
-            if (add_piece_in(c->regions, c->nregions, iov, &n, addr, len, 0))
+            if (add_piece_in(c->regions, c->nregions, iov, n, addr, len, write))
                 return VFU_STOP_DATA;
-            total += len;
+            *total += len;
         }
         if (!(dflags & VQ_DESC_F_NEXT))
-            break;
+            return 0;
         if (next >= limit)
             return VFU_STOP_COMMAND;
         index = next;
     }
+}
+
+/* virtio-net transmit: a chain of readable descriptors holding the 12-byte
+   virtio_net_hdr_v1 and a frame, min_len..max_len bytes in all, written to the TAP with one
+   writev from guest memory, less the first ``skip`` bytes (the header, for a TAP without
+   IFF_VNET_HDR). 0 and the frame sent, else a stop reason (nothing consumed). */
+static int net_tx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t table, uint32_t head, uint64_t *bytes)
+{
+    struct iovec iov[MAX_IOV];
+    uint64_t total;
+    int n = 0, stop = net_walk(c, q, table, head, 0, iov, &n, &total);
+
+    if (stop)
+        return stop;
     if (total < c->min_len || total > c->max_len || total <= c->skip)
         return VFU_STOP_COMMAND;
     int first = 0;
@@ -608,25 +643,12 @@ unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
     uintptr_t desc, avail, used;
     unsigned count = 0;
     uint32_t size = q->size;
+    uint16_t avail_idx;
 
     c->err = 0;
-    if (!size || size > 32768 || (size & (size - 1))) {
-        c->stop = VFU_STOP_RINGS;
+    c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
+    if (c->stop)
         return 0;
-    }
-    desc = xlate_in(c->regions, c->nregions, q->desc, 16 * (uint64_t)size, 0);
-    avail = xlate_in(c->regions, c->nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
-    used = xlate_in(c->regions, c->nregions, q->used, 6 + 8 * (uint64_t)size, 1);
-    if (!desc || !avail || !used || (avail & 1) || (used & 3)) {
-        c->stop = VFU_STOP_RINGS;
-        return 0;
-    }
-    uint16_t avail_idx = load16(avail + 2);
-    if ((uint16_t)(avail_idx - q->next_avail) > size) {
-        c->stop = VFU_STOP_RINGS;
-        return 0;
-    }
-    c->stop = VFU_STOP_EMPTY;
     uint64_t t0 = c->stats ? now_ns() : 0;
     while ((uint16_t)q->next_avail != avail_idx) {
         uint16_t head;
@@ -658,6 +680,126 @@ unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
         if (c->stats)
             count_one(c->stats, 1, bytes - NET_HDR_LEN, &t0);
         count++;
+    }
+    return count;
+}
+
+#define NET_MAX_MERGE 256  /* receive buffers of one packet: at most a ring's worth */
+
+/* virtio-net receive, one packet already read into c->buf from offset NET_HDR_LEN - hdr on
+   (``len`` bytes as the TAP gave them: its header, if it has one, then the frame), into the
+   receive ring: with ``mergeable`` over as many chains as it needs, ``num_buffers`` in the
+   first, else into one chain. 0 and the number of used elements in *chains, or a stop reason
+   with nothing consumed (Python takes the packet: it filters, drops or waits for buffers). */
+static int net_rx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t desc, uintptr_t avail, uintptr_t used,
+                      uint16_t *avail_idx, uint32_t len, unsigned *chains)
+{
+    struct iovec iov[MAX_IOV];
+    uint32_t start[NET_MAX_MERGE + 1], room[NET_MAX_MERGE];
+    uint16_t heads[NET_MAX_MERGE];
+    uint8_t *pkt = c->buf;  /* the stream the guest gets: a virtio-net header, then the frame */
+    uint32_t flen = len - c->hdr, need = flen + NET_HDR_LEN, size = q->size, have = 0;
+    unsigned k = 0;
+    int n = 0;
+
+    if (len < c->hdr || flen < 14 || flen > c->rx_limit)
+        return VFU_STOP_COMMAND;
+    if (!c->promisc && memcmp(pkt + NET_HDR_LEN, c->mac, 6))
+        return VFU_STOP_COMMAND;  /* the filters (broadcast, multicast, tables) are Python's */
+    while (have < need) {
+        uint16_t head, next_avail = (uint16_t)(q->next_avail + k);
+        uint64_t total;
+
+        if (k == (c->mergeable ? NET_MAX_MERGE : 1) || k >= size)
+            return VFU_STOP_COMMAND;  /* one chain too small, or a packet the ring cannot hold */
+        if (next_avail == *avail_idx) {
+            *avail_idx = load16(avail + 2);  /* the driver may have added some meanwhile */
+            if ((uint16_t)(*avail_idx - q->next_avail) > size)
+                return VFU_STOP_RINGS;
+            if (next_avail == *avail_idx)
+                return VFU_STOP_CQ_FULL;  /* too few buffers (no room): Python waits for more */
+        }
+        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(next_avail % size)), 2);
+        if (head >= size)
+            return VFU_STOP_COMMAND;
+        start[k] = (uint32_t)n;
+        int stop = net_walk(c, q, desc, head, 1, iov, &n, &total);
+        if (stop)
+            return stop;
+        if (!k && total < NET_HDR_LEN)
+            return VFU_STOP_COMMAND;  /* the header over two buffers: Python's (it patches the first) */
+        heads[k] = head;
+        room[k] = total > need ? need : (uint32_t)total;
+        have += room[k];
+        k++;
+    }
+    start[k] = (uint32_t)n;
+    /* The header: the TAP's (flags and GSO type only for a guest that takes partial
+       checksums), or none but num_buffers. */
+    if (!c->hdr || !c->guest_csum)
+        memset(pkt, 0, 10);
+    pkt[10] = (uint8_t)k;
+    pkt[11] = (uint8_t)(k >> 8);
+    uint32_t pos = 0;
+    for (unsigned i = 0; i < k; i++) {
+        uint32_t part = need - pos < room[i] ? need - pos : room[i], left = part, elem[2];
+        for (uint32_t j = start[i]; left; j++) {
+            size_t m = iov[j].iov_len < left ? iov[j].iov_len : left;
+            memcpy(iov[j].iov_base, pkt + pos, m);
+            pos += (uint32_t)m;
+            left -= (uint32_t)m;
+        }
+        elem[0] = heads[i];
+        elem[1] = part;
+        memcpy((void *)(used + 4 + 8 * (uintptr_t)((q->next_used + i) % size)), elem, 8);
+    }
+    q->next_avail = (q->next_avail + k) & 0xFFFF;
+    q->next_used = (q->next_used + k) & 0xFFFF;
+    *chains = k;
+    return 0;
+}
+
+/* Up to max packets from the TAP (or peer socket) into the receive ring; returns the used
+   elements written (the caller publishes the used index). c->stop says why it ended:
+   VFU_STOP_EMPTY the TAP had no more (EAGAIN), VFU_STOP_LIMIT max packets, VFU_STOP_IO a read
+   error or end of file (c->err), anything else with c->held > 0: a packet Python takes from
+   c->buf (offset NET_HDR_LEN - hdr, c->held bytes). */
+unsigned vfu_net_rx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
+{
+    uintptr_t desc, avail, used;
+    unsigned count = 0, frames = 0;
+    uint16_t avail_idx;
+
+    c->err = 0;
+    c->held = 0;
+    c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
+    if (c->stop)
+        return 0;
+    uint64_t t0 = c->stats ? now_ns() : 0;
+    for (;;) {
+        unsigned k = 0;
+        if (frames == max) {
+            c->stop = VFU_STOP_LIMIT;
+            break;
+        }
+        ssize_t len = read(c->fd, c->buf + NET_HDR_LEN - c->hdr, c->buf_len);
+        if (len <= 0) {
+            c->err = len < 0 ? errno : 0;
+            c->stop = len < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? VFU_STOP_EMPTY : VFU_STOP_IO;
+            break;
+        }
+        int stop = net_rx_one(c, q, desc, avail, used, &avail_idx, (uint32_t)len, &k);
+        if (stop) {
+            c->stop = stop;
+            c->held = (uint32_t)len;
+            break;
+        }
+        c->bytes += (uint64_t)len - c->hdr;
+        c->frames++;
+        if (c->stats)
+            count_one(c->stats, 0, (uint64_t)len - c->hdr, &t0);
+        count += k;
+        frames++;
     }
     return count;
 }

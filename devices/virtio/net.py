@@ -40,9 +40,9 @@ from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 from vfu_server.sandbox import SandboxNeeds
 
-from ..fastio import RegionTable
+from ..fastio import RegionTable, load_vq
 from ..fastio import load_module_async as load_fastio
-from .netbackend import NetBackend, SocketBackend, TapBackend
+from .netbackend import BURST, MAX_FRAME, RX_DRAINED, RX_MORE, NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
 from .spec import DeviceId, Status, bit
@@ -68,7 +68,8 @@ _RX, _TX = 0, 1
 #: what --fault rules can do to frames (docs/faults.md): op rx (to the guest) or tx (from it),
 #: queue is the queue pair
 NET_FAULTS = FaultDomain(name="virtio-net", ops={"rx": _RX, "tx": _TX}, matches=frozenset({"op", "queue"}),
-                         actions=frozenset({"drop", "dup", "delay", "corrupt"}), fast_ops=frozenset({_TX}))
+                         actions=frozenset({"drop", "dup", "delay", "corrupt"}), fast_ops=frozenset({_RX, _TX}))
+_FAST_RX, _FAST_TX = frozenset({_RX}), frozenset({_TX})
 MAX_RX_FRAME = 1514 + 4  # without GUEST_TSO: an MTU-sized frame at most (+ VLAN tag)
 #: a TCP segment the guest takes whole (GUEST_TSO4/6): the kernel's GSO limit is 65536 bytes
 #: per packet; a VLAN tag on top
@@ -79,6 +80,7 @@ RX_PROMISC, RX_ALLMULTI = 0, 1
 MAC_TABLE_SET, MAC_ADDR_SET = 0, 1
 MQ_VQ_PAIRS_SET = 0
 OK, ERR = 0, 1
+_STOP_EMPTY, _STOP_LIMIT = 0, 1  # VFU_STOP_* of devices/_fastio_build.py
 MAC_TABLE_ENTRIES = 64
 BROADCAST = b"\xff" * 6
 
@@ -144,7 +146,7 @@ class VirtioNet(VirtioPciDevice):
         #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
         self._mergeable = False
         #: the C transmit path (devices/_fastio_build.py), once loaded; None: Python only
-        self._fast: _NetTxFast | None = None
+        self._fast: _NetFast | None = None
         self._reset_filters()
 
     def queue_stats(self, index: int) -> QueueStats:
@@ -242,7 +244,9 @@ class VirtioNet(VirtioPciDevice):
     async def run(self) -> None:
         try:
             module = await load_fastio()
-            self._fast = _NetTxFast(module, self.dma) if module is not None else None
+            self._fast = _NetFast(module, self.dma) if module is not None else None
+            if self._fast is not None:
+                self.backend.fast_receive = self._receive_fast
             await self.backend.run(self._deliver, self._set_link)
         finally:
             self.backend.close()
@@ -444,17 +448,49 @@ class VirtioNet(VirtioPciDevice):
             return 0
         if self.dma.dirty_hook is not None or not queue.can_complete_elsewhere():
             return 0
-        if self.faults.active and self.faults.could_match(NET_FAULTS.fast_ops, queue.index // 2):
+        if self.faults.active and self.faults.could_match(_FAST_TX, queue.index // 2):
             return 0
         fd = self.backend.fast_tx_fd()
         if fd is None:
             return 0
         try:
-            return fast.run(queue, fd, HDR_LEN - self._hdr, self.queue_stats(queue.index))
+            return fast.tx(queue, fd, HDR_LEN - self._hdr, self.queue_stats(queue.index))
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
             self._fast = None
             return 0
+
+    def _receive_fast(self, fd: int) -> bytes | int | None:
+        """The backend's packets straight from ``fd`` into receiveq0, in C, while nothing of
+        Python's is on its way to the guest (so that packets keep their order): one
+        used-index update and interrupt per burst. Returns :data:`RX_DRAINED` (``fd`` has no
+        more), :data:`RX_MORE` (a whole burst placed), a packet C read but left to Python
+        (deliver it), or None: C read nothing, the backend reads itself."""
+        fast = self._fast
+        receive = self._rx_receive
+        if (fast is None or self._rx_send is None or receive is None or not self._rx_open.is_set()
+                or self._rx_current is not None or self._rx_adopted or self._rx_held is not None
+                or self.active_pairs != 1 or self.dma.dirty_hook is not None or not self.queues):
+            return None
+        q = self.queues[0]
+        if not q.can_complete_elsewhere() or receive.statistics().current_buffer_used:
+            return None
+        if self.faults.active and self.faults.could_match(_FAST_RX, 0):
+            return None
+        try:
+            fast.set_receive(self._hdr, self._rx_limit, self._guest_csum, self._mergeable, self.promisc, self.mac)
+            if fast.rx(q, fd, self._hdr, self.queue_stats(0)):
+                self.notify_queue(q)
+            held = fast.held
+        except Exception:
+            self.log.exception("receive fast path failed; Python only from now on")
+            self._fast = None
+            self.backend.fast_receive = None
+            return None
+        if held is not None:
+            return held
+        stop = fast.stop_reason
+        return RX_DRAINED if stop == _STOP_EMPTY else RX_MORE if stop == _STOP_LIMIT else None
 
     async def _rx_pump(self) -> None:
         send, receive = trio.open_memory_channel[bytes](64)
@@ -642,30 +678,62 @@ class VirtioNet(VirtioPciDevice):
         return ERR
 
 
-class _NetTxFast:
-    """The C side of :meth:`VirtioNet.complete_fast`: its context and the region table."""
+class _NetFast:
+    """The C side of :meth:`VirtioNet.complete_fast` (transmit) and :meth:`VirtioNet._receive_fast`:
+    their context, the region table and the receive buffer."""
 
     def __init__(self, module: Any, dma: Any) -> None:
         self.ffi, self.lib = module.ffi, module.lib
         self.ctx = self.ffi.new("struct vfu_net *")
         self.vq = self.ffi.new("struct vfu_vq *")
         self.regions = RegionTable(self.ffi, dma)
-        self.ctx.min_len, self.ctx.max_len = HDR_LEN + ETH_HLEN, HDR_LEN + MAX_TX_FRAME
+        c = self.ctx
+        c.min_len, c.max_len = HDR_LEN + ETH_HLEN, HDR_LEN + MAX_TX_FRAME
+        # a packet as the TAP gives it, after room for a header a TAP without one does not give
+        self.buf = self.ffi.new("uint8_t[]", HDR_LEN + MAX_FRAME)
+        c.buf, c.buf_len = self.buf, MAX_FRAME
 
-    def run(self, queue: SplitQueue, fd: int, skip: int, stats: QueueStats, limit: int = 64) -> int:
-        c, v, s = self.ctx, self.vq, queue.state
+    def _prepare(self, queue: SplitQueue, fd: int, stats: QueueStats) -> None:
+        c = self.ctx
         c.stats = stats.c if stats.c is not None else stats.attach_c(self.ffi)
         if self.regions.sync():
             c.regions, c.nregions = self.regions.table, self.regions.count
-        c.fd, c.skip = fd, skip
-        v.desc, v.avail, v.used, v.size = s.desc_table, s.avail_ring, s.used_ring, s.size
-        v.next_avail = s.next_avail
-        v.next_used = (s.next_used + queue.pending_elsewhere) & 0xFFFF
-        v.indirect_ok = queue.indirect_ok
-        n: int = self.lib.vfu_net_tx_run(c, v, limit)
+        c.fd = fd
+        load_vq(self.vq, queue)
+
+    def tx(self, queue: SplitQueue, fd: int, skip: int, stats: QueueStats, limit: int = 64) -> int:
+        """Frames sent (``skip``: bytes of the guest's header the TAP does not take)."""
+        self._prepare(queue, fd, stats)
+        self.ctx.skip = skip
+        n: int = self.lib.vfu_net_tx_run(self.ctx, self.vq, limit)
         if n:
-            queue.completed_elsewhere(n, v.next_avail)
+            queue.completed_elsewhere(n, self.vq.next_avail)
         return n
+
+    def rx(self, queue: SplitQueue, fd: int, hdr: int, stats: QueueStats, limit: int = BURST) -> int:
+        """Packets read from ``fd`` and placed: the used elements written (:attr:`held` a
+        packet read and left to Python)."""
+        self._prepare(queue, fd, stats)
+        n: int = self.lib.vfu_net_rx_run(self.ctx, self.vq, limit)
+        if n:
+            queue.completed_elsewhere(n, self.vq.next_avail)
+        return n
+
+    def set_receive(self, hdr: int, limit: int, guest_csum: bool, mergeable: bool, promisc: bool,
+                    mac: bytes) -> None:
+        """What the device's receive path decides by (the TAP's header, the filters)."""
+        c = self.ctx
+        c.hdr, c.rx_limit, c.guest_csum, c.mergeable, c.promisc = hdr, limit, guest_csum, mergeable, promisc
+        self.ffi.memmove(c.mac, mac, 6)
+
+    @property
+    def held(self) -> bytes | None:
+        """The packet the last :meth:`rx` read and left to Python, as read (None: none)."""
+        n = self.ctx.held
+        if not n:
+            return None
+        start = HDR_LEN - self.ctx.hdr
+        return bytes(self.ffi.buffer(self.buf)[start : start + n])
 
     @property
     def stop_reason(self) -> int:

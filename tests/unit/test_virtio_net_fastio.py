@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vfu_devices.fastio import load_module
-from vfu_devices.virtio.net import HDR_LEN, MAX_TX_FRAME, VirtioNet, _NetTxFast
+from vfu_devices.virtio.net import HDR_LEN, MAX_TX_FRAME, VirtioNet, _NetFast
 from vfu_devices.virtio.netbackend import NetBackend
 from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from vfu_server.testing.memory import map_guest_ram
@@ -89,30 +89,28 @@ def frames(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int]], bool, bool
     starts = draw(st.lists(st.integers(DATA, RAM - 9000), min_size=nseg, max_size=nseg))
     descs = [[a, n, 0] for a, n in zip(starts, lens, strict=True)]
     indirect = draw(st.booleans())
-    valid = True
     for m in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
         i = draw(st.integers(0, len(descs) - 1))
         if m == "writable":
             descs[i][2] |= WRITE
-            valid = False
         elif m == "zero-len":
             descs.insert(i, [DATA, 0, 0])  # adds nothing: still valid
         elif m == "short":
             descs = [[DATA, draw(st.integers(1, HDR_LEN + 13)), 0]]
-            valid = False
         elif m == "long":
             descs.append([0x40000, HDR_LEN + MAX_TX_FRAME + 1 - sum(d[1] for d in descs), 0])
-            valid = False
         elif m == "unmapped":
             descs[i][0] = draw(st.sampled_from([RAM - 8, RAM, 1 << 40]))
-            valid = valid and (not descs[i][1] or descs[i][0] + descs[i][1] <= RAM)
         elif m == "read-only":
             descs[i][0] = RO_BASE + draw(st.integers(0, RO_SIZE - 9000))  # reading it is fine
         elif m == "indirect":
             indirect = not indirect
         elif m == "indirect-nested":
             descs[i][2] |= INDIRECT
-            valid = False
+    total = sum(n for _, n, _ in descs)
+    valid = HDR_LEN + 14 <= total <= HDR_LEN + MAX_TX_FRAME and all(
+        not f & (WRITE | INDIRECT) and (not n or a + n <= RAM or (a >= RO_BASE and a + n <= RO_BASE + RO_SIZE))
+        for a, n, f in descs)
     chain = [(a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1) for i, (a, n, f) in enumerate(descs)]
     return chain, indirect, valid
 
@@ -158,8 +156,8 @@ def test_c_sends_only_what_python_sends(pair: tuple[socket.socket, socket.socket
     dev = device(a.fileno(), vnet_hdr)
     q = place(dev, chain, indirect, next_avail, outside_next)
     before = dev.dma.read(0, RAM)
-    fast = _NetTxFast(module, dev.dma)
-    done = fast.run(q, a.fileno(), 0 if vnet_hdr else HDR_LEN, dev.queue_stats(1))
+    fast = _NetFast(module, dev.dma)
+    done = fast.tx(q, a.fileno(), 0 if vnet_hdr else HDR_LEN, dev.queue_stats(1))
     sent_c = received(b)
     if not done:
         event("C left it")
@@ -204,6 +202,146 @@ def test_a_full_socket_leaves_the_frame_to_python(pair: tuple[socket.socket, soc
             break
     dev = device(a.fileno(), True)
     q = place(dev, [(DATA, 1000, 0, 1)], False, 0)
-    fast = _NetTxFast(module, dev.dma)
-    assert fast.run(q, a.fileno(), 0, dev.queue_stats(1)) == 0
+    fast = _NetFast(module, dev.dma)
+    assert fast.tx(q, a.fileno(), 0, dev.queue_stats(1)) == 0
     assert q.state.next_avail == 0 and fast.ctx.err == 11  # EAGAIN
+
+
+# -- receive -------------------------------------------------------------------------------
+
+RX_BUFS = 0x40000  # receive buffers from here on, 4 KiB apart
+MAC = bytes.fromhex("525400abcdef")
+RX_MUTATIONS = ["readable", "unmapped", "read-only", "indirect", "zero-len"]
+RX_SIZE, RX_CHAINS = 32, 8  # a chain's descriptors (up to 3) at 4 * its number
+
+
+@st.composite
+def receptions(draw: st.DrawFn) -> dict:
+    """A packet as the backend reads it, the device's receive settings and the receive ring's
+    chains: (buffers as (addr, len, flags) lists, in an indirect table?)."""
+    vnet_hdr = draw(st.booleans())
+    mergeable = vnet_hdr and draw(st.booleans())
+    dst = draw(st.sampled_from([MAC, MAC, MAC, b"\xff" * 6, bytes.fromhex("01005e000001"),
+                                bytes.fromhex("525400000001")]))
+    flen = draw(st.integers(14, 300) | st.integers(14, 3000) | st.integers(1, 13) | st.just(1518))  # not 0: end of file
+    frame = (dst + os.urandom(max(0, flen - 6)))[:flen]
+    packet = (os.urandom(HDR_LEN) if vnet_hdr else b"") + frame
+    chains = []
+    for c in range(draw(st.integers(1, RX_CHAINS))):
+        lens = draw(st.lists(st.integers(1, 2048), min_size=1, max_size=3))
+        chains.append(([[RX_BUFS + 0x1000 * (4 * c + i), n, WRITE] for i, n in enumerate(lens)], draw(st.booleans())))
+    for m in draw(st.lists(st.sampled_from(RX_MUTATIONS), max_size=1)):  # one chain, sometimes
+        descs = chains[draw(st.integers(0, len(chains) - 1))][0]
+        i = draw(st.integers(0, len(descs) - 1))
+        if m == "readable":
+            descs[i][2] &= ~WRITE
+        elif m == "unmapped":
+            descs[i][0] = RAM - 8
+        elif m == "read-only":
+            descs[i][0] = RO_BASE + 0x1000 * i
+        elif m == "indirect":
+            descs[i][2] |= INDIRECT
+        else:
+            descs[i][1] = 0
+    return {"vnet_hdr": vnet_hdr, "mergeable": mergeable, "guest_csum": draw(st.booleans()),
+            "promisc": draw(st.booleans()), "limit": draw(st.sampled_from([1518, 65540])), "packet": packet,
+            "chains": chains}
+
+
+def place_rx(dev: VirtioNet, chains: list, next_avail: int) -> SplitQueue:
+    """The chains made available in receiveq0 from next_avail on (descriptor slots 4 apart)."""
+    dma = dev.dma
+    for k, (descs, indirect) in enumerate(chains):
+        head = 4 * k
+        flat = [(a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1) for i, (a, n, f) in enumerate(descs)]
+        if indirect:
+            table = 0x8000 + 0x100 * k
+            dma.write(table, b"".join(struct.pack("<QIHH", a, n, f, nx) for a, n, f, nx in flat))
+            dma.write(DESC + 16 * head, struct.pack("<QIHH", table, 16 * len(flat), INDIRECT, 0))
+        else:
+            for i, (a, n, f, nx) in enumerate(flat):
+                dma.write(DESC + 16 * (head + i), struct.pack("<QIHH", a, n, f, head + nx if nx < len(flat) else 0))
+        dma.write(AVAIL + 4 + 2 * ((next_avail + k) % RX_SIZE), struct.pack("<H", head))
+    dma.write(AVAIL, struct.pack("<HH", 0, (next_avail + len(chains)) & 0xFFFF))
+    dma.write(USED, struct.pack("<HH", 0, next_avail))
+    state = QueueState(max_size=256, size=RX_SIZE, ready=True, desc_table=DESC, avail_ring=AVAIL, used_ring=USED,
+                       next_avail=next_avail, next_used=next_avail)
+    return SplitQueue(0, state, dma)
+
+
+def rx_device(fd: int, case: dict) -> VirtioNet:
+    dev = device(fd, case["vnet_hdr"])
+    dev._mergeable, dev._guest_csum, dev._rx_limit = case["mergeable"], case["guest_csum"], case["limit"]
+    dev.promisc, dev.mac = case["promisc"], MAC
+    return dev
+
+
+def run_rx(fast: _NetFast, dev: VirtioNet, q: SplitQueue, fd: int) -> int:
+    fast.set_receive(dev._hdr, dev._rx_limit, dev._guest_csum, dev._mergeable, dev.promisc, dev.mac)
+    return fast.rx(q, fd, dev._hdr, dev.queue_stats(0))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=receptions(), next_avail=st.sampled_from([0, 3, 0xFFFE]))
+def test_c_places_only_what_python_places(pair: tuple[socket.socket, socket.socket], case: dict,
+                                          next_avail: int) -> None:
+    a, b = pair
+    packet = case["packet"]
+    a.send(packet)
+    dev = rx_device(b.fileno(), case)
+    q = place_rx(dev, case["chains"], next_avail)
+    before = dev.dma.read(0, RAM)
+    fast = _NetFast(module, dev.dma)
+    used = run_rx(fast, dev, q, b.fileno())
+    if fast.held is not None:
+        event("C left it")
+        assert used == 0 and fast.held == packet
+        assert q.state.next_avail == next_avail and q.pending_elsewhere == 0 and dev.dma.read(0, RAM) == before
+        return
+    event(f"C placed it in {used} buffers")
+    assert used and q.pending_elsewhere == used and dev._wanted(packet, dev._hdr)
+    assert q.flush() is True  # the first publication always interrupts
+    after_c = dev.dma.read(0, RAM)
+    counted_c = dev.queue_stats(0).c.ops[0], dev.queue_stats(0).c.bytes[0]
+
+    py = rx_device(b.fileno(), case)
+    py.dma.write(0, before)
+    q = place_rx(py, case["chains"], next_avail)
+    if case["mergeable"]:
+        trio.run(py._receive_merged, q, packet)
+    else:
+        trio.run(py._receive_whole, q, packet, py._hdr)
+    q.flush()
+    assert py.dma.read(0, RAM) == after_c
+    assert q.state.next_avail == (next_avail + used) & 0xFFFF
+    stats = py.queue_stats(0)
+    assert counted_c == (stats.ops[0], stats.bytes[0]) == (1, len(packet) - py._hdr)
+
+
+def test_a_burst_is_placed_in_one_run(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Packets queued on the fd go in one call, until it has no more (EAGAIN)."""
+    a, b = pair
+    case = {"vnet_hdr": False, "mergeable": False, "guest_csum": False, "promisc": True, "limit": 1518}
+    frames = [MAC + os.urandom(100 + i) for i in range(5)]
+    for f in frames:
+        a.send(f)
+    dev = rx_device(b.fileno(), case)
+    q = place_rx(dev, [([[RX_BUFS + 0x1000 * i, 2048, WRITE]], False) for i in range(6)], 0)
+    fast = _NetFast(module, dev.dma)
+    assert run_rx(fast, dev, q, b.fileno()) == 5 and fast.held is None and fast.stop_reason == 0
+    q.flush()
+    for i, f in enumerate(frames):
+        head, n = struct.unpack("<II", dev.dma.read(USED + 4 + 8 * i, 8))
+        assert (head, n) == (4 * i, HDR_LEN + len(f))
+        assert dev.dma.read(RX_BUFS + 0x1000 * i, n) == struct.pack("<10xH", 1) + f
+
+
+def test_too_few_buffers_leave_the_packet_to_python(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    case = {"vnet_hdr": True, "mergeable": True, "guest_csum": True, "promisc": True, "limit": 65540}
+    packet = bytes(HDR_LEN) + MAC + os.urandom(5000)
+    a.send(packet)
+    dev = rx_device(b.fileno(), case)
+    q = place_rx(dev, [([[RX_BUFS + 0x1000 * i, 1536, WRITE]], False) for i in range(2)], 0)
+    fast = _NetFast(module, dev.dma)
+    assert run_rx(fast, dev, q, b.fileno()) == 0 and fast.held == packet and q.state.next_avail == 0
