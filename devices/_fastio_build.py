@@ -380,40 +380,89 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
 
 static uint16_t load16(uintptr_t p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
 
+/* A walk over the descriptors of one chain, into one indirect table where negotiated. */
+struct vq_cursor { uintptr_t tab; uint32_t limit, index, count; int indirect; };
+
+static struct vq_cursor vq_chain(const struct vfu_vq *q, uintptr_t table, uint32_t head)
+{
+    struct vq_cursor w = {table, q->size, head, 0, 0};
+    return w;
+}
+
+/* The walk's next descriptor (an indirect one is entered: its table's first): 0 and its
+   fields, else a stop reason (too long a chain, a bad or nested indirect descriptor, a table
+   outside guest memory). The guest may be writing the table: each field is read once. */
+static int vq_desc(const struct vfu_region *regions, unsigned nregions, const struct vfu_vq *q,
+                   struct vq_cursor *w, uint64_t *addr, uint32_t *len, uint16_t *flags, uint16_t *next)
+{
+    uint8_t desc[16];
+
+    for (;;) {
+        if (++w->count > q->size)
+            return VFU_STOP_COMMAND;
+        memcpy(desc, (const void *)(w->tab + 16 * (uintptr_t)w->index), 16);
+        memcpy(addr, desc, 8);
+        memcpy(len, desc + 8, 4);
+        memcpy(flags, desc + 12, 2);
+        memcpy(next, desc + 14, 2);
+        if (!(*flags & VQ_DESC_F_INDIRECT))
+            return 0;
+        if (w->indirect || !q->indirect_ok || w->count != 1 || (*flags & VQ_DESC_F_NEXT)
+                || !*len || *len % 16 || *len / 16 > q->size)
+            return VFU_STOP_COMMAND;
+        w->tab = xlate_in(regions, nregions, *addr, *len, 0);
+        if (!w->tab)
+            return VFU_STOP_DATA;
+        w->indirect = 1;
+        w->limit = *len / 16;
+        w->index = 0;
+        w->count = 0;
+    }
+}
+
+/* The head of the chain at next_avail: 0, or a stop reason (a head outside the table). */
+static int vq_head(const struct vfu_vq *q, uintptr_t avail, uint16_t *head)
+{
+    memcpy(head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % q->size)), 2);
+    return *head >= q->size ? VFU_STOP_COMMAND : 0;
+}
+
+/* The chain at next_avail done: its used element at next_used, and both indexes move on. */
+static void vq_done(struct vfu_vq *q, uintptr_t used, uint16_t head, uint32_t written)
+{
+    uint32_t elem[2] = {head, written};
+    memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % q->size)), elem, 8);
+    q->next_avail = (q->next_avail + 1) & 0xFFFF;
+    q->next_used = (q->next_used + 1) & 0xFFFF;
+}
+
+/* On to the descriptor ``next`` names: 0, or a stop reason when it lies outside the table. */
+static int vq_follow(struct vq_cursor *w, uint16_t next)
+{
+    if (next >= w->limit)
+        return VFU_STOP_COMMAND;
+    w->index = next;
+    return 0;
+}
+
 /* The chain at head: 0 and the request done, else a stop reason (nothing consumed). */
 static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_t head,
                    uint32_t *written, int *kind, uint64_t *bytes)
 {
     struct iovec iov[MAX_IOV];
-    uint8_t desc[16], hdr[16];
+    struct vq_cursor w = vq_chain(q, table, head);
+    uint8_t hdr[16];
     uint64_t addr, total = 0;
-    uint32_t len, limit = q->size, index = head, count = 0;
+    uint32_t len;
     uint16_t dflags, next;
-    uintptr_t status = 0, tab = table;
-    int n = 0, indirect = 0, rtype = -1, seen_write = 0;
+    uintptr_t status = 0;
+    int n = 0, rtype = -1, seen_write = 0, stop;
     ssize_t done;
 
     for (;;) {
-        if (++count > q->size)
-            return VFU_STOP_COMMAND;
-        memcpy(desc, (const void *)(tab + 16 * (uintptr_t)index), 16);
-        memcpy(&addr, desc, 8);
-        memcpy(&len, desc + 8, 4);
-        memcpy(&dflags, desc + 12, 2);
-        memcpy(&next, desc + 14, 2);
-        if (dflags & VQ_DESC_F_INDIRECT) {
-            if (indirect || !q->indirect_ok || count != 1 || (dflags & VQ_DESC_F_NEXT)
-                    || !len || len % 16 || len / 16 > q->size)
-                return VFU_STOP_COMMAND;
-            tab = xlate_in(c->regions, c->nregions, addr, len, 0);
-            if (!tab)
-                return VFU_STOP_DATA;
-            indirect = 1;
-            limit = len / 16;
-            index = 0;
-            count = 0;
-            continue;
-        }
+        stop = vq_desc(c->regions, c->nregions, q, &w, &addr, &len, &dflags, &next);
+        if (stop)
+            return stop;
         if (!len)
             return VFU_STOP_COMMAND;
         if (rtype < 0) {  /* the header: one readable 16-byte descriptor */
@@ -452,9 +501,8 @@ static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_
         }
         if (!(dflags & VQ_DESC_F_NEXT))
             break;
-        if (next >= limit)
+        if (vq_follow(&w, next))
             return VFU_STOP_COMMAND;
-        index = next;
     }
     if (!status || !total || total % 512 || total > c->max_bytes)
         return VFU_STOP_COMMAND;
@@ -513,7 +561,6 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
 {
     uintptr_t desc, avail, used;
     unsigned count = 0;
-    uint32_t size = q->size;
     uint16_t avail_idx;
 
     c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
@@ -522,7 +569,7 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
     uint64_t t0 = c->stats ? now_ns() : 0;
     while ((uint16_t)q->next_avail != avail_idx) {
         uint16_t head;
-        uint32_t written = 0, elem[2];
+        uint32_t written = 0;
         uint64_t bytes = 0;
         int stop, kind = 0;
 
@@ -530,21 +577,14 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
             c->stop = VFU_STOP_LIMIT;
             break;
         }
-        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % size)), 2);
-        if (head >= size) {
-            c->stop = VFU_STOP_COMMAND;
-            break;
-        }
-        stop = blk_one(c, q, desc, head, &written, &kind, &bytes);
+        stop = vq_head(q, avail, &head);
+        if (!stop)
+            stop = blk_one(c, q, desc, head, &written, &kind, &bytes);
         if (stop) {
             c->stop = stop;
             break;
         }
-        elem[0] = head;
-        elem[1] = written;
-        memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % size)), elem, 8);
-        q->next_avail = (q->next_avail + 1) & 0xFFFF;
-        q->next_used = (q->next_used + 1) & 0xFFFF;
+        vq_done(q, used, head, written);
         if (c->stats)
             count_one(c->stats, kind, bytes, &t0);
         count++;
@@ -560,35 +600,16 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
 static int net_walk(const struct vfu_net *c, const struct vfu_vq *q, uintptr_t table, uint32_t head, int write,
                     struct iovec *iov, int *n, uint64_t *total)
 {
-    uint8_t desc[16];
+    struct vq_cursor w = vq_chain(q, table, head);
     uint64_t addr;
-    uint32_t len, limit = q->size, index = head, count = 0;
+    uint32_t len;
     uint16_t dflags, next;
-    uintptr_t tab = table;
-    int indirect = 0;
 
     *total = 0;
     for (;;) {
-        if (++count > q->size)
-            return VFU_STOP_COMMAND;
-        memcpy(desc, (const void *)(tab + 16 * (uintptr_t)index), 16);
-        memcpy(&addr, desc, 8);
-        memcpy(&len, desc + 8, 4);
-        memcpy(&dflags, desc + 12, 2);
-        memcpy(&next, desc + 14, 2);
-        if (dflags & VQ_DESC_F_INDIRECT) {
-            if (indirect || !q->indirect_ok || count != 1 || (dflags & VQ_DESC_F_NEXT)
-                    || !len || len % 16 || len / 16 > q->size)
-                return VFU_STOP_COMMAND;
-            tab = xlate_in(c->regions, c->nregions, addr, len, 0);
-            if (!tab)
-                return VFU_STOP_DATA;
-            indirect = 1;
-            limit = len / 16;
-            index = 0;
-            count = 0;
-            continue;
-        }
+        int stop = vq_desc(c->regions, c->nregions, q, &w, &addr, &len, &dflags, &next);
+        if (stop)
+            return stop;
         if (!(dflags & VQ_DESC_F_WRITE) != !write)
             return VFU_STOP_COMMAND;  /* mixed: Python's */
         if (len) {
@@ -598,9 +619,8 @@ static int net_walk(const struct vfu_net *c, const struct vfu_vq *q, uintptr_t t
         }
         if (!(dflags & VQ_DESC_F_NEXT))
             return 0;
-        if (next >= limit)
+        if (vq_follow(&w, next))
             return VFU_STOP_COMMAND;
-        index = next;
     }
 }
 
@@ -642,7 +662,6 @@ unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
 {
     uintptr_t desc, avail, used;
     unsigned count = 0;
-    uint32_t size = q->size;
     uint16_t avail_idx;
 
     c->err = 0;
@@ -652,7 +671,6 @@ unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
     uint64_t t0 = c->stats ? now_ns() : 0;
     while ((uint16_t)q->next_avail != avail_idx) {
         uint16_t head;
-        uint32_t elem[2];
         uint64_t bytes = 0;
         int stop;
 
@@ -660,21 +678,14 @@ unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
             c->stop = VFU_STOP_LIMIT;
             break;
         }
-        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % size)), 2);
-        if (head >= size) {
-            c->stop = VFU_STOP_COMMAND;
-            break;
-        }
-        stop = net_tx_one(c, q, desc, head, &bytes);
+        stop = vq_head(q, avail, &head);
+        if (!stop)
+            stop = net_tx_one(c, q, desc, head, &bytes);
         if (stop) {
             c->stop = stop;
             break;
         }
-        elem[0] = head;
-        elem[1] = 0;
-        memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % size)), elem, 8);
-        q->next_avail = (q->next_avail + 1) & 0xFFFF;
-        q->next_used = (q->next_used + 1) & 0xFFFF;
+        vq_done(q, used, head, 0);
         c->bytes += bytes - NET_HDR_LEN;
         c->frames++;
         if (c->stats)
