@@ -131,6 +131,10 @@ class VirtioNet(VirtioPciDevice):
         # pump is placing, the ones queued for it, the one the backend holds while stopped.
         self._rx_receive: trio.MemoryReceiveChannel[bytes] | None = None
         self._rx_current: bytes | None = None
+        #: frames were handed to the pump since it last found its channel empty: one may be on
+        #: its way to the pump task without being in the channel's buffer (a receiver waiting
+        #: takes it directly), so the receive C path must not overtake it
+        self._rx_handed = False
         self._rx_held: bytes | None = None
         self._rx_exported: list[bytes] = []  # taken out of the queue by an export, until rollback
         self._rx_adopted: list[bytes] = []  # a predecessor's frames, placed before any of ours
@@ -300,6 +304,7 @@ class VirtioNet(VirtioPciDevice):
         if send is None or not self._wanted(frame, self._hdr):
             self.rx_dropped += 1
             return
+        self._rx_handed = True
         try:
             try:
                 send.send_nowait(frame)
@@ -469,11 +474,11 @@ class VirtioNet(VirtioPciDevice):
         fast = self._fast
         receive = self._rx_receive
         if (fast is None or self._rx_send is None or receive is None or not self._rx_open.is_set()
-                or self._rx_current is not None or self._rx_adopted or self._rx_held is not None
+                or self._rx_handed or self._rx_current is not None or self._rx_adopted or self._rx_held is not None
                 or self.active_pairs != 1 or self.dma.dirty_hook is not None or not self.queues):
             return None
         q = self.queues[0]
-        if not q.can_complete_elsewhere() or receive.statistics().current_buffer_used:
+        if not q.can_complete_elsewhere():
             return None
         if self.faults.active and self.faults.could_match(_FAST_RX, 0):
             return None
@@ -512,6 +517,7 @@ class VirtioNet(VirtioPciDevice):
                         frame = receive.receive_nowait()
                     except trio.WouldBlock:
                         self._publish_rx()
+                        self._rx_handed = False
                         frame = await receive.receive()
                 self._rx_current = frame
                 q = self.queues[2 * self._steer(frame, hdr)]
