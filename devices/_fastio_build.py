@@ -733,10 +733,16 @@ static int net_rx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t desc, uintp
         memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(next_avail % size)), 2);
         if (head >= size)
             return VFU_STOP_COMMAND;
+        /* Each chain's own iovecs: a guest's receive buffers are often adjacent in memory,
+           and one iovec over two chains would put the second one's bytes in the first. */
+        int m = 0;
+        if (q->size > (uint32_t)(MAX_IOV - n))
+            return VFU_STOP_COMMAND;
         start[k] = (uint32_t)n;
-        int stop = net_walk(c, q, desc, head, 1, iov, &n, &total);
+        int stop = net_walk(c, q, desc, head, 1, iov + n, &m, &total);
         if (stop)
             return stop;
+        n += m;
         if (!k && total < NET_HDR_LEN)
             return VFU_STOP_COMMAND;  /* the header over two buffers: Python's (it patches the first) */
         heads[k] = head;
