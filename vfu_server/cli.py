@@ -55,7 +55,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nice", type=int, default=DEFAULT_NICE, metavar="N",
                         help="lower the server's CPU priority by N at start, so that its polling gives way "
                              f"to the VM's vCPU threads (0..{MAX_NICE}; 0: keep the inherited priority; "
-                             "default %(default)s)")
+                             f"default {DEFAULT_NICE})")
     parser.add_argument("--metrics", metavar="ADDR:PORT",
                         help="serve the device's I/O statistics for Prometheus at http://ADDR:PORT/metrics")
     parser.add_argument("--sandbox", choices=MODES, metavar="MODE",

@@ -180,10 +180,6 @@ class VirtioNet(VirtioPciDevice):
         parser.add_argument("--offloads", action=argparse.BooleanOptionalAction, default=True,
                             help="with --tap: offer checksum offload and TCP segmentation through a TAP with "
                                  "virtio-net headers, as QEMU's tap netdev does (default: on)")
-        # No polling by default, so nothing to give way with: at the default nice 10 the server
-        # waited behind the VM's threads for every packet on a busy host (docs/performance.md,
-        # "Ninth session": 0.75 -> 1.42x guest to host in one boot).
-        parser.set_defaults(nice=0)
         parser.add_argument("--poll-us", type=int, default=0, metavar="US",
                             help="keep polling a queue that ran dry (transmit) or has no receive buffers for US "
                                  "microseconds before asking the guest for a kick (adaptive, up to US; trades CPU "

@@ -96,16 +96,6 @@ async def send_as_one_burst(srv: Any, peer: Any, frames: list[bytes]) -> None:
         os.kill(srv.process.pid, signal.SIGCONT)
 
 
-@pytest.mark.parametrize(("args", "lowered_by"), [((), 0), (("--nice", "5"), 5)])
-async def test_keeps_its_priority_unless_told(tmp_path: Path, args: tuple[str, ...], lowered_by: int) -> None:
-    """virtio-net does not poll by default, so it does not lower its priority as the polling
-    devices do (--nice 10): a packet's wake-up would wait behind the VM's threads."""
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    async with peer_device(tmp_path, *args) as (srv, _client, _peer, _lsock):
-        tasks = os.listdir(f"/proc/{srv.process.pid}/task")
-        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in tasks} == {min(19, ours + lowered_by)}
-
-
 async def test_socket_peer_frames_both_ways(tmp_path: Path) -> None:
     async with peer_device(tmp_path, "--mac", "52:54:00:12:34:56") as (_srv, client, peer, lsock):
         dev, (rx, tx, cq) = await setup_net(client)
