@@ -1,21 +1,36 @@
 """In the guest: the project's virtio-net against QEMU's virtio-net-pci, same boot, TAP backends.
 
-    .venv/bin/python -m bench.guest_net [--seconds 3] [--rounds 2]      # as root
+    .venv/bin/python -m bench.guest_net [--seconds 3] [--rounds 3] [--jobs tx,rx,rr]
+                                        [--modes offloads,plain] [--variant 'LABEL=ARGS' ...]
+                                        [--prefix vfun]                                  # as root
 
-Four NICs in one boot, each on its own TAP interface, all four TAPs moved into a network
-namespace of the benchmark's own (nothing touches the host's network), compared in pairs:
+NICs in one boot, each on its own TAP interface, all TAPs moved into a network namespace of
+the benchmark's own (nothing touches the host's network), compared in pairs:
 
 * ours, ``vfu-server virtio-net --tap`` (checksum offload and TSO through the TAP's virtio-net
   headers), against QEMU's ``virtio-net-pci`` on a plain ``-netdev tap``: what users get by
-  default from either (QEMU also offers mergeable receive buffers);
+  default from either (``--modes offloads``);
 * ours with ``--no-offloads`` against QEMU's on ``-netdev tap,vnet_hdr=off``: without the
   virtio-net header on the TAP QEMU offers no offloads either, so this compares the devices'
-  per-frame paths.
+  per-frame paths (``--modes plain``).
 
-Jobs, NIC after NIC and round after round so that a slow stretch of the host hits all alike:
-TCP from the guest to the namespace (``tx``) and from the namespace to the guest (``rx``), 64
-KiB writes, ``bench/netload.c`` in the guest (built static on the host) and a Python sink and
-pusher in the namespace. Prints Mbit/s (medians over rounds) and ours / QEMU.
+``--variant 'LABEL=ARGS'`` (repeatable) adds one NIC of ours per mode with these server options,
+in the same boot; ``ARGS`` may start with ``@DIR`` (run that variant's server from another
+checkout, e.g. ``git worktree add DIR COMMIT``: a lever against the tree before it, in one
+boot), then ``python:INTERPRETER`` and ``NAME=VALUE`` environment settings, as for
+``bench.guest``. Without variants there is one NIC of ours per mode, with the defaults.
+
+Jobs (``bench/netload.c`` in the guest, built static on the host; a Python sink, pusher and
+echo server in the namespace): TCP from the guest to the namespace (``tx``) and from the
+namespace to the guest (``rx``), 64 KiB writes; and ``rr``, one-byte requests and responses on
+one TCP connection with TCP_NODELAY, one at a time (transactions per second, p50 latency). Job
+by job, every round takes the NICs in a rotated order, so that neither a slow stretch of the
+host nor a NIC's place in the turn favours one of them. The guest prints a marker around each
+run; the host, watching the serial console, reads the CPU time of our server (and of the QEMU
+process, for every NIC) at the markers: CPU per MB moved (per turn for ``rr``).
+
+Prints medians over rounds (and each run's range), ours first with the worst ratio to QEMU's
+NIC alike on top, then QEMU's NICs.
 
 Needs root (a network namespace, TAP interfaces) and iproute2; says so and stops otherwise.
 """
@@ -31,37 +46,78 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import REPO, machine_line, median, table
+from .common import REPO, Variant, cpu_seconds, machine_line, median, table
 
-# key, label, guest MAC, subnet (10.N.0.1 in the namespace, 10.N.0.2 in the guest)
-NICS = [
-    ("ours", "ours, offloads (default)", "52:54:00:ab:cd:01", 81),
-    ("ours-plain", "ours, --no-offloads", "52:54:00:ab:cd:04", 84),
-    ("qemu-offload", "QEMU virtio-net-pci, tap defaults (offloads)", "52:54:00:ab:cd:03", 83),
-    ("qemu-plain", "QEMU virtio-net-pci, vnet_hdr=off (no offloads)", "52:54:00:ab:cd:02", 82),
-]
-#: which of QEMU's NICs each of ours is compared with
-COUNTERPART = {"ours": "qemu-offload", "ours-plain": "qemu-plain"}
-JOBS = [("tx", "TCP guest -> host"), ("rx", "TCP host -> guest")]
+JOBS = {"tx": "TCP guest -> host", "rx": "TCP host -> guest", "rr": "TCP 1-byte request/response"}
+PORTS = {"tx": 5000, "rx": 6000, "rr": 7000}
+MODES = ("offloads", "plain")
+NAN = float("nan")
+
+
+@dataclass
+class Nic:
+    key: str
+    label: str
+    mode: str  # offloads | plain
+    net: int  # 10.NET.0.1 in the namespace, 10.NET.0.2 in the guest
+    variant: Variant | None = None  # None: QEMU's virtio-net-pci
+    pid: int | None = None  # our server, for CPU per MB
+
+    @property
+    def ours(self) -> bool:
+        return self.variant is not None
+
+    @property
+    def mac(self) -> str:
+        return f"52:54:00:ab:cd:{self.net:02x}"
+
+
+def plan(variants: list[Variant], modes: list[str]) -> list[Nic]:
+    """Ours (per variant and mode), then QEMU's per mode; subnets 10.81.0.0/24 on."""
+    nics: list[Nic] = []
+    for i, variant in enumerate(variants):
+        for mode in modes:
+            name = "ours" if len(variants) == 1 else f"ours{i}"
+            what = "offloads (default)" if mode == "offloads" else "--no-offloads"
+            label = f"ours, {what}" + (f", {variant.label}" if variant.label else "")
+            nics.append(Nic(f"{name}-{mode}", label, mode, 0, variant))
+    for mode in modes:
+        label = ("QEMU virtio-net-pci, tap defaults (offloads)" if mode == "offloads"
+                 else "QEMU virtio-net-pci, vnet_hdr=off (no offloads)")
+        nics.append(Nic(f"qemu-{mode}", label, mode, 0))
+    for n, nic in enumerate(nics):
+        nic.net = 81 + n
+    return nics
+
 
 HELPER = r"""
 import socket, sys, threading, time
+
+def serve(addr, port, handle):
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((addr, port))
+    ls.listen(4)
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=handle, args=(c,), daemon=True).start()
 
 def drain(c):
     while c.recv(1 << 20):
         pass
     c.close()
 
-def sink(addr):
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((addr, 5000))
-    ls.listen(4)
+def echo(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:
-        c, _ = ls.accept()
-        threading.Thread(target=drain, args=(c,), daemon=True).start()
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
 
 def push(addr):
     buf = b"\x5a" * 65536
@@ -80,7 +136,8 @@ def push(addr):
         c.close()
 
 for a in sys.argv[1].split(","):
-    threading.Thread(target=sink, args=(a,), daemon=True).start()
+    threading.Thread(target=serve, args=(a, 5000, drain), daemon=True).start()
+    threading.Thread(target=serve, args=(a, 7000, echo), daemon=True).start()
 for a in sys.argv[2].split(","):
     threading.Thread(target=push, args=(a,), daemon=True).start()
 print("ready", flush=True)
@@ -92,50 +149,152 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-def guest_script(seconds: float, rounds: int) -> str:
+def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) -> str:
     lines = [
-        f"for i in $(seq 60); do [ $(ls /sys/class/net | wc -l) -ge {len(NICS) + 1} ] && break; sleep 1; done",
+        f"for i in $(seq 60); do [ $(ls /sys/class/net | wc -l) -ge {len(nics) + 1} ] && break; sleep 1; done",
         "iface_of() { for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = \"$1\" ] && echo ${d##*/} && return; done; }",
     ]
-    for key, _label, mac, net in NICS:
+    for nic in nics:
         lines += [
-            f"dev=$(iface_of {mac}); [ -n \"$dev\" ] || {{ echo \"missing nic {key}\"; exit 3; }}",
-            f"ip link set $dev up && ip addr add 10.{net}.0.2/24 dev $dev || exit 4",
-            f"n=0; until ping -c 1 -W 1 10.{net}.0.1 >/dev/null 2>&1; do n=$((n + 1)); "
-            f"[ $n -gt 90 ] && {{ echo \"no link {key}\"; exit 5; }}; done",
+            f"dev=$(iface_of {nic.mac}); [ -n \"$dev\" ] || {{ echo \"missing nic {nic.key}\"; exit 3; }}",
+            f"ip link set $dev up && ip addr add 10.{nic.net}.0.2/24 dev $dev || exit 4",
+            f"n=0; until ping -c 1 -W 1 10.{nic.net}.0.1 >/dev/null 2>&1; do n=$((n + 1)); "
+            f"[ $n -gt 90 ] && {{ echo \"no link {nic.key}\"; exit 5; }}; done",
         ]
-    for _ in range(rounds):
-        for job, _label in JOBS:
-            for key, _label2, _mac, net in NICS:
-                address = f"10.{net}.0.1" if job == "tx" else f"10.{net}.0.2"
-                port = 5000 if job == "tx" else 6000
-                lines.append(f"/usr/local/bin/netload {key}/{job} {job} {address} {port} {seconds:g} "
-                             f"|| echo \"netload failed {key}/{job}\"")
+    for job in jobs:
+        for r in range(rounds):
+            for nic in nics[r % len(nics):] + nics[: r % len(nics)]:
+                address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
+                tag = f"{nic.key}/{job}@{r}"
+                lines += [f"echo mark start {tag}",
+                          f"/usr/local/bin/netload {tag} {job} {address} {PORTS[job]} {seconds:g} "
+                          f"|| echo \"netload failed {tag}\"",
+                          f"echo mark end {tag}"]
     return "\n".join(lines) + "\n"
 
 
-def parse(output: str) -> dict[tuple[str, str], float]:
-    """Median Mbit/s per (NIC key, job) over the rounds."""
-    runs: dict[tuple[str, str], list[float]] = {}
+@dataclass
+class CpuWatch:
+    """CPU seconds of our servers (by NIC key) and of the QEMU process between the guest's
+    ``mark start TAG`` and ``mark end TAG`` lines."""
+
+    nics: dict[str, Nic]
+    qemu_pid: int | None = None
+    start: dict[str, tuple[float, float]] = field(default_factory=dict)
+    spent: dict[str, tuple[float, float]] = field(default_factory=dict)  # tag -> (server, QEMU)
+
+    def _read(self, pid: int | None) -> float:
+        try:
+            return cpu_seconds(pid) if pid is not None else NAN
+        except OSError:
+            return NAN
+
+    def __call__(self, line: str) -> None:
+        if not line.startswith("mark "):
+            return
+        _, what, tag = [*line.split(), "", ""][:3]
+        nic = self.nics.get(tag.partition("/")[0])
+        if nic is None:
+            return
+        now = (self._read(nic.pid), self._read(self.qemu_pid))
+        if what == "start":
+            self.start[tag] = now
+        elif what == "end" and tag in self.start:
+            s = self.start[tag]
+            self.spent[tag] = (now[0] - s[0], now[1] - s[1])
+
+
+FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu")
+
+
+def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], dict[str, object]]:
+    """Per (NIC key, job): medians over rounds of the value (Mbit/s; transactions/s for rr),
+    rr's p50 latency, and CPU per MB moved (per transaction for rr) of our server and of the
+    QEMU process; ``runs`` holds every round's value."""
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for line in output.splitlines():
-        if line.startswith("netload name="):
-            kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
-            key, _, job = kv["name"].partition("/")
-            runs.setdefault((key, job), []).append(float(kv["mbps"]))
-    return {k: median(v) for k, v in runs.items()}
+        if not line.startswith("netload name="):
+            continue
+        kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+        tag = kv["name"]
+        key, _, rest = tag.partition("/")
+        job = rest.partition("@")[0]
+        nbytes = float(kv["bytes"])
+        units = nbytes / 2 if job == "rr" else nbytes / 1e6  # transactions, or MB
+        server, qemu = watch.spent.get(tag, (NAN, NAN)) if watch else (NAN, NAN)
+        runs.setdefault((key, job), []).append({
+            "value": float(kv["tps"]) if job == "rr" else float(kv["mbps"]),
+            "p50_us": float(kv.get("p50_us", NAN)),
+            "server_cpu": server * 1e6 / units if units else NAN,
+            "qemu_cpu": qemu * 1e6 / units if units else NAN,
+        })
+    out: dict[tuple[str, str], dict[str, object]] = {}
+    for k, rs in runs.items():
+        out[k] = {f: median([r[f] for r in rs]) for f in FIELDS}
+        out[k]["runs"] = [r["value"] for r in rs]
+    return out
+
+
+def _range(values: object) -> str:
+    if not isinstance(values, list) or not values:
+        return "n/a"
+    fmt = (lambda v: f"{v:,.0f}") if max(values) >= 100 else (lambda v: f"{v:.1f}")
+    return f"{fmt(min(values))}-{fmt(max(values))}" if len(values) > 1 else fmt(values[0])
+
+
+def report(found: dict[tuple[str, str], dict[str, object]], nics: list[Nic], jobs: list[str],
+           title: str) -> str:
+    none: dict[str, object] = dict.fromkeys(FIELDS, NAN)
+    qemu = {nic.mode: nic for nic in nics if not nic.ours}
+    rows = []
+    for nic in (n for n in nics if n.ours):
+        for job in jobs:
+            a = found.get((nic.key, job), none)
+            b = found.get((qemu[nic.mode].key, job), none) if nic.mode in qemu else none
+            ratio = a["value"] / b["value"] if b["value"] else NAN  # type: ignore[operator]
+            rows.append([nic.label, JOBS[job], a["value"], _range(a.get("runs")), a["p50_us"], a["server_cpu"],
+                         a["qemu_cpu"], ratio])
+    rows.sort(key=lambda r: r[-1] if r[-1] == r[-1] else 99)
+    unit = "Mbit/s (rr: turns/s)"
+    cpu = "CPU us/MB (rr: /turn)"
+    text = table(title + ": ours, worst ratio first",
+                 ["NIC", "job", unit, "each round", "rr p50 us", "server " + cpu, "QEMU process " + cpu,
+                  "ours / QEMU alike"], rows)
+    peer_rows = []
+    for nic in (n for n in nics if not n.ours):
+        for job in jobs:
+            p = found.get((nic.key, job), none)
+            peer_rows.append([nic.label, JOBS[job], p["value"], _range(p.get("runs")), p["p50_us"], p["qemu_cpu"]])
+    return text + "\n" + table(title + ": QEMU's NICs", ["NIC", "job", unit, "each round", "rr p50 us",
+                                                          "QEMU process " + cpu], peer_rows)
+
+
+def find_process(*, arg: str | None = None, substring: str | None = None) -> int | None:
+    """The pid of a process with ``arg`` as one of its arguments, or ``substring`` in one."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if (arg is not None and arg in args) or (substring is not None and any(substring in a for a in args)):
+            return int(entry)
+    return None
 
 
 class Namespace:
     """A network namespace holding the TAPs (moved in as they appear) and the host helper."""
 
-    def __init__(self, tag: str) -> None:
-        self.name = f"vfu-bench-{tag}"
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.helper: subprocess.Popen[str] | None = None
         self.error: str | None = None
         _ip("netns", "add", self.name)
 
     def adopt(self, taps: list[tuple[str, int]], timeout: float = 120.0) -> None:
-        """Wait for each TAP, move it in, address it, then start the sink and pusher."""
+        """Wait for each TAP, move it in, address it, then start the sink, pusher and echo."""
         try:
             deadline = time.monotonic() + timeout
             for tap, net in taps:
@@ -146,10 +305,10 @@ class Namespace:
                 _ip("link", "set", tap, "netns", self.name)
                 _ip("-n", self.name, "addr", "add", f"10.{net}.0.1/24", "dev", tap)
                 _ip("-n", self.name, "link", "set", tap, "up")
-            sinks = ",".join(f"10.{net}.0.1" for _, net in taps)
+            hosts = ",".join(f"10.{net}.0.1" for _, net in taps)
             guests = ",".join(f"10.{net}.0.2" for _, net in taps)
             self.helper = subprocess.Popen(["ip", "netns", "exec", self.name, sys.executable, "-c", HELPER,
-                                            sinks, guests], stdout=subprocess.PIPE, text=True)
+                                            hosts, guests], stdout=subprocess.PIPE, text=True)
         except Exception as exc:  # the guest script then reports "no link"
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -163,40 +322,77 @@ class Namespace:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.guest_net", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every job per NIC, in rotating order; medians")
+    ap.add_argument("--jobs", default="tx,rx,rr", help="comma-separated: tx, rx, rr")
+    ap.add_argument("--modes", default="offloads,plain",
+                    help="offloads (ours and QEMU's with TAP offloads), plain (both without), or both")
     ap.add_argument("--memory", type=int, default=512)
-    ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--server-args", default="", metavar="ARGS", help="extra options of our server, e.g. '--poll-us 1000'")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--server-args", default="", metavar="ARGS",
+                    help="extra options of every server of ours, e.g. '--poll-us 1000'")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="a NIC of ours per mode with these server options ([@DIR] [python:PY] [NAME=VALUE ...] "
+                         "OPTIONS), in the same boot; repeatable")
+    ap.add_argument("--prefix", default="vfun", help="of the TAP and namespace names (up to 5 characters)")
     args = ap.parse_args(argv)
+    jobs = [j for j in args.jobs.split(",") if j]
+    modes = [m for m in args.modes.split(",") if m]
+    if not jobs or any(j not in JOBS for j in jobs):
+        ap.error(f"--jobs {args.jobs!r}: expected some of {', '.join(JOBS)}")
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes {args.modes!r}: expected offloads, plain or both")
+    if not 1 <= len(args.prefix) <= 5 or not args.prefix.isalnum():
+        ap.error("--prefix: 1 to 5 letters or digits (a TAP name has at most 15 characters)")
+    try:
+        variants = [Variant.parse(v) for v in args.variant] or [Variant()]
+    except ValueError as exc:
+        ap.error(str(exc))
     if os.geteuid() != 0 or not shutil.which("ip") or not os.path.exists("/dev/net/tun"):
         print("bench.guest_net needs root, iproute2 and /dev/net/tun (a network namespace and TAP interfaces)",
               file=sys.stderr)
         return 1
+    from vfu_guest.initramfs import OUTPUT_PREFIX
     from vfu_guest.runner import VfuDevice, builtin_virtio_net, qemu_accel, run_guest
 
     print(machine_line() + f", guest accel {qemu_accel()}, 1 vCPU")
+    nics = plan(variants, modes)
     tag = uuid.uuid4().hex[:6]
-    taps = {key: f"vfun{tag}{i}" for i, (key, *_rest) in enumerate(NICS)}
+    taps = {nic.key: f"{args.prefix}{tag}{i}" for i, nic in enumerate(nics)}
     tmp = Path(tempfile.mkdtemp(prefix="vfu-bench-net-"))
-    ns = Namespace(tag)
+    ns = Namespace(f"{args.prefix}-bench-{tag}")
+    watch = CpuWatch({nic.key: nic for nic in nics})
     try:
         netload = tmp / "netload"
         subprocess.run(["gcc", "-static", "-O2", "-o", str(netload), str(REPO / "bench" / "netload.c")], check=True)
-        mac = {key: m for key, _l, m, _n in NICS}
         extra = args.server_args.split()
-        devices = [
-            VfuDevice("virtio-net", ["--tap", taps["ours"], "--mac", mac["ours"], *extra], cwd=str(REPO)),
-            VfuDevice("virtio-net", ["--tap", taps["ours-plain"], "--mac", mac["ours-plain"], "--no-offloads", *extra],
-                      cwd=str(REPO)),
-            builtin_virtio_net(f"tap,ifname={taps['qemu-offload']},script=no,downscript=no", mac=mac["qemu-offload"]),
-            builtin_virtio_net(f"tap,ifname={taps['qemu-plain']},script=no,downscript=no,vnet_hdr=off",
-                               mac=mac["qemu-plain"]),
-        ]
-        mover = threading.Thread(target=ns.adopt, args=([(taps[key], net) for key, _l, _m, net in NICS],),
-                                 daemon=True)
+        devices: list = []
+        for nic in nics:
+            tap = taps[nic.key]
+            if nic.variant is not None:
+                v = nic.variant
+                devices.append(VfuDevice("virtio-net", ["--tap", tap, "--mac", nic.mac,
+                                                        *(["--no-offloads"] if nic.mode == "plain" else []),
+                                                        *extra, *v.args],
+                                         env=dict(v.env) or None, cwd=v.checkout or str(REPO), python=v.python))
+            else:
+                hdr = ",vnet_hdr=off" if nic.mode == "plain" else ""
+                devices.append(builtin_virtio_net(f"tap,ifname={tap},script=no,downscript=no{hdr}", mac=nic.mac))
+
+        def on_line(line: str) -> None:
+            line = line.removeprefix(OUTPUT_PREFIX)
+            if line.startswith("mark ") and watch.qemu_pid is None:
+                # started by the runner before QEMU printed anything; the TAP names are this run's
+                for nic in nics:
+                    if nic.ours:
+                        nic.pid = find_process(arg=taps[nic.key])
+                watch.qemu_pid = find_process(substring=f"ifname={taps[nics[-1].key]},")
+            watch(line)
+
+        mover = threading.Thread(target=ns.adopt, args=([(taps[nic.key], nic.net) for nic in nics],), daemon=True)
         mover.start()
-        result = run_guest(guest_script(args.seconds, args.rounds), devices, memory_mib=args.memory,
-                           timeout=args.timeout, extra_files={"/usr/local/bin/netload": netload}, check=False)
+        result = run_guest(guest_script(nics, jobs, args.seconds, args.rounds), devices, memory_mib=args.memory,
+                           timeout=args.timeout, extra_files={"/usr/local/bin/netload": netload}, check=False,
+                           watch=on_line)
     finally:
         ns.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,18 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         print(result.output)
     if ns.error:
         print("namespace setup:", ns.error)
-    found = parse(result.output)
-    rows = []
-    nan = float("nan")
-    for job, job_label in JOBS:
-        for key, label, _mac, _net in NICS:
-            mbps = found.get((key, job), nan)
-            theirs = found.get((COUNTERPART.get(key, ""), job), nan)
-            rows.append([label, job_label, mbps, mbps / theirs if key in COUNTERPART and theirs else nan])
+    for nic, v in ((n, n.variant) for n in nics if n.ours):
+        assert v is not None
+        where = f" from {v.checkout}" if v.checkout else ""
+        print(f"{nic.key}: {nic.label}{where}, server options {' '.join([*extra, *v.args]) or '(defaults)'}")
     print()
-    rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
-    print(table(f"virtio-net in the guest (QEMU 11.1, one boot, TAP in a namespace, {args.seconds:g} s per job{rounds})",
-                ["NIC", "job", "Mbit/s", "ours / QEMU alike"], rows))
+    rounds = f", median of {args.rounds} rounds in rotating order" if args.rounds > 1 else ""
+    print(report(parse(result.output, watch), nics, jobs,
+                 f"virtio-net in the guest (QEMU 11.1, one boot, TAP in a namespace, {args.seconds:g} s per job{rounds})"))
     failed = [line for line in result.output.splitlines() if line.startswith(("netload failed", "missing", "no link"))]
     if failed:
         print("problems:", *failed, sep="\n  ")

@@ -2,9 +2,12 @@
  *
  *   netload NAME tx ADDRESS PORT SECONDS   connect, send 64 KiB writes for SECONDS
  *   netload NAME rx ADDRESS PORT SECONDS   accept one connection there, read for SECONDS
+ *   netload NAME rr ADDRESS PORT SECONDS   connect, then 1-byte request / 1-byte response
+ *                                          turns (TCP_NODELAY) for SECONDS, one at a time
  *
- * Prints one line: "netload name=NAME dir=tx|rx mbps=... bytes=... seconds=...". The host
- * side (a sink for tx, a pusher for rx) lives in bench/guest_net.py.
+ * Prints one line: "netload name=NAME dir=tx|rx|rr mbps=... bytes=... seconds=..." (rr adds
+ * "tps=... p50_us=... p99_us=..."). The host side (a sink for tx, a pusher for rx, an echo
+ * server for rr) lives in bench/guest_net.py.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -32,28 +35,35 @@ static int report(const char *name, const char *dir, unsigned long long bytes, d
     return 0;
 }
 
-static int tx(const char *name, const char *address, int port, double seconds)
+/* A connected TCP socket to ADDRESS:PORT (retried for 10 s: the host side may start late), or -1. */
+static int connect_to(const char *address, int port)
 {
-    static char buf[65536];
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
     if (inet_pton(AF_INET, address, &sa.sin_addr) != 1) {
         fprintf(stderr, "netload: bad address %s\n", address);
-        return 2;
+        return -1;
     }
-    int fd = -1;
     double give_up = now() + 10;
     for (;;) {
-        fd = socket(AF_INET, SOCK_STREAM, 0);
-        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
-            break;
-        close(fd);
-        fd = -1;
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0)
+            return fd;
+        if (fd >= 0)
+            close(fd);
         if (now() > give_up) {
             perror("netload: connect");
-            return 1;
+            return -1;
         }
         usleep(50000);
     }
+}
+
+static int tx(const char *name, const char *address, int port, double seconds)
+{
+    static char buf[65536];
+    int fd = connect_to(address, port);
+    if (fd < 0)
+        return 1;
     memset(buf, 0x5a, sizeof buf);
     unsigned long long bytes = 0;
     double t0 = now(), end = t0 + seconds;
@@ -122,12 +132,56 @@ static int rx(const char *name, const char *address, int port, double seconds)
     return report(name, "rx", bytes, elapsed);
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+#define MAX_TURNS (1 << 20)
+
+static int rr(const char *name, const char *address, int port, double seconds)
+{
+    static double lat[MAX_TURNS];
+    int fd = connect_to(address, port);
+    if (fd < 0)
+        return 1;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char c = 'r';
+    unsigned long turns = 0;
+    double t0 = now(), end = t0 + seconds, t = t0;
+    while (t < end && turns < MAX_TURNS) {
+        ssize_t n = send(fd, &c, 1, 0);
+        if (n == 1)
+            n = recv(fd, &c, 1, 0);
+        if (n != 1) {
+            if (n < 0 && errno == EINTR)
+                continue;
+            fprintf(stderr, "netload: request/response: %s\n", n < 0 ? strerror(errno) : "connection closed");
+            return 1;
+        }
+        double t1 = now();
+        lat[turns++] = t1 - t;
+        t = t1;
+    }
+    double elapsed = t - t0;
+    close(fd);
+    qsort(lat, turns, sizeof lat[0], cmp_double);
+    double p50 = turns ? lat[turns / 2] : 0, p99 = turns ? lat[turns * 99 / 100] : 0;
+    printf("netload name=%s dir=rr mbps=0 bytes=%lu seconds=%.3f tps=%.1f p50_us=%.1f p99_us=%.1f\n", name,
+           2 * turns, elapsed, elapsed > 0 ? turns / elapsed : 0.0, p50 * 1e6, p99 * 1e6);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 6 && !strcmp(argv[2], "tx"))
         return tx(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
     if (argc == 6 && !strcmp(argv[2], "rx"))
         return rx(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
-    fprintf(stderr, "usage: netload NAME tx|rx ADDRESS PORT SECONDS\n");
+    if (argc == 6 && !strcmp(argv[2], "rr"))
+        return rr(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
+    fprintf(stderr, "usage: netload NAME tx|rx|rr ADDRESS PORT SECONDS\n");
     return 2;
 }

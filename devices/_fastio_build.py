@@ -1,4 +1,5 @@
-"""cffi build module of the devices' I/O fast paths: NVMe Read/Write and virtio-blk IN/OUT.
+"""cffi build module of the devices' I/O fast paths: NVMe Read/Write, virtio-blk IN/OUT and
+virtio-net transmit.
 
 Two C functions do for a run of requests what the devices' inline Python paths do for one, on
 a file namespace or disk in the page cache: ``vfu_fastio_run`` (NVMe, used by
@@ -25,6 +26,20 @@ inside one DMA region, device-writable ones writable, at most 1024 iovecs after 
 
 Both need the whole transfer done by one ``preadv2(RWF_NOWAIT)`` or ``pwritev2`` (a page-cache
 miss, EAGAIN, an error or a short transfer stops the run; a re-done read or write is harmless).
+
+virtio-net transmit (``vfu_net_tx_run``, used by :mod:`vfu_devices.virtio.net`) accepts a chain
+(direct, or one indirect table when negotiated) of readable descriptors only, every non-empty
+one inside one DMA region, ``min_len..max_len`` bytes in all, and sends it to the TAP with one
+``writev`` straight from guest memory (less the virtio-net header for a TAP without one). A
+failed write (EAGAIN included) stops the run with the frame not consumed: Python writes it
+again and waits or drops it, as for any frame of its own.
+
+virtio-net receive (``vfu_net_rx_run``) reads packets from the TAP into a buffer of its own and
+copies each into the receive ring: with mergeable receive buffers over as many chains as it
+needs, else into one chain, every chain all device-writable descriptors inside one writable
+region. A packet it does not place (the device's filters other than promiscuous or its own
+MAC, a size out of bounds, too few or too small buffers, a chain it does not take) stays in
+the buffer for Python, which does with it what it does with any packet it reads.
 """
 
 from __future__ import annotations
@@ -74,6 +89,23 @@ struct vfu_vq {
     uint32_t next_avail, next_used;
     int indirect_ok;
 };
+struct vfu_net {
+    const struct vfu_region *regions;
+    unsigned nregions;
+    int fd;
+    uint32_t skip;
+    uint32_t min_len, max_len;
+    uint64_t bytes, frames;
+    int stop;
+    int err;
+    struct vfu_iostat *stats;
+    uint8_t *buf;
+    uint32_t buf_len;
+    uint32_t hdr, rx_limit;
+    int guest_csum, mergeable, promisc;
+    uint8_t mac[6];
+    uint32_t held;
+};
 """
 
 CDEF = STRUCTS + """
@@ -81,6 +113,8 @@ static const int VFU_STOP_EMPTY, VFU_STOP_LIMIT, VFU_STOP_CQ_FULL, VFU_STOP_RING
 static const int VFU_STOP_COMMAND, VFU_STOP_DATA, VFU_STOP_IO;
 unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max);
 unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max);
+unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
+unsigned vfu_net_rx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
 """
 
 SOURCE = r"""
@@ -346,40 +380,89 @@ unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max)
 
 static uint16_t load16(uintptr_t p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
 
+/* A walk over the descriptors of one chain, into one indirect table where negotiated. */
+struct vq_cursor { uintptr_t tab; uint32_t limit, index, count; int indirect; };
+
+static struct vq_cursor vq_chain(const struct vfu_vq *q, uintptr_t table, uint32_t head)
+{
+    struct vq_cursor w = {table, q->size, head, 0, 0};
+    return w;
+}
+
+/* The walk's next descriptor (an indirect one is entered: its table's first): 0 and its
+   fields, else a stop reason (too long a chain, a bad or nested indirect descriptor, a table
+   outside guest memory). The guest may be writing the table: each field is read once. */
+static int vq_desc(const struct vfu_region *regions, unsigned nregions, const struct vfu_vq *q,
+                   struct vq_cursor *w, uint64_t *addr, uint32_t *len, uint16_t *flags, uint16_t *next)
+{
+    uint8_t desc[16];
+
+    for (;;) {
+        if (++w->count > q->size)
+            return VFU_STOP_COMMAND;
+        memcpy(desc, (const void *)(w->tab + 16 * (uintptr_t)w->index), 16);
+        memcpy(addr, desc, 8);
+        memcpy(len, desc + 8, 4);
+        memcpy(flags, desc + 12, 2);
+        memcpy(next, desc + 14, 2);
+        if (!(*flags & VQ_DESC_F_INDIRECT))
+            return 0;
+        if (w->indirect || !q->indirect_ok || w->count != 1 || (*flags & VQ_DESC_F_NEXT)
+                || !*len || *len % 16 || *len / 16 > q->size)
+            return VFU_STOP_COMMAND;
+        w->tab = xlate_in(regions, nregions, *addr, *len, 0);
+        if (!w->tab)
+            return VFU_STOP_DATA;
+        w->indirect = 1;
+        w->limit = *len / 16;
+        w->index = 0;
+        w->count = 0;
+    }
+}
+
+/* The head of the chain at next_avail: 0, or a stop reason (a head outside the table). */
+static int vq_head(const struct vfu_vq *q, uintptr_t avail, uint16_t *head)
+{
+    memcpy(head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % q->size)), 2);
+    return *head >= q->size ? VFU_STOP_COMMAND : 0;
+}
+
+/* The chain at next_avail done: its used element at next_used, and both indexes move on. */
+static void vq_done(struct vfu_vq *q, uintptr_t used, uint16_t head, uint32_t written)
+{
+    uint32_t elem[2] = {head, written};
+    memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % q->size)), elem, 8);
+    q->next_avail = (q->next_avail + 1) & 0xFFFF;
+    q->next_used = (q->next_used + 1) & 0xFFFF;
+}
+
+/* On to the descriptor ``next`` names: 0, or a stop reason when it lies outside the table. */
+static int vq_follow(struct vq_cursor *w, uint16_t next)
+{
+    if (next >= w->limit)
+        return VFU_STOP_COMMAND;
+    w->index = next;
+    return 0;
+}
+
 /* The chain at head: 0 and the request done, else a stop reason (nothing consumed). */
 static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_t head,
                    uint32_t *written, int *kind, uint64_t *bytes)
 {
     struct iovec iov[MAX_IOV];
-    uint8_t desc[16], hdr[16];
+    struct vq_cursor w = vq_chain(q, table, head);
+    uint8_t hdr[16];
     uint64_t addr, total = 0;
-    uint32_t len, limit = q->size, index = head, count = 0;
+    uint32_t len;
     uint16_t dflags, next;
-    uintptr_t status = 0, tab = table;
-    int n = 0, indirect = 0, rtype = -1, seen_write = 0;
+    uintptr_t status = 0;
+    int n = 0, rtype = -1, seen_write = 0, stop;
     ssize_t done;
 
     for (;;) {
-        if (++count > q->size)
-            return VFU_STOP_COMMAND;
-        memcpy(desc, (const void *)(tab + 16 * (uintptr_t)index), 16);
-        memcpy(&addr, desc, 8);
-        memcpy(&len, desc + 8, 4);
-        memcpy(&dflags, desc + 12, 2);
-        memcpy(&next, desc + 14, 2);
-        if (dflags & VQ_DESC_F_INDIRECT) {
-            if (indirect || !q->indirect_ok || count != 1 || (dflags & VQ_DESC_F_NEXT)
-                    || !len || len % 16 || len / 16 > q->size)
-                return VFU_STOP_COMMAND;
-            tab = xlate_in(c->regions, c->nregions, addr, len, 0);
-            if (!tab)
-                return VFU_STOP_DATA;
-            indirect = 1;
-            limit = len / 16;
-            index = 0;
-            count = 0;
-            continue;
-        }
+        stop = vq_desc(c->regions, c->nregions, q, &w, &addr, &len, &dflags, &next);
+        if (stop)
+            return stop;
         if (!len)
             return VFU_STOP_COMMAND;
         if (rtype < 0) {  /* the header: one readable 16-byte descriptor */
@@ -418,9 +501,8 @@ static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_
         }
         if (!(dflags & VQ_DESC_F_NEXT))
             break;
-        if (next >= limit)
+        if (vq_follow(&w, next))
             return VFU_STOP_COMMAND;
-        index = next;
     }
     if (!status || !total || total % 512 || total > c->max_bytes)
         return VFU_STOP_COMMAND;
@@ -454,33 +536,40 @@ static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_
 
 /* Requests from next_avail up to the avail index; used elements go into the ring from
    next_used on, and the caller publishes the used index. Both indexes are updated. */
+/* The rings of a split virtqueue in our address space and the avail index: 0, or
+   VFU_STOP_RINGS (a bad size, a ring not inside one region or misaligned, a bad index: Python
+   resets the device). */
+static int vq_open(const struct vfu_region *regions, unsigned nregions, const struct vfu_vq *q,
+                   uintptr_t *desc, uintptr_t *avail, uintptr_t *used, uint16_t *avail_idx)
+{
+    uint32_t size = q->size;
+
+    if (!size || size > 32768 || (size & (size - 1)))
+        return VFU_STOP_RINGS;
+    *desc = xlate_in(regions, nregions, q->desc, 16 * (uint64_t)size, 0);
+    *avail = xlate_in(regions, nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
+    *used = xlate_in(regions, nregions, q->used, 6 + 8 * (uint64_t)size, 1);
+    if (!*desc || !*avail || !*used || (*avail & 1) || (*used & 3))
+        return VFU_STOP_RINGS;
+    *avail_idx = load16(*avail + 2);
+    if ((uint16_t)(*avail_idx - q->next_avail) > size)
+        return VFU_STOP_RINGS;
+    return 0;
+}
+
 unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
 {
     uintptr_t desc, avail, used;
     unsigned count = 0;
-    uint32_t size = q->size;
+    uint16_t avail_idx;
 
-    if (!size || size > 32768 || (size & (size - 1))) {
-        c->stop = VFU_STOP_RINGS;
+    c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
+    if (c->stop)
         return 0;
-    }
-    desc = xlate_in(c->regions, c->nregions, q->desc, 16 * (uint64_t)size, 0);
-    avail = xlate_in(c->regions, c->nregions, q->avail, 6 + 2 * (uint64_t)size, 0);
-    used = xlate_in(c->regions, c->nregions, q->used, 6 + 8 * (uint64_t)size, 1);
-    if (!desc || !avail || !used || (avail & 1) || (used & 3)) {
-        c->stop = VFU_STOP_RINGS;
-        return 0;
-    }
-    uint16_t avail_idx = load16(avail + 2);
-    if ((uint16_t)(avail_idx - q->next_avail) > size) {
-        c->stop = VFU_STOP_RINGS;  /* a bad index: Python resets the device */
-        return 0;
-    }
-    c->stop = VFU_STOP_EMPTY;
     uint64_t t0 = c->stats ? now_ns() : 0;
     while ((uint16_t)q->next_avail != avail_idx) {
         uint16_t head;
-        uint32_t written = 0, elem[2];
+        uint32_t written = 0;
         uint64_t bytes = 0;
         int stop, kind = 0;
 
@@ -488,24 +577,246 @@ unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max)
             c->stop = VFU_STOP_LIMIT;
             break;
         }
-        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(q->next_avail % size)), 2);
-        if (head >= size) {
-            c->stop = VFU_STOP_COMMAND;
-            break;
-        }
-        stop = blk_one(c, q, desc, head, &written, &kind, &bytes);
+        stop = vq_head(q, avail, &head);
+        if (!stop)
+            stop = blk_one(c, q, desc, head, &written, &kind, &bytes);
         if (stop) {
             c->stop = stop;
             break;
         }
-        elem[0] = head;
-        elem[1] = written;
-        memcpy((void *)(used + 4 + 8 * (uintptr_t)(q->next_used % size)), elem, 8);
-        q->next_avail = (q->next_avail + 1) & 0xFFFF;
-        q->next_used = (q->next_used + 1) & 0xFFFF;
+        vq_done(q, used, head, written);
         if (c->stats)
             count_one(c->stats, kind, bytes, &t0);
         count++;
+    }
+    return count;
+}
+
+#define NET_HDR_LEN 12  /* virtio_net_hdr_v1 */
+
+/* The descriptors of the chain at head into iov (direct, or one indirect table when
+   negotiated), every non-empty one inside one region and all device-writable (``write``) or
+   all device-readable: 0 and *total their bytes, else a stop reason. */
+static int net_walk(const struct vfu_net *c, const struct vfu_vq *q, uintptr_t table, uint32_t head, int write,
+                    struct iovec *iov, int *n, uint64_t *total)
+{
+    struct vq_cursor w = vq_chain(q, table, head);
+    uint64_t addr;
+    uint32_t len;
+    uint16_t dflags, next;
+
+    *total = 0;
+    for (;;) {
+        int stop = vq_desc(c->regions, c->nregions, q, &w, &addr, &len, &dflags, &next);
+        if (stop)
+            return stop;
+        if (!(dflags & VQ_DESC_F_WRITE) != !write)
+            return VFU_STOP_COMMAND;  /* mixed: Python's */
+        if (len) {
+            if (add_piece_in(c->regions, c->nregions, iov, n, addr, len, write))
+                return VFU_STOP_DATA;
+            *total += len;
+        }
+        if (!(dflags & VQ_DESC_F_NEXT))
+            return 0;
+        if (vq_follow(&w, next))
+            return VFU_STOP_COMMAND;
+    }
+}
+
+/* virtio-net transmit: a chain of readable descriptors holding the 12-byte
+   virtio_net_hdr_v1 and a frame, min_len..max_len bytes in all, written to the TAP with one
+   writev from guest memory, less the first ``skip`` bytes (the header, for a TAP without
+   IFF_VNET_HDR). 0 and the frame sent, else a stop reason (nothing consumed). */
+static int net_tx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t table, uint32_t head, uint64_t *bytes)
+{
+    struct iovec iov[MAX_IOV];
+    uint64_t total;
+    int n = 0, stop = net_walk(c, q, table, head, 0, iov, &n, &total);
+
+    if (stop)
+        return stop;
+    if (total < c->min_len || total > c->max_len || total <= c->skip)
+        return VFU_STOP_COMMAND;
+    int first = 0;
+    for (uint32_t skip = c->skip; skip;) {  /* the header may span descriptors */
+        if (iov[first].iov_len > skip) {
+            iov[first].iov_base = (uint8_t *)iov[first].iov_base + skip;
+            iov[first].iov_len -= skip;
+            break;
+        }
+        skip -= iov[first++].iov_len;
+    }
+    ssize_t done = writev(c->fd, iov + first, n - first);
+    if (done < 0) {
+        c->err = errno;
+        return VFU_STOP_IO;  /* Python writes it again: waits (EAGAIN) or drops it */
+    }
+    *bytes = total;
+    return 0;
+}
+
+/* Frames from next_avail up to the avail index; used elements (length 0) go into the ring
+   from next_used on, and the caller publishes the used index. Both indexes are updated. */
+unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
+{
+    uintptr_t desc, avail, used;
+    unsigned count = 0;
+    uint16_t avail_idx;
+
+    c->err = 0;
+    c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
+    if (c->stop)
+        return 0;
+    uint64_t t0 = c->stats ? now_ns() : 0;
+    while ((uint16_t)q->next_avail != avail_idx) {
+        uint16_t head;
+        uint64_t bytes = 0;
+        int stop;
+
+        if (count == max) {
+            c->stop = VFU_STOP_LIMIT;
+            break;
+        }
+        stop = vq_head(q, avail, &head);
+        if (!stop)
+            stop = net_tx_one(c, q, desc, head, &bytes);
+        if (stop) {
+            c->stop = stop;
+            break;
+        }
+        vq_done(q, used, head, 0);
+        c->bytes += bytes - NET_HDR_LEN;
+        c->frames++;
+        if (c->stats)
+            count_one(c->stats, 1, bytes - NET_HDR_LEN, &t0);
+        count++;
+    }
+    return count;
+}
+
+#define NET_MAX_MERGE 256  /* receive buffers of one packet: at most a ring's worth */
+
+/* virtio-net receive, one packet already read into c->buf from offset NET_HDR_LEN - hdr on
+   (``len`` bytes as the TAP gave them: its header, if it has one, then the frame), into the
+   receive ring: with ``mergeable`` over as many chains as it needs, ``num_buffers`` in the
+   first, else into one chain. 0 and the number of used elements in *chains, or a stop reason
+   with nothing consumed (Python takes the packet: it filters, drops or waits for buffers). */
+static int net_rx_one(struct vfu_net *c, struct vfu_vq *q, uintptr_t desc, uintptr_t avail, uintptr_t used,
+                      uint16_t *avail_idx, uint32_t len, unsigned *chains)
+{
+    struct iovec iov[MAX_IOV];
+    uint32_t start[NET_MAX_MERGE + 1], room[NET_MAX_MERGE];
+    uint16_t heads[NET_MAX_MERGE];
+    uint8_t *pkt = c->buf;  /* the stream the guest gets: a virtio-net header, then the frame */
+    uint32_t flen = len - c->hdr, need = flen + NET_HDR_LEN, size = q->size, have = 0;
+    unsigned k = 0;
+    int n = 0;
+
+    if (len < c->hdr || flen < 14 || flen > c->rx_limit)
+        return VFU_STOP_COMMAND;
+    if (!c->promisc && memcmp(pkt + NET_HDR_LEN, c->mac, 6))
+        return VFU_STOP_COMMAND;  /* the filters (broadcast, multicast, tables) are Python's */
+    while (have < need) {
+        uint16_t head, next_avail = (uint16_t)(q->next_avail + k);
+        uint64_t total;
+
+        if (k == (c->mergeable ? NET_MAX_MERGE : 1) || k >= size)
+            return VFU_STOP_COMMAND;  /* one chain too small, or a packet the ring cannot hold */
+        if (next_avail == *avail_idx) {
+            *avail_idx = load16(avail + 2);  /* the driver may have added some meanwhile */
+            if ((uint16_t)(*avail_idx - q->next_avail) > size)
+                return VFU_STOP_RINGS;
+            if (next_avail == *avail_idx)
+                return VFU_STOP_CQ_FULL;  /* too few buffers (no room): Python waits for more */
+        }
+        memcpy(&head, (const void *)(avail + 4 + 2 * (uintptr_t)(next_avail % size)), 2);
+        if (head >= size)
+            return VFU_STOP_COMMAND;
+        /* Each chain's own iovecs: a guest's receive buffers are often adjacent in memory,
+           and one iovec over two chains would put the second one's bytes in the first. */
+        int m = 0;
+        if (q->size > (uint32_t)(MAX_IOV - n))
+            return VFU_STOP_COMMAND;
+        start[k] = (uint32_t)n;
+        int stop = net_walk(c, q, desc, head, 1, iov + n, &m, &total);
+        if (stop)
+            return stop;
+        n += m;
+        if (!k && total < NET_HDR_LEN)
+            return VFU_STOP_COMMAND;  /* the header over two buffers: Python's (it patches the first) */
+        heads[k] = head;
+        room[k] = total > need ? need : (uint32_t)total;
+        have += room[k];
+        k++;
+    }
+    start[k] = (uint32_t)n;
+    /* The header: the TAP's (flags and GSO type only for a guest that takes partial
+       checksums), or none but num_buffers. */
+    if (!c->hdr || !c->guest_csum)
+        memset(pkt, 0, 10);
+    pkt[10] = (uint8_t)k;
+    pkt[11] = (uint8_t)(k >> 8);
+    uint32_t pos = 0;
+    for (unsigned i = 0; i < k; i++) {
+        uint32_t part = need - pos < room[i] ? need - pos : room[i], left = part, elem[2];
+        for (uint32_t j = start[i]; left; j++) {
+            size_t m = iov[j].iov_len < left ? iov[j].iov_len : left;
+            memcpy(iov[j].iov_base, pkt + pos, m);
+            pos += (uint32_t)m;
+            left -= (uint32_t)m;
+        }
+        elem[0] = heads[i];
+        elem[1] = part;
+        memcpy((void *)(used + 4 + 8 * (uintptr_t)((q->next_used + i) % size)), elem, 8);
+    }
+    q->next_avail = (q->next_avail + k) & 0xFFFF;
+    q->next_used = (q->next_used + k) & 0xFFFF;
+    *chains = k;
+    return 0;
+}
+
+/* Up to max packets from the TAP (or peer socket) into the receive ring; returns the used
+   elements written (the caller publishes the used index). c->stop says why it ended:
+   VFU_STOP_EMPTY the TAP had no more (EAGAIN), VFU_STOP_LIMIT max packets, VFU_STOP_IO a read
+   error or end of file (c->err), anything else with c->held > 0: a packet Python takes from
+   c->buf (offset NET_HDR_LEN - hdr, c->held bytes). */
+unsigned vfu_net_rx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max)
+{
+    uintptr_t desc, avail, used;
+    unsigned count = 0, frames = 0;
+    uint16_t avail_idx;
+
+    c->err = 0;
+    c->held = 0;
+    c->stop = vq_open(c->regions, c->nregions, q, &desc, &avail, &used, &avail_idx);
+    if (c->stop)
+        return 0;
+    uint64_t t0 = c->stats ? now_ns() : 0;
+    for (;;) {
+        unsigned k = 0;
+        if (frames == max) {
+            c->stop = VFU_STOP_LIMIT;
+            break;
+        }
+        ssize_t len = read(c->fd, c->buf + NET_HDR_LEN - c->hdr, c->buf_len);
+        if (len <= 0) {
+            c->err = len < 0 ? errno : 0;
+            c->stop = len < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? VFU_STOP_EMPTY : VFU_STOP_IO;
+            break;
+        }
+        int stop = net_rx_one(c, q, desc, avail, used, &avail_idx, (uint32_t)len, &k);
+        if (stop) {
+            c->stop = stop;
+            c->held = (uint32_t)len;
+            break;
+        }
+        c->bytes += (uint64_t)len - c->hdr;
+        c->frames++;
+        if (c->stats)
+            count_one(c->stats, 0, (uint64_t)len - c->hdr, &t0);
+        count += k;
+        frames++;
     }
     return count;
 }

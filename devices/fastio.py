@@ -76,6 +76,16 @@ class RegionTable:
         return True
 
 
+def load_vq(vq: Any, queue: Any) -> None:
+    """Point a ``struct vfu_vq`` at a :class:`SplitQueue`'s rings, from where Python (and
+    what C completed before, not yet published) left off."""
+    s = queue.state
+    vq.desc, vq.avail, vq.used, vq.size = s.desc_table, s.avail_ring, s.used_ring, s.size
+    vq.next_avail = s.next_avail
+    vq.next_used = (s.next_used + queue.pending_elsewhere) & 0xFFFF
+    vq.indirect_ok = queue.indirect_ok
+
+
 def backend_fast_io(backend: Any) -> tuple[int, int, int] | None:
     """(read fd, write fd, largest inline transfer) of a backend that allows it, else None."""
     fn = getattr(backend, "fast_io", None)

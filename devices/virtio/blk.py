@@ -47,7 +47,7 @@ from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
 from vfu_server.sandbox import SandboxNeeds
 
-from ..fastio import RegionTable, backend_fast_io
+from ..fastio import RegionTable, backend_fast_io, load_vq
 from ..fastio import load_module_async as load_fastio
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
@@ -574,7 +574,7 @@ class _BlkFastPath:
 
     def run(self, queue: SplitQueue, io: tuple[int, int, int], capacity: int,
             stats: QueueStats | None = None, limit: int = 64) -> int:
-        c, v, s = self.ctx, self.vq, queue.state
+        c, v = self.ctx, self.vq
         if stats is None:
             c.stats = self.ffi.NULL
         else:
@@ -583,10 +583,7 @@ class _BlkFastPath:
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.read_fd, c.write_fd, c.max_bytes = io
         c.capacity = capacity
-        v.desc, v.avail, v.used, v.size = s.desc_table, s.avail_ring, s.used_ring, s.size
-        v.next_avail = s.next_avail
-        v.next_used = (s.next_used + queue.pending_elsewhere) & 0xFFFF
-        v.indirect_ok = queue.indirect_ok
+        load_vq(v, queue)
         n: int = self.lib.vfu_blk_run(c, v, limit)
         if n:
             queue.completed_elsewhere(n, v.next_avail)

@@ -40,7 +40,9 @@ from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 from vfu_server.sandbox import SandboxNeeds
 
-from .netbackend import NetBackend, SocketBackend, TapBackend
+from ..fastio import RegionTable, load_vq
+from ..fastio import load_module_async as load_fastio
+from .netbackend import BURST, MAX_FRAME, RX_DRAINED, RX_MORE, NetBackend, SocketBackend, TapBackend
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
 from .spec import DeviceId, Status, bit
@@ -66,7 +68,8 @@ _RX, _TX = 0, 1
 #: what --fault rules can do to frames (docs/faults.md): op rx (to the guest) or tx (from it),
 #: queue is the queue pair
 NET_FAULTS = FaultDomain(name="virtio-net", ops={"rx": _RX, "tx": _TX}, matches=frozenset({"op", "queue"}),
-                         actions=frozenset({"drop", "dup", "delay", "corrupt"}))
+                         actions=frozenset({"drop", "dup", "delay", "corrupt"}), fast_ops=frozenset({_RX, _TX}))
+_FAST_RX, _FAST_TX = frozenset({_RX}), frozenset({_TX})
 MAX_RX_FRAME = 1514 + 4  # without GUEST_TSO: an MTU-sized frame at most (+ VLAN tag)
 #: a TCP segment the guest takes whole (GUEST_TSO4/6): the kernel's GSO limit is 65536 bytes
 #: per packet; a VLAN tag on top
@@ -77,6 +80,7 @@ RX_PROMISC, RX_ALLMULTI = 0, 1
 MAC_TABLE_SET, MAC_ADDR_SET = 0, 1
 MQ_VQ_PAIRS_SET = 0
 OK, ERR = 0, 1
+_STOP_EMPTY, _STOP_LIMIT = 0, 1  # VFU_STOP_* of devices/_fastio_build.py
 MAC_TABLE_ENTRIES = 64
 BROADCAST = b"\xff" * 6
 
@@ -127,6 +131,10 @@ class VirtioNet(VirtioPciDevice):
         # pump is placing, the ones queued for it, the one the backend holds while stopped.
         self._rx_receive: trio.MemoryReceiveChannel[bytes] | None = None
         self._rx_current: bytes | None = None
+        #: frames were handed to the pump since it last found its channel empty: one may be on
+        #: its way to the pump task without being in the channel's buffer (a receiver waiting
+        #: takes it directly), so the receive C path must not overtake it
+        self._rx_handed = False
         self._rx_held: bytes | None = None
         self._rx_exported: list[bytes] = []  # taken out of the queue by an export, until rollback
         self._rx_adopted: list[bytes] = []  # a predecessor's frames, placed before any of ours
@@ -141,6 +149,8 @@ class VirtioNet(VirtioPciDevice):
         self._guest_csum = False
         #: MRG_RXBUF negotiated (offered with a vnet_hdr TAP): a packet may span buffers
         self._mergeable = False
+        #: the C transmit path (devices/_fastio_build.py), once loaded; None: Python only
+        self._fast: _NetFast | None = None
         self._reset_filters()
 
     def queue_stats(self, index: int) -> QueueStats:
@@ -237,6 +247,10 @@ class VirtioNet(VirtioPciDevice):
 
     async def run(self) -> None:
         try:
+            module = await load_fastio()
+            self._fast = _NetFast(module, self.dma) if module is not None else None
+            if self._fast is not None:
+                self.backend.fast_receive = self._receive_fast
             await self.backend.run(self._deliver, self._set_link)
         finally:
             self.backend.close()
@@ -290,6 +304,7 @@ class VirtioNet(VirtioPciDevice):
         if send is None or not self._wanted(frame, self._hdr):
             self.rx_dropped += 1
             return
+        self._rx_handed = True
         try:
             try:
                 send.send_nowait(frame)
@@ -400,12 +415,87 @@ class VirtioNet(VirtioPciDevice):
         return 2 * self.queue_pairs
 
     async def serve_queue(self, q: SplitQueue) -> None:
-        if q.index == self.ctrl_index or q.index % 2 == 1:
-            await super().serve_queue(q)  # transmit and control queues: one chain after another
+        if q.index == self.ctrl_index:
+            await super().serve_queue(q)  # one command after another
+        elif q.index % 2 == 1:
+            await self._tx_loop(q)
         elif q.index == 0:
             await self._rx_pump()
         else:
             await trio.sleep_forever()  # the pump of receiveq0 fills every receive queue
+
+    async def _tx_loop(self, q: SplitQueue) -> None:
+        """Frames in order, C first (:meth:`complete_fast`), Python for what C leaves; one
+        used-index update and interrupt per pass, at most a queue's worth per pass so that a
+        guest that keeps the queue full cannot starve the other tasks."""
+        while True:
+            budget = q.state.size
+            while budget > 0:
+                budget -= self.complete_fast(q)
+                if budget <= 0 or (chain := q.pop()) is None:
+                    break
+                budget -= 1
+                q.push(chain, await self.process(q, chain))
+                if self._fast is not None:
+                    self.notify_queue(q)  # C completes only with nothing of Python's unpublished
+            self.notify_queue(q)
+            if budget > 0:
+                await self._sleep_until_kicked(q)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def complete_fast(self, queue: SplitQueue) -> int:
+        """Transmit frames in C (one ``writev`` each from guest memory to the TAP) while
+        Python need not see them: no dirty-page logging, no fault rule that could match,
+        nothing of Python's waiting to be published."""
+        fast = self._fast
+        if fast is None or queue.index % 2 == 0 or queue.index == self.ctrl_index:
+            return 0
+        if self.dma.dirty_hook is not None or not queue.can_complete_elsewhere():
+            return 0
+        if self.faults.active and self.faults.could_match(_FAST_TX, queue.index // 2):
+            return 0
+        fd = self.backend.fast_tx_fd()
+        if fd is None:
+            return 0
+        try:
+            return fast.tx(queue, fd, HDR_LEN - self._hdr, self.queue_stats(queue.index))
+        except Exception:
+            self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
+            self._fast = None
+            return 0
+
+    def _receive_fast(self, fd: int) -> bytes | int | None:
+        """The backend's packets straight from ``fd`` into receiveq0, in C, while nothing of
+        Python's is on its way to the guest (so that packets keep their order): one
+        used-index update and interrupt per burst. Returns :data:`RX_DRAINED` (``fd`` has no
+        more), :data:`RX_MORE` (a whole burst placed), a packet C read but left to Python
+        (deliver it), or None: C read nothing, the backend reads itself."""
+        fast = self._fast
+        receive = self._rx_receive
+        if (fast is None or self._rx_send is None or receive is None or not self._rx_open.is_set()
+                or self._rx_handed or self._rx_current is not None or self._rx_adopted or self._rx_held is not None
+                or self.active_pairs != 1 or self.dma.dirty_hook is not None or not self.queues):
+            return None
+        q = self.queues[0]
+        if not q.can_complete_elsewhere():
+            return None
+        if self.faults.active and self.faults.could_match(_FAST_RX, 0):
+            return None
+        try:
+            fast.set_receive(self._hdr, self._rx_limit, self._guest_csum, self._mergeable, self.promisc, self.mac)
+            if fast.rx(q, fd, self._hdr, self.queue_stats(0)):
+                self.notify_queue(q)
+            held = fast.held
+        except Exception:
+            self.log.exception("receive fast path failed; Python only from now on")
+            self._fast = None
+            self.backend.fast_receive = None
+            return None
+        if held is not None:
+            return held
+        stop = fast.stop_reason
+        return RX_DRAINED if stop == _STOP_EMPTY else RX_MORE if stop == _STOP_LIMIT else None
 
     async def _rx_pump(self) -> None:
         send, receive = trio.open_memory_channel[bytes](64)
@@ -427,6 +517,7 @@ class VirtioNet(VirtioPciDevice):
                         frame = receive.receive_nowait()
                     except trio.WouldBlock:
                         self._publish_rx()
+                        self._rx_handed = False
                         frame = await receive.receive()
                 self._rx_current = frame
                 q = self.queues[2 * self._steer(frame, hdr)]
@@ -591,3 +682,65 @@ class VirtioNet(VirtioPciDevice):
             self.active_pairs = pairs
             return OK
         return ERR
+
+
+class _NetFast:
+    """The C side of :meth:`VirtioNet.complete_fast` (transmit) and :meth:`VirtioNet._receive_fast`:
+    their context, the region table and the receive buffer."""
+
+    def __init__(self, module: Any, dma: Any) -> None:
+        self.ffi, self.lib = module.ffi, module.lib
+        self.ctx = self.ffi.new("struct vfu_net *")
+        self.vq = self.ffi.new("struct vfu_vq *")
+        self.regions = RegionTable(self.ffi, dma)
+        c = self.ctx
+        c.min_len, c.max_len = HDR_LEN + ETH_HLEN, HDR_LEN + MAX_TX_FRAME
+        # a packet as the TAP gives it, after room for a header a TAP without one does not give
+        self.buf = self.ffi.new("uint8_t[]", HDR_LEN + MAX_FRAME)
+        c.buf, c.buf_len = self.buf, MAX_FRAME
+
+    def _prepare(self, queue: SplitQueue, fd: int, stats: QueueStats) -> None:
+        c = self.ctx
+        c.stats = stats.c if stats.c is not None else stats.attach_c(self.ffi)
+        if self.regions.sync():
+            c.regions, c.nregions = self.regions.table, self.regions.count
+        c.fd = fd
+        load_vq(self.vq, queue)
+
+    def tx(self, queue: SplitQueue, fd: int, skip: int, stats: QueueStats, limit: int = 64) -> int:
+        """Frames sent (``skip``: bytes of the guest's header the TAP does not take)."""
+        self._prepare(queue, fd, stats)
+        self.ctx.skip = skip
+        n: int = self.lib.vfu_net_tx_run(self.ctx, self.vq, limit)
+        if n:
+            queue.completed_elsewhere(n, self.vq.next_avail)
+        return n
+
+    def rx(self, queue: SplitQueue, fd: int, hdr: int, stats: QueueStats, limit: int = BURST) -> int:
+        """Packets read from ``fd`` and placed: the used elements written (:attr:`held` a
+        packet read and left to Python)."""
+        self._prepare(queue, fd, stats)
+        n: int = self.lib.vfu_net_rx_run(self.ctx, self.vq, limit)
+        if n:
+            queue.completed_elsewhere(n, self.vq.next_avail)
+        return n
+
+    def set_receive(self, hdr: int, limit: int, guest_csum: bool, mergeable: bool, promisc: bool,
+                    mac: bytes) -> None:
+        """What the device's receive path decides by (the TAP's header, the filters)."""
+        c = self.ctx
+        c.hdr, c.rx_limit, c.guest_csum, c.mergeable, c.promisc = hdr, limit, guest_csum, mergeable, promisc
+        self.ffi.memmove(c.mac, mac, 6)
+
+    @property
+    def held(self) -> bytes | None:
+        """The packet the last :meth:`rx` read and left to Python, as read (None: none)."""
+        n = self.ctx.held
+        if not n:
+            return None
+        start = HDR_LEN - self.ctx.hdr
+        return bytes(self.ffi.buffer(self.buf)[start : start + n])
+
+    @property
+    def stop_reason(self) -> int:
+        return int(self.ctx.stop)

@@ -44,6 +44,9 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 #: virtio_net_hdr_v1 (the layout of virtio_net_hdr_mrg_rxbuf): what the TAP reads and writes
 VNET_HDR_LEN = 12
+#: what a device's ``fast_receive`` returns besides a packet for ``deliver`` or None (it read
+#: nothing: the backend reads): it placed what the fd held / a whole burst, more may follow
+RX_DRAINED, RX_MORE = 0, 1
 
 
 class NetBackend:
@@ -58,6 +61,12 @@ class NetBackend:
         #: the successor of a live handover took this backend over: tear nothing down that
         #: it now uses (a --listen socket path)
         self.released = False
+        #: set by a device that reads packets from the fd itself (a C path), see RX_DRAINED
+        self.fast_receive: Callable[[int], bytes | int | None] | None = None
+
+    def _read_fast(self, fd: int) -> bytes | int | None:
+        fast = self.fast_receive
+        return fast(fd) if fast is not None else None
 
     def pause_reading(self) -> None:
         if self._reading.is_set():
@@ -89,6 +98,11 @@ class NetBackend:
 
     async def send(self, frame: bytes) -> None:
         raise NotImplementedError
+
+    def fast_tx_fd(self) -> int | None:
+        """A descriptor the device's C path may ``writev`` a frame to (the same frame
+        :meth:`send` would be given), or None: every frame goes through :meth:`send`."""
+        return None
 
     def close(self) -> None:
         pass
@@ -179,15 +193,19 @@ class TapBackend(NetBackend):
             await trio.lowlevel.wait_readable(self.fd)
             await self._may_read()
             for _ in range(BURST):
-                try:
-                    frame = os.read(self.fd, MAX_FRAME)
-                except BlockingIOError:
+                frame = self._read_fast(self.fd)
+                if isinstance(frame, int):  # RX_DRAINED, or RX_MORE: a checkpoint (the wait) first
                     break
-                except OSError as exc:
-                    if exc.errno == errno.EIO:  # interface down: no carrier, wait
-                        await trio.sleep(0.1)
+                if frame is None:
+                    try:
+                        frame = os.read(self.fd, MAX_FRAME)
+                    except BlockingIOError:
                         break
-                    raise
+                    except OSError as exc:
+                        if exc.errno == errno.EIO:  # interface down: no carrier, wait
+                            await trio.sleep(0.1)
+                            break
+                        raise
                 await deliver(frame)
 
     async def send(self, frame: bytes) -> None:
@@ -199,6 +217,9 @@ class TapBackend(NetBackend):
                 await trio.lowlevel.wait_writable(self.fd)
             except OSError:
                 return  # interface down: the frame is lost, as on a wire
+
+    def fast_tx_fd(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -308,13 +329,21 @@ class SocketBackend(NetBackend):
             await trio.lowlevel.wait_readable(sock)
             await self._may_read()
             for _ in range(BURST):
-                try:
-                    frame = os.read(fd, MAX_FRAME)
-                except BlockingIOError:
+                frame = self._read_fast(fd)
+                if isinstance(frame, int):
                     break
+                if frame is None:
+                    try:
+                        frame = os.read(fd, MAX_FRAME)
+                    except BlockingIOError:
+                        break
                 if not frame:
                     return  # the peer closed
                 await deliver(frame)
+
+    def fast_tx_fd(self) -> int | None:
+        # A datagram per writev, as per send(); no peer: Python drops the frame
+        return self.sock.fileno() if self.sock is not None else None
 
     async def send(self, frame: bytes) -> None:
         sock = self.sock

@@ -1,0 +1,355 @@
+"""virtio-net's C transmit path (VirtioNet.complete_fast) against the Python path, differentially.
+
+The same ring and guest memory are handed to C and, from the same starting point, to Python
+(SplitQueue.pop + VirtioNet.process), each sending into one end of a SOCK_SEQPACKET pair, which
+keeps frame boundaries as a TAP does. Whatever C completes, Python must complete too, with the
+same frame sent, the same used element and the same counters; whatever C leaves, it must
+leave untouched and unsent. Chains come from hypothesis: a valid frame over one to eight
+readable descriptors (direct or in an indirect table), then zero to two mutations.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+import trio
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from vfu_devices.fastio import load_module
+from vfu_devices.virtio.net import HDR_LEN, MAX_TX_FRAME, VirtioNet, _NetFast
+from vfu_devices.virtio.netbackend import NetBackend
+from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
+from vfu_server.testing.memory import map_guest_ram
+
+PAGE = 4096
+RAM = 1 << 20
+RO_BASE, RO_SIZE = 0x200000, 64 * 1024
+SIZE = 16
+DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000
+DATA = 0x10000
+NEXT, WRITE, INDIRECT = 1, 2, 4
+RO_DATA = os.urandom(RO_SIZE)
+
+module = load_module()
+pytestmark = pytest.mark.skipif(module is None, reason="the C helper could not be built here")
+
+
+class PairBackend(NetBackend):
+    """One end of a socket pair standing in for the TAP: what Python sends, C may writev."""
+
+    def __init__(self, fd: int, vnet_hdr: bool) -> None:
+        super().__init__()
+        self.fd = fd
+        self.vnet_hdr = vnet_hdr
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            os.write(self.fd, frame)
+        except OSError:
+            pass
+
+    def fast_tx_fd(self) -> int | None:
+        return self.fd
+
+    def describe(self) -> str:
+        return "pair"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def device(fd: int, vnet_hdr: bool) -> VirtioNet:
+    dev = VirtioNet(PairBackend(fd, vnet_hdr))
+    map_guest_ram(dev.dma, 0, RAM)
+    map_guest_ram(dev.dma, RO_BASE, RO_SIZE, writable=False, data=RO_DATA)  # the same for C and Python
+    return dev
+
+
+MUTATIONS = ["writable", "zero-len", "short", "long", "unmapped", "read-only", "indirect", "indirect-nested"]
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int]], bool, bool]:
+    """(descriptors as (addr, len, flags, next), in an indirect table?, valid as drawn?)."""
+    total = draw(st.integers(HDR_LEN + 14, HDR_LEN + 9000))
+    nseg = draw(st.integers(1, 8))
+    cuts = sorted(draw(st.lists(st.integers(1, total - 1), min_size=nseg - 1, max_size=nseg - 1, unique=True)))
+    lens = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+    starts = draw(st.lists(st.integers(DATA, RAM - 9000), min_size=nseg, max_size=nseg))
+    descs = [[a, n, 0] for a, n in zip(starts, lens, strict=True)]
+    indirect = draw(st.booleans())
+    for m in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
+        i = draw(st.integers(0, len(descs) - 1))
+        if m == "writable":
+            descs[i][2] |= WRITE
+        elif m == "zero-len":
+            descs.insert(i, [DATA, 0, 0])  # adds nothing: still valid
+        elif m == "short":
+            descs = [[DATA, draw(st.integers(1, HDR_LEN + 13)), 0]]
+        elif m == "long":
+            descs.append([0x40000, HDR_LEN + MAX_TX_FRAME + 1 - sum(d[1] for d in descs), 0])
+        elif m == "unmapped":
+            descs[i][0] = draw(st.sampled_from([RAM - 8, RAM, 1 << 40]))
+        elif m == "read-only":
+            descs[i][0] = RO_BASE + draw(st.integers(0, RO_SIZE - 9000))  # reading it is fine
+        elif m == "indirect":
+            indirect = not indirect
+        elif m == "indirect-nested":
+            descs[i][2] |= INDIRECT
+    total = sum(n for _, n, _ in descs)
+    valid = HDR_LEN + 14 <= total <= HDR_LEN + MAX_TX_FRAME and all(
+        not f & (WRITE | INDIRECT) and (not n or a + n <= RAM or (a >= RO_BASE and a + n <= RO_BASE + RO_SIZE))
+        for a, n, f in descs)
+    chain = [(a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1) for i, (a, n, f) in enumerate(descs)]
+    return chain, indirect, valid
+
+
+def place(dev: VirtioNet, chain: list[tuple[int, int, int, int]], indirect: bool, next_avail: int,
+          outside: bool = False) -> SplitQueue:
+    dma = dev.dma
+    head = next_avail % SIZE
+    if indirect:
+        table = 0x8000
+        dma.write(table, b"".join(struct.pack("<QIHH", a, n, f, 200 if outside else nx) for a, n, f, nx in chain))
+        dma.write(DESC + 16 * head, struct.pack("<QIHH", table, 16 * len(chain), INDIRECT, 0))
+    else:
+        slots = [(head + i) % SIZE for i in range(len(chain))]
+        for i, (a, n, f, nx) in enumerate(chain):
+            nxt = 200 if outside else slots[nx] if nx < len(chain) else 0
+            dma.write(DESC + 16 * slots[i], struct.pack("<QIHH", a, n, f, nxt))
+    dma.write(AVAIL + 4 + 2 * head, struct.pack("<H", head))
+    dma.write(AVAIL, struct.pack("<HH", 0, (next_avail + 1) & 0xFFFF))
+    dma.write(USED, struct.pack("<HH", 0, next_avail))
+    state = QueueState(max_size=256, size=SIZE, ready=True, desc_table=DESC, avail_ring=AVAIL, used_ring=USED,
+                       next_avail=next_avail, next_used=next_avail)
+    return SplitQueue(1, state, dma)
+
+
+def received(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(1 << 17))
+        except BlockingIOError:
+            return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=frames(), vnet_hdr=st.booleans(), next_avail=st.sampled_from([0, 5, 15, 0xFFFF]),
+       outside=st.integers(0, 9))
+def test_c_sends_only_what_python_sends(pair: tuple[socket.socket, socket.socket], case: tuple, vnet_hdr: bool,
+                                        next_avail: int, outside: int) -> None:
+    chain, indirect, valid = case
+    outside_next = outside == 0 and len(chain) > 1  # a next index outside the table
+    a, b = pair
+    dev = device(a.fileno(), vnet_hdr)
+    q = place(dev, chain, indirect, next_avail, outside_next)
+    before = dev.dma.read(0, RAM)
+    fast = _NetFast(module, dev.dma)
+    done = fast.tx(q, a.fileno(), 0 if vnet_hdr else HDR_LEN, dev.queue_stats(1))
+    sent_c = received(b)
+    if not done:
+        event("C left it")
+        assert q.state.next_avail == next_avail and q.pending_elsewhere == 0
+        assert sent_c == [] and dev.dma.read(0, RAM) == before
+        if valid and not outside_next:
+            pytest.fail(f"C left a valid frame (stop {fast.stop_reason})")
+        return
+    event("C sent it")
+    assert valid and not outside_next
+    assert q.state.next_avail == (next_avail + 1) & 0xFFFF and q.pending_elsewhere == 1
+    used_c = dev.dma.read(USED + 4 + 8 * (next_avail % SIZE), 8)
+    counted_c = dev.queue_stats(1).c.ops[1], dev.queue_stats(1).c.bytes[1]
+
+    # Python, from the same start
+    py = device(a.fileno(), vnet_hdr)
+    py.dma.write(0, before)
+    q = place(py, chain, indirect, next_avail, outside_next)
+    try:
+        chain_py = q.pop()
+    except VirtqueueError as exc:
+        pytest.fail(f"C sent a chain Python refuses: {exc}")
+    assert chain_py is not None
+    written = trio.run(py.process, q, chain_py)
+    q.push(chain_py, written)
+    q.flush()
+    sent_py = received(b)
+    assert sent_c == sent_py and len(sent_c) == 1
+    assert used_c == py.dma.read(USED + 4 + 8 * (next_avail % SIZE), 8) == struct.pack("<II", chain_py.head, 0)
+    py_stats = py.queue_stats(1)
+    assert counted_c == (py_stats.ops[1], py_stats.bytes[1]) == (1, sum(n for _, n, _, _ in chain) - HDR_LEN)
+
+
+def test_a_full_socket_leaves_the_frame_to_python(pair: tuple[socket.socket, socket.socket]) -> None:
+    """EAGAIN: nothing consumed, so that Python waits for room and sends it then."""
+    a, _ = pair
+    a.setblocking(False)
+    while True:  # fill the pair
+        try:
+            a.send(bytes(4096))
+        except BlockingIOError:
+            break
+    dev = device(a.fileno(), True)
+    q = place(dev, [(DATA, 1000, 0, 1)], False, 0)
+    fast = _NetFast(module, dev.dma)
+    assert fast.tx(q, a.fileno(), 0, dev.queue_stats(1)) == 0
+    assert q.state.next_avail == 0 and fast.ctx.err == 11  # EAGAIN
+
+
+# -- receive -------------------------------------------------------------------------------
+
+RX_BUFS = 0x40000  # receive buffers from here on, 4 KiB apart
+MAC = bytes.fromhex("525400abcdef")
+RX_MUTATIONS = ["readable", "unmapped", "read-only", "indirect", "zero-len"]
+RX_SIZE, RX_CHAINS = 32, 8  # a chain's descriptors (up to 3) at 4 * its number
+
+
+@st.composite
+def receptions(draw: st.DrawFn) -> dict:
+    """A packet as the backend reads it, the device's receive settings and the receive ring's
+    chains: (buffers as (addr, len, flags) lists, in an indirect table?)."""
+    vnet_hdr = draw(st.booleans())
+    mergeable = vnet_hdr and draw(st.booleans())
+    dst = draw(st.sampled_from([MAC, MAC, MAC, b"\xff" * 6, bytes.fromhex("01005e000001"),
+                                bytes.fromhex("525400000001")]))
+    flen = draw(st.integers(14, 300) | st.integers(14, 3000) | st.integers(1, 13) | st.just(1518))  # not 0: end of file
+    frame = (dst + os.urandom(max(0, flen - 6)))[:flen]
+    packet = (os.urandom(HDR_LEN) if vnet_hdr else b"") + frame
+    chains = []
+    # Buffers apart, or one after another as Linux carves mergeable buffers out of a page (a
+    # chain's iovecs must not run into the next chain's).
+    adjacent = draw(st.booleans())
+    at = RX_BUFS
+    for c in range(draw(st.integers(1, RX_CHAINS))):
+        lens = draw(st.lists(st.integers(1, 2048), min_size=1, max_size=3))
+        descs = []
+        for i, n in enumerate(lens):
+            descs.append([at if adjacent else RX_BUFS + 0x1000 * (4 * c + i), n, WRITE])
+            at += n
+        chains.append((descs, draw(st.booleans())))
+    for m in draw(st.lists(st.sampled_from(RX_MUTATIONS), max_size=1)):  # one chain, sometimes
+        descs = chains[draw(st.integers(0, len(chains) - 1))][0]
+        i = draw(st.integers(0, len(descs) - 1))
+        if m == "readable":
+            descs[i][2] &= ~WRITE
+        elif m == "unmapped":
+            descs[i][0] = RAM - 8
+        elif m == "read-only":
+            descs[i][0] = RO_BASE + 0x1000 * i
+        elif m == "indirect":
+            descs[i][2] |= INDIRECT
+        else:
+            descs[i][1] = 0
+    return {"vnet_hdr": vnet_hdr, "mergeable": mergeable, "guest_csum": draw(st.booleans()),
+            "promisc": draw(st.booleans()), "limit": draw(st.sampled_from([1518, 65540])), "packet": packet,
+            "chains": chains}
+
+
+def place_rx(dev: VirtioNet, chains: list, next_avail: int) -> SplitQueue:
+    """The chains made available in receiveq0 from next_avail on (descriptor slots 4 apart)."""
+    dma = dev.dma
+    for k, (descs, indirect) in enumerate(chains):
+        head = 4 * k
+        flat = [(a, n, f | (NEXT if i + 1 < len(descs) else 0), i + 1) for i, (a, n, f) in enumerate(descs)]
+        if indirect:
+            table = 0x8000 + 0x100 * k
+            dma.write(table, b"".join(struct.pack("<QIHH", a, n, f, nx) for a, n, f, nx in flat))
+            dma.write(DESC + 16 * head, struct.pack("<QIHH", table, 16 * len(flat), INDIRECT, 0))
+        else:
+            for i, (a, n, f, nx) in enumerate(flat):
+                dma.write(DESC + 16 * (head + i), struct.pack("<QIHH", a, n, f, head + nx if nx < len(flat) else 0))
+        dma.write(AVAIL + 4 + 2 * ((next_avail + k) % RX_SIZE), struct.pack("<H", head))
+    dma.write(AVAIL, struct.pack("<HH", 0, (next_avail + len(chains)) & 0xFFFF))
+    dma.write(USED, struct.pack("<HH", 0, next_avail))
+    state = QueueState(max_size=256, size=RX_SIZE, ready=True, desc_table=DESC, avail_ring=AVAIL, used_ring=USED,
+                       next_avail=next_avail, next_used=next_avail)
+    return SplitQueue(0, state, dma)
+
+
+def rx_device(fd: int, case: dict) -> VirtioNet:
+    dev = device(fd, case["vnet_hdr"])
+    dev._mergeable, dev._guest_csum, dev._rx_limit = case["mergeable"], case["guest_csum"], case["limit"]
+    dev.promisc, dev.mac = case["promisc"], MAC
+    return dev
+
+
+def run_rx(fast: _NetFast, dev: VirtioNet, q: SplitQueue, fd: int) -> int:
+    fast.set_receive(dev._hdr, dev._rx_limit, dev._guest_csum, dev._mergeable, dev.promisc, dev.mac)
+    return fast.rx(q, fd, dev._hdr, dev.queue_stats(0))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=receptions(), next_avail=st.sampled_from([0, 3, 0xFFFE]))
+def test_c_places_only_what_python_places(pair: tuple[socket.socket, socket.socket], case: dict,
+                                          next_avail: int) -> None:
+    a, b = pair
+    packet = case["packet"]
+    a.send(packet)
+    dev = rx_device(b.fileno(), case)
+    q = place_rx(dev, case["chains"], next_avail)
+    before = dev.dma.read(0, RAM)
+    fast = _NetFast(module, dev.dma)
+    used = run_rx(fast, dev, q, b.fileno())
+    if fast.held is not None:
+        event("C left it")
+        assert used == 0 and fast.held == packet
+        assert q.state.next_avail == next_avail and q.pending_elsewhere == 0 and dev.dma.read(0, RAM) == before
+        return
+    event(f"C placed it in {used} buffers")
+    assert used and q.pending_elsewhere == used and dev._wanted(packet, dev._hdr)
+    assert q.flush() is True  # the first publication always interrupts
+    after_c = dev.dma.read(0, RAM)
+    counted_c = dev.queue_stats(0).c.ops[0], dev.queue_stats(0).c.bytes[0]
+
+    py = rx_device(b.fileno(), case)
+    py.dma.write(0, before)
+    q = place_rx(py, case["chains"], next_avail)
+    if case["mergeable"]:
+        trio.run(py._receive_merged, q, packet)
+    else:
+        trio.run(py._receive_whole, q, packet, py._hdr)
+    q.flush()
+    assert py.dma.read(0, RAM) == after_c
+    assert q.state.next_avail == (next_avail + used) & 0xFFFF
+    stats = py.queue_stats(0)
+    assert counted_c == (stats.ops[0], stats.bytes[0]) == (1, len(packet) - py._hdr)
+
+
+def test_a_burst_is_placed_in_one_run(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Packets queued on the fd go in one call, until it has no more (EAGAIN)."""
+    a, b = pair
+    case = {"vnet_hdr": False, "mergeable": False, "guest_csum": False, "promisc": True, "limit": 1518}
+    frames = [MAC + os.urandom(100 + i) for i in range(5)]
+    for f in frames:
+        a.send(f)
+    dev = rx_device(b.fileno(), case)
+    q = place_rx(dev, [([[RX_BUFS + 0x1000 * i, 2048, WRITE]], False) for i in range(6)], 0)
+    fast = _NetFast(module, dev.dma)
+    assert run_rx(fast, dev, q, b.fileno()) == 5 and fast.held is None and fast.stop_reason == 0
+    q.flush()
+    for i, f in enumerate(frames):
+        head, n = struct.unpack("<II", dev.dma.read(USED + 4 + 8 * i, 8))
+        assert (head, n) == (4 * i, HDR_LEN + len(f))
+        assert dev.dma.read(RX_BUFS + 0x1000 * i, n) == struct.pack("<10xH", 1) + f
+
+
+def test_too_few_buffers_leave_the_packet_to_python(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    case = {"vnet_hdr": True, "mergeable": True, "guest_csum": True, "promisc": True, "limit": 65540}
+    packet = bytes(HDR_LEN) + MAC + os.urandom(5000)
+    a.send(packet)
+    dev = rx_device(b.fileno(), case)
+    q = place_rx(dev, [([[RX_BUFS + 0x1000 * i, 1536, WRITE]], False) for i in range(2)], 0)
+    fast = _NetFast(module, dev.dma)
+    assert run_rx(fast, dev, q, b.fileno()) == 0 and fast.held == packet and q.state.next_avail == 0
