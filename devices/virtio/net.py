@@ -141,6 +141,8 @@ class VirtioNet(VirtioPciDevice):
         #: set while running; cleared while quiesced for migration (frames stay in the backend)
         self._rx_open = trio.Event()
         self._rx_open.set()
+        #: set while the receive pump runs; a reset sets it (waking what waits) and replaces it
+        self._rx_pump_up = trio.Event()
         self._link_seen: bool | None = None
         #: bytes in front of each backend frame (the virtio-net header of a vnet_hdr TAP)
         self._hdr = HDR_LEN if backend.vnet_hdr else 0
@@ -218,6 +220,8 @@ class VirtioNet(VirtioPciDevice):
                 self.config_changed()
 
     def virtio_reset(self) -> None:
+        self._rx_pump_up.set()  # a frame waiting for the pump is dropped (_deliver_now)
+        self._rx_pump_up = trio.Event()
         self._reset_filters()
         self._apply_offloads(0)
 
@@ -301,6 +305,16 @@ class VirtioNet(VirtioPciDevice):
             finally:
                 self._rx_held = None
         send = self._rx_send
+        if send is None and self.vstate.status & Status.DRIVER_OK:
+            # The driver is ready (its receive buffers may be posted) but the pump's task has
+            # not run yet: wait for it, as QEMU stops reading its backend meanwhile, instead
+            # of dropping what arrives in that moment.
+            self._rx_held = frame
+            try:
+                await self._rx_pump_up.wait()
+            finally:
+                self._rx_held = None
+            send = self._rx_send
         if send is None or not self._wanted(frame, self._hdr):
             self.rx_dropped += 1
             return
@@ -502,6 +516,7 @@ class VirtioNet(VirtioPciDevice):
         self._rx_send = send
         self._rx_receive = receive
         self._rx_filled.clear()
+        self._rx_pump_up.set()
         adopted, self._rx_adopted = self._rx_adopted, []
         try:
             hdr = self._hdr
@@ -535,6 +550,8 @@ class VirtioNet(VirtioPciDevice):
             if self._rx_send is send:
                 self._rx_send = None
                 self._rx_receive = None
+                if self._rx_pump_up.is_set():
+                    self._rx_pump_up = trio.Event()
             receive.close()
 
     def _publish_rx(self) -> None:
