@@ -529,6 +529,52 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
                 peer.close()
 
 
+async def test_virtio_net_frames_a_delay_fault_holds_back_survive_a_handover(tmp_path: Path) -> None:
+    # A delayed frame lives in a task of the predecessor's, which ends with it: the received
+    # one moves with the frames on their way to the guest, the transmitted one is sent at the
+    # quiesce; both early rather than never.
+    from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
+
+    from vfu_server.faults import FaultControl
+
+    ctl = str(tmp_path / "ctl")
+    path = str(tmp_path / "peer.sock")
+    args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
+    with trio.fail_after(120):
+        async with listening_peer(ctl, args, path) as (srv, client, peer):
+            _dev, (rx, tx, _ctrl) = await setup_net(client)
+            fill_rx(rx, 64)
+            await rx.kick()
+            with trio.fail_after(20):  # until the receive path runs (see the test above)
+                while True:
+                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
+                    with trio.move_on_after(0.2):
+                        await rx.wait_used(1)
+                        break
+            fill_rx(rx, len(rx.free))
+            await rx.kick()
+            async with FaultControl(ctl) as fc:
+                await fc.add("op=rx,count=1,delay=10m")
+                await fc.add("op=tx,count=1,delay=10m")
+            held_in, held_out = frame(GUEST_MAC, b"\x02" * 6, 1), frame(b"\x02" * 6, GUEST_MAC, 2)
+            await peer.send(held_in)
+            tx.add([bytes(12) + held_out])
+            await tx.kick()
+            await tx.wait_used(1)
+            assert not await frames_received(rx, 1, len(held_in), 0.5), "the fault holds it back"
+            with trio.move_on_after(0.5):
+                await peer.recv(2048)
+                pytest.fail("the delayed transmit went early")
+            succ = await hand_over(srv, ctl, *args)
+            try:
+                with trio.fail_after(10):
+                    assert await peer.recv(2048) == held_out
+                assert await frames_received(rx, 1, len(held_in), 10) == [held_in]
+            finally:
+                await succ.terminate()
+                peer.close()
+
+
 @pytest.mark.parametrize("device", ["virtio-rng", "example"])
 async def test_small_devices_hand_over(tmp_path: Path, device: str) -> None:
     ctl = str(tmp_path / "ctl")
