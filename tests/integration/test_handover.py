@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vfu_server.client import Client, GuestRam
+from vfu_server.faults import FaultControl
 from vfu_server.handover import HandoverRefused, Successor
 from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
 from vfu_server.testing.nvme import IO_READ, IO_WRITE, NvmeTestDriver, QueuePair, SubmissionEntry
@@ -444,6 +445,30 @@ async def test_a_successor_killed_half_way_leaves_the_predecessor_serving(mode: 
                 await succ.terminate()
 
 
+@pytest.mark.parametrize("mode", ["confined", "late"])
+async def test_the_successor_is_confined_before_the_pause_when_the_predecessor_says_where_its_sockets_are(
+        mode: str) -> None:
+    with trio.fail_after(120):
+        async with nvme_with_control("--size", "16M") as (srv, ctl, drv, q):
+            io = ExactlyOnce(drv, q)
+            await io.run(32)
+            async with FaultControl(ctl) as control:  # any control request goes through it
+                info = await control.request({"cmd": "handover-info"})
+                assert info == {"ok": True, "protocol": 1, "device": "nvme", "socket_path": srv.socket_path,
+                                "control_path": ctl}
+            async with misbehaving(mode, "nvme", ctl, "--size", "16M") as proc:
+                assert await read_line(proc.stdout) == (b"confined\n" if mode == "confined" else b"not confined\n")
+                assert (await read_line(proc.stdout)).startswith(b"listening on")
+                assert await srv.process.wait() == 0
+                await still_serving(io)
+                proc.terminate()
+                assert await proc.wait() == 0
+                err = (await proc.stderr.receive_some(65536)).decode()
+                assert "sandbox: " in err, err
+            # Confined either way, it could remove both socket files when it stopped.
+            assert not os.path.exists(srv.socket_path) and not os.path.exists(ctl)
+
+
 async def test_a_successor_that_never_confirms_times_out_and_the_predecessor_resumes() -> None:
     with trio.fail_after(120):
         async with nvme_with_control("--size", "16M") as (srv, ctl, drv, q):
@@ -534,8 +559,6 @@ async def test_virtio_net_frames_a_delay_fault_holds_back_survive_a_handover(tmp
     # one moves with the frames on their way to the guest, the transmitted one is sent at the
     # quiesce; both early rather than never.
     from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
-
-    from vfu_server.faults import FaultControl
 
     ctl = str(tmp_path / "ctl")
     path = str(tmp_path / "peer.sock")
