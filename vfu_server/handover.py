@@ -22,6 +22,7 @@ import array
 import base64
 import dataclasses
 import errno
+import gc
 import itertools
 import json
 import logging
@@ -413,6 +414,7 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         # The warm-up held the event loop for a few ms: let the I/O it held back complete
         # before the pause, or the client sees that stall and the pause as one gap.
         await trio.sleep(WARM_UP_BREATHER)
+        gc.disable()  # no collection of the whole heap (5-40 ms) inside the pause
         marks = [clock()]
         # Quiesce first, while the connection still reads: in-flight work that reaches guest
         # memory through DMA_READ/DMA_WRITE needs the client's replies to complete. What the
@@ -487,6 +489,7 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
             except OSError:
                 pass
     finally:
+        gc.enable()
         link.close()
         if committed:
             # Our copies of the eventfds and DMA maps go now: whatever this process still
@@ -700,6 +703,12 @@ class Successor:
         link = await self._open(device)
         self._link = None  # closed below, whatever happens
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        # What start-up left on the heap is collected now and never scanned again, and no
+        # collection runs until the device does: a full one (5-40 ms) would be in the pause,
+        # and right after it, in the first moments of serving.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         try:
             # The predecessor waits up to the timeout at each of its steps; a little more here.
             with trio.fail_after(self.timeout * 3 + 5):
@@ -752,6 +761,7 @@ class Successor:
         except OSError as exc:
             raise HandoverRefused(exc.errno or errno.EIO, f"control connection: {exc.strerror or exc}") from None
         finally:
+            gc.enable()
             for _, fds in received.values():
                 _close([fd for fd in fds if fd >= 0])
             link.close()
