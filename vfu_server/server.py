@@ -872,10 +872,11 @@ async def serve(
     then serves them. After a handover to a successor this returns normally without removing
     socket files, which now belong to the successor.
 
-    ``before_serving(socket_path, control_path)`` runs once the device is ready (and a
-    successor has taken over) and before any client is served, with the socket files this
-    server will remove at exit (the command line applies ``--sandbox`` there); an exception
-    from it is a start-up error.
+    ``before_serving(socket_path, control_path)`` runs once the device is ready and before any
+    client is served, with the socket files this server will remove at exit (the command line
+    applies ``--sandbox`` there); an exception from it is a start-up error. A successor runs
+    it before it asks for the device, with the paths ``handover-info`` gave, so that it is
+    not part of the pause; after the take-over only when the predecessor gave none.
     """
     import signal
 
