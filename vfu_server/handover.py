@@ -22,6 +22,7 @@ import array
 import base64
 import dataclasses
 import errno
+import gc
 import itertools
 import json
 import logging
@@ -58,6 +59,8 @@ MAX_TIMEOUT = 60.0
 FDS_PER_LINE = 200
 MAX_LINE = 256 << 20
 _RECV = 1 << 20
+#: seconds the predecessor serves between its warm-up and the hold
+WARM_UP_BREATHER = 0.005
 
 
 class HandoverError(Exception):
@@ -360,6 +363,13 @@ def _migration_busy(device: PciDevice) -> str | None:
     return None
 
 
+def info(host: HandoverHost) -> dict[str, Any]:
+    """The control socket's ``handover-info``: where this server's sockets are, which a
+    successor needs to confine itself (removing them at exit) before it asks for the device."""
+    return {"ok": True, "protocol": PROTOCOL, "device": host.server.device.device.name,
+            "socket_path": host.socket_path, "control_path": host.control_path}
+
+
 def _timeout(hello: dict[str, Any]) -> float:
     t = hello.get("timeout", DEFAULT_TIMEOUT)
     if not isinstance(t, (int, float)) or isinstance(t, bool):
@@ -396,13 +406,17 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
         return
     assert fmt_choice is not None and device.migration is not None
     timeout = _timeout(hello)
+    hold = server.start_hold(stop_reading=False)  # no other handover or snapshot from here
     _warm_up(device, [fmt_choice])
     clock = time.perf_counter
-    marks = [clock()]
-    hold = server.start_hold(stop_reading=False)  # no other handover or snapshot from here
     committed = False
     quiesced = False
     try:
+        # The warm-up held the event loop for a few ms: let the I/O it held back complete
+        # before the pause, or the client sees that stall and the pause as one gap.
+        await trio.sleep(WARM_UP_BREATHER)
+        gc.disable()  # no collection of the whole heap (5-40 ms) inside the pause
+        marks = [clock()]
         # Quiesce first, while the connection still reads: in-flight work that reaches guest
         # memory through DMA_READ/DMA_WRITE needs the client's replies to complete. What the
         # client sends meanwhile only updates registers, which the saved state then holds.
@@ -476,6 +490,7 @@ async def give(host: HandoverHost, sock: trio.socket.SocketType, hello: dict[str
             except OSError:
                 pass
     finally:
+        gc.enable()
         link.close()
         if committed:
             # Our copies of the eventfds and DMA maps go now: whatever this process still
@@ -602,6 +617,15 @@ class Successor:
         self.format: dict[str, Any] | None = None
         #: what was taken over, once it was
         self.taken: Taken | None = None
+        #: the predecessor's (socket_path, control_path) as ``handover-info`` gave them
+        self.probed: tuple[str | None, str | None] | None = None
+        self._link: Link | None = None
+
+    def close(self) -> None:
+        """Give up before :meth:`take_over` (the predecessor was never paused)."""
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def hello(self, device: PciDevice) -> dict[str, Any]:
         formats = migration_formats_of(type(device))
@@ -622,20 +646,66 @@ class Successor:
     def before_ack(self) -> None:
         """Called between ``go`` and ``ack`` (tests override it to hang there)."""
 
+    async def prepare(self, device: PciDevice) -> tuple[str | None, str | None] | None:
+        """Everything that can happen before the predecessor pauses: the migration code
+        imported and run once, the control connection open (its socket made now, before a
+        sandbox may forbid ``socket()``), and the predecessor's socket paths asked for
+        (``handover-info``), so that the caller can confine this process now instead of after
+        the ``ack``, where it would add to the client's pause. Returns ``(socket_path,
+        control_path)``, or None when the predecessor does not answer ``handover-info``
+        (another implementation: confine after the take-over, with the paths it sends)."""
+        if device.migration is None:
+            raise HandoverRefused(errno.ENOTSUP, f"{device.name} has no migration formats: it cannot take over")
+        link = await self._open(device)
+        try:
+            with trio.fail_after(self.timeout + 5):
+                await link.send({"cmd": "handover-info"})
+                reply, fds = await link.receive()
+        except (HandoverError, OSError, trio.TooSlowError) as exc:
+            link.close()
+            self._link = None
+            reason = "it did not answer in time" if isinstance(exc, trio.TooSlowError) else str(exc)
+            raise HandoverRefused(getattr(exc, "errno", None) or errno.ETIMEDOUT,
+                                  f"control connection to {self.control_path}: {reason}") from None
+        _close(fds)
+        paths = (reply.get("socket_path"), reply.get("control_path"))
+        if not reply.get("ok") or not all(p is None or isinstance(p, str) for p in paths):
+            return None
+        self.probed = paths
+        return paths
+
+    async def _open(self, device: PciDevice) -> Link:
+        """The control connection, opened once (by :meth:`prepare` or :meth:`take_over`),
+        after the migration code has run once here, outside any pause."""
+        if self._link is None:
+            _import_migration_code(type(device))
+            _warm_up(device, [(f, None) for f in migration_formats_of(type(device))])
+            # Stopped and at power-on state before the pause; the load below needs both.
+            assert device.migration is not None
+            await device.migration.quiesce()
+            device.reset_state()
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(self.control_path)
+            except OSError as exc:
+                sock.close()
+                raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
+                                      f"cannot connect to {self.control_path}: {exc.strerror}") from None
+            self._link = Link(sock)
+        return self._link
+
     async def take_over(self, device: PciDevice, server: Server) -> Taken:
         if device.migration is None:
             raise HandoverRefused(errno.ENOTSUP, f"{device.name} has no migration formats: it cannot take over")
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(self.control_path)
-        except OSError as exc:
-            sock.close()
-            raise HandoverRefused(exc.errno or errno.ECONNREFUSED,
-                                  f"cannot connect to {self.control_path}: {exc.strerror}") from None
-        _import_migration_code(type(device))
-        _warm_up(device, [(f, None) for f in migration_formats_of(type(device))])
-        link = Link(sock)
+        link = await self._open(device)
+        self._link = None  # closed below, whatever happens
         received: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        # What start-up left on the heap is collected now and never scanned again, and no
+        # collection runs until the device does: a full one (5-40 ms) would be in the pause,
+        # and right after it, in the first moments of serving.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         try:
             # The predecessor waits up to the timeout at each of its steps; a little more here.
             with trio.fail_after(self.timeout * 3 + 5):
@@ -688,17 +758,23 @@ class Successor:
         except OSError as exc:
             raise HandoverRefused(exc.errno or errno.EIO, f"control connection: {exc.strerror or exc}") from None
         finally:
+            gc.enable()
             for _, fds in received.values():
                 _close([fd for fd in fds if fd >= 0])
             link.close()
-        # The device runs from the handed-over state once its connection serves (message DMA
-        # goes through it); without a client, at once.
-        if taken.adopted is not None:
+        # The device runs from the handed-over state at once (the ack is in the predecessor's
+        # socket buffer: it commits even if we die now), except that with DMA through
+        # messages it needs its connection serving first.
+        if taken.adopted is not None and device.dma.message_mode:
             taken.adopted.on_serving = device.migration.sync_running
         else:
             device.migration.sync_running()
-            await _no_client(device)
+            if taken.adopted is None:
+                await _no_client(device)
         self.taken = taken
+        if self.probed is not None and self.probed != (taken.socket_path, taken.control_path):
+            log.warning("the predecessor's sockets moved since handover-info (%s, %s): this server's "
+                        "sandbox may not let it remove them at exit", taken.socket_path, taken.control_path)
         log.info("took over %s (format %s)", device.name, taken.format.get("name"))
         return taken
 
@@ -726,9 +802,6 @@ class Successor:
         if fmt is None:
             raise HandoverError(errno.ENOTSUP, f"the predecessor chose format {fmt_uuid}, which this device cannot load")
         stream = self.filter_stream(_unb64(state_msg["stream"]))
-        assert device.migration is not None
-        await device.migration.quiesce()
-        device.reset_state()
         load = LoadSession(formats, expect=fmt, local_profile=device.migration_profile())
         load.write(stream)
         state = load.finish()

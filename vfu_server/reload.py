@@ -27,7 +27,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,8 +151,8 @@ class Reloader:
         self.busy = True
         try:
             argv = successor_argv(self.argv, control_path)
-            self._notify(reloading=1, status="reloading: starting the successor",
-                         monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+            if self.notifier is not None:
+                self.notifier.reloading("reloading: starting the successor")
             log.warning("SIGHUP: reloading: starting vfu-server %s", shlex.join(argv))
             request = {"argv": [sys.executable, "-m", "vfu_server", *argv], "env": successor_env()}
             try:

@@ -3,8 +3,8 @@
 * **Readiness** (``Type=notify``): datagrams to ``$NOTIFY_SOCKET`` (a path, or ``@name`` for an
   abstract socket), one ``KEY=value`` per line: ``READY=1`` once the server really serves (its
   listening socket bound and its device started), ``STATUS=`` lines as clients come and go,
-  ``STOPPING=1`` when a signal starts the shutdown, and ``RELOADING=1`` ... ``READY=1`` around a
-  live handover (:meth:`Notifier.reloading`). ``systemctl reload`` (SIGHUP) is
+  ``STOPPING=1`` when a signal starts the shutdown, and ``RELOADING=1`` when a reload starts
+  a successor (:meth:`Notifier.reloading`). ``systemctl reload`` (SIGHUP) is
   :mod:`vfu_server.reload`: ``RELOADING=1`` from this process, then ``MAINPID=`` and ``READY=1``
   from its successor, or ``READY=1`` again from this one when the reload failed.
 * **Watchdog**: when ``$WATCHDOG_USEC`` is set (and ``$WATCHDOG_PID``, if set, is ours),
@@ -27,8 +27,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
@@ -90,17 +89,11 @@ class Notifier:
     def watchdog(self) -> None:
         self.send(watchdog=1)
 
-    @contextmanager
-    def reloading(self, status: str = "handing over") -> Iterator[None]:
-        """``RELOADING=1`` (with ``MONOTONIC_USEC``, which ``Type=notify-reload`` requires)
-        for the duration of a live handover, ``READY=1`` after it, also when it failed and
-        this server keeps serving. A handover that succeeds ends this process instead; its
-        successor's READY=1 (with its MAINPID) is what systemd then waits for."""
+    def reloading(self, status: str) -> None:
+        """``RELOADING=1`` with ``MONOTONIC_USEC`` (which ``Type=notify-reload`` requires):
+        a reload started. It ends in the successor's ``READY=1`` (with its MAINPID) or, when
+        it failed and this server keeps serving, in this one's."""
         self.send(reloading=1, status=status, monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
-        try:
-            yield
-        finally:
-            self.send(ready=1, status="serving")
 
     def close(self) -> None:
         self.sock.close()
@@ -114,17 +107,6 @@ def install(environ: Mapping[str, str] | None = None) -> Notifier | None:
     global current
     current = Notifier.from_environ(environ)
     return current
-
-
-@contextmanager
-def handover_notification(status: str = "handing over") -> Iterator[None]:
-    """The hook a live handover calls around its work (``with handover_notification():``):
-    ``RELOADING=1`` ... ``READY=1`` when running under systemd, nothing otherwise."""
-    if current is None:
-        yield
-        return
-    with current.reloading(status):
-        yield
 
 
 def status(text: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import itertools
 import os
 import re
 import struct
@@ -138,6 +139,9 @@ class VirtioNet(VirtioPciDevice):
         self._rx_held: bytes | None = None
         self._rx_exported: list[bytes] = []  # taken out of the queue by an export, until rollback
         self._rx_adopted: list[bytes] = []  # a predecessor's frames, placed before any of ours
+        #: frames a ``delay`` fault holds back, by a number of their own: (frame, received?, send)
+        self._delayed: dict[int, tuple[bytes, bool, Any]] = {}
+        self._delay_ids = itertools.count()
         #: set while running; cleared while quiesced for migration (frames stay in the backend)
         self._rx_open = trio.Event()
         self._rx_open.set()
@@ -278,9 +282,19 @@ class VirtioNet(VirtioPciDevice):
         if rule.action == "dup":
             return [frame, frame]
         if rule.action == "delay":
+            key = next(self._delay_ids)
+            received = send == self._deliver_now
+            self._delayed[key] = (frame, received, send)
+
             async def later() -> None:
                 await trio.sleep(rule.delay_ms / 1000)
-                await send(frame)
+                if received:
+                    # Not while quiesced: the frame stays in _delayed, where a live handover
+                    # finds it (a waiting _deliver_now would hold one frame only).
+                    while not self._rx_open.is_set():
+                        await self._rx_open.wait()
+                if self._delayed.pop(key, None) is not None:
+                    await send(frame)
 
             self.spawn(later, name="net-fault-delay")
             return []
@@ -288,7 +302,7 @@ class VirtioNet(VirtioPciDevice):
         # receiver; a received one loses DATA_VALID, so the guest checks its checksums.
         hdr = self._hdr
         data = bytearray(frame)
-        if hdr and send is self._deliver_now:
+        if hdr and send == self._deliver_now:  # a bound method is a new object each time: not `is`
             data[0] &= ~HDR_F_DATA_VALID
         flip_bits([memoryview(data)[hdr + ETH_HLEN :]], rule.bits, rule.rng)
         return [bytes(data)]
@@ -371,6 +385,11 @@ class VirtioNet(VirtioPciDevice):
 
     async def quiesce_device(self) -> None:
         self._rx_open = trio.Event()  # frames not yet taken stay in the backend (socket, TAP)
+        # Delayed transmits go now rather than never: a live handover ends this process's
+        # tasks once the successor took over, and no state format records them.
+        for key in [k for k, (_, received, _) in self._delayed.items() if not received]:
+            frame, _, send = self._delayed.pop(key)
+            await send(frame)
 
     # -- live handover: the TAP or peer sockets and the frames on their way move over ------
 
@@ -384,6 +403,10 @@ class VirtioNet(VirtioPciDevice):
                 self._rx_exported.append(receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+        # Frames a delay fault holds back go with the others (early, rather than lost; a
+        # rollback puts them back in the queue with the rest).
+        for key in [k for k, (_, received, _) in self._delayed.items() if received]:
+            self._rx_exported.append(self._delayed.pop(key)[0])
         frames += self._rx_exported
         if self._rx_held is not None:
             frames.append(self._rx_held)
@@ -536,11 +559,13 @@ class VirtioNet(VirtioPciDevice):
                         frame = await receive.receive()
                 self._rx_current = frame
                 q = self.queues[2 * self._steer(frame, hdr)]
-                self._rx_filled[q.index] = q
                 if self._mergeable:
                     await self._receive_merged(q, frame)
                 else:
                     await self._receive_whole(q, frame, hdr)
+                # Marked after placing: waiting for buffers publishes (and forgets) what
+                # was filled until then, this queue included.
+                self._rx_filled[q.index] = q
                 self._rx_current = None
         except trio.EndOfChannel:
             pass

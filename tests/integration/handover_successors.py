@@ -6,7 +6,9 @@ MODE ``corrupt`` flips one byte of the received state stream before loading it (
 refuse it); ``stall`` prints ``received`` once everything arrived and then hangs before
 ``ready`` (the test kills it, or lets the predecessor time out); ``vanish`` closes the control
 connection once everything arrived, as a crash would; ``noack`` prints ``go`` and hangs before
-it acknowledges (the predecessor must kill it).
+it acknowledges (the predecessor must kill it). ``confined`` prints whether its sandbox is on
+while it loads the stream (inside the pause), then takes over; ``late`` does the same as one
+whose predecessor did not say where its sockets are (it is confined after the take-over).
 """
 
 from __future__ import annotations
@@ -49,7 +51,21 @@ class NoAck(Successor):
             time.sleep(3600)
 
 
-MODES = {"corrupt": Corrupt, "stall": Stall, "vanish": Vanish, "noack": NoAck}
+class Confined(Successor):
+    def filter_stream(self, stream: bytes) -> bytes:
+        from vfu_server import sandbox
+
+        print("confined" if sandbox.active() is not None else "not confined", flush=True)
+        return stream
+
+
+class Late(Confined):
+    async def prepare(self, device):  # type: ignore[no-untyped-def]
+        await super().prepare(device)
+        return None  # as from a predecessor that does not answer handover-info
+
+
+MODES = {"corrupt": Corrupt, "stall": Stall, "vanish": Vanish, "noack": NoAck, "confined": Confined, "late": Late}
 
 if __name__ == "__main__":
     mode, argv = sys.argv[1], sys.argv[2:]

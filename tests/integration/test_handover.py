@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vfu_server.client import Client, GuestRam
+from vfu_server.faults import FaultControl
 from vfu_server.handover import HandoverRefused, Successor
 from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
 from vfu_server.testing.nvme import IO_READ, IO_WRITE, NvmeTestDriver, QueuePair, SubmissionEntry
@@ -444,6 +445,30 @@ async def test_a_successor_killed_half_way_leaves_the_predecessor_serving(mode: 
                 await succ.terminate()
 
 
+@pytest.mark.parametrize("mode", ["confined", "late"])
+async def test_the_successor_is_confined_before_the_pause_when_the_predecessor_says_where_its_sockets_are(
+        mode: str) -> None:
+    with trio.fail_after(120):
+        async with nvme_with_control("--size", "16M") as (srv, ctl, drv, q):
+            io = ExactlyOnce(drv, q)
+            await io.run(32)
+            async with FaultControl(ctl) as control:  # any control request goes through it
+                info = await control.request({"cmd": "handover-info"})
+                assert info == {"ok": True, "protocol": 1, "device": "nvme", "socket_path": srv.socket_path,
+                                "control_path": ctl}
+            async with misbehaving(mode, "nvme", ctl, "--size", "16M") as proc:
+                assert await read_line(proc.stdout) == (b"confined\n" if mode == "confined" else b"not confined\n")
+                assert (await read_line(proc.stdout)).startswith(b"listening on")
+                assert await srv.process.wait() == 0
+                await still_serving(io)
+                proc.terminate()
+                assert await proc.wait() == 0
+                err = (await proc.stderr.receive_some(65536)).decode()
+                assert "sandbox: " in err, err
+            # Confined either way, it could remove both socket files when it stopped.
+            assert not os.path.exists(srv.socket_path) and not os.path.exists(ctl)
+
+
 async def test_a_successor_that_never_confirms_times_out_and_the_predecessor_resumes() -> None:
     with trio.fail_after(120):
         async with nvme_with_control("--size", "16M") as (srv, ctl, drv, q):
@@ -524,6 +549,50 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
                 with trio.fail_after(10):
                     assert await peer.recv(2048) == out
                 assert os.path.exists(path), "the predecessor removed the --listen socket path"
+            finally:
+                await succ.terminate()
+                peer.close()
+
+
+async def test_virtio_net_frames_a_delay_fault_holds_back_survive_a_handover(tmp_path: Path) -> None:
+    # A delayed frame lives in a task of the predecessor's, which ends with it: the received
+    # one moves with the frames on their way to the guest, the transmitted one is sent at the
+    # quiesce; both early rather than never.
+    from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
+
+    ctl = str(tmp_path / "ctl")
+    path = str(tmp_path / "peer.sock")
+    args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
+    with trio.fail_after(120):
+        async with listening_peer(ctl, args, path) as (srv, client, peer):
+            _dev, (rx, tx, _ctrl) = await setup_net(client)
+            fill_rx(rx, 64)
+            await rx.kick()
+            with trio.fail_after(20):  # until the receive path runs (see the test above)
+                while True:
+                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
+                    with trio.move_on_after(0.2):
+                        await rx.wait_used(1)
+                        break
+            fill_rx(rx, len(rx.free))
+            await rx.kick()
+            async with FaultControl(ctl) as fc:
+                await fc.add("op=rx,count=1,delay=10m")
+                await fc.add("op=tx,count=1,delay=10m")
+            held_in, held_out = frame(GUEST_MAC, b"\x02" * 6, 1), frame(b"\x02" * 6, GUEST_MAC, 2)
+            await peer.send(held_in)
+            tx.add([bytes(12) + held_out])
+            await tx.kick()
+            await tx.wait_used(1)
+            assert not await frames_received(rx, 1, len(held_in), 0.5), "the fault holds it back"
+            with trio.move_on_after(0.5):
+                await peer.recv(2048)
+                pytest.fail("the delayed transmit went early")
+            succ = await hand_over(srv, ctl, *args)
+            try:
+                with trio.fail_after(10):
+                    assert await peer.recv(2048) == held_out
+                assert await frames_received(rx, 1, len(held_in), 10) == [held_in]
             finally:
                 await succ.terminate()
                 peer.close()

@@ -17,7 +17,7 @@ def _receive(sock: socket.socket) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_handover_hook_sends_reloading_then_ready(tmp_path, abstract) -> None:
+def test_a_reload_says_reloading_with_its_time_then_ready(tmp_path, abstract) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     if abstract:
         name = f"vfu-wt22-test-{os.getpid()}"
@@ -28,14 +28,16 @@ def test_handover_hook_sends_reloading_then_ready(tmp_path, abstract) -> None:
         sock.bind(address)
     sock.settimeout(10)
     try:
-        assert systemd.install({"NOTIFY_SOCKET": address}) is not None
+        notifier = systemd.install({"NOTIFY_SOCKET": address})
+        assert notifier is not None
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        with systemd.handover_notification("handing over to pid 42"):
-            reloading = _receive(sock)
-        ready = _receive(sock)
-        assert reloading["RELOADING"] == "1" and reloading["STATUS"] == "handing over to pid 42"
+        notifier.reloading("reloading: starting the successor")
+        reloading = _receive(sock)
+        assert reloading["RELOADING"] == "1" and reloading["STATUS"] == "reloading: starting the successor"
         assert before <= int(reloading["MONOTONIC_USEC"]) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        assert ready == {"READY": "1", "STATUS": "serving"}
+        notifier.ready("serving")
+        ready = _receive(sock)
+        assert ready == {"READY": "1", "STATUS": "serving", "MAINPID": str(os.getpid())}
         systemd.status("one line")
         assert _receive(sock) == {"STATUS": "one line"}
     finally:
@@ -46,8 +48,7 @@ def test_handover_hook_sends_reloading_then_ready(tmp_path, abstract) -> None:
 def test_outside_systemd_everything_is_a_no_op() -> None:
     assert systemd.install({}) is None
     assert systemd.Notifier.from_environ({"NOTIFY_SOCKET": "relative/path"}) is None
-    with systemd.handover_notification():
-        systemd.status("nobody listens")
+    systemd.status("nobody listens")
 
 
 def test_a_manager_that_went_away_does_not_raise(tmp_path) -> None:
