@@ -317,19 +317,36 @@ def validate(s: NvmeMigState) -> CtrlProfile:
 
     Everything a controller needs to apply the tree without further checks is verified here:
     queue geometry and pointers, references between queues, vectors, limits, namespaces.
+    The checks run in this order, and the first that fails gives the refusal.
     """
     abi = decode_device_abi(s.profile.device_abi)
+    _check_registers(s, abi)
+    sqs = {q.qid: q for q in s.sqs}
+    cqs = {q.qid: q for q in s.cqs}
+    _check_queues(s, abi, sqs, cqs)
+    _check_pending_completions(s, sqs, cqs)
+    _check_async_events(s.aer, abi)
+    _check_doorbell_buffer(s.dbbuf)
+    _check_features(s.features, abi)
+    _check_logs(s)
+    _check_namespaces(s, abi)
+    return abi
+
+
+def _check_registers(s: NvmeMigState, abi: CtrlProfile) -> None:
     _need(s.profile.msix_vectors == abi.msix_vectors, "PROFILE and CTRL_PROFILE disagree on vectors")
     r = s.regs
     for name in ("cc", "csts", "aqa", "intms"):
         _need(0 <= getattr(r, name) <= _U32, f"CTRL_REGS.{name} out of range")
     _need(0 <= r.asq <= _U64 and 0 <= r.acq <= _U64, "CTRL_REGS admin queue address out of range")
-    sqs = {q.qid: q for q in s.sqs}
-    cqs = {q.qid: q for q in s.cqs}
+
+
+def _check_queues(s: NvmeMigState, abi: CtrlProfile, sqs: dict[int, SqState], cqs: dict[int, CqState]) -> None:
+    """Order, the admin queues against the registers, geometry, and which CQ each SQ feeds."""
     _ascending(s.sqs, "qid", "submission queues")
     _ascending(s.cqs, "qid", "completion queues")
-    ready = bool(r.csts & CSTS_RDY)
-    if ready:
+    r = s.regs
+    if r.csts & CSTS_RDY:
         _need(bool(r.cc & CC_EN), "CSTS.RDY without CC.EN")
         _need(0 in sqs and 0 in cqs, "ready controller without admin queues")
         asq, acq = sqs[0], cqs[0]
@@ -353,17 +370,23 @@ def validate(s: NvmeMigState) -> CtrlProfile:
     for cq in s.cqs:
         _need(0 <= cq.vector < abi.msix_vectors, f"CQ {cq.qid}: vector {cq.vector}")
         _need(cq.phase in (0, 1), f"CQ {cq.qid}: phase {cq.phase}")
+
+
+def _check_pending_completions(s: NvmeMigState, sqs: dict[int, SqState], cqs: dict[int, CqState]) -> None:
     _ascending(s.pending, "cqid", "pending completions")
     for p in s.pending:
         _need(p.cqid in cqs and p.entries, f"PENDING_CQE for CQ {p.cqid}")
         feeders = [sq for sq in s.sqs if sq.cqid == p.cqid]
+        # Each entry of a feeding SQ completes at most once; CQ 0 also completes the AERs.
         _need(len(p.entries) <= sum(sq.size for sq in feeders) + (len(s.aer.outstanding) if p.cqid == 0 else 0),
               f"CQ {p.cqid}: more pending completions than its SQs hold")
         for e in p.entries:
             _need(e.sqid in sqs and sqs[e.sqid].cqid == p.cqid, f"CQ {p.cqid}: completion for SQ {e.sqid}")
             _need(0 <= e.cid <= _U16 and 0 <= e.status < 1 << 15 and 0 <= e.dw0 <= _U32,
                   f"CQ {p.cqid}: completion fields out of range")
-    a = s.aer
+
+
+def _check_async_events(a: AerState, abi: CtrlProfile) -> None:
     _need(len(a.outstanding) <= abi.aerl + 1, f"{len(a.outstanding)} outstanding AERs")
     _need(len(set(a.outstanding)) == len(a.outstanding), "duplicate AER command ids")
     _need(all(0 <= c <= _U16 for c in a.outstanding), "AER command id out of range")
@@ -375,12 +398,16 @@ def validate(s: NvmeMigState) -> CtrlProfile:
     _need(all(0 <= t < AER_EVENT_TYPES for t in a.masked_types), "masked event type out of range")
     _need(len(a.changed_namespaces) <= MAX_CHANGED_NS, "changed namespace list too long")
     _need(all(0 < n <= _U32 for n in a.changed_namespaces), "changed namespace id out of range")
-    d = s.dbbuf
+
+
+def _check_doorbell_buffer(d: Dbbuf) -> None:
     if d.doorbells or d.event_idx:
         _need(bool(d.doorbells and d.event_idx) and d.doorbells != d.event_idx
               and d.doorbells % PAGE == 0 and d.event_idx % PAGE == 0
               and d.doorbells <= _U64 and d.event_idx <= _U64, "doorbell buffer addresses")
-    f = s.features
+
+
+def _check_features(f: FeatureState, abi: CtrlProfile) -> None:
     for name in ("arbitration", "power_state", "error_recovery", "interrupt_coalescing",
                  "write_atomicity", "async_event_config", "keep_alive_timer"):
         _need(0 <= getattr(f, name) <= _U32, f"feature {name} out of range")
@@ -394,6 +421,10 @@ def validate(s: NvmeMigState) -> CtrlProfile:
           "number of queues granted")
     _need(len(f.host_behavior) == 512, "host behavior data is not 512 bytes")
     _need(0 <= f.timestamp_ms <= _U48, "timestamp out of range")
+
+
+def _check_logs(s: NvmeMigState) -> None:
+    """The error log and the SMART counters."""
     _need(len(s.error_log) <= MAX_ERROR_LOG, "error log too long")
     for e in s.error_log:
         _need(0 <= e.error_count <= _U64 and 0 <= e.sqid <= _U16 and 0 <= e.cid <= _U16
@@ -401,6 +432,9 @@ def validate(s: NvmeMigState) -> CtrlProfile:
               "error log entry out of range")
     for name in _names(SmartState):
         _need(0 <= getattr(s.smart, name) <= _U64, f"SMART {name} out of range")
+
+
+def _check_namespaces(s: NvmeMigState, abi: CtrlProfile) -> None:
     _need(tuple(n.nsid for n in s.namespaces) == tuple(n.nsid for n in abi.namespaces),
           "namespaces differ from the profile's")
     for ns, prof in zip(s.namespaces, abi.namespaces, strict=True):
@@ -411,7 +445,6 @@ def validate(s: NvmeMigState) -> CtrlProfile:
               f"namespace {ns.nsid}: identifiers differ from the profile's")
         _need(ns.write_protected == prof.read_only, f"namespace {ns.nsid}: write protection")
         _need(len(ns.backend_hash) == 32, f"namespace {ns.nsid}: backend hash")
-    return abi
 
 
 # -- opaque/vfu-nvme ------------------------------------------------------------------------------
