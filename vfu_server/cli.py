@@ -333,7 +333,7 @@ def _serve_device(run: _Serving, parser: OneLineParser) -> int:
             notifier.ready(f"serving {run.name} on {run.where}; waiting for a client")
 
     from .handover import HandoverRefused
-    from .server import DeviceStartError, serve
+    from .server import DeviceStartError, ServeHooks, ServeOptions, serve
 
     async def confine(socket_path: str | None, control_path: str | None) -> None:
         t0 = time.perf_counter()
@@ -353,6 +353,11 @@ def _serve_device(run: _Serving, parser: OneLineParser) -> int:
             extra = extra | sandbox.SandboxNeeds(abstract_unix=True)
         return extra
 
+    options = ServeOptions(
+        listener=run.listener, connected=run.connected, socket_path_to_remove=args.socket_path,
+        control=control, control_path=control_path, socket_poll_us=args.socket_poll_us, successor=successor,
+        hooks=ServeHooks(on_listening=ready, on_stopping=notifier.stopping if notifier is not None else None,
+                         before_serving=confine))
     metrics_listener = _metrics_listener(parser, args, run.name, device)
     reloader = _start_reloader(run)
 
@@ -373,12 +378,7 @@ def _serve_device(run: _Serving, parser: OneLineParser) -> int:
             if notifier is not None and interval is not None:
                 nursery.start_soon(systemd.watchdog_task, notifier, interval)
             try:
-                await serve(device, listener=run.listener, connected=run.connected, on_listening=ready,
-                            socket_path_to_remove=args.socket_path, control=control,
-                            control_path=control_path, socket_poll_us=args.socket_poll_us,
-                            successor=successor,
-                            on_stopping=notifier.stopping if notifier is not None else None,
-                            before_serving=confine)
+                await serve(device, options)
                 if reloader is not None and reloader.busy:
                     # Handed over to a reload's successor: wait until it told systemd that it
                     # is the main process now, so that this one's exit is no failure.

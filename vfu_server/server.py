@@ -839,62 +839,72 @@ class Endpoints:
             remove_socket(self.socket_path_to_remove)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeHooks:
-    """The callbacks of :func:`serve` (see there)."""
+    """The callbacks of :func:`serve` (see :class:`ServeOptions`)."""
 
     on_listening: Callable[[], None] | None = None
     on_stopping: Callable[[], None] | None = None
     before_serving: Callable[[str | None, str | None], Awaitable[None]] | None = None
 
 
-async def serve(
-    device: PciDevice,
-    *,
-    socket_path: str | None = None,
-    listener: trio.socket.SocketType | None = None,
-    socket_path_to_remove: str | None = None,
-    control: trio.socket.SocketType | None = None,
-    control_path: str | None = None,
-    connected: trio.socket.SocketType | None = None,
-    on_listening: Callable[[], None] | None = None,
-    socket_poll_us: int = 0,
-    successor: Any = None,
-    on_stopping: Callable[[], None] | None = None,
-    before_serving: Callable[[str | None, str | None], Awaitable[None]] | None = None,
-    task_status: Any = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a device until SIGTERM/SIGINT (or until an inherited connection ends).
+@dataclass(frozen=True)
+class ServeOptions:
+    """Where and how :func:`serve` runs a device; the command line builds one from its arguments.
+
+    Serve on ``socket_path`` (a new listener, its file removed at exit), or on ``listener``
+    (with ``socket_path_to_remove`` its file, if any), or on one inherited ``connected`` socket
+    until it ends. ``control``/``control_path``: the control socket (handover, status).
 
     ``socket_poll_us``: see ``--socket-poll-us`` (the command line's default is
     :data:`~vfu_server.pci.polling.DEFAULT_SOCKET_POLL_US`). Keep it 0 when the client runs in the same trio loop: a
     busy look for its next message would hold the very loop the client needs to send it.
 
-    On a signal: the batch being handled completes, the device flushes its backends
-    (:meth:`PciDevice.shutdown`), the socket file is removed, and this returns normally.
-
     ``successor``: a :class:`vfu_server.handover.Successor`. Once the device is ready it takes
     over the sockets, the session and the state of the server running at its control socket
     (which raises :class:`~vfu_server.handover.HandoverRefused` if that fails); this server
-    then serves them. After a handover to a successor this returns normally without removing
-    socket files, which now belong to the successor.
+    then serves them. After a handover to a successor :func:`serve` returns normally without
+    removing socket files, which now belong to the successor.
 
-    ``before_serving(socket_path, control_path)`` runs once the device is ready and before any
-    client is served, with the socket files this server will remove at exit (the command line
-    applies ``--sandbox`` there); an exception from it is a start-up error. A successor runs
-    it before it asks for the device, with the paths ``handover-info`` gave, so that it is
-    not part of the pause; after the take-over only when the predecessor gave none.
+    ``hooks.on_listening()`` runs once clients can connect; ``hooks.on_stopping()`` when a
+    signal arrives. ``hooks.before_serving(socket_path, control_path)`` runs once the device is
+    ready and before any client is served, with the socket files this server will remove at
+    exit (the command line applies ``--sandbox`` there); an exception from it is a start-up
+    error. A successor runs it before it asks for the device, with the paths
+    ``handover-info`` gave, so that it is not part of the pause; after the take-over only when
+    the predecessor gave none.
+    """
+
+    socket_path: str | None = None
+    listener: trio.socket.SocketType | None = None
+    socket_path_to_remove: str | None = None
+    control: trio.socket.SocketType | None = None
+    control_path: str | None = None
+    connected: trio.socket.SocketType | None = None
+    socket_poll_us: int = 0
+    successor: Any = None
+    hooks: ServeHooks = ServeHooks()
+
+
+async def serve(device: PciDevice, options: ServeOptions = ServeOptions(), *,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a device until SIGTERM/SIGINT (or until an inherited connection ends), as
+    ``options`` (:class:`ServeOptions`) say.
+
+    On a signal: the batch being handled completes, the device flushes its backends
+    (:meth:`PciDevice.shutdown`), the socket file is removed, and this returns normally.
     """
     import signal
 
     from .transport.unix import open_unix_listener
 
-    if socket_path is not None:
-        listener = open_unix_listener(socket_path)
-        socket_path_to_remove = socket_path
-    ends = Endpoints(listener, connected, None, control, control_path, socket_path_to_remove)
-    hooks = ServeHooks(on_listening, on_stopping, before_serving)
-    server = Server(device, socket_poll_us=socket_poll_us)
+    ends = Endpoints(options.listener, options.connected, None, options.control, options.control_path,
+                     options.socket_path_to_remove)
+    if options.socket_path is not None:
+        ends.listener = open_unix_listener(options.socket_path)
+        ends.socket_path_to_remove = options.socket_path
+    hooks, successor = options.hooks, options.successor
+    server = Server(device, socket_poll_us=options.socket_poll_us)
     start_error: Exception | None = None
     handover_error: Exception | None = None
     try:
