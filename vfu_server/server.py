@@ -349,18 +349,24 @@ class Connection:
                 return self._failed(msg, refused)
         try:
             result = self.handlers[msg.command](msg)
-            if (result is not None and not isinstance(result, (bytes, tuple))) or self.device.reset_pending:
+            # A handler's result is its reply (bytes, bytearray, a tuple with fds, or None) or the
+            # awaitable of one: the concrete types are the cheap test on this per-I/O path.
+            if result is not None and not isinstance(result, (bytes, tuple, bytearray)):
                 return self._finish(msg, result)
+            if self.device.reset_pending:
+                return self._finish(msg, None, result)
         except ProtocolError:
             raise
         except Exception as exc:
             return self._failed(msg, exc)
         return core.respond(msg, result)
 
-    async def _finish(self, msg: Message, result: Any) -> Due:
+    async def _finish(self, msg: Message, waiting: Awaitable[Reply] | None, result: Reply = None) -> Due:
+        """Await the reply ``waiting`` (else the reply is ``result``), apply a pending device
+        reset, then answer."""
         try:
-            if isinstance(result, Awaitable):
-                result = await result
+            if waiting is not None:
+                result = await waiting
             reason = self.device.take_pending_reset()
             if reason is not None:
                 log.info("device reset: %s", reason)
