@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ import trio
 
 from . import registry, reload
 from .pci.migration import is_migratable
-from .pci.polling import DEFAULT_NICE, DEFAULT_SOCKET_POLL_US, MAX_NICE, MAX_POLL_US
+from .pci.polling import DEFAULT_SOCKET_POLL_US, MAX_POLL_US
+from .priority import DEFAULT_NICE, MAX_NICE, lower_to
 from .sandbox import MODES, SandboxError
 from .transport.unix import SocketPathError, inherited_socket, open_unix_listener
 
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None, *, successor_class: Any = None) -> int:
     device = _configured_device(parser, args, name, device_cls)
     confinement = _confinement(parser, args)
     activated, listener, connected, where = _client_sockets(parser, args)
-    if args.nice:
-        _lower_priority(args.nice)
+    _lower_priority(args.nice)
     successor = None
     if args.take_over is not None:
         from .handover import Successor
@@ -229,13 +228,12 @@ def _confinement(parser: OneLineParser, args: argparse.Namespace) -> Any:
 
 
 def _lower_priority(nice: int) -> None:
-    # Before trio starts: Linux keeps a nice value per thread, and threads started later
-    # (trio's worker threads) inherit it.
-    try:
-        os.nice(nice)
-    except OSError as exc:
+    # Normally done already, from the raw command line (vfu_server/__main__.py); this applies
+    # what the parser decided where that differs (or where main() is called directly).
+    failed = lower_to(nice)
+    if failed is not None:
         logging.getLogger("vfu_server").warning("--nice %d: %s; running at the inherited priority",
-                                                 nice, exc.strerror)
+                                                 nice, failed)
 
 
 def _client_sockets(parser: OneLineParser, args: argparse.Namespace) -> tuple[Any, Any, Any, str]:

@@ -43,6 +43,8 @@ from collections.abc import Callable
 
 import trio
 
+from ..priority import DEFAULT_NICE, MAX_NICE  # noqa: F401  (--nice is defined with the early step)
+
 #: First window after a grow from zero: about two trio scheduler passes.
 START_NS = 16_000
 #: The largest ``--poll-us`` a device accepts.
@@ -58,14 +60,6 @@ BEHIND_LIMIT = 128
 #: The default maximum of a vfio-user connection's busy look for its next message (``--socket-poll-us``):
 #: about two process wake-ups on the development VM, see docs/performance.md.
 DEFAULT_SOCKET_POLL_US = 100
-#: How much a device server lowers its own CPU priority at start (``--nice``). The scheduler
-#: weighs a thread that never sleeps as a full CPU's load, so on a host with few CPUs it leaves
-#: a polling server a CPU of its own and puts the VM's vCPU thread and QEMU's main loop on
-#: another, where they wait for each other. At nice 10 the poller weighs a tenth as much and
-#: gives way to them sooner (docs/performance.md, "Sixth session").
-DEFAULT_NICE = 10
-#: The largest ``--nice`` (the kernel's lowest priority is nice 19).
-MAX_NICE = 19
 
 
 class AdaptivePoll:
