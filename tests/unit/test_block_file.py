@@ -289,8 +289,14 @@ def test_every_flush_waits_for_an_fdatasync_begun_after_it(tmp_path: Path, monke
             async with trio.open_nursery() as nursery:
                 for n, plan in enumerate(plans):
                     nursery.start_soon(task, plan, n)
+            failed = any(n in fail for n in range(1, len(log.calls) + 1))
             log.fail = set()
-            await b.flush()  # still serving after failures
+            await b.writev(0, [memoryview(pattern(4096))])  # still serving after failures
+            if failed:  # a flush after a failed fdatasync fails too (its writes may be lost)
+                with pytest.raises(BlockIOError):
+                    await b.flush()
+            else:
+                await b.flush()
         flushes = sum(p.count("flush") for p in plans)
         assert len(log.calls) <= flushes + 2  # never more than one per flush (+1 final, +1 aclose)
 
@@ -308,3 +314,43 @@ async def test_concurrent_flushes_share_an_fdatasync(tmp_path: Path, monkeypatch
         # All eight were asked before the first fdatasync began, or at worst before the
         # second: one or two, not eight.
         assert 1 <= len(log.calls) <= 2, log.calls
+
+
+async def test_a_flush_asked_during_a_failed_fdatasync_fails_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux reports a writeback error once per open file: the fdatasync after a failed one may
+    return 0 although the writes the failed one covered are lost. So every flush after a failed
+    fdatasync fails with its error (as QEMU's file driver does), without syncing again; reads
+    and writes go on."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append("sync")
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+            raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(file_mod.os, "fdatasync", fdatasync)
+    results: dict[str, object] = {}
+
+    async def flush(name: str) -> None:
+        try:
+            await b.flush()
+            results[name] = "ok"
+        except BlockIOError as exc:
+            results[name] = exc.errno
+
+    async with FileBackend(tmp_path / "e.raw", size=MiB) as b:
+        await b.writev(0, [memoryview(pattern(4096))])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush, "first")
+            await trio.to_thread.run_sync(started.wait, 10)
+            nursery.start_soon(flush, "during")
+            await trio.sleep(0.05)
+            release.set()
+        assert results == {"first": errno.EIO, "during": errno.EIO}, results
+        assert calls == ["sync"], "the flush asked meanwhile did not sync again"
+        await flush("after")
+        assert results["after"] == errno.EIO and calls == ["sync"]
+        await b.writev(4096, [memoryview(pattern(4096))])

@@ -205,6 +205,10 @@ class FileBackend(BlockBackend):
         # that completed began: one fdatasync answers every flush asked for before it began
         self._flushes_asked = 0
         self._flushes_done = 0
+        #: a failed fdatasync's error, from then on every flush's: Linux reports a writeback error
+        #: once per open file, so a later fdatasync may return 0 for writes that are lost (QEMU's
+        #: file driver likewise fails every flush once its page cache is inconsistent)
+        self._flush_failed: BlockIOError | None = None
 
         fd = self._open(size, create)
         try:
@@ -457,6 +461,8 @@ class FileBackend(BlockBackend):
         async with self._flush_lock:
             if self._flushes_done >= ticket:
                 return  # an fdatasync that began after this flush was asked for covered it
+            if self._flush_failed is not None:
+                raise self._flush_failed
             upto = self._flushes_asked
             fd = self._live_fd()
             if self._syncer is None:
@@ -465,7 +471,9 @@ class FileBackend(BlockBackend):
             try:
                 await self._syncer.fdatasync(fd)
             except OSError as exc:
-                raise BlockIOError.from_oserror(exc, "fdatasync") from None
+                error = BlockIOError.from_oserror(exc, "fdatasync")
+                self._flush_failed = error
+                raise error from None
             finally:
                 self._threads -= 1
                 if self._threads == 0 and self._drained is not None:
