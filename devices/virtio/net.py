@@ -319,7 +319,7 @@ class VirtioNet(VirtioPciDevice):
             finally:
                 self._rx_held = None
         send = self._rx_send
-        if send is None and self.vstate.status & Status.DRIVER_OK:
+        if send is None and self._rx_pump_due():
             # The driver is ready (its receive buffers may be posted) but the pump's task has
             # not run yet: wait for it, as QEMU stops reading its backend meanwhile, instead
             # of dropping what arrives in that moment.
@@ -340,6 +340,17 @@ class VirtioNet(VirtioPciDevice):
                 await send.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.rx_dropped += 1  # the device was reset meanwhile
+
+    def _rx_pump_due(self) -> bool:
+        """The receive pump is about to start: the driver is ready, receiveq0 is set up and the
+        device does not wait for a reset (then nothing would wake a frame waiting for it)."""
+        status = self.vstate.status
+        return bool(status & Status.DRIVER_OK and not status & Status.DEVICE_NEEDS_RESET
+                    and self.queues and self.queues[0].state.ready)
+
+    def needs_reset(self, reason: str) -> None:
+        super().needs_reset(reason)
+        self._rx_pump_up.set()  # a frame waiting for the pump is dropped: it will not start now
 
     def _wanted(self, frame: bytes, start: int = 0) -> bool:
         """Whether the frame at ``start`` (after a virtio-net header) passes the filters."""
@@ -437,6 +448,7 @@ class VirtioNet(VirtioPciDevice):
                 continue
             try:
                 self._rx_send.send_nowait(frame)
+                self._rx_handed = True  # the receive C path must not place newer ones first
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self.rx_dropped += 1
         self.backend.resume_reading()
