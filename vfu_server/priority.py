@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_NICE", "MAX_NICE", "lower_to", "nice_in_argv"]
+__all__ = ["BASE_ENV", "DEFAULT_NICE", "MAX_NICE", "lower_to", "nice_in_argv"]
 
 #: How much a device server lowers its own CPU priority at start (``--nice``). The scheduler
 #: weighs a thread that never sleeps as a full CPU's load, so on a host with few CPUs it leaves
@@ -24,8 +24,10 @@ DEFAULT_NICE = 10
 #: The largest ``--nice`` (the kernel's lowest priority is nice 19).
 MAX_NICE = 19
 
-#: how much this process lowered its priority so far (os.nice is relative to the inherited one)
-_lowered = 0
+#: The priority ``--nice`` counts from, handed down to the processes a server starts: a
+#: successor the reload path starts inherits its predecessor's lowered priority, and must not
+#: lower itself by ``--nice`` once more (it ended at 19 after a reload).
+BASE_ENV = "VFU_NICE_BASE"
 
 
 def nice_in_argv(argv: Sequence[str]) -> int | None:
@@ -35,6 +37,9 @@ def nice_in_argv(argv: Sequence[str]) -> int | None:
     for pos, arg in enumerate(argv):
         if arg == "--":
             break
+        name = arg.partition("=")[0]
+        if arg.startswith("--ni") and name != "--nice" and "--nice".startswith(name):
+            return None  # an abbreviation argparse accepts: leave it to the parser
         if arg == "--nice":
             value = argv[pos + 1] if pos + 1 < len(argv) else None
             if value is None:
@@ -51,16 +56,23 @@ def nice_in_argv(argv: Sequence[str]) -> int | None:
 
 
 def lower_to(nice: int) -> str | None:
-    """Run ``nice`` steps below the inherited priority (once per process: a second call applies
-    only the difference). Returns why it could not, or None. Before trio starts: Linux keeps a
-    nice value per thread, and threads started later (trio's worker threads) inherit it."""
-    global _lowered
-    step = nice - _lowered
-    if step == 0:
+    """Run at ``nice`` steps below the base priority (the inherited one, or :data:`BASE_ENV`'s
+    when a server started this process); calling it again with the same value changes nothing.
+    Returns why it could not, or None. Before trio starts: Linux keeps a nice value per thread,
+    and threads started later (trio's worker threads) inherit it."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        base = int(os.environ.get(BASE_ENV, ""))
+    except ValueError:
+        base = current
+    if not -20 <= base <= MAX_NICE:
+        base = current
+    os.environ[BASE_ENV] = str(base)
+    target = min(MAX_NICE, base + nice)
+    if target == current:
         return None
     try:
-        os.nice(step)  # raising back (a negative step) needs CAP_SYS_NICE
+        os.setpriority(os.PRIO_PROCESS, 0, target)  # going back up needs CAP_SYS_NICE
     except OSError as exc:
         return exc.strerror
-    _lowered = nice
     return None

@@ -43,6 +43,7 @@ async def test_sighup_reloads_through_a_handover_and_the_client_stays(tmp_path):
                     await Client.connect(srv.socket_path) as client:
                 old_pid = srv.process.pid
                 assert (await notify.until("READY"))["MAINPID"] == str(old_pid)
+                old_nice = os.getpriority(os.PRIO_PROCESS, old_pid)
                 await client.write32(0, 4, 0xC0FFEE)
                 srv.process.send_signal(signal.SIGHUP)
                 reloading = await notify.until("RELOADING")
@@ -50,6 +51,8 @@ async def test_sighup_reloads_through_a_handover_and_the_client_stays(tmp_path):
                 ready = await notify.until("READY")
                 new_pid = int(ready["MAINPID"])
                 assert new_pid != old_pid and "taken over" in ready["STATUS"]
+                # Started by the lowered predecessor: --nice counts from the same base, not again.
+                assert os.getpriority(os.PRIO_PROCESS, new_pid) == old_nice
                 assert await srv.process.wait() == 0
                 # The client's session went on in the successor: same connection, same registers.
                 assert await client.read32(0, 4) == 0xC0FFEE

@@ -3,6 +3,7 @@ imports a successor's start-up would otherwise run at a higher priority than its
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vfu_server.priority import DEFAULT_NICE, MAX_NICE, nice_in_argv
+from vfu_server.priority import BASE_ENV, DEFAULT_NICE, MAX_NICE, nice_in_argv
 
 
 @pytest.mark.parametrize(("argv", "nice"), [
@@ -24,6 +25,8 @@ from vfu_server.priority import DEFAULT_NICE, MAX_NICE, nice_in_argv
     (["nvme", "--nice", str(MAX_NICE + 1)], None),
     (["nvme", "--nice", "-1"], None),
     (["nvme", "--", "--nice", "4"], DEFAULT_NICE),
+    (["nvme", "--nic", "5"], None),  # argparse takes the abbreviation: the parser decides
+    (["nvme", "--ni=5"], None),
 ])
 def test_nice_in_argv(argv: list[str], nice: int | None) -> None:
     assert nice_in_argv(argv) == nice
@@ -39,3 +42,17 @@ def test_the_early_step_imports_nothing_heavy() -> None:
     code = "import sys, vfu_server.priority; print(sorted(m for m in ('trio', 'vfu_server.pci') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_successor_started_by_a_lowered_server_is_not_lowered_twice() -> None:
+    """The reload path starts the successor from the server (nice 10): it must run at 10, not
+    at 10 + 10."""
+    code = ("import os, sys; from vfu_server.priority import lower_to; lower_to(int(sys.argv[1])); "
+            "import subprocess; print(os.getpriority(os.PRIO_PROCESS, 0), subprocess.run([sys.executable, '-c', "
+            "'import os, sys; from vfu_server.priority import lower_to; lower_to(int(sys.argv[1])); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0))', sys.argv[1]], capture_output=True, text=True).stdout.strip())")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    env = {k: v for k, v in os.environ.items() if k != BASE_ENV}
+    out = subprocess.run([sys.executable, "-c", code, "4"], capture_output=True, text=True, check=True, env=env).stdout
+    want = min(MAX_NICE, base + 4)
+    assert out.split() == [str(want), str(want)]
