@@ -306,6 +306,9 @@ def test_the_state_round_trips_as_plain_data_with_its_fds() -> None:
     ({"session": None, "next_id": 5}, []),
     ({"session": None, "unread": "", "unread_fds": [[0, 2]]}, [100]),
     ({"session": None, "unread": "", "unread_fds": [[0, -1]]}, []),
+    ({"session": None, "unread": "AAAA", "unread_fds": [[4, 1]]}, [100]),  # 3 bytes: end 4 is past them
+    ({"session": None, "in_flight": [0x8001, 0x8001]}, []),
+    ({"session": None, "in_flight": [5]}, []),
 ])
 def test_bad_state_is_a_protocol_error(obj: dict, fds: list[int]) -> None:
     with pytest.raises(ProtocolError):

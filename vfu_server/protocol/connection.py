@@ -244,6 +244,14 @@ class ConnectionState:
             raise ProtocolError(f"{len(fds)} unread fds, their marks count {pos}")
         if not SERVER_FIRST_ID <= next_id < SERVER_FIRST_ID + SERVER_ID_COUNT:
             raise ProtocolError(f"next_id {next_id:#x} outside the server's ids")
+        # Checked here, while a handover can still roll back, not when the connection is
+        # rebuilt after the commit (the decoder and the id table would refuse them there).
+        for end, _ in marks:
+            if not 0 <= end <= len(unread):
+                raise ProtocolError(f"fd mark at {end} outside {len(unread)} unread bytes")
+        if len(set(in_flight)) != len(in_flight) or not all(
+                SERVER_FIRST_ID <= i < SERVER_FIRST_ID + SERVER_ID_COUNT for i in in_flight):
+            raise ProtocolError(f"in-flight request ids {in_flight} repeat or lie outside the server's ids")
         state = State.SERVING if session is not None else State.AWAITING_VERSION
         return cls(state, session, next_id, in_flight, unread, marks)
 
