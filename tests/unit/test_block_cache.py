@@ -151,3 +151,30 @@ async def test_reads_and_fua_writes_during_a_flush() -> None:
     await inner.readv(0, [memoryview(media)])
     assert media[4 * 512 : 4 * 512 + 3] == b"new", "the older write-back did not overwrite FUA data"
     assert media[6 * 512 : 6 * 512 + 3] == b"old"
+
+
+def test_write_back_runs_and_evictions_keep_sectors_whole() -> None:
+    """A long run is cut only where a sector starts, and an eviction takes a sector's cached
+    blocks together: a power cut between two write-backs then tears no sector either."""
+    from vfu_server.block.cache import _runs
+
+    for first in range(0, 9):
+        runs = _runs(list(range(first, first + 40)), 16)
+        assert sum(n for _, n in runs) == 40
+        for start, count in runs[:-1]:
+            assert (start + count) % 8 == 0, runs
+
+
+async def test_an_eviction_takes_whole_sectors() -> None:
+    inner = MemoryBackend(64 * 512)
+    cache = VolatileCache(inner, limit=8 * 512)  # over 4 blocks cached: the oldest half goes
+    await cache.writev(3 * 512, [memoryview(b"x" * 512)])  # sector 0
+    # sector 1 in one write: nine blocks cached, the oldest five go (block 3 and four of these)
+    await cache.writev(8 * 512, [memoryview(b"y" * 4096)])
+    media = bytearray(64 * 512)
+    await inner.readv(0, [memoryview(media)])
+    in_media = {blk for blk in range(16) if media[blk * 512]}
+    assert in_media == {3, *range(8, 16)}, "the 4 KiB write went back whole, not half of it"
+    await cache.power_cut(keep=0.0)
+    await inner.readv(0, [memoryview(media)])
+    assert media[8 * 512 : 16 * 512] == b"y" * 4096

@@ -189,8 +189,13 @@ class VolatileCache(BlockBackend):
             if excess <= 0:
                 return
             moving = {}
+            per_sector = ATOMIC // UNIT
             for blk in list(self._dirty)[:excess]:
-                moving[blk] = self._dirty.pop(blk)
+                if blk not in moving:  # with the rest of its sector: a power cut tears none
+                    first = blk - blk % per_sector
+                    for b in range(first, first + per_sector):
+                        if b in self._dirty:
+                            moving[b] = self._dirty.pop(b)
             await self._write_back(moving)
 
     async def _write_back(self, moving: dict[int, bytes]) -> None:
@@ -269,10 +274,13 @@ class VolatileCache(BlockBackend):
 
 
 def _runs(blocks: list[int], max_count: int) -> list[tuple[int, int]]:
-    """Sorted block numbers as (first, count) runs of consecutive blocks."""
+    """Sorted block numbers as (first, count) runs of consecutive blocks. A run longer than
+    ``max_count`` is cut only where a 4 KiB sector starts, so that a power cut between two
+    runs' writes tears no sector (it keeps or loses a sector whole)."""
+    per_sector = ATOMIC // UNIT
     runs: list[tuple[int, int]] = []
     for blk in blocks:
-        if runs and runs[-1][0] + runs[-1][1] == blk and runs[-1][1] < max_count:
+        if runs and runs[-1][0] + runs[-1][1] == blk and (runs[-1][1] < max_count or blk % per_sector):
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((blk, 1))
