@@ -152,12 +152,15 @@ static int rr(const char *name, const char *address, int port, double seconds)
     unsigned long turns = 0;
     double t0 = now(), end = t0 + seconds, t = t0;
     while (t < end && turns < MAX_TURNS) {
-        ssize_t n = send(fd, &c, 1, 0);
+        ssize_t n;
+        do /* an interrupted call is retried alone: a second request byte would be a second turn */
+            n = send(fd, &c, 1, 0);
+        while (n < 0 && errno == EINTR);
         if (n == 1)
-            n = recv(fd, &c, 1, 0);
+            do
+                n = recv(fd, &c, 1, 0);
+            while (n < 0 && errno == EINTR);
         if (n != 1) {
-            if (n < 0 && errno == EINTR)
-                continue;
             fprintf(stderr, "netload: request/response: %s\n", n < 0 ? strerror(errno) : "connection closed");
             return 1;
         }
