@@ -19,8 +19,8 @@ import time
 
 import trio
 
-from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
+from vfu_server.migration import driver as mg
 
 from .common import machine_line, median, running_server, table
 

@@ -8,8 +8,8 @@ import uuid
 
 import trio
 
-from vfu_server import migrate as mg
 from vfu_server.client import Client
+from vfu_server.migration import driver as mg
 from vfu_server.testing import running_server
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from vfu_server import migrate as mg
 from vfu_server.client import Client
+from vfu_server.migration import driver as mg
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.errors import RemoteError
 from vfu_server.testing import migration_pair, running_server

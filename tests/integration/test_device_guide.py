@@ -5,8 +5,8 @@ from pathlib import Path
 
 import trio
 
-from vfu_server import migrate
 from vfu_server.client import Client, GuestRam
+from vfu_server.migration import driver as migrate
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.testing import migration_pair, running_server
 

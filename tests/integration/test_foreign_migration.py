@@ -17,8 +17,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
-from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
+from vfu_server.migration import driver as mg
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.errors import RemoteError
 from vfu_server.testing import running_server

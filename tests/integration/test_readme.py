@@ -1,8 +1,8 @@
 """The README's client test and migration snippet, as the README shows them (verbatim: the
 docs check in tests/unit/test_docs_code.py compares them)."""
 
-from vfu_server import migrate
 from vfu_server.client import Client, GuestRam
+from vfu_server.migration import driver as migrate
 from vfu_server.testing import migration_pair, running_server
 
 

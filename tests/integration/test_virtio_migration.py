@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_virtio_net import ones_complement_sum
 
-from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
+from vfu_server.migration import driver as mg
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol.constants import IrqIndex
 from vfu_server.protocol.errors import RemoteError

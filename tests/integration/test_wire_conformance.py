@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import RawConn
 
-from vfu_server import migrate as mg
 from vfu_server.client import Client, GuestRam
+from vfu_server.migration import driver as mg
 from vfu_server.migration.fsm import MigState
 from vfu_server.protocol import messages as m
 from vfu_server.protocol.constants import Command, Feature, FeatureFlags

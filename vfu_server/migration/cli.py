@@ -150,8 +150,8 @@ def _online(args: argparse.Namespace) -> int:
     import trio
 
     from ..client import Client
-    from ..migrate import Progress, load, migrate, save
     from ..protocol.errors import VfioUserError
+    from .driver import Progress, load, migrate, save
 
     def note(text: str) -> None:
         print(text, file=sys.stderr)

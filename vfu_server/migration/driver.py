@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .client import Client
-from .migration.fsm import MigrationFeature, MigState
-from .protocol.constants import Feature
-from .protocol.errors import RemoteError, VfioUserError
+from ..client import Client
+from ..protocol.constants import Feature
+from ..protocol.errors import RemoteError, VfioUserError
+from .fsm import MigrationFeature, MigState
 
 _STATE = struct.Struct("<Ii")
 _LIST_HDR = struct.Struct("<HHI")
@@ -50,7 +50,7 @@ _UNKNOWN_FEATURE = {errno.EINVAL, errno.ENOTTY, errno.ENOTSUP, errno.EOPNOTSUPP}
 #: The name :class:`MigrationStats` gives a stream from a server that lists no formats.
 SERVER_OPAQUE = "server-opaque"
 
-log = logging.getLogger("vfu_server.migrate")
+log = logging.getLogger("vfu_server.migration.driver")
 Note = Callable[[str], object]
 
 
