@@ -313,21 +313,13 @@ class VirtioNet(VirtioPciDevice):
         # fills the guest's buffers for all of it with one used-index update and one
         # interrupt instead of one per frame.
         if not self._rx_open.is_set():
-            self._rx_held = frame
-            try:
-                await self._rx_open.wait()
-            finally:
-                self._rx_held = None
+            await self._hold(frame, self._rx_open)
         send = self._rx_send
         if send is None and self._rx_pump_due():
             # The driver is ready (its receive buffers may be posted) but the pump's task has
             # not run yet: wait for it, as QEMU stops reading its backend meanwhile, instead
             # of dropping what arrives in that moment.
-            self._rx_held = frame
-            try:
-                await self._rx_pump_up.wait()
-            finally:
-                self._rx_held = None
+            await self._hold(frame, self._rx_pump_up)
             send = self._rx_send
         if send is None or not self._wanted(frame, self._hdr):
             self.rx_dropped += 1
@@ -340,6 +332,14 @@ class VirtioNet(VirtioPciDevice):
                 await send.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.rx_dropped += 1  # the device was reset meanwhile
+
+    async def _hold(self, frame: bytes, until: trio.Event) -> None:
+        """Keep ``frame`` where a handover's export finds it (``_rx_held``) while waiting."""
+        self._rx_held = frame
+        try:
+            await until.wait()
+        finally:
+            self._rx_held = None
 
     def _rx_pump_due(self) -> bool:
         """The receive pump is about to start: the driver is ready, receiveq0 is set up and the
