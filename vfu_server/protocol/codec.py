@@ -193,10 +193,13 @@ class MessageDecoder:
         self._buf = bytearray(data)
         self._pos = 0
         self._end = len(data)
-        for end, fds in marks:
-            if not 0 <= end <= len(data):
+        try:
+            check_fd_marks(marks, len(data))
+        except ValueError:
+            for _, fds in marks:
                 _close_all(fds)
-                raise ValueError(f"fd mark at {end} outside {len(data)} unread bytes")
+            raise
+        for end, fds in marks:
             self._fd_marks.append((end, list(fds)))
 
     def close(self) -> None:
@@ -204,6 +207,14 @@ class MessageDecoder:
         while self._fd_marks:
             _close_all(self._fd_marks.popleft()[1])
         self._buf.clear()
+
+
+def check_fd_marks(marks: Sequence[tuple[int, Sequence[int]]], length: int) -> None:
+    """ValueError unless every mark of :meth:`MessageDecoder.unread` state lies within its
+    ``length`` unread bytes."""
+    for end, _ in marks:
+        if not 0 <= end <= length:
+            raise ValueError(f"fd mark at {end} outside {length} unread bytes")
 
 
 def _close_all(fds: Sequence[int]) -> None:

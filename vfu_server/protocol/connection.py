@@ -49,7 +49,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .codec import Message, MessageDecoder, command_name, encode
+from .codec import Message, MessageDecoder, check_fd_marks, command_name, encode
 from .constants import Command, MsgFlags
 from .errors import ProtocolError, VfioUserError
 from .messages import Version
@@ -246,9 +246,10 @@ class ConnectionState:
             raise ProtocolError(f"next_id {next_id:#x} outside the server's ids")
         # Checked here, while a handover can still roll back, not when the connection is
         # rebuilt after the commit (the decoder and the id table would refuse them there).
-        for end, _ in marks:
-            if not 0 <= end <= len(unread):
-                raise ProtocolError(f"fd mark at {end} outside {len(unread)} unread bytes")
+        try:
+            check_fd_marks(marks, len(unread))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
         if len(set(in_flight)) != len(in_flight) or not all(
                 SERVER_FIRST_ID <= i < SERVER_FIRST_ID + SERVER_ID_COUNT for i in in_flight):
             raise ProtocolError(f"in-flight request ids {in_flight} repeat or lie outside the server's ids")
