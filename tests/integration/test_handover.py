@@ -33,6 +33,7 @@ from vfu_server.handover import HandoverRefused, Successor
 from vfu_server.testing.handover import ServerStartFailed, hand_over, start_successor
 from vfu_server.testing.nvme import IO_READ, IO_WRITE, NvmeTestDriver, QueuePair, SubmissionEntry
 from vfu_server.testing.process import ServerProcess, running_server, spawn_server
+from vfu_server.testing.virtio import DriverQueue
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -497,6 +498,23 @@ async def listening_peer(ctl: str, args: tuple[str, ...], path: str) -> AsyncIte
         yield srv, client, peer
 
 
+async def until_a_probe_gets_through(peer: trio.socket.SocketType, rx: DriverQueue, *, refill: bool = False) -> None:
+    """Send probe frames (sequence number 1000, which frames_received skips) until one reaches
+    the receive queue, so that the device's receive path is known to run; ``refill`` posts a
+    receive buffer before each probe."""
+    from test_virtio_net import GUEST_MAC, fill_rx, frame
+
+    with trio.fail_after(20):
+        while True:
+            if refill:
+                fill_rx(rx, 1)
+                await rx.kick()
+            await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
+            with trio.move_on_after(0.2):
+                await rx.wait_used(1)
+                return
+
+
 async def frames_received(rx: object, count: int, length: int, timeout: float) -> list[bytes]:
     """Up to ``count`` frames of ``length`` bytes from the receive queue, in order, within
     ``timeout`` seconds; the link probes (sequence number 1000) are left out."""
@@ -523,12 +541,7 @@ async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path
             await rx.kick()
             # Frames that come before the device's receive path runs are dropped, as a NIC
             # without a link does: wait until one gets through.
-            with trio.fail_after(20):
-                while True:
-                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
-                    with trio.move_on_after(0.2):
-                        await rx.wait_used(1)
-                        break
+            await until_a_probe_gets_through(peer, rx)
             fill_rx(rx, len(rx.free))
             await rx.kick()
             sent = [frame(GUEST_MAC, b"\x02" * 6, n) for n in range(40)]
@@ -568,12 +581,7 @@ async def test_virtio_net_frames_a_delay_fault_holds_back_survive_a_handover(tmp
             _dev, (rx, tx, _ctrl) = await setup_net(client)
             fill_rx(rx, 64)
             await rx.kick()
-            with trio.fail_after(20):  # until the receive path runs (see the test above)
-                while True:
-                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
-                    with trio.move_on_after(0.2):
-                        await rx.wait_used(1)
-                        break
+            await until_a_probe_gets_through(peer, rx)
             fill_rx(rx, len(rx.free))
             await rx.kick()
             async with FaultControl(ctl) as fc:
@@ -929,14 +937,7 @@ async def test_frames_waiting_for_the_guest_survive_a_failed_handover_in_order(t
     with trio.fail_after(120):
         async with listening_peer(ctl, args, path) as (srv, client, peer):
             _dev, (rx, _tx, _ctrl) = await setup_net(client)
-            with trio.fail_after(20):  # the receive path runs: one probe gets through
-                while True:
-                    fill_rx(rx, 1)
-                    await rx.kick()
-                    await peer.send(frame(GUEST_MAC, b"\x02" * 6, 1000))
-                    with trio.move_on_after(0.2):
-                        await rx.wait_used(1)
-                        break
+            await until_a_probe_gets_through(peer, rx, refill=True)
             sent = [frame(GUEST_MAC, b"\x02" * 6, n) for n in range(20)]
             for f in sent:
                 await peer.send(f)
