@@ -241,6 +241,7 @@ class SyncLog:
                 raise OSError(errno.EIO, "injected")
 
         monkeypatch.setattr(file_mod.os, "fdatasync", fdatasync)
+        monkeypatch.setattr(file_mod, "_new_syncer", file_mod._Syncer)  # the C thread calls libc's
 
     def tick(self) -> int:
         self.seq += 1
@@ -332,6 +333,7 @@ async def test_a_flush_asked_during_a_failed_fdatasync_fails_too(tmp_path: Path,
             raise OSError(errno.EIO, "injected")
 
     monkeypatch.setattr(file_mod.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(file_mod, "_new_syncer", file_mod._Syncer)
     results: dict[str, object] = {}
 
     async def flush(name: str) -> None:
@@ -354,3 +356,72 @@ async def test_a_flush_asked_during_a_failed_fdatasync_fails_too(tmp_path: Path,
         await flush("after")
         assert results["after"] == errno.EIO and calls == ["sync"]
         await b.writev(4096, [memoryview(pattern(4096))])
+
+
+# -- the fdatasync thread in C ----------------------------------------------------------------
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+async def _threads_become(n: int) -> int:
+    """The thread count once it is ``n`` (or after a second): a joined thread may stay listed
+    for a moment while the kernel finishes its exit."""
+    for _ in range(100):
+        if _threads() == n:
+            break
+        await trio.sleep(0.01)
+    return _threads()
+
+
+@pytest.fixture
+def c_syncer_built() -> None:
+    from vfu_server.block._syncer_build import HELPER
+
+    try:
+        HELPER.load()
+    except OSError as exc:  # no compiler: the backend keeps its Python thread
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("kind", ["c", "python"])
+async def test_both_fdatasync_threads_answer_alike(tmp_path: Path, kind: str, c_syncer_built: None) -> None:
+    """The C thread and the Python one: success on a file, the errno of a failure (a pipe
+    cannot be synced: EINVAL), several calls in a row, and close() ends the thread."""
+    before = _threads()
+    syncer = file_mod._CSyncer() if kind == "c" else file_mod._Syncer()
+    assert _threads() == before + 1
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    r, w = os.pipe()
+    try:
+        for _ in range(3):
+            os.pwrite(fd, b"x" * 4096, 0)
+            await syncer.fdatasync(fd)
+            with pytest.raises(OSError) as info:
+                await syncer.fdatasync(r)
+            assert info.value.errno == errno.EINVAL
+    finally:
+        syncer.close()
+        for f in (fd, r, w):
+            os.close(f)
+    assert await _threads_become(before) == before
+
+
+async def test_file_backend_flushes_through_the_c_thread(tmp_path: Path, c_syncer_built: None) -> None:
+    async with FileBackend(tmp_path / "c.raw", size=MiB) as b:
+        await b.writev(0, [memoryview(pattern(4096))])
+        await b.flush()
+        assert type(b._syncer) is file_mod._CSyncer
+        before = _threads()
+    assert await _threads_become(before - 1) == before - 1, "aclose ends the C thread"
+
+
+async def test_without_the_helper_flushes_use_the_python_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vfu_server.block import _syncer_build
+
+    monkeypatch.setattr(_syncer_build.HELPER, "load", lambda build=True: None)
+    async with FileBackend(tmp_path / "p.raw", size=MiB) as b:
+        await b.writev(0, [memoryview(pattern(4096))])
+        await b.flush()
+        assert type(b._syncer) is file_mod._Syncer

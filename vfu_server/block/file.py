@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import stat
 import threading
@@ -55,6 +56,8 @@ from .base import BlockBackend, byte_views, iov_length, iov_slice
 from .errors import BackendSpecError, BlockIOError
 
 __all__ = ["FileBackend"]
+
+log = logging.getLogger(__name__)
 
 # Above this many bytes the event loop is better off handing the copy to a worker: it would be
 # held for more than ~0.4 ms (table above). Linux's default max_sectors_kb, so that no request a
@@ -122,24 +125,35 @@ class _Syncer:
 
     A flush is the one request that always waits for the disk. Through ``trio.to_thread`` it
     cost 46-67 us of CPU and 60-250 us of hand-off on the development VM on top of the
-    fdatasync itself (a file on tmpfs: nothing to write); a parked thread woken with a
-    semaphore and answering through an eventfd the loop waits on costs 15 us of CPU and
+    fdatasync itself (a file on tmpfs: nothing to write); a parked thread woken through an
+    eventfd and answering through another that the loop waits on costs 15 us of CPU and
     15-50 us (docs/performance.md, "Ninth session"). One call at a time (the caller holds a
     lock); the thread is started on first use, so under ``--sandbox`` it inherits the
     confinement of the thread that starts it.
+
+    This is the Python thread; :class:`_CSyncer` is the same thread in C, which
+    :func:`_new_syncer` prefers.
     """
 
     def __init__(self) -> None:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._go = threading.Semaphore(0)
+        self._go = os.eventfd(0, os.EFD_CLOEXEC)
         self._fd = -1
         self._error: OSError | None = None
+        try:
+            self._start()
+        except BaseException:
+            os.close(self._go)
+            os.close(self._efd)
+            raise
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vfu-fdatasync", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            self._go.acquire()
+            os.eventfd_read(self._go)
             fd = self._fd
             if fd < 0:
                 return
@@ -150,23 +164,72 @@ class _Syncer:
                 self._error = exc
             os.eventfd_write(self._efd, 1)
 
-    async def fdatasync(self, fd: int) -> None:
-        """``os.fdatasync(fd)`` in the thread; raises its OSError. Not cancellable once
-        started (the thread uses ``fd`` until it answers), as a ``trio.to_thread`` hop."""
+    def _ask(self, fd: int) -> None:
         self._fd = fd
-        self._go.release()
-        with trio.CancelScope(shield=True):
-            await trio.lowlevel.wait_readable(self._efd)
-        os.eventfd_read(self._efd)
+
+    def _answer(self) -> None:
         if self._error is not None:
             raise self._error
 
+    async def fdatasync(self, fd: int) -> None:
+        """``os.fdatasync(fd)`` in the thread; raises its OSError. Not cancellable once
+        started (the thread uses ``fd`` until it answers), as a ``trio.to_thread`` hop."""
+        self._ask(fd)
+        os.eventfd_write(self._go, 1)
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.wait_readable(self._efd)
+        os.eventfd_read(self._efd)
+        self._answer()
+
+    def _stop(self) -> None:
+        self._fd = -1
+        os.eventfd_write(self._go, 1)
+        self._thread.join(5)
+
     def close(self) -> None:
         """End the thread (not while :meth:`fdatasync` runs)."""
-        self._fd = -1
-        self._go.release()
-        self._thread.join(5)
+        self._stop()
+        os.close(self._go)
         os.close(self._efd)
+
+
+class _CSyncer(_Syncer):
+    """:class:`_Syncer` with the thread in C (:mod:`._syncer_build`): a Python thread needs the
+    GIL to answer, which a polling event loop hardly leaves it (docs/performance.md, "Tenth
+    session"). Raises OSError when the helper is not built or the thread cannot start."""
+
+    def _start(self) -> None:
+        from ._syncer_build import HELPER
+
+        # Never the compiler in the middle of a flush: ./run builds the helper ahead.
+        mod = HELPER.load(build=False)
+        if mod is None:
+            raise OSError(errno.ENOENT, "the fdatasync helper is not built")
+        self._lib = mod.lib
+        self._state = mod.ffi.new("struct vfu_syncer *")
+        rc = self._lib.vfu_syncer_start(self._state, self._go, self._efd)
+        if rc:
+            raise OSError(rc, f"pthread_create: {os.strerror(rc)}")
+
+    def _ask(self, fd: int) -> None:
+        self._state.fd = fd
+
+    def _answer(self) -> None:
+        err = self._state.error
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def _stop(self) -> None:
+        self._lib.vfu_syncer_stop(self._state)
+
+
+def _new_syncer() -> _Syncer:
+    """The C thread when it can be had, else the Python one."""
+    try:
+        return _CSyncer()
+    except OSError as exc:
+        log.debug("fdatasync thread in Python: %s", exc)
+        return _Syncer()
 
 
 class FileBackend(BlockBackend):
@@ -466,7 +529,7 @@ class FileBackend(BlockBackend):
             upto = self._flushes_asked
             fd = self._live_fd()
             if self._syncer is None:
-                self._syncer = _Syncer()
+                self._syncer = _new_syncer()
             self._threads += 1  # aclose() waits for it, as for a worker thread
             try:
                 await self._syncer.fdatasync(fd)
