@@ -561,7 +561,12 @@ class VirtioPciDevice(PciDevice):
                 finally:
                     slots.release()
                 q.push(chain, written)
-                completed.set()
+                if slots.value == self.max_inflight:
+                    # The queue's only request in flight (a FLUSH at queue depth 1): nothing
+                    # to share the interrupt with, so no scheduler pass for the flusher.
+                    self.notify_queue(q)
+                else:
+                    completed.set()
 
             async def flusher() -> None:
                 # Completions that finish in the same scheduler pass share one used-index
