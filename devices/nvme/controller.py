@@ -929,7 +929,8 @@ class NvmeController(PciDevice):
             self.inflight.inc()
             self.queue_stats(sq.qid).in_flight += 1
             assert self._session is not None
-            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd, t0)
+            self.dma.executor.start_soon(self._session, self._execute_io_task, sq, rt, cmd, t0,
+                                         self.io.begin(cmd))
 
     def queue_stats(self, qid: int) -> QueueStats:
         q = self._qstats.get(qid)
@@ -974,10 +975,11 @@ class NvmeController(PciDevice):
             self._irq_deferred = False
             self._flush_interrupts()
 
-    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int) -> None:
+    async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int,
+                               handler: Callable[[Command], Awaitable[int | None]]) -> None:
         status: int | None = None
         try:
-            status = await self._execute(sq, rt, cmd, self.io.execute)
+            status = await self._execute(sq, rt, cmd, handler)
         finally:
             rt.inflight.dec()
             self.inflight.dec()

@@ -375,6 +375,11 @@ class VirtioBlk(VirtioPciDevice):
             elif rtype == T_GET_ID:
                 written = _store(data_in, self.serial.ljust(ID_BYTES, b"\0")[:length])
                 status = S_OK
+            elif rtype == T_FLUSH:
+                # Started here, awaited by process(): a file's fdatasync begins now rather than
+                # a scheduler pass later, when the request's task first runs.
+                chain.started = backend.begin_flush()
+                return None
             else:
                 return None
         except BlockError as exc:
@@ -505,7 +510,8 @@ class VirtioBlk(VirtioPciDevice):
                 if status == S_OK:
                     await backend.writev(sector * SECTOR, iov_slice(chain.readable, _HDR.size))
             elif rtype == T_FLUSH:
-                await backend.flush()
+                started, chain.started = chain.started, None
+                await (started.wait() if started is not None else backend.flush())
                 status = S_OK
             elif rtype == T_GET_ID:
                 ident = self.serial.ljust(ID_BYTES, b"\0")[: chain.write_len - 1]

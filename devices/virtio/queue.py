@@ -15,6 +15,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -103,6 +104,9 @@ class DescriptorChain:
     #: total bytes of ``readable`` / ``writable``, counted while the chain is walked
     read_len: int = 0
     write_len: int = 0
+    #: work the device began when it popped the chain, for the request's task to await (a
+    #: virtio-blk FLUSH's :class:`~vfu_server.block.base.PendingFlush`)
+    started: Any = None
 
     def read_bytes(self, limit: int | None = None) -> bytes:
         """Copy (up to ``limit`` bytes of) the readable part."""

@@ -252,7 +252,7 @@ class SyncLog:
         return any(asked < began and ended < answered for began, ended in self.calls)
 
 
-flush_plans = st.lists(st.lists(st.sampled_from(["write", "flush", "pause"]), min_size=1, max_size=6),
+flush_plans = st.lists(st.lists(st.sampled_from(["write", "flush", "early", "pause"]), min_size=1, max_size=6),
                        min_size=1, max_size=6)
 
 
@@ -261,7 +261,8 @@ flush_plans = st.lists(st.lists(st.sampled_from(["write", "flush", "pause"]), mi
 @given(plans=flush_plans, fail=st.sets(st.integers(1, 6), max_size=2))
 def test_every_flush_waits_for_an_fdatasync_begun_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           plans: list[list[str]], fail: set[int]) -> None:
-    """Tasks write and flush concurrently: a flush that succeeds returns only after an
+    """Tasks write and flush concurrently (``flush()``, or ``begin_flush()`` awaited later): a
+    flush that succeeds returns only after an
     fdatasync that began after it was asked for (so after every write completed before it)
     ended; one that fails raises BlockIOError with the errno, and the backend goes on."""
     log = SyncLog(monkeypatch, fail)
@@ -281,7 +282,12 @@ def test_every_flush_waits_for_an_fdatasync_begun_after_it(tmp_path: Path, monke
                     else:
                         asked = log.tick()
                         try:
-                            await b.flush()
+                            if step == "early":  # asked now, awaited after other tasks ran
+                                pending = b.begin_flush()
+                                await trio.sleep(0)
+                                await pending.wait()
+                            else:
+                                await b.flush()
                         except BlockIOError as exc:
                             assert exc.errno == errno.EIO
                             continue
@@ -298,7 +304,7 @@ def test_every_flush_waits_for_an_fdatasync_begun_after_it(tmp_path: Path, monke
                     await b.flush()
             else:
                 await b.flush()
-        flushes = sum(p.count("flush") for p in plans)
+        flushes = sum(p.count("flush") + p.count("early") for p in plans)
         assert len(log.calls) <= flushes + 2  # never more than one per flush (+1 final, +1 aclose)
 
     trio.run(main)

@@ -8,13 +8,13 @@ guest RAM without intermediate copies.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Self
 
 from ..sandbox import SandboxNeeds
 from .errors import BlockRangeError, BlockReadOnlyError
 
-__all__ = ["BlockBackend", "byte_views", "iov_length", "iov_slice"]
+__all__ = ["BlockBackend", "PendingFlush", "byte_views", "iov_length", "iov_slice"]
 
 Buffer = memoryview | bytearray | bytes
 
@@ -53,6 +53,15 @@ class BlockBackend(abc.ABC):
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every write that has completed so far durable."""
+
+    def begin_flush(self) -> PendingFlush:
+        """A flush asked for now, awaited later: ``await backend.begin_flush().wait()`` makes
+        every write completed before this call durable, as :meth:`flush` does. A device calls
+        it where it fetches a flush command, so that a backend which can start the work at
+        once (a file's fdatasync) does so there rather than a scheduler pass later, when the
+        command's task first runs. Never raises; errors come from ``wait()``. By default the
+        work starts in ``wait()``."""
+        return PendingFlush(self.flush)
 
     async def make_writes_visible(self) -> None:
         """Make every write that has completed so far visible to *another client* of the same
@@ -107,6 +116,19 @@ class BlockBackend(abc.ABC):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"<{type(self).__name__} {fields}>"
+
+
+class PendingFlush:
+    """What :meth:`BlockBackend.begin_flush` returns: ``await wait()`` once for the result."""
+
+    __slots__ = ("_wait",)
+
+    def __init__(self, wait: Callable[[], Awaitable[None]]) -> None:
+        self._wait = wait
+
+    async def wait(self) -> None:
+        """Until the flush is done; raises what the backend's flush raises."""
+        await self._wait()
 
 
 def byte_views(bufs: Sequence[Buffer]) -> list[memoryview]:

@@ -52,7 +52,7 @@ from typing import Any
 
 import trio
 
-from .base import BlockBackend, byte_views, iov_length, iov_slice
+from .base import BlockBackend, PendingFlush, byte_views, iov_length, iov_slice
 from .errors import BackendSpecError, BlockIOError
 
 __all__ = ["FileBackend"]
@@ -171,15 +171,24 @@ class _Syncer:
         if self._error is not None:
             raise self._error
 
-    async def fdatasync(self, fd: int) -> None:
-        """``os.fdatasync(fd)`` in the thread; raises its OSError. Not cancellable once
-        started (the thread uses ``fd`` until it answers), as a ``trio.to_thread`` hop."""
+    def start(self, fd: int) -> None:
+        """Wake the thread for one ``fdatasync(fd)``; :meth:`wait` for its answer before the
+        next start (the thread uses ``fd`` until it answers)."""
         self._ask(fd)
         os.eventfd_write(self._go, 1)
+
+    async def wait(self) -> None:
+        """The started fdatasync's answer; raises its OSError. Not cancellable, as a
+        ``trio.to_thread`` hop."""
         with trio.CancelScope(shield=True):
             await trio.lowlevel.wait_readable(self._efd)
         os.eventfd_read(self._efd)
         self._answer()
+
+    async def fdatasync(self, fd: int) -> None:
+        """``os.fdatasync(fd)`` in the thread; raises its OSError."""
+        self.start(fd)
+        await self.wait()
 
     def _stop(self) -> None:
         self._fd = -1
@@ -263,11 +272,15 @@ class FileBackend(BlockBackend):
         self._drained: trio.Event | None = None
         self._fd: int | None = None
         self._syncer: _Syncer | None = None
-        self._flush_lock = trio.Lock()
         # flushes asked for, and the count that had been asked for when the last fdatasync
         # that completed began: one fdatasync answers every flush asked for before it began
         self._flushes_asked = 0
         self._flushes_done = 0
+        #: the running fdatasync (at most one): the ask count when it began, and set when it ended
+        self._sync_upto: int | None = None
+        self._sync_ended = trio.Event()
+        #: a task waits for the running fdatasync's answer (the others wait for _sync_ended)
+        self._sync_reaped = False
         #: a failed fdatasync's error, from then on every flush's: Linux reports a writeback error
         #: once per open file, so a later fdatasync may return 0 for writes that are lost (QEMU's
         #: file driver likewise fails every flush once its page cache is inconsistent)
@@ -515,33 +528,62 @@ class FileBackend(BlockBackend):
             await self._in_thread(self._pwritev_all, fd, views, offset)
 
     async def flush(self) -> None:
-        self._live_fd()
+        await self.begin_flush().wait()
+
+    def begin_flush(self) -> PendingFlush:
+        """Ask for a flush now; its fdatasync starts at once unless one is running (then the
+        next one, started when that ends, answers it and every flush asked meanwhile)."""
         if self.read_only:
-            await trio.lowlevel.checkpoint()
-            return
+            return PendingFlush(trio.lowlevel.checkpoint)
         self._flushes_asked += 1
         ticket = self._flushes_asked
-        async with self._flush_lock:
+        if self._sync_upto is None and self._flush_failed is None and self._fd is not None:
+            self._start_sync(self._fd)
+        return PendingFlush(lambda: self._flushed(ticket))
+
+    def _start_sync(self, fd: int) -> None:
+        if self._syncer is None:
+            self._syncer = _new_syncer()
+        self._sync_upto = self._flushes_asked
+        self._sync_ended = trio.Event()
+        self._threads += 1  # aclose() waits for it, as for a worker thread
+        self._syncer.start(fd)
+
+    async def _flushed(self, ticket: int) -> None:
+        """Until an fdatasync that began after flush ``ticket`` was asked for has ended."""
+        waited = False
+        while True:
             if self._flushes_done >= ticket:
-                return  # an fdatasync that began after this flush was asked for covered it
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+                return
             if self._flush_failed is not None:
                 raise self._flush_failed
-            upto = self._flushes_asked
-            fd = self._live_fd()
-            if self._syncer is None:
-                self._syncer = _new_syncer()
-            self._threads += 1  # aclose() waits for it, as for a worker thread
-            try:
-                await self._syncer.fdatasync(fd)
-            except OSError as exc:
-                error = BlockIOError.from_oserror(exc, "fdatasync")
-                self._flush_failed = error
-                raise error from None
-            finally:
-                self._threads -= 1
-                if self._threads == 0 and self._drained is not None:
-                    self._drained.set()
-            self._flushes_done = upto
+            if self._sync_upto is None:
+                self._start_sync(self._live_fd())
+            if self._sync_reaped:
+                await self._sync_ended.wait()
+            else:
+                await self._reap_sync()
+            waited = True
+
+    async def _reap_sync(self) -> None:
+        """Wait for the running fdatasync's answer and record it (one task at a time)."""
+        assert self._syncer is not None and self._sync_upto is not None
+        self._sync_reaped = True
+        try:
+            await self._syncer.wait()
+        except OSError as exc:
+            self._flush_failed = BlockIOError.from_oserror(exc, "fdatasync")
+        else:
+            self._flushes_done = self._sync_upto
+        finally:
+            self._sync_upto = None
+            self._sync_reaped = False
+            self._sync_ended.set()
+            self._threads -= 1
+            if self._threads == 0 and self._drained is not None:
+                self._drained.set()
 
     async def discard(self, offset: int, length: int) -> None:
         await self.write_zeroes(offset, length, may_unmap=True)
@@ -561,6 +603,9 @@ class FileBackend(BlockBackend):
             await trio.lowlevel.checkpoint()
             return
         try:
+            if self._sync_upto is not None and not self._sync_reaped:
+                # begun by a flush command that was dropped before it awaited it
+                await self._reap_sync()
             if self._threads:
                 self._drained = trio.Event()
                 with trio.CancelScope(shield=True):

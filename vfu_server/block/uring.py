@@ -36,7 +36,7 @@ from typing import Any
 import outcome
 import trio
 
-from .base import byte_views, iov_length, iov_slice
+from .base import PendingFlush, byte_views, iov_length, iov_slice
 from .errors import BlockIOError
 from .file import _RWF_DSYNC, _UNSUPPORTED, FileBackend, _zero_views
 
@@ -315,6 +315,11 @@ class UringFileBackend(FileBackend):
             done += res
         if fua and not flags:
             await self.flush()
+
+    def begin_flush(self) -> PendingFlush:
+        if self._ring is None or self.read_only:
+            return super().begin_flush()
+        return PendingFlush(self.flush)  # the ring's FSYNC starts when awaited
 
     async def flush(self) -> None:
         if self._ring is None or self.read_only:
