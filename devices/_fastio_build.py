@@ -55,6 +55,7 @@ MODULE_NAME = "_vfu_fastio"
 # when ``stats`` is set (kind 0 read, 1 write; latency from the run's start or the previous
 # request's completion to this one's).
 STRUCTS = C_STRUCT + """
+struct vfu_write_behind { int fd; uint64_t lo, hi; };
 struct vfu_region { uint64_t iova; uint64_t len; uintptr_t host; int writable; };
 struct vfu_ns { int read_fd; int write_fd; uint32_t lba_shift; uint64_t nsze; };
 struct vfu_fastio {
@@ -68,6 +69,8 @@ struct vfu_fastio {
     uint64_t bytes_read, bytes_written, read_cmds, write_cmds;
     int stop;
     struct vfu_iostat *stats;
+    uint64_t write_behind_until;
+    struct vfu_write_behind wb;
 };
 struct vfu_sq {
     uint64_t sq_base; uint32_t sq_size, sq_head, sq_tail; uint32_t sqid;
@@ -82,6 +85,8 @@ struct vfu_blk {
     uint64_t bytes_read, bytes_written;
     int stop;
     struct vfu_iostat *stats;
+    uint64_t write_behind_until;
+    struct vfu_write_behind wb;
 };
 struct vfu_vq {
     uint64_t desc, avail, used;
@@ -112,6 +117,7 @@ CDEF = STRUCTS + """
 static const int VFU_STOP_EMPTY, VFU_STOP_LIMIT, VFU_STOP_CQ_FULL, VFU_STOP_RINGS;
 static const int VFU_STOP_COMMAND, VFU_STOP_DATA, VFU_STOP_IO;
 unsigned vfu_fastio_run(struct vfu_fastio *c, struct vfu_sq *q, unsigned max);
+void vfu_write_behind(struct vfu_write_behind *wb);
 unsigned vfu_blk_run(struct vfu_blk *c, struct vfu_vq *q, unsigned max);
 unsigned vfu_net_tx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
 unsigned vfu_net_rx_run(struct vfu_net *c, struct vfu_vq *q, unsigned max);
@@ -124,6 +130,7 @@ SOURCE = r"""
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -151,6 +158,37 @@ static uint64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);  /* the vDSO: no system call */
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Write-behind. While the backend says the guest flushes often (write_behind_until,
+   CLOCK_MONOTONIC ns), the byte range a run wrote is written back at once, so that the FLUSH
+   that follows finds its data on the way to the disk (FileBackend.begin_flush;
+   docs/performance.md "Tenth session"). A run only notes the range; vfu_write_behind() starts
+   the write-back after the device has raised the run's interrupt, off the guest's wait. Only a
+   hint to the kernel: an error here changes nothing the guest is told. */
+void vfu_write_behind(struct vfu_write_behind *wb)
+{
+    if (wb->fd >= 0)
+        (void)sync_file_range(wb->fd, (off_t)wb->lo, (off_t)(wb->hi - wb->lo), SYNC_FILE_RANGE_WRITE);
+    wb->fd = -1;
+}
+
+static void note_write(uint64_t until, struct vfu_write_behind *wb, int fd, uint64_t off, uint64_t len)
+{
+    if (!until || now_ns() >= until)
+        return;
+    if (wb->fd >= 0 && wb->fd != fd)
+        vfu_write_behind(wb);  /* another namespace's file: that one now */
+    if (wb->fd < 0) {
+        wb->fd = fd;
+        wb->lo = off;
+        wb->hi = off + len;
+    } else {
+        if (off < wb->lo)
+            wb->lo = off;
+        if (off + len > wb->hi)
+            wb->hi = off + len;
+    }
 }
 
 /* One completed request into a queue's counters; *t0 moves on to now. The bucket is the
@@ -298,6 +336,8 @@ static int run_one(struct vfu_fastio *c, const uint8_t *sqe, uint64_t *len_out)
         done = pwritev2(ns->write_fd, iov, n, (off_t)(slba << ns->lba_shift), 0);
     if (done < 0 || (uint64_t)done != len)
         return VFU_STOP_IO;
+    if (opc != OPC_READ)
+        note_write(c->write_behind_until, &c->wb, ns->write_fd, slba << ns->lba_shift, len);
     *len_out = len;
     if (opc == OPC_READ) {
         c->bytes_read += len;
@@ -521,6 +561,8 @@ static int blk_one(struct vfu_blk *c, struct vfu_vq *q, uintptr_t table, uint32_
     }
     if (done < 0 || (uint64_t)done != total)
         return VFU_STOP_IO;
+    if (rtype != BLK_T_IN)
+        note_write(c->write_behind_until, &c->wb, c->write_fd, sector * 512, total);
     *(volatile uint8_t *)status = 0;  /* VIRTIO_BLK_S_OK */
     *kind = rtype == BLK_T_IN ? 0 : 1;
     *bytes = total;

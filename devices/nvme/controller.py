@@ -970,10 +970,14 @@ class NvmeController(PciDevice):
         return True
 
     def _flush_deferred(self) -> None:
-        """Signal the completions that inline commands posted (one interrupt per vector)."""
+        """Signal the completions that inline commands posted (one interrupt per vector), then
+        start the write-back the C path noted (write-behind: off the host's wait)."""
         if self._irq_deferred:
             self._irq_deferred = False
             self._flush_interrupts()
+        fast = self.fastio
+        if fast is not None and fast.write_behind_pending:
+            fast.write_behind()
 
     async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int,
                                handler: Callable[[Command], Awaitable[int | None]]) -> None:

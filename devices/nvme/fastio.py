@@ -40,10 +40,14 @@ class FastIo:
         self.ctrl = ctrl
         self.ffi, self.lib = module.ffi, module.lib
         self.ctx = self.ffi.new("struct vfu_fastio *")
+        self.ctx.wb.fd = -1
+        #: a run noted a range for write-behind: :meth:`write_behind` once the interrupt is out
+        self.write_behind_pending = False
         self.q = self.ffi.new("struct vfu_sq *")
         self.regions = RegionTable(self.ffi, ctrl.dma)
         self._ns = self.ffi.new("struct vfu_ns[]", 1)
         self._ns_key: tuple[Any, ...] | None = None
+        self._backends: tuple[Any, ...] = ()
         #: each SQ's struct vfu_iostat, which C counts into (vfu_server/iostats.py)
         self._stats: dict[int, Any] = {}
 
@@ -73,6 +77,7 @@ class FastIo:
             entry.nsze = ns.nsze
             inline = io[2] if inline is None else min(inline, io[2])
         self._ns = table
+        self._backends = tuple(ns.backend for ns in namespaces.values())
         self.ctx.ns, self.ctx.nns = table, count
         self.ctx.max_bytes = min(self.ctrl.mdts_bytes, inline or 0)
         self._ns_key = key
@@ -94,11 +99,17 @@ class FastIo:
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.page_size = ctrl.page_size
         c.write_cache = ctrl.state.features.volatile_write_cache
+        write_behind = 0
+        for backend in self._backends:
+            write_behind = max(write_behind, backend.write_behind_until)
+        c.write_behind_until = write_behind
         c.bytes_read = c.bytes_written = c.read_cmds = c.write_cmds = 0
         c.stats = self._stats.get(sq.qid) or self._stats_of(sq.qid)
         q.sq_base, q.sq_size, q.sq_head, q.sq_tail, q.sqid = sq.base, sq.size, sq.head, sq.tail, sq.qid
         q.cq_base, q.cq_size, q.cq_head, q.cq_tail, q.cq_phase = cq.base, cq.size, cq.head, cq.tail, cq.phase
         n: int = self.lib.vfu_fastio_run(c, q, limit)
+        if write_behind and c.wb.fd >= 0:
+            self.write_behind_pending = True
         if n:
             sq.head = q.sq_head
             cq.tail, cq.phase = q.cq_tail, q.cq_phase
@@ -108,6 +119,12 @@ class FastIo:
             smart.host_read_commands += c.read_cmds
             smart.host_write_commands += c.write_cmds
         return n
+
+    def write_behind(self) -> None:
+        """Start the write-back of what the runs since the last call wrote, when the backends
+        asked for write-behind (``BlockBackend.write_behind_until``); after the interrupt."""
+        self.write_behind_pending = False
+        self.lib.vfu_write_behind(self.ffi.addressof(self.ctx, "wb"))
 
     def _stats_of(self, qid: int) -> Any:
         stats = self._stats[qid] = self.ctrl.queue_stats(qid).attach_c(self.ffi)

@@ -324,11 +324,18 @@ class VirtioBlk(VirtioPciDevice):
             return 0
         assert self.backend is not None
         try:
-            return fast.run(queue, io, self.backend.size, self.queue_stats(queue.index))
+            return fast.run(queue, io, self.backend.size, self.queue_stats(queue.index),
+                            write_behind_until=self.backend.write_behind_until)
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
             self._fast = None
             return 0
+
+    def notify_queue(self, queue: SplitQueue) -> None:
+        super().notify_queue(queue)
+        fast = self._fast
+        if fast is not None and fast.write_behind_pending:
+            fast.write_behind()  # the interrupt is out: write-behind no longer delays the guest
 
     def process_nowait(self, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         """Reads the page cache holds and writes small enough to be done inline anyway
@@ -575,11 +582,14 @@ class _BlkFastPath:
     def __init__(self, module: Any, dma: GuestMemory) -> None:
         self.ffi, self.lib = module.ffi, module.lib
         self.ctx = self.ffi.new("struct vfu_blk *")
+        self.ctx.wb.fd = -1
+        #: a run noted a range for write-behind: :meth:`write_behind` once the interrupt is out
+        self.write_behind_pending = False
         self.vq = self.ffi.new("struct vfu_vq *")
         self.regions = RegionTable(self.ffi, dma)
 
     def run(self, queue: SplitQueue, io: tuple[int, int, int], capacity: int,
-            stats: QueueStats | None = None, limit: int = 64) -> int:
+            stats: QueueStats | None = None, limit: int = 64, write_behind_until: int = 0) -> int:
         c, v = self.ctx, self.vq
         if stats is None:
             c.stats = self.ffi.NULL
@@ -589,11 +599,20 @@ class _BlkFastPath:
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.read_fd, c.write_fd, c.max_bytes = io
         c.capacity = capacity
+        c.write_behind_until = write_behind_until
         load_vq(v, queue)
         n: int = self.lib.vfu_blk_run(c, v, limit)
+        if write_behind_until and c.wb.fd >= 0:
+            self.write_behind_pending = True
         if n:
             queue.completed_elsewhere(n, v.next_avail)
         return n
+
+    def write_behind(self) -> None:
+        """Start the write-back of what the runs since the last call wrote (when the backend
+        asked for write-behind); after the interrupt."""
+        self.write_behind_pending = False
+        self.lib.vfu_write_behind(self.ffi.addressof(self.ctx, "wb"))
 
     @property
     def stop_reason(self) -> int:

@@ -431,3 +431,21 @@ async def test_without_the_helper_flushes_use_the_python_thread(tmp_path: Path, 
         await b.writev(0, [memoryview(pattern(4096))])
         await b.flush()
         assert type(b._syncer) is file_mod._Syncer
+
+
+async def test_write_behind_is_asked_only_while_flushes_come_often(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two flushes within WRITE_BEHIND_NS of each other ask the devices' C write paths for
+    write-behind until WRITE_BEHIND_NS after the second; flushes further apart do not."""
+    clock = [10**12]
+    monkeypatch.setattr(file_mod.time, "monotonic_ns", lambda: clock[0])
+    window = file_mod.WRITE_BEHIND_NS
+    async with FileBackend(tmp_path / "w.raw", size=MiB) as b:
+        await b.flush()
+        assert b.write_behind_until == 0, "one flush is no pattern"
+        clock[0] += 2 * window
+        await b.flush()
+        assert b.write_behind_until == 0, "flushes further apart than the window"
+        clock[0] += window // 2
+        await b.flush()
+        assert b.write_behind_until == clock[0] + window

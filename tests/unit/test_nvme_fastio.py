@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -165,10 +166,14 @@ def commands(draw: st.DrawFn) -> tuple[Command, list[int], int]:
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=commands(), head=st.integers(0, SQ_SIZE - 1))
+@given(case=commands(), head=st.integers(0, SQ_SIZE - 1), write_behind=st.booleans())
 def test_c_accepts_only_what_python_completes(ctrl: NvmeController, case: tuple[Command, list[int], int],
-                                              head: int) -> None:
+                                              head: int, write_behind: bool) -> None:
+    """``write_behind``: as while the guest flushes often; the write-back started after the run
+    changes nothing C or Python is seen to do."""
     cmd, entries, list_at = case
+    for ns in ctrl.namespaces.values():
+        ns.backend.write_behind_until = time.monotonic_ns() + 10**10 if write_behind else 0
     if list_at and entries and list_at + 8 * len(entries) <= RAM:
         ctrl.dma.write(list_at, struct.pack(f"<{len(entries)}Q", *entries))
     fast = FastIo(ctrl, module)
@@ -179,6 +184,9 @@ def test_c_accepts_only_what_python_completes(ctrl: NvmeController, case: tuple[
     smart = ctrl.state.smart
     counters = (smart.bytes_read, smart.bytes_written, smart.host_read_commands, smart.host_write_commands)
     done = fast.run(sq, cq)
+    noted = fast.write_behind_pending
+    if noted:
+        fast.write_behind()
     event(f"C {'completed' if done else 'left it'}, Python {'completes' if expected else 'does not'}")
     after = snapshot(ctrl)
     if not done:
@@ -201,6 +209,7 @@ def test_c_accepts_only_what_python_completes(ctrl: NvmeController, case: tuple[
     else:
         data = b"".join(guest(before, a, n) for a, n in segs)
         assert after[2][offset : offset + length] == data
+        assert noted == write_behind, "a write C did is noted for write-behind exactly while asked"
         assert smart.bytes_written - counters[1] == length and smart.host_write_commands - counters[3] == 1
     dw0, dw1, sqhd, sqid, cid, status = struct.unpack("<IIHHHH", ctrl.dma.read(CQ_BASE, 16))
     assert (dw0, dw1, sqhd, sqid, cid, status) == (0, 0, sq.head, 1, cmd.cid, 1)  # phase 1, Success

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -143,22 +144,28 @@ def restore(dev: VirtioBlk, snap: tuple[bytes, bytes, bytes]) -> None:
     os.pwrite(dev.backend.fast_io()[1], snap[2], 0)
 
 
-def run_c(blk: VirtioBlk, case: tuple, next_avail: int, size: int) -> tuple[SplitQueue, _BlkFastPath, int, tuple, tuple]:
+def run_c(blk: VirtioBlk, case: tuple, next_avail: int, size: int,
+          write_behind: bool = False) -> tuple[SplitQueue, _BlkFastPath, int, tuple, tuple]:
     """The chain placed and handed to C: (queue, fast path, completed, memory and disk before
-    and after)."""
+    and after). ``write_behind``: as while the guest flushes often (the write-back of what C
+    wrote starts after the run, which must change nothing but the page cache's state)."""
     chain, indirect, rtype, sector = case
     q = place(blk, chain, indirect, rtype, sector, next_avail, size)
     before = snapshot(blk)
     assert blk.backend is not None
     fast = _BlkFastPath(module, blk.dma)
-    done = fast.run(q, blk.backend.fast_io(), blk.backend.size)
+    until = time.monotonic_ns() + 10**10 if write_behind else 0
+    done = fast.run(q, blk.backend.fast_io(), blk.backend.size, write_behind_until=until)
+    if fast.write_behind_pending:
+        fast.write_behind()
     return q, fast, done, before, snapshot(blk)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=requests(), next_avail=st.sampled_from([0, 5, 15, 0xFFFF, 0xFFF3]))
-def test_c_completes_only_what_python_completes(blk: VirtioBlk, case: tuple, next_avail: int) -> None:
-    q, _fast, done, before, after_c = run_c(blk, case, next_avail, SIZE)
+@given(case=requests(), next_avail=st.sampled_from([0, 5, 15, 0xFFFF, 0xFFF3]), write_behind=st.booleans())
+def test_c_completes_only_what_python_completes(blk: VirtioBlk, case: tuple, next_avail: int,
+                                                write_behind: bool) -> None:
+    q, _fast, done, before, after_c = run_c(blk, case, next_avail, SIZE, write_behind)
     if not done:
         event("C left it")
         assert q.state.next_avail == next_avail and q.pending_elsewhere == 0
@@ -327,3 +334,28 @@ def test_not_while_dirty_pages_are_logged(blk: VirtioBlk) -> None:
     assert blk.complete_fast(q) == 0
     q.accepting = True
     assert blk.complete_fast(q) == 1 and q.pending_elsewhere == 1
+
+
+def _write_request(blk: VirtioBlk, sector: int) -> SplitQueue:
+    chain = [(DATA, 16, NEXT, 1), (DATA + PAGE, 4096, NEXT, 2), (DATA + 2 * PAGE, 1, WRITE, 3)]
+    return place(blk, chain, False, T_OUT, sector, 0)
+
+
+@pytest.mark.parametrize("until", ["none", "expired", "running"])
+def test_write_behind_notes_what_c_wrote_only_while_asked(blk: VirtioBlk, until: str) -> None:
+    """While the backend asks for write-behind (a deadline in the future), a run notes the byte
+    range it wrote and write_behind() starts its write-back and forgets it; with no deadline or
+    an expired one nothing is noted."""
+    assert blk.backend is not None
+    fast = _BlkFastPath(module, blk.dma)
+    deadline = {"none": 0, "expired": time.monotonic_ns() - 1, "running": time.monotonic_ns() + 10**10}[until]
+    q = _write_request(blk, 8)
+    assert fast.run(q, blk.backend.fast_io(), blk.backend.size, write_behind_until=deadline) == 1
+    wb = fast.ctx.wb
+    if until != "running":
+        assert not fast.write_behind_pending and wb.fd == -1
+        return
+    assert fast.write_behind_pending
+    assert (wb.fd, wb.lo, wb.hi) == (blk.backend.fast_io()[1], 8 * 512, 8 * 512 + 4096)
+    fast.write_behind()
+    assert not fast.write_behind_pending and wb.fd == -1

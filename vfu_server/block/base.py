@@ -41,6 +41,10 @@ class BlockBackend(abc.ABC):
     size: int
     block_size: int
     read_only: bool
+    #: ``time.monotonic_ns()`` until which a device's C write path (which writes to
+    #: :meth:`FileBackend.fast_io`'s fd itself) should start each write's write-back at once
+    #: (``sync_file_range``), because the guest flushes often; 0: never. Only a hint.
+    write_behind_until: int = 0
 
     @abc.abstractmethod
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
