@@ -228,6 +228,11 @@ class VirtioPciDevice(PciDevice):
         ``max_inflight > 1``."""
         return None
 
+    def queue_kicked(self, queue: SplitQueue) -> None:
+        """The driver wrote the queue's notify register: wake its task. A device may serve
+        the kick right here instead (it runs between two messages and must not block)."""
+        queue.doorbell.ring()
+
     def read_config(self) -> bytes:
         """The device-specific configuration structure, ``config_size`` bytes."""
         return bytes(self.config_size)
@@ -336,7 +341,7 @@ class VirtioPciDevice(PciDevice):
         elif offset >= NOTIFY_OFF:
             index = (offset - NOTIFY_OFF) // NOTIFY_MULTIPLIER
             if index < len(self.queues) and self.vstate.status & Status.DRIVER_OK:
-                self.queues[index].doorbell.ring()
+                self.queue_kicked(self.queues[index])
 
     # -- common configuration ---------------------------------------------------------------
 

@@ -140,12 +140,22 @@ class Doorbell:
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._waiting = False
 
     def ring(self) -> None:
         self._event.set()
 
+    @property
+    def parked(self) -> bool:
+        """A task sleeps in :meth:`wait` and was not rung since: it holds nothing mid-way."""
+        return self._waiting and not self._event.is_set()
+
     async def wait(self) -> None:
-        await self._event.wait()
+        self._waiting = True
+        try:
+            await self._event.wait()
+        finally:
+            self._waiting = False
         self._event = trio.Event()
 
 

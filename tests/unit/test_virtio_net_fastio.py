@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -353,3 +354,97 @@ def test_too_few_buffers_leave_the_packet_to_python(pair: tuple[socket.socket, s
     q = place_rx(dev, [([[RX_BUFS + 0x1000 * i, 1536, WRITE]], False) for i in range(2)], 0)
     fast = _NetFast(module, dev.dma)
     assert run_rx(fast, dev, q, b.fileno()) == 0 and fast.held == packet and q.state.next_avail == 0
+
+
+# -- a transmit kick served in the connection's task (VirtioNet.queue_kicked) ---------------------
+
+KICK_SIZE = 8  # ring entries; batches wrap it
+
+
+def kick_queue(dev: VirtioNet, next_avail: int) -> SplitQueue:
+    state = QueueState(max_size=256, size=KICK_SIZE, ready=True, desc_table=DESC, avail_ring=AVAIL,
+                       used_ring=USED, next_avail=next_avail, next_used=next_avail, event_idx_enabled=True)
+    dev.dma.write(AVAIL, struct.pack("<HH", 0, next_avail))
+    dev.dma.write(USED, struct.pack("<HH", 0, next_avail) + bytes(8 * KICK_SIZE + 2))
+    return SplitQueue(1, state, dev.dma)
+
+
+def make_available(dev: VirtioNet, q: SplitQueue, frames: list[tuple[int, bool]], serial: int) -> None:
+    """Frames of ``n`` bytes (header included) after the driver's avail index, one descriptor
+    each; ``python_only``: an indirect chain that ends in a writable descriptor, which C leaves
+    to Python (Python sends the readable part)."""
+    (idx,) = struct.unpack("<H", dev.dma.read(AVAIL + 2, 2))
+    for k, (n, python_only) in enumerate(frames):
+        slot = (idx + k) % KICK_SIZE
+        addr = DATA + 0x4000 * slot
+        dev.dma.write(addr, bytes([serial & 0xFF, k]) * (n // 2) + b"\x5a" * (n % 2))
+        if python_only:
+            table = 0x8000 + 0x40 * slot
+            dev.dma.write(table, struct.pack("<QIHHQIHH", addr, n, NEXT, 1, addr + n, 1, WRITE, 0))
+            dev.dma.write(DESC + 16 * slot, struct.pack("<QIHH", table, 32, INDIRECT, 0))
+        else:
+            dev.dma.write(DESC + 16 * slot, struct.pack("<QIHH", addr, n, 0, 0))
+        dev.dma.write(AVAIL + 4 + 2 * slot, struct.pack("<H", slot))
+    dev.dma.write(AVAIL + 2, struct.pack("<H", (idx + len(frames)) & 0xFFFF))
+
+
+async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, bool]]], inline: bool,
+                peer: socket.socket) -> tuple[list[bytes], bytes, int]:
+    """The transmit loop parked, then per batch: the driver adds it and kicks, the loop runs
+    until everything waits again. Returns what the TAP saw, the used ring with avail_event, and
+    the loop's wake-ups."""
+    wakeups = 0
+    ring = q.doorbell.ring
+
+    def counted() -> None:
+        nonlocal wakeups
+        wakeups += 1
+        ring()
+
+    q.doorbell.ring = counted  # type: ignore[method-assign]
+    sent: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dev._tx_loop, q)
+        await trio.testing.wait_all_tasks_blocked()
+        for serial, batch in enumerate(batches):
+            assert q.doorbell.parked
+            make_available(dev, q, batch, serial)
+            if inline:
+                dev.queue_kicked(q)
+                if batch and not any(python_only for _, python_only in batch):
+                    # C took the whole batch before anything else ran; the loop slept on
+                    now = received(peer)
+                    assert len(now) == len(batch) and q.doorbell.parked
+                    sent += now
+            else:
+                q.doorbell.ring()
+            await trio.testing.wait_all_tasks_blocked()
+            sent += received(peer)
+        nursery.cancel_scope.cancel()
+    return sent, dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2), wakeups
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(st.tuples(st.integers(HDR_LEN + 14, 3000), st.booleans()), max_size=KICK_SIZE),
+                        min_size=1, max_size=6),
+       vnet_hdr=st.booleans(), next_avail=st.sampled_from([0, 5, 0xFFFE]))
+def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socket.socket],
+                                                 batches: list[list[tuple[int, bool]]], vnet_hdr: bool,
+                                                 next_avail: int) -> None:
+    """Kicks served in the connection's task (C right away, the loop woken only for what C
+    leaves) against kicks that wake the loop: the same frames in the same order, the same used
+    ring, avail_event and counters; the loop is woken only for batches with a frame for Python."""
+    a, b = pair
+    results = []
+    for inline in (True, False):
+        dev = device(a.fileno(), vnet_hdr)
+        dev._fast = _NetFast(module, dev.dma)
+        q = kick_queue(dev, next_avail)
+        results.append((*trio.run(kicks, dev, q, batches, inline, b), dev.queue_stats(1).snapshot(),
+                        q.state.next_avail))
+    (sent_i, used_i, wake_i, stats_i, avail_i), (sent_t, used_t, wake_t, stats_t, avail_t) = results
+    assert sent_i == sent_t and len(sent_i) == sum(map(len, batches))
+    assert used_i == used_t and avail_i == avail_t == (next_avail + len(sent_t)) & 0xFFFF
+    assert stats_i == stats_t
+    assert wake_t == len(batches)
+    assert wake_i == sum(1 for batch in batches if not batch or any(python_only for _, python_only in batch))
