@@ -498,9 +498,14 @@ class VirtioNet(VirtioPciDevice):
         # connection's task, before it reads the next message. That saves the loop's wake-up
         # (a scheduler pass and the task's step) on every request of a request/response
         # exchange, and the frame reaches the TAP before the connection re-arms its socket.
-        if (queue.index % 2 and queue.index != self.ctrl_index and queue.doorbell.parked
-                and not queue.poll.max_ns and not self.dma.message_mode and self._transmit_now(queue)):
-            return
+        try:
+            if (queue.index % 2 and queue.index != self.ctrl_index and queue.doorbell.parked
+                    and not queue.poll.max_ns and not self.dma.message_mode and self._transmit_now(queue)):
+                return
+        except Exception:
+            # Never lose the kick: with EVENT_IDX the driver sends no other until the loop
+            # has moved avail_event, so the loop must run whatever went wrong here.
+            self.log.exception("queue %d: transmit from the kick failed; the loop takes it", queue.index)
         queue.doorbell.ring()
 
     def _transmit_now(self, queue: SplitQueue) -> bool:

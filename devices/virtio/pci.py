@@ -230,7 +230,9 @@ class VirtioPciDevice(PciDevice):
 
     def queue_kicked(self, queue: SplitQueue) -> None:
         """The driver wrote the queue's notify register: wake its task. A device may serve
-        the kick right here instead (it runs between two messages and must not block)."""
+        the kick right here instead (it runs between two messages and must not block), but
+        only while no task holds work of that queue, must ring the doorbell for anything it
+        leaves, and must not raise: a lost kick can stall a queue for good (EVENT_IDX)."""
         queue.doorbell.ring()
 
     def read_config(self) -> bytes:

@@ -385,23 +385,32 @@ def make_available(dev: VirtioNet, q: SplitQueue, frames: list[tuple[int, bool]]
         else:
             dev.dma.write(DESC + 16 * slot, struct.pack("<QIHH", addr, n, 0, 0))
         dev.dma.write(AVAIL + 4 + 2 * slot, struct.pack("<H", slot))
+    # used_event: an interrupt once anything of this batch is used (the driver's napi waits)
+    dev.dma.write(AVAIL + 4 + 2 * KICK_SIZE, struct.pack("<H", idx))
     dev.dma.write(AVAIL + 2, struct.pack("<H", (idx + len(frames)) & 0xFFFF))
 
 
 async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, bool]]], inline: bool,
                 peer: socket.socket) -> tuple[list[bytes], bytes, int]:
     """The transmit loop parked, then per batch: the driver adds it and kicks, the loop runs
-    until everything waits again. Returns what the TAP saw, the used ring with avail_event, and
-    the loop's wake-ups."""
+    until everything waits again. Returns what the TAP saw, the used ring with avail_event, the
+    loop's wake-ups and the interrupts signalled."""
     wakeups = 0
     ring = q.doorbell.ring
+    signals: list[int] = []
+    signal = dev._signal
 
     def counted() -> None:
         nonlocal wakeups
         wakeups += 1
         ring()
 
+    def counted_signal(vector: int, isr: int) -> None:
+        signals.append(vector)
+        signal(vector, isr)
+
     q.doorbell.ring = counted  # type: ignore[method-assign]
+    dev._signal = counted_signal  # type: ignore[method-assign]
     sent: list[bytes] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dev._tx_loop, q)
@@ -421,7 +430,7 @@ async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, boo
             await trio.testing.wait_all_tasks_blocked()
             sent += received(peer)
         nursery.cancel_scope.cancel()
-    return sent, dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2), wakeups
+    return sent, dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2), wakeups, len(signals)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -442,9 +451,52 @@ def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socke
         q = kick_queue(dev, next_avail)
         results.append((*trio.run(kicks, dev, q, batches, inline, b), dev.queue_stats(1).snapshot(),
                         q.state.next_avail))
-    (sent_i, used_i, wake_i, stats_i, avail_i), (sent_t, used_t, wake_t, stats_t, avail_t) = results
+    (sent_i, used_i, wake_i, irq_i, stats_i, avail_i), (sent_t, used_t, wake_t, irq_t, stats_t, avail_t) = results
     assert sent_i == sent_t and len(sent_i) == sum(map(len, batches))
+    assert irq_i == irq_t == sum(1 for batch in batches if batch), "one interrupt per batch the driver waits for"
     assert used_i == used_t and avail_i == avail_t == (next_avail + len(sent_t)) & 0xFFFF
     assert stats_i == stats_t
     assert wake_t == len(batches)
     assert wake_i == sum(1 for batch in batches if not batch or any(python_only for _, python_only in batch))
+
+
+def test_a_kick_while_the_loop_is_not_parked_only_wakes_it(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A kick while the transmit loop is not asleep on its doorbell (it has not started, or
+    holds a frame mid-way) must not send from the connection's task: C could overtake the
+    frame the loop holds. It only rings the doorbell."""
+    a, b = pair
+    dev = device(a.fileno(), False)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    make_available(dev, q, [(64, False)], 0)
+    assert not q.doorbell.parked
+    dev.queue_kicked(q)
+    assert received(b) == [] and q.state.next_avail == 0
+    assert q.doorbell._event.is_set()
+
+
+def test_a_kick_that_fails_in_c_still_wakes_the_loop(pair: tuple[socket.socket, socket.socket],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong while a kick is served in the connection's task, the kick is not
+    lost: the loop is woken (with EVENT_IDX the driver would not kick again)."""
+    a, _b = pair
+    dev = device(a.fileno(), False)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+
+    def broken(queue: SplitQueue) -> int:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(dev, "complete_fast", broken)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._sleep_until_kicked, q)
+            await trio.testing.wait_all_tasks_blocked()
+            assert q.doorbell.parked
+            make_available(dev, q, [(64, False)], 0)
+            dev.queue_kicked(q)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not q.doorbell.parked  # woken: the sleep returned
+
+    trio.run(main)
