@@ -51,3 +51,33 @@ def test_script_rotates_disks_and_runs_every_job() -> None:
     order = [[w.split("=")[1].split("@")[0] for w in run.split() if w.startswith("--name=")] for run in runs]
     assert order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     assert all("--runtime=1.5" in run and "--stonewall" in run for run in runs)
+
+
+def test_script_turns_a_write_through_disk_to_write_back_where_the_guest_may(tmp_path) -> None:
+    """qemu-storage-daemon's export starts write-through; the script switches every disk whose
+    cache_type the guest may write to write back (so fsync sends a FLUSH), leaves a read-only
+    attribute alone and does not stop at a disk without one (NVMe)."""
+    import subprocess
+
+    script = guest_script({"a": 1000, "b": 2000, "c": 3000}, JOBS[:1], 1.5, 1)
+    switch = [ln for ln in script.splitlines() if "cache_type" in ln]
+    assert len(switch) == 3
+    sysfs = tmp_path / "sys" / "block"
+    (sysfs / "vda").mkdir(parents=True)
+    (sysfs / "vda" / "cache_type").write_text("write through\n")
+    # An attribute the kernel refuses to store (no CONFIG_WCE), even for root: an immutable file.
+    (sysfs / "vdb").mkdir()
+    refused = sysfs / "vdb" / "cache_type"
+    refused.write_text("write through\n")
+    if subprocess.run(["chattr", "+i", str(refused)], capture_output=True, check=False).returncode:
+        refused.chmod(0o444)  # not root, or no chattr here: a read-only file
+    (sysfs / "nvme0n1").mkdir()
+    lines = [ln.replace("/sys/block", str(sysfs)) for ln in switch]
+    shell = "set -e\na=/dev/vda\nb=/dev/vdb\nc=/dev/nvme0n1\n" + "\n".join(lines) + "\necho done\n"
+    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out
+    try:
+        assert (sysfs / "vda" / "cache_type").read_text() == "write back\n"
+        assert refused.read_text() == "write through\n"
+    finally:
+        subprocess.run(["chattr", "-i", str(refused)], capture_output=True, check=False)
