@@ -177,8 +177,8 @@ static void note_write(uint64_t until, struct vfu_write_behind *wb, int fd, uint
 {
     if (!until || now_ns() >= until)
         return;
-    if (wb->fd >= 0 && wb->fd != fd)
-        vfu_write_behind(wb);  /* another namespace's file: that one now */
+    if (wb->fd >= 0 && (wb->fd != fd || off > wb->hi || off + len < wb->lo))
+        vfu_write_behind(wb);  /* another file, or apart: never the dirty pages in between */
     if (wb->fd < 0) {
         wb->fd = fd;
         wb->lo = off;

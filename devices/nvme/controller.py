@@ -1228,7 +1228,9 @@ class NvmeController(PciDevice):
                 cq.head = self._host_cq_head(cq)
         return cq_full(cq)
 
-    def _post(self, cq: CompletionQueueState, entry: PendingCompletion) -> None:
+    def _post(self, cq: CompletionQueueState, entry: PendingCompletion, batch: bool = False) -> None:
+        """``batch``: one of several posted together (held completions drained), whose
+        interrupt goes through the interrupt task once for all of them."""
         sq = self.state.sqs.get(entry.sqid)
         try:
             post_cqe(self.dma, cq, entry, sq.head if sq else 0)
@@ -1238,7 +1240,7 @@ class NvmeController(PciDevice):
         self._irq_pending.add(cq.qid)
         if self._defer_irq:
             self._irq_deferred = True  # the SQ loop signals at the end of its batch
-        elif self.inflight.count <= 1:
+        elif self.inflight.count <= 1 and not batch:
             # The controller's only command in flight (a FLUSH at queue depth 1): nothing to
             # share the interrupt with, and the interrupt task's two scheduler passes are
             # 25-30 us of the host's wait (docs/performance.md, "Tenth session").
@@ -1251,7 +1253,7 @@ class NvmeController(PciDevice):
         if rt is None or self._frozen:
             return
         while rt.waiting and not cq_full(cq):
-            self._post(cq, rt.waiting.popleft())
+            self._post(cq, rt.waiting.popleft(), batch=True)
 
     async def _interrupt_loop(self) -> None:
         while True:

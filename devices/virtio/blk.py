@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import struct
+import time
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -599,6 +600,8 @@ class _BlkFastPath:
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.read_fd, c.write_fd, c.max_bytes = io
         c.capacity = capacity
+        if write_behind_until and write_behind_until <= time.monotonic_ns():
+            write_behind_until = 0  # over: C need not read the clock per write
         c.write_behind_until = write_behind_until
         load_vq(v, queue)
         n: int = self.lib.vfu_blk_run(c, v, limit)

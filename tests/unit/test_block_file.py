@@ -367,22 +367,21 @@ async def test_a_flush_asked_during_a_failed_fdatasync_fails_too(tmp_path: Path,
 # -- the fdatasync thread in C ----------------------------------------------------------------
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _tids() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
-async def _threads_become(n: int) -> int:
-    """The thread count once it is ``n`` (or after a second): a joined thread may stay listed
-    for a moment while the kernel finishes its exit."""
+async def _gone(tid: str) -> bool:
+    """The thread ``tid`` has ended (within a second: a joined thread may stay listed for a
+    moment while the kernel finishes its exit)."""
     for _ in range(100):
-        if _threads() == n:
-            break
+        if tid not in _tids():
+            return True
         await trio.sleep(0.01)
-    return _threads()
+    return False
 
 
-@pytest.fixture
-def c_syncer_built() -> None:
+def _c_syncer_built() -> None:
     from vfu_server.block._syncer_build import HELPER
 
     try:
@@ -392,12 +391,14 @@ def c_syncer_built() -> None:
 
 
 @pytest.mark.parametrize("kind", ["c", "python"])
-async def test_both_fdatasync_threads_answer_alike(tmp_path: Path, kind: str, c_syncer_built: None) -> None:
+async def test_both_fdatasync_threads_answer_alike(tmp_path: Path, kind: str) -> None:
     """The C thread and the Python one: success on a file, the errno of a failure (a pipe
     cannot be synced: EINVAL), several calls in a row, and close() ends the thread."""
-    before = _threads()
+    if kind == "c":
+        _c_syncer_built()
+    before = _tids()
     syncer = file_mod._CSyncer() if kind == "c" else file_mod._Syncer()
-    assert _threads() == before + 1
+    (tid,) = _tids() - before
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     r, w = os.pipe()
     try:
@@ -411,16 +412,18 @@ async def test_both_fdatasync_threads_answer_alike(tmp_path: Path, kind: str, c_
         syncer.close()
         for f in (fd, r, w):
             os.close(f)
-    assert await _threads_become(before) == before
+    assert await _gone(tid)
 
 
-async def test_file_backend_flushes_through_the_c_thread(tmp_path: Path, c_syncer_built: None) -> None:
+async def test_file_backend_flushes_through_the_c_thread(tmp_path: Path) -> None:
+    _c_syncer_built()
     async with FileBackend(tmp_path / "c.raw", size=MiB) as b:
         await b.writev(0, [memoryview(pattern(4096))])
+        before = _tids()
         await b.flush()
         assert type(b._syncer) is file_mod._CSyncer
-        before = _threads()
-    assert await _threads_become(before - 1) == before - 1, "aclose ends the C thread"
+        (tid,) = _tids() - before  # the flush started it
+    assert await _gone(tid), "aclose ends the C thread"
 
 
 async def test_without_the_helper_flushes_use_the_python_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -449,3 +452,21 @@ async def test_write_behind_is_asked_only_while_flushes_come_often(tmp_path: Pat
         clock[0] += window // 2
         await b.flush()
         assert b.write_behind_until == clock[0] + window
+
+
+async def test_a_flush_whose_thread_cannot_start_fails_as_an_io_error(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fd or thread left for the fdatasync thread: begin_flush() (a device's fetch path)
+    does not raise, the flush fails with a BlockIOError carrying the errno, and a later flush
+    works once a thread can start."""
+    def exhausted() -> file_mod._Syncer:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async with FileBackend(tmp_path / "x.raw", size=MiB) as b:
+        monkeypatch.setattr(file_mod, "_new_syncer", exhausted)
+        pending = b.begin_flush()
+        with pytest.raises(BlockIOError) as info:
+            await pending.wait()
+        assert info.value.errno == errno.EMFILE
+        monkeypatch.undo()
+        await b.flush()

@@ -241,6 +241,17 @@ class _CSyncer(_Syncer):
         self._lib.vfu_syncer_stop(self._state)
 
 
+def _load_syncer_helper() -> None:
+    """Import the C fdatasync thread's helper if it is built (nothing otherwise): the thread
+    itself starts at the first flush, when a confined server may no longer read the cache."""
+    from ._syncer_build import HELPER
+
+    try:
+        HELPER.load(build=False)
+    except OSError as exc:
+        log.debug("fdatasync helper not loaded: %s", exc)
+
+
 def _new_syncer() -> _Syncer:
     """The C thread when it can be had, else the Python one."""
     try:
@@ -321,6 +332,8 @@ class FileBackend(BlockBackend):
             raise
         self.size = size
         self._fd = fd
+        if not read_only:
+            _load_syncer_helper()  # now, before --sandbox confines the server and its file reads
 
     def _open(self, size: int | None, create: bool) -> int:
         flags = os.O_CLOEXEC | (os.O_RDONLY if self.read_only else os.O_RDWR)
@@ -553,12 +566,19 @@ class FileBackend(BlockBackend):
         self._flushes_asked += 1
         ticket = self._flushes_asked
         if self._sync_upto is None and self._flush_failed is None and self._fd is not None:
-            self._start_sync(self._fd)
+            try:
+                self._start_sync(self._fd)
+            except BlockIOError:
+                pass  # the device's fetch path must not fail: _flushed() meets it again
         return PendingFlush(lambda: self._flushed(ticket))
 
     def _start_sync(self, fd: int) -> None:
         if self._syncer is None:
-            self._syncer = _new_syncer()
+            try:
+                self._syncer = _new_syncer()
+            except (OSError, RuntimeError) as exc:  # no fd or thread left (EMFILE, EAGAIN)
+                raise BlockIOError(getattr(exc, "errno", None) or errno.EAGAIN,
+                                   f"cannot start the fdatasync thread: {exc}") from None
         self._sync_upto = self._flushes_asked
         self._sync_ended = trio.Event()
         self._threads += 1  # aclose() waits for it, as for a worker thread
