@@ -136,9 +136,9 @@ class _Syncer:
     cost 46-67 us of CPU and 60-250 us of hand-off on the development VM on top of the
     fdatasync itself (a file on tmpfs: nothing to write); a parked thread woken through an
     eventfd and answering through another that the loop waits on costs 15 us of CPU and
-    15-50 us (docs/performance.md, "Ninth session"). One call at a time (the caller holds a
-    lock); the thread is started on first use, so under ``--sandbox`` it inherits the
-    confinement of the thread that starts it.
+    15-50 us (docs/performance.md, "Ninth session"). One fdatasync at a time (the backend
+    starts one only when none runs); the thread is started on first use, so under
+    ``--sandbox`` it inherits the confinement of the thread that starts it.
 
     This is the Python thread; :class:`_CSyncer` is the same thread in C, which
     :func:`_new_syncer` prefers.
