@@ -76,3 +76,12 @@ def test_watch_reads_cpu_between_marks() -> None:
 def test_netload_builds() -> None:
     subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-fsyntax-only", str(REPO / "bench" / "netload.c")],
                    check=True)
+
+
+@pytest.mark.parametrize(("text", "modes"), [("both", ["offloads", "plain"]), ("offloads,plain", ["offloads", "plain"]),
+                                             ("plain", ["plain"]), ("offloads", ["offloads"]), ("", []),
+                                             ("bogus", []), ("offloads,bogus", [])])
+def test_modes_take_both_as_the_help_says(text: str, modes: list[str]) -> None:
+    from bench.guest_net import parse_modes
+
+    assert parse_modes(text) == modes
