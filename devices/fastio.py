@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from vfu_server.pci.dma import GuestMemory
@@ -38,6 +39,37 @@ def load_module(build: bool = True) -> Any:
             _logged = True
             log.info("C I/O fast path unavailable, using Python only: %s", exc.strerror)
         return None
+
+
+class WriteBehind:
+    """The byte range a C run noted for write-behind (the ``wb`` of its context, while the
+    backend's ``write_behind_until`` says the guest flushes often): its write-back starts with
+    :meth:`start`, which the device calls once the run's interrupt is out."""
+
+    __slots__ = ("_lib", "_wb", "pending")
+
+    def __init__(self, ffi: Any, lib: Any, ctx: Any) -> None:
+        ctx.wb.fd = -1
+        self._lib = lib
+        self._wb = ffi.addressof(ctx, "wb")
+        #: a run noted a range: :meth:`start` once the interrupt is out
+        self.pending = False
+
+    @staticmethod
+    def deadline(until: int) -> int:
+        """The ``write_behind_until`` to hand C: 0 once passed, so that C reads no clock per
+        write."""
+        return until if until and until > time.monotonic_ns() else 0
+
+    def after_run(self, deadline: int) -> None:
+        """A run with ``deadline`` (from :meth:`deadline`) ended: did it note anything?"""
+        if deadline and self._wb.fd >= 0:
+            self.pending = True
+
+    def start(self) -> None:
+        """Start the write-back of what the runs since the last call noted."""
+        self.pending = False
+        self._lib.vfu_write_behind(self._wb)
 
 
 class RegionTable:

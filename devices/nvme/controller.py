@@ -976,8 +976,8 @@ class NvmeController(PciDevice):
             self._irq_deferred = False
             self._flush_interrupts()
         fast = self.fastio
-        if fast is not None and fast.write_behind_pending:
-            fast.write_behind()
+        if fast is not None and fast.write_behind.pending:
+            fast.write_behind.start()
 
     async def _execute_io_task(self, sq: SubmissionQueueState, rt: SqRuntime, cmd: Command, t0: int,
                                handler: Callable[[Command], Awaitable[int | None]]) -> None:

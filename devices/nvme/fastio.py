@@ -19,10 +19,9 @@ virtio-blk's) off.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
-from ..fastio import RegionTable, backend_fast_io
+from ..fastio import RegionTable, WriteBehind, backend_fast_io
 from .state import CompletionQueueState, SubmissionQueueState
 
 if TYPE_CHECKING:
@@ -41,9 +40,7 @@ class FastIo:
         self.ctrl = ctrl
         self.ffi, self.lib = module.ffi, module.lib
         self.ctx = self.ffi.new("struct vfu_fastio *")
-        self.ctx.wb.fd = -1
-        #: a run noted a range for write-behind: :meth:`write_behind` once the interrupt is out
-        self.write_behind_pending = False
+        self.write_behind = WriteBehind(self.ffi, self.lib, self.ctx)
         self.q = self.ffi.new("struct vfu_sq *")
         self.regions = RegionTable(self.ffi, ctrl.dma)
         self._ns = self.ffi.new("struct vfu_ns[]", 1)
@@ -103,16 +100,13 @@ class FastIo:
         write_behind = 0
         for backend in self._backends:
             write_behind = max(write_behind, backend.write_behind_until)
-        if write_behind and write_behind <= time.monotonic_ns():
-            write_behind = 0  # over: C need not read the clock per write
-        c.write_behind_until = write_behind
+        c.write_behind_until = write_behind = WriteBehind.deadline(write_behind)
         c.bytes_read = c.bytes_written = c.read_cmds = c.write_cmds = 0
         c.stats = self._stats.get(sq.qid) or self._stats_of(sq.qid)
         q.sq_base, q.sq_size, q.sq_head, q.sq_tail, q.sqid = sq.base, sq.size, sq.head, sq.tail, sq.qid
         q.cq_base, q.cq_size, q.cq_head, q.cq_tail, q.cq_phase = cq.base, cq.size, cq.head, cq.tail, cq.phase
         n: int = self.lib.vfu_fastio_run(c, q, limit)
-        if write_behind and c.wb.fd >= 0:
-            self.write_behind_pending = True
+        self.write_behind.after_run(write_behind)
         if n:
             sq.head = q.sq_head
             cq.tail, cq.phase = q.cq_tail, q.cq_phase
@@ -122,12 +116,6 @@ class FastIo:
             smart.host_read_commands += c.read_cmds
             smart.host_write_commands += c.write_cmds
         return n
-
-    def write_behind(self) -> None:
-        """Start the write-back of what the runs since the last call wrote, when the backends
-        asked for write-behind (``BlockBackend.write_behind_until``); after the interrupt."""
-        self.write_behind_pending = False
-        self.lib.vfu_write_behind(self.ffi.addressof(self.ctx, "wb"))
 
     def _stats_of(self, qid: int) -> Any:
         stats = self._stats[qid] = self.ctrl.queue_stats(qid).attach_c(self.ffi)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import errno
 import struct
-import time
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +47,7 @@ from vfu_server.pci.dma import GuestMemory
 from vfu_server.pci.polling import DEFAULT_POLL_US
 from vfu_server.sandbox import SandboxNeeds
 
-from ..fastio import RegionTable, backend_fast_io, load_vq
+from ..fastio import RegionTable, WriteBehind, backend_fast_io, load_vq
 from ..fastio import load_module_async as load_fastio
 from .pci import VirtioPciDevice
 from .queue import DescriptorChain, SplitQueue, VirtqueueError
@@ -335,8 +334,8 @@ class VirtioBlk(VirtioPciDevice):
     def notify_queue(self, queue: SplitQueue) -> None:
         super().notify_queue(queue)
         fast = self._fast
-        if fast is not None and fast.write_behind_pending:
-            fast.write_behind()  # the interrupt is out: write-behind no longer delays the guest
+        if fast is not None and fast.write_behind.pending:
+            fast.write_behind.start()  # the interrupt is out: write-behind no longer delays the guest
 
     def process_nowait(self, queue: SplitQueue, chain: DescriptorChain) -> int | None:
         """Reads the page cache holds and writes small enough to be done inline anyway
@@ -583,9 +582,7 @@ class _BlkFastPath:
     def __init__(self, module: Any, dma: GuestMemory) -> None:
         self.ffi, self.lib = module.ffi, module.lib
         self.ctx = self.ffi.new("struct vfu_blk *")
-        self.ctx.wb.fd = -1
-        #: a run noted a range for write-behind: :meth:`write_behind` once the interrupt is out
-        self.write_behind_pending = False
+        self.write_behind = WriteBehind(self.ffi, self.lib, self.ctx)
         self.vq = self.ffi.new("struct vfu_vq *")
         self.regions = RegionTable(self.ffi, dma)
 
@@ -600,22 +597,13 @@ class _BlkFastPath:
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.read_fd, c.write_fd, c.max_bytes = io
         c.capacity = capacity
-        if write_behind_until and write_behind_until <= time.monotonic_ns():
-            write_behind_until = 0  # over: C need not read the clock per write
-        c.write_behind_until = write_behind_until
+        c.write_behind_until = write_behind_until = WriteBehind.deadline(write_behind_until)
         load_vq(v, queue)
         n: int = self.lib.vfu_blk_run(c, v, limit)
-        if write_behind_until and c.wb.fd >= 0:
-            self.write_behind_pending = True
+        self.write_behind.after_run(write_behind_until)
         if n:
             queue.completed_elsewhere(n, v.next_avail)
         return n
-
-    def write_behind(self) -> None:
-        """Start the write-back of what the runs since the last call wrote (when the backend
-        asked for write-behind); after the interrupt."""
-        self.write_behind_pending = False
-        self.lib.vfu_write_behind(self.ffi.addressof(self.ctx, "wb"))
 
     @property
     def stop_reason(self) -> int:

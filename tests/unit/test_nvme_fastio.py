@@ -184,9 +184,9 @@ def test_c_accepts_only_what_python_completes(ctrl: NvmeController, case: tuple[
     smart = ctrl.state.smart
     counters = (smart.bytes_read, smart.bytes_written, smart.host_read_commands, smart.host_write_commands)
     done = fast.run(sq, cq)
-    noted = fast.write_behind_pending
+    noted = fast.write_behind.pending
     if noted:
-        fast.write_behind()
+        fast.write_behind.start()
     event(f"C {'completed' if done else 'left it'}, Python {'completes' if expected else 'does not'}")
     after = snapshot(ctrl)
     if not done:

@@ -156,8 +156,8 @@ def run_c(blk: VirtioBlk, case: tuple, next_avail: int, size: int,
     fast = _BlkFastPath(module, blk.dma)
     until = time.monotonic_ns() + 10**10 if write_behind else 0
     done = fast.run(q, blk.backend.fast_io(), blk.backend.size, write_behind_until=until)
-    if fast.write_behind_pending:
-        fast.write_behind()
+    if fast.write_behind.pending:
+        fast.write_behind.start()
     return q, fast, done, before, snapshot(blk)
 
 
@@ -353,9 +353,9 @@ def test_write_behind_notes_what_c_wrote_only_while_asked(blk: VirtioBlk, until:
     assert fast.run(q, blk.backend.fast_io(), blk.backend.size, write_behind_until=deadline) == 1
     wb = fast.ctx.wb
     if until != "running":
-        assert not fast.write_behind_pending and wb.fd == -1
+        assert not fast.write_behind.pending and wb.fd == -1
         return
-    assert fast.write_behind_pending
+    assert fast.write_behind.pending
     assert (wb.fd, wb.lo, wb.hi) == (blk.backend.fast_io()[1], 8 * 512, 8 * 512 + 4096)
-    fast.write_behind()
-    assert not fast.write_behind_pending and wb.fd == -1
+    fast.write_behind.start()
+    assert not fast.write_behind.pending and wb.fd == -1
