@@ -515,6 +515,22 @@ async def until_a_probe_gets_through(peer: trio.socket.SocketType, rx: DriverQue
                 return
 
 
+async def net_receiving(client: Client, peer: trio.socket.SocketType) -> tuple[DriverQueue, DriverQueue]:
+    """The virtio-net device set up with its receive queue full and its receive path known to
+    run; (receive queue, transmit queue)."""
+    from test_virtio_net import fill_rx, setup_net
+
+    _dev, (rx, tx, _ctrl) = await setup_net(client)
+    fill_rx(rx, 64)
+    await rx.kick()
+    # Frames that come before the device's receive path runs are dropped, as a NIC without a
+    # link does: wait until one gets through.
+    await until_a_probe_gets_through(peer, rx)
+    fill_rx(rx, len(rx.free))
+    await rx.kick()
+    return rx, tx
+
+
 async def frames_received(rx: object, count: int, length: int, timeout: float) -> list[bytes]:
     """Up to ``count`` frames of ``length`` bytes from the receive queue, in order, within
     ``timeout`` seconds; the link probes (sequence number 1000) are left out."""
@@ -529,21 +545,14 @@ async def frames_received(rx: object, count: int, length: int, timeout: float) -
 
 
 async def test_virtio_net_peer_handover_keeps_the_connection_and_frames(tmp_path: Path) -> None:
-    from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
+    from test_virtio_net import GUEST_MAC, frame
 
     ctl = str(tmp_path / "ctl")
     path = str(tmp_path / "peer.sock")
     args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
     with trio.fail_after(120):
         async with listening_peer(ctl, args, path) as (srv, client, peer):
-            _dev, (rx, tx, _ctrl) = await setup_net(client)
-            fill_rx(rx, 64)
-            await rx.kick()
-            # Frames that come before the device's receive path runs are dropped, as a NIC
-            # without a link does: wait until one gets through.
-            await until_a_probe_gets_through(peer, rx)
-            fill_rx(rx, len(rx.free))
-            await rx.kick()
+            rx, tx = await net_receiving(client, peer)
             sent = [frame(GUEST_MAC, b"\x02" * 6, n) for n in range(40)]
             for f in sent[:20]:
                 await peer.send(f)
@@ -571,19 +580,14 @@ async def test_virtio_net_frames_a_delay_fault_holds_back_survive_a_handover(tmp
     # A delayed frame lives in a task of the predecessor's, which ends with it: the received
     # one moves with the frames on their way to the guest, the transmitted one is sent at the
     # quiesce; both early rather than never.
-    from test_virtio_net import GUEST_MAC, fill_rx, frame, setup_net
+    from test_virtio_net import GUEST_MAC, frame
 
     ctl = str(tmp_path / "ctl")
     path = str(tmp_path / "peer.sock")
     args = ("--peer", path, "--mac", "52:54:00:12:34:56", "--listen")
     with trio.fail_after(120):
         async with listening_peer(ctl, args, path) as (srv, client, peer):
-            _dev, (rx, tx, _ctrl) = await setup_net(client)
-            fill_rx(rx, 64)
-            await rx.kick()
-            await until_a_probe_gets_through(peer, rx)
-            fill_rx(rx, len(rx.free))
-            await rx.kick()
+            rx, tx = await net_receiving(client, peer)
             async with FaultControl(ctl) as fc:
                 await fc.add("op=rx,count=1,delay=10m")
                 await fc.add("op=tx,count=1,delay=10m")
