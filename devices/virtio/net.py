@@ -499,7 +499,8 @@ class VirtioNet(VirtioPciDevice):
         # (a scheduler pass and the task's step) on every request of a request/response
         # exchange, and the frame reaches the TAP before the connection re-arms its socket.
         try:
-            if (queue.index % 2 and queue.index != self.ctrl_index and queue.doorbell.parked
+            # Odd queues transmit (the control queue's index is even).
+            if (queue.index % 2 and queue.doorbell.parked
                     and not queue.poll.max_ns and not self.dma.message_mode and self._transmit_now(queue)):
                 return
         except Exception:
