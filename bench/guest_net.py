@@ -27,7 +27,11 @@ one TCP connection with TCP_NODELAY, one at a time (transactions per second, p50
 by job, every round takes the NICs in a rotated order, so that neither a slow stretch of the
 host nor a NIC's place in the turn favours one of them. The guest prints a marker around each
 run; the host, watching the serial console, reads the CPU time of our server (and of the QEMU
-process, for every NIC) at the markers: CPU per MB moved (per turn for ``rr``).
+process, for every NIC) at the markers: CPU per MB moved (per turn for ``rr``). Around each run
+the guest also reads what its driver counted for that NIC (``netload NAME counters``: packets,
+the driver's kicks per queue, the interrupts per vector): kicks and interrupts per 1,000 frames
+of each queue, and the transmitted frames' average size, for ours and QEMU's NIC alike. A NIC
+that takes fewer frames per kick lets the guest's vCPU spend more of itself on exits.
 
 Prints medians over rounds (and each run's range), ours first with the worst ratio to QEMU's
 NIC alike on top, then QEMU's NICs.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,9 +159,10 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) 
         f"for i in $(seq 60); do [ $(ls /sys/class/net | wc -l) -ge {len(nics) + 1} ] && break; sleep 1; done",
         "iface_of() { for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = \"$1\" ] && echo ${d##*/} && return; done; }",
     ]
-    for nic in nics:
+    for i, nic in enumerate(nics):
         lines += [
             f"dev=$(iface_of {nic.mac}); [ -n \"$dev\" ] || {{ echo \"missing nic {nic.key}\"; exit 3; }}",
+            f"dev{i}=$dev",
             f"ip link set $dev up && ip addr add 10.{nic.net}.0.2/24 dev $dev || exit 4",
             f"n=0; until ping -c 1 -W 1 10.{nic.net}.0.1 >/dev/null 2>&1; do n=$((n + 1)); "
             f"[ $n -gt 90 ] && {{ echo \"no link {nic.key}\"; exit 5; }}; done",
@@ -166,10 +172,13 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) 
             for nic in nics[r % len(nics):] + nics[: r % len(nics)]:
                 address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
                 tag = f"{nic.key}/{job}@{r}"
-                lines += [f"echo mark start {tag}",
+                count = f"/usr/local/bin/netload {tag} counters $dev{nics.index(nic)}"
+                lines += [f"{count} start",
+                          f"echo mark start {tag}",
                           f"/usr/local/bin/netload {tag} {job} {address} {PORTS[job]} {seconds:g} "
                           f"|| echo \"netload failed {tag}\"",
-                          f"echo mark end {tag}"]
+                          f"echo mark end {tag}",
+                          f"{count} end"]
     return "\n".join(lines) + "\n"
 
 
@@ -204,14 +213,57 @@ class CpuWatch:
             self.spent[tag] = (now[0] - s[0], now[1] - s[1])
 
 
-FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu")
+#: what the guest's driver did per run (:func:`driver_counts`)
+COUNTS = ("tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
+FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu", *COUNTS)
+_QUEUE_KICKS = re.compile(r"(rx|tx)(?:\d+|_queue_\d+)_kicks")  # rx0_kicks; tx_queue_0_kicks before Linux 6.10
+_VECTOR = re.compile(r"irq_(input|output)\.\d+")
+
+
+def counter_deltas(output: str) -> dict[str, dict[str, int]]:
+    """Per run tag: what each of the driver's counters (``netcounters`` lines) rose by between
+    the ``at=start`` and the ``at=end`` reading. Runs without both readings are left out."""
+    readings: dict[str, dict[str, dict[str, int]]] = {}
+    for line in output.splitlines():
+        if not line.startswith("netcounters name="):
+            continue
+        kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+        tag, at = kv.pop("name", ""), kv.pop("at", "")
+        values = {k: int(v) for k, v in kv.items() if v.isdigit()}
+        readings.setdefault(tag, {})[at] = values
+    deltas = {}
+    for tag, at in readings.items():
+        if "start" in at and "end" in at:
+            deltas[tag] = {k: at["end"][k] - v for k, v in at["start"].items() if k in at["end"]}
+    return deltas
+
+
+def driver_counts(delta: dict[str, int]) -> dict[str, float]:
+    """From one run's counter deltas: the transmitted frames' average size (KiB; a TSO frame
+    is up to 64), and per queue its kicks and its vector's interrupts per 1,000 of its frames."""
+    sums = {"tx_kicks": 0, "rx_kicks": 0, "tx_irqs": 0, "rx_irqs": 0}
+    seen = set()
+    for name, value in delta.items():
+        if m := _QUEUE_KICKS.fullmatch(name):
+            sums[f"{m[1]}_kicks"] += value
+            seen.add(f"{m[1]}_kicks")
+        elif m := _VECTOR.fullmatch(name):
+            which = "tx" if m[1] == "output" else "rx"
+            sums[f"{which}_irqs"] += value
+            seen.add(f"{which}_irqs")
+    frames = {"tx": delta.get("sys_tx_packets", 0), "rx": delta.get("sys_rx_packets", 0)}
+    out = {k: sums[k] * 1000 / frames[k[:2]] if k in seen and frames[k[:2]] > 0 else NAN for k in sums}
+    out["tx_kb"] = delta.get("sys_tx_bytes", 0) / frames["tx"] / 1024 if frames["tx"] > 0 else NAN
+    return out
 
 
 def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], dict[str, object]]:
     """Per (NIC key, job): medians over rounds of the value (Mbit/s; transactions/s for rr),
-    rr's p50 latency, and CPU per MB moved (per transaction for rr) of our server and of the
-    QEMU process; ``runs`` holds every round's value."""
+    rr's p50 latency, CPU per MB moved (per transaction for rr) of our server and of the
+    QEMU process, and the guest driver's counts (:func:`driver_counts`); ``runs`` holds every
+    round's value."""
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    deltas = counter_deltas(output)
     for line in output.splitlines():
         if not line.startswith("netload name="):
             continue
@@ -227,6 +279,7 @@ def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], d
             "p50_us": float(kv.get("p50_us", NAN)),
             "server_cpu": server * 1e6 / units if units else NAN,
             "qemu_cpu": qemu * 1e6 / units if units else NAN,
+            **(driver_counts(deltas[tag]) if tag in deltas else dict.fromkeys(COUNTS, NAN)),
         })
     out: dict[tuple[str, str], dict[str, object]] = {}
     for k, rs in runs.items():
@@ -265,8 +318,18 @@ def report(found: dict[tuple[str, str], dict[str, object]], nics: list[Nic], job
         for job in jobs:
             p = found.get((nic.key, job), none)
             peer_rows.append([nic.label, JOBS[job], p["value"], _range(p.get("runs")), p["p50_us"], p["qemu_cpu"]])
-    return text + "\n" + table(title + ": QEMU's NICs", ["NIC", "job", unit, "each round", "rr p50 us",
-                                                          "QEMU process " + cpu], peer_rows)
+    text += "\n" + table(title + ": QEMU's NICs", ["NIC", "job", unit, "each round", "rr p50 us",
+                                                    "QEMU process " + cpu], peer_rows)
+    count_rows = []
+    for job in jobs:
+        for nic in nics:
+            c = found.get((nic.key, job), none)
+            count_rows.append([nic.label, JOBS[job], c["value"], c["server_cpu"], c["qemu_cpu"],
+                               *(c[k] for k in COUNTS)])
+    return text + "\n" + table(
+        title + ": what the guest's driver did, per 1,000 frames of each queue (medians)",
+        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "KiB per sent frame", "tx kicks",
+         "tx interrupts", "rx kicks", "rx interrupts"], count_rows)
 
 
 def find_process(*, arg: str | None = None, substring: str | None = None) -> int | None:

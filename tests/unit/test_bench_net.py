@@ -22,7 +22,8 @@ def test_plan_pairs_every_variant_with_qemus_nic_alike() -> None:
 def test_script_rotates_nics_and_marks_every_run() -> None:
     nics = plan([Variant()], ["offloads", "plain"])
     script = guest_script(nics, ["tx", "rr"], 1.5, 3)
-    runs = [ln.split()[1] for ln in script.splitlines() if ln.startswith("/usr/local/bin/netload")]
+    runs = [ln.split()[1] for ln in script.splitlines()
+            if ln.startswith("/usr/local/bin/netload") and ln.split()[2] != "counters"]
     assert len(runs) == 2 * 3 * 4
     firsts = [runs[i].split("/")[0] for i in range(0, 12, 4)]
     assert firsts == ["ours-offloads", "ours-plain", "qemu-offloads"]  # a new first NIC each round
@@ -85,3 +86,66 @@ def test_modes_take_both_as_the_help_says(text: str, modes: list[str]) -> None:
     from bench.guest_net import parse_modes
 
     assert parse_modes(text) == modes
+
+
+def test_script_reads_the_drivers_counters_around_every_run() -> None:
+    nics = plan([Variant()], ["offloads"])
+    lines = guest_script(nics, ["tx"], 1.0, 2).splitlines()
+    assert "dev1=$dev" in lines  # each NIC's interface, by its index in the plan
+    run = next(i for i, ln in enumerate(lines) if ln.startswith("/usr/local/bin/netload qemu-offloads/tx@0 tx"))
+    assert lines[run - 2] == "/usr/local/bin/netload qemu-offloads/tx@0 counters $dev1 start"
+    assert lines[run - 1] == "echo mark start qemu-offloads/tx@0"
+    assert lines[run + 2] == "/usr/local/bin/netload qemu-offloads/tx@0 counters $dev1 end"
+
+
+def _counters(tag: str, at: str, **values: int) -> str:
+    return f"netcounters name={tag} at={at} " + " ".join(f"{k.replace('__', '.')}={v}" for k, v in values.items())
+
+
+def test_driver_counts_per_thousand_frames_of_each_queue() -> None:
+    tag = "ours-offloads/tx@0"
+    output = "\n".join([
+        _counters(tag, "start", sys_rx_packets=100, sys_tx_packets=50, sys_tx_bytes=0, rx0_kicks=7, tx0_kicks=9,
+                  tx_kicks=9, irq_input__0=10, irq_output__0=20, irq_config=1),
+        "netload name=ours-offloads/tx@0 dir=tx mbps=800.0 bytes=100000000 seconds=1.000",
+        _counters(tag, "end", sys_rx_packets=2100, sys_tx_packets=4050, sys_tx_bytes=4000 * 65536, rx0_kicks=27,
+                  tx0_kicks=1009, tx_kicks=1009, irq_input__0=1010, irq_output__0=520, irq_config=1),
+        _counters("ours-offloads/tx@1", "start", sys_tx_packets=1),  # no end: left out
+    ])
+    from bench.guest_net import counter_deltas, driver_counts
+
+    deltas = counter_deltas(output)
+    assert set(deltas) == {tag} and deltas[tag]["tx0_kicks"] == 1000
+    counts = driver_counts(deltas[tag])
+    # 4,000 frames sent, 2,000 received; tx_kicks (the driver's total) is not counted twice
+    assert counts == {"tx_kicks": 250.0, "rx_kicks": 10.0, "tx_irqs": 125.0, "rx_irqs": 500.0, "tx_kb": 64.0}
+    found = parse(output)
+    assert found[("ours-offloads", "tx")]["tx_kicks"] == 250.0
+    text = report(found, plan([Variant()], ["offloads"]), ["tx"], "t")
+    row = next(ln for ln in text.split("what the guest's driver did")[1].splitlines() if ln.startswith("| ours"))
+    assert [c.strip() for c in row.split("|")[6:11]] == ["64.0", "250", "125", "10.0", "500"]
+
+
+def test_driver_counts_take_the_older_names_and_say_nothing_without_frames() -> None:
+    from bench.guest_net import driver_counts
+
+    counts = driver_counts({"sys_tx_packets": 10, "sys_tx_bytes": 10240, "tx_queue_0_kicks": 5,
+                            "sys_rx_packets": 0, "rx_queue_0_kicks": 3})
+    assert counts["tx_kicks"] == 500.0 and counts["tx_kb"] == 1.0
+    nan = [k for k, v in counts.items() if v != v]
+    assert sorted(nan) == ["rx_irqs", "rx_kicks", "tx_irqs"]  # no frames received, no vectors read
+
+
+def test_netload_counters_read_the_interface_or_say_why_not(tmp_path) -> None:
+    exe = tmp_path / "netload"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "bench" / "netload.c")], check=True)
+    # lo has packet counters but no device behind it (no vectors) nor ethtool statistics
+    r = subprocess.run([str(exe), "t/tx@0", "counters", "lo", "start"], capture_output=True, text=True)
+    assert r.returncode == 1 and "/sys/class/net/lo/device" in r.stderr
+    line = r.stdout.strip()
+    assert line.startswith("netcounters name=t/tx@0 at=start sys_rx_packets=")
+    assert int(dict(w.split("=") for w in line.split()[1:])["sys_tx_bytes"]) >= 0
+    r = subprocess.run([str(exe), "t", "counters", "s11t-none", "end"], capture_output=True, text=True)
+    assert r.returncode == 1 and "s11t-none" in r.stderr
+    r = subprocess.run([str(exe), "t", "counters", "lo"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
