@@ -214,7 +214,7 @@ class CpuWatch:
 
 
 #: what the guest's driver did per run (:func:`driver_counts`)
-COUNTS = ("tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
+COUNTS = ("guest_busy", "tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
 FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu", *COUNTS)
 _QUEUE_KICKS = re.compile(r"(rx|tx)(?:\d+|_queue_\d+)_kicks")  # rx0_kicks; tx_queue_0_kicks before Linux 6.10
 _VECTOR = re.compile(r"irq_(input|output)\.\d+")
@@ -239,8 +239,10 @@ def counter_deltas(output: str) -> dict[str, dict[str, int]]:
 
 
 def driver_counts(delta: dict[str, int]) -> dict[str, float]:
-    """From one run's counter deltas: the transmitted frames' average size (KiB; a TSO frame
-    is up to 64), and per queue its kicks and its vector's interrupts per 1,000 of its frames."""
+    """From one run's counter deltas: the share of the guest's CPU time it was busy (%; a
+    guest at 100 cannot go faster, one below waits for the NIC), the transmitted frames'
+    average size (KiB; a TSO frame is up to 64), and per queue its kicks and its vector's
+    interrupts per 1,000 of its frames."""
     sums = {"tx_kicks": 0, "rx_kicks": 0, "tx_irqs": 0, "rx_irqs": 0}
     seen = set()
     for name, value in delta.items():
@@ -254,6 +256,8 @@ def driver_counts(delta: dict[str, int]) -> dict[str, float]:
     frames = {"tx": delta.get("sys_tx_packets", 0), "rx": delta.get("sys_rx_packets", 0)}
     out = {k: sums[k] * 1000 / frames[k[:2]] if k in seen and frames[k[:2]] > 0 else NAN for k in sums}
     out["tx_kb"] = delta.get("sys_tx_bytes", 0) / frames["tx"] / 1024 if frames["tx"] > 0 else NAN
+    ticks = delta.get("cpu_busy", 0) + delta.get("cpu_idle", 0)
+    out["guest_busy"] = 100 * delta.get("cpu_busy", 0) / ticks if ticks > 0 else NAN
     return out
 
 
@@ -328,7 +332,8 @@ def report(found: dict[tuple[str, str], dict[str, object]], nics: list[Nic], job
                                *(c[k] for k in COUNTS)])
     return text + "\n" + table(
         title + ": what the guest's driver did, per 1,000 frames of each queue (medians)",
-        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "KiB per sent frame", "tx kicks",
+        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "guest CPU busy %",
+         "KiB per sent frame", "tx kicks",
          "tx interrupts", "rx kicks", "rx interrupts"], count_rows)
 
 

@@ -11,8 +11,9 @@
  * "tps=... p50_us=... p99_us=..."). The host side (a sink for tx, a pusher for rx, an echo
  * server for rr) lives in bench/guest_net.py.
  *
- * counters prints "netcounters name=NAME at=AT sys_rx_packets=N ... STAT=N ... irq_QUEUE=N ...":
- * the interface's packets and bytes each way (sysfs), every statistic the driver gives ethtool
+ * counters prints "netcounters name=NAME at=AT cpu_busy=N ... sys_rx_packets=N ... STAT=N ...
+ * irq_QUEUE=N ...": the guest's CPU ticks busy and idle (/proc/stat), the interface's packets
+ * and bytes each way (sysfs), every statistic the driver gives ethtool
  * (ETHTOOL_GSTATS; virtio_net's per-queue kicks, tx0_kicks, or tx_queue_0_kicks before 6.10)
  * and, from /proc/interrupts, the interrupts of each of the device's vectors (virtioN-input.0,
  * virtioN-output.0, ... as irq_input.0, irq_output.0), summed over CPUs. The guest kit's
@@ -313,6 +314,24 @@ static int totals(const char *iface)
     return 0;
 }
 
+/* The guest's CPU time so far (all CPUs, in USER_HZ ticks) as " cpu_busy=N cpu_idle=N": under
+ * TCG an idle vCPU is one that waits for the device, a busy one is the bottleneck. */
+static int cpu_time(void)
+{
+    unsigned long long v[8] = {0};  /* user nice system idle iowait irq softirq steal */
+    FILE *f = fopen("/proc/stat", "r");
+    int ok = f && fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                         &v[5], &v[6], &v[7]) == 8;
+    if (f)
+        fclose(f);
+    if (!ok) {
+        fprintf(stderr, "netload: /proc/stat: %s\n", f ? "no cpu line" : strerror(errno));
+        return -1;
+    }
+    printf(" cpu_busy=%llu cpu_idle=%llu", v[0] + v[1] + v[2] + v[5] + v[6] + v[7], v[3] + v[4]);
+    return 0;
+}
+
 static int counters(const char *name, const char *iface, const char *at)
 {
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -321,7 +340,7 @@ static int counters(const char *name, const char *iface, const char *at)
         return 1;
     }
     printf("netcounters name=%s at=%s", name, at);
-    int rc = totals(iface) | ethtool_stats(fd, iface) | interrupts(iface);
+    int rc = cpu_time() | totals(iface) | ethtool_stats(fd, iface) | interrupts(iface);
     printf("\n");
     close(fd);
     return rc ? 1 : 0;

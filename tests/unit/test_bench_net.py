@@ -105,10 +105,10 @@ def _counters(tag: str, at: str, **values: int) -> str:
 def test_driver_counts_per_thousand_frames_of_each_queue() -> None:
     tag = "ours-offloads/tx@0"
     output = "\n".join([
-        _counters(tag, "start", sys_rx_packets=100, sys_tx_packets=50, sys_tx_bytes=0, rx0_kicks=7, tx0_kicks=9,
+        _counters(tag, "start", cpu_busy=1000, cpu_idle=500, sys_rx_packets=100, sys_tx_packets=50, sys_tx_bytes=0, rx0_kicks=7, tx0_kicks=9,
                   tx_kicks=9, irq_input__0=10, irq_output__0=20, irq_config=1),
         "netload name=ours-offloads/tx@0 dir=tx mbps=800.0 bytes=100000000 seconds=1.000",
-        _counters(tag, "end", sys_rx_packets=2100, sys_tx_packets=4050, sys_tx_bytes=4000 * 65536, rx0_kicks=27,
+        _counters(tag, "end", cpu_busy=1270, cpu_idle=530, sys_rx_packets=2100, sys_tx_packets=4050, sys_tx_bytes=4000 * 65536, rx0_kicks=27,
                   tx0_kicks=1009, tx_kicks=1009, irq_input__0=1010, irq_output__0=520, irq_config=1),
         _counters("ours-offloads/tx@1", "start", sys_tx_packets=1),  # no end: left out
     ])
@@ -118,12 +118,13 @@ def test_driver_counts_per_thousand_frames_of_each_queue() -> None:
     assert set(deltas) == {tag} and deltas[tag]["tx0_kicks"] == 1000
     counts = driver_counts(deltas[tag])
     # 4,000 frames sent, 2,000 received; tx_kicks (the driver's total) is not counted twice
-    assert counts == {"tx_kicks": 250.0, "rx_kicks": 10.0, "tx_irqs": 125.0, "rx_irqs": 500.0, "tx_kb": 64.0}
+    assert counts == {"tx_kicks": 250.0, "rx_kicks": 10.0, "tx_irqs": 125.0, "rx_irqs": 500.0, "tx_kb": 64.0,
+                      "guest_busy": 90.0}  # 270 of 300 ticks
     found = parse(output)
     assert found[("ours-offloads", "tx")]["tx_kicks"] == 250.0
     text = report(found, plan([Variant()], ["offloads"]), ["tx"], "t")
     row = next(ln for ln in text.split("what the guest's driver did")[1].splitlines() if ln.startswith("| ours"))
-    assert [c.strip() for c in row.split("|")[6:11]] == ["64.0", "250", "125", "10.0", "500"]
+    assert [c.strip() for c in row.split("|")[6:12]] == ["90.0", "64.0", "250", "125", "10.0", "500"]
 
 
 def test_driver_counts_take_the_older_names_and_say_nothing_without_frames() -> None:
@@ -133,7 +134,7 @@ def test_driver_counts_take_the_older_names_and_say_nothing_without_frames() -> 
                             "sys_rx_packets": 0, "rx_queue_0_kicks": 3})
     assert counts["tx_kicks"] == 500.0 and counts["tx_kb"] == 1.0
     nan = [k for k, v in counts.items() if v != v]
-    assert sorted(nan) == ["rx_irqs", "rx_kicks", "tx_irqs"]  # no frames received, no vectors read
+    assert sorted(nan) == ["guest_busy", "rx_irqs", "rx_kicks", "tx_irqs"]  # no frames received, no vectors read
 
 
 def test_netload_counters_read_the_interface_or_say_why_not(tmp_path) -> None:
@@ -143,8 +144,9 @@ def test_netload_counters_read_the_interface_or_say_why_not(tmp_path) -> None:
     r = subprocess.run([str(exe), "t/tx@0", "counters", "lo", "start"], capture_output=True, text=True)
     assert r.returncode == 1 and "/sys/class/net/lo/device" in r.stderr
     line = r.stdout.strip()
-    assert line.startswith("netcounters name=t/tx@0 at=start sys_rx_packets=")
-    assert int(dict(w.split("=") for w in line.split()[1:])["sys_tx_bytes"]) >= 0
+    assert line.startswith("netcounters name=t/tx@0 at=start cpu_busy=")
+    values = dict(w.split("=") for w in line.split()[1:])
+    assert int(values["sys_tx_bytes"]) >= 0 and int(values["cpu_busy"]) + int(values["cpu_idle"]) > 0
     r = subprocess.run([str(exe), "t", "counters", "s11t-none", "end"], capture_output=True, text=True)
     assert r.returncode == 1 and "s11t-none" in r.stderr
     r = subprocess.run([str(exe), "t", "counters", "lo"], capture_output=True, text=True)
