@@ -54,7 +54,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import REPO, Variant, cpu_seconds, machine_line, median, table
+from .common import HZ, REPO, Variant, cpu_seconds, machine_line, median, table
 
 JOBS = {"tx": "TCP guest -> host", "rx": "TCP host -> guest", "rr": "TCP 1-byte request/response"}
 PORTS = {"tx": 5000, "rx": 6000, "rr": 7000}
@@ -184,19 +184,45 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) 
 
 @dataclass
 class CpuWatch:
-    """CPU seconds of our servers (by NIC key) and of the QEMU process between the guest's
-    ``mark start TAG`` and ``mark end TAG`` lines."""
+    """CPU seconds of our servers (by NIC key), of the QEMU process and of its vCPU thread, and
+    the wall time, between the guest's ``mark start TAG`` and ``mark end TAG`` lines."""
 
     nics: dict[str, Nic]
     qemu_pid: int | None = None
-    start: dict[str, tuple[float, float]] = field(default_factory=dict)
-    spent: dict[str, tuple[float, float]] = field(default_factory=dict)  # tag -> (server, QEMU)
+    start: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: tag -> (server, QEMU process, QEMU's vCPU thread, wall), seconds
+    spent: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    _vcpu: str | None = None
 
     def _read(self, pid: int | None) -> float:
         try:
             return cpu_seconds(pid) if pid is not None else NAN
         except OSError:
             return NAN
+
+    def vcpu_thread(self) -> str | None:
+        """/proc/PID/task/TID of QEMU's (first) vCPU thread, "CPU 0/TCG" or "CPU 0/KVM"."""
+        if self._vcpu is None and self.qemu_pid is not None:
+            try:
+                for tid in sorted(os.listdir(f"/proc/{self.qemu_pid}/task"), key=int):
+                    with open(f"/proc/{self.qemu_pid}/task/{tid}/comm") as f:
+                        if f.read().startswith("CPU 0/"):
+                            self._vcpu = f"/proc/{self.qemu_pid}/task/{tid}"
+                            break
+            except OSError:
+                pass
+        return self._vcpu
+
+    def _read_vcpu(self) -> float:
+        task = self.vcpu_thread()
+        if task is None:
+            return NAN
+        try:
+            with open(f"{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return NAN
+        return (int(fields[11]) + int(fields[12])) / HZ
 
     def __call__(self, line: str) -> None:
         if not line.startswith("mark "):
@@ -205,16 +231,16 @@ class CpuWatch:
         nic = self.nics.get(tag.partition("/")[0])
         if nic is None:
             return
-        now = (self._read(nic.pid), self._read(self.qemu_pid))
+        now = (self._read(nic.pid), self._read(self.qemu_pid), self._read_vcpu(), time.monotonic())
         if what == "start":
             self.start[tag] = now
         elif what == "end" and tag in self.start:
             s = self.start[tag]
-            self.spent[tag] = (now[0] - s[0], now[1] - s[1])
+            self.spent[tag] = (now[0] - s[0], now[1] - s[1], now[2] - s[2], now[3] - s[3])
 
 
 #: what the guest's driver did per run (:func:`driver_counts`)
-COUNTS = ("guest_busy", "tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
+COUNTS = ("vcpu_pct", "guest_busy", "tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
 FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu", *COUNTS)
 _QUEUE_KICKS = re.compile(r"(rx|tx)(?:\d+|_queue_\d+)_kicks")  # rx0_kicks; tx_queue_0_kicks before Linux 6.10
 _VECTOR = re.compile(r"irq_(input|output)\.\d+")
@@ -264,8 +290,8 @@ def driver_counts(delta: dict[str, int]) -> dict[str, float]:
 def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], dict[str, object]]:
     """Per (NIC key, job): medians over rounds of the value (Mbit/s; transactions/s for rr),
     rr's p50 latency, CPU per MB moved (per transaction for rr) of our server and of the
-    QEMU process, and the guest driver's counts (:func:`driver_counts`); ``runs`` holds every
-    round's value."""
+    QEMU process, the share of a CPU QEMU's vCPU thread had, and the guest driver's counts
+    (:func:`driver_counts`); ``runs`` holds every round's value."""
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     deltas = counter_deltas(output)
     for line in output.splitlines():
@@ -277,13 +303,14 @@ def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], d
         job = rest.partition("@")[0]
         nbytes = float(kv["bytes"])
         units = nbytes / 2 if job == "rr" else nbytes / 1e6  # transactions, or MB
-        server, qemu = watch.spent.get(tag, (NAN, NAN)) if watch else (NAN, NAN)
+        server, qemu, vcpu, wall = watch.spent.get(tag, (NAN,) * 4) if watch else (NAN,) * 4
         runs.setdefault((key, job), []).append({
             "value": float(kv["tps"]) if job == "rr" else float(kv["mbps"]),
             "p50_us": float(kv.get("p50_us", NAN)),
             "server_cpu": server * 1e6 / units if units else NAN,
             "qemu_cpu": qemu * 1e6 / units if units else NAN,
             **(driver_counts(deltas[tag]) if tag in deltas else dict.fromkeys(COUNTS, NAN)),
+            "vcpu_pct": 100 * vcpu / wall if wall > 0 else NAN,
         })
     out: dict[tuple[str, str], dict[str, object]] = {}
     for k, rs in runs.items():
@@ -332,7 +359,8 @@ def report(found: dict[tuple[str, str], dict[str, object]], nics: list[Nic], job
                                *(c[k] for k in COUNTS)])
     return text + "\n" + table(
         title + ": what the guest's driver did, per 1,000 frames of each queue (medians)",
-        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "guest CPU busy %",
+        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "QEMU vCPU thread % of a CPU",
+         "guest CPU busy %",
          "KiB per sent frame", "tx kicks",
          "tx interrupts", "rx kicks", "rx interrupts"], count_rows)
 

@@ -38,10 +38,10 @@ def test_parse_takes_medians_and_cpu_per_unit() -> None:
     for r, mbps in enumerate([100.0, 300.0, 200.0]):
         tag = f"ours-offloads/tx@{r}"
         out.append(f"netload name={tag} dir=tx mbps={mbps} bytes={int(mbps * 1e6 / 8)} seconds=1.000")
-        watch.spent[tag] = (0.1, 0.5)
+        watch.spent[tag] = (0.1, 0.5, 0.9, 1.0)
     out.append("netload name=qemu-offloads/rr@0 dir=rr mbps=0 bytes=2000 seconds=1.000 tps=1000.0 "
                "p50_us=900.0 p99_us=2000.0")
-    watch.spent["qemu-offloads/rr@0"] = (float("nan"), 0.25)
+    watch.spent["qemu-offloads/rr@0"] = (float("nan"), 0.25, 0.5, 1.0)
     out.append("netload name=qemu-offloads/tx@1 dir=tx mbps=400.0 bytes=50000000 seconds=1.000")
     found = parse("\n".join(out), watch)
     tx = found[("ours-offloads", "tx")]
@@ -50,6 +50,7 @@ def test_parse_takes_medians_and_cpu_per_unit() -> None:
     rr = found[("qemu-offloads", "rr")]
     assert rr["value"] == 1000.0 and rr["p50_us"] == 900.0
     assert rr["qemu_cpu"] == pytest.approx(250.0)  # 0.25 s over 1,000 turns
+    assert rr["vcpu_pct"] == 50.0 and tx["vcpu_pct"] == 90.0
     text = report(found, nics, ["tx", "rr"], "t")
     ours = text.split("QEMU's NICs")[0].splitlines()
     assert ours[4].split("|")[2].strip() == "TCP guest -> host" and ours[4].rstrip(" |").endswith("0.50")
@@ -57,18 +58,36 @@ def test_parse_takes_medians_and_cpu_per_unit() -> None:
     assert ours[5].rstrip(" |").endswith("n/a")  # ours has no rr run: no ratio, listed last
 
 
+VCPU = """
+import ctypes, threading, time
+def spin():
+    ctypes.CDLL(None).prctl(15, b"CPU 0/TCG")  # PR_SET_NAME, as QEMU names its vCPU threads
+    while True:
+        pass
+threading.Thread(target=spin, daemon=True).start()
+time.sleep(30)
+"""
+
+
 def test_watch_reads_cpu_between_marks() -> None:
+    import sys
+    import time
+
     nics = plan([Variant()], ["offloads"])
-    proc = subprocess.Popen(["sleep", "30"])
+    proc = subprocess.Popen([sys.executable, "-c", VCPU])
     try:
-        nics[0].pid = proc.pid
         watch = CpuWatch({n.key: n for n in nics}, qemu_pid=proc.pid)
+        while watch.vcpu_thread() is None:  # until the thread has its name
+            assert proc.poll() is None
+            time.sleep(0.01)
+        assert watch.vcpu_thread() != f"/proc/{proc.pid}/task/{proc.pid}"
+        nics[0].pid = proc.pid
         watch("mark start ours-offloads/tx@0")
         watch("mark end ours-offloads/tx@0")
         watch("mark end qemu-offloads/tx@0")  # no start: nothing
         watch("netload name=x")
         assert set(watch.spent) == {"ours-offloads/tx@0"}
-        assert watch.spent["ours-offloads/tx@0"][0] >= 0
+        assert all(v >= 0 for v in watch.spent["ours-offloads/tx@0"])  # server, process, vCPU thread, wall
     finally:
         proc.kill()
         proc.wait()
@@ -124,7 +143,7 @@ def test_driver_counts_per_thousand_frames_of_each_queue() -> None:
     assert found[("ours-offloads", "tx")]["tx_kicks"] == 250.0
     text = report(found, plan([Variant()], ["offloads"]), ["tx"], "t")
     row = next(ln for ln in text.split("what the guest's driver did")[1].splitlines() if ln.startswith("| ours"))
-    assert [c.strip() for c in row.split("|")[6:12]] == ["90.0", "64.0", "250", "125", "10.0", "500"]
+    assert [c.strip() for c in row.split("|")[6:13]] == ["n/a", "90.0", "64.0", "250", "125", "10.0", "500"]
 
 
 def test_driver_counts_take_the_older_names_and_say_nothing_without_frames() -> None:
