@@ -192,6 +192,9 @@ class CpuWatch:
     start: dict[str, tuple[float, ...]] = field(default_factory=dict)
     #: tag -> (server, QEMU process, QEMU's vCPU thread, wall), seconds
     spent: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    #: tag -> the host's CPU ticks (all CPUs) idle, stolen (by the hypervisor under this
+    #: host, if it is a VM) and in all
+    host: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     _vcpu: str | None = None
 
     def _read(self, pid: int | None) -> float:
@@ -231,16 +234,28 @@ class CpuWatch:
         nic = self.nics.get(tag.partition("/")[0])
         if nic is None:
             return
-        now = (self._read(nic.pid), self._read(self.qemu_pid), self._read_vcpu(), time.monotonic())
+        now = (self._read(nic.pid), self._read(self.qemu_pid), self._read_vcpu(), time.monotonic(), *host_ticks())
         if what == "start":
             self.start[tag] = now
         elif what == "end" and tag in self.start:
-            s = self.start[tag]
-            self.spent[tag] = (now[0] - s[0], now[1] - s[1], now[2] - s[2], now[3] - s[3])
+            d = [b - a for a, b in zip(self.start[tag], now, strict=True)]
+            self.spent[tag] = (d[0], d[1], d[2], d[3])
+            self.host[tag] = (int(d[4]), int(d[5]), int(d[6]))
+
+
+def host_ticks(stat: str = "/proc/stat") -> tuple[int, int, int]:
+    """The host's CPU ticks so far, all CPUs: idle (iowait included), stolen, in all."""
+    try:
+        with open(stat) as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return (0, 0, 0)
+    v += [0] * (8 - len(v))
+    return v[3] + v[4], v[7], sum(v)
 
 
 #: what the guest's driver did per run (:func:`driver_counts`)
-COUNTS = ("vcpu_pct", "guest_busy", "tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
+COUNTS = ("host_idle", "host_steal", "vcpu_pct", "guest_busy", "tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
 FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu", *COUNTS)
 _QUEUE_KICKS = re.compile(r"(rx|tx)(?:\d+|_queue_\d+)_kicks")  # rx0_kicks; tx_queue_0_kicks before Linux 6.10
 _VECTOR = re.compile(r"irq_(input|output)\.\d+")
@@ -287,10 +302,18 @@ def driver_counts(delta: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def host_shares(ticks: tuple[int, int, int] | None) -> dict[str, float]:
+    """The host's idle and stolen time during a run, in % of all its CPUs' time."""
+    if not ticks or ticks[2] <= 0:
+        return {"host_idle": NAN, "host_steal": NAN}
+    return {"host_idle": 100 * ticks[0] / ticks[2], "host_steal": 100 * ticks[1] / ticks[2]}
+
+
 def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], dict[str, object]]:
     """Per (NIC key, job): medians over rounds of the value (Mbit/s; transactions/s for rr),
     rr's p50 latency, CPU per MB moved (per transaction for rr) of our server and of the
-    QEMU process, the share of a CPU QEMU's vCPU thread had, and the guest driver's counts
+    QEMU process, the host's idle and stolen shares, the share of a CPU QEMU's vCPU thread
+    had, and the guest driver's counts
     (:func:`driver_counts`); ``runs`` holds every round's value."""
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     deltas = counter_deltas(output)
@@ -311,6 +334,7 @@ def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], d
             "qemu_cpu": qemu * 1e6 / units if units else NAN,
             **(driver_counts(deltas[tag]) if tag in deltas else dict.fromkeys(COUNTS, NAN)),
             "vcpu_pct": 100 * vcpu / wall if wall > 0 else NAN,
+            **host_shares(watch.host.get(tag) if watch else None),
         })
     out: dict[tuple[str, str], dict[str, object]] = {}
     for k, rs in runs.items():
@@ -359,7 +383,8 @@ def report(found: dict[tuple[str, str], dict[str, object]], nics: list[Nic], job
                                *(c[k] for k in COUNTS)])
     return text + "\n" + table(
         title + ": what the guest's driver did, per 1,000 frames of each queue (medians)",
-        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "QEMU vCPU thread % of a CPU",
+        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "host idle %", "host steal %",
+         "QEMU vCPU thread % of a CPU",
          "guest CPU busy %",
          "KiB per sent frame", "tx kicks",
          "tx interrupts", "rx kicks", "rx interrupts"], count_rows)

@@ -39,6 +39,7 @@ def test_parse_takes_medians_and_cpu_per_unit() -> None:
         tag = f"ours-offloads/tx@{r}"
         out.append(f"netload name={tag} dir=tx mbps={mbps} bytes={int(mbps * 1e6 / 8)} seconds=1.000")
         watch.spent[tag] = (0.1, 0.5, 0.9, 1.0)
+        watch.host[tag] = (50, 10, 200)
     out.append("netload name=qemu-offloads/rr@0 dir=rr mbps=0 bytes=2000 seconds=1.000 tps=1000.0 "
                "p50_us=900.0 p99_us=2000.0")
     watch.spent["qemu-offloads/rr@0"] = (float("nan"), 0.25, 0.5, 1.0)
@@ -51,6 +52,8 @@ def test_parse_takes_medians_and_cpu_per_unit() -> None:
     assert rr["value"] == 1000.0 and rr["p50_us"] == 900.0
     assert rr["qemu_cpu"] == pytest.approx(250.0)  # 0.25 s over 1,000 turns
     assert rr["vcpu_pct"] == 50.0 and tx["vcpu_pct"] == 90.0
+    assert (tx["host_idle"], tx["host_steal"]) == (25.0, 5.0)  # of all the host's ticks in the run
+    assert rr["host_idle"] != rr["host_idle"]  # not read: n/a
     text = report(found, nics, ["tx", "rr"], "t")
     ours = text.split("QEMU's NICs")[0].splitlines()
     assert ours[4].split("|")[2].strip() == "TCP guest -> host" and ours[4].rstrip(" |").endswith("0.50")
@@ -88,9 +91,20 @@ def test_watch_reads_cpu_between_marks() -> None:
         watch("netload name=x")
         assert set(watch.spent) == {"ours-offloads/tx@0"}
         assert all(v >= 0 for v in watch.spent["ours-offloads/tx@0"])  # server, process, vCPU thread, wall
+        idle, steal, total = watch.host["ours-offloads/tx@0"]
+        assert 0 <= idle <= total and 0 <= steal <= total
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_host_ticks_read_proc_stat(tmp_path) -> None:
+    from bench.guest_net import host_ticks
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 1000 20 3 4 7 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert host_ticks(str(stat)) == (1020, 7, 1189)
+    assert host_ticks(str(tmp_path / "none")) == (0, 0, 0)
 
 
 def test_netload_builds() -> None:
@@ -143,7 +157,7 @@ def test_driver_counts_per_thousand_frames_of_each_queue() -> None:
     assert found[("ours-offloads", "tx")]["tx_kicks"] == 250.0
     text = report(found, plan([Variant()], ["offloads"]), ["tx"], "t")
     row = next(ln for ln in text.split("what the guest's driver did")[1].splitlines() if ln.startswith("| ours"))
-    assert [c.strip() for c in row.split("|")[6:13]] == ["n/a", "90.0", "64.0", "250", "125", "10.0", "500"]
+    assert [c.strip() for c in row.split("|")[8:15]] == ["n/a", "90.0", "64.0", "250", "125", "10.0", "500"]
 
 
 def test_driver_counts_take_the_older_names_and_say_nothing_without_frames() -> None:
