@@ -24,14 +24,19 @@ Jobs (``bench/netload.c`` in the guest, built static on the host; a Python sink,
 echo server in the namespace): TCP from the guest to the namespace (``tx``) and from the
 namespace to the guest (``rx``), 64 KiB writes; and ``rr``, one-byte requests and responses on
 one TCP connection with TCP_NODELAY, one at a time (transactions per second, p50 latency). Job
-by job, every round takes the NICs in a rotated order, so that neither a slow stretch of the
-host nor a NIC's place in the turn favours one of them. The guest prints a marker around each
+by job, every NIC first runs the job for ``--warmup`` seconds, uncounted: the first guest-to-host
+runs after boot were 15-25% slower than the later ones whichever NIC ran them (the boot's
+first bulk transfers pay one-time costs, not measured further), and with ours first in the
+list that fell mostly on ours. Then every round takes the NICs in a rotated order, so that neither a
+slow stretch of the host nor a NIC's place in the turn favours one of them. The guest prints a marker around each
 run; the host, watching the serial console, reads the CPU time of our server (and of the QEMU
 process, for every NIC) at the markers: CPU per MB moved (per turn for ``rr``). Around each run
 the guest also reads what its driver counted for that NIC (``netload NAME counters``: packets,
 the driver's kicks per queue, the interrupts per vector): kicks and interrupts per 1,000 frames
 of each queue, and the transmitted frames' average size, for ours and QEMU's NIC alike. A NIC
-that takes fewer frames per kick lets the guest's vCPU spend more of itself on exits.
+that takes fewer frames per kick lets the guest's vCPU spend more of itself on exits. The host's
+idle and stolen CPU time and the share of a CPU QEMU's vCPU thread got say whether a slow run
+lacked host CPU.
 
 Prints medians over rounds (and each run's range), ours first with the worst ratio to QEMU's
 NIC alike on top, then QEMU's NICs.
@@ -154,7 +159,9 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) -> str:
+def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int, warmup: float = 0) -> str:
+    """The guest's part: find and address every NIC, then per job a warm-up run on every NIC
+    (``warmup`` seconds, tagged ``@warm`` and not counted), then the rounds."""
     lines = [
         f"for i in $(seq 60); do [ $(ls /sys/class/net | wc -l) -ge {len(nics) + 1} ] && break; sleep 1; done",
         "iface_of() { for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = \"$1\" ] && echo ${d##*/} && return; done; }",
@@ -168,6 +175,11 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) 
             f"[ $n -gt 90 ] && {{ echo \"no link {nic.key}\"; exit 5; }}; done",
         ]
     for job in jobs:
+        if warmup > 0:
+            for nic in nics:
+                address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
+                lines.append(f"/usr/local/bin/netload {nic.key}/{job}@warm {job} {address} {PORTS[job]} {warmup:g} "
+                             f">/dev/null || echo \"netload failed {nic.key}/{job}@warm\"")
         for r in range(rounds):
             for nic in nics[r % len(nics):] + nics[: r % len(nics)]:
                 address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
@@ -451,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3, help="runs of every job per NIC, in rotating order; medians")
     ap.add_argument("--jobs", default="tx,rx,rr", help="comma-separated: tx, rx, rr")
+    ap.add_argument("--warmup", type=float, default=2.0, metavar="SECONDS",
+                    help="before a job's rounds, run it this long on every NIC, uncounted (0: no warm-up)")
     ap.add_argument("--modes", default="both",
                     help="offloads (ours and QEMU's with TAP offloads), plain (both without), or both")
     ap.add_argument("--memory", type=int, default=512)
@@ -517,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mover = threading.Thread(target=ns.adopt, args=([(taps[nic.key], nic.net) for nic in nics],), daemon=True)
         mover.start()
-        result = run_guest(guest_script(nics, jobs, args.seconds, args.rounds), devices, memory_mib=args.memory,
+        result = run_guest(guest_script(nics, jobs, args.seconds, args.rounds, args.warmup), devices, memory_mib=args.memory,
                            timeout=args.timeout, extra_files={"/usr/local/bin/netload": netload}, check=False,
                            watch=on_line)
     finally:

@@ -131,6 +131,19 @@ def test_script_reads_the_drivers_counters_around_every_run() -> None:
     assert lines[run + 2] == "/usr/local/bin/netload qemu-offloads/tx@0 counters $dev1 end"
 
 
+def test_warm_up_runs_go_before_the_rounds_and_are_not_counted() -> None:
+    nics = plan([Variant()], ["offloads"])
+    lines = guest_script(nics, ["tx", "rr"], 1.0, 2, warmup=0.5).splitlines()
+    runs = [ln.split()[1] for ln in lines if ln.startswith("/usr/local/bin/netload") and " counters " not in ln]
+    assert runs == ["ours-offloads/tx@warm", "qemu-offloads/tx@warm", "ours-offloads/tx@0", "qemu-offloads/tx@0",
+                    "qemu-offloads/tx@1", "ours-offloads/tx@1", "ours-offloads/rr@warm", "qemu-offloads/rr@warm",
+                    "ours-offloads/rr@0", "qemu-offloads/rr@0", "qemu-offloads/rr@1", "ours-offloads/rr@1"]
+    warm = next(ln for ln in lines if "ours-offloads/tx@warm" in ln)
+    assert warm.endswith('tx 10.81.0.1 5000 0.5 >/dev/null || echo "netload failed ours-offloads/tx@warm"')
+    assert "@warm" not in "".join(ln for ln in lines if ln.startswith("echo mark"))
+    assert not any("@warm" in ln for ln in guest_script(nics, ["tx"], 1.0, 2).splitlines())
+
+
 def _counters(tag: str, at: str, **values: int) -> str:
     return f"netcounters name={tag} at={at} " + " ".join(f"{k.replace('__', '.')}={v}" for k, v in values.items())
 
