@@ -10,6 +10,7 @@ readable descriptors (direct or in an indirect table), then zero to two mutation
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -22,7 +23,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vfu_devices.fastio import load_module
-from vfu_devices.virtio.net import HDR_LEN, MAX_TX_FRAME, VirtioNet, _NetFast
+from vfu_devices.virtio.net import (
+    HDR_LEN,
+    MAX_TX_FRAME,
+    TX_BULK_FRAME,
+    TX_LINGER_NS,
+    VirtioNet,
+    _NetFast,
+)
 from vfu_devices.virtio.netbackend import NetBackend
 from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from vfu_server.testing.memory import map_guest_ram
@@ -390,11 +398,19 @@ def make_available(dev: VirtioNet, q: SplitQueue, frames: list[tuple[int, bool]]
     dev.dma.write(AVAIL + 2, struct.pack("<H", (idx + len(frames)) & 0xFFFF))
 
 
+def lingers(batch: list[tuple[int, bool]]) -> bool:
+    """Whether C's part of a batch (up to its first frame for Python) is a bulk transfer's,
+    whose completions wait (VirtioNet._linger): more than TX_BULK_FRAME bytes a frame."""
+    sent = [n - HDR_LEN for n, _ in itertools.takewhile(lambda f: not f[1], batch)]
+    return bool(sent) and sum(sent) > len(sent) * TX_BULK_FRAME
+
+
 async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, bool]]], inline: bool,
-                peer: socket.socket) -> tuple[list[bytes], bytes, int]:
+                peer: socket.socket) -> tuple[list[bytes], bytes, int, int]:
     """The transmit loop parked, then per batch: the driver adds it and kicks, the loop runs
-    until everything waits again. Returns what the TAP saw, the used ring with avail_event, the
-    loop's wake-ups and the interrupts signalled."""
+    (and lingers) until everything waits again. Returns what the TAP saw, the used ring with
+    avail_event, the loop's wake-ups and the interrupts signalled. Runs on a MockClock that
+    jumps when every task sleeps."""
     wakeups = 0
     ring = q.doorbell.ring
     signals: list[int] = []
@@ -414,50 +430,102 @@ async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, boo
     sent: list[bytes] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dev._tx_loop, q)
-        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1)
         for serial, batch in enumerate(batches):
             assert q.doorbell.parked
             make_available(dev, q, batch, serial)
             if inline:
+                used_before, signalled = dev.dma.read(USED, 4), len(signals)
                 dev.queue_kicked(q)
-                if batch and not any(python_only for _, python_only in batch):
-                    # C took the whole batch before anything else ran; the loop slept on
-                    now = received(peer)
-                    assert len(now) == len(batch) and q.doorbell.parked
-                    sent += now
+                # C sent its part of the batch before anything else ran; small frames are
+                # published and signalled right away, a bulk transfer's wait for the loop
+                now = received(peer)
+                assert len(now) == len(list(itertools.takewhile(lambda f: not f[1], batch)))
+                if lingers(batch):
+                    assert dev.dma.read(USED, 4) == used_before and len(signals) == signalled
+                sent += now
             else:
                 q.doorbell.ring()
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(1)  # the loop's pass and any linger
             sent += received(peer)
         nursery.cancel_scope.cancel()
     return sent, dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2), wakeups, len(signals)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batches=st.lists(st.lists(st.tuples(st.integers(HDR_LEN + 14, 3000), st.booleans()), max_size=KICK_SIZE),
+@given(batches=st.lists(st.lists(st.tuples(st.integers(HDR_LEN + 14, 5000), st.booleans()), max_size=KICK_SIZE),
                         min_size=1, max_size=6),
        vnet_hdr=st.booleans(), next_avail=st.sampled_from([0, 5, 0xFFFE]))
 def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socket.socket],
                                                  batches: list[list[tuple[int, bool]]], vnet_hdr: bool,
                                                  next_avail: int) -> None:
     """Kicks served in the connection's task (C right away, the loop woken only for what C
-    leaves) against kicks that wake the loop: the same frames in the same order, the same used
-    ring, avail_event and counters; the loop is woken only for batches with a frame for Python."""
+    leaves or to linger) against kicks that wake the loop: the same frames in the same order,
+    the same used ring, avail_event and counters, one interrupt per batch; the loop is woken
+    only for batches with a frame for Python (or none at all) and bulk ones."""
     a, b = pair
     results = []
     for inline in (True, False):
         dev = device(a.fileno(), vnet_hdr)
         dev._fast = _NetFast(module, dev.dma)
         q = kick_queue(dev, next_avail)
-        results.append((*trio.run(kicks, dev, q, batches, inline, b), dev.queue_stats(1).snapshot(),
-                        q.state.next_avail))
+        results.append((*trio.run(kicks, dev, q, batches, inline, b, clock=trio.testing.MockClock(autojump_threshold=0)),
+                        dev.queue_stats(1).snapshot(), q.state.next_avail))
     (sent_i, used_i, wake_i, irq_i, stats_i, avail_i), (sent_t, used_t, wake_t, irq_t, stats_t, avail_t) = results
     assert sent_i == sent_t and len(sent_i) == sum(map(len, batches))
     assert irq_i == irq_t == sum(1 for batch in batches if batch), "one interrupt per batch the driver waits for"
     assert used_i == used_t and avail_i == avail_t == (next_avail + len(sent_t)) & 0xFFFF
     assert stats_i == stats_t
     assert wake_t == len(batches)
-    assert wake_i == sum(1 for batch in batches if not batch or any(python_only for _, python_only in batch))
+    assert wake_i == sum(1 for batch in batches
+                         if not batch or any(python_only for _, python_only in batch) or lingers(batch))
+
+
+def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket, socket.socket]) -> None:
+    """TSO-sized frames go to the TAP at once but are published TX_LINGER_NS later, together
+    with what later kicks send meanwhile (one used-index update, one interrupt, and no wake-up
+    of the loop for those kicks); a small frame after that is published at once."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    signals: list[int] = []
+    signal = dev._signal
+    dev._signal = lambda vector, isr: (signals.append(vector), signal(vector, isr))  # type: ignore[method-assign]
+    clock = trio.testing.MockClock()
+
+    def used_idx() -> int:
+        return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 2 and used_idx() == 0
+            await trio.testing.wait_all_tasks_blocked()  # the loop took up the linger
+            assert not q.doorbell.parked and used_idx() == 0
+            clock.jump(TX_LINGER_NS / 2e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert used_idx() == 0  # still waiting
+            make_available(dev, q, [(HDR_LEN + 3000, False)], 1)
+            ring = q.doorbell.ring
+            q.doorbell.ring = lambda: pytest.fail("the lingering loop needs no wake-up")  # type: ignore[method-assign]
+            dev.queue_kicked(q)
+            q.doorbell.ring = ring  # type: ignore[method-assign]
+            assert len(received(b)) == 1 and used_idx() == 0 and not signals
+            clock.jump(TX_LINGER_NS / 2e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert used_idx() == 3 and len(signals) == 1 and q.doorbell.parked
+            make_available(dev, q, [(HDR_LEN + 60, False)], 2)  # a small one: published at once
+            dev.queue_kicked(q)
+            assert len(received(b)) == 1 and used_idx() == 4 and len(signals) == 2 and q.doorbell.parked
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+    (avail_event,) = struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))
+    assert avail_event == 4  # every kick asked for the next one
 
 
 def test_a_kick_while_the_loop_is_not_parked_only_wakes_it(pair: tuple[socket.socket, socket.socket]) -> None:
