@@ -568,3 +568,36 @@ def test_a_kick_that_fails_in_c_still_wakes_the_loop(pair: tuple[socket.socket, 
             assert not q.doorbell.parked  # woken: the sleep returned
 
     trio.run(main)
+
+
+def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Migration or a handover stops the device while a bulk transfer's completions wait:
+    quiescing publishes them (the state saved has them used), and the loop, when its wait
+    ends, writes nothing more to the ring."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    dev.queues = [q]
+    clock = trio.testing.MockClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 4000, False)], 0)
+            dev.queue_kicked(q)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(received(b)) == 2 and q.index in dev._tx_lingering
+            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 0
+            await dev.quiesce()
+            ring = dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2)
+            assert struct.unpack("<HH", ring[:4])[1] == 2
+            make_available(dev, q, [(HDR_LEN + 4000, False)], 1)  # stopped: not taken
+            clock.jump(TX_LINGER_NS / 1e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert q.index not in dev._tx_lingering and received(b) == []
+            assert dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2) == ring
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
