@@ -482,9 +482,10 @@ def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socke
 
 
 def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket, socket.socket]) -> None:
-    """TSO-sized frames go to the TAP at once but are published TX_LINGER_NS later, together
-    with what later kicks send meanwhile (one used-index update, one interrupt, and no wake-up
-    of the loop for those kicks); a small frame after that is published at once."""
+    """TSO-sized frames go to the TAP at once but are published TX_LINGER_NS later, and no
+    kick is asked for meanwhile: what the driver adds in that time goes out when the wait
+    ends, with one used-index update and one interrupt for all of it (a kick that comes
+    anyway sends at once and wakes no one). A small frame after that is published at once."""
     a, b = pair
     dev = device(a.fileno(), True)
     dev._fast = _NetFast(module, dev.dma)
@@ -497,6 +498,9 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
     def used_idx() -> int:
         return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
 
+    def avail_event() -> int:
+        return struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0]
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dev._tx_loop, q)
@@ -504,28 +508,55 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
             assert len(received(b)) == 2 and used_idx() == 0
-            await trio.testing.wait_all_tasks_blocked()  # the loop took up the linger
-            assert not q.doorbell.parked and used_idx() == 0
+            await trio.testing.wait_all_tasks_blocked()  # the loop took up the wait
+            assert not q.doorbell.parked and used_idx() == 0 and avail_event() == 0  # no kick asked for
             clock.jump(TX_LINGER_NS / 2e9)
             await trio.testing.wait_all_tasks_blocked()
-            assert used_idx() == 0  # still waiting
-            make_available(dev, q, [(HDR_LEN + 3000, False)], 1)
+            make_available(dev, q, [(HDR_LEN + 3000, False)], 1)  # the driver does not kick for it
+            await trio.testing.wait_all_tasks_blocked()
+            assert received(b) == [] and used_idx() == 0
+            make_available(dev, q, [(HDR_LEN + 5000, False)], 2)
             ring = q.doorbell.ring
-            q.doorbell.ring = lambda: pytest.fail("the lingering loop needs no wake-up")  # type: ignore[method-assign]
-            dev.queue_kicked(q)
+            q.doorbell.ring = lambda: pytest.fail("the waiting loop needs no wake-up")  # type: ignore[method-assign]
+            dev.queue_kicked(q)  # a kick all the same: sent at once
             q.doorbell.ring = ring  # type: ignore[method-assign]
-            assert len(received(b)) == 1 and used_idx() == 0 and not signals
+            assert len(received(b)) == 2 and used_idx() == 0 and not signals and avail_event() == 0
             clock.jump(TX_LINGER_NS / 2e9)
             await trio.testing.wait_all_tasks_blocked()
-            assert used_idx() == 3 and len(signals) == 1 and q.doorbell.parked
-            make_available(dev, q, [(HDR_LEN + 60, False)], 2)  # a small one: published at once
+            assert used_idx() == 4 and len(signals) == 1 and q.doorbell.parked and avail_event() == 4
+            make_available(dev, q, [(HDR_LEN + 60, False)], 3)  # a small one: published at once
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx() == 4 and len(signals) == 2 and q.doorbell.parked
+            assert len(received(b)) == 1 and used_idx() == 5 and len(signals) == 2 and q.doorbell.parked
+            assert avail_event() == 5
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
-    (avail_event,) = struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))
-    assert avail_event == 4  # every kick asked for the next one
+
+
+def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The driver adds a frame while a bulk transfer's completions wait, and sends no kick
+    (none was asked for): the frame goes out when the wait ends."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    clock = trio.testing.MockClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False)], 0)
+            dev.queue_kicked(q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 80, False)], 1)
+            clock.jump(TX_LINGER_NS / 1e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert [len(f) for f in received(b)] == [HDR_LEN + 4000, HDR_LEN + 80]
+            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 2 and q.doorbell.parked
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
 
 
 def test_a_kick_while_the_loop_is_not_parked_only_wakes_it(pair: tuple[socket.socket, socket.socket]) -> None:
