@@ -24,10 +24,19 @@ Jobs (``bench/netload.c`` in the guest, built static on the host; a Python sink,
 echo server in the namespace): TCP from the guest to the namespace (``tx``) and from the
 namespace to the guest (``rx``), 64 KiB writes; and ``rr``, one-byte requests and responses on
 one TCP connection with TCP_NODELAY, one at a time (transactions per second, p50 latency). Job
-by job, every round takes the NICs in a rotated order, so that neither a slow stretch of the
-host nor a NIC's place in the turn favours one of them. The guest prints a marker around each
+by job, every NIC first runs the job for ``--warmup`` seconds, uncounted: the first guest-to-host
+runs after boot were 15-25% slower than the later ones whichever NIC ran them (the boot's
+first bulk transfers pay one-time costs, not measured further), and with ours first in the
+list that fell mostly on ours. Then every round takes the NICs in a rotated order, so that neither a
+slow stretch of the host nor a NIC's place in the turn favours one of them. The guest prints a marker around each
 run; the host, watching the serial console, reads the CPU time of our server (and of the QEMU
-process, for every NIC) at the markers: CPU per MB moved (per turn for ``rr``).
+process, for every NIC) at the markers: CPU per MB moved (per turn for ``rr``). Around each run
+the guest also reads what its driver counted for that NIC (``netload NAME counters``: packets,
+the driver's kicks per queue, the interrupts per vector): kicks and interrupts per 1,000 frames
+of each queue, and the transmitted frames' average size, for ours and QEMU's NIC alike. A NIC
+that takes fewer frames per kick lets the guest's vCPU spend more of itself on exits. The host's
+idle and stolen CPU time and the share of a CPU QEMU's vCPU thread got say whether a slow run
+lacked host CPU.
 
 Prints medians over rounds (and each run's range), ours first with the worst ratio to QEMU's
 NIC alike on top, then QEMU's NICs.
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +59,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import REPO, Variant, cpu_seconds, machine_line, median, table
+from .common import HZ, REPO, Variant, cpu_seconds, machine_line, median, table
 
 JOBS = {"tx": "TCP guest -> host", "rx": "TCP host -> guest", "rr": "TCP 1-byte request/response"}
 PORTS = {"tx": 5000, "rx": 6000, "rr": 7000}
@@ -149,45 +159,85 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int) -> str:
+def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int, warmup: float = 0) -> str:
+    """The guest's part: find and address every NIC, then per job a warm-up run on every NIC
+    (``warmup`` seconds, tagged ``@warm`` and not counted), then the rounds."""
     lines = [
         f"for i in $(seq 60); do [ $(ls /sys/class/net | wc -l) -ge {len(nics) + 1} ] && break; sleep 1; done",
         "iface_of() { for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = \"$1\" ] && echo ${d##*/} && return; done; }",
     ]
-    for nic in nics:
+    for i, nic in enumerate(nics):
         lines += [
             f"dev=$(iface_of {nic.mac}); [ -n \"$dev\" ] || {{ echo \"missing nic {nic.key}\"; exit 3; }}",
+            f"dev{i}=$dev",
             f"ip link set $dev up && ip addr add 10.{nic.net}.0.2/24 dev $dev || exit 4",
             f"n=0; until ping -c 1 -W 1 10.{nic.net}.0.1 >/dev/null 2>&1; do n=$((n + 1)); "
             f"[ $n -gt 90 ] && {{ echo \"no link {nic.key}\"; exit 5; }}; done",
         ]
     for job in jobs:
+        if warmup > 0:
+            for nic in nics:
+                address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
+                lines.append(f"/usr/local/bin/netload {nic.key}/{job}@warm {job} {address} {PORTS[job]} {warmup:g} "
+                             f">/dev/null || echo \"netload failed {nic.key}/{job}@warm\"")
         for r in range(rounds):
             for nic in nics[r % len(nics):] + nics[: r % len(nics)]:
                 address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
                 tag = f"{nic.key}/{job}@{r}"
-                lines += [f"echo mark start {tag}",
+                count = f"/usr/local/bin/netload {tag} counters $dev{nics.index(nic)}"
+                lines += [f"{count} start",
+                          f"echo mark start {tag}",
                           f"/usr/local/bin/netload {tag} {job} {address} {PORTS[job]} {seconds:g} "
                           f"|| echo \"netload failed {tag}\"",
-                          f"echo mark end {tag}"]
+                          f"echo mark end {tag}",
+                          f"{count} end"]
     return "\n".join(lines) + "\n"
 
 
 @dataclass
 class CpuWatch:
-    """CPU seconds of our servers (by NIC key) and of the QEMU process between the guest's
-    ``mark start TAG`` and ``mark end TAG`` lines."""
+    """CPU seconds of our servers (by NIC key), of the QEMU process and of its vCPU thread, and
+    the wall time, between the guest's ``mark start TAG`` and ``mark end TAG`` lines."""
 
     nics: dict[str, Nic]
     qemu_pid: int | None = None
-    start: dict[str, tuple[float, float]] = field(default_factory=dict)
-    spent: dict[str, tuple[float, float]] = field(default_factory=dict)  # tag -> (server, QEMU)
+    start: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: tag -> (server, QEMU process, QEMU's vCPU thread, wall), seconds
+    spent: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    #: tag -> the host's CPU ticks (all CPUs) idle, stolen (by the hypervisor under this
+    #: host, if it is a VM) and in all
+    host: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    _vcpu: str | None = None
 
     def _read(self, pid: int | None) -> float:
         try:
             return cpu_seconds(pid) if pid is not None else NAN
         except OSError:
             return NAN
+
+    def vcpu_thread(self) -> str | None:
+        """/proc/PID/task/TID of QEMU's (first) vCPU thread, "CPU 0/TCG" or "CPU 0/KVM"."""
+        if self._vcpu is None and self.qemu_pid is not None:
+            try:
+                for tid in sorted(os.listdir(f"/proc/{self.qemu_pid}/task"), key=int):
+                    with open(f"/proc/{self.qemu_pid}/task/{tid}/comm") as f:
+                        if f.read().startswith("CPU 0/"):
+                            self._vcpu = f"/proc/{self.qemu_pid}/task/{tid}"
+                            break
+            except OSError:
+                pass
+        return self._vcpu
+
+    def _read_vcpu(self) -> float:
+        task = self.vcpu_thread()
+        if task is None:
+            return NAN
+        try:
+            with open(f"{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return NAN
+        return (int(fields[11]) + int(fields[12])) / HZ
 
     def __call__(self, line: str) -> None:
         if not line.startswith("mark "):
@@ -196,22 +246,89 @@ class CpuWatch:
         nic = self.nics.get(tag.partition("/")[0])
         if nic is None:
             return
-        now = (self._read(nic.pid), self._read(self.qemu_pid))
+        now = (self._read(nic.pid), self._read(self.qemu_pid), self._read_vcpu(), time.monotonic(), *host_ticks())
         if what == "start":
             self.start[tag] = now
         elif what == "end" and tag in self.start:
-            s = self.start[tag]
-            self.spent[tag] = (now[0] - s[0], now[1] - s[1])
+            d = [b - a for a, b in zip(self.start[tag], now, strict=True)]
+            self.spent[tag] = (d[0], d[1], d[2], d[3])
+            self.host[tag] = (int(d[4]), int(d[5]), int(d[6]))
 
 
-FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu")
+def host_ticks(stat: str = "/proc/stat") -> tuple[int, int, int]:
+    """The host's CPU ticks so far, all CPUs: idle (iowait included), stolen, in all."""
+    try:
+        with open(stat) as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return (0, 0, 0)
+    v += [0] * (8 - len(v))
+    return v[3] + v[4], v[7], sum(v)
+
+
+#: what the guest's driver did per run (:func:`driver_counts`)
+COUNTS = ("host_idle", "host_steal", "vcpu_pct", "guest_busy", "tx_kb", "tx_kicks", "tx_irqs", "rx_kicks", "rx_irqs")
+FIELDS = ("value", "p50_us", "server_cpu", "qemu_cpu", *COUNTS)
+_QUEUE_KICKS = re.compile(r"(rx|tx)(?:\d+|_queue_\d+)_kicks")  # rx0_kicks; tx_queue_0_kicks before Linux 6.10
+_VECTOR = re.compile(r"irq_(input|output)\.\d+")
+
+
+def counter_deltas(output: str) -> dict[str, dict[str, int]]:
+    """Per run tag: what each of the driver's counters (``netcounters`` lines) rose by between
+    the ``at=start`` and the ``at=end`` reading. Runs without both readings are left out."""
+    readings: dict[str, dict[str, dict[str, int]]] = {}
+    for line in output.splitlines():
+        if not line.startswith("netcounters name="):
+            continue
+        kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+        tag, at = kv.pop("name", ""), kv.pop("at", "")
+        values = {k: int(v) for k, v in kv.items() if v.isdigit()}
+        readings.setdefault(tag, {})[at] = values
+    deltas = {}
+    for tag, at in readings.items():
+        if "start" in at and "end" in at:
+            deltas[tag] = {k: at["end"][k] - v for k, v in at["start"].items() if k in at["end"]}
+    return deltas
+
+
+def driver_counts(delta: dict[str, int]) -> dict[str, float]:
+    """From one run's counter deltas: the share of the guest's CPU time it was busy (%; a
+    guest at 100 cannot go faster, one below waits for the NIC), the transmitted frames'
+    average size (KiB; a TSO frame is up to 64), and per queue its kicks and its vector's
+    interrupts per 1,000 of its frames."""
+    sums = {"tx_kicks": 0, "rx_kicks": 0, "tx_irqs": 0, "rx_irqs": 0}
+    seen = set()
+    for name, value in delta.items():
+        if m := _QUEUE_KICKS.fullmatch(name):
+            sums[f"{m[1]}_kicks"] += value
+            seen.add(f"{m[1]}_kicks")
+        elif m := _VECTOR.fullmatch(name):
+            which = "tx" if m[1] == "output" else "rx"
+            sums[f"{which}_irqs"] += value
+            seen.add(f"{which}_irqs")
+    frames = {"tx": delta.get("sys_tx_packets", 0), "rx": delta.get("sys_rx_packets", 0)}
+    out = {k: sums[k] * 1000 / frames[k[:2]] if k in seen and frames[k[:2]] > 0 else NAN for k in sums}
+    out["tx_kb"] = delta.get("sys_tx_bytes", 0) / frames["tx"] / 1024 if frames["tx"] > 0 else NAN
+    ticks = delta.get("cpu_busy", 0) + delta.get("cpu_idle", 0)
+    out["guest_busy"] = 100 * delta.get("cpu_busy", 0) / ticks if ticks > 0 else NAN
+    return out
+
+
+def host_shares(ticks: tuple[int, int, int] | None) -> dict[str, float]:
+    """The host's idle and stolen time during a run, in % of all its CPUs' time."""
+    if not ticks or ticks[2] <= 0:
+        return {"host_idle": NAN, "host_steal": NAN}
+    return {"host_idle": 100 * ticks[0] / ticks[2], "host_steal": 100 * ticks[1] / ticks[2]}
 
 
 def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], dict[str, object]]:
     """Per (NIC key, job): medians over rounds of the value (Mbit/s; transactions/s for rr),
-    rr's p50 latency, and CPU per MB moved (per transaction for rr) of our server and of the
-    QEMU process; ``runs`` holds every round's value."""
+    rr's p50 latency, CPU per MB moved (per transaction for rr) of our server and of the
+    QEMU process, the host's idle and stolen shares, the share of a CPU QEMU's vCPU thread
+    had, and the guest driver's counts
+    (:func:`driver_counts`); ``runs`` holds every round's value."""
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    deltas = counter_deltas(output)
     for line in output.splitlines():
         if not line.startswith("netload name="):
             continue
@@ -221,12 +338,15 @@ def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], d
         job = rest.partition("@")[0]
         nbytes = float(kv["bytes"])
         units = nbytes / 2 if job == "rr" else nbytes / 1e6  # transactions, or MB
-        server, qemu = watch.spent.get(tag, (NAN, NAN)) if watch else (NAN, NAN)
+        server, qemu, vcpu, wall = watch.spent.get(tag, (NAN,) * 4) if watch else (NAN,) * 4
         runs.setdefault((key, job), []).append({
             "value": float(kv["tps"]) if job == "rr" else float(kv["mbps"]),
             "p50_us": float(kv.get("p50_us", NAN)),
             "server_cpu": server * 1e6 / units if units else NAN,
             "qemu_cpu": qemu * 1e6 / units if units else NAN,
+            **(driver_counts(deltas[tag]) if tag in deltas else dict.fromkeys(COUNTS, NAN)),
+            "vcpu_pct": 100 * vcpu / wall if wall > 0 else NAN,
+            **host_shares(watch.host.get(tag) if watch else None),
         })
     out: dict[tuple[str, str], dict[str, object]] = {}
     for k, rs in runs.items():
@@ -265,8 +385,21 @@ def report(found: dict[tuple[str, str], dict[str, object]], nics: list[Nic], job
         for job in jobs:
             p = found.get((nic.key, job), none)
             peer_rows.append([nic.label, JOBS[job], p["value"], _range(p.get("runs")), p["p50_us"], p["qemu_cpu"]])
-    return text + "\n" + table(title + ": QEMU's NICs", ["NIC", "job", unit, "each round", "rr p50 us",
-                                                          "QEMU process " + cpu], peer_rows)
+    text += "\n" + table(title + ": QEMU's NICs", ["NIC", "job", unit, "each round", "rr p50 us",
+                                                    "QEMU process " + cpu], peer_rows)
+    count_rows = []
+    for job in jobs:
+        for nic in nics:
+            c = found.get((nic.key, job), none)
+            count_rows.append([nic.label, JOBS[job], c["value"], c["server_cpu"], c["qemu_cpu"],
+                               *(c[k] for k in COUNTS)])
+    return text + "\n" + table(
+        title + ": what the guest's driver did, per 1,000 frames of each queue (medians)",
+        ["NIC", "job", unit, "server " + cpu, "QEMU process " + cpu, "host idle %", "host steal %",
+         "QEMU vCPU thread % of a CPU",
+         "guest CPU busy %",
+         "KiB per sent frame", "tx kicks",
+         "tx interrupts", "rx kicks", "rx interrupts"], count_rows)
 
 
 def find_process(*, arg: str | None = None, substring: str | None = None) -> int | None:
@@ -330,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3, help="runs of every job per NIC, in rotating order; medians")
     ap.add_argument("--jobs", default="tx,rx,rr", help="comma-separated: tx, rx, rr")
+    ap.add_argument("--warmup", type=float, default=2.0, metavar="SECONDS",
+                    help="before a job's rounds, run it this long on every NIC, uncounted (0: no warm-up)")
     ap.add_argument("--modes", default="both",
                     help="offloads (ours and QEMU's with TAP offloads), plain (both without), or both")
     ap.add_argument("--memory", type=int, default=512)
@@ -396,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mover = threading.Thread(target=ns.adopt, args=([(taps[nic.key], nic.net) for nic in nics],), daemon=True)
         mover.start()
-        result = run_guest(guest_script(nics, jobs, args.seconds, args.rounds), devices, memory_mib=args.memory,
+        result = run_guest(guest_script(nics, jobs, args.seconds, args.rounds, args.warmup), devices, memory_mib=args.memory,
                            timeout=args.timeout, extra_files={"/usr/local/bin/netload": netload}, check=False,
                            watch=on_line)
     finally:

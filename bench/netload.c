@@ -4,19 +4,34 @@
  *   netload NAME rx ADDRESS PORT SECONDS   accept one connection there, read for SECONDS
  *   netload NAME rr ADDRESS PORT SECONDS   connect, then 1-byte request / 1-byte response
  *                                          turns (TCP_NODELAY) for SECONDS, one at a time
+ *   netload NAME counters IFACE AT         what the NIC's driver counted so far (AT: a word
+ *                                          the host pairs readings by, e.g. start or end)
  *
  * Prints one line: "netload name=NAME dir=tx|rx|rr mbps=... bytes=... seconds=..." (rr adds
  * "tps=... p50_us=... p99_us=..."). The host side (a sink for tx, a pusher for rx, an echo
  * server for rr) lives in bench/guest_net.py.
+ *
+ * counters prints "netcounters name=NAME at=AT cpu_busy=N ... sys_rx_packets=N ... STAT=N ...
+ * irq_QUEUE=N ...": the guest's CPU ticks busy and idle (/proc/stat), the interface's packets
+ * and bytes each way (sysfs), every statistic the driver gives ethtool
+ * (ETHTOOL_GSTATS; virtio_net's per-queue kicks, tx0_kicks, or tx_queue_0_kicks before 6.10)
+ * and, from /proc/interrupts, the interrupts of each of the device's vectors (virtioN-input.0,
+ * virtioN-output.0, ... as irq_input.0, irq_output.0), summed over CPUs. The guest kit's
+ * busybox has no ethtool, hence here.
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <libgen.h>
+#include <linux/ethtool.h>
+#include <linux/sockios.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -177,6 +192,160 @@ static int rr(const char *name, const char *address, int port, double seconds)
     return 0;
 }
 
+/* The ethtool statistics of IFACE as " NAME=VALUE" pairs on stdout; 0, or -1 with a reason on stderr. */
+static int ethtool_stats(int fd, const char *iface)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", iface);
+    struct {
+        struct ethtool_sset_info info;
+        __u32 n;
+    } sset = {.info = {.cmd = ETHTOOL_GSSET_INFO, .sset_mask = 1ULL << ETH_SS_STATS}};
+    ifr.ifr_data = (void *)&sset;
+    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
+        fprintf(stderr, "netload: %s: ETHTOOL_GSSET_INFO: %s\n", iface, strerror(errno));
+        return -1;
+    }
+    __u32 n = sset.info.sset_mask ? sset.n : 0;
+    if (!n)
+        return 0;
+    struct ethtool_gstrings *names = calloc(1, sizeof *names + (size_t)n * ETH_GSTRING_LEN);
+    struct ethtool_stats *stats = calloc(1, sizeof *stats + (size_t)n * sizeof(__u64));
+    int rc = -1;
+    if (!names || !stats) {
+        fprintf(stderr, "netload: out of memory\n");
+        goto out;
+    }
+    names->cmd = ETHTOOL_GSTRINGS;
+    names->string_set = ETH_SS_STATS;
+    names->len = n;
+    ifr.ifr_data = (void *)names;
+    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
+        fprintf(stderr, "netload: %s: ETHTOOL_GSTRINGS: %s\n", iface, strerror(errno));
+        goto out;
+    }
+    stats->cmd = ETHTOOL_GSTATS;
+    stats->n_stats = n;
+    ifr.ifr_data = (void *)stats;
+    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
+        fprintf(stderr, "netload: %s: ETHTOOL_GSTATS: %s\n", iface, strerror(errno));
+        goto out;
+    }
+    for (__u32 i = 0; i < n && i < stats->n_stats; i++) {
+        char name[ETH_GSTRING_LEN + 1];
+        memcpy(name, names->data + (size_t)i * ETH_GSTRING_LEN, ETH_GSTRING_LEN);
+        name[ETH_GSTRING_LEN] = 0;
+        for (char *c = name; *c; c++)  /* one word per pair */
+            if (*c == ' ' || *c == '=')
+                *c = '_';
+        if (*name)
+            printf(" %s=%llu", name, (unsigned long long)stats->data[i]);
+    }
+    rc = 0;
+out:
+    free(names);
+    free(stats);
+    return rc;
+}
+
+/* The interrupts of IFACE's virtio device (its vectors are named virtioN-QUEUE in
+ * /proc/interrupts) as " irq_QUEUE=COUNT" pairs, summed over CPUs. */
+static int interrupts(const char *iface)
+{
+    char path[256], target[256];
+    snprintf(path, sizeof path, "/sys/class/net/%s/device", iface);
+    ssize_t len = readlink(path, target, sizeof target - 1);
+    if (len < 0) {
+        fprintf(stderr, "netload: %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    target[len] = 0;
+    char prefix[300];
+    snprintf(prefix, sizeof prefix, "%s-", basename(target));  /* "virtio3-" */
+    FILE *f = fopen("/proc/interrupts", "r");
+    if (!f) {
+        fprintf(stderr, "netload: /proc/interrupts: %s\n", strerror(errno));
+        return -1;
+    }
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (!colon)
+            continue;
+        unsigned long long sum = 0;
+        char *p = colon + 1, *end;
+        for (;;) {  /* the per-CPU counts, up to the first word that is not a number */
+            unsigned long long v = strtoull(p, &end, 10);
+            if (end == p)
+                break;
+            sum += v;
+            p = end;
+        }
+        char *last = NULL, *word, *save;
+        for (word = strtok_r(p, " \t\n", &save); word; word = strtok_r(NULL, " \t\n", &save))
+            last = word;
+        if (last && !strncmp(last, prefix, strlen(prefix)))
+            printf(" irq_%s=%llu", last + strlen(prefix), sum);
+    }
+    fclose(f);
+    return 0;
+}
+
+/* The interface's packet and byte counters (all queues) as " sys_rx_packets=N" etc.: since
+ * Linux 6.10 virtio_net gives ethtool its kicks but no longer its packets per queue. */
+static int totals(const char *iface)
+{
+    static const char *const which[] = {"rx_packets", "rx_bytes", "tx_packets", "tx_bytes"};
+    for (size_t i = 0; i < sizeof which / sizeof which[0]; i++) {
+        char path[256];
+        unsigned long long v;
+        snprintf(path, sizeof path, "/sys/class/net/%s/statistics/%s", iface, which[i]);
+        FILE *f = fopen(path, "r");
+        int ok = f && fscanf(f, "%llu", &v) == 1;
+        if (f)
+            fclose(f);
+        if (!ok) {
+            fprintf(stderr, "netload: %s: %s\n", path, f ? "not a number" : strerror(errno));
+            return -1;
+        }
+        printf(" sys_%s=%llu", which[i], v);
+    }
+    return 0;
+}
+
+/* The guest's CPU time so far (all CPUs, in USER_HZ ticks) as " cpu_busy=N cpu_idle=N": under
+ * TCG an idle vCPU is one that waits for the device, a busy one is the bottleneck. */
+static int cpu_time(void)
+{
+    unsigned long long v[8] = {0};  /* user nice system idle iowait irq softirq steal */
+    FILE *f = fopen("/proc/stat", "r");
+    int ok = f && fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                         &v[5], &v[6], &v[7]) == 8;
+    if (f)
+        fclose(f);
+    if (!ok) {
+        fprintf(stderr, "netload: /proc/stat: %s\n", f ? "no cpu line" : strerror(errno));
+        return -1;
+    }
+    printf(" cpu_busy=%llu cpu_idle=%llu", v[0] + v[1] + v[2] + v[5] + v[6] + v[7], v[3] + v[4]);
+    return 0;
+}
+
+static int counters(const char *name, const char *iface, const char *at)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd < 0) {
+        perror("netload: socket");
+        return 1;
+    }
+    printf("netcounters name=%s at=%s", name, at);
+    int rc = cpu_time() | totals(iface) | ethtool_stats(fd, iface) | interrupts(iface);
+    printf("\n");
+    close(fd);
+    return rc ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 6 && !strcmp(argv[2], "tx"))
@@ -185,6 +354,8 @@ int main(int argc, char **argv)
         return rx(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
     if (argc == 6 && !strcmp(argv[2], "rr"))
         return rr(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
-    fprintf(stderr, "usage: netload NAME tx|rx|rr ADDRESS PORT SECONDS\n");
+    if (argc == 5 && !strcmp(argv[2], "counters"))
+        return counters(argv[1], argv[3], argv[4]);
+    fprintf(stderr, "usage: netload NAME tx|rx|rr ADDRESS PORT SECONDS | netload NAME counters IFACE AT\n");
     return 2;
 }

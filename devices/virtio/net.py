@@ -83,6 +83,13 @@ MQ_VQ_PAIRS_SET = 0
 OK, ERR = 0, 1
 _STOP_EMPTY, _STOP_LIMIT = 0, 1  # VFU_STOP_* of devices/_fastio_build.py
 MAC_TABLE_ENTRIES = 64
+#: How long the completions of a bulk transfer's frames wait (VirtioNet._linger). 100 and
+#: 250 us both helped (docs/performance.md, "Eleventh session"); QEMU's transmit timer
+#: (virtio-net-pci tx=timer) waits 150 us.
+TX_LINGER_NS = 250_000
+#: Frames of more bytes than this on average are a bulk transfer's (TSO segments; an
+#: Ethernet frame has 1,514 at most)
+TX_BULK_FRAME = 2048
 BROADCAST = b"\xff" * 6
 
 
@@ -157,6 +164,10 @@ class VirtioNet(VirtioPciDevice):
         self._mergeable = False
         #: the C transmit path (devices/_fastio_build.py), once loaded; None: Python only
         self._fast: _NetFast | None = None
+        #: transmit queues C sent TSO frames on since their loop last published, and those
+        #: whose loop waits to publish them (_linger)
+        self._tx_bulk: set[int] = set()
+        self._tx_lingering: set[int] = set()
         self._reset_filters()
 
     def queue_stats(self, index: int) -> QueueStats:
@@ -476,7 +487,8 @@ class VirtioNet(VirtioPciDevice):
     async def _tx_loop(self, q: SplitQueue) -> None:
         """Frames in order, C first (:meth:`complete_fast`), Python for what C leaves; one
         used-index update and interrupt per pass, at most a queue's worth per pass so that a
-        guest that keeps the queue full cannot starve the other tasks."""
+        guest that keeps the queue full cannot starve the other tasks. The completions of a
+        bulk transfer's frames wait a while first (:meth:`_linger`)."""
         while True:
             budget = q.state.size
             while budget > 0:
@@ -487,21 +499,58 @@ class VirtioNet(VirtioPciDevice):
                 q.push(chain, await self.process(q, chain))
                 if self._fast is not None:
                     self.notify_queue(q)  # C completes only with nothing of Python's unpublished
-            self.notify_queue(q)
-            if budget > 0:
-                await self._sleep_until_kicked(q)
-            else:
+            if budget <= 0:
+                self.notify_queue(q)
                 await trio.lowlevel.checkpoint()
+                continue
+            if q.index in self._tx_bulk and q.pending_elsewhere and self._serves_kicks(q):
+                await self._linger(q)
+                continue
+            self._tx_bulk.discard(q.index)
+            self.notify_queue(q)
+            await self._sleep_until_kicked(q)
+
+    async def _linger(self, q: SplitQueue) -> None:
+        """Publish what C sent :data:`TX_LINGER_NS` later, with what the driver adds
+        meanwhile, which goes out then: no kick is asked for during the wait (a kick that
+        comes anyway is served at once, as ever). As QEMU's ``tx=timer``.
+
+        Why: with completions published at once, a guest writing 64 KiB at a time sent TSO
+        frames of 33 KiB on average, each with its kick, interrupt and ACK; with them held
+        back for a moment, 37-40 KiB, and 15-25% fewer kicks and half the transmit interrupts
+        per byte, which is what bounds a TCG guest's throughput (docs/performance.md,
+        "Eleventh session"). Most likely Linux's TCP: it sends the tail of a write as a
+        segment of its own when nothing of the socket's is still in the device (autocorking),
+        and its small-queue limit lets it send more only as earlier segments complete. QEMU's
+        own NIC completes later too: its bottom half runs when its main loop gets to it. Only
+        after TSO frames (more than :data:`TX_BULK_FRAME` bytes each on average): a small
+        request's completion would cost a timer wake-up and save nothing. Not asking for kicks
+        meanwhile halved the server's CPU per MB and kept a guest on a host with a busy CPU at
+        QEMU's NIC's pace (its vCPU thread gets as much of a CPU as with QEMU's NIC)."""
+        self._tx_lingering.add(q.index)
+        try:
+            await trio.sleep(TX_LINGER_NS / 1e9)
+        finally:
+            self._tx_lingering.discard(q.index)
+        self._tx_bulk.discard(q.index)
+        self.complete_fast(q)
+        self.notify_queue(q)
+
+    def _serves_kicks(self, q: SplitQueue) -> bool:
+        """Kicks of this queue are served in the connection's task (:meth:`queue_kicked`)."""
+        return q.accepting and not q.poll.max_ns and not self.dma.message_mode
 
     def queue_kicked(self, queue: SplitQueue) -> None:
-        # A transmit kick while the queue's loop sleeps: C sends the frames right here, in the
-        # connection's task, before it reads the next message. That saves the loop's wake-up
-        # (a scheduler pass and the task's step) on every request of a request/response
-        # exchange, and the frame reaches the TAP before the connection re-arms its socket.
+        # A transmit kick while the queue's loop sleeps (or lingers): C sends the frames right
+        # here, in the connection's task, before it reads the next message. That saves the
+        # loop's wake-up (a scheduler pass and the task's step) on every request of a
+        # request/response exchange, and the frame reaches the TAP before the connection
+        # re-arms its socket.
         try:
             # Odd queues transmit (the control queue's index is even).
-            if (queue.index % 2 and queue.doorbell.parked
-                    and not queue.poll.max_ns and not self.dma.message_mode and self._transmit_now(queue)):
+            if (queue.index % 2 and self._serves_kicks(queue)
+                    and (queue.doorbell.parked or queue.index in self._tx_lingering)
+                    and self._transmit_now(queue)):
                 return
         except Exception:
             # Never lose the kick: with EVENT_IDX the driver sends no other until the loop
@@ -511,21 +560,30 @@ class VirtioNet(VirtioPciDevice):
 
     def _transmit_now(self, queue: SplitQueue) -> bool:
         """What the transmit loop would do for a kick, in C only (:meth:`complete_fast`),
-        publish and signal it, and ask the driver for the next kick. True: the queue is empty
-        again and its loop may sleep on; False: the loop has work (a frame Python must see,
-        more than a burst, a broken ring) and is woken for it."""
+        publish and signal it and ask the driver for the next kick (unless the loop lingers,
+        or is to linger: :meth:`_linger`). True: the queue is empty again and its loop may
+        sleep (or linger) on; False: the loop has work (a frame Python must see, more than a
+        burst, a broken ring, a linger to start) and is woken for it."""
         if not self.complete_fast(queue):
             return False
+        lingering = queue.index in self._tx_lingering
+        start = not lingering and queue.index in self._tx_bulk
+        if lingering or start:
+            # No kick is asked for until the wait is over: the loop sends what the driver
+            # adds meanwhile when it publishes, and asks for the next kick then.
+            return not start
         self.notify_queue(queue)
         try:
-            return not queue.enable_notification()
+            more = queue.enable_notification()
         except VirtqueueError:
             return False  # the loop meets it again and asks for a reset
+        return not more
 
     def complete_fast(self, queue: SplitQueue) -> int:
         """Transmit frames in C (one ``writev`` each from guest memory to the TAP) while
         Python need not see them: no dirty-page logging, no fault rule that could match,
-        nothing of Python's waiting to be published."""
+        nothing of Python's waiting to be published. Notes a bulk transfer's frames
+        (:meth:`_linger`)."""
         fast = self._fast
         if fast is None or queue.index % 2 == 0 or queue.index == self.ctrl_index:
             return 0
@@ -537,7 +595,12 @@ class VirtioNet(VirtioPciDevice):
         if fd is None:
             return 0
         try:
-            return fast.tx(queue, fd, HDR_LEN - self._hdr, self.queue_stats(queue.index))
+            stats = self.queue_stats(queue.index)
+            before = stats.c.bytes[1] if stats.c is not None else 0
+            sent = fast.tx(queue, fd, HDR_LEN - self._hdr, stats)
+            if sent and stats.c.bytes[1] - before > sent * TX_BULK_FRAME:
+                self._tx_bulk.add(queue.index)
+            return sent
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
             self._fast = None

@@ -10,6 +10,7 @@ readable descriptors (direct or in an indirect table), then zero to two mutation
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -22,7 +23,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vfu_devices.fastio import load_module
-from vfu_devices.virtio.net import HDR_LEN, MAX_TX_FRAME, VirtioNet, _NetFast
+from vfu_devices.virtio.net import (
+    HDR_LEN,
+    MAX_TX_FRAME,
+    TX_BULK_FRAME,
+    TX_LINGER_NS,
+    VirtioNet,
+    _NetFast,
+)
 from vfu_devices.virtio.netbackend import NetBackend
 from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from vfu_server.testing.memory import map_guest_ram
@@ -390,11 +398,19 @@ def make_available(dev: VirtioNet, q: SplitQueue, frames: list[tuple[int, bool]]
     dev.dma.write(AVAIL + 2, struct.pack("<H", (idx + len(frames)) & 0xFFFF))
 
 
+def lingers(batch: list[tuple[int, bool]]) -> bool:
+    """Whether C's part of a batch (up to its first frame for Python) is a bulk transfer's,
+    whose completions wait (VirtioNet._linger): more than TX_BULK_FRAME bytes a frame."""
+    sent = [n - HDR_LEN for n, _ in itertools.takewhile(lambda f: not f[1], batch)]
+    return bool(sent) and sum(sent) > len(sent) * TX_BULK_FRAME
+
+
 async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, bool]]], inline: bool,
-                peer: socket.socket) -> tuple[list[bytes], bytes, int]:
+                peer: socket.socket) -> tuple[list[bytes], bytes, int, int]:
     """The transmit loop parked, then per batch: the driver adds it and kicks, the loop runs
-    until everything waits again. Returns what the TAP saw, the used ring with avail_event, the
-    loop's wake-ups and the interrupts signalled."""
+    (and lingers) until everything waits again. Returns what the TAP saw, the used ring with
+    avail_event, the loop's wake-ups and the interrupts signalled. Runs on a MockClock that
+    jumps when every task sleeps."""
     wakeups = 0
     ring = q.doorbell.ring
     signals: list[int] = []
@@ -414,50 +430,133 @@ async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, boo
     sent: list[bytes] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dev._tx_loop, q)
-        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1)
         for serial, batch in enumerate(batches):
             assert q.doorbell.parked
             make_available(dev, q, batch, serial)
             if inline:
+                used_before, signalled = dev.dma.read(USED, 4), len(signals)
                 dev.queue_kicked(q)
-                if batch and not any(python_only for _, python_only in batch):
-                    # C took the whole batch before anything else ran; the loop slept on
-                    now = received(peer)
-                    assert len(now) == len(batch) and q.doorbell.parked
-                    sent += now
+                # C sent its part of the batch before anything else ran; small frames are
+                # published and signalled right away, a bulk transfer's wait for the loop
+                now = received(peer)
+                assert len(now) == len(list(itertools.takewhile(lambda f: not f[1], batch)))
+                if lingers(batch):
+                    assert dev.dma.read(USED, 4) == used_before and len(signals) == signalled
+                sent += now
             else:
                 q.doorbell.ring()
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(1)  # the loop's pass and any linger
             sent += received(peer)
         nursery.cancel_scope.cancel()
     return sent, dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2), wakeups, len(signals)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batches=st.lists(st.lists(st.tuples(st.integers(HDR_LEN + 14, 3000), st.booleans()), max_size=KICK_SIZE),
+@given(batches=st.lists(st.lists(st.tuples(st.integers(HDR_LEN + 14, 5000), st.booleans()), max_size=KICK_SIZE),
                         min_size=1, max_size=6),
        vnet_hdr=st.booleans(), next_avail=st.sampled_from([0, 5, 0xFFFE]))
 def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socket.socket],
                                                  batches: list[list[tuple[int, bool]]], vnet_hdr: bool,
                                                  next_avail: int) -> None:
     """Kicks served in the connection's task (C right away, the loop woken only for what C
-    leaves) against kicks that wake the loop: the same frames in the same order, the same used
-    ring, avail_event and counters; the loop is woken only for batches with a frame for Python."""
+    leaves or to linger) against kicks that wake the loop: the same frames in the same order,
+    the same used ring, avail_event and counters, one interrupt per batch; the loop is woken
+    only for batches with a frame for Python (or none at all) and bulk ones."""
     a, b = pair
     results = []
     for inline in (True, False):
         dev = device(a.fileno(), vnet_hdr)
         dev._fast = _NetFast(module, dev.dma)
         q = kick_queue(dev, next_avail)
-        results.append((*trio.run(kicks, dev, q, batches, inline, b), dev.queue_stats(1).snapshot(),
-                        q.state.next_avail))
+        results.append((*trio.run(kicks, dev, q, batches, inline, b, clock=trio.testing.MockClock(autojump_threshold=0)),
+                        dev.queue_stats(1).snapshot(), q.state.next_avail))
     (sent_i, used_i, wake_i, irq_i, stats_i, avail_i), (sent_t, used_t, wake_t, irq_t, stats_t, avail_t) = results
     assert sent_i == sent_t and len(sent_i) == sum(map(len, batches))
     assert irq_i == irq_t == sum(1 for batch in batches if batch), "one interrupt per batch the driver waits for"
     assert used_i == used_t and avail_i == avail_t == (next_avail + len(sent_t)) & 0xFFFF
     assert stats_i == stats_t
     assert wake_t == len(batches)
-    assert wake_i == sum(1 for batch in batches if not batch or any(python_only for _, python_only in batch))
+    assert wake_i == sum(1 for batch in batches
+                         if not batch or any(python_only for _, python_only in batch) or lingers(batch))
+
+
+def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket, socket.socket]) -> None:
+    """TSO-sized frames go to the TAP at once but are published TX_LINGER_NS later, and no
+    kick is asked for meanwhile: what the driver adds in that time goes out when the wait
+    ends, with one used-index update and one interrupt for all of it (a kick that comes
+    anyway sends at once and wakes no one). A small frame after that is published at once."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    signals: list[int] = []
+    signal = dev._signal
+    dev._signal = lambda vector, isr: (signals.append(vector), signal(vector, isr))  # type: ignore[method-assign]
+    clock = trio.testing.MockClock()
+
+    def used_idx() -> int:
+        return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
+
+    def avail_event() -> int:
+        return struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 2 and used_idx() == 0
+            await trio.testing.wait_all_tasks_blocked()  # the loop took up the wait
+            assert not q.doorbell.parked and used_idx() == 0 and avail_event() == 0  # no kick asked for
+            clock.jump(TX_LINGER_NS / 2e9)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 3000, False)], 1)  # the driver does not kick for it
+            await trio.testing.wait_all_tasks_blocked()
+            assert received(b) == [] and used_idx() == 0
+            make_available(dev, q, [(HDR_LEN + 5000, False)], 2)
+            ring = q.doorbell.ring
+            q.doorbell.ring = lambda: pytest.fail("the waiting loop needs no wake-up")  # type: ignore[method-assign]
+            dev.queue_kicked(q)  # a kick all the same: sent at once
+            q.doorbell.ring = ring  # type: ignore[method-assign]
+            assert len(received(b)) == 2 and used_idx() == 0 and not signals and avail_event() == 0
+            clock.jump(TX_LINGER_NS / 2e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert used_idx() == 4 and len(signals) == 1 and q.doorbell.parked and avail_event() == 4
+            make_available(dev, q, [(HDR_LEN + 60, False)], 3)  # a small one: published at once
+            dev.queue_kicked(q)
+            assert len(received(b)) == 1 and used_idx() == 5 and len(signals) == 2 and q.doorbell.parked
+            assert avail_event() == 5
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+
+
+def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The driver adds a frame while a bulk transfer's completions wait, and sends no kick
+    (none was asked for): the frame goes out when the wait ends."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    clock = trio.testing.MockClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False)], 0)
+            dev.queue_kicked(q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 80, False)], 1)
+            clock.jump(TX_LINGER_NS / 1e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert [len(f) for f in received(b)] == [HDR_LEN + 4000, HDR_LEN + 80]
+            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 2 and q.doorbell.parked
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
 
 
 def test_a_kick_while_the_loop_is_not_parked_only_wakes_it(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -500,3 +599,36 @@ def test_a_kick_that_fails_in_c_still_wakes_the_loop(pair: tuple[socket.socket, 
             assert not q.doorbell.parked  # woken: the sleep returned
 
     trio.run(main)
+
+
+def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Migration or a handover stops the device while a bulk transfer's completions wait:
+    quiescing publishes them (the state saved has them used), and the loop, when its wait
+    ends, writes nothing more to the ring."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    dev.queues = [q]
+    clock = trio.testing.MockClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 4000, False)], 0)
+            dev.queue_kicked(q)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(received(b)) == 2 and q.index in dev._tx_lingering
+            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 0
+            await dev.quiesce()
+            ring = dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2)
+            assert struct.unpack("<HH", ring[:4])[1] == 2
+            make_available(dev, q, [(HDR_LEN + 4000, False)], 1)  # stopped: not taken
+            clock.jump(TX_LINGER_NS / 1e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert q.index not in dev._tx_lingering and received(b) == []
+            assert dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2) == ring
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
