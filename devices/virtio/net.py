@@ -40,6 +40,7 @@ from vfu_server.iostats import IoStats, QueueStats
 from vfu_server.migration import MigrationFormatError
 from vfu_server.pci.polling import MAX_POLL_US
 from vfu_server.sandbox import SandboxNeeds
+from vfu_server.transport.timer import PreciseTimer
 
 from ..fastio import RegionTable, load_vq
 from ..fastio import load_module_async as load_fastio
@@ -83,9 +84,10 @@ MQ_VQ_PAIRS_SET = 0
 OK, ERR = 0, 1
 _STOP_EMPTY, _STOP_LIMIT = 0, 1  # VFU_STOP_* of devices/_fastio_build.py
 MAC_TABLE_ENTRIES = 64
-#: How long the completions of a bulk transfer's frames wait (VirtioNet._linger). 100 and
-#: 250 us both helped (docs/performance.md, "Eleventh session"); QEMU's transmit timer
-#: (virtio-net-pci tx=timer) waits 150 us.
+#: How long the completions of a bulk transfer's frames wait by default (VirtioNet._linger,
+#: ``--tx-linger-us``), timed by a timerfd (trio's own sleeps are whole milliseconds at least).
+#: QEMU's transmit timer (virtio-net-pci tx=timer) waits 150 us; docs/performance.md,
+#: "Eleventh session", has what each wait gave.
 TX_LINGER_NS = 250_000
 #: Frames of more bytes than this on average are a bulk transfer's (TSO segments; an
 #: Ethernet frame has 1,514 at most)
@@ -116,7 +118,7 @@ class VirtioNet(VirtioPciDevice):
     fault_domain = NET_FAULTS
 
     def __init__(self, backend: NetBackend, mac: bytes | None = None, queue_pairs: int = 1,
-                 poll_us: int = 0) -> None:
+                 poll_us: int = 0, tx_linger_ns: int = TX_LINGER_NS) -> None:
         if not 1 <= queue_pairs <= MAX_PAIRS:
             raise ValueError(f"--queue-pairs must be 1..{MAX_PAIRS}")
         features = (bit(F_MAC) | bit(F_STATUS) | bit(F_CTRL_VQ) | bit(F_CTRL_RX) | bit(F_MQ)
@@ -124,6 +126,9 @@ class VirtioNet(VirtioPciDevice):
         super().__init__(num_queues=2 * queue_pairs + 1, device_features=features, poll_us=poll_us)
         self.backend = backend
         self.queue_pairs = queue_pairs
+        if tx_linger_ns < 0:
+            raise ValueError("--tx-linger-us must be 0 or more")
+        self.tx_linger_ns = tx_linger_ns
         self.default_mac = mac or bytes([0x52, 0x54, 0x00, *os.urandom(3)])
         self.link_up = False
         self.rx_dropped = 0
@@ -168,6 +173,7 @@ class VirtioNet(VirtioPciDevice):
         #: whose loop waits to publish them (_linger)
         self._tx_bulk: set[int] = set()
         self._tx_lingering: set[int] = set()
+        self._tx_timers: dict[int, PreciseTimer | _CoarseTimer] = {}
         self._reset_filters()
 
     def queue_stats(self, index: int) -> QueueStats:
@@ -201,6 +207,11 @@ class VirtioNet(VirtioPciDevice):
                             help="keep polling a queue that ran dry (transmit) or has no receive buffers for US "
                                  "microseconds before asking the guest for a kick (adaptive, up to US; trades CPU "
                                  "for latency; default 0: off)")
+        parser.add_argument("--tx-linger-us", type=int, default=TX_LINGER_NS // 1000, metavar="US",
+                            help="publish the completions of TSO-sized frames US microseconds after sending them, "
+                                 "with what the guest adds meanwhile, and ask for no kick in between (fewer kicks, "
+                                 "interrupts and larger frames for bulk transfers; as QEMU's tx=timer; "
+                                 f"default {TX_LINGER_NS // 1000}; 0: publish at once)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VirtioNet:
@@ -215,7 +226,7 @@ class VirtioNet(VirtioPciDevice):
                                else SocketBackend(args.peer, args.listen, adopt=adopt))
         if not 0 <= args.poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
-        return cls(backend, mac, args.queue_pairs, args.poll_us)
+        return cls(backend, mac, args.queue_pairs, args.poll_us, args.tx_linger_us * 1000)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": self.backend.describe(), "mac": self.mac.hex(":")}
@@ -273,6 +284,9 @@ class VirtioNet(VirtioPciDevice):
             await self.backend.run(self._deliver, self._set_link)
         finally:
             self.backend.close()
+            for timer in self._tx_timers.values():
+                timer.close()
+            self._tx_timers.clear()
 
     async def _deliver(self, frame: bytes) -> None:
         if self.faults.active:
@@ -511,7 +525,7 @@ class VirtioNet(VirtioPciDevice):
             await self._sleep_until_kicked(q)
 
     async def _linger(self, q: SplitQueue) -> None:
-        """Publish what C sent :data:`TX_LINGER_NS` later, with what the driver adds
+        """Publish what C sent :attr:`tx_linger_ns` later, with what the driver adds
         meanwhile, which goes out then: no kick is asked for during the wait (a kick that
         comes anyway is served at once, as ever). As QEMU's ``tx=timer``.
 
@@ -529,12 +543,29 @@ class VirtioNet(VirtioPciDevice):
         QEMU's NIC's pace (its vCPU thread gets as much of a CPU as with QEMU's NIC)."""
         self._tx_lingering.add(q.index)
         try:
-            await trio.sleep(TX_LINGER_NS / 1e9)
+            await self._tx_pause(q.index)
         finally:
             self._tx_lingering.discard(q.index)
         self._tx_bulk.discard(q.index)
         self.complete_fast(q)
         self.notify_queue(q)
+
+    async def _tx_pause(self, index: int) -> None:
+        """The linger's wait, on a timerfd of the queue's own: ``trio.sleep`` cannot wait less
+        than a millisecond (CPython rounds epoll's timeout up), which made a 250 us wait
+        1.1-1.2 ms."""
+        timer = self._tx_timers.get(index)
+        if timer is None:
+            try:
+                timer = self._tx_timers[index] = PreciseTimer()
+            except OSError as exc:
+                self.log.warning("queue %d: no timerfd (%s); lingering %d us in whole milliseconds",
+                                 index, exc, self.tx_linger_ns // 1000)
+                self._tx_timers[index] = timer = _CoarseTimer()
+        try:
+            await timer.sleep_ns(self.tx_linger_ns)
+        except trio.ClosedResourceError:
+            pass  # the device is closing (run's end): the loop publishes and goes
 
     def _serves_kicks(self, q: SplitQueue) -> bool:
         """Kicks of this queue are served in the connection's task (:meth:`queue_kicked`)."""
@@ -598,7 +629,7 @@ class VirtioNet(VirtioPciDevice):
             stats = self.queue_stats(queue.index)
             before = stats.c.bytes[1] if stats.c is not None else 0
             sent = fast.tx(queue, fd, HDR_LEN - self._hdr, stats)
-            if sent and stats.c.bytes[1] - before > sent * TX_BULK_FRAME:
+            if sent and self.tx_linger_ns and stats.c.bytes[1] - before > sent * TX_BULK_FRAME:
                 self._tx_bulk.add(queue.index)
             return sent
         except Exception:
@@ -828,6 +859,16 @@ class VirtioNet(VirtioPciDevice):
             self.active_pairs = pairs
             return OK
         return ERR
+
+
+class _CoarseTimer:
+    """:class:`PreciseTimer`'s stand-in where no timerfd can be had: trio's own sleep."""
+
+    async def sleep_ns(self, ns: int) -> None:
+        await trio.sleep(ns / 1e9)
+
+    def close(self) -> None:
+        pass
 
 
 class _NetFast:

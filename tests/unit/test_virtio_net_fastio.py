@@ -10,6 +10,7 @@ readable descriptors (direct or in an indirect table), then zero to two mutation
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import socket
@@ -34,6 +35,7 @@ from vfu_devices.virtio.net import (
 from vfu_devices.virtio.netbackend import NetBackend
 from vfu_devices.virtio.queue import QueueState, SplitQueue, VirtqueueError
 from vfu_server.testing.memory import map_guest_ram
+from vfu_server.transport.timer import PreciseTimer
 
 PAGE = 4096
 RAM = 1 << 20
@@ -80,6 +82,9 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def device(fd: int, vnet_hdr: bool) -> VirtioNet:
     dev = VirtioNet(PairBackend(fd, vnet_hdr))
+    # The linger's wait on trio's clock, so that a MockClock drives it (the device's own
+    # timerfd runs on the kernel's: test_the_linger_waits_on_a_timerfd)
+    dev._tx_pause = lambda index: trio.sleep(dev.tx_linger_ns / 1e9)  # type: ignore[method-assign]
     map_guest_ram(dev.dma, 0, RAM)
     map_guest_ram(dev.dma, RO_BASE, RO_SIZE, writable=False, data=RO_DATA)  # the same for C and Python
     return dev
@@ -632,3 +637,63 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
+
+
+def test_the_linger_waits_on_a_timerfd(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The device's own wait is a timerfd armed for tx_linger_ns, not trio.sleep (which
+    cannot wait less than a millisecond); closing the device ends a wait in progress."""
+    a, _ = pair
+    dev = VirtioNet(PairBackend(a.fileno(), True), tx_linger_ns=300_000)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_pause, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            timer = dev._tx_timers[1]
+            assert isinstance(timer, PreciseTimer)
+            assert 0 < timer.remaining_ns() <= 300_000
+        assert timer.remaining_ns() == 0  # over, and nothing left armed
+        nursery_done = trio.Event()
+
+        async def wait_long() -> None:
+            dev.tx_linger_ns = 10**12
+            await dev._tx_pause(1)
+            nursery_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_long)
+            await trio.testing.wait_all_tasks_blocked()
+            timer.close()
+        assert nursery_done.is_set()
+
+    trio.run(main)
+
+
+def test_tx_linger_us_0_publishes_a_bulk_transfer_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    """``--tx-linger-us 0``: TSO-sized frames are published and signalled from the kick, and
+    the next kick is asked for, as small frames are."""
+    parser = argparse.ArgumentParser()
+    VirtioNet.add_arguments(parser)
+    assert parser.parse_args(["--peer", "/x", "--tx-linger-us", "0"]).tx_linger_us == 0
+    with pytest.raises(ValueError, match="--tx-linger-us"):
+        VirtioNet(PairBackend(pair[0].fileno(), True), tx_linger_ns=-1)
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev.tx_linger_ns = 0
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 2
+            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 2  # published from the kick
+            assert struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0] == 2  # next kick asked for
+            await trio.testing.wait_all_tasks_blocked()
+            assert q.doorbell.parked and not dev._tx_lingering
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock())
