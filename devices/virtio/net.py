@@ -86,9 +86,11 @@ _STOP_EMPTY, _STOP_LIMIT = 0, 1  # VFU_STOP_* of devices/_fastio_build.py
 MAC_TABLE_ENTRIES = 64
 #: How long the completions of a bulk transfer's frames wait by default (VirtioNet._linger,
 #: ``--tx-linger-us``), timed by a timerfd (trio's own sleeps are whole milliseconds at least).
-#: QEMU's transmit timer (virtio-net-pci tx=timer) waits 150 us; docs/performance.md,
-#: "Eleventh session", has what each wait gave.
-TX_LINGER_NS = 250_000
+#: Guest to host with offloads, one boot, against QEMU's NIC: 1.06x at 250 us, 1.19x at 500,
+#: 1.29-1.31x at 1,000, 1.36x at 2,000 (docs/performance.md, "Eleventh session"); longer
+#: waits also hold back a small write that follows a bulk one (TCP autocorking) for longer.
+#: QEMU's own transmit timer (virtio-net-pci tx=timer, not its default) waits 150 us.
+TX_LINGER_NS = 1_000_000
 #: Frames of more bytes than this on average are a bulk transfer's (TSO segments; an
 #: Ethernet frame has 1,514 at most)
 TX_BULK_FRAME = 2048
@@ -209,8 +211,9 @@ class VirtioNet(VirtioPciDevice):
                                  "for latency; default 0: off)")
         parser.add_argument("--tx-linger-us", type=int, default=TX_LINGER_NS // 1000, metavar="US",
                             help="publish the completions of TSO-sized frames US microseconds after sending them, "
-                                 "with what the guest adds meanwhile, and ask for no kick in between (fewer kicks, "
-                                 "interrupts and larger frames for bulk transfers; as QEMU's tx=timer; "
+                                 "with what the guest adds meanwhile, and ask for no kick in between (fewer kicks "
+                                 "and interrupts and larger frames for bulk transfers, as QEMU's tx=timer; a small "
+                                 "write right after a bulk one may wait as long in the guest's TCP; "
                                  f"default {TX_LINGER_NS // 1000}; 0: publish at once)")
 
     @classmethod
@@ -530,10 +533,10 @@ class VirtioNet(VirtioPciDevice):
         comes anyway is served at once, as ever). As QEMU's ``tx=timer``.
 
         Why: with completions published at once, a guest writing 64 KiB at a time sent TSO
-        frames of 33 KiB on average, each with its kick, interrupt and ACK; with them held
-        back for a moment, 37-40 KiB, and 15-25% fewer kicks and half the transmit interrupts
-        per byte, which is what bounds a TCG guest's throughput (docs/performance.md,
-        "Eleventh session"). Most likely Linux's TCP: it sends the tail of a write as a
+        frames of 33-34 KiB on average, each with its kick, interrupt and ACK; with them held
+        back 1 ms, 48 KiB, a fifth of the kicks and a quarter of the transmit interrupts per
+        frame, which is what bounds a TCG guest's throughput (docs/performance.md, "Eleventh
+        session"). Most likely Linux's TCP: it sends the tail of a write as a
         segment of its own when nothing of the socket's is still in the device (autocorking),
         and its small-queue limit lets it send more only as earlier segments complete. QEMU's
         own NIC completes later too: its bottom half runs when its main loop gets to it. Only
