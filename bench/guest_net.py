@@ -47,6 +47,7 @@ Needs root (a network namespace, TAP interfaces) and iproute2; says so and stops
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -185,12 +186,12 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int, 
                 address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
                 tag = f"{nic.key}/{job}@{r}"
                 count = f"/usr/local/bin/netload {tag} counters $dev{nics.index(nic)}"
-                lines += [f"{count} start",
+                lines += [f"{count} start || echo \"netload failed {tag} counters\"",
                           f"echo mark start {tag}",
                           f"/usr/local/bin/netload {tag} {job} {address} {PORTS[job]} {seconds:g} "
                           f"|| echo \"netload failed {tag}\"",
                           f"echo mark end {tag}",
-                          f"{count} end"]
+                          f"{count} end || echo \"netload failed {tag} counters\""]
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +207,7 @@ class CpuWatch:
     spent: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     #: tag -> the host's CPU ticks (all CPUs) idle, stolen (by the hypervisor under this
     #: host, if it is a VM) and in all
-    host: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    host: dict[str, tuple[int, int, int] | None] = field(default_factory=dict)
     _vcpu: str | None = None
 
     def _read(self, pid: int | None) -> float:
@@ -252,16 +253,18 @@ class CpuWatch:
         elif what == "end" and tag in self.start:
             d = [b - a for a, b in zip(self.start[tag], now, strict=True)]
             self.spent[tag] = (d[0], d[1], d[2], d[3])
-            self.host[tag] = (int(d[4]), int(d[5]), int(d[6]))
+            # a reading that failed (NaN) leaves the run's host shares unknown, not wrong
+            self.host[tag] = None if any(math.isnan(x) for x in d[4:7]) else (int(d[4]), int(d[5]), int(d[6]))
 
 
-def host_ticks(stat: str = "/proc/stat") -> tuple[int, int, int]:
-    """The host's CPU ticks so far, all CPUs: idle (iowait included), stolen, in all."""
+def host_ticks(stat: str = "/proc/stat") -> tuple[float, float, float]:
+    """The host's CPU ticks so far, all CPUs: idle (iowait included), stolen, in all (NaN
+    each if ``stat`` cannot be read)."""
     try:
         with open(stat) as f:
             v = [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
-        return (0, 0, 0)
+        return (NAN, NAN, NAN)
     v += [0] * (8 - len(v))
     return v[3] + v[4], v[7], sum(v)
 
@@ -282,7 +285,7 @@ def counter_deltas(output: str) -> dict[str, dict[str, int]]:
             continue
         kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
         tag, at = kv.pop("name", ""), kv.pop("at", "")
-        values = {k: int(v) for k, v in kv.items() if v.isdigit()}
+        values = {k: int(v) for k, v in kv.items() if v.isascii() and v.isdigit()}
         readings.setdefault(tag, {})[at] = values
     deltas = {}
     for tag, at in readings.items():
@@ -333,15 +336,20 @@ def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], d
         if not line.startswith("netload name="):
             continue
         kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
-        tag = kv["name"]
+        tag = kv.get("name", "")
         key, _, rest = tag.partition("/")
         job = rest.partition("@")[0]
-        nbytes = float(kv["bytes"])
+        try:  # a line the serial console garbled or cut is left out, not fatal to the report
+            nbytes = float(kv["bytes"])
+            value = float(kv["tps"]) if job == "rr" else float(kv["mbps"])
+            p50 = float(kv.get("p50_us", NAN))
+        except (KeyError, ValueError):
+            continue
         units = nbytes / 2 if job == "rr" else nbytes / 1e6  # transactions, or MB
         server, qemu, vcpu, wall = watch.spent.get(tag, (NAN,) * 4) if watch else (NAN,) * 4
         runs.setdefault((key, job), []).append({
-            "value": float(kv["tps"]) if job == "rr" else float(kv["mbps"]),
-            "p50_us": float(kv.get("p50_us", NAN)),
+            "value": value,
+            "p50_us": p50,
             "server_cpu": server * 1e6 / units if units else NAN,
             "qemu_cpu": qemu * 1e6 / units if units else NAN,
             **(driver_counts(deltas[tag]) if tag in deltas else dict.fromkeys(COUNTS, NAN)),

@@ -210,8 +210,12 @@ static int ethtool_stats(int fd, const char *iface)
     __u32 n = sset.info.sset_mask ? sset.n : 0;
     if (!n)
         return 0;
-    struct ethtool_gstrings *names = calloc(1, sizeof *names + (size_t)n * ETH_GSTRING_LEN);
-    struct ethtool_stats *stats = calloc(1, sizeof *stats + (size_t)n * sizeof(__u64));
+    /* The kernel writes as many strings and values as the driver has when it is asked, not
+       the n passed in; the count changes with the queue pairs (ethtool -L), so room to spare,
+       and both answers must say n. */
+    __u32 room = 2 * n + 64;
+    struct ethtool_gstrings *names = calloc(1, sizeof *names + (size_t)room * ETH_GSTRING_LEN);
+    struct ethtool_stats *stats = calloc(1, sizeof *stats + (size_t)room * sizeof(__u64));
     int rc = -1;
     if (!names || !stats) {
         fprintf(stderr, "netload: out of memory\n");
@@ -230,6 +234,11 @@ static int ethtool_stats(int fd, const char *iface)
     ifr.ifr_data = (void *)stats;
     if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
         fprintf(stderr, "netload: %s: ETHTOOL_GSTATS: %s\n", iface, strerror(errno));
+        goto out;
+    }
+    if (names->len != n || stats->n_stats != n) {
+        fprintf(stderr, "netload: %s: the driver's statistics changed while read (%u, %u, %u names)\n",
+                iface, n, names->len, stats->n_stats);
         goto out;
     }
     for (__u32 i = 0; i < n && i < stats->n_stats; i++) {

@@ -596,8 +596,9 @@ class VirtioNet(VirtioPciDevice):
         """What the transmit loop would do for a kick, in C only (:meth:`complete_fast`),
         publish and signal it and ask the driver for the next kick (unless the loop lingers,
         or is to linger: :meth:`_linger`). True: the queue is empty again and its loop may
-        sleep (or linger) on; False: the loop has work (a frame Python must see, more than a
-        burst, a broken ring, a linger to start) and is woken for it."""
+        sleep on, or the loop lingers and takes whatever C left when its wait ends; False:
+        the loop has work (a frame Python must see, more than a burst, a broken ring, a
+        linger to start) and is woken for it."""
         if not self.complete_fast(queue):
             return False
         lingering = queue.index in self._tx_lingering
