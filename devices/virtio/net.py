@@ -94,6 +94,11 @@ TX_LINGER_NS = 1_000_000
 #: Frames of more bytes than this on average are a bulk transfer's (TSO segments; an
 #: Ethernet frame has 1,514 at most)
 TX_BULK_FRAME = 2048
+#: A pass that sends TSO-sized frames within this long of the queue's previous one is part of
+#: a stream, and only a stream's completions wait: one response of a request/response
+#: exchange (a 4-64 KiB write, then nothing) is published at once, so that a small write
+#: right after it is not held back by the guest's TCP for the wait.
+TX_STREAM_NS = 5_000_000
 BROADCAST = b"\xff" * 6
 
 
@@ -175,6 +180,8 @@ class VirtioNet(VirtioPciDevice):
         #: whose loop waits to publish them (_linger)
         self._tx_bulk: set[int] = set()
         self._tx_lingering: set[int] = set()
+        #: per transmit queue, when C last sent TSO-sized frames (trio's clock)
+        self._tx_bulk_at: dict[int, float] = {}
         self._tx_timers: dict[int, PreciseTimer | _CoarseTimer] = {}
         self._reset_filters()
 
@@ -541,7 +548,8 @@ class VirtioNet(VirtioPciDevice):
         and its small-queue limit lets it send more only as earlier segments complete. QEMU's
         own NIC completes later too: its bottom half runs when its main loop gets to it. Only
         after TSO frames (more than :data:`TX_BULK_FRAME` bytes each on average): a small
-        request's completion would cost a timer wake-up and save nothing. Not asking for kicks
+        request's completion would cost a timer wake-up and save nothing; and only in a stream
+        (:data:`TX_STREAM_NS`), not after one large response. Not asking for kicks
         meanwhile halved the server's CPU per MB and kept a guest on a host with a busy CPU at
         QEMU's NIC's pace (its vCPU thread gets as much of a CPU as with QEMU's NIC)."""
         self._tx_lingering.add(q.index)
@@ -634,7 +642,11 @@ class VirtioNet(VirtioPciDevice):
             before = stats.c.bytes[1] if stats.c is not None else 0
             sent = fast.tx(queue, fd, HDR_LEN - self._hdr, stats)
             if sent and self.tx_linger_ns and stats.c.bytes[1] - before > sent * TX_BULK_FRAME:
-                self._tx_bulk.add(queue.index)
+                now = trio.current_time()
+                last = self._tx_bulk_at.get(queue.index)
+                self._tx_bulk_at[queue.index] = now
+                if last is not None and now - last <= TX_STREAM_NS / 1e9:
+                    self._tx_bulk.add(queue.index)
             return sent
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)

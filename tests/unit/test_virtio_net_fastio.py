@@ -29,6 +29,7 @@ from vfu_devices.virtio.net import (
     MAX_TX_FRAME,
     TX_BULK_FRAME,
     TX_LINGER_NS,
+    TX_STREAM_NS,
     VirtioNet,
     _NetFast,
 )
@@ -403,11 +404,32 @@ def make_available(dev: VirtioNet, q: SplitQueue, frames: list[tuple[int, bool]]
     dev.dma.write(AVAIL + 2, struct.pack("<H", (idx + len(frames)) & 0xFFFF))
 
 
-def lingers(batch: list[tuple[int, bool]]) -> bool:
-    """Whether C's part of a batch (up to its first frame for Python) is a bulk transfer's,
-    whose completions wait (VirtioNet._linger): more than TX_BULK_FRAME bytes a frame."""
-    sent = [n - HDR_LEN for n, _ in itertools.takewhile(lambda f: not f[1], batch)]
-    return bool(sent) and sum(sent) > len(sent) * TX_BULK_FRAME
+#: the time between two batches of kicks(): within TX_STREAM_NS of the one or two before
+BATCH_STEP = 0.002
+
+
+def _is_bulk(run: list[tuple[int, bool]]) -> bool:
+    sizes = [n - HDR_LEN for n, _ in run]
+    return bool(sizes) and sum(sizes) > len(sizes) * TX_BULK_FRAME
+
+
+def c_runs(batch: list[tuple[int, bool]]) -> list[list[tuple[int, bool]]]:
+    """The frames C sends in one go each: the runs between frames for Python."""
+    return [list(g) for python_only, g in itertools.groupby(batch, key=lambda f: f[1]) if not python_only]
+
+
+def bulk(batch: list[tuple[int, bool]]) -> bool:
+    """Whether what C sends from the kick (the batch up to its first frame for Python) is a
+    bulk transfer's: more than TX_BULK_FRAME bytes a frame."""
+    return _is_bulk(list(itertools.takewhile(lambda f: not f[1], batch)))
+
+
+def lingers(batches: list[list[tuple[int, bool]]], i: int) -> bool:
+    """Whether batch ``i`` of kicks() waits from its kick (VirtioNet._linger): a bulk one in a
+    stream, i.e. with bulk frames sent at most TX_STREAM_NS before (batches are BATCH_STEP
+    apart; a batch's later runs count for the batches after it)."""
+    reach = int(TX_STREAM_NS / 1e9 / BATCH_STEP + 1e-9)
+    return bulk(batches[i]) and any(_is_bulk(run) for j in range(max(0, i - reach), i) for run in c_runs(batches[j]))
 
 
 async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, bool]]], inline: bool,
@@ -437,6 +459,7 @@ async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, boo
         nursery.start_soon(dev._tx_loop, q)
         await trio.sleep(1)
         for serial, batch in enumerate(batches):
+            lingering = lingers(batches, serial)
             assert q.doorbell.parked
             make_available(dev, q, batch, serial)
             if inline:
@@ -446,12 +469,14 @@ async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, boo
                 # published and signalled right away, a bulk transfer's wait for the loop
                 now = received(peer)
                 assert len(now) == len(list(itertools.takewhile(lambda f: not f[1], batch)))
-                if lingers(batch):
+                if lingering:
                     assert dev.dma.read(USED, 4) == used_before and len(signals) == signalled
+                elif batch and not batch[0][1]:
+                    assert dev.dma.read(USED, 4) != used_before  # published from the kick
                 sent += now
             else:
                 q.doorbell.ring()
-            await trio.sleep(1)  # the loop's pass and any linger
+            await trio.sleep(BATCH_STEP)  # the loop's pass and any linger
             sent += received(peer)
         nursery.cancel_scope.cancel()
     return sent, dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2), wakeups, len(signals)
@@ -482,8 +507,49 @@ def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socke
     assert used_i == used_t and avail_i == avail_t == (next_avail + len(sent_t)) & 0xFFFF
     assert stats_i == stats_t
     assert wake_t == len(batches)
-    assert wake_i == sum(1 for batch in batches
-                         if not batch or any(python_only for _, python_only in batch) or lingers(batch))
+    assert wake_i == sum(1 for i, batch in enumerate(batches)
+                         if not batch or any(python_only for _, python_only in batch) or lingers(batches, i))
+
+
+def stream_in_progress(dev: VirtioNet, q: SplitQueue) -> None:
+    """As if C had just sent TSO-sized frames on the queue: its next bulk kick is a stream's."""
+    dev._tx_bulk_at[q.index] = trio.current_time()
+
+
+def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socket]) -> None:
+    """One large write (a response) is published from its kick; a second within TX_STREAM_NS
+    is a stream's and waits; after a pause longer than that, one is published at once again."""
+    a, b = pair
+    dev = device(a.fileno(), True)
+    dev._fast = _NetFast(module, dev.dma)
+    q = kick_queue(dev, 0)
+    clock = trio.testing.MockClock()
+
+    def used_idx() -> int:
+        return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            make_available(dev, q, [(HDR_LEN + 9000, False)], 0)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 1 and used_idx() == 1  # alone: at once
+            clock.jump(TX_STREAM_NS / 2e9)
+            make_available(dev, q, [(HDR_LEN + 9000, False)], 1)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 1 and used_idx() == 1  # a stream's: it waits
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(TX_LINGER_NS / 1e9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert used_idx() == 2 and q.doorbell.parked
+            clock.jump(2 * TX_STREAM_NS / 1e9)
+            make_available(dev, q, [(HDR_LEN + 9000, False)], 2)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 1 and used_idx() == 3  # after a pause: at once again
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
 
 
 def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -510,6 +576,7 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dev._tx_loop, q)
             await trio.testing.wait_all_tasks_blocked()
+            stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
             assert len(received(b)) == 2 and used_idx() == 0
@@ -551,6 +618,7 @@ def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dev._tx_loop, q)
             await trio.testing.wait_all_tasks_blocked()
+            stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False)], 0)
             dev.queue_kicked(q)
             await trio.testing.wait_all_tasks_blocked()
@@ -621,6 +689,7 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dev._tx_loop, q)
             await trio.testing.wait_all_tasks_blocked()
+            stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 4000, False)], 0)
             dev.queue_kicked(q)
             await trio.testing.wait_all_tasks_blocked()
