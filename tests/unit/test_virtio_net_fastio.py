@@ -511,6 +511,21 @@ def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socke
                          if not batch or any(python_only for _, python_only in batch) or lingers(batches, i))
 
 
+def transmitting_device(fd: int) -> tuple[VirtioNet, SplitQueue]:
+    """A device with the C paths and a transmit queue set up for kicks (offloads on)."""
+    dev = device(fd, True)
+    dev._fast = _NetFast(module, dev.dma)
+    return dev, kick_queue(dev, 0)
+
+
+def used_idx(dev: VirtioNet) -> int:
+    return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
+
+
+def avail_event(dev: VirtioNet) -> int:
+    return struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0]
+
+
 def stream_in_progress(dev: VirtioNet, q: SplitQueue) -> None:
     """As if C had just sent TSO-sized frames on the queue: its next bulk kick is a stream's."""
     dev._tx_bulk_at[q.index] = trio.current_time()
@@ -520,13 +535,8 @@ def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socke
     """One large write (a response) is published from its kick; a second within TX_STREAM_NS
     is a stream's and waits; after a pause longer than that, one is published at once again."""
     a, b = pair
-    dev = device(a.fileno(), True)
-    dev._fast = _NetFast(module, dev.dma)
-    q = kick_queue(dev, 0)
+    dev, q = transmitting_device(a.fileno())
     clock = trio.testing.MockClock()
-
-    def used_idx() -> int:
-        return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -534,19 +544,19 @@ def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socke
             await trio.testing.wait_all_tasks_blocked()
             make_available(dev, q, [(HDR_LEN + 9000, False)], 0)
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx() == 1  # alone: at once
+            assert len(received(b)) == 1 and used_idx(dev) == 1  # alone: at once
             clock.jump(TX_STREAM_NS / 2e9)
             make_available(dev, q, [(HDR_LEN + 9000, False)], 1)
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx() == 1  # a stream's: it waits
+            assert len(received(b)) == 1 and used_idx(dev) == 1  # a stream's: it waits
             await trio.testing.wait_all_tasks_blocked()
             clock.jump(TX_LINGER_NS / 1e9)
             await trio.testing.wait_all_tasks_blocked()
-            assert used_idx() == 2 and q.doorbell.parked
+            assert used_idx(dev) == 2 and q.doorbell.parked
             clock.jump(2 * TX_STREAM_NS / 1e9)
             make_available(dev, q, [(HDR_LEN + 9000, False)], 2)
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx() == 3  # after a pause: at once again
+            assert len(received(b)) == 1 and used_idx(dev) == 3  # after a pause: at once again
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
@@ -558,19 +568,11 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
     ends, with one used-index update and one interrupt for all of it (a kick that comes
     anyway sends at once and wakes no one). A small frame after that is published at once."""
     a, b = pair
-    dev = device(a.fileno(), True)
-    dev._fast = _NetFast(module, dev.dma)
-    q = kick_queue(dev, 0)
+    dev, q = transmitting_device(a.fileno())
     signals: list[int] = []
     signal = dev._signal
     dev._signal = lambda vector, isr: (signals.append(vector), signal(vector, isr))  # type: ignore[method-assign]
     clock = trio.testing.MockClock()
-
-    def used_idx() -> int:
-        return struct.unpack("<HH", dev.dma.read(USED, 4))[1]
-
-    def avail_event() -> int:
-        return struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -579,27 +581,27 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
             stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
-            assert len(received(b)) == 2 and used_idx() == 0
+            assert len(received(b)) == 2 and used_idx(dev) == 0
             await trio.testing.wait_all_tasks_blocked()  # the loop took up the wait
-            assert not q.doorbell.parked and used_idx() == 0 and avail_event() == 0  # no kick asked for
+            assert not q.doorbell.parked and used_idx(dev) == 0 and avail_event(dev) == 0  # no kick asked for
             clock.jump(TX_LINGER_NS / 2e9)
             await trio.testing.wait_all_tasks_blocked()
             make_available(dev, q, [(HDR_LEN + 3000, False)], 1)  # the driver does not kick for it
             await trio.testing.wait_all_tasks_blocked()
-            assert received(b) == [] and used_idx() == 0
+            assert received(b) == [] and used_idx(dev) == 0
             make_available(dev, q, [(HDR_LEN + 5000, False)], 2)
             ring = q.doorbell.ring
             q.doorbell.ring = lambda: pytest.fail("the waiting loop needs no wake-up")  # type: ignore[method-assign]
             dev.queue_kicked(q)  # a kick all the same: sent at once
             q.doorbell.ring = ring  # type: ignore[method-assign]
-            assert len(received(b)) == 2 and used_idx() == 0 and not signals and avail_event() == 0
+            assert len(received(b)) == 2 and used_idx(dev) == 0 and not signals and avail_event(dev) == 0
             clock.jump(TX_LINGER_NS / 2e9)
             await trio.testing.wait_all_tasks_blocked()
-            assert used_idx() == 4 and len(signals) == 1 and q.doorbell.parked and avail_event() == 4
+            assert used_idx(dev) == 4 and len(signals) == 1 and q.doorbell.parked and avail_event(dev) == 4
             make_available(dev, q, [(HDR_LEN + 60, False)], 3)  # a small one: published at once
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx() == 5 and len(signals) == 2 and q.doorbell.parked
-            assert avail_event() == 5
+            assert len(received(b)) == 1 and used_idx(dev) == 5 and len(signals) == 2 and q.doorbell.parked
+            assert avail_event(dev) == 5
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
@@ -609,9 +611,7 @@ def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket,
     """The driver adds a frame while a bulk transfer's completions wait, and sends no kick
     (none was asked for): the frame goes out when the wait ends."""
     a, b = pair
-    dev = device(a.fileno(), True)
-    dev._fast = _NetFast(module, dev.dma)
-    q = kick_queue(dev, 0)
+    dev, q = transmitting_device(a.fileno())
     clock = trio.testing.MockClock()
 
     async def main() -> None:
@@ -626,7 +626,7 @@ def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket,
             clock.jump(TX_LINGER_NS / 1e9)
             await trio.testing.wait_all_tasks_blocked()
             assert [len(f) for f in received(b)] == [HDR_LEN + 4000, HDR_LEN + 80]
-            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 2 and q.doorbell.parked
+            assert used_idx(dev) == 2 and q.doorbell.parked
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
@@ -679,9 +679,7 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
     quiescing publishes them (the state saved has them used), and the loop, when its wait
     ends, writes nothing more to the ring."""
     a, b = pair
-    dev = device(a.fileno(), True)
-    dev._fast = _NetFast(module, dev.dma)
-    q = kick_queue(dev, 0)
+    dev, q = transmitting_device(a.fileno())
     dev.queues = [q]
     clock = trio.testing.MockClock()
 
@@ -694,7 +692,7 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
             dev.queue_kicked(q)
             await trio.testing.wait_all_tasks_blocked()
             assert len(received(b)) == 2 and q.index in dev._tx_lingering
-            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 0
+            assert used_idx(dev) == 0
             await dev.quiesce()
             ring = dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2)
             assert struct.unpack("<HH", ring[:4])[1] == 2
@@ -759,8 +757,8 @@ def test_tx_linger_us_0_publishes_a_bulk_transfer_at_once(pair: tuple[socket.soc
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
             assert len(received(b)) == 2
-            assert struct.unpack("<HH", dev.dma.read(USED, 4))[1] == 2  # published from the kick
-            assert struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0] == 2  # next kick asked for
+            assert used_idx(dev) == 2  # published from the kick
+            assert avail_event(dev) == 2  # next kick asked for
             await trio.testing.wait_all_tasks_blocked()
             assert q.doorbell.parked and not dev._tx_lingering
             nursery.cancel_scope.cancel()
