@@ -86,7 +86,7 @@ _STOP_EMPTY, _STOP_LIMIT = 0, 1  # VFU_STOP_* of devices/_fastio_build.py
 MAC_TABLE_ENTRIES = 64
 #: How long the completions of a bulk transfer's frames wait by default (VirtioNet._linger,
 #: ``--tx-linger-us``), timed by a timerfd (trio's own sleeps are whole milliseconds at least).
-#: Guest to host with offloads, one boot, against QEMU's NIC: 1.06x at 250 us, 1.19x at 500,
+#: Guest to host with offloads, two boots, against QEMU's NIC: 1.06x at 250 us, 1.19x at 500,
 #: 1.29-1.31x at 1,000, 1.36x at 2,000 (docs/performance.md, "Eleventh session"); longer
 #: waits also hold back a small write that follows a bulk one (TCP autocorking) for longer.
 #: QEMU's own transmit timer (virtio-net-pci tx=timer, not its default) waits 150 us.
@@ -94,11 +94,15 @@ TX_LINGER_NS = 1_000_000
 #: Frames of more bytes than this on average are a bulk transfer's (TSO segments; an
 #: Ethernet frame has 1,514 at most)
 TX_BULK_FRAME = 2048
-#: A pass that sends TSO-sized frames within this long of the queue's previous one is part of
-#: a stream, and only a stream's completions wait: one response of a request/response
-#: exchange (a 4-64 KiB write, then nothing) is published at once, so that a small write
-#: right after it is not held back by the guest's TCP for the wait.
+#: Only a stream's completions wait: TSO-sized frames of more than TX_STREAM_BYTES sent in
+#: passes each within TX_STREAM_NS of the one before. One response of a request/response
+#: exchange (up to 256 KiB, in however many passes) is published at once, so that a small
+#: write right after it is not held back by the guest's TCP for the wait.
 TX_STREAM_NS = 5_000_000
+TX_STREAM_BYTES = 256 * 1024
+#: The longest ``--tx-linger-us``: a wait must end well within TX_STREAM_NS, or a stream
+#: would keep falling out of it.
+MAX_TX_LINGER_US = 4000
 BROADCAST = b"\xff" * 6
 
 
@@ -133,9 +137,11 @@ class VirtioNet(VirtioPciDevice):
         super().__init__(num_queues=2 * queue_pairs + 1, device_features=features, poll_us=poll_us)
         self.backend = backend
         self.queue_pairs = queue_pairs
-        if tx_linger_ns < 0:
-            raise ValueError("--tx-linger-us must be 0 or more")
+        if not 0 <= tx_linger_ns <= MAX_TX_LINGER_US * 1000:
+            raise ValueError(f"--tx-linger-us must be 0..{MAX_TX_LINGER_US}")
         self.tx_linger_ns = tx_linger_ns
+        #: bytes of TSO-sized frames a stream must have sent before its completions wait
+        self.tx_stream_bytes = TX_STREAM_BYTES
         self.default_mac = mac or bytes([0x52, 0x54, 0x00, *os.urandom(3)])
         self.link_up = False
         self.rx_dropped = 0
@@ -180,9 +186,11 @@ class VirtioNet(VirtioPciDevice):
         #: whose loop waits to publish them (_linger)
         self._tx_bulk: set[int] = set()
         self._tx_lingering: set[int] = set()
-        #: per transmit queue, when C last sent TSO-sized frames (trio's clock)
-        self._tx_bulk_at: dict[int, float] = {}
-        self._tx_timers: dict[int, PreciseTimer | _CoarseTimer] = {}
+        #: per transmit queue, when C last sent TSO-sized frames (trio's clock) and how many
+        #: bytes of them the stream has sent so far
+        self._tx_bulk_at: dict[int, tuple[float, int]] = {}
+        self._tx_timer_warned: set[int] = set()
+        self._tx_timers: dict[int, PreciseTimer] = {}
         self._reset_filters()
 
     def queue_stats(self, index: int) -> QueueStats:
@@ -219,9 +227,10 @@ class VirtioNet(VirtioPciDevice):
         parser.add_argument("--tx-linger-us", type=int, default=TX_LINGER_NS // 1000, metavar="US",
                             help="publish the completions of TSO-sized frames US microseconds after sending them, "
                                  "with what the guest adds meanwhile, and ask for no kick in between (fewer kicks "
-                                 "and interrupts and larger frames for bulk transfers, as QEMU's tx=timer; a small "
-                                 "write right after a bulk one may wait as long in the guest's TCP; "
-                                 f"default {TX_LINGER_NS // 1000}; 0: publish at once)")
+                                 "and interrupts and larger frames for bulk transfers, as QEMU's tx=timer; only "
+                                 f"once a stream has sent {TX_STREAM_BYTES // 1024} KiB, so a small write right after "
+                                 "a large one may wait as long in the guest's TCP only within a stream; "
+                                 f"default {TX_LINGER_NS // 1000}, at most {MAX_TX_LINGER_US}; 0: publish at once)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VirtioNet:
@@ -236,10 +245,13 @@ class VirtioNet(VirtioPciDevice):
                                else SocketBackend(args.peer, args.listen, adopt=adopt))
         if not 0 <= args.poll_us <= MAX_POLL_US:
             raise ValueError(f"--poll-us must be 0..{MAX_POLL_US}")
+        if not 0 <= args.tx_linger_us <= MAX_TX_LINGER_US:
+            raise ValueError(f"--tx-linger-us must be 0..{MAX_TX_LINGER_US}")
         return cls(backend, mac, args.queue_pairs, args.poll_us, args.tx_linger_us * 1000)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "backend": self.backend.describe(), "mac": self.mac.hex(":")}
+        return {**super().describe(), "backend": self.backend.describe(), "mac": self.mac.hex(":"),
+                "tx_linger_us": self.tx_linger_ns // 1000}
 
     def sandbox_needs(self) -> SandboxNeeds:
         return self.backend.sandbox_needs()
@@ -260,6 +272,9 @@ class VirtioNet(VirtioPciDevice):
         self._rx_pump_up = trio.Event()
         self._reset_filters()
         self._apply_offloads(0)
+        # a reset cancels a linger before its end: the queues start again without a stream
+        self._tx_bulk.clear()
+        self._tx_bulk_at.clear()
 
     def features_ok(self, features: int) -> bool:
         for feature, needs in _NEEDS.items():
@@ -294,9 +309,6 @@ class VirtioNet(VirtioPciDevice):
             await self.backend.run(self._deliver, self._set_link)
         finally:
             self.backend.close()
-            for timer in self._tx_timers.values():
-                timer.close()
-            self._tx_timers.clear()
 
     async def _deliver(self, frame: bytes) -> None:
         if self.faults.active:
@@ -512,7 +524,16 @@ class VirtioNet(VirtioPciDevice):
         """Frames in order, C first (:meth:`complete_fast`), Python for what C leaves; one
         used-index update and interrupt per pass, at most a queue's worth per pass so that a
         guest that keeps the queue full cannot starve the other tasks. The completions of a
-        bulk transfer's frames wait a while first (:meth:`_linger`)."""
+        bulk stream's frames wait a while first (:meth:`_linger`)."""
+        try:
+            await self._tx_passes(q)
+        finally:
+            # the loop's timer goes with it (a reset, the queue stopped, the server's end)
+            timer = self._tx_timers.pop(q.index, None)
+            if timer is not None:
+                timer.close()
+
+    async def _tx_passes(self, q: SplitQueue) -> None:
         while True:
             budget = q.state.size
             while budget > 0:
@@ -549,7 +570,7 @@ class VirtioNet(VirtioPciDevice):
         own NIC completes later too: its bottom half runs when its main loop gets to it. Only
         after TSO frames (more than :data:`TX_BULK_FRAME` bytes each on average): a small
         request's completion would cost a timer wake-up and save nothing; and only in a stream
-        (:data:`TX_STREAM_NS`), not after one large response. Not asking for kicks
+        (:meth:`_note_bulk`), not after one large response. Not asking for kicks
         meanwhile halved the server's CPU per MB and kept a guest on a host with a busy CPU at
         QEMU's NIC's pace (its vCPU thread gets as much of a CPU as with QEMU's NIC)."""
         self._tx_lingering.add(q.index)
@@ -569,14 +590,14 @@ class VirtioNet(VirtioPciDevice):
         if timer is None:
             try:
                 timer = self._tx_timers[index] = PreciseTimer()
-            except OSError as exc:
-                self.log.warning("queue %d: no timerfd (%s); lingering %d us in whole milliseconds",
-                                 index, exc, self.tx_linger_ns // 1000)
-                self._tx_timers[index] = timer = _CoarseTimer()
-        try:
-            await timer.sleep_ns(self.tx_linger_ns)
-        except trio.ClosedResourceError:
-            pass  # the device is closing (run's end): the loop publishes and goes
+            except OSError as exc:  # out of fds, say: this wait in whole milliseconds, the next tries again
+                if index not in self._tx_timer_warned:
+                    self._tx_timer_warned.add(index)
+                    self.log.warning("queue %d: no timerfd (%s); lingering in whole milliseconds meanwhile",
+                                     index, exc)
+                await trio.sleep(self.tx_linger_ns / 1e9)
+                return
+        await timer.sleep_ns(self.tx_linger_ns)
 
     def _serves_kicks(self, q: SplitQueue) -> bool:
         """Kicks of this queue are served in the connection's task (:meth:`queue_kicked`)."""
@@ -637,21 +658,28 @@ class VirtioNet(VirtioPciDevice):
         fd = self.backend.fast_tx_fd()
         if fd is None:
             return 0
+        stats = self.queue_stats(queue.index)
+        before = stats.c.bytes[1] if stats.c is not None else 0
         try:
-            stats = self.queue_stats(queue.index)
-            before = stats.c.bytes[1] if stats.c is not None else 0
             sent = fast.tx(queue, fd, HDR_LEN - self._hdr, stats)
-            if sent and self.tx_linger_ns and stats.c.bytes[1] - before > sent * TX_BULK_FRAME:
-                now = trio.current_time()
-                last = self._tx_bulk_at.get(queue.index)
-                self._tx_bulk_at[queue.index] = now
-                if last is not None and now - last <= TX_STREAM_NS / 1e9:
-                    self._tx_bulk.add(queue.index)
-            return sent
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
             self._fast = None
             return 0
+        nbytes = stats.c.bytes[1] - before
+        if sent and self.tx_linger_ns and nbytes > sent * TX_BULK_FRAME:
+            self._note_bulk(queue.index, nbytes)
+        return sent
+
+    def _note_bulk(self, index: int, nbytes: int) -> None:
+        """A pass sent ``nbytes`` of TSO-sized frames: the queue's completions wait from now
+        on if its stream has sent more than :attr:`tx_stream_bytes` (:data:`TX_STREAM_NS`)."""
+        now = trio.current_time()
+        last, streamed = self._tx_bulk_at.get(index, (None, 0))
+        streamed = streamed + nbytes if last is not None and now - last <= TX_STREAM_NS / 1e9 else nbytes
+        self._tx_bulk_at[index] = (now, streamed)
+        if streamed > self.tx_stream_bytes:
+            self._tx_bulk.add(index)
 
     def _receive_fast(self, fd: int) -> bytes | int | None:
         """The backend's packets straight from ``fd`` into receiveq0, in C, while nothing of
@@ -875,16 +903,6 @@ class VirtioNet(VirtioPciDevice):
             self.active_pairs = pairs
             return OK
         return ERR
-
-
-class _CoarseTimer:
-    """:class:`PreciseTimer`'s stand-in where no timerfd can be had: trio's own sleep."""
-
-    async def sleep_ns(self, ns: int) -> None:
-        await trio.sleep(ns / 1e9)
-
-    def close(self) -> None:
-        pass
 
 
 class _NetFast:

@@ -27,6 +27,7 @@ from vfu_devices.fastio import load_module
 from vfu_devices.virtio.net import (
     HDR_LEN,
     MAX_TX_FRAME,
+    MAX_TX_LINGER_US,
     TX_BULK_FRAME,
     TX_LINGER_NS,
     TX_STREAM_NS,
@@ -408,9 +409,15 @@ def make_available(dev: VirtioNet, q: SplitQueue, frames: list[tuple[int, bool]]
 BATCH_STEP = 0.002
 
 
-def _is_bulk(run: list[tuple[int, bool]]) -> bool:
+#: the stream threshold the kick tests run with (the device's is 256 KiB): a few batches
+STREAM_BYTES = 12_000
+
+
+def _bulk_bytes(run: list[tuple[int, bool]]) -> int:
+    """What C counts of a run it sends, if the run is a bulk transfer's (more than
+    TX_BULK_FRAME bytes a frame), else 0."""
     sizes = [n - HDR_LEN for n, _ in run]
-    return bool(sizes) and sum(sizes) > len(sizes) * TX_BULK_FRAME
+    return sum(sizes) if sizes and sum(sizes) > len(sizes) * TX_BULK_FRAME else 0
 
 
 def c_runs(batch: list[tuple[int, bool]]) -> list[list[tuple[int, bool]]]:
@@ -418,18 +425,26 @@ def c_runs(batch: list[tuple[int, bool]]) -> list[list[tuple[int, bool]]]:
     return [list(g) for python_only, g in itertools.groupby(batch, key=lambda f: f[1]) if not python_only]
 
 
-def bulk(batch: list[tuple[int, bool]]) -> bool:
-    """Whether what C sends from the kick (the batch up to its first frame for Python) is a
-    bulk transfer's: more than TX_BULK_FRAME bytes a frame."""
-    return _is_bulk(list(itertools.takewhile(lambda f: not f[1], batch)))
-
-
 def lingers(batches: list[list[tuple[int, bool]]], i: int) -> bool:
-    """Whether batch ``i`` of kicks() waits from its kick (VirtioNet._linger): a bulk one in a
-    stream, i.e. with bulk frames sent at most TX_STREAM_NS before (batches are BATCH_STEP
-    apart; a batch's later runs count for the batches after it)."""
-    reach = int(TX_STREAM_NS / 1e9 / BATCH_STEP + 1e-9)
-    return bulk(batches[i]) and any(_is_bulk(run) for j in range(max(0, i - reach), i) for run in c_runs(batches[j]))
+    """Whether batch ``i`` of kicks() waits from its kick (VirtioNet._linger): what C sends
+    from the kick (up to the first frame for Python) is a bulk transfer's, and with it the
+    stream has sent more than STREAM_BYTES, each bulk run within TX_STREAM_NS of the one
+    before (batches are BATCH_STEP apart; the model of VirtioNet._note_bulk)."""
+    last, streamed = None, 0
+    for j in range(i + 1):
+        runs = c_runs(batches[j])
+        if j == i:
+            first = list(itertools.takewhile(lambda f: not f[1], batches[i]))
+            runs = [first] if first else []
+        for run in runs:
+            if nbytes := _bulk_bytes(run):
+                now = j * BATCH_STEP
+                near = last is not None and now - last <= TX_STREAM_NS / 1e9 + 1e-12
+                streamed = streamed + nbytes if near else nbytes
+                last = now
+        if j == i:
+            return bool(runs) and _bulk_bytes(runs[0]) > 0 and streamed > STREAM_BYTES
+    return False
 
 
 async def kicks(dev: VirtioNet, q: SplitQueue, batches: list[list[tuple[int, bool]]], inline: bool,
@@ -498,6 +513,7 @@ def test_a_kick_sends_what_the_woken_loop_sends(pair: tuple[socket.socket, socke
     for inline in (True, False):
         dev = device(a.fileno(), vnet_hdr)
         dev._fast = _NetFast(module, dev.dma)
+        dev.tx_stream_bytes = STREAM_BYTES
         q = kick_queue(dev, next_avail)
         results.append((*trio.run(kicks, dev, q, batches, inline, b, clock=trio.testing.MockClock(autojump_threshold=0)),
                         dev.queue_stats(1).snapshot(), q.state.next_avail))
@@ -527,36 +543,40 @@ def avail_event(dev: VirtioNet) -> int:
 
 
 def stream_in_progress(dev: VirtioNet, q: SplitQueue) -> None:
-    """As if C had just sent TSO-sized frames on the queue: its next bulk kick is a stream's."""
-    dev._tx_bulk_at[q.index] = trio.current_time()
+    """As if a stream had just sent its first 256 KiB on the queue: its next bulk kick waits."""
+    dev._tx_bulk_at[q.index] = (trio.current_time(), dev.tx_stream_bytes)
 
 
 def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socket]) -> None:
-    """One large write (a response) is published from its kick; a second within TX_STREAM_NS
-    is a stream's and waits; after a pause longer than that, one is published at once again."""
+    """A large write (a response) is published from its kicks, also when it leaves in two
+    passes; once the passes, each within TX_STREAM_NS of the one before, have sent more than
+    tx_stream_bytes, they are a stream's and wait; after a pause longer than TX_STREAM_NS
+    the count starts again."""
     a, b = pair
     dev, q = transmitting_device(a.fileno())
+    dev.tx_stream_bytes = 20_000
     clock = trio.testing.MockClock()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dev._tx_loop, q)
             await trio.testing.wait_all_tasks_blocked()
-            make_available(dev, q, [(HDR_LEN + 9000, False)], 0)
+            for serial in range(2):  # one response in two passes: 18,000 bytes
+                make_available(dev, q, [(HDR_LEN + 9000, False)], serial)
+                dev.queue_kicked(q)
+                assert len(received(b)) == 1 and used_idx(dev) == serial + 1  # at once
+                clock.jump(TX_STREAM_NS / 2e9)
+            make_available(dev, q, [(HDR_LEN + 9000, False)], 2)  # 27,000: a stream
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx(dev) == 1  # alone: at once
-            clock.jump(TX_STREAM_NS / 2e9)
-            make_available(dev, q, [(HDR_LEN + 9000, False)], 1)
-            dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx(dev) == 1  # a stream's: it waits
+            assert len(received(b)) == 1 and used_idx(dev) == 2  # it waits
             await trio.testing.wait_all_tasks_blocked()
             clock.jump(TX_LINGER_NS / 1e9)
             await trio.testing.wait_all_tasks_blocked()
-            assert used_idx(dev) == 2 and q.doorbell.parked
+            assert used_idx(dev) == 3 and q.doorbell.parked
             clock.jump(2 * TX_STREAM_NS / 1e9)
-            make_available(dev, q, [(HDR_LEN + 9000, False)], 2)
+            make_available(dev, q, [(HDR_LEN + 9000, False)], 3)
             dev.queue_kicked(q)
-            assert len(received(b)) == 1 and used_idx(dev) == 3  # after a pause: at once again
+            assert len(received(b)) == 1 and used_idx(dev) == 4  # after a pause: at once again
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
@@ -708,9 +728,10 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
 
 def test_the_linger_waits_on_a_timerfd(pair: tuple[socket.socket, socket.socket]) -> None:
     """The device's own wait is a timerfd armed for tx_linger_ns, not trio.sleep (which
-    cannot wait less than a millisecond); closing the device ends a wait in progress."""
+    cannot wait less than a millisecond); the wait ends when the timer does, a cancelled wait
+    leaves nothing armed or pending for the next, and the transmit loop closes its timer."""
     a, _ = pair
-    dev = VirtioNet(PairBackend(a.fileno(), True), tx_linger_ns=300_000)
+    dev = VirtioNet(PairBackend(a.fileno(), True), tx_linger_ns=MAX_TX_LINGER_US * 1000)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -718,22 +739,28 @@ def test_the_linger_waits_on_a_timerfd(pair: tuple[socket.socket, socket.socket]
             await trio.testing.wait_all_tasks_blocked()
             timer = dev._tx_timers[1]
             assert isinstance(timer, PreciseTimer)
-            assert 0 < timer.remaining_ns() <= 300_000
-        assert timer.remaining_ns() == 0  # over, and nothing left armed
-        nursery_done = trio.Event()
-
-        async def wait_long() -> None:
-            dev.tx_linger_ns = 10**12
-            await dev._tx_pause(1)
-            nursery_done.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait_long)
-            await trio.testing.wait_all_tasks_blocked()
-            timer.close()
-        assert nursery_done.is_set()
+            assert 0 < timer.remaining_ns() <= MAX_TX_LINGER_US * 1000
+            nursery.cancel_scope.cancel()  # as a reset does
+        assert timer.remaining_ns() == 0
+        dev.tx_linger_ns = 1
+        with trio.fail_after(5):
+            await dev._tx_pause(1)  # a short wait after the cancelled one: it ends
+        assert timer.remaining_ns() == 0
+        with pytest.raises(BlockingIOError):
+            os.read(timer.fd, 8)  # nothing pending for the next wait
 
     trio.run(main)
+    dev, q = transmitting_device(a.fileno())
+
+    async def loop_ends() -> None:
+        timer = dev._tx_timers[q.index] = PreciseTimer()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert timer.fd is None and q.index not in dev._tx_timers
+
+    trio.run(loop_ends)
 
 
 def test_tx_linger_us_0_publishes_a_bulk_transfer_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -742,18 +769,18 @@ def test_tx_linger_us_0_publishes_a_bulk_transfer_at_once(pair: tuple[socket.soc
     parser = argparse.ArgumentParser()
     VirtioNet.add_arguments(parser)
     assert parser.parse_args(["--peer", "/x", "--tx-linger-us", "0"]).tx_linger_us == 0
-    with pytest.raises(ValueError, match="--tx-linger-us"):
-        VirtioNet(PairBackend(pair[0].fileno(), True), tx_linger_ns=-1)
+    for bad in (-1, MAX_TX_LINGER_US * 1000 + 1):
+        with pytest.raises(ValueError, match="--tx-linger-us"):
+            VirtioNet(PairBackend(pair[0].fileno(), True), tx_linger_ns=bad)
     a, b = pair
-    dev = device(a.fileno(), True)
+    dev, q = transmitting_device(a.fileno())
     dev.tx_linger_ns = 0
-    dev._fast = _NetFast(module, dev.dma)
-    q = kick_queue(dev, 0)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(dev._tx_loop, q)
             await trio.testing.wait_all_tasks_blocked()
+            stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
             assert len(received(b)) == 2
