@@ -23,7 +23,8 @@ boot), then ``python:INTERPRETER`` and ``NAME=VALUE`` environment settings, as f
 Jobs (``bench/netload.c`` in the guest, built static on the host; a Python sink, pusher and
 echo server in the namespace): TCP from the guest to the namespace (``tx``) and from the
 namespace to the guest (``rx``), 64 KiB writes; and ``rr``, one-byte requests and responses on
-one TCP connection with TCP_NODELAY, one at a time (transactions per second, p50 latency). Job
+one TCP connection with TCP_NODELAY, one at a time (transactions per second, p50 latency);
+``rr64k`` (not by default), the same with 64 KiB each way. Job
 by job, every NIC first runs the job for ``--warmup`` seconds, uncounted: the first guest-to-host
 runs after boot were 15-25% slower than the later ones whichever NIC ran them (the boot's
 first bulk transfers pay one-time costs, not measured further), and with ours first in the
@@ -62,8 +63,18 @@ from pathlib import Path
 
 from .common import HZ, REPO, Variant, cpu_seconds, machine_line, median, table
 
-JOBS = {"tx": "TCP guest -> host", "rx": "TCP host -> guest", "rr": "TCP 1-byte request/response"}
-PORTS = {"tx": 5000, "rx": 6000, "rr": 7000}
+JOBS = {"tx": "TCP guest -> host", "rx": "TCP host -> guest", "rr": "TCP 1-byte request/response",
+        "rr64k": "TCP 64 KiB request/response"}
+PORTS = {"tx": 5000, "rx": 6000, "rr": 7000, "rr64k": 7000}
+#: request/response jobs and their message size: netload's ``rr`` with SIZE (transactions/s, p50)
+RR_SIZES = {"rr": 1, "rr64k": 65536}
+
+
+def netload_args(job: str, address: str, seconds: float) -> str:
+    """netload's subcommand and arguments for ``job``."""
+    size = RR_SIZES.get(job)
+    command = "rr" if size else job
+    return f"{command} {address} {PORTS[job]} {seconds:g}" + (f" {size}" if size and size > 1 else "")
 MODES = ("offloads", "plain")
 NAN = float("nan")
 
@@ -179,7 +190,7 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int, 
         if warmup > 0:
             for nic in nics:
                 address = f"10.{nic.net}.0.2" if job == "rx" else f"10.{nic.net}.0.1"
-                lines.append(f"/usr/local/bin/netload {nic.key}/{job}@warm {job} {address} {PORTS[job]} {warmup:g} "
+                lines.append(f"/usr/local/bin/netload {nic.key}/{job}@warm {netload_args(job, address, warmup)} "
                              f">/dev/null || echo \"netload failed {nic.key}/{job}@warm\"")
         for r in range(rounds):
             for nic in nics[r % len(nics):] + nics[: r % len(nics)]:
@@ -188,7 +199,7 @@ def guest_script(nics: list[Nic], jobs: list[str], seconds: float, rounds: int, 
                 count = f"/usr/local/bin/netload {tag} counters $dev{nics.index(nic)}"
                 lines += [f"{count} start || echo \"netload failed {tag} counters\"",
                           f"echo mark start {tag}",
-                          f"/usr/local/bin/netload {tag} {job} {address} {PORTS[job]} {seconds:g} "
+                          f"/usr/local/bin/netload {tag} {netload_args(job, address, seconds)} "
                           f"|| echo \"netload failed {tag}\"",
                           f"echo mark end {tag}",
                           f"{count} end || echo \"netload failed {tag} counters\""]
@@ -341,11 +352,11 @@ def parse(output: str, watch: CpuWatch | None = None) -> dict[tuple[str, str], d
         job = rest.partition("@")[0]
         try:  # a line the serial console garbled or cut is left out, not fatal to the report
             nbytes = float(kv["bytes"])
-            value = float(kv["tps"]) if job == "rr" else float(kv["mbps"])
+            value = float(kv["tps"]) if job in RR_SIZES else float(kv["mbps"])
             p50 = float(kv.get("p50_us", NAN))
         except (KeyError, ValueError):
             continue
-        units = nbytes / 2 if job == "rr" else nbytes / 1e6  # transactions, or MB
+        units = nbytes / (2 * RR_SIZES[job]) if job in RR_SIZES else nbytes / 1e6  # transactions, or MB
         server, qemu, vcpu, wall = watch.spent.get(tag, (NAN,) * 4) if watch else (NAN,) * 4
         runs.setdefault((key, job), []).append({
             "value": value,
@@ -470,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.guest_net", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=3, help="runs of every job per NIC, in rotating order; medians")
-    ap.add_argument("--jobs", default="tx,rx,rr", help="comma-separated: tx, rx, rr")
+    ap.add_argument("--jobs", default="tx,rx,rr", help="comma-separated: tx, rx, rr, rr64k")
     ap.add_argument("--warmup", type=float, default=2.0, metavar="SECONDS",
                     help="before a job's rounds, run it this long on every NIC, uncounted (0: no warm-up)")
     ap.add_argument("--modes", default="both",

@@ -2,7 +2,8 @@
  *
  *   netload NAME tx ADDRESS PORT SECONDS   connect, send 64 KiB writes for SECONDS
  *   netload NAME rx ADDRESS PORT SECONDS   accept one connection there, read for SECONDS
- *   netload NAME rr ADDRESS PORT SECONDS   connect, then 1-byte request / 1-byte response
+ *   netload NAME rr ADDRESS PORT SECONDS [SIZE]   connect, then SIZE-byte request / response
+ *                                                 (default 1; the server echoes)
  *                                          turns (TCP_NODELAY) for SECONDS, one at a time
  *   netload NAME counters IFACE AT         what the NIC's driver counted so far (AT: a word
  *                                          the host pairs readings by, e.g. start or end)
@@ -155,28 +156,45 @@ static int cmp_double(const void *a, const void *b)
 
 #define MAX_TURNS (1 << 20)
 
-static int rr(const char *name, const char *address, int port, double seconds)
+#define MAX_RR_SIZE (1 << 20)
+
+/* All of len bytes through send or recv; 0, or -1 (errno; 0 for a closed connection). */
+static int all(int fd, char *buf, size_t len, int sending)
+{
+    while (len) {
+        ssize_t n = sending ? send(fd, buf, len, 0) : recv(fd, buf, len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (n == 0)
+                errno = 0;
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int rr(const char *name, const char *address, int port, double seconds, size_t size)
 {
     static double lat[MAX_TURNS];
+    static char buf[MAX_RR_SIZE];
+    if (size < 1 || size > MAX_RR_SIZE) {
+        fprintf(stderr, "netload: request/response size must be 1..%d\n", MAX_RR_SIZE);
+        return 2;
+    }
     int fd = connect_to(address, port);
     if (fd < 0)
         return 1;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    char c = 'r';
+    memset(buf, 'r', size);
     unsigned long turns = 0;
     double t0 = now(), end = t0 + seconds, t = t0;
     while (t < end && turns < MAX_TURNS) {
-        ssize_t n;
-        do /* an interrupted call is retried alone: a second request byte would be a second turn */
-            n = send(fd, &c, 1, 0);
-        while (n < 0 && errno == EINTR);
-        if (n == 1)
-            do
-                n = recv(fd, &c, 1, 0);
-            while (n < 0 && errno == EINTR);
-        if (n != 1) {
-            fprintf(stderr, "netload: request/response: %s\n", n < 0 ? strerror(errno) : "connection closed");
+        if (all(fd, buf, size, 1) < 0 || all(fd, buf, size, 0) < 0) {
+            fprintf(stderr, "netload: request/response: %s\n", errno ? strerror(errno) : "connection closed");
             return 1;
         }
         double t1 = now();
@@ -188,7 +206,7 @@ static int rr(const char *name, const char *address, int port, double seconds)
     qsort(lat, turns, sizeof lat[0], cmp_double);
     double p50 = turns ? lat[turns / 2] : 0, p99 = turns ? lat[turns * 99 / 100] : 0;
     printf("netload name=%s dir=rr mbps=0 bytes=%lu seconds=%.3f tps=%.1f p50_us=%.1f p99_us=%.1f\n", name,
-           2 * turns, elapsed, elapsed > 0 ? turns / elapsed : 0.0, p50 * 1e6, p99 * 1e6);
+           2 * turns * (unsigned long)size, elapsed, elapsed > 0 ? turns / elapsed : 0.0, p50 * 1e6, p99 * 1e6);
     return 0;
 }
 
@@ -361,10 +379,11 @@ int main(int argc, char **argv)
         return tx(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
     if (argc == 6 && !strcmp(argv[2], "rx"))
         return rx(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
-    if (argc == 6 && !strcmp(argv[2], "rr"))
-        return rr(argv[1], argv[3], atoi(argv[4]), atof(argv[5]));
+    if ((argc == 6 || argc == 7) && !strcmp(argv[2], "rr"))
+        return rr(argv[1], argv[3], atoi(argv[4]), atof(argv[5]), argc == 7 ? (size_t)atol(argv[6]) : 1);
     if (argc == 5 && !strcmp(argv[2], "counters"))
         return counters(argv[1], argv[3], argv[4]);
-    fprintf(stderr, "usage: netload NAME tx|rx|rr ADDRESS PORT SECONDS | netload NAME counters IFACE AT\n");
+    fprintf(stderr, "usage: netload NAME tx|rx ADDRESS PORT SECONDS | netload NAME rr ADDRESS PORT SECONDS [SIZE]"
+                    " | netload NAME counters IFACE AT\n");
     return 2;
 }

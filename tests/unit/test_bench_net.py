@@ -224,3 +224,42 @@ def test_a_failed_host_reading_leaves_the_host_shares_unknown(monkeypatch) -> No
     assert watch.host["ours-offloads/tx@0"] is None
     shares = guest_net.host_shares(watch.host["ours-offloads/tx@0"])
     assert all(math.isnan(v) for v in shares.values())
+
+
+def test_rr64k_runs_netload_rr_with_its_size_and_counts_transactions() -> None:
+    nics = plan([Variant()], ["offloads"])
+    lines = guest_script(nics, ["rr64k"], 1.0, 1).splitlines()
+    assert any(ln.startswith("/usr/local/bin/netload ours-offloads/rr64k@0 rr 10.81.0.1 7000 1 65536 ")
+               for ln in lines)
+    out = parse("netload name=ours-offloads/rr64k@0 dir=rr mbps=0 bytes=1310720 seconds=1.0 tps=10.0 p50_us=90000.0")
+    assert out[("ours-offloads", "rr64k")]["value"] == 10.0
+
+
+def test_netload_rr_sends_and_takes_whole_messages(tmp_path) -> None:
+    """netload rr with SIZE against an echo server on loopback: every turn moves SIZE bytes
+    each way (a short read would be a second turn)."""
+    import socket
+    import threading
+
+    exe = tmp_path / "netload"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(REPO / "bench" / "netload.c")], check=True)
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    received = []
+
+    def echo() -> None:
+        c, _ = ls.accept()
+        while d := c.recv(65536):
+            received.append(len(d))
+            c.sendall(d)
+        c.close()
+
+    threading.Thread(target=echo, daemon=True).start()
+    out = subprocess.run([str(exe), "t", "rr", "127.0.0.1", str(ls.getsockname()[1]), "0.2", "100000"],
+                         capture_output=True, text=True, check=True).stdout
+    kv = dict(w.split("=", 1) for w in out.split()[1:])
+    turns, rest = divmod(int(kv["bytes"]), 2 * 100000)
+    assert turns >= 1 and rest == 0 and abs(turns - float(kv["tps"]) * float(kv["seconds"])) < 2
+    assert sum(received) in (100000 * turns, 100000 * (turns + 1))  # the last request may be in flight
+    ls.close()
