@@ -582,6 +582,30 @@ def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socke
     trio.run(main, clock=clock)
 
 
+@pytest.mark.parametrize(("came_in", "waits"), [((3, 3 * 66), True), ((2, 2 * 1500), False)])
+def test_data_received_between_bulk_passes_makes_an_exchange_not_a_stream(
+        pair: tuple[socket.socket, socket.socket], came_in: tuple[int, int], waits: bool) -> None:
+    """Between two bulk passes of a stream, ACKs (small frames) leave it a stream and its
+    completions wait; data frames make it an exchange (the guest waits for a response, then
+    sends the next request, which a wait would hold without a kick), published at once."""
+    a, b = pair
+    dev, q = transmitting_device(a.fileno())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dev._tx_loop, q)
+            await trio.testing.wait_all_tasks_blocked()
+            stream_in_progress(dev, q)
+            dev._note_received(*came_in)
+            make_available(dev, q, [(HDR_LEN + 9000, False)], 0)
+            dev.queue_kicked(q)
+            assert len(received(b)) == 1
+            assert used_idx(dev) == (0 if waits else 1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock())
+
+
 def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket, socket.socket]) -> None:
     """TSO-sized frames go to the TAP at once but are published TX_LINGER_NS later, and no
     kick is asked for meanwhile: what the driver adds in that time goes out when the wait
