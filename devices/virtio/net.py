@@ -665,15 +665,13 @@ class VirtioNet(VirtioPciDevice):
         fd = self.backend.fast_tx_fd()
         if fd is None:
             return 0
-        stats = self.queue_stats(queue.index)
-        before = stats.c.bytes[1] if stats.c is not None else 0
         try:
-            sent = fast.tx(queue, fd, HDR_LEN - self._hdr, stats)
+            sent = fast.tx(queue, fd, HDR_LEN - self._hdr, self.queue_stats(queue.index))
         except Exception:
             self.log.exception("queue %d: fast path failed; Python only from now on", queue.index)
             self._fast = None
             return 0
-        nbytes = stats.c.bytes[1] - before
+        nbytes = fast.run_bytes
         if sent and self.tx_linger_ns and nbytes > sent * TX_BULK_FRAME:
             self._note_bulk(queue.index, nbytes)
         return sent
@@ -714,11 +712,9 @@ class VirtioNet(VirtioPciDevice):
             return None
         try:
             fast.set_receive(self._hdr, self._rx_limit, self._guest_csum, self._mergeable, self.promisc, self.mac)
-            stats = self.queue_stats(0)
-            before = (stats.c.ops[0], stats.c.bytes[0]) if stats.c is not None else (0, 0)
-            if fast.rx(q, fd, self._hdr, stats):
+            if fast.rx(q, fd, self._hdr, self.queue_stats(0)):
                 self.notify_queue(q)
-                self._note_received(stats.c.ops[0] - before[0], stats.c.bytes[0] - before[1])
+                self._note_received(fast.run_frames, fast.run_bytes)
             held = fast.held
         except Exception:
             self.log.exception("receive fast path failed; Python only from now on")
@@ -944,6 +940,7 @@ class _NetFast:
         if self.regions.sync():
             c.regions, c.nregions = self.regions.table, self.regions.count
         c.fd = fd
+        c.bytes = c.frames = 0  # C adds this run's (run_bytes, run_frames)
         load_vq(self.vq, queue)
 
     def tx(self, queue: SplitQueue, fd: int, skip: int, stats: QueueStats, limit: int = 64) -> int:
@@ -979,6 +976,16 @@ class _NetFast:
             return None
         start = HDR_LEN - self.ctx.hdr
         return bytes(self.ffi.buffer(self.buf)[start : start + n])
+
+    @property
+    def run_frames(self) -> int:
+        """Frames the last :meth:`tx` or :meth:`rx` sent or placed."""
+        return int(self.ctx.frames)
+
+    @property
+    def run_bytes(self) -> int:
+        """Their bytes, without virtio-net headers (as the device's counters take them)."""
+        return int(self.ctx.bytes)
 
     @property
     def stop_reason(self) -> int:

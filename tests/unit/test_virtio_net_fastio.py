@@ -15,7 +15,8 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -187,6 +188,7 @@ def test_c_sends_only_what_python_sends(pair: tuple[socket.socket, socket.socket
     assert q.state.next_avail == (next_avail + 1) & 0xFFFF and q.pending_elsewhere == 1
     used_c = dev.dma.read(USED + 4 + 8 * (next_avail % SIZE), 8)
     counted_c = dev.queue_stats(1).c.ops[1], dev.queue_stats(1).c.bytes[1]
+    assert (fast.run_frames, fast.run_bytes) == counted_c  # the run's own, as counted
 
     # Python, from the same start
     py = device(a.fileno(), vnet_hdr)
@@ -327,6 +329,7 @@ def test_c_places_only_what_python_places(pair: tuple[socket.socket, socket.sock
     assert q.flush() is True  # the first publication always interrupts
     after_c = dev.dma.read(0, RAM)
     counted_c = dev.queue_stats(0).c.ops[0], dev.queue_stats(0).c.bytes[0]
+    assert (fast.run_frames, fast.run_bytes) == counted_c  # the run's own, as counted
 
     py = rx_device(b.fileno(), case)
     py.dma.write(0, before)
@@ -353,6 +356,9 @@ def test_a_burst_is_placed_in_one_run(pair: tuple[socket.socket, socket.socket])
     q = place_rx(dev, [([[RX_BUFS + 0x1000 * i, 2048, WRITE]], False) for i in range(6)], 0)
     fast = _NetFast(module, dev.dma)
     assert run_rx(fast, dev, q, b.fileno()) == 5 and fast.held is None and fast.stop_reason == 0
+    assert (fast.run_frames, fast.run_bytes) == (5, sum(map(len, frames)))
+    run_rx(fast, dev, q, b.fileno())  # nothing more on the fd: the next run counts nothing
+    assert (fast.run_frames, fast.run_bytes) == (0, 0)
     q.flush()
     for i, f in enumerate(frames):
         head, n = struct.unpack("<II", dev.dma.read(USED + 4 + 8 * i, 8))
@@ -542,6 +548,16 @@ def avail_event(dev: VirtioNet) -> int:
     return struct.unpack("<H", dev.dma.read(USED + 4 + 8 * KICK_SIZE, 2))[0]
 
 
+@asynccontextmanager
+async def tx_loop_running(dev: VirtioNet, q: SplitQueue) -> AsyncIterator[None]:
+    """The queue's transmit loop, started and parked; cancelled when the block ends."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dev._tx_loop, q)
+        await trio.testing.wait_all_tasks_blocked()
+        yield
+        nursery.cancel_scope.cancel()
+
+
 def stream_in_progress(dev: VirtioNet, q: SplitQueue) -> None:
     """As if a stream had just sent its first 256 KiB on the queue: its next bulk kick waits."""
     dev._tx_bulk_at[q.index] = (trio.current_time(), dev.tx_stream_bytes)
@@ -558,9 +574,7 @@ def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socke
     clock = trio.testing.MockClock()
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
+        async with tx_loop_running(dev, q):
             for serial in range(2):  # one response in two passes: 18,000 bytes
                 make_available(dev, q, [(HDR_LEN + 9000, False)], serial)
                 dev.queue_kicked(q)
@@ -577,7 +591,6 @@ def test_only_a_streams_completions_wait(pair: tuple[socket.socket, socket.socke
             make_available(dev, q, [(HDR_LEN + 9000, False)], 3)
             dev.queue_kicked(q)
             assert len(received(b)) == 1 and used_idx(dev) == 4  # after a pause: at once again
-            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
 
@@ -592,16 +605,13 @@ def test_data_received_between_bulk_passes_makes_an_exchange_not_a_stream(
     dev, q = transmitting_device(a.fileno())
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
+        async with tx_loop_running(dev, q):
             stream_in_progress(dev, q)
             dev._note_received(*came_in)
             make_available(dev, q, [(HDR_LEN + 9000, False)], 0)
             dev.queue_kicked(q)
             assert len(received(b)) == 1
             assert used_idx(dev) == (0 if waits else 1)
-            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock())
 
@@ -619,9 +629,7 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
     clock = trio.testing.MockClock()
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
+        async with tx_loop_running(dev, q):
             stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
@@ -646,7 +654,6 @@ def test_a_bulk_transfers_completions_wait_and_gather(pair: tuple[socket.socket,
             dev.queue_kicked(q)
             assert len(received(b)) == 1 and used_idx(dev) == 5 and len(signals) == 2 and q.doorbell.parked
             assert avail_event(dev) == 5
-            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
 
@@ -659,9 +666,7 @@ def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket,
     clock = trio.testing.MockClock()
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
+        async with tx_loop_running(dev, q):
             stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False)], 0)
             dev.queue_kicked(q)
@@ -671,7 +676,6 @@ def test_frames_added_during_the_wait_go_when_it_ends(pair: tuple[socket.socket,
             await trio.testing.wait_all_tasks_blocked()
             assert [len(f) for f in received(b)] == [HDR_LEN + 4000, HDR_LEN + 80]
             assert used_idx(dev) == 2 and q.doorbell.parked
-            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
 
@@ -728,9 +732,7 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
     clock = trio.testing.MockClock()
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
+        async with tx_loop_running(dev, q):
             stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 4000, False)], 0)
             dev.queue_kicked(q)
@@ -745,7 +747,6 @@ def test_a_quiesce_publishes_what_a_lingering_queue_holds(pair: tuple[socket.soc
             await trio.testing.wait_all_tasks_blocked()
             assert q.index not in dev._tx_lingering and received(b) == []
             assert dev.dma.read(USED, 4 + 8 * KICK_SIZE + 2) == ring
-            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=clock)
 
@@ -778,11 +779,9 @@ def test_the_linger_waits_on_a_timerfd(pair: tuple[socket.socket, socket.socket]
 
     async def loop_ends() -> None:
         timer = dev._tx_timers[q.index] = PreciseTimer()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-        assert timer.fd is None and q.index not in dev._tx_timers
+        async with tx_loop_running(dev, q):
+            assert timer.fd is not None  # the parked loop holds it
+        assert timer.fd is None and q.index not in dev._tx_timers  # cancelled, the loop closed it
 
     trio.run(loop_ends)
 
@@ -801,9 +800,7 @@ def test_tx_linger_us_0_publishes_a_bulk_transfer_at_once(pair: tuple[socket.soc
     dev.tx_linger_ns = 0
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(dev._tx_loop, q)
-            await trio.testing.wait_all_tasks_blocked()
+        async with tx_loop_running(dev, q):
             stream_in_progress(dev, q)
             make_available(dev, q, [(HDR_LEN + 4000, False), (HDR_LEN + 3000, False)], 0)
             dev.queue_kicked(q)
@@ -812,6 +809,5 @@ def test_tx_linger_us_0_publishes_a_bulk_transfer_at_once(pair: tuple[socket.soc
             assert avail_event(dev) == 2  # next kick asked for
             await trio.testing.wait_all_tasks_blocked()
             assert q.doorbell.parked and not dev._tx_lingering
-            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock())

@@ -5,7 +5,7 @@ trio sleeps in ``epoll_wait``, whose timeout CPython rounds up to whole millisec
 waits a fraction of a millisecond on purpose (completions gathered for a moment, as QEMU's
 ``virtio-net-pci tx=timer`` does) needs the kernel's own timer: a timerfd armed in
 nanoseconds, waited on like any other fd. Python 3.11 has no ``os.timerfd_create``, so the
-two calls go through ctypes.
+timerfd calls go through ctypes.
 """
 
 from __future__ import annotations
@@ -80,12 +80,8 @@ class PreciseTimer:
             await trio.lowlevel.wait_readable(self.fd)
         finally:
             if self.fd is not None:
-                self._arm_off()
+                self._arm(0)  # a zero it_value disarms
                 self._clear()
-
-    def _arm_off(self) -> None:
-        assert self.fd is not None
-        _check(_libc.timerfd_settime(self.fd, 0, ctypes.byref(_Itimerspec()), None), "timerfd_settime")
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
