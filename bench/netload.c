@@ -211,6 +211,17 @@ static int rr(const char *name, const char *address, int port, double seconds, s
 }
 
 /* The ethtool statistics of IFACE as " NAME=VALUE" pairs on stdout; 0, or -1 with a reason on stderr. */
+/* One SIOCETHTOOL request on IFACE's ifr; 0, or -1 with a reason on stderr. */
+static int ethtool(int fd, struct ifreq *ifr, void *data, const char *iface, const char *what)
+{
+    ifr->ifr_data = data;
+    if (ioctl(fd, SIOCETHTOOL, ifr) < 0) {
+        fprintf(stderr, "netload: %s: %s: %s\n", iface, what, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 static int ethtool_stats(int fd, const char *iface)
 {
     struct ifreq ifr;
@@ -220,11 +231,8 @@ static int ethtool_stats(int fd, const char *iface)
         struct ethtool_sset_info info;
         __u32 n;
     } sset = {.info = {.cmd = ETHTOOL_GSSET_INFO, .sset_mask = 1ULL << ETH_SS_STATS}};
-    ifr.ifr_data = (void *)&sset;
-    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
-        fprintf(stderr, "netload: %s: ETHTOOL_GSSET_INFO: %s\n", iface, strerror(errno));
+    if (ethtool(fd, &ifr, &sset, iface, "ETHTOOL_GSSET_INFO") < 0)
         return -1;
-    }
     __u32 n = sset.info.sset_mask ? sset.n : 0;
     if (!n)
         return 0;
@@ -242,18 +250,12 @@ static int ethtool_stats(int fd, const char *iface)
     names->cmd = ETHTOOL_GSTRINGS;
     names->string_set = ETH_SS_STATS;
     names->len = n;
-    ifr.ifr_data = (void *)names;
-    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
-        fprintf(stderr, "netload: %s: ETHTOOL_GSTRINGS: %s\n", iface, strerror(errno));
+    if (ethtool(fd, &ifr, names, iface, "ETHTOOL_GSTRINGS") < 0)
         goto out;
-    }
     stats->cmd = ETHTOOL_GSTATS;
     stats->n_stats = n;
-    ifr.ifr_data = (void *)stats;
-    if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) {
-        fprintf(stderr, "netload: %s: ETHTOOL_GSTATS: %s\n", iface, strerror(errno));
+    if (ethtool(fd, &ifr, stats, iface, "ETHTOOL_GSTATS") < 0)
         goto out;
-    }
     if (names->len != n || stats->n_stats != n) {
         fprintf(stderr, "netload: %s: the driver's statistics changed while read (%u, %u, %u names)\n",
                 iface, n, names->len, stats->n_stats);
